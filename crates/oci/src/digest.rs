@@ -288,3 +288,30 @@ mod tests {
         assert_eq!(buf, b"hello world");
     }
 }
+
+/// The chain ID of a stack of layers, bottom first (OCI image spec `config.md#layer-chainid`):
+/// `ChainID(L0) = DiffID(L0)`, `ChainID(L0|…|Ln) = sha256(ChainID(L0|…|Ln-1) + " " + DiffID(Ln))`.
+/// `None` for an empty stack.
+pub fn chain_id(diff_ids: &[Digest]) -> Option<Digest> {
+    let (first, rest) = diff_ids.split_first()?;
+    Some(rest.iter().fold(first.clone(), |acc, d| {
+        Digest::sha256(format!("{acc} {d}").as_bytes())
+    }))
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    #[test]
+    fn chain_id_follows_the_spec_formula() {
+        let a = Digest::sha256(b"a");
+        let b = Digest::sha256(b"b");
+        assert_eq!(chain_id(&[]), None);
+        assert_eq!(chain_id(std::slice::from_ref(&a)), Some(a.clone()));
+        assert_eq!(
+            chain_id(&[a.clone(), b.clone()]),
+            Some(Digest::sha256(format!("{a} {b}").as_bytes()))
+        );
+    }
+}

@@ -6,6 +6,6 @@ mod error;
 pub mod media_type;
 
 pub use descriptor::{ANNOTATION_REF_NAME, Descriptor, Index, Manifest, Platform};
-pub use digest::{Algorithm, Digest, Hasher, HashingWriter};
+pub use digest::{Algorithm, Digest, Hasher, HashingWriter, chain_id};
 pub use error::Error;
 pub use media_type::Compression;
