@@ -1,11 +1,20 @@
 //! The OCI / Docker image model: digests, descriptors, manifests, configs, references; no I/O.
 
+// Tests may unwrap: a panic is how they fail.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod canonical;
+mod config;
 mod descriptor;
 mod digest;
 mod error;
 pub mod media_type;
+pub mod reference;
 
+pub use canonical::{to_canonical_json, try_to_canonical_json};
+pub use config::{ContainerConfig, EmptyObject, Extra, HealthConfig, History, ImageConfig, RootFs};
 pub use descriptor::{ANNOTATION_REF_NAME, Descriptor, Index, Manifest, Platform};
 pub use digest::{Algorithm, Digest, Hasher, HashingWriter, chain_id};
 pub use error::Error;
 pub use media_type::Compression;
+pub use reference::{Reference, validate_repository_name, validate_tag};
