@@ -1,0 +1,202 @@
+//! Images: manifests and indexes in, a resolved (manifest, config) pair out.
+
+use serde::Serialize;
+use strata_oci::{Descriptor, Digest, Index, Manifest, Platform, media_type};
+
+use crate::Store;
+use crate::error::{Error, Result};
+
+/// How many index levels [`Store::image`] follows before calling it a loop.
+const MAX_INDEX_DEPTH: usize = 4;
+
+/// An image resolved to one platform: its manifest and config, both read and verified.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The manifest's descriptor (for a multi-platform ref: the entry chosen from the index).
+    pub descriptor: Descriptor,
+    /// The manifest exactly as stored.
+    pub manifest_bytes: Vec<u8>,
+    /// The parsed manifest.
+    pub manifest: Manifest,
+    /// The config exactly as stored.
+    pub config_bytes: Vec<u8>,
+    /// The descriptor the ref points at when that is an index, `None` for a plain manifest.
+    pub index: Option<Descriptor>,
+}
+
+impl Store {
+    /// Store a manifest (serialized by us) whose config and layers are already in the store;
+    /// returns its descriptor. The media type is the manifest's own, or the OCI one.
+    pub fn put_manifest(&self, manifest: &Manifest) -> Result<Descriptor> {
+        let mt = manifest
+            .media_type
+            .clone()
+            .unwrap_or_else(|| media_type::OCI_MANIFEST.to_string());
+        self.put_manifest_bytes(&to_json(manifest)?, &mt)
+    }
+
+    /// Store an index (serialized by us); returns its descriptor.
+    pub fn put_index(&self, index: &Index) -> Result<Descriptor> {
+        let mt = index
+            .media_type
+            .clone()
+            .unwrap_or_else(|| media_type::OCI_INDEX.to_string());
+        self.put_manifest_bytes(&to_json(index)?, &mt)
+    }
+
+    /// Store manifest or index bytes exactly as given (as received from a registry, say).
+    ///
+    /// For a manifest media type the bytes must parse as a manifest whose config and
+    /// (non-foreign) layers are in the store; for an index they must parse as an index (its
+    /// manifests may be absent: a pull fetches only the host's platform). A `mediaType` field
+    /// inside must agree with `media_type`. Nothing is stored when a check fails.
+    pub fn put_manifest_bytes(&self, bytes: &[u8], media_type: &str) -> Result<Descriptor> {
+        let digest = Digest::sha256(bytes);
+        if media_type::is_manifest(media_type) {
+            let m: Manifest = parse_json(bytes, &digest, "manifest")?;
+            check_inner_media_type(m.media_type.as_deref(), media_type, &digest)?;
+            for d in std::iter::once(&m.config).chain(&m.layers) {
+                let foreign = d.urls.as_ref().is_some_and(|u| !u.is_empty());
+                if !foreign && !self.has_blob(&d.digest) {
+                    return Err(Error::MissingReferencedBlob {
+                        manifest: digest,
+                        digest: d.digest.clone(),
+                    });
+                }
+            }
+        } else if media_type::is_index(media_type) {
+            let i: Index = parse_json(bytes, &digest, "index")?;
+            check_inner_media_type(i.media_type.as_deref(), media_type, &digest)?;
+        }
+        let (digest, size) = self.put_blob_bytes(bytes, Some(&digest))?;
+        Ok(Descriptor::new(media_type, digest, size))
+    }
+
+    /// The image `name` refers to, resolved to the host platform if it is an index.
+    pub fn image(&self, name: &str) -> Result<Image> {
+        self.image_for(name, &Platform::host())
+    }
+
+    /// The image `name` refers to, resolved to `platform` if it is an index.
+    pub fn image_for(&self, name: &str, platform: &Platform) -> Result<Image> {
+        let desc = self.get_ref(name)?.ok_or_else(|| Error::RefNotFound {
+            name: name.to_string(),
+        })?;
+        self.resolve_image(name, desc, platform)
+    }
+
+    /// Resolve a manifest or index descriptor (not necessarily named) to an image for
+    /// `platform`; `name` is only used in errors.
+    pub fn resolve_image(
+        &self,
+        name: &str,
+        desc: Descriptor,
+        platform: &Platform,
+    ) -> Result<Image> {
+        let mut desc = desc;
+        let mut index = None;
+        for _ in 0..=MAX_INDEX_DEPTH {
+            let bytes = self.read_descriptor(&desc)?;
+            let kind = if media_type::is_manifest(&desc.media_type) {
+                Kind::Manifest
+            } else if media_type::is_index(&desc.media_type) {
+                Kind::Index
+            } else {
+                sniff(&bytes).ok_or_else(|| Error::NotAnImage {
+                    name: name.to_string(),
+                    digest: desc.digest.clone(),
+                    media_type: desc.media_type.clone(),
+                })?
+            };
+            match kind {
+                Kind::Manifest => {
+                    let manifest: Manifest = parse_json(&bytes, &desc.digest, "manifest")?;
+                    let config_bytes = self.read_descriptor(&manifest.config)?;
+                    return Ok(Image {
+                        descriptor: desc,
+                        manifest_bytes: bytes,
+                        manifest,
+                        config_bytes,
+                        index,
+                    });
+                }
+                Kind::Index => {
+                    let idx: Index = parse_json(&bytes, &desc.digest, "index")?;
+                    let chosen = idx.for_platform(platform).cloned().or_else(|| {
+                        // An index of one entry without a platform (common for single-image
+                        // OCI archives) means "this image".
+                        match idx.manifests.as_slice() {
+                            [only] if only.platform.is_none() => Some(only.clone()),
+                            _ => None,
+                        }
+                    });
+                    let Some(chosen) = chosen else {
+                        return Err(Error::NoMatchingPlatform {
+                            name: name.to_string(),
+                            digest: desc.digest,
+                            platform: platform.to_string(),
+                        });
+                    };
+                    if index.is_none() {
+                        index = Some(desc);
+                    }
+                    desc = chosen;
+                }
+            }
+        }
+        Err(Error::IndexTooDeep {
+            name: name.to_string(),
+            depth: MAX_INDEX_DEPTH,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Manifest,
+    Index,
+}
+
+/// Guess manifest vs index from the JSON when the media type does not say (Docker and OCI both
+/// allow omitting it in some places).
+pub(crate) fn sniff(bytes: &[u8]) -> Option<Kind> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let mt = v.get("mediaType").and_then(|m| m.as_str()).unwrap_or("");
+    if media_type::is_manifest(mt) || (v.get("config").is_some() && v.get("layers").is_some()) {
+        Some(Kind::Manifest)
+    } else if media_type::is_index(mt) || v.get("manifests").is_some() {
+        Some(Kind::Index)
+    } else {
+        None
+    }
+}
+
+fn to_json(value: &impl Serialize) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|source| Error::Serialize {
+        what: "manifest",
+        source,
+    })
+}
+
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    digest: &Digest,
+    what: &'static str,
+) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::BadJson {
+        digest: digest.clone(),
+        what,
+        reason: e.to_string(),
+    })
+}
+
+fn check_inner_media_type(inner: Option<&str>, outer: &str, digest: &Digest) -> Result<()> {
+    match inner {
+        Some(inner) if inner != outer => Err(Error::BadJson {
+            digest: digest.clone(),
+            what: "manifest",
+            reason: format!("its mediaType is `{inner}` but it was stored as `{outer}`"),
+        }),
+        _ => Ok(()),
+    }
+}
