@@ -535,3 +535,105 @@ fn trim_suffix(value: &str, pat: &[Glob], longest: bool) -> String {
         None => value.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> Vec<(String, String)> {
+        [("SET", "value"), ("EMPTY", ""), ("SP", "a b  c"), ("P", "/a/b.tar.gz")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn word(s: &str) -> Result<String, String> {
+        Lexer::new('\\').expand_word(s, &env())
+    }
+
+    #[test]
+    fn expansion_table() {
+        let cases: &[(&str, &str)] = &[
+            ("$SET", "value"),
+            ("${SET}", "value"),
+            ("x${SET}y", "xvaluey"),
+            ("$SET_", ""),
+            ("${SET}_", "value_"),
+            ("$UNSET", ""),
+            ("${SET:-d}", "value"),
+            ("${EMPTY:-d}", "d"),
+            ("${UNSET:-d}", "d"),
+            ("${EMPTY-d}", ""),
+            ("${UNSET-d}", "d"),
+            ("${SET:+alt}", "alt"),
+            ("${EMPTY:+alt}", ""),
+            ("${EMPTY+alt}", "alt"),
+            ("${UNSET+alt}", ""),
+            ("${UNSET:-$SET}", "value"),
+            ("${UNSET:-${EMPTY:-deep}}", "deep"),
+            ("'$SET'", "$SET"),
+            ("\"$SET\"", "value"),
+            ("\"'$SET'\"", "'value'"),
+            ("\\$SET", "$SET"),
+            ("\"\\$SET\"", "$SET"),
+            ("\"a\\b\"", "a\\b"),
+            ("a\\ b", "a b"),
+            ("$", "$"),
+            ("a$", "a$"),
+            ("$1", ""),
+            ("${P#*/}", "a/b.tar.gz"),
+            ("${P##*/}", "b.tar.gz"),
+            ("${P%.*}", "/a/b.tar"),
+            ("${P%%.*}", "/a/b"),
+            ("${P#nomatch}", "/a/b.tar.gz"),
+            ("trailing\\", "trailing"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(word(input).as_deref(), Ok(*want), "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(word("${UNSET:?need it}").unwrap_err(), "UNSET: need it");
+        assert_eq!(word("${UNSET?}").unwrap_err(), "UNSET: is not allowed to be unset");
+        assert_eq!(word("${EMPTY:?}").unwrap_err(), "EMPTY: is not allowed to be empty");
+        assert_eq!(word("${EMPTY?}").unwrap(), "");
+        assert_eq!(word("${SET:?x}").unwrap(), "value");
+        assert_eq!(word("${SET").unwrap_err(), "syntax error: missing '}'");
+        assert_eq!(word("${}").unwrap_err(), "syntax error: bad substitution");
+        assert_eq!(word("${:-x}").unwrap_err(), "syntax error: bad substitution");
+        assert!(word("${SET:#x}").unwrap_err().contains("unsupported modifier"));
+        assert!(word("'open").unwrap_err().contains("single-quote"));
+        assert!(word("\"open").unwrap_err().contains("double-quote"));
+    }
+
+    #[test]
+    fn backtick_escape() {
+        let lx = Lexer::new('`');
+        assert_eq!(lx.expand_word("`$SET", &env()).unwrap(), "$SET");
+        assert_eq!(lx.expand_word("c:\\dir", &env()).unwrap(), "c:\\dir");
+    }
+
+    #[test]
+    fn words_split_on_unquoted_whitespace_only() {
+        let lx = Lexer::new('\\');
+        assert_eq!(lx.expand_words("$SP", &env()).unwrap(), vec!["a", "b", "c"]);
+        assert_eq!(lx.expand_words("\"$SP\" x", &env()).unwrap(), vec!["a b  c", "x"]);
+        assert_eq!(lx.expand_word("$SP", &env()).unwrap(), "a b  c");
+    }
+
+    #[test]
+    fn reports_used_and_unset_variables() {
+        let p = Lexer::new('\\').process("$SET ${NOPE:-x}", &env()).unwrap();
+        assert!(p.used.contains("SET"));
+        assert!(p.unset.contains("NOPE"));
+    }
+
+    #[test]
+    fn skip_unset_keeps_references() {
+        let mut lx = Lexer::new('\\');
+        lx.skip_unset = true;
+        assert_eq!(lx.expand_word("$NOPE ${NOPE} ${NOPE:-x}", &EmptyEnv).unwrap(), "$NOPE ${NOPE} ${NOPE:-x}");
+    }
+}

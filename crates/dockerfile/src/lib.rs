@@ -24,4 +24,4 @@ pub use ignore::{IgnoreMatcher, clean_path, find_ignore_file};
 pub use instruction::*;
 pub use lex::{EmptyEnv, Env, Lexer};
 pub use parser::{CheckDirective, Directives, Dockerfile, Stage, Warning};
-pub use scope::{ExpandedFrom, StageScope};
+pub use scope::{BUILTIN_ARGS, ExpandedFrom, StageScope};

@@ -14,6 +14,20 @@ use crate::lex::{Env, Lexer};
 use crate::mount::parse_mount;
 use crate::parser::Dockerfile;
 
+/// Arguments BuildKit defines in the global scope without an `ARG` line; the engine
+/// passes their values in `build_args`.
+pub const BUILTIN_ARGS: &[&str] = &[
+    "BUILDPLATFORM",
+    "BUILDOS",
+    "BUILDARCH",
+    "BUILDVARIANT",
+    "TARGETPLATFORM",
+    "TARGETOS",
+    "TARGETARCH",
+    "TARGETVARIANT",
+    "TARGETSTAGE",
+];
+
 /// A stage's `FROM` after expansion with the global `ARG`s.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpandedFrom {
@@ -32,10 +46,15 @@ impl Dockerfile {
     }
 
     /// Values of the global `ARG`s in order: a build argument wins, else the default
-    /// (expanded with the globals before it); an `ARG` with neither stays unset.
+    /// (expanded with the globals before it); an `ARG` with neither stays unset. The
+    /// platform arguments ([`BUILTIN_ARGS`]) are global without a declaration when
+    /// `build_args` provides them, as BuildKit predefines them.
     pub fn global_args(&self, build_args: &dyn Env) -> Result<Vec<(String, String)>> {
         let lx = self.lexer();
-        let mut globals: Vec<(String, String)> = Vec::new();
+        let mut globals: Vec<(String, String)> = BUILTIN_ARGS
+            .iter()
+            .filter_map(|k| build_args.lookup(k).map(|v| (k.to_string(), v)))
+            .collect();
         for loc in &self.meta_args {
             let Instruction::Arg(decls) = &loc.instruction else {
                 continue;
