@@ -15,7 +15,13 @@ fn lines(span: &crate::instruction::Span) -> String {
 }
 
 fn item(out: &mut String, loc: &Located) {
-    let _ = writeln!(out, "  {}:{} {:?}", lines(&loc.span), loc.span.column, loc.instruction);
+    let _ = writeln!(
+        out,
+        "  {}:{} {:?}",
+        lines(&loc.span),
+        loc.span.column,
+        loc.instruction
+    );
 }
 
 /// Renders `df`: directives, warnings, global ARGs, then each stage with its instructions

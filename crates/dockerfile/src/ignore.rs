@@ -189,9 +189,12 @@ fn tokens_match(toks: &[Tok], s: &[char]) -> bool {
         let r = match toks.get(ti) {
             None => si == s.len(),
             Some(Tok::Lit(c)) => s.get(si) == Some(c) && go(toks, s, ti + 1, si + 1, memo),
-            Some(Tok::One) => s.get(si).is_some_and(|c| *c != '/') && go(toks, s, ti + 1, si + 1, memo),
+            Some(Tok::One) => {
+                s.get(si).is_some_and(|c| *c != '/') && go(toks, s, ti + 1, si + 1, memo)
+            }
             Some(Tok::Class { negated, ranges }) => {
-                s.get(si).is_some_and(|c| class_matches(*negated, ranges, *c))
+                s.get(si)
+                    .is_some_and(|c| class_matches(*negated, ranges, *c))
                     && go(toks, s, ti + 1, si + 1, memo)
             }
             Some(Tok::Star) => {
@@ -225,8 +228,7 @@ impl Pattern {
             Kind::Exact => path == self.cleaned,
             Kind::Prefix(p) => path.starts_with(p.as_str()),
             Kind::Suffix(suf) => {
-                path.ends_with(suf.as_str())
-                    || suf.strip_prefix('/').is_some_and(|s| path == s)
+                path.ends_with(suf.as_str()) || suf.strip_prefix('/').is_some_and(|s| path == s)
             }
             Kind::Tokens(t) => {
                 let chars: Vec<char> = path.chars().collect();
@@ -393,16 +395,207 @@ impl IgnoreMatcher {
 /// Where the ignore file for a build is: `<dir>/<name>.dockerignore` for a Dockerfile at
 /// `<dir>/<name>` if it exists, else `<context>/.dockerignore` if it exists.
 pub fn find_ignore_file(context: &Path, dockerfile: Option<&Path>) -> Option<PathBuf> {
-    if let Some(df) = dockerfile {
-        if let Some(name) = df.file_name() {
-            let mut n = name.to_os_string();
-            n.push(".dockerignore");
-            let candidate = df.with_file_name(n);
-            if candidate.is_file() {
-                return Some(candidate);
-            }
+    if let Some(name) = dockerfile.and_then(Path::file_name) {
+        let mut n = name.to_os_string();
+        n.push(".dockerignore");
+        let candidate = dockerfile.map(|df| df.with_file_name(n));
+        if let Some(candidate) = candidate.filter(|c| c.is_file()) {
+            return Some(candidate);
         }
     }
     let default = context.join(".dockerignore");
     default.is_file().then_some(default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(patterns: &[&str]) -> IgnoreMatcher {
+        IgnoreMatcher::parse("test", &patterns.join("\n")).unwrap()
+    }
+
+    /// (pattern, path, excluded) with the answers moby/patternmatcher gives
+    /// (`MatchesOrParentMatches`).
+    const TABLE: &[(&str, &str, bool)] = &[
+        ("**", "file", true),
+        ("**/", "file", true),
+        ("**", "dir/file", true),
+        ("**/**", "dir/file", true),
+        ("dir/**", "dir/file", true),
+        ("dir/**", "dir/dir2/file", true),
+        ("**/dir", "dir", true),
+        ("**/dir", "dir/file", true),
+        ("**/dir2/*", "dir/dir2/file", true),
+        ("**/dir2/**", "dir/dir2/dir3/file", true),
+        ("**file", "file", true),
+        ("**file", "dir/file", true),
+        ("**file", "dir/barfile", true),
+        ("**/file", "dir/dir/file", true),
+        ("**/file*", "dir/dir/file.txt", true),
+        ("**/file*.txt*", "dir/dir/file.txt", true),
+        ("**/**/*.txt", "dir/dir/file.txt", true),
+        ("**/**/*.txt2", "dir/dir/file.txt", false),
+        ("**/*.txt", "file.txt", true),
+        ("a**/*.txt", "a/dir/dir/file.txt", true),
+        ("a/*.txt", "a/dir/file.txt", false),
+        ("a/*.txt", "a/file.txt", true),
+        ("a/*.txt**", "a/file.txt", true),
+        ("a[b-d]e", "ae", false),
+        ("a[b-d]e", "ace", true),
+        ("a[b-d]e", "aae", false),
+        ("a[^b-d]e", "aze", true),
+        (".*", ".foo", true),
+        (".*", "foo", false),
+        ("abc.def", "abcdef", false),
+        ("abc.def", "abc.def", true),
+        ("abc?def", "abcZdef", true),
+        ("abc?def", "abcdef", false),
+        ("a\\\\", "a\\", true),
+        ("a\\*b", "a*b", true),
+        ("a\\*b", "axb", false),
+        ("**/foo/bar", "foo/bar", true),
+        ("**/foo/bar", "dir/dir2/foo/bar", true),
+        ("abc/**", "abc", false),
+        ("abc/**", "abc/def/ghi", true),
+        ("**/.foo", ".foo", true),
+        ("**/.foo", "bar.foo", false),
+        ("a(b)c/def", "a(b)c/def", true),
+        ("a(b)c/def", "a(b)c/xyz", false),
+        ("a.|)$(}+{bc", "a.|)$(}+{bc", true),
+        (
+            "dist/*.whl",
+            "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
+            true,
+        ),
+        // `*` and `?` stop at `/`, but a matching parent excludes everything below it.
+        ("*", "a/b/c", true),
+        ("*.go", "dir/x.go", false),
+        ("docs", "docs/a/b.md", true),
+        ("docs", "docsx", false),
+        // Leading `/` and `./` and other path noise are cleaned away.
+        ("/build", "build/out", true),
+        ("./build", "build", true),
+        ("build/../dist", "dist/x", true),
+        ("a//b/./c", "a/b/c", true),
+    ];
+
+    #[test]
+    fn pattern_table() {
+        for (pattern, path, want) in TABLE {
+            assert_eq!(
+                m(&[pattern]).matches(path),
+                *want,
+                "pattern {pattern:?} path {path:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn last_match_wins_with_exceptions() {
+        let cases: &[(&[&str], &str, bool)] = &[
+            (&["**", "!util/docker/web"], "util/docker/web/foo", false),
+            (
+                &["**", "!util/docker/web", "util/docker/web/foo"],
+                "util/docker/web/foo",
+                true,
+            ),
+            (&["**", "!dist/*.whl"], "dist/a-1.0-py3-none-any.whl", false),
+            (&["*.md", "!README.md"], "README.md", false),
+            (&["*.md", "!README.md"], "CHANGES.md", true),
+            (&["!README.md", "*.md"], "README.md", true),
+            (&["docs", "!docs/keep.md"], "docs/keep.md", false),
+            (&["docs", "!docs/keep.md"], "docs/other.md", true),
+        ];
+        for (patterns, path, want) in cases {
+            assert_eq!(m(patterns).matches(path), *want, "{patterns:?} {path:?}");
+        }
+    }
+
+    #[test]
+    fn directories_are_skipped_unless_an_exception_may_match_inside() {
+        let pm = m(&[
+            "docs",
+            "!docs/keep.md",
+            "node_modules",
+            "vendor",
+            "!vendor/*/LICENSE",
+        ]);
+        assert!(!pm.is_excluded("docs", true));
+        assert!(pm.is_excluded("docs", false));
+        assert!(pm.is_excluded("docs/drop.md", false));
+        assert!(!pm.is_excluded("docs/keep.md", false));
+        assert!(pm.is_excluded("node_modules", true));
+        assert!(!pm.is_excluded("vendor", true));
+        assert!(!pm.is_excluded("vendor/foo", true));
+        assert!(!pm.is_excluded("vendor/foo/LICENSE", false));
+        assert!(pm.is_excluded("vendor/foo/src", true));
+        assert!(!pm.is_excluded("src", true));
+        let all = m(&["**", "!**/*.go"]);
+        assert!(!all.is_excluded("deep/dir", true));
+    }
+
+    #[test]
+    fn file_syntax() {
+        let pm = IgnoreMatcher::parse(
+            "x",
+            "\u{feff}# comment\n  # not a comment: a pattern\n\n  *.tmp  \n! keep.tmp\n",
+        )
+        .unwrap();
+        assert!(pm.matches("a.tmp"));
+        assert!(!pm.matches("keep.tmp"));
+        assert!(pm.matches("# not a comment: a pattern"));
+        assert!(!pm.matches("."));
+        assert!(!pm.matches(""));
+        assert!(matches!(
+            IgnoreMatcher::parse("x", "!\n"),
+            Err(Error::IgnorePattern { .. })
+        ));
+        assert!(matches!(
+            IgnoreMatcher::parse("x", "a[b\n"),
+            Err(Error::IgnorePattern { .. })
+        ));
+    }
+
+    #[test]
+    fn clean_matches_go() {
+        for (i, o) in [
+            ("", "."),
+            (".", "."),
+            ("./a", "a"),
+            ("a/", "a"),
+            ("a//b", "a/b"),
+            ("a/../..", ".."),
+            ("/..", "/"),
+            ("/a/./b/../c", "/a/c"),
+        ] {
+            assert_eq!(clean_path(i), o, "{i:?}");
+        }
+    }
+
+    #[test]
+    fn ignore_file_lookup_prefers_dockerfile_specific_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path();
+        let df = ctx.join("build").join("app.Dockerfile");
+        std::fs::create_dir_all(df.parent().unwrap()).unwrap();
+        std::fs::write(&df, "FROM x\n").unwrap();
+        assert_eq!(find_ignore_file(ctx, Some(&df)), None);
+        std::fs::write(ctx.join(".dockerignore"), "a\n").unwrap();
+        assert_eq!(
+            find_ignore_file(ctx, Some(&df)),
+            Some(ctx.join(".dockerignore"))
+        );
+        let specific = ctx.join("build").join("app.Dockerfile.dockerignore");
+        std::fs::write(&specific, "b\n").unwrap();
+        assert_eq!(find_ignore_file(ctx, Some(&df)), Some(specific));
+        let pm = IgnoreMatcher::for_build(ctx, Some(&df)).unwrap();
+        assert!(pm.matches("b") && !pm.matches("a"));
+        let pm = IgnoreMatcher::for_build(ctx, None).unwrap();
+        assert!(pm.matches("a") && !pm.matches("b"));
+        assert!(matches!(
+            IgnoreMatcher::from_file(&ctx.join("missing")),
+            Err(Error::Io { .. })
+        ));
+    }
 }

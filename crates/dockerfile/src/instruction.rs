@@ -394,7 +394,9 @@ impl PortSpec {
             }
         };
         if end < start {
-            return Err(format!("invalid range specified for containerPort: {ports}"));
+            return Err(format!(
+                "invalid range specified for containerPort: {ports}"
+            ));
         }
         Ok(PortSpec {
             start,

@@ -26,7 +26,10 @@ impl Env for BTreeMap<String, String> {
 /// `KEY=VALUE` pairs; the last pair with a key wins, like a process environment.
 impl Env for [(String, String)] {
     fn lookup(&self, name: &str) -> Option<String> {
-        self.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        self.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
     }
 }
 
@@ -185,7 +188,11 @@ impl State<'_> {
     }
 
     /// Processes up to `stop` (consumed) or the end of input.
-    fn until(&mut self, stop: Option<char>, raw_escapes: bool) -> Result<(String, Vec<String>), String> {
+    fn until(
+        &mut self,
+        stop: Option<char>,
+        raw_escapes: bool,
+    ) -> Result<(String, Vec<String>), String> {
         let mut out = String::new();
         let mut fields = Fields::default();
         while let Some(c) = self.peek() {
@@ -442,11 +449,19 @@ impl State<'_> {
             }
             '?' => match value {
                 None => {
-                    let msg = if word.is_empty() { "is not allowed to be unset" } else { &word };
+                    let msg = if word.is_empty() {
+                        "is not allowed to be unset"
+                    } else {
+                        &word
+                    };
                     return Err(format!("{name}: {msg}"));
                 }
                 Some(v) if colon && v.is_empty() => {
-                    let msg = if word.is_empty() { "is not allowed to be empty" } else { &word };
+                    let msg = if word.is_empty() {
+                        "is not allowed to be empty"
+                    } else {
+                        &word
+                    };
                     return Err(format!("{name}: {msg}"));
                 }
                 Some(v) => v,
@@ -492,7 +507,11 @@ fn glob_tokens(pat: &str) -> Result<Vec<Glob>, String> {
             '\\' => match it.next() {
                 Some(e @ ('*' | '?' | '\\')) => out.push(Glob::Lit(e)),
                 Some(e @ ('}' | '/')) => out.push(Glob::Lit(e)),
-                Some(e) => return Err(format!("invalid pattern ({pat}) in substitution: invalid escape '\\{e}'")),
+                Some(e) => {
+                    return Err(format!(
+                        "invalid pattern ({pat}) in substitution: invalid escape '\\{e}'"
+                    ));
+                }
                 None => {}
             },
             c => out.push(Glob::Lit(c)),
@@ -541,10 +560,15 @@ mod tests {
     use super::*;
 
     fn env() -> Vec<(String, String)> {
-        [("SET", "value"), ("EMPTY", ""), ("SP", "a b  c"), ("P", "/a/b.tar.gz")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        [
+            ("SET", "value"),
+            ("EMPTY", ""),
+            ("SP", "a b  c"),
+            ("P", "/a/b.tar.gz"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
     }
 
     fn word(s: &str) -> Result<String, String> {
@@ -596,14 +620,27 @@ mod tests {
     #[test]
     fn errors() {
         assert_eq!(word("${UNSET:?need it}").unwrap_err(), "UNSET: need it");
-        assert_eq!(word("${UNSET?}").unwrap_err(), "UNSET: is not allowed to be unset");
-        assert_eq!(word("${EMPTY:?}").unwrap_err(), "EMPTY: is not allowed to be empty");
+        assert_eq!(
+            word("${UNSET?}").unwrap_err(),
+            "UNSET: is not allowed to be unset"
+        );
+        assert_eq!(
+            word("${EMPTY:?}").unwrap_err(),
+            "EMPTY: is not allowed to be empty"
+        );
         assert_eq!(word("${EMPTY?}").unwrap(), "");
         assert_eq!(word("${SET:?x}").unwrap(), "value");
         assert_eq!(word("${SET").unwrap_err(), "syntax error: missing '}'");
         assert_eq!(word("${}").unwrap_err(), "syntax error: bad substitution");
-        assert_eq!(word("${:-x}").unwrap_err(), "syntax error: bad substitution");
-        assert!(word("${SET:#x}").unwrap_err().contains("unsupported modifier"));
+        assert_eq!(
+            word("${:-x}").unwrap_err(),
+            "syntax error: bad substitution"
+        );
+        assert!(
+            word("${SET:#x}")
+                .unwrap_err()
+                .contains("unsupported modifier")
+        );
         assert!(word("'open").unwrap_err().contains("single-quote"));
         assert!(word("\"open").unwrap_err().contains("double-quote"));
     }
@@ -619,7 +656,10 @@ mod tests {
     fn words_split_on_unquoted_whitespace_only() {
         let lx = Lexer::new('\\');
         assert_eq!(lx.expand_words("$SP", &env()).unwrap(), vec!["a", "b", "c"]);
-        assert_eq!(lx.expand_words("\"$SP\" x", &env()).unwrap(), vec!["a b  c", "x"]);
+        assert_eq!(
+            lx.expand_words("\"$SP\" x", &env()).unwrap(),
+            vec!["a b  c", "x"]
+        );
         assert_eq!(lx.expand_word("$SP", &env()).unwrap(), "a b  c");
     }
 
@@ -634,6 +674,10 @@ mod tests {
     fn skip_unset_keeps_references() {
         let mut lx = Lexer::new('\\');
         lx.skip_unset = true;
-        assert_eq!(lx.expand_word("$NOPE ${NOPE} ${NOPE:-x}", &EmptyEnv).unwrap(), "$NOPE ${NOPE} ${NOPE:-x}");
+        assert_eq!(
+            lx.expand_word("$NOPE ${NOPE} ${NOPE:-x}", &EmptyEnv)
+                .unwrap(),
+            "$NOPE ${NOPE} ${NOPE:-x}"
+        );
     }
 }

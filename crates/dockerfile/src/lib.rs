@@ -10,6 +10,8 @@
 //! assert!(matches!(df.stages[0].instructions[0].instruction, Instruction::Run(_)));
 //! ```
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod dump;
 mod error;
 pub mod ignore;

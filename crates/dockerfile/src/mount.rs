@@ -17,7 +17,12 @@ fn csv_fields(s: &str) -> Result<Vec<String>, String> {
             chars.next();
             loop {
                 match chars.next() {
-                    None => return Err("failed to parse csv mounts: extraneous or missing \" in quoted-field".into()),
+                    None => {
+                        return Err(
+                            "failed to parse csv mounts: extraneous or missing \" in quoted-field"
+                                .into(),
+                        );
+                    }
                     Some('"') if chars.peek() == Some(&'"') => {
                         chars.next();
                         field.push('"');
@@ -32,7 +37,12 @@ fn csv_fields(s: &str) -> Result<Vec<String>, String> {
                     return Ok(out);
                 }
                 Some(',') => out.push(field),
-                Some(_) => return Err("failed to parse csv mounts: extraneous or missing \" in quoted-field".into()),
+                Some(_) => {
+                    return Err(
+                        "failed to parse csv mounts: extraneous or missing \" in quoted-field"
+                            .into(),
+                    );
+                }
             }
         } else {
             loop {
@@ -42,7 +52,11 @@ fn csv_fields(s: &str) -> Result<Vec<String>, String> {
                         return Ok(out);
                     }
                     Some(',') => break,
-                    Some('"') => return Err("failed to parse csv mounts: bare \" in non-quoted-field".into()),
+                    Some('"') => {
+                        return Err(
+                            "failed to parse csv mounts: bare \" in non-quoted-field".into()
+                        );
+                    }
                     Some(c) => field.push(c),
                 }
             }
@@ -137,7 +151,9 @@ pub(crate) fn parse_mount(raw: &str, expand: Option<Expander>) -> Result<Mount, 
             continue;
         };
         if key == "from" && value.find('$').is_some_and(|i| i + 1 != value.len()) {
-            return Err("'from' doesn't support variable expansion, define alias stage instead".into());
+            return Err(
+                "'from' doesn't support variable expansion, define alias stage instead".into(),
+            );
         }
         let deferred = expand.is_none() && value.contains('$');
         let value = match expand {
@@ -165,8 +181,16 @@ pub(crate) fn parse_mount(raw: &str, expand: Option<Expander>) -> Result<Mount, 
                 // Typed values are checked once the engine expands them.
                 if !matches!(
                     key.as_str(),
-                    "readonly" | "ro" | "readwrite" | "rw" | "required" | "size" | "sharing"
-                        | "mode" | "uid" | "gid"
+                    "readonly"
+                        | "ro"
+                        | "readwrite"
+                        | "rw"
+                        | "required"
+                        | "size"
+                        | "sharing"
+                        | "mode"
+                        | "uid"
+                        | "gid"
                 ) {
                     return Err(format!("unexpected key '{key}' in '{field}'"));
                 }
@@ -228,11 +252,21 @@ pub(crate) fn parse_mount(raw: &str, expand: Option<Expander>) -> Result<Mount, 
             _ => return Err(format!("unexpected key '{key}' in '{field}'")),
         }
     }
-    let file_info = matches!(m.kind, MountType::Secret | MountType::Ssh | MountType::Cache);
+    let file_info = matches!(
+        m.kind,
+        MountType::Secret | MountType::Ssh | MountType::Cache
+    );
     if !file_info {
-        for (set, name) in [(m.mode.is_some(), "mode"), (m.uid.is_some(), "uid"), (m.gid.is_some(), "gid")] {
+        for (set, name) in [
+            (m.mode.is_some(), "mode"),
+            (m.uid.is_some(), "uid"),
+            (m.gid.is_some(), "gid"),
+        ] {
             if set {
-                return Err(format!("{name} not allowed for {:?} type mounts", kind_name(m.kind)));
+                return Err(format!(
+                    "{name} not allowed for {:?} type mounts",
+                    kind_name(m.kind)
+                ));
             }
         }
     }
@@ -254,7 +288,10 @@ pub(crate) fn parse_mount(raw: &str, expand: Option<Expander>) -> Result<Mount, 
         }
     }
     if m.sharing.is_some() && m.kind != MountType::Cache {
-        return Err(format!("invalid cache sharing set for {} mount", kind_name(m.kind)));
+        return Err(format!(
+            "invalid cache sharing set for {} mount",
+            kind_name(m.kind)
+        ));
     }
     Ok(m)
 }

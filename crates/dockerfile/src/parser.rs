@@ -216,9 +216,7 @@ impl<'a> Parser<'a> {
         let rest = rest.trim_start();
         let key_len = rest
             .char_indices()
-            .find(|(i, c)| {
-                !(c.is_ascii_alphabetic() || (*i > 0 && c.is_ascii_digit()))
-            })
+            .find(|(i, c)| !(c.is_ascii_alphabetic() || (*i > 0 && c.is_ascii_digit())))
             .map(|(i, _)| i)
             .unwrap_or(rest.len());
         if key_len == 0 {
@@ -348,11 +346,7 @@ impl<'a> Parser<'a> {
         lg.text = text;
         let kw_off = lg.text.len() - lg.text.trim_start().len();
         let instruction = parsed.map_err(|At(off, msg)| self.error_in(lg, off, msg))?;
-        let (_, line, col) = lg
-            .segs
-            .first()
-            .copied()
-            .unwrap_or((0, lg.start, 0));
+        let (_, line, col) = lg.segs.first().copied().unwrap_or((0, lg.start, 0));
         let src = trim_newline(self.lines.get(line).copied().unwrap_or(""));
         let b = (col + kw_off).min(src.len());
         let column = src.get(..b).map(|s| s.chars().count()).unwrap_or(0) + 1;
@@ -540,7 +534,10 @@ impl<'a> Parser<'a> {
             "maintainer" => {
                 flags.spec(&[])?;
                 if args.is_empty() {
-                    return Err(At(args_off, "MAINTAINER requires exactly one argument".into()));
+                    return Err(At(
+                        args_off,
+                        "MAINTAINER requires exactly one argument".into(),
+                    ));
                 }
                 Instruction::Maintainer(args.to_string())
             }
@@ -663,7 +660,10 @@ impl<'a> Parser<'a> {
             "onbuild" => {
                 flags.spec(&[])?;
                 if args.is_empty() {
-                    return Err(At(args_off, "ONBUILD requires at least one argument".into()));
+                    return Err(At(
+                        args_off,
+                        "ONBUILD requires at least one argument".into(),
+                    ));
                 }
                 let (sub, _) = split_keyword(args);
                 let sub_up = sub.to_ascii_uppercase();
@@ -712,7 +712,10 @@ impl<'a> Parser<'a> {
         let typ_end = args.find(char::is_whitespace).unwrap_or(args.len());
         let typ = &args[..typ_end];
         if typ.is_empty() {
-            return Err(At(args_off, "HEALTHCHECK requires at least one argument".into()));
+            return Err(At(
+                args_off,
+                "HEALTHCHECK requires at least one argument".into(),
+            ));
         }
         let rest = args[typ_end..].trim_start();
         let rest_off = if rest.is_empty() {
@@ -777,9 +780,10 @@ impl<'a> Parser<'a> {
                 Ok(n) if n < 0 => {
                     return Err(At(off, format!("--retries cannot be negative ({n})")));
                 }
-                Ok(n) => Some(u32::try_from(n).map_err(|_| {
-                    At(off, format!("--retries value out of range: {v}"))
-                })?),
+                Ok(n) => Some(
+                    u32::try_from(n)
+                        .map_err(|_| At(off, format!("--retries value out of range: {v}")))?,
+                ),
                 Err(_) => {
                     return Err(At(off, format!("invalid value for --retries: {v:?}")));
                 }
@@ -861,14 +865,14 @@ impl<'a> Parser<'a> {
         for item in items {
             match &item.instruction {
                 Instruction::From(from) => {
-                    if let Some(name) = &from.name {
-                        if names.insert(name.clone(), df.stages.len()).is_some() {
-                            return Err(df.diagnostic(
-                                item.span.start_line,
-                                item.span.column,
-                                format!("duplicate stage name {name:?}"),
-                            ));
-                        }
+                    if let Some(name) = &from.name
+                        && names.insert(name.clone(), df.stages.len()).is_some()
+                    {
+                        return Err(df.diagnostic(
+                            item.span.start_line,
+                            item.span.column,
+                            format!("duplicate stage name {name:?}"),
+                        ));
                     }
                     df.stages.push(Stage {
                         index: df.stages.len(),
@@ -910,7 +914,9 @@ fn parse_check(value: &str) -> std::result::Result<CheckDirective, String> {
             continue;
         }
         let Some((k, v)) = part.split_once('=') else {
-            return Err(format!("invalid check directive {part:?}: expected key=value"));
+            return Err(format!(
+                "invalid check directive {part:?}: expected key=value"
+            ));
         };
         match k.trim().to_ascii_lowercase().as_str() {
             "skip" => {
@@ -924,7 +930,11 @@ fn parse_check(value: &str) -> std::result::Result<CheckDirective, String> {
                 check.error = match v.trim().to_ascii_lowercase().as_str() {
                     "true" | "1" => true,
                     "false" | "0" => false,
-                    _ => return Err(format!("invalid check directive: error={v:?} is not a boolean")),
+                    _ => {
+                        return Err(format!(
+                            "invalid check directive: error={v:?} is not a boolean"
+                        ));
+                    }
                 };
             }
             other => return Err(format!("invalid check directive: unknown key {other:?}")),
@@ -1090,9 +1100,9 @@ fn parse_json(s: &str) -> std::result::Result<Option<Vec<String>>, String> {
         .into_iter()
         .map(|v| match v {
             serde_json::Value::String(s) => Ok(s),
-            _ => Err(
-                "when using JSON array syntax, arrays must be comprised of strings only".into(),
-            ),
+            _ => {
+                Err("when using JSON array syntax, arrays must be comprised of strings only".into())
+            }
         })
         .collect::<std::result::Result<Vec<_>, String>>()
         .map(Some)
@@ -1131,13 +1141,17 @@ fn sources_and_dest(
     let Some(((dest, dest_off), srcs)) = list.split_last() else {
         return Err(At(
             args_off,
-            format!("{name} requires at least two arguments, but only one was provided. Destination could not be determined"),
+            format!(
+                "{name} requires at least two arguments, but only one was provided. Destination could not be determined"
+            ),
         ));
     };
     if srcs.is_empty() {
         return Err(At(
             args_off,
-            format!("{name} requires at least two arguments, but only one was provided. Destination could not be determined"),
+            format!(
+                "{name} requires at least two arguments, but only one was provided. Destination could not be determined"
+            ),
         ));
     }
     if heredoc_word(dest).is_some() {

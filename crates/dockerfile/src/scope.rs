@@ -63,10 +63,9 @@ impl Dockerfile {
                 let value = match build_args.lookup(&d.name) {
                     Some(v) => Some(v),
                     None => match &d.default {
-                        Some(def) => Some(
-                            lx.expand_word(def, &globals)
-                                .map_err(|m| self.at(loc, m))?,
-                        ),
+                        Some(def) => {
+                            Some(lx.expand_word(def, &globals).map_err(|m| self.at(loc, m))?)
+                        }
                         None => None,
                     },
                 };

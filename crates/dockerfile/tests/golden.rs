@@ -2,6 +2,7 @@
 //! `expected.txt`; `tests/golden/invalid/<case>/Dockerfile` must fail with exactly the
 //! rendered error in `expected.txt`. An optional `build-args` file (`K=V` lines) feeds
 //! expansion. `UPDATE_GOLDEN=1` rewrites the expected files.
+#![allow(clippy::unwrap_used)] // tests may unwrap (common brief)
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -11,7 +12,9 @@ use strata_dockerfile::Dockerfile;
 use strata_dockerfile::dump::dump;
 
 fn cases(kind: &str) -> Vec<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(kind);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(kind);
     let mut dirs: Vec<PathBuf> = fs::read_dir(&root)
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -1,5 +1,6 @@
 //! The parser must never panic: feed it a few thousand pseudo-random mutations of the
 //! golden inputs (the same job as `fuzz/fuzz_targets/parse.rs`, small enough for CI).
+#![allow(clippy::unwrap_used)] // tests may unwrap (common brief)
 
 use std::fs;
 use std::path::Path;
@@ -18,16 +19,67 @@ impl Rng {
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
     fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
     }
 }
 
 const TOKENS: &[&str] = &[
-    "\\", "`", "\n", "\r\n", " ", "\t", "\"", "'", "$", "${", "}", "${A:-", "${A:?", "${A#",
-    "[", "]", "[\"", "\",", "<<", "<<EOF", "<<-EOF", "<<'EOF'", "EOF\n", "\tEOF\n", "3<<", "#",
-    "# escape=`\n", "# syntax=x\n", "# check=skip=all\n", "--", "--mount=", "type=cache,",
-    "target=/x", "--from=", "--link", "=", ",", "\"\"", "FROM ", "RUN ", "COPY ", "ADD ",
-    "ONBUILD ", "HEALTHCHECK ", "CMD ", "ARG ", "ENV ", "AS ", "é", "\u{feff}", "\u{a0}", "🦀",
+    "\\",
+    "`",
+    "\n",
+    "\r\n",
+    " ",
+    "\t",
+    "\"",
+    "'",
+    "$",
+    "${",
+    "}",
+    "${A:-",
+    "${A:?",
+    "${A#",
+    "[",
+    "]",
+    "[\"",
+    "\",",
+    "<<",
+    "<<EOF",
+    "<<-EOF",
+    "<<'EOF'",
+    "EOF\n",
+    "\tEOF\n",
+    "3<<",
+    "#",
+    "# escape=`\n",
+    "# syntax=x\n",
+    "# check=skip=all\n",
+    "--",
+    "--mount=",
+    "type=cache,",
+    "target=/x",
+    "--from=",
+    "--link",
+    "=",
+    ",",
+    "\"\"",
+    "FROM ",
+    "RUN ",
+    "COPY ",
+    "ADD ",
+    "ONBUILD ",
+    "HEALTHCHECK ",
+    "CMD ",
+    "ARG ",
+    "ENV ",
+    "AS ",
+    "é",
+    "\u{feff}",
+    "\u{a0}",
+    "🦀",
 ];
 
 fn mutate(rng: &mut Rng, input: &[char], pool: &[Vec<char>]) -> Vec<char> {
@@ -69,7 +121,9 @@ fn mutate(rng: &mut Rng, input: &[char], pool: &[Vec<char>]) -> Vec<char> {
 fn inputs() -> Vec<Vec<char>> {
     let mut out = Vec::new();
     for kind in ["valid", "invalid"] {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(kind);
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(kind);
         for e in fs::read_dir(root).unwrap() {
             let p = e.unwrap().path().join("Dockerfile");
             if let Ok(b) = fs::read(&p) {

@@ -1,11 +1,15 @@
 //! Stage structure, ARG/ENV scoping and error rendering through the public API.
+#![allow(clippy::unwrap_used)] // tests may unwrap (common brief)
 
 use std::collections::BTreeMap;
 
 use strata_dockerfile::{Dockerfile, EmptyEnv, Instruction};
 
 fn args(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 const MULTI: &str = "ARG BASE=alpine\nARG TAG=3.20\nFROM --platform=$TARGETPLATFORM ${BASE}:${TAG} AS one\nARG TAG\nARG OTHER=o\nRUN true\nFROM one AS two\nENV TAG=env\nARG TAG\n";
@@ -19,7 +23,10 @@ fn global_args_only_reach_from_lines_unless_redeclared() {
     let from = df.expand_from(0, &EmptyEnv).unwrap();
     assert_eq!(from.base, "alpine:3.20");
     let from = df
-        .expand_from(0, &args(&[("TAG", "edge"), ("TARGETPLATFORM", "linux/arm64")]))
+        .expand_from(
+            0,
+            &args(&[("TAG", "edge"), ("TARGETPLATFORM", "linux/arm64")]),
+        )
         .unwrap();
     assert_eq!(from.base, "alpine:edge");
     assert_eq!(from.platform.as_deref(), Some("linux/arm64"));
@@ -63,18 +70,25 @@ fn env_overrides_earlier_arg_and_base_env_is_visible() {
 
 #[test]
 fn run_is_not_expanded_by_the_builder() {
-    let df = Dockerfile::parse("Dockerfile", "FROM x\nENV A=1\nRUN echo $A\nCMD echo $A\n").unwrap();
+    let df =
+        Dockerfile::parse("Dockerfile", "FROM x\nENV A=1\nRUN echo $A\nCMD echo $A\n").unwrap();
     let mut scope = df.stage_scope(0, &EmptyEnv).unwrap();
     for loc in &df.stages[0].instructions {
-        assert_eq!(scope.apply(&df, loc).unwrap(), match &loc.instruction {
-            Instruction::Env(_) => scope_env_expected(),
-            other => other.clone(),
-        });
+        assert_eq!(
+            scope.apply(&df, loc).unwrap(),
+            match &loc.instruction {
+                Instruction::Env(_) => scope_env_expected(),
+                other => other.clone(),
+            }
+        );
     }
 }
 
 fn scope_env_expected() -> Instruction {
-    Instruction::Env(vec![strata_dockerfile::KeyValue { key: "A".into(), value: "1".into() }])
+    Instruction::Env(vec![strata_dockerfile::KeyValue {
+        key: "A".into(),
+        value: "1".into(),
+    }])
 }
 
 #[test]
@@ -96,10 +110,16 @@ fn expansion_errors_carry_the_location() {
 
 #[test]
 fn diagnostic_renders_file_line_column_and_caret() {
-    let err = Dockerfile::parse("path/to/Dockerfile", "FROM x\nRUN --mount=type=cache \\\n  --bad=1 true\n")
-        .unwrap_err();
+    let err = Dockerfile::parse(
+        "path/to/Dockerfile",
+        "FROM x\nRUN --mount=type=cache \\\n  --bad=1 true\n",
+    )
+    .unwrap_err();
     let d = err.diagnostic().unwrap();
-    assert_eq!((d.file.as_str(), d.line, d.column), ("path/to/Dockerfile", 3, 3));
+    assert_eq!(
+        (d.file.as_str(), d.line, d.column),
+        ("path/to/Dockerfile", 3, 3)
+    );
     assert_eq!(d.message, "unknown flag: --bad");
     assert_eq!(
         err.to_string(),
@@ -113,7 +133,11 @@ fn diagnostic_renders_file_line_column_and_caret() {
 
 #[test]
 fn spans_cover_continuations_and_heredocs() {
-    let df = Dockerfile::parse("D", "FROM x\nRUN a \\\n  b\nCOPY <<EOF /f\nhi\nEOF\nUSER u\n").unwrap();
+    let df = Dockerfile::parse(
+        "D",
+        "FROM x\nRUN a \\\n  b\nCOPY <<EOF /f\nhi\nEOF\nUSER u\n",
+    )
+    .unwrap();
     let spans: Vec<(usize, usize)> = df.stages[0]
         .instructions
         .iter()
