@@ -1,0 +1,211 @@
+//! Unpacked layers cached by chain ID, for overlay lowerdirs; and flattening a chain into one
+//! directory.
+//!
+//! ```text
+//! <root>/
+//!   <chain-id hex>/     layer n unpacked alone (overlay whiteouts kept), parents 0..n-1 implied
+//!   tmp-XXXXXX/         an unpack in progress; renamed to <chain-id hex> when complete
+//! ```
+//!
+//! A snapshot directory appears only by `rename(2)` of a finished unpack, so a killed process
+//! leaves at most a `tmp-*` directory, never a half snapshot under a chain ID. Two processes
+//! creating the same snapshot both unpack; the second rename fails and its copy is discarded.
+
+use std::ffi::OsString;
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use strata_oci::{Descriptor, Digest, chain_id, media_type};
+
+use crate::apply::{ApplyOptions, ApplyStats, WhiteoutMode, apply_layer_with};
+use crate::error::{Error, Result};
+
+/// A layer of an image: its manifest descriptor and its diff_id from the image config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerRef {
+    pub descriptor: Descriptor,
+    pub diff_id: Digest,
+}
+
+/// A directory of unpacked layers keyed by chain ID.
+#[derive(Debug, Clone)]
+pub struct SnapshotCache {
+    root: PathBuf,
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The chain IDs of every prefix of `layers` (bottom first).
+fn chain_ids(layers: &[LayerRef]) -> Vec<Digest> {
+    let diff_ids: Vec<Digest> = layers.iter().map(|l| l.diff_id.clone()).collect();
+    (1..=diff_ids.len())
+        .filter_map(|n| chain_id(&diff_ids[..n]))
+        .collect()
+}
+
+/// Applies one layer blob to `target`, checking the diff_id.
+fn apply_one<R: Read>(
+    layer: &LayerRef,
+    open_blob: &impl Fn(&Descriptor) -> io::Result<R>,
+    target: &Path,
+    opts: &ApplyOptions,
+) -> Result<ApplyStats> {
+    let desc = &layer.descriptor;
+    let compression = media_type::layer_compression(&desc.media_type).ok_or_else(|| {
+        Error::UnsupportedMediaType {
+            digest: desc.digest.clone(),
+            media_type: desc.media_type.clone(),
+        }
+    })?;
+    let blob = open_blob(desc).map_err(|source| Error::OpenBlob {
+        digest: desc.digest.clone(),
+        source,
+    })?;
+    let stats = apply_layer_with(blob, compression, target, opts)?;
+    if stats.diff_id != layer.diff_id {
+        return Err(Error::DiffIdMismatch {
+            blob: desc.digest.clone(),
+            expected: layer.diff_id.clone(),
+            actual: stats.diff_id,
+        });
+    }
+    Ok(stats)
+}
+
+impl SnapshotCache {
+    /// A cache rooted at `root` (created if missing).
+    pub fn new(root: impl Into<PathBuf>) -> Result<SnapshotCache> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(io_err("creating snapshot directory", &root))?;
+        Ok(SnapshotCache { root })
+    }
+
+    /// The cache's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the snapshot of a chain ID lives (it may not exist).
+    pub fn path_of(&self, chain_id: &Digest) -> PathBuf {
+        self.root.join(chain_id.hex())
+    }
+
+    /// The snapshot directories of `layers` (bottom first) if all are present.
+    pub fn get(&self, layers: &[LayerRef]) -> Option<Vec<PathBuf>> {
+        chain_ids(layers)
+            .iter()
+            .map(|c| Some(self.path_of(c)).filter(|p| p.is_dir()))
+            .collect()
+    }
+
+    /// Makes sure every layer of the chain is unpacked; returns their directories, bottom
+    /// first (reverse them for overlay, or use [`overlay_lowerdir`]). Missing layers are
+    /// read with `open_blob`, unpacked in overlay form (whiteouts as 0/0 devices) and checked
+    /// against their diff_id.
+    pub fn ensure<R: Read>(
+        &self,
+        layers: &[LayerRef],
+        open_blob: impl Fn(&Descriptor) -> io::Result<R>,
+    ) -> Result<Vec<PathBuf>> {
+        let mut dirs: Vec<PathBuf> = Vec::with_capacity(layers.len());
+        for (layer, chain) in layers.iter().zip(chain_ids(layers)) {
+            let dest = self.path_of(&chain);
+            if !dest.is_dir() {
+                let tmp = tempfile::Builder::new()
+                    .prefix("tmp-")
+                    .tempdir_in(&self.root)
+                    .map_err(io_err("creating temporary snapshot", &self.root))?;
+                std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+                    .map_err(io_err("chmod", tmp.path()))?;
+                let opts = ApplyOptions {
+                    whiteouts: WhiteoutMode::Overlay,
+                    parent_template: dirs.iter().rev().cloned().collect(),
+                    ..ApplyOptions::default()
+                };
+                apply_one(layer, &open_blob, tmp.path(), &opts)?;
+                match std::fs::rename(tmp.path(), &dest) {
+                    Ok(()) => {
+                        // Renamed away: nothing left for the guard to delete.
+                        let _ = tmp.keep();
+                    }
+                    // Another process finished the same snapshot first; ours is dropped.
+                    Err(e)
+                        if dest.is_dir()
+                            && matches!(
+                                e.raw_os_error(),
+                                Some(libc::ENOTEMPTY) | Some(libc::EEXIST)
+                            ) => {}
+                    Err(e) => return Err(io_err("renaming snapshot into place", &dest)(e)),
+                }
+            }
+            dirs.push(dest);
+        }
+        Ok(dirs)
+    }
+
+    /// Removes `tmp-*` directories left by killed processes. Only call it when no other
+    /// process is unpacking into this cache.
+    pub fn remove_leftovers(&self) -> Result<usize> {
+        let mut n = 0;
+        for e in std::fs::read_dir(&self.root).map_err(io_err("reading directory", &self.root))? {
+            let e = e.map_err(io_err("reading directory", &self.root))?;
+            if e.file_name().as_bytes().starts_with(b"tmp-") {
+                std::fs::remove_dir_all(e.path()).map_err(io_err("removing", &e.path()))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// The `lowerdir=` value for an overlay mount of snapshot directories given bottom first
+/// (overlayfs wants the top layer first, separated by `:`).
+pub fn overlay_lowerdir(dirs: &[PathBuf]) -> Result<OsString> {
+    let mut out = OsString::new();
+    for (i, d) in dirs.iter().rev().enumerate() {
+        // `:` separates layers and `,` separates mount options; escaping them is possible but
+        // our own paths never need it.
+        for ch in [':', ','] {
+            if d.as_os_str().as_bytes().contains(&(ch as u8)) {
+                return Err(Error::OverlayPath {
+                    path: d.clone(),
+                    ch,
+                });
+            }
+        }
+        if i > 0 {
+            out.push(":");
+        }
+        out.push(d.as_os_str());
+    }
+    Ok(out)
+}
+
+/// Applies every layer in order into `dest` (created if missing), whiteouts applied: the
+/// flattened root filesystem, like `umoci unpack`. Each layer's diff_id is checked.
+///
+/// A failure leaves `dest` partly written; unpack into a fresh directory and rename it.
+pub fn materialize<R: Read>(
+    layers: &[LayerRef],
+    open_blob: impl Fn(&Descriptor) -> io::Result<R>,
+    dest: &Path,
+) -> Result<Vec<ApplyStats>> {
+    if !dest.exists() {
+        std::fs::create_dir_all(dest).map_err(io_err("creating directory", dest))?;
+        std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o755))
+            .map_err(io_err("chmod", dest))?;
+    }
+    let opts = ApplyOptions::default();
+    layers
+        .iter()
+        .map(|l| apply_one(l, &open_blob, dest, &opts))
+        .collect()
+}
