@@ -117,6 +117,7 @@ impl Lexer {
             pos: 0,
             used: BTreeSet::new(),
             unset: BTreeSet::new(),
+            depth: 0,
         };
         let (word, words) = st.until(None, self.raw_escapes)?;
         Ok(Processed {
@@ -135,7 +136,11 @@ struct State<'a> {
     pos: usize,
     used: BTreeSet<String>,
     unset: BTreeSet<String>,
+    depth: usize,
 }
+
+/// Nesting limit for `${a:-${b:-...}}`, so hostile input cannot exhaust the stack.
+const MAX_DEPTH: usize = 64;
 
 /// Builds the field-split view alongside the plain result.
 #[derive(Default)]
@@ -374,6 +379,16 @@ impl State<'_> {
     }
 
     fn dollar(&mut self) -> Result<String, String> {
+        if self.depth >= MAX_DEPTH {
+            return Err("syntax error: substitutions nested too deeply".into());
+        }
+        self.depth += 1;
+        let r = self.dollar_inner();
+        self.depth -= 1;
+        r
+    }
+
+    fn dollar_inner(&mut self) -> Result<String, String> {
         self.pos += 1;
         if self.peek() != Some('{') {
             let name = self.name();
@@ -520,37 +535,67 @@ fn glob_tokens(pat: &str) -> Result<Vec<Glob>, String> {
     Ok(out)
 }
 
-fn glob_match(pat: &[Glob], s: &[char]) -> bool {
-    match pat.split_first() {
-        None => s.is_empty(),
-        Some((Glob::Any, rest)) => (0..=s.len()).any(|i| glob_match(rest, &s[i..])),
-        Some((Glob::One, rest)) => !s.is_empty() && glob_match(rest, &s[1..]),
-        Some((Glob::Lit(c), rest)) => s.first() == Some(c) && glob_match(rest, &s[1..]),
+/// For each `n`, whether `s[..n]` matches `pat`: one pass of an NFA over the text, so
+/// hostile patterns like `*a*a*a*b` stay linear in pattern × text.
+fn prefix_matches(pat: &[Glob], s: &[char]) -> Vec<bool> {
+    let close = |states: &mut Vec<bool>| {
+        for j in 0..pat.len() {
+            if states[j] && pat[j] == Glob::Any {
+                states[j + 1] = true;
+            }
+        }
+    };
+    let mut states = vec![false; pat.len() + 1];
+    states[0] = true;
+    close(&mut states);
+    let mut out = Vec::with_capacity(s.len() + 1);
+    out.push(states[pat.len()]);
+    for c in s {
+        let mut next = vec![false; pat.len() + 1];
+        for j in 0..pat.len() {
+            if !states[j] {
+                continue;
+            }
+            match &pat[j] {
+                Glob::Any => next[j] = true,
+                Glob::One => next[j + 1] = true,
+                Glob::Lit(l) if l == c => next[j + 1] = true,
+                Glob::Lit(_) => {}
+            }
+        }
+        close(&mut next);
+        states = next;
+        out.push(states[pat.len()]);
     }
+    out
 }
 
 fn trim_prefix(value: &str, pat: &[Glob], longest: bool) -> String {
     let chars: Vec<char> = value.chars().collect();
-    let mut ends: Box<dyn Iterator<Item = usize>> = if longest {
-        Box::new((0..=chars.len()).rev())
+    let ok = prefix_matches(pat, &chars);
+    let n = if longest {
+        ok.iter().rposition(|b| *b)
     } else {
-        Box::new(0..=chars.len())
+        ok.iter().position(|b| *b)
     };
-    match ends.find(|&n| glob_match(pat, &chars[..n])) {
+    match n {
         Some(n) => chars[n..].iter().collect(),
         None => value.to_string(),
     }
 }
 
 fn trim_suffix(value: &str, pat: &[Glob], longest: bool) -> String {
-    let chars: Vec<char> = value.chars().collect();
-    let mut starts: Box<dyn Iterator<Item = usize>> = if longest {
-        Box::new(0..=chars.len())
+    // A suffix match is a prefix match of the reversed text against the reversed pattern.
+    let rev: Vec<char> = value.chars().rev().collect();
+    let rpat: Vec<Glob> = pat.iter().rev().cloned().collect();
+    let ok = prefix_matches(&rpat, &rev);
+    let n = if longest {
+        ok.iter().rposition(|b| *b)
     } else {
-        Box::new((0..=chars.len()).rev())
+        ok.iter().position(|b| *b)
     };
-    match starts.find(|&n| glob_match(pat, &chars[n..])) {
-        Some(n) => chars[..n].iter().collect(),
+    match n {
+        Some(n) => rev[n..].iter().rev().collect(),
         None => value.to_string(),
     }
 }
@@ -679,5 +724,25 @@ mod tests {
                 .unwrap(),
             "$NOPE ${NOPE} ${NOPE:-x}"
         );
+    }
+}
+
+#[cfg(test)]
+mod hostile {
+    use super::*;
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = "${A:-".repeat(10_000) + &"}".repeat(10_000);
+        assert!(Lexer::new('\\').expand_word(&deep, &EmptyEnv).is_err());
+        let ok = "${A:-".repeat(10) + "x" + &"}".repeat(10);
+        assert_eq!(Lexer::new('\\').expand_word(&ok, &EmptyEnv).unwrap(), "x");
+    }
+
+    #[test]
+    fn pathological_globs_stay_fast() {
+        let env = vec![("V".to_string(), "a".repeat(3000))];
+        let w = "${V#*a*a*a*a*a*a*a*a*a*b}";
+        assert_eq!(Lexer::new('\\').expand_word(w, &env).unwrap().len(), 3000);
     }
 }
