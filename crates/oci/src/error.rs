@@ -36,6 +36,12 @@ pub enum Error {
     #[error("{what} has unsupported media type `{media_type}`")]
     UnsupportedMediaType { what: String, media_type: String },
 
+    #[error("expected {expected}, found a document of type `{media_type}`")]
+    WrongKind {
+        expected: &'static str,
+        media_type: String,
+    },
+
     #[error("{what} has schemaVersion {found}, expected 2")]
     SchemaVersion { what: String, found: u32 },
 

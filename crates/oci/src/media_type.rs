@@ -26,6 +26,28 @@ pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.ta
 pub const DOCKER_FOREIGN_LAYER_GZIP: &str =
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
 
+/// Docker v2 schema 1 manifest (deprecated, refused).
+pub const DOCKER_SCHEMA1_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v1+json";
+/// Docker v2 schema 1 signed manifest (deprecated, refused).
+pub const DOCKER_SCHEMA1_SIGNED_MANIFEST: &str =
+    "application/vnd.docker.distribution.manifest.v1+prettyjws";
+
+/// Whether `mt` is a Docker schema 1 manifest, which strata refuses.
+pub fn is_schema1(mt: &str) -> bool {
+    mt == DOCKER_SCHEMA1_MANIFEST || mt == DOCKER_SCHEMA1_SIGNED_MANIFEST
+}
+
+/// Whether `mt` is an image config (OCI or Docker), whose `rootfs.diff_ids` describe the layers.
+pub fn is_image_config(mt: &str) -> bool {
+    mt == OCI_CONFIG || mt == DOCKER_CONFIG
+}
+
+/// Whether `mt` is a layer that registries do not serve (Docker foreign, OCI non-distributable).
+pub fn is_foreign_layer(mt: &str) -> bool {
+    mt == DOCKER_FOREIGN_LAYER_GZIP
+        || mt.starts_with("application/vnd.oci.image.layer.nondistributable.")
+}
+
 /// Whether `mt` is a single-image manifest (OCI or Docker).
 pub fn is_manifest(mt: &str) -> bool {
     mt == OCI_MANIFEST || mt == DOCKER_MANIFEST
