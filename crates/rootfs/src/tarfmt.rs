@@ -438,7 +438,9 @@ impl<R: Read> TarReader<R> {
             }
             self.current = meta.display_path();
             meta.kind = match typeflag {
-                b'0' | 0 | b'7' if meta.path.ends_with(b"/") => Kind::Dir,
+                // Pre-POSIX tars mark directories by a trailing slash on a NUL typeflag
+                // (Go's archive/tar does the same); an explicit '0' stays a file.
+                0 if meta.path.ends_with(b"/") => Kind::Dir,
                 b'0' | 0 | b'7' => Kind::File,
                 b'1' => Kind::Hardlink,
                 b'2' => Kind::Symlink,
