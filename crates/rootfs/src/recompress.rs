@@ -69,13 +69,18 @@ pub fn recompress_tar(
         };
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let offset = entry.raw_header_position();
-        io::copy(&mut entry, &mut io::sink()).map_err(|e| match e.kind() {
+        let size = entry.size();
+        let copied = io::copy(&mut entry, &mut io::sink()).map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => Error::Truncated {
-                entry: name,
+                entry: name.clone(),
                 offset,
             },
             _ => Error::Stream { offset, source: e },
         })?;
+        // The tar crate ends an entry's reader quietly at the end of the stream.
+        if copied < size {
+            return Err(Error::Truncated { entry: name, offset });
+        }
         count += 1;
     }
     drop(entries);
