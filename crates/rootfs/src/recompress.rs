@@ -79,7 +79,10 @@ pub fn recompress_tar(
         })?;
         // The tar crate ends an entry's reader quietly at the end of the stream.
         if copied < size {
-            return Err(Error::Truncated { entry: name, offset });
+            return Err(Error::Truncated {
+                entry: name,
+                offset,
+            });
         }
         count += 1;
     }
