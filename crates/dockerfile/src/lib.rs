@@ -1,6 +1,18 @@
 //! Turns Dockerfile text into typed data: lexer, parser, typed instructions, variable
 //! expansion and `.dockerignore` matching; it never executes anything.
 //!
+//! - [`Dockerfile::parse`] follows the Dockerfile reference and BuildKit's parser: parser
+//!   directives (`escape`, `syntax`, `check`), comments, line continuations, heredocs,
+//!   exec/shell forms and every instruction with its flags. Instructions keep their
+//!   arguments as written (quotes included), grouped into [`Stage`]s with [`Span`]s;
+//!   `ARG`s before the first `FROM` are [`Dockerfile::meta_args`].
+//! - Errors are [`Error::Syntax`] with a [`Diagnostic`] that renders `file:line:col`, the
+//!   line and a caret.
+//! - Expansion is done by the build engine, instruction by instruction: [`Dockerfile::expand_from`]
+//!   for `FROM`, and a [`StageScope`] that expands what Docker expands and tracks `ARG`/`ENV`.
+//!   [`Lexer`] is the underlying word processor (`$V`, `${V:-x}`, quotes, escapes).
+//! - [`IgnoreMatcher`] answers `.dockerignore` questions with moby/patternmatcher's rules.
+//!
 //! ```
 //! use strata_dockerfile::{Dockerfile, Instruction, lex::EmptyEnv};
 //!
