@@ -5,7 +5,7 @@
 //! lock when its holder dies (even by SIGKILL), so a crashed writer never wedges the store.
 
 use std::fs::{File, OpenOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rustix::fs::{FlockOperation, flock};
 use rustix::io::Errno;
@@ -23,7 +23,6 @@ pub(crate) enum LockMode {
 #[derive(Debug)]
 pub(crate) struct FileLock {
     _file: File,
-    path: PathBuf,
 }
 
 impl FileLock {
@@ -48,15 +47,6 @@ impl FileLock {
                 Err(e) => return Err(std::io::Error::from(e)).ctx("lock", path),
             }
         }
-        Ok(FileLock {
-            _file: file,
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// The lock file's path.
-    #[allow(dead_code)]
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
+        Ok(FileLock { _file: file })
     }
 }

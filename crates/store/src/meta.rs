@@ -41,6 +41,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// A GC root held in the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pin {
+    /// The pinned blob (usually a manifest or index; everything it reaches is kept too).
     pub digest: Digest,
     /// Who holds it, e.g. `machine:<id>` or `release:<app>/<n>`.
     pub holder: String,
@@ -51,7 +52,9 @@ pub struct Pin {
 /// An unpacked rootfs for a layer chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
+    /// The chain ID of the layer stack unpacked there.
     pub chain_id: Digest,
+    /// Where the rootfs is.
     pub path: PathBuf,
     /// Unix seconds.
     pub created: i64,
