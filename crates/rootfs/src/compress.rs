@@ -12,10 +12,33 @@ pub const DEFAULT_GZIP_LEVEL: u32 = 6;
 /// Default zstd level: zstd's own default, the one BuildKit and containerd use.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
-pub(crate) enum Encoder<W: Write> {
+/// Input is handed to the compressor in chunks of exactly this size (the last one may be
+/// shorter). zlib-rs's deflate output depends on how its input is split into `write` calls, so
+/// without this the same tar read through different buffers (a file, an entry of an archive)
+/// would give different gzip bytes and a different blob digest.
+const ENCODER_CHUNK: usize = 64 * 1024;
+
+enum Codec<W: Write> {
     None(W),
     Gzip(flate2::write::GzEncoder<W>),
     Zstd(zstd::stream::write::Encoder<'static, W>),
+}
+
+impl<W: Write> Codec<W> {
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Codec::None(w) => w.write_all(buf),
+            Codec::Gzip(e) => e.write_all(buf),
+            Codec::Zstd(e) => e.write_all(buf),
+        }
+    }
+}
+
+/// A layer compressor whose output depends only on the bytes written, not on how they were
+/// split into writes.
+pub(crate) struct Encoder<W: Write> {
+    codec: Codec<W>,
+    pending: Vec<u8>,
 }
 
 impl<W: Write> Encoder<W> {
@@ -25,48 +48,61 @@ impl<W: Write> Encoder<W> {
         gzip_level: u32,
         zstd_level: i32,
     ) -> io::Result<Self> {
-        Ok(match compression {
-            Compression::None => Encoder::None(w),
+        let codec = match compression {
+            Compression::None => Codec::None(w),
             // GzBuilder's defaults put no name and mtime 0 in the gzip header: reproducible.
-            Compression::Gzip => Encoder::Gzip(
+            Compression::Gzip => Codec::Gzip(
                 flate2::GzBuilder::new().write(w, flate2::Compression::new(gzip_level.min(9))),
             ),
-            Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(w, zstd_level)?),
+            Compression::Zstd => Codec::Zstd(zstd::stream::write::Encoder::new(w, zstd_level)?),
+        };
+        Ok(Encoder {
+            codec,
+            pending: Vec::with_capacity(ENCODER_CHUNK),
         })
     }
 
-    pub(crate) fn finish(self) -> io::Result<W> {
-        match self {
-            Encoder::None(w) => Ok(w),
-            Encoder::Gzip(e) => e.finish(),
-            Encoder::Zstd(e) => e.finish(),
+    pub(crate) fn finish(mut self) -> io::Result<W> {
+        if !self.pending.is_empty() {
+            self.codec.write_all(&self.pending)?;
+        }
+        match self.codec {
+            Codec::None(w) => Ok(w),
+            Codec::Gzip(e) => e.finish(),
+            Codec::Zstd(e) => e.finish(),
         }
     }
 }
 
 impl<W: Write> Write for Encoder<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Encoder::None(w) => w.write(buf),
-            Encoder::Gzip(e) => e.write(buf),
-            Encoder::Zstd(e) => e.write(buf),
-        }
+        self.write_all(buf)?;
+        Ok(buf.len())
     }
 
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        match self {
-            Encoder::None(w) => w.write_all(buf),
-            Encoder::Gzip(e) => e.write_all(buf),
-            Encoder::Zstd(e) => e.write_all(buf),
+    fn write_all(&mut self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            if self.pending.is_empty() && buf.len() >= ENCODER_CHUNK {
+                let (chunk, rest) = buf.split_at(ENCODER_CHUNK);
+                self.codec.write_all(chunk)?;
+                buf = rest;
+                continue;
+            }
+            let take = (ENCODER_CHUNK - self.pending.len()).min(buf.len());
+            self.pending.extend_from_slice(&buf[..take]);
+            buf = &buf[take..];
+            if self.pending.len() == ENCODER_CHUNK {
+                self.codec.write_all(&self.pending)?;
+                self.pending.clear();
+            }
         }
+        Ok(())
     }
 
+    /// Does not push pending input into the compressor (that would change the output); the
+    /// bytes reach the sink at [`Encoder::finish`].
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Encoder::None(w) => w.flush(),
-            Encoder::Gzip(e) => e.flush(),
-            Encoder::Zstd(e) => e.flush(),
-        }
+        Ok(())
     }
 }
 

@@ -160,6 +160,40 @@ mod tests {
         }
     }
 
+    /// Reads at most `n` bytes per call, to vary how the input is split.
+    struct Dribble<'a>(&'a [u8], usize);
+
+    impl Read for Dribble<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.1.min(buf.len()).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn output_does_not_depend_on_how_the_input_is_read() {
+        let big: Vec<u8> = (0..300_000u32)
+            .map(|i| (i % 251) as u8 ^ (i / 7) as u8)
+            .collect();
+        let plain = tar_of(&[("a", &big), ("b", b"tail")]);
+        for compression in [Compression::Gzip, Compression::Zstd] {
+            let opts = LayerOptions {
+                compression,
+                ..LayerOptions::default()
+            };
+            let whole = recompress_tar(&plain[..], &opts, Vec::new()).unwrap();
+            for step in [1usize, 511, 4096, 70_000] {
+                let info = recompress_tar(Dribble(&plain, step), &opts, Vec::new()).unwrap();
+                assert_eq!(
+                    info.digest, whole.digest,
+                    "{compression:?} read {step} at a time"
+                );
+            }
+        }
+    }
+
     #[test]
     fn truncated_or_non_tar_input_is_refused() {
         let plain = tar_of(&[("big", &[7u8; 5000])]);

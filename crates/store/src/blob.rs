@@ -411,3 +411,14 @@ impl Read for VerifyingReader {
         Ok(n)
     }
 }
+
+/// Raw blob reads for [`strata_oci::validate_image`], which does its own digest and size checks
+/// so that it can report exactly which blob is wrong and how.
+impl strata_oci::BlobSource for Store {
+    fn open(&self, digest: &Digest) -> io::Result<Box<dyn Read + '_>> {
+        Ok(Box::new(io::BufReader::with_capacity(
+            256 * 1024,
+            std::fs::File::open(self.blob_path(digest))?,
+        )))
+    }
+}

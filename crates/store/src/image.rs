@@ -171,10 +171,17 @@ pub(crate) fn sniff(bytes: &[u8]) -> Option<Kind> {
     }
 }
 
+/// Our own manifests are canonical JSON, so equal content always has one digest.
 fn to_json(value: &impl Serialize) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|source| Error::Serialize {
-        what: "manifest",
-        source,
+    strata_oci::try_to_canonical_json(value).map_err(|e| match e {
+        strata_oci::Error::Serialize(source) => Error::Serialize {
+            what: "manifest",
+            source,
+        },
+        other => Error::Serialize {
+            what: "manifest",
+            source: <serde_json::Error as serde::ser::Error>::custom(other),
+        },
     })
 }
 

@@ -1,0 +1,123 @@
+//! Command-line argument types (raw flags); `main` turns them into validated settings.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// strata: build, ship and run container images around base images.
+#[derive(Debug, Parser)]
+#[command(name = "strata", version, about, long_about = None)]
+pub struct Cli {
+    /// The store directory (OCI image layout + metadata).
+    /// Default: $STRATA_STORE, else /var/lib/strata as root, else $XDG_DATA_HOME/strata.
+    #[arg(long, global = true, env = "STRATA_STORE", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+
+    /// More logging on stderr (repeat for more); `STRATA_LOG` takes tracing filters.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List images in the store.
+    Images(ImagesArgs),
+    /// Show an image's manifest and config.
+    Inspect(InspectArgs),
+    /// Give an image another name: `strata tag SRC DST`.
+    Tag { source: String, target: String },
+    /// Remove image names (blobs go at the next `strata gc`).
+    Rmi {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Delete blobs no image, index or pin references.
+    Gc {
+        /// Print what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Create an image from a root filesystem tarball, like `docker import`.
+    Import(ImportArgs),
+    /// Write an image to an archive (`docker load` or OCI archive).
+    Save(SaveArgs),
+    /// Load images from a docker-archive or OCI archive.
+    Load(LoadArgs),
+    /// Check every digest, size and diff_id of an image.
+    Validate { image: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImagesArgs {
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Only print image names.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    pub image: String,
+    /// Print `{"descriptor", "manifest", "config"}` as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// A tar of the root filesystem (plain, gzip or zstd), or `-` for stdin.
+    pub tarball: PathBuf,
+    /// Name of the new image, `NAME[:TAG]`.
+    pub name: String,
+    /// Apply a Dockerfile instruction to the config (CMD, ENTRYPOINT, ENV, EXPOSE, LABEL,
+    /// ONBUILD, STOPSIGNAL, USER, VOLUME, WORKDIR), like `docker import --change`.
+    #[arg(short, long = "change", value_name = "INSTRUCTION")]
+    pub changes: Vec<String>,
+    /// Commit message for the history entry.
+    #[arg(short, long)]
+    pub message: Option<String>,
+    /// Layer compression.
+    #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
+    pub compression: CompressionArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CompressionArg {
+    Gzip,
+    Zstd,
+    None,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SaveArgs {
+    /// Images to save (`NAME[:TAG]`).
+    #[arg(required = true)]
+    pub images: Vec<String>,
+    /// Output file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Archive format: `docker` (for `docker load`) or `oci` (OCI image layout in a tar).
+    #[arg(long, value_enum, default_value_t = ArchiveFormat::Docker)]
+    pub format: ArchiveFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ArchiveFormat {
+    Docker,
+    Oci,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    /// A docker-archive or OCI archive tar (format detected).
+    #[arg(short, long)]
+    pub input: Option<PathBuf>,
+    /// Same as `--input`.
+    #[arg(conflicts_with = "input")]
+    pub file: Option<PathBuf>,
+}

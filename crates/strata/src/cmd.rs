@@ -1,0 +1,312 @@
+//! One function per command; each prints results on stdout and returns errors with context.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use strata_oci::{Compression, ContainerConfig, Digest, ImageConfig, media_type};
+use strata_store::Store;
+use strata_transfer::{ArchiveFormat, ImportOptions, local_name};
+
+use crate::cli::{self, Cli, Command};
+
+/// Run the command `cli` asks for.
+pub fn run(cli: Cli) -> Result<()> {
+    let store = || -> Result<Store> {
+        let root = strata_store::default_root(cli.store.clone())?;
+        Store::open(&root).with_context(|| format!("cannot open the store at `{}`", root.display()))
+    };
+    match cli.command {
+        Command::Images(args) => images(&store()?, &args),
+        Command::Inspect(args) => inspect(&store()?, &args),
+        Command::Tag { source, target } => tag(&store()?, &source, &target),
+        Command::Rmi { images } => rmi(&store()?, &images),
+        Command::Gc { dry_run } => gc(&store()?, dry_run),
+        Command::Import(args) => import(&store()?, &args),
+        Command::Save(args) => save(&store()?, &args),
+        Command::Load(args) => load(&store()?, &args),
+        Command::Validate { image } => validate(&store()?, &image),
+    }
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{v:.3}{}", UNITS[u])
+            .trim_end_matches('0')
+            .replace(".kB", "kB")
+            .replace(".MB", "MB")
+            .replace(".GB", "GB")
+            .replace(".TB", "TB")
+    }
+}
+
+fn images(store: &Store, args: &cli::ImagesArgs) -> Result<()> {
+    let mut rows = Vec::new();
+    for (name, desc) in store.list_refs()? {
+        let (repo, tag) = match name.rsplit_once(':') {
+            Some((r, t)) if !t.contains('/') => (r.to_string(), t.to_string()),
+            _ => (name.clone(), String::new()),
+        };
+        let (created, size) = match store.image(&name) {
+            Ok(img) => {
+                let created = ImageConfig::from_slice(&img.config_bytes)
+                    .ok()
+                    .and_then(|c| c.created)
+                    .unwrap_or_default();
+                let size = img.manifest.config.size
+                    + img.manifest.layers.iter().map(|l| l.size).sum::<u64>();
+                (created, size)
+            }
+            Err(e) => {
+                tracing::warn!("image `{name}`: {e}");
+                (String::new(), 0)
+            }
+        };
+        rows.push((name, repo, tag, desc, created, size));
+    }
+    let mut out = io::stdout().lock();
+    if args.quiet {
+        for (name, ..) in &rows {
+            writeln!(out, "{name}")?;
+        }
+        return Ok(());
+    }
+    if args.json {
+        for (name, repo, tag, desc, created, size) in &rows {
+            let line = json!({
+                "name": name, "repository": repo, "tag": tag,
+                "digest": desc.digest.to_string(), "mediaType": desc.media_type,
+                "created": created, "size": size,
+            });
+            writeln!(out, "{line}")?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<40} {:<16} {:<14} {:<22} {:>10}",
+        "REPOSITORY", "TAG", "DIGEST", "CREATED", "SIZE"
+    )?;
+    for (_, repo, tag, desc, created, size) in &rows {
+        writeln!(
+            out,
+            "{:<40} {:<16} {:<14} {:<22} {:>10}",
+            repo,
+            tag,
+            desc.digest.short(),
+            created,
+            human_size(*size)
+        )?;
+    }
+    Ok(())
+}
+
+fn inspect(store: &Store, args: &cli::InspectArgs) -> Result<()> {
+    let name = local_name(&args.image)?;
+    let img = store
+        .image(&name)
+        .with_context(|| format!("cannot inspect `{name}`"))?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&img.config_bytes).context("the image config is not JSON")?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&img.manifest_bytes).context("the manifest is not JSON")?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        let doc = json!({
+            "name": name,
+            "descriptor": img.descriptor,
+            "index": img.index,
+            "manifest": manifest,
+            "config": config,
+        });
+        serde_json::to_writer_pretty(&mut out, &doc)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let cfg = ImageConfig::from_slice(&img.config_bytes)?;
+    writeln!(out, "Name:       {name}")?;
+    writeln!(out, "Digest:     {}", img.descriptor.digest)?;
+    writeln!(out, "MediaType:  {}", img.descriptor.media_type)?;
+    if let Some(index) = &img.index {
+        writeln!(out, "Index:      {}", index.digest)?;
+    }
+    writeln!(out, "Platform:   {}", cfg.platform())?;
+    if let Some(c) = &cfg.created {
+        writeln!(out, "Created:    {c}")?;
+    }
+    writeln!(out, "Config:     {}", img.manifest.config.digest)?;
+    let c = cfg.config.clone().unwrap_or_default();
+    let show = |v: &Option<Vec<String>>| {
+        v.as_ref()
+            .map(|v| serde_json::to_string(v).unwrap_or_default())
+    };
+    for (k, v) in [
+        ("Entrypoint", show(&c.entrypoint)),
+        ("Cmd", show(&c.cmd)),
+        ("WorkingDir", c.working_dir.clone()),
+        ("User", c.user.clone()),
+    ] {
+        if let Some(v) = v {
+            writeln!(out, "{:<11} {v}", format!("{k}:"))?;
+        }
+    }
+    for e in c.env.iter().flatten() {
+        writeln!(out, "Env:        {e}")?;
+    }
+    writeln!(out, "Layers:")?;
+    for (l, diff_id) in img.manifest.layers.iter().zip(cfg.diff_ids()) {
+        writeln!(
+            out,
+            "  {}  {:>10}  {}  (diff_id {})",
+            l.digest,
+            human_size(l.size),
+            l.media_type,
+            diff_id.short()
+        )?;
+    }
+    Ok(())
+}
+
+fn tag(store: &Store, source: &str, target: &str) -> Result<()> {
+    let source = local_name(source)?;
+    let target = local_name(target)?;
+    let desc = store
+        .get_ref(&source)?
+        .with_context(|| format!("no image named `{source}`\nhint: `strata images` lists them"))?;
+    store.set_ref(&target, desc)?;
+    Ok(())
+}
+
+fn rmi(store: &Store, images: &[String]) -> Result<()> {
+    let mut failed = 0;
+    for image in images {
+        let name = local_name(image)?;
+        match store.remove_ref(&name)? {
+            Some(desc) => println!("Untagged: {name} ({})", desc.digest),
+            None => {
+                eprintln!("error: no image named `{name}`");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} images not found", images.len());
+    }
+    Ok(())
+}
+
+fn gc(store: &Store, dry_run: bool) -> Result<()> {
+    let report = store.gc(dry_run)?;
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    for (digest, size) in &report.removed {
+        println!("{verb} {digest} ({})", human_size(*size));
+    }
+    println!(
+        "{} {} blobs, {} freed; {} kept",
+        if dry_run { "Would delete" } else { "Deleted" },
+        report.removed.len(),
+        human_size(report.bytes_freed),
+        report.kept
+    );
+    Ok(())
+}
+
+fn import(store: &Store, args: &cli::ImportArgs) -> Result<()> {
+    let mut config = ContainerConfig::default();
+    crate::config_change::apply_changes(&mut config, &args.changes)?;
+    let compression = match args.compression {
+        cli::CompressionArg::Gzip => Compression::Gzip,
+        cli::CompressionArg::Zstd => Compression::Zstd,
+        cli::CompressionArg::None => Compression::None,
+    };
+    let opts = ImportOptions {
+        compression,
+        config,
+        message: args.message.clone(),
+        created: created_time(),
+        source: args.tarball.display().to_string(),
+    };
+    let input: Box<dyn Read> = if args.tarball == Path::new("-") {
+        Box::new(io::stdin().lock())
+    } else {
+        Box::new(
+            File::open(&args.tarball)
+                .with_context(|| format!("cannot open `{}`", args.tarball.display()))?,
+        )
+    };
+    let imported = strata_transfer::import_tarball(store, input, &args.name, &opts)
+        .with_context(|| format!("cannot import `{}`", args.tarball.display()))?;
+    eprintln!(
+        "Imported {} ({} layer, {})",
+        imported.name,
+        imported.layer.digest.short(),
+        human_size(imported.layer.size)
+    );
+    println!("{}", imported.descriptor.digest);
+    Ok(())
+}
+
+/// Now, or `SOURCE_DATE_EPOCH` when set, so imports can be reproducible.
+fn created_time() -> std::time::SystemTime {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+        .unwrap_or_else(std::time::SystemTime::now)
+}
+
+fn save(store: &Store, args: &cli::SaveArgs) -> Result<()> {
+    let format = match args.format {
+        cli::ArchiveFormat::Docker => ArchiveFormat::Docker,
+        cli::ArchiveFormat::Oci => ArchiveFormat::Oci,
+    };
+    strata_transfer::save_archive(store, &args.images, format, &args.output)
+        .with_context(|| format!("cannot save to `{}`", args.output.display()))?;
+    Ok(())
+}
+
+fn load(store: &Store, args: &cli::LoadArgs) -> Result<()> {
+    let Some(path) = args.input.as_ref().or(args.file.as_ref()) else {
+        bail!("which archive? give it as `strata load -i FILE`");
+    };
+    let loaded = strata_transfer::load_archive(store, path)
+        .with_context(|| format!("cannot load `{}`", path.display()))?;
+    for image in loaded {
+        match image.name {
+            Some(name) => println!("Loaded image: {name}"),
+            None => println!("Loaded image ID: {}", image.descriptor.digest),
+        }
+    }
+    Ok(())
+}
+
+fn validate(store: &Store, image: &str) -> Result<()> {
+    let name = local_name(image)?;
+    let desc = match image.parse::<Digest>() {
+        Ok(d) => {
+            let size = store.blob_size(&d)?;
+            strata_oci::Descriptor::new(media_type::OCI_MANIFEST, d, size)
+        }
+        Err(_) => store
+            .get_ref(&name)?
+            .with_context(|| format!("no image named `{name}`"))?,
+    };
+    let report = strata_oci::validate_image(store, &desc)
+        .with_context(|| format!("image `{name}` is damaged"))?;
+    println!(
+        "{name}: ok ({} manifests, {} configs, {} layers, {} diff_ids, {} bytes checked)",
+        report.manifests, report.configs, report.layers, report.diff_ids, report.bytes
+    );
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! Copies images between the store and the outside: tarball import, docker-archive and OCI
+//! archive save/load (registries and SSH hosts come later).
+//!
+//! Every copy follows the store's contract: blobs are verified as they stream in, and an
+//! image's name is set only after everything it references is in the store, while a
+//! [`strata_store::WriteSession`] keeps a concurrent `gc` away from the new blobs.
+
+mod archive;
+mod error;
+mod import;
+
+pub use archive::{ArchiveFormat, LoadedImage, load_archive, save_archive};
+pub use error::{Error, Result};
+pub use import::{ImportOptions, Imported, import_tarball, local_name};
