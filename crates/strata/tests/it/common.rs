@@ -1,0 +1,202 @@
+//! Test helpers: a temp store, a busybox root filesystem, running the `strata` binary.
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A temporary directory holding a store (`store/`) and whatever else a test makes.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    /// `strata --store <store> ARGS…`, returning its output whatever the exit status.
+    pub fn strata(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--store")
+            .arg(self.store())
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    }
+
+    /// Like [`Env::strata`], asserting success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.strata(args);
+        assert!(
+            out.status.success(),
+            "strata {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Like [`Env::strata`], asserting failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.strata(args);
+        assert!(
+            !out.status.success(),
+            "strata {args:?} should have failed; stdout:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// Every blob file under the store, as (name, bytes).
+    pub fn blob_files(&self) -> Vec<(String, Vec<u8>)> {
+        let dir = self.store().join("blobs/sha256");
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).into_iter().flatten() {
+            let e = e.unwrap();
+            out.push((
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap(),
+            ));
+        }
+        out.sort();
+        out
+    }
+}
+
+/// Where busybox-static puts its binary.
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// Whether an external tool is on PATH; prints a loud skip note when it is not.
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        eprintln!(
+            "\n!!!!! SKIPPED: `{tool}` is not installed (CI installs it via .ci/run) !!!!!\n"
+        );
+    }
+    found
+}
+
+/// A busybox root filesystem at `root`: the static binary, a symlink per applet, /etc files,
+/// and a few entries that exercise modes and link kinds (a hardlink, a sticky /tmp, a setuid
+/// file, an empty dir).
+pub fn busybox_rootfs(root: &Path) {
+    fs::create_dir_all(root.join("bin")).unwrap();
+    fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
+    let list = Command::new(BUSYBOX).arg("--list").output().unwrap();
+    for applet in String::from_utf8(list.stdout).unwrap().lines() {
+        if applet != "busybox" && !root.join("bin").join(applet).exists() {
+            symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+    }
+    fs::create_dir_all(root.join("etc")).unwrap();
+    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+    fs::write(root.join("etc/motd"), "hello from strata\n").unwrap();
+    fs::hard_link(root.join("etc/motd"), root.join("etc/motd.link")).unwrap();
+    for (dir, mode) in [("tmp", 0o1777), ("root", 0o700), ("var/empty", 0o755)] {
+        fs::create_dir_all(root.join(dir)).unwrap();
+        fs::set_permissions(root.join(dir), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    fs::write(root.join("bin/setuid-me"), "#!/bin/sh\n").unwrap();
+    fs::set_permissions(
+        root.join("bin/setuid-me"),
+        fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    symlink("/etc/motd", root.join("motd-abs")).unwrap();
+}
+
+/// A tar of `root`'s contents (entries relative, like `tar -C root -cf out .`).
+pub fn tar_dir(root: &Path, out: &Path) {
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(root)
+        .arg("--numeric-owner")
+        .arg("-cf")
+        .arg(out)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// One line per entry under `root`: path, type, mode, link target or content hash; hardlinked
+/// files are listed with their content, so trees compare equal whatever the link layout.
+pub fn tree_listing(root: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let full = root.join(&rel);
+        let mut entries: Vec<_> = fs::read_dir(&full)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        entries.sort();
+        for name in entries {
+            let rel = rel.join(&name);
+            let p = root.join(&rel);
+            let m = fs::symlink_metadata(&p).unwrap();
+            let mode = m.mode() & 0o7777;
+            let line = if m.file_type().is_symlink() {
+                format!(
+                    "{} link -> {}",
+                    rel.display(),
+                    fs::read_link(&p).unwrap().display()
+                )
+            } else if m.is_dir() {
+                stack.push(rel.clone());
+                format!("{} dir {mode:o} {}:{}", rel.display(), m.uid(), m.gid())
+            } else {
+                let data = fs::read(&p).unwrap();
+                format!(
+                    "{} file {mode:o} {}:{} {} {}",
+                    rel.display(),
+                    m.uid(),
+                    m.gid(),
+                    data.len(),
+                    strata_oci::Digest::sha256(&data).short()
+                )
+            };
+            out.push(line);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Import a busybox rootfs as `name`; returns the manifest digest.
+pub fn import_busybox(env: &Env, name: &str) -> String {
+    let root = env.path("rootfs");
+    if !root.exists() {
+        busybox_rootfs(&root);
+        tar_dir(&root, &env.path("rootfs.tar"));
+    }
+    let tar = env.path("rootfs.tar");
+    env.ok(&[
+        "import",
+        tar.to_str().unwrap(),
+        name,
+        "--change",
+        r#"CMD ["sh"]"#,
+    ])
+    .trim()
+    .to_string()
+}

@@ -1,0 +1,242 @@
+//! Store commands end to end: images, inspect, tag, rmi, gc, import errors, interrupted writes.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::common::*;
+
+#[test]
+fn tag_rmi_and_gc_keep_what_is_named_and_free_the_rest() {
+    let env = Env::new();
+    let digest = import_busybox(&env, "busybox:1");
+    env.ok(&["tag", "busybox:1", "base"]);
+    let listed = env.ok(&["images", "-q"]);
+    assert_eq!(
+        listed.lines().collect::<Vec<_>>(),
+        ["base:latest", "busybox:1"]
+    );
+    let json = env.ok(&["images", "--json"]);
+    for line in json.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["digest"], digest.as_str());
+    }
+
+    // Still named once: gc deletes nothing.
+    env.ok(&["rmi", "busybox:1"]);
+    let out = env.ok(&["gc"]);
+    assert!(out.contains("Deleted 0 blobs"), "{out}");
+    env.ok(&["validate", "base"]);
+
+    // Not named any more: dry run lists, deletes nothing; gc then deletes all three blobs.
+    env.ok(&["rmi", "base"]);
+    let before = env.blob_files().len();
+    let out = env.ok(&["gc", "--dry-run"]);
+    assert!(out.contains("Would delete 3 blobs"), "{out}");
+    assert_eq!(env.blob_files().len(), before);
+    let out = env.ok(&["gc"]);
+    assert!(out.contains("Deleted 3 blobs"), "{out}");
+    assert!(env.blob_files().is_empty());
+
+    let err = env.fails(&["rmi", "base"]);
+    assert!(err.contains("no image named `base:latest`"), "{err}");
+}
+
+#[test]
+fn inspect_shows_config_and_layers_and_json_for_tools() {
+    let env = Env::new();
+    let digest = import_busybox(&env, "busybox:1");
+    let out = env.ok(&["inspect", "busybox:1"]);
+    assert!(out.contains(&format!("Digest:     {digest}")), "{out}");
+    assert!(out.contains("Cmd:        [\"sh\"]"), "{out}");
+    assert!(
+        out.contains("application/vnd.oci.image.layer.v1.tar+gzip"),
+        "{out}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&env.ok(&["inspect", "busybox:1", "--json"])).unwrap();
+    assert_eq!(
+        v["config"]["rootfs"]["diff_ids"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(
+        v["manifest"]["layers"][0]["digest"],
+        v["manifest"]["layers"][0]["digest"]
+    );
+    let err = env.fails(&["inspect", "nope:1"]);
+    assert!(err.contains("no image named `nope:1`"), "{err}");
+}
+
+#[test]
+fn import_is_reproducible_with_source_date_epoch() {
+    let env = Env::new();
+    busybox_rootfs(&env.path("rootfs"));
+    tar_dir(&env.path("rootfs"), &env.path("rootfs.tar"));
+    let tar = env.path("rootfs.tar");
+    let run = |name: &str, compression: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .args(["--store", env.store().to_str().unwrap(), "import"])
+            .args([tar.to_str().unwrap(), name, "--compression", compression])
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(run("a:1", "gzip"), run("b:1", "gzip"));
+    let zstd = run("c:1", "zstd");
+    assert_ne!(zstd, run("a:1", "gzip"));
+    env.ok(&["validate", "c:1"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&env.ok(&["inspect", "c:1", "--json"])).unwrap();
+    assert_eq!(
+        v["manifest"]["layers"][0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    );
+    assert_eq!(v["config"]["created"], "2023-11-14T22:13:20Z");
+}
+
+#[test]
+fn a_truncated_or_bogus_tarball_is_refused_and_the_store_is_unchanged() {
+    let env = Env::new();
+    import_busybox(&env, "busybox:1");
+    let blobs_before = env.blob_files();
+    let index_before = std::fs::read(env.store().join("index.json")).unwrap();
+
+    let full = std::fs::read(env.path("rootfs.tar")).unwrap();
+    let cut = env.path("cut.tar");
+    std::fs::write(&cut, &full[..full.len() / 2 + 100]).unwrap();
+    let err = env.fails(&["import", cut.to_str().unwrap(), "broken:1"]);
+    assert!(err.contains("truncated"), "{err}");
+    assert!(err.contains("cut.tar"), "the error names the input: {err}");
+
+    let bogus = env.path("bogus.tar");
+    std::fs::write(&bogus, vec![b'x'; 4096]).unwrap();
+    let err = env.fails(&["import", bogus.to_str().unwrap(), "broken:2"]);
+    assert!(err.contains("bad tar header"), "{err}");
+
+    let err = env.fails(&[
+        "import",
+        env.path("rootfs.tar").to_str().unwrap(),
+        "bad:1",
+        "--change",
+        "RUN rm -rf /",
+    ]);
+    assert!(err.contains("RUN cannot be applied"), "{err}");
+    let err = env.fails(&[
+        "import",
+        env.path("rootfs.tar").to_str().unwrap(),
+        "Bad Name",
+    ]);
+    assert!(err.contains("invalid image name"), "{err}");
+
+    assert_eq!(env.blob_files(), blobs_before, "no blob added or changed");
+    assert_eq!(
+        std::fs::read(env.store().join("index.json")).unwrap(),
+        index_before
+    );
+    let tmp: Vec<_> = std::fs::read_dir(env.store().join("strata/tmp"))
+        .unwrap()
+        .collect();
+    assert!(tmp.is_empty(), "temp files left: {tmp:?}");
+}
+
+#[test]
+fn killing_an_import_midway_leaves_no_partial_blob_and_no_name() {
+    let env = Env::new();
+    import_busybox(&env, "busybox:1");
+    let blobs_before = env.blob_files();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args([
+            "--store",
+            env.store().to_str().unwrap(),
+            "import",
+            "-",
+            "half:1",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let data = std::fs::read(env.path("rootfs.tar")).unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&data[..data.len() / 2]).unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(stdin);
+
+    // Every visible blob is whole (its bytes hash to its name) and none was added.
+    for (name, bytes) in env.blob_files() {
+        assert_eq!(strata_oci::Digest::sha256(&bytes).hex(), name);
+    }
+    assert_eq!(env.blob_files(), blobs_before);
+    let listed = env.ok(&["images", "-q"]);
+    assert_eq!(listed.trim(), "busybox:1");
+    // The store still works.
+    import_busybox(&env, "busybox:2");
+    env.ok(&["validate", "busybox:2"]);
+}
+
+#[test]
+fn a_blob_corrupted_on_disk_is_caught_by_validate_and_load_refuses_a_lying_archive() {
+    let env = Env::new();
+    import_busybox(&env, "busybox:1");
+    let oci_tar = env.path("oci.tar");
+    env.ok(&[
+        "save",
+        "busybox:1",
+        "-o",
+        oci_tar.to_str().unwrap(),
+        "--format",
+        "oci",
+    ]);
+
+    // Flip a byte of the layer blob on disk: validate names the blob.
+    let v: serde_json::Value =
+        serde_json::from_str(&env.ok(&["inspect", "busybox:1", "--json"])).unwrap();
+    let layer = v["manifest"]["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = env
+        .store()
+        .join("blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = env.fails(&["validate", "busybox:1"]);
+    assert!(err.contains(&layer), "{err}");
+
+    // An OCI archive whose blob does not match its name is refused, nothing is named.
+    let mut archive = tar::Archive::new(std::fs::File::open(&oci_tar).unwrap());
+    let mut builder = tar::Builder::new(Vec::new());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+        if name.ends_with(layer.trim_start_matches("sha256:")) {
+            let mid = data.len() / 2;
+            data[mid] ^= 0xff;
+        }
+        let mut h = entry.header().clone();
+        builder.append_data(&mut h, &name, &data[..]).unwrap();
+    }
+    let lying = env.path("lying.tar");
+    std::fs::write(&lying, builder.into_inner().unwrap()).unwrap();
+    let other = Env::new();
+    let err = other.fails(&["load", "-i", lying.to_str().unwrap()]);
+    assert!(err.contains("digest"), "{err}");
+    assert_eq!(other.ok(&["images", "-q"]).trim(), "");
+    assert!(
+        other
+            .blob_files()
+            .iter()
+            .all(|(n, _)| *n != layer.trim_start_matches("sha256:"))
+    );
+}

@@ -1,0 +1,8 @@
+//! End-to-end tests of the `strata` binary, with the real peer tools (skopeo, umoci) where
+//! installed. One integration binary; helpers in `common`.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+mod images;
+mod interop;
