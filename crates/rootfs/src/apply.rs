@@ -73,9 +73,13 @@ pub struct ApplyStats {
     pub uncompressed_size: u64,
     /// Entries in the stream (whiteouts included, PAX headers not).
     pub entries: u64,
+    /// Regular files created.
     pub files: u64,
+    /// Directories created or updated (the root included).
     pub dirs: u64,
+    /// Symlinks created.
     pub symlinks: u64,
+    /// Hard links created.
     pub hardlinks: u64,
     /// Character and block devices and fifos created.
     pub specials: u64,
@@ -131,6 +135,8 @@ pub fn apply_layer_with(
         dirs: Vec::new(),
         stats: Counters::default(),
         buf: vec![0u8; 256 * 1024],
+        parent_cache: None,
+        cache_stale: false,
     };
     let mut tar = TarReader::new(&mut hashing);
     while let Some(meta) = tar.next_entry()? {
@@ -279,6 +285,11 @@ struct Applier {
     dirs: Vec<(Comps, u32, u64)>,
     stats: Counters,
     buf: Vec<u8>,
+    /// The last parent directory resolved, reused by the next entry with the same parent
+    /// (entries come sorted, so most do). Dropped whenever anything is removed or a symlink
+    /// appears, since either can change what a path resolves to.
+    parent_cache: Option<(Comps, OwnedFd)>,
+    cache_stale: bool,
 }
 
 impl Applier {
@@ -455,6 +466,7 @@ impl Applier {
             return Ok(());
         }
         self.stats.whiteouts += 1;
+        self.parent_cache = None;
         match self.opts.whiteouts {
             WhiteoutMode::Apply => {
                 let Some(dir) = self.resolve_dir(parent, false)? else {
@@ -481,6 +493,7 @@ impl Applier {
 
     fn opaque(&mut self, dir_comps: &[Vec<u8>]) -> Result<(), Fail> {
         self.stats.opaque_dirs += 1;
+        self.parent_cache = None;
         let Some(dir) = self.resolve_dir(dir_comps, true)? else {
             return Ok(());
         };
@@ -541,7 +554,7 @@ impl Applier {
         comps: &[Vec<u8>],
         tar: &mut TarReader<R>,
     ) -> Result<(), CreateError> {
-        let Some((name, parent_comps)) = comps.split_last() else {
+        let Some((_, parent_comps)) = comps.split_last() else {
             if meta.kind != Kind::Dir {
                 return Err(Fail::Refuse(Refusal::RootNotDir(meta.kind.name())).into());
             }
@@ -568,11 +581,31 @@ impl Applier {
             None
         };
         self.mark_layer_path(comps);
-        let parent = self
-            .resolve_dir(parent_comps, true)?
-            .ok_or(Fail::Os("opening parent directory", Errno::NOENT.into()))?;
+        let parent = match self.parent_cache.take() {
+            Some((cached, fd)) if cached.as_slice() == parent_comps => fd,
+            _ => self
+                .resolve_dir(parent_comps, true)?
+                .ok_or(Fail::Os("opening parent directory", Errno::NOENT.into()))?,
+        };
+        self.cache_stale = false;
+        let result = self.create_in(meta, comps, parent.as_fd(), link_target, (uid, gid), tar);
+        if !self.cache_stale {
+            self.parent_cache = Some((parent_comps.to_vec(), parent));
+        }
+        result
+    }
 
-        match rustix::fs::statat(&parent, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
+    fn create_in<R: Read>(
+        &mut self,
+        meta: &Meta,
+        comps: &[Vec<u8>],
+        parent: BorrowedFd<'_>,
+        link_target: Option<(OwnedFd, Vec<u8>, rustix::fs::Stat)>,
+        (uid, gid): (u32, u32),
+        tar: &mut TarReader<R>,
+    ) -> Result<(), CreateError> {
+        let name: &[u8] = comps.last().map_or(&[][..], |n| n.as_slice());
+        match rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => {
                 let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
                 if let Some((_, _, tst)) = &link_target
@@ -584,7 +617,8 @@ impl Applier {
                     return Ok(());
                 }
                 if !(is_dir && meta.kind == Kind::Dir) {
-                    remove_all(parent.as_fd(), name).map_err(os("replacing existing path"))?;
+                    self.cache_stale = true;
+                    remove_all(parent, name).map_err(os("replacing existing path"))?;
                 }
             }
             Err(Errno::NOENT) => {}
@@ -605,8 +639,8 @@ impl Applier {
         match meta.kind {
             Kind::File => {
                 let fd = rustix::fs::openat(
-                    &parent,
-                    name.as_slice(),
+                    parent,
+                    name,
                     OFlags::WRONLY
                         | OFlags::CREATE
                         | OFlags::EXCL
@@ -640,13 +674,13 @@ impl Applier {
                     .map_err(os("setting mtime"))?;
             }
             Kind::Dir => {
-                match rustix::fs::mkdirat(&parent, name.as_slice(), Mode::from_raw_mode(0o700)) {
+                match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => return Err(os("creating directory")(e).into()),
                 }
                 let dir = rustix::fs::openat(
-                    &parent,
-                    name.as_slice(),
+                    parent,
+                    name,
                     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::empty(),
                 )
@@ -667,16 +701,16 @@ impl Applier {
                 if meta.link.contains(&0) {
                     return Err(Fail::Refuse(Refusal::NulInPath).into());
                 }
-                rustix::fs::symlinkat(meta.link.as_slice(), &parent, name.as_slice())
+                rustix::fs::symlinkat(meta.link.as_slice(), parent, name)
                     .map_err(os("creating symlink"))?;
                 self.stats.symlinks += 1;
                 if self.opts.chown {
-                    chown(parent.as_fd(), name)?;
+                    chown(parent, name)?;
                 }
-                self.set_xattrs_path(parent.as_fd(), name, meta);
+                self.set_xattrs_path(parent, name, meta);
                 rustix::fs::utimensat(
-                    &parent,
-                    name.as_slice(),
+                    parent,
+                    name,
                     &timestamps(meta.mtime),
                     AtFlags::SYMLINK_NOFOLLOW,
                 )
@@ -686,14 +720,8 @@ impl Applier {
                 let Some((tdir, tname, _)) = link_target else {
                     return Ok(());
                 };
-                rustix::fs::linkat(
-                    &tdir,
-                    tname.as_slice(),
-                    &parent,
-                    name.as_slice(),
-                    AtFlags::empty(),
-                )
-                .map_err(os("creating hard link"))?;
+                rustix::fs::linkat(&tdir, tname, parent, name, AtFlags::empty())
+                    .map_err(os("creating hard link"))?;
                 self.stats.hardlinks += 1;
             }
             Kind::Char | Kind::Block | Kind::Fifo => {
@@ -712,31 +740,25 @@ impl Applier {
                     self.stats.skipped_devices += 1;
                     return Ok(());
                 }
-                rustix::fs::mknodat(
-                    &parent,
-                    name.as_slice(),
-                    ft,
-                    Mode::from_raw_mode(meta.mode),
-                    dev,
-                )
-                .map_err(os("creating device node"))?;
+                rustix::fs::mknodat(parent, name, ft, Mode::from_raw_mode(meta.mode), dev)
+                    .map_err(os("creating device node"))?;
                 self.stats.specials += 1;
                 if self.opts.chown {
-                    chown(parent.as_fd(), name)?;
+                    chown(parent, name)?;
                 }
                 // mknod applies the umask; set the exact mode. The node was just created by
                 // us and is not a symlink, so following is not a concern.
                 rustix::fs::chmodat(
-                    &parent,
-                    name.as_slice(),
+                    parent,
+                    name,
                     Mode::from_raw_mode(meta.mode),
                     AtFlags::empty(),
                 )
                 .map_err(os("chmod"))?;
-                self.set_xattrs_path(parent.as_fd(), name, meta);
+                self.set_xattrs_path(parent, name, meta);
                 rustix::fs::utimensat(
-                    &parent,
-                    name.as_slice(),
+                    parent,
+                    name,
                     &timestamps(meta.mtime),
                     AtFlags::SYMLINK_NOFOLLOW,
                 )
@@ -862,3 +884,26 @@ impl From<Refusal> for CreateError {
 }
 
 use std::os::unix::ffi::OsStrExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(p: &str) -> Vec<String> {
+        clean(p.as_bytes())
+            .unwrap()
+            .into_iter()
+            .map(|c| String::from_utf8(c).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn clean_resolves_dots_lexically_and_clamps_at_the_root() {
+        assert_eq!(c("../../etc/passwd"), ["etc", "passwd"]);
+        assert_eq!(c("/abs//path/./x/"), ["abs", "path", "x"]);
+        assert_eq!(c("a/b/../../../c"), ["c"]);
+        assert!(c("./").is_empty());
+        assert!(c("a/..").is_empty());
+        assert_eq!(clean(b"a\0b"), Err(Refusal::NulInPath));
+    }
+}

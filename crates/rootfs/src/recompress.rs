@@ -86,7 +86,6 @@ pub fn recompress_tar(
         }
         count += 1;
     }
-    drop(entries);
     // Whatever follows the end-of-archive marker (padding to the record size) is part of the
     // layer's bytes too: the diff_id covers the whole stream.
     let mut tee = archive.into_inner();

@@ -25,7 +25,9 @@ use crate::error::{Error, Result};
 /// A layer of an image: its manifest descriptor and its diff_id from the image config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerRef {
+    /// The layer blob's descriptor (media type gives the compression).
     pub descriptor: Descriptor,
+    /// sha256 of the uncompressed layer, checked while unpacking.
     pub diff_id: Digest,
 }
 

@@ -202,6 +202,28 @@ pub(crate) struct TarReader<R> {
     current: String,
 }
 
+/// Splits PAX records by their length prefixes (`"%d %s=%s\n"`). Values may hold any byte,
+/// newlines included (binary xattrs such as `security.capability`), so splitting on `\n` as
+/// the `tar` crate does is wrong.
+fn parse_pax(mut data: &[u8]) -> Result<Vec<(&[u8], &[u8])>, &'static str> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let space = data.iter().position(|b| *b == b' ').ok_or("no length")?;
+        let len: usize = std::str::from_utf8(&data[..space])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or("bad length")?;
+        if len <= space + 1 || len > data.len() || data[len - 1] != b'\n' {
+            return Err("length does not match the record");
+        }
+        let record = &data[space + 1..len - 1];
+        let eq = record.iter().position(|b| *b == b'=').ok_or("no `=`")?;
+        out.push((&record[..eq], &record[eq + 1..]));
+        data = &data[len..];
+    }
+    Ok(out)
+}
+
 fn parse_decimal(v: &[u8]) -> Option<u64> {
     // PAX times may carry a fraction ("1700000000.123"); we keep whole seconds, and clamp
     // times before the epoch to 0.
@@ -410,9 +432,7 @@ impl<R: Read> TarReader<R> {
                 offset: first_offset,
             };
             if let Some(pax) = &pax {
-                for rec in tar::PaxExtensions::new(pax) {
-                    let rec = rec.map_err(|e| bad(format!("PAX record: {e}")))?;
-                    let (key, value) = (rec.key_bytes(), rec.value_bytes());
+                for (key, value) in parse_pax(pax).map_err(|r| bad(format!("PAX record: {r}")))? {
                     let num = || {
                         parse_decimal(value).ok_or_else(|| {
                             bad(format!(
@@ -508,4 +528,58 @@ impl<R: Read> TarReader<R> {
 pub(crate) enum DataError {
     Read(Error),
     Write(io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_record_length_counts_itself_across_digit_boundaries() {
+        for vlen in [0usize, 1, 88, 89, 90, 91, 95, 96, 990, 995, 996, 1000] {
+            let mut buf = Vec::new();
+            pax_record(&mut buf, b"path", &vec![b'x'; vlen]);
+            let space = buf.iter().position(|b| *b == b' ').unwrap();
+            let declared: usize = std::str::from_utf8(&buf[..space]).unwrap().parse().unwrap();
+            assert_eq!(declared, buf.len(), "value length {vlen}");
+        }
+    }
+
+    #[test]
+    fn written_headers_read_back_with_pax_overrides() {
+        let meta = Meta {
+            path: [&b"a/"[..], &[b'n'; 150][..]].concat(),
+            link: vec![b'l'; 120],
+            kind: Kind::Symlink,
+            mode: 0o7777,
+            uid: 1 << 30,
+            gid: 5,
+            mtime: 1_700_000_000,
+            size: 0,
+            major: 0,
+            minor: 0,
+            xattrs: vec![(b"user.k".to_vec(), b"v\n\0=".to_vec())],
+            offset: 0,
+        };
+        let mut buf = Vec::new();
+        write_header(&mut buf, &meta).unwrap();
+        write_end(&mut buf).unwrap();
+        let mut r = TarReader::new(&buf[..]);
+        let got = r.next_entry().unwrap().unwrap();
+        assert_eq!(got.path, meta.path);
+        assert_eq!(got.link, meta.link);
+        assert_eq!(
+            (got.kind, got.mode, got.uid, got.gid, got.mtime),
+            (Kind::Symlink, 0o7777, 1 << 30, 5, 1_700_000_000)
+        );
+        assert_eq!(got.xattrs, meta.xattrs);
+        assert!(r.next_entry().unwrap().is_none());
+    }
+
+    #[test]
+    fn pax_times_keep_whole_seconds_and_clamp_negative() {
+        assert_eq!(parse_decimal(b"1700000000.123456"), Some(1_700_000_000));
+        assert_eq!(parse_decimal(b"-5.5"), Some(0));
+        assert_eq!(parse_decimal(b"abc"), None);
+    }
 }

@@ -182,7 +182,7 @@ fn overlay_upper_conventions_become_changes() {
     let u = upper.path();
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &u.join("gone"),
+        u.join("gone"),
         rustix::fs::FileType::CharacterDevice,
         rustix::fs::Mode::empty(),
         rustix::fs::makedev(0, 0),
@@ -196,7 +196,7 @@ fn overlay_upper_conventions_become_changes() {
     // A real character device (not 0/0) is content, not a whiteout.
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &u.join("null"),
+        u.join("null"),
         rustix::fs::FileType::CharacterDevice,
         rustix::fs::Mode::from_raw_mode(0o666),
         rustix::fs::makedev(1, 3),
