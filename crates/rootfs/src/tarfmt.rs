@@ -205,7 +205,10 @@ pub(crate) struct TarReader<R> {
 /// Splits PAX records by their length prefixes (`"%d %s=%s\n"`). Values may hold any byte,
 /// newlines included (binary xattrs such as `security.capability`), so splitting on `\n` as
 /// the `tar` crate does is wrong.
-fn parse_pax(mut data: &[u8]) -> Result<Vec<(&[u8], &[u8])>, &'static str> {
+/// A PAX record's key and value.
+type PaxRecord<'a> = (&'a [u8], &'a [u8]);
+
+fn parse_pax(mut data: &[u8]) -> Result<Vec<PaxRecord<'_>>, &'static str> {
     let mut out = Vec::new();
     while !data.is_empty() {
         let space = data.iter().position(|b| *b == b' ').ok_or("no length")?;
