@@ -1,0 +1,73 @@
+//! The crate's one error type.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong while preparing, running or cleaning up a container.
+///
+/// A process that runs and exits non-zero (or is killed) is not an error: that is a
+/// [`crate::RunResult`]. These variants are about the runtime itself failing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No runc binary was found.
+    #[error("runc not found (looked at {looked_at}); hint: apt-get install runc, or set $STRATA_RUNTIME")]
+    RuncNotFound { looked_at: String },
+
+    /// The run description cannot be turned into a bundle (bad id, relative path...).
+    #[error("container `{id}`: invalid run spec: {reason}")]
+    InvalidSpec { id: String, reason: String },
+
+    /// A filesystem operation on a host path failed.
+    #[error("container `{id}`: {op} `{path}`: {source}")]
+    Io {
+        id: String,
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// Mounting the overlay root filesystem failed.
+    #[error("container `{id}`: mounting overlay on `{target}` (lowerdir={lowerdir}): {source}")]
+    Mount {
+        id: String,
+        target: PathBuf,
+        lowerdir: String,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The lower directories cannot be written as an overlay `lowerdir=` option.
+    #[error("container `{id}`: {source}")]
+    Rootfs {
+        id: String,
+        #[source]
+        source: strata_rootfs::Error,
+    },
+
+    /// runc could not be started at all.
+    #[error("container `{id}`: starting `{command}`: {source}")]
+    Spawn {
+        id: String,
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+
+    /// runc itself failed (it could not create or start the container, or a management
+    /// command such as `delete` or `kill` failed); `stderr` holds runc's own error text.
+    #[error("container `{id}`: runc failed: `{command}` ({status}): {stderr}")]
+    Runc {
+        id: String,
+        command: String,
+        status: String,
+        stderr: String,
+    },
+
+    /// A Docker `USER` string could not be resolved against the image's passwd/group files.
+    #[error("user `{user}`: {reason}")]
+    User { user: String, reason: String },
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

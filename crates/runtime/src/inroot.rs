@@ -1,0 +1,188 @@
+//! Paths inside a container root filesystem, resolved on the host without leaving it:
+//! symlinks are followed relative to the root (like runc's securejoin), never to the host.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+/// Symlinks followed before giving up, as the kernel's `MAXSYMLINKS`.
+const MAX_SYMLINKS: u32 = 40;
+
+/// Where a container path leads inside `root`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Resolved {
+    /// The longest existing prefix, symlinks resolved, relative to root.
+    pub existing: PathBuf,
+    /// The components below `existing` that do not exist (empty when the whole path exists).
+    pub missing: Vec<OsString>,
+}
+
+/// `path` with `.` dropped and `..` applied lexically, as a list of names (Go's `filepath.Clean`
+/// on an absolute path, which is what Docker does to `WORKDIR` and mount targets).
+fn clean(path: &str) -> VecDeque<OsString> {
+    let mut out: VecDeque<OsString> = VecDeque::new();
+    for c in Path::new(path).components() {
+        match c {
+            Component::Normal(n) => out.push_back(n.to_os_string()),
+            Component::ParentDir => {
+                out.pop_back();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
+}
+
+/// Resolves container path `path` inside `root`. With `create`, missing directories are made
+/// (mode 0755, owned by the caller: root, like Docker's `WORKDIR`) and `missing` comes back
+/// empty.
+pub(crate) fn resolve(root: &Path, path: &str, create: bool) -> io::Result<Resolved> {
+    let mut todo = clean(path);
+    let mut resolved = PathBuf::new();
+    let mut links = 0;
+    while let Some(name) = todo.pop_front() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        if name == "." {
+            continue;
+        }
+        let host = root.join(&resolved).join(&name);
+        match std::fs::symlink_metadata(&host) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > MAX_SYMLINKS {
+                    return Err(io::Error::other(format!(
+                        "too many levels of symbolic links resolving `{path}`"
+                    )));
+                }
+                let target = std::fs::read_link(&host)?;
+                if target.is_absolute() {
+                    resolved = PathBuf::new();
+                }
+                for c in target.components().rev() {
+                    match c {
+                        Component::Normal(n) => todo.push_front(n.to_os_string()),
+                        Component::ParentDir => todo.push_front("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(m) if m.is_dir() => resolved.push(&name),
+            Ok(_) if todo.is_empty() => resolved.push(&name),
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotADirectory,
+                    format!("`{}` is not a directory", Path::new("/").join(&resolved).join(&name).display()),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if create {
+                    std::fs::DirBuilder::new().mode(0o755).create(&host)?;
+                    // The umask must not decide the mode of a directory that ends up in a layer.
+                    std::fs::set_permissions(&host, std::fs::Permissions::from_mode(0o755))?;
+                    resolved.push(&name);
+                } else {
+                    let mut missing = vec![name];
+                    missing.extend(todo);
+                    return Ok(Resolved {
+                        existing: resolved,
+                        missing,
+                    });
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Resolved {
+        existing: resolved,
+        missing: Vec::new(),
+    })
+}
+
+/// `root/rel` if no component of `rel` is a symlink (so the host path stays inside root).
+pub(crate) fn without_symlinks(root: &Path, rel: &Path) -> Option<PathBuf> {
+    let mut p = root.to_path_buf();
+    for c in rel.components() {
+        let Component::Normal(n) = c else {
+            return None;
+        };
+        p.push(n);
+        if std::fs::symlink_metadata(&p).ok()?.file_type().is_symlink() {
+            return None;
+        }
+    }
+    Some(p)
+}
+
+/// Removes `root/rel` if it is an empty directory or an empty regular file (a mount point
+/// runc created), refusing symlinked paths. Returns whether it was removed.
+pub(crate) fn remove_if_empty_stub(root: &Path, rel: &Path) -> bool {
+    let Some(host) = without_symlinks(root, rel) else {
+        return false;
+    };
+    match std::fs::symlink_metadata(&host) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir(&host).is_ok(),
+        Ok(m) if m.is_file() && m.len() == 0 => std::fs::remove_file(&host).is_ok(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn symlinks_stay_inside_the_root() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        std::fs::create_dir_all(root.join("real/x")).unwrap();
+        symlink("/real", root.join("abs")).unwrap();
+        symlink("../../real", root.join("real/x/up")).unwrap();
+        symlink("/../../../../etc", root.join("escape")).unwrap();
+        let r = resolve(root, "/abs/x", false).unwrap();
+        assert_eq!(r.existing, Path::new("real/x"));
+        assert!(r.missing.is_empty());
+        // `..` above the root stays at the root.
+        let r = resolve(root, "/real/x/up/x/new/deeper", false).unwrap();
+        assert_eq!(r.existing, Path::new("real/x"));
+        assert_eq!(r.missing, vec![OsString::from("new"), OsString::from("deeper")]);
+        let r = resolve(root, "/escape/passwd", false).unwrap();
+        assert_eq!(r.existing, Path::new(""));
+        assert_eq!(r.missing, vec![OsString::from("etc"), OsString::from("passwd")]);
+    }
+
+    #[test]
+    fn create_makes_directories_through_symlinks() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        std::fs::create_dir(root.join("run")).unwrap();
+        std::fs::create_dir(root.join("var")).unwrap();
+        symlink("../run", root.join("var/run")).unwrap();
+        resolve(root, "/var/run/app/./data/../data", true).unwrap();
+        let m = std::fs::metadata(root.join("run/app/data")).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.permissions().mode() & 0o7777, 0o755);
+        std::fs::write(root.join("file"), b"x").unwrap();
+        assert!(resolve(root, "/file/sub", true).is_err());
+    }
+
+    #[test]
+    fn stubs_are_removed_only_when_empty_and_not_behind_symlinks() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/empty"), b"").unwrap();
+        std::fs::write(root.join("a/full"), b"x").unwrap();
+        symlink("a", root.join("l")).unwrap();
+        assert!(!remove_if_empty_stub(root, Path::new("l/b/empty")));
+        assert!(remove_if_empty_stub(root, Path::new("a/b/empty")));
+        assert!(remove_if_empty_stub(root, Path::new("a/b")));
+        assert!(!remove_if_empty_stub(root, Path::new("a/full")));
+        assert!(!remove_if_empty_stub(root, Path::new("a")));
+    }
+}

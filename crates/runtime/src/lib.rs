@@ -1,0 +1,179 @@
+//! Runs a process description as an OCI runtime bundle under runc: overlay root filesystem,
+//! generated `config.json`, streamed output, exit status, and cleanup.
+//!
+//! [`run`] is the whole life cycle of one container: mount the rootfs (overlay or plain
+//! directory) under `<state_root>/bundles/<id>/rootfs`, create the working directory, write
+//! `config.json` (see [`spec::config_json`]), run `runc run` with stdout/stderr piped to the
+//! caller, then `runc delete -f`, unmount and remove the bundle, whatever happened.
+//! [`resolve_user`] turns Docker's `USER` string into ids from the image's own files.
+//! [`cleanup_stale`] removes what a killed parent process left behind.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+mod error;
+mod inroot;
+mod run;
+pub mod spec;
+mod user;
+
+use std::path::PathBuf;
+
+pub use error::{Error, Result};
+pub use run::{cleanup_stale, kill, run};
+pub use user::resolve_user;
+
+/// Where runc is and where it keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// The runc binary.
+    pub runc: PathBuf,
+    /// runc's `--root` (its container state); bundles live under `<state_root>/bundles`.
+    pub state_root: PathBuf,
+}
+
+impl RuntimeConfig {
+    /// Finds runc: `$STRATA_RUNTIME` if set, else `runc` on `$PATH`, else `/usr/sbin/runc`.
+    pub fn detect(state_root: PathBuf) -> Result<RuntimeConfig> {
+        let mut looked_at = Vec::new();
+        if let Some(explicit) = std::env::var_os("STRATA_RUNTIME").filter(|v| !v.is_empty()) {
+            let p = PathBuf::from(&explicit);
+            // A bare name in $STRATA_RUNTIME is looked up on $PATH like a shell would.
+            let found = if p.components().count() == 1 {
+                find_on_path(&explicit)
+            } else {
+                is_executable(&p).then_some(p.clone())
+            };
+            return match found {
+                Some(runc) => Ok(RuntimeConfig { runc, state_root }),
+                None => Err(Error::RuncNotFound {
+                    looked_at: format!("$STRATA_RUNTIME={}", p.display()),
+                }),
+            };
+        }
+        looked_at.push("$PATH".to_string());
+        if let Some(runc) = find_on_path("runc".as_ref()) {
+            return Ok(RuntimeConfig { runc, state_root });
+        }
+        for fallback in ["/usr/sbin/runc", "/usr/bin/runc", "/usr/local/sbin/runc"] {
+            looked_at.push(fallback.to_string());
+            let p = PathBuf::from(fallback);
+            if is_executable(&p) {
+                return Ok(RuntimeConfig {
+                    runc: p,
+                    state_root,
+                });
+            }
+        }
+        Err(Error::RuncNotFound {
+            looked_at: looked_at.join(", "),
+        })
+    }
+
+    /// The directory that holds one bundle directory per running container.
+    pub fn bundles_dir(&self) -> PathBuf {
+        self.state_root.join("bundles")
+    }
+
+    /// The bundle directory of container `id`.
+    pub fn bundle_dir(&self, id: &str) -> PathBuf {
+        self.bundles_dir().join(id)
+    }
+}
+
+fn find_on_path(name: &std::ffi::OsStr) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The root filesystem of a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rootfs {
+    /// overlayfs: lowers listed BOTTOM FIRST (as layers stack); upper and work are empty dirs
+    /// on the same filesystem. The container's writes land in `upper`.
+    Overlay {
+        lowers: Vec<PathBuf>,
+        upper: PathBuf,
+        work: PathBuf,
+    },
+    /// A plain directory, used as it is (writes land in it).
+    Dir(PathBuf),
+}
+
+/// The container's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// The host's network namespace; `/etc/resolv.conf` and `/etc/hosts` come from the host.
+    #[default]
+    Host,
+    /// A new network namespace with only `lo`; `/etc/hosts` names only localhost.
+    None,
+}
+
+/// An extra mount inside the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountSpec {
+    /// A host file or directory bind-mounted at `target` (an absolute container path).
+    Bind {
+        source: PathBuf,
+        target: String,
+        readonly: bool,
+    },
+    /// An empty tmpfs at `target`; `size` in bytes (kernel default when `None`).
+    Tmpfs { target: String, size: Option<u64> },
+}
+
+/// The ids a container process runs as.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UserSpec {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub additional_gids: Vec<u32>,
+}
+
+/// Everything needed to run one process in a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSpec {
+    /// Unique container id (the caller makes it unique); `[A-Za-z0-9_.-]`, not starting with `.`.
+    pub id: String,
+    pub rootfs: Rootfs,
+    /// The command line; `args[0]` is looked up on the container's `PATH` by runc.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` entries.
+    pub env: Vec<String>,
+    /// Absolute working directory; created inside the rootfs (as root, mode 0755) if missing,
+    /// like Docker's `WORKDIR`.
+    pub cwd: String,
+    pub user: UserSpec,
+    pub hostname: String,
+    pub network: NetworkMode,
+    pub mounts: Vec<MountSpec>,
+    /// Mount the root filesystem read-only.
+    pub readonly_rootfs: bool,
+}
+
+/// How a container process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunResult {
+    /// The exit status, Docker style: `128 + n` when killed by signal `n`.
+    pub exit_code: i32,
+    /// The signal that killed the process, if it was killed.
+    ///
+    /// runc reports a death by signal as exit status `128 + n` (as shells do), so a process
+    /// that itself exits with `128 + n` also reads as killed by `n`.
+    pub signal: Option<i32>,
+}
+
+impl RunResult {
+    /// Exited with status 0.
+    pub fn success(&self) -> bool {
+        self.exit_code == 0 && self.signal.is_none()
+    }
+}

@@ -1,0 +1,659 @@
+//! The runc driver: bundle directory, overlay mount, `runc run`, and cleanup.
+
+use std::ffi::{CString, OsStr};
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+
+use rustix::mount::{MountFlags, UnmountFlags};
+
+use crate::error::{Error, Result};
+use crate::inroot;
+use crate::spec::{self, BundleFiles};
+use crate::{MountSpec, Rootfs, RunResult, RunSpec, RuntimeConfig};
+
+/// Name of the file in a bundle that records which process owns it (`<pid> <start time>`),
+/// so [`cleanup_stale`] leaves the bundles of live processes alone.
+const OWNER_FILE: &str = "owner";
+/// runc's JSON log inside the bundle: how runc's own failures are told apart from the
+/// process's exit status (both reach us through the same stderr and exit code).
+const RUNC_LOG: &str = "runc.log";
+/// How much of the process's stderr is kept for an error message.
+const STDERR_TAIL: usize = 8 * 1024;
+/// Largest overlay option string the kernel accepts (one page, NUL included).
+const MAX_MOUNT_DATA: usize = 4095;
+
+fn io_err<'a>(
+    id: &'a str,
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        id: id.to_string(),
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn invalid(spec: &RunSpec, reason: impl Into<String>) -> Error {
+    Error::InvalidSpec {
+        id: spec.id.clone(),
+        reason: reason.into(),
+    }
+}
+
+/// runc accepts `^[\w+-\.]+$`; we also refuse a leading `.` so an id is never `.`/`..`.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 1024
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'+'))
+}
+
+fn validate(spec: &RunSpec) -> Result<()> {
+    if !valid_id(&spec.id) {
+        return Err(invalid(
+            spec,
+            "container id must be letters, digits, `_.+-`, not starting with `.`",
+        ));
+    }
+    if spec.args.is_empty() {
+        return Err(invalid(spec, "no command (args is empty)"));
+    }
+    if !spec.cwd.starts_with('/') {
+        return Err(invalid(
+            spec,
+            format!("working directory `{}` is not absolute", spec.cwd),
+        ));
+    }
+    for m in &spec.mounts {
+        let target = match m {
+            MountSpec::Bind { source, target, .. } => {
+                if !source.is_absolute() {
+                    return Err(invalid(
+                        spec,
+                        format!("bind source `{}` is not absolute", source.display()),
+                    ));
+                }
+                target
+            }
+            MountSpec::Tmpfs { target, .. } => target,
+        };
+        if !target.starts_with('/') || Path::new(target).components().any(|c| c.as_os_str() == "..") {
+            return Err(invalid(
+                spec,
+                format!("mount target `{target}` must be absolute without `..`"),
+            ));
+        }
+    }
+    if let Some(bad) = spec.env.iter().find(|e| !e.contains('=')) {
+        return Err(invalid(spec, format!("environment entry `{bad}` has no `=`")));
+    }
+    Ok(())
+}
+
+/// Runs `spec` to completion under runc. The process's stdout and stderr are handed to
+/// `output` chunk by chunk as they arrive (stdin is `/dev/null`).
+///
+/// A process that exits non-zero or is killed is a normal [`RunResult`]; an `Err` means the
+/// container could not be set up or runc itself failed ([`Error::Runc`] carries runc's
+/// message). Whatever happens, including a panic in `output`, the container is deleted, the
+/// overlay unmounted and the bundle directory removed.
+pub fn run(
+    cfg: &RuntimeConfig,
+    spec: &RunSpec,
+    output: &mut dyn FnMut(&[u8]),
+) -> Result<RunResult> {
+    validate(spec)?;
+    let id = spec.id.as_str();
+    let bundles = cfg.bundles_dir();
+    std::fs::create_dir_all(&bundles).map_err(io_err(id, "creating bundles directory", &bundles))?;
+    let dir = cfg.bundle_dir(id);
+    if let Err(e) = std::fs::create_dir(&dir) {
+        return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+            invalid(
+                spec,
+                format!(
+                    "bundle `{}` already exists (id in use, or left by a killed process: see cleanup_stale)",
+                    dir.display()
+                ),
+            )
+        } else {
+            io_err(id, "creating bundle directory", &dir)(e)
+        });
+    }
+    let mut bundle = Bundle {
+        cfg,
+        id,
+        dir,
+        overlay: None,
+        rootfs: PathBuf::new(),
+        stubs: Vec::new(),
+        child: None,
+        finished: false,
+    };
+    let owner = bundle.dir.join(OWNER_FILE);
+    std::fs::write(&owner, owner_stamp(std::process::id()).unwrap_or_default())
+        .map_err(io_err(id, "writing", &owner))?;
+
+    let result = bundle.prepare(spec).and_then(|()| bundle.start_and_wait(output));
+    let cleaned = bundle.finish();
+    let r = result?;
+    cleaned?;
+    Ok(r)
+}
+
+/// One bundle directory and everything set up for it; dropping it cleans up.
+struct Bundle<'a> {
+    cfg: &'a RuntimeConfig,
+    id: &'a str,
+    dir: PathBuf,
+    /// The overlay mount point, once mounted.
+    overlay: Option<PathBuf>,
+    rootfs: PathBuf,
+    /// Mount points runc will create in the rootfs (relative, parents before children);
+    /// removed afterwards so they do not end up in a layer.
+    stubs: Vec<PathBuf>,
+    child: Option<Child>,
+    finished: bool,
+}
+
+impl Bundle<'_> {
+    fn prepare(&mut self, spec: &RunSpec) -> Result<()> {
+        let id = self.id;
+        match &spec.rootfs {
+            Rootfs::Dir(d) => {
+                if !d.is_dir() {
+                    return Err(invalid(
+                        spec,
+                        format!("rootfs `{}` is not a directory", d.display()),
+                    ));
+                }
+                self.rootfs = d.clone();
+            }
+            Rootfs::Overlay {
+                lowers,
+                upper,
+                work,
+            } => {
+                let target = self.dir.join("rootfs");
+                std::fs::create_dir(&target).map_err(io_err(id, "creating", &target))?;
+                let mut lowers = lowers.clone();
+                if lowers.is_empty() {
+                    // overlayfs needs one lower: an empty image is an empty directory.
+                    let empty = self.dir.join("empty-lower");
+                    std::fs::create_dir(&empty).map_err(io_err(id, "creating", &empty))?;
+                    lowers.push(empty);
+                }
+                mount_overlay(id, &lowers, upper, work, &target)?;
+                self.overlay = Some(target.clone());
+                self.rootfs = target;
+            }
+        }
+
+        inroot::resolve(&self.rootfs, &spec.cwd, true)
+            .map_err(io_err(id, "creating working directory", Path::new(&spec.cwd)))?;
+
+        // Mount points that do not exist are made by runc in the rootfs; remember them so
+        // they can be removed afterwards. Targets under an earlier mount (`/dev/pts` under
+        // `/dev`) are not in the rootfs.
+        let targets = spec::mount_targets(spec);
+        for (i, t) in targets.iter().enumerate() {
+            let nested = targets[..i]
+                .iter()
+                .any(|p| Path::new(t).starts_with(p) && p != t);
+            if nested {
+                continue;
+            }
+            let r = inroot::resolve(&self.rootfs, t, false)
+                .map_err(io_err(id, "resolving mount point", Path::new(t)))?;
+            let mut p = r.existing.clone();
+            for name in &r.missing {
+                p.push(name);
+                if !self.stubs.contains(&p) {
+                    self.stubs.push(p.clone());
+                }
+            }
+        }
+
+        let hosts = self.dir.join("hosts");
+        std::fs::write(&hosts, spec::ISOLATED_HOSTS).map_err(io_err(id, "writing", &hosts))?;
+        let cgroups_path = format!("strata/{id}");
+        let config = spec::config_json(
+            spec,
+            BundleFiles {
+                rootfs: &self.rootfs,
+                isolated_hosts: &hosts,
+                cgroups_path: Some(&cgroups_path),
+            },
+        );
+        let path = self.dir.join("config.json");
+        let bytes = serde_json::to_vec_pretty(&config)
+            .map_err(|e| io_err(id, "encoding", &path)(e.into()))?;
+        std::fs::write(&path, bytes).map_err(io_err(id, "writing", &path))?;
+        Ok(())
+    }
+
+    fn runc(&self) -> Command {
+        let mut c = Command::new(&self.cfg.runc);
+        c.arg("--root").arg(&self.cfg.state_root);
+        c
+    }
+
+    fn start_and_wait(&mut self, output: &mut dyn FnMut(&[u8])) -> Result<RunResult> {
+        let id = self.id;
+        let log = self.dir.join(RUNC_LOG);
+        let mut cmd = self.runc();
+        cmd.arg("--log")
+            .arg(&log)
+            .args(["--log-format", "json", "run", "--bundle"])
+            .arg(&self.dir)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let command = command_line(&cmd);
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+            id: id.to_string(),
+            command: command.clone(),
+            source,
+        })?;
+        let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
+        let mut readers = Vec::new();
+        for (is_err, pipe) in [
+            (false, child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
+            (true, child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
+        ] {
+            let Some(mut pipe) = pipe else { continue };
+            let tx = tx.clone();
+            readers.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match pipe.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if tx.send((is_err, buf[..n].to_vec())).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+            }));
+        }
+        drop(tx);
+        self.child = Some(child);
+
+        let mut stderr_tail: Vec<u8> = Vec::new();
+        // Ends when both pipes are closed: the container's pid 1 exited, which kills the rest
+        // of its pid namespace, and runc exited.
+        for (is_err, chunk) in rx {
+            if is_err {
+                stderr_tail.extend_from_slice(&chunk);
+                if stderr_tail.len() > STDERR_TAIL {
+                    stderr_tail.drain(..stderr_tail.len() - STDERR_TAIL);
+                }
+            }
+            output(&chunk);
+        }
+        for r in readers {
+            let _ = r.join();
+        }
+        let status = match self.child.as_mut().map(Child::wait) {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return Err(io_err(id, "waiting for runc", &self.cfg.runc)(e)),
+            None => return Err(io_err(id, "waiting for runc", &self.cfg.runc)(std::io::Error::other("no child"))),
+        };
+        self.child = None;
+
+        if !status.success() {
+            let errors = runc_log_errors(&log);
+            if !errors.is_empty() {
+                let mut stderr = errors.join("; ");
+                let tail = String::from_utf8_lossy(&stderr_tail);
+                let tail = tail.trim();
+                if !tail.is_empty() && !stderr.contains(tail) {
+                    stderr.push_str("; stderr: ");
+                    stderr.push_str(tail);
+                }
+                return Err(Error::Runc {
+                    id: id.to_string(),
+                    command,
+                    status: describe(status),
+                    stderr,
+                });
+            }
+        }
+        Ok(run_result(status))
+    }
+
+    /// Deletes the container, removes runc-made mount points, unmounts and removes the bundle.
+    /// The first failure is returned; every step is tried regardless.
+    fn finish(&mut self) -> Result<()> {
+        self.finished = true;
+        let mut first: Option<Error> = None;
+        let mut keep = |r: Result<()>| {
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        };
+        if let Some(mut child) = self.child.take() {
+            // Still running: the caller's callback panicked, or reading failed. Kill the
+            // container first so runc run returns, then runc itself.
+            let _ = delete_container(self.cfg, self.id);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        keep(delete_container(self.cfg, self.id));
+        for stub in self.stubs.iter().rev() {
+            inroot::remove_if_empty_stub(&self.rootfs, stub);
+        }
+        if let Some(target) = self.overlay.take() {
+            keep(unmount(self.id, &target));
+        }
+        keep(remove_bundle_dir(self.id, &self.dir));
+        match first {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Bundle<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.finish();
+        }
+    }
+}
+
+fn run_result(status: ExitStatus) -> RunResult {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => RunResult {
+            exit_code: code,
+            // runc (like a shell) reports death by signal n as 128 + n.
+            signal: (129..=128 + 64).contains(&code).then_some(code - 128),
+        },
+        (None, Some(sig)) => RunResult {
+            exit_code: 128 + sig,
+            signal: Some(sig),
+        },
+        (None, None) => RunResult {
+            exit_code: -1,
+            signal: None,
+        },
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => status.to_string(),
+    }
+}
+
+fn command_line(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(OsStr::to_string_lossy)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The `msg` of every error-level entry in runc's JSON log.
+fn runc_log_errors(log: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| matches!(v["level"].as_str(), Some("error" | "fatal" | "panic")))
+        .filter_map(|v| v["msg"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn mount_overlay(
+    id: &str,
+    lowers: &[PathBuf],
+    upper: &Path,
+    work: &Path,
+    target: &Path,
+) -> Result<()> {
+    let lowerdir = strata_rootfs::overlay_lowerdir(lowers).map_err(|source| Error::Rootfs {
+        id: id.to_string(),
+        source,
+    })?;
+    let mut data = b"lowerdir=".to_vec();
+    data.extend_from_slice(lowerdir.as_bytes());
+    for (key, dir) in [(",upperdir=", upper), (",workdir=", work)] {
+        if dir.as_os_str().as_bytes().iter().any(|b| matches!(b, b':' | b',')) {
+            return Err(Error::Mount {
+                id: id.to_string(),
+                target: target.to_path_buf(),
+                lowerdir: lowerdir.to_string_lossy().into_owned(),
+                source: std::io::Error::other(format!(
+                    "`{}` contains `:` or `,`, which overlay options cannot hold",
+                    dir.display()
+                )),
+            });
+        }
+        data.extend_from_slice(key.as_bytes());
+        data.extend_from_slice(dir.as_os_str().as_bytes());
+    }
+    let mount_err = |source: std::io::Error| Error::Mount {
+        id: id.to_string(),
+        target: target.to_path_buf(),
+        lowerdir: lowerdir.to_string_lossy().into_owned(),
+        source,
+    };
+    if data.len() > MAX_MOUNT_DATA {
+        return Err(mount_err(std::io::Error::other(format!(
+            "overlay options are {} bytes, over the kernel's limit of {MAX_MOUNT_DATA} ({} lower layers)",
+            data.len(),
+            lowers.len()
+        ))));
+    }
+    let data = CString::new(data).map_err(|e| mount_err(std::io::Error::other(e)))?;
+    rustix::mount::mount("overlay", target, "overlay", MountFlags::empty(), data.as_c_str())
+        .map_err(|e| mount_err(e.into()))
+}
+
+/// Unmounts `target`, falling back to a lazy unmount when it is busy.
+fn unmount(id: &str, target: &Path) -> Result<()> {
+    match rustix::mount::unmount(target, UnmountFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(_) => rustix::mount::unmount(target, UnmountFlags::DETACH)
+            .map_err(|e| io_err(id, "unmounting", target)(e.into())),
+    }
+}
+
+fn is_mount_point(path: &Path) -> bool {
+    let (Ok(m), Some(Ok(parent))) = (
+        std::fs::symlink_metadata(path),
+        path.parent().map(std::fs::symlink_metadata),
+    ) else {
+        return false;
+    };
+    m.dev() != parent.dev()
+}
+
+/// Removes a bundle directory, but never through a rootfs that is still mounted (that would
+/// delete through the overlay, or worse, through a bind mount).
+fn remove_bundle_dir(id: &str, dir: &Path) -> Result<()> {
+    let rootfs = dir.join("rootfs");
+    if is_mount_point(&rootfs) {
+        return Err(io_err(id, "removing bundle", dir)(std::io::Error::other(
+            "its rootfs is still mounted",
+        )));
+    }
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(id, "removing bundle", dir)(e)),
+    }
+}
+
+/// `runc delete -f <id>`; a container that does not exist (already gone) is fine.
+fn delete_container(cfg: &RuntimeConfig, id: &str) -> Result<()> {
+    let mut cmd = Command::new(&cfg.runc);
+    cmd.arg("--root")
+        .arg(&cfg.state_root)
+        .args(["delete", "-f", id]);
+    let out = runc_output(id, &mut cmd)?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("does not exist") || stderr.contains("not exist") {
+        return Ok(());
+    }
+    Err(Error::Runc {
+        id: id.to_string(),
+        command: command_line(&cmd),
+        status: describe(out.status),
+        stderr: stderr.trim().to_string(),
+    })
+}
+
+fn runc_output(id: &str, cmd: &mut Command) -> Result<std::process::Output> {
+    cmd.stdin(Stdio::null())
+        .output()
+        .map_err(|source| Error::Spawn {
+            id: id.to_string(),
+            command: command_line(cmd),
+            source,
+        })
+}
+
+/// Sends `signal` to the process of running container `id` (`runc kill`).
+pub fn kill(cfg: &RuntimeConfig, id: &str, signal: i32) -> Result<()> {
+    let mut cmd = Command::new(&cfg.runc);
+    cmd.arg("--root")
+        .arg(&cfg.state_root)
+        .arg("kill")
+        .arg(id)
+        .arg(signal.to_string());
+    let out = runc_output(id, &mut cmd)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Runc {
+            id: id.to_string(),
+            command: command_line(&cmd),
+            status: describe(out.status),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// `<pid> <start time in clock ticks>` of a process, which names it even after pid reuse.
+fn owner_stamp(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: split after the last `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Fields after the name start at field 3; the start time is field 22.
+    let start = rest.split_whitespace().nth(19)?;
+    Some(format!("{pid} {start}"))
+}
+
+fn owner_alive(stamp: &str) -> bool {
+    let Some(pid) = stamp.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    owner_stamp(pid).is_some_and(|now| now == stamp.trim())
+}
+
+/// Removes what killed processes left under `cfg.state_root`: for every bundle whose owning
+/// process is gone, its runc container (`runc delete -f`), its overlay mount and its
+/// directory; and every runc container whose bundle directory is gone. Bundles of live
+/// processes (other strata processes sharing the state root) are left alone.
+/// Returns the ids cleaned up.
+pub fn cleanup_stale(cfg: &RuntimeConfig) -> Result<Vec<String>> {
+    let mut cleaned = Vec::new();
+    let bundles = cfg.bundles_dir();
+    let mut live: Vec<PathBuf> = Vec::new();
+    match std::fs::read_dir(&bundles) {
+        Ok(entries) => {
+            for e in entries {
+                let e = e.map_err(io_err("-", "reading", &bundles))?;
+                let dir = e.path();
+                let id = e.file_name().to_string_lossy().into_owned();
+                let stamp = std::fs::read_to_string(dir.join(OWNER_FILE)).unwrap_or_default();
+                if owner_alive(&stamp) {
+                    live.push(dir);
+                    continue;
+                }
+                delete_container(cfg, &id)?;
+                let rootfs = dir.join("rootfs");
+                if is_mount_point(&rootfs) {
+                    unmount(&id, &rootfs)?;
+                }
+                remove_bundle_dir(&id, &dir)?;
+                cleaned.push(id);
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("-", "reading", &bundles)(e)),
+    }
+    // Containers whose bundle is gone (removed by hand, or a crash between steps).
+    let mut cmd = Command::new(&cfg.runc);
+    cmd.arg("--root")
+        .arg(&cfg.state_root)
+        .args(["list", "--format", "json"]);
+    let out = runc_output("-", &mut cmd)?;
+    if out.status.success() {
+        let list: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        for c in list.as_array().into_iter().flatten() {
+            let (Some(id), Some(bundle)) = (c["id"].as_str(), c["bundle"].as_str()) else {
+                continue;
+            };
+            let bundle = PathBuf::from(bundle);
+            if !bundle.join("config.json").exists() && !live.contains(&bundle) {
+                delete_container(cfg, id)?;
+                cleaned.push(id.to_string());
+            }
+        }
+    }
+    Ok(cleaned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("build-1.step_2+x"));
+        for bad in ["", ".", "..", ".x", "a/b", "a b", "a:b"] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn exit_statuses() {
+        let r = run_result(ExitStatus::from_raw(3 << 8));
+        assert_eq!((r.exit_code, r.signal), (3, None));
+        let r = run_result(ExitStatus::from_raw(137 << 8));
+        assert_eq!((r.exit_code, r.signal), (137, Some(9)));
+        let r = run_result(ExitStatus::from_raw(15));
+        assert_eq!((r.exit_code, r.signal), (143, Some(15)));
+    }
+
+    #[test]
+    fn own_stamp_is_alive() {
+        let me = owner_stamp(std::process::id()).unwrap();
+        assert!(owner_alive(&me));
+        assert!(!owner_alive("999999999 1"));
+        assert!(!owner_alive(""));
+    }
+}
