@@ -10,7 +10,9 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No runc binary was found.
-    #[error("runc not found (looked at {looked_at}); hint: apt-get install runc, or set $STRATA_RUNTIME")]
+    #[error(
+        "runc not found (looked at {looked_at}); hint: apt-get install runc, or set $STRATA_RUNTIME"
+    )]
     RuncNotFound { looked_at: String },
 
     /// The run description cannot be turned into a bundle (bad id, relative path...).

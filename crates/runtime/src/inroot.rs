@@ -76,7 +76,10 @@ pub(crate) fn resolve(root: &Path, path: &str, create: bool) -> io::Result<Resol
             Ok(_) => {
                 return Err(io::Error::new(
                     io::ErrorKind::NotADirectory,
-                    format!("`{}` is not a directory", Path::new("/").join(&resolved).join(&name).display()),
+                    format!(
+                        "`{}` is not a directory",
+                        Path::new("/").join(&resolved).join(&name).display()
+                    ),
                 ));
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -150,10 +153,16 @@ mod tests {
         // `..` above the root stays at the root.
         let r = resolve(root, "/real/x/up/x/new/deeper", false).unwrap();
         assert_eq!(r.existing, Path::new("real/x"));
-        assert_eq!(r.missing, vec![OsString::from("new"), OsString::from("deeper")]);
+        assert_eq!(
+            r.missing,
+            vec![OsString::from("new"), OsString::from("deeper")]
+        );
         let r = resolve(root, "/escape/passwd", false).unwrap();
         assert_eq!(r.existing, Path::new(""));
-        assert_eq!(r.missing, vec![OsString::from("etc"), OsString::from("passwd")]);
+        assert_eq!(
+            r.missing,
+            vec![OsString::from("etc"), OsString::from("passwd")]
+        );
     }
 
     #[test]

@@ -98,8 +98,11 @@ pub enum Rootfs {
     /// overlayfs: lowers listed BOTTOM FIRST (as layers stack); upper and work are empty dirs
     /// on the same filesystem. The container's writes land in `upper`.
     Overlay {
+        /// Read-only layers, bottom first; may be empty (an empty lower is made).
         lowers: Vec<PathBuf>,
+        /// Receives every write (the layer of a build step).
         upper: PathBuf,
+        /// overlayfs scratch space, on the same filesystem as `upper`.
         work: PathBuf,
     },
     /// A plain directory, used as it is (writes land in it).
@@ -121,18 +124,28 @@ pub enum NetworkMode {
 pub enum MountSpec {
     /// A host file or directory bind-mounted at `target` (an absolute container path).
     Bind {
+        /// Absolute host path.
         source: PathBuf,
+        /// Absolute container path, no `..`.
         target: String,
+        /// Mount read-only.
         readonly: bool,
     },
-    /// An empty tmpfs at `target`; `size` in bytes (kernel default when `None`).
-    Tmpfs { target: String, size: Option<u64> },
+    /// An empty tmpfs (mode 1777, nosuid, nodev).
+    Tmpfs {
+        /// Absolute container path, no `..`.
+        target: String,
+        /// Size limit in bytes; the kernel default (half of RAM) when `None`.
+        size: Option<u64>,
+    },
 }
 
 /// The ids a container process runs as.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UserSpec {
+    /// User id.
     pub uid: u32,
+    /// Primary group id.
     pub gid: u32,
     /// Supplementary groups.
     pub additional_gids: Vec<u32>,
@@ -143,6 +156,7 @@ pub struct UserSpec {
 pub struct RunSpec {
     /// Unique container id (the caller makes it unique); `[A-Za-z0-9_.-]`, not starting with `.`.
     pub id: String,
+    /// The root filesystem; an overlay is mounted by [`run`] and unmounted after.
     pub rootfs: Rootfs,
     /// The command line; `args[0]` is looked up on the container's `PATH` by runc.
     pub args: Vec<String>,
@@ -151,9 +165,13 @@ pub struct RunSpec {
     /// Absolute working directory; created inside the rootfs (as root, mode 0755) if missing,
     /// like Docker's `WORKDIR`.
     pub cwd: String,
+    /// Who the process runs as (see [`resolve_user`]).
     pub user: UserSpec,
+    /// The container's hostname (it has its own UTS namespace).
     pub hostname: String,
+    /// Host network or none.
     pub network: NetworkMode,
+    /// Extra mounts, after the standard ones, in order.
     pub mounts: Vec<MountSpec>,
     /// Mount the root filesystem read-only.
     pub readonly_rootfs: bool,

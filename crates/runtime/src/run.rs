@@ -13,7 +13,7 @@ use rustix::mount::{MountFlags, UnmountFlags};
 
 use crate::error::{Error, Result};
 use crate::inroot;
-use crate::spec::{self, BundleFiles};
+use crate::spec::{self, BundleSetup};
 use crate::{MountSpec, Rootfs, RunResult, RunSpec, RuntimeConfig};
 
 /// Name of the file in a bundle that records which process owns it (`<pid> <start time>`),
@@ -86,7 +86,11 @@ fn validate(spec: &RunSpec) -> Result<()> {
             }
             MountSpec::Tmpfs { target, .. } => target,
         };
-        if !target.starts_with('/') || Path::new(target).components().any(|c| c.as_os_str() == "..") {
+        if !target.starts_with('/')
+            || Path::new(target)
+                .components()
+                .any(|c| c.as_os_str() == "..")
+        {
             return Err(invalid(
                 spec,
                 format!("mount target `{target}` must be absolute without `..`"),
@@ -94,7 +98,10 @@ fn validate(spec: &RunSpec) -> Result<()> {
         }
     }
     if let Some(bad) = spec.env.iter().find(|e| !e.contains('=')) {
-        return Err(invalid(spec, format!("environment entry `{bad}` has no `=`")));
+        return Err(invalid(
+            spec,
+            format!("environment entry `{bad}` has no `=`"),
+        ));
     }
     Ok(())
 }
@@ -114,7 +121,11 @@ pub fn run(
     validate(spec)?;
     let id = spec.id.as_str();
     let bundles = cfg.bundles_dir();
-    std::fs::create_dir_all(&bundles).map_err(io_err(id, "creating bundles directory", &bundles))?;
+    std::fs::create_dir_all(&bundles).map_err(io_err(
+        id,
+        "creating bundles directory",
+        &bundles,
+    ))?;
     let dir = cfg.bundle_dir(id);
     if let Err(e) = std::fs::create_dir(&dir) {
         return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
@@ -143,7 +154,9 @@ pub fn run(
     std::fs::write(&owner, owner_stamp(std::process::id()).unwrap_or_default())
         .map_err(io_err(id, "writing", &owner))?;
 
-    let result = bundle.prepare(spec).and_then(|()| bundle.start_and_wait(output));
+    let result = bundle
+        .prepare(spec)
+        .and_then(|()| bundle.start_and_wait(output));
     let cleaned = bundle.finish();
     let r = result?;
     cleaned?;
@@ -198,8 +211,11 @@ impl Bundle<'_> {
             }
         }
 
-        inroot::resolve(&self.rootfs, &spec.cwd, true)
-            .map_err(io_err(id, "creating working directory", Path::new(&spec.cwd)))?;
+        inroot::resolve(&self.rootfs, &spec.cwd, true).map_err(io_err(
+            id,
+            "creating working directory",
+            Path::new(&spec.cwd),
+        ))?;
 
         // Mount points that do not exist are made by runc in the rootfs; remember them so
         // they can be removed afterwards. Targets under an earlier mount (`/dev/pts` under
@@ -212,8 +228,11 @@ impl Bundle<'_> {
             if nested {
                 continue;
             }
-            let r = inroot::resolve(&self.rootfs, t, false)
-                .map_err(io_err(id, "resolving mount point", Path::new(t)))?;
+            let r = inroot::resolve(&self.rootfs, t, false).map_err(io_err(
+                id,
+                "resolving mount point",
+                Path::new(t),
+            ))?;
             let mut p = r.existing.clone();
             for name in &r.missing {
                 p.push(name);
@@ -228,10 +247,11 @@ impl Bundle<'_> {
         let cgroups_path = format!("strata/{id}");
         let config = spec::config_json(
             spec,
-            BundleFiles {
+            BundleSetup {
                 rootfs: &self.rootfs,
                 isolated_hosts: &hosts,
                 cgroups_path: Some(&cgroups_path),
+                nofile_limit: nofile_limit(),
             },
         );
         let path = self.dir.join("config.json");
@@ -268,8 +288,20 @@ impl Bundle<'_> {
         let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
         let mut readers = Vec::new();
         for (is_err, pipe) in [
-            (false, child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
-            (true, child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>)),
+            (
+                false,
+                child
+                    .stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            ),
+            (
+                true,
+                child
+                    .stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            ),
         ] {
             let Some(mut pipe) = pipe else { continue };
             let tx = tx.clone();
@@ -310,7 +342,11 @@ impl Bundle<'_> {
         let status = match self.child.as_mut().map(Child::wait) {
             Some(Ok(s)) => s,
             Some(Err(e)) => return Err(io_err(id, "waiting for runc", &self.cfg.runc)(e)),
-            None => return Err(io_err(id, "waiting for runc", &self.cfg.runc)(std::io::Error::other("no child"))),
+            None => {
+                return Err(io_err(id, "waiting for runc", &self.cfg.runc)(
+                    std::io::Error::other("no child"),
+                ));
+            }
         };
         self.child = None;
 
@@ -375,6 +411,20 @@ impl Drop for Bundle<'_> {
     }
 }
 
+/// [`spec::NOFILE_LIMIT`], lowered to our own hard limit unless we may raise it: runc's init
+/// inherits our limits and fails to start the container when asked for more.
+fn nofile_limit() -> u64 {
+    let ours = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    let can_raise = rustix::thread::capabilities(None).is_ok_and(|c| {
+        c.effective
+            .contains(rustix::thread::CapabilitySet::SYS_RESOURCE)
+    });
+    match ours {
+        Some(hard) if hard < spec::NOFILE_LIMIT && !can_raise => hard,
+        _ => spec::NOFILE_LIMIT,
+    }
+}
+
 fn run_result(status: ExitStatus) -> RunResult {
     match (status.code(), status.signal()) {
         (Some(code), _) => RunResult {
@@ -435,7 +485,12 @@ fn mount_overlay(
     let mut data = b"lowerdir=".to_vec();
     data.extend_from_slice(lowerdir.as_bytes());
     for (key, dir) in [(",upperdir=", upper), (",workdir=", work)] {
-        if dir.as_os_str().as_bytes().iter().any(|b| matches!(b, b':' | b',')) {
+        if dir
+            .as_os_str()
+            .as_bytes()
+            .iter()
+            .any(|b| matches!(b, b':' | b','))
+        {
             return Err(Error::Mount {
                 id: id.to_string(),
                 target: target.to_path_buf(),
@@ -463,8 +518,14 @@ fn mount_overlay(
         ))));
     }
     let data = CString::new(data).map_err(|e| mount_err(std::io::Error::other(e)))?;
-    rustix::mount::mount("overlay", target, "overlay", MountFlags::empty(), data.as_c_str())
-        .map_err(|e| mount_err(e.into()))
+    rustix::mount::mount(
+        "overlay",
+        target,
+        "overlay",
+        MountFlags::empty(),
+        data.as_c_str(),
+    )
+    .map_err(|e| mount_err(e.into()))
 }
 
 /// Unmounts `target`, falling back to a lazy unmount when it is busy.
@@ -566,7 +627,11 @@ fn owner_stamp(pid: u32) -> Option<String> {
 }
 
 fn owner_alive(stamp: &str) -> bool {
-    let Some(pid) = stamp.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()) else {
+    let Some(pid) = stamp
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse::<u32>().ok())
+    else {
         return false;
     };
     owner_stamp(pid).is_some_and(|now| now == stamp.trim())

@@ -59,17 +59,21 @@ pub const NOFILE_LIMIT: u64 = 1_048_576;
 pub const HOST_NETWORK_FILES: &[&str] = &["/etc/resolv.conf", "/etc/hosts"];
 
 /// `/etc/hosts` of a container without network.
-pub const ISOLATED_HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+pub const ISOLATED_HOSTS: &str =
+    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 
-/// Where the bundle's own files are, for the mounts that point at them.
+/// What the bundle needs besides the [`RunSpec`]: where its own files are, and host limits.
 #[derive(Debug, Clone, Copy)]
-pub struct BundleFiles<'a> {
+pub struct BundleSetup<'a> {
     /// The root filesystem (absolute, or relative to the bundle directory).
     pub rootfs: &'a Path,
     /// The generated `/etc/hosts`, mounted for [`NetworkMode::None`].
     pub isolated_hosts: &'a Path,
     /// `linux.cgroupsPath`; `None` lets runc pick its default.
     pub cgroups_path: Option<&'a str>,
+    /// The soft and hard `RLIMIT_NOFILE`: [`NOFILE_LIMIT`], or less when the caller's own
+    /// hard limit is lower and it cannot raise it (no `CAP_SYS_RESOURCE`).
+    pub nofile_limit: u64,
 }
 
 /// Every mount point inside the container, in mount order: the standard filesystems, the
@@ -141,7 +145,7 @@ fn mounts(spec: &RunSpec, isolated_hosts: &Path) -> Vec<Value> {
 }
 
 /// The `config.json` document for `spec`.
-pub fn config_json(spec: &RunSpec, files: BundleFiles<'_>) -> Value {
+pub fn config_json(spec: &RunSpec, files: BundleSetup<'_>) -> Value {
     let caps: Vec<&str> = DEFAULT_CAPABILITIES.to_vec();
     let mut namespaces = vec![
         json!({"type": "pid"}),
@@ -179,7 +183,7 @@ pub fn config_json(spec: &RunSpec, files: BundleFiles<'_>) -> Value {
                 "effective": caps,
                 "permitted": caps,
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": NOFILE_LIMIT, "soft": NOFILE_LIMIT}],
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": files.nofile_limit, "soft": files.nofile_limit}],
             "noNewPrivileges": true,
         },
         "root": {"path": files.rootfs, "readonly": spec.readonly_rootfs},
@@ -217,11 +221,12 @@ mod tests {
         }
     }
 
-    fn files() -> BundleFiles<'static> {
-        BundleFiles {
+    fn files() -> BundleSetup<'static> {
+        BundleSetup {
             rootfs: Path::new("rootfs"),
             isolated_hosts: Path::new("/b/hosts"),
             cgroups_path: Some("strata/t"),
+            nofile_limit: NOFILE_LIMIT,
         }
     }
 
@@ -261,7 +266,10 @@ mod tests {
     fn process_fields() {
         let c = config_json(&spec(NetworkMode::Host), files());
         let p = &c["process"];
-        assert_eq!(p["user"], json!({"uid": 5, "gid": 6, "additionalGids": [7]}));
+        assert_eq!(
+            p["user"],
+            json!({"uid": 5, "gid": 6, "additionalGids": [7]})
+        );
         assert_eq!(p["noNewPrivileges"], true);
         assert_eq!(p["terminal"], false);
         assert_eq!(p["capabilities"]["bounding"].as_array().unwrap().len(), 14);
@@ -270,6 +278,11 @@ mod tests {
         assert_eq!(c["linux"]["cgroupsPath"], "strata/t");
         let tmp = c["mounts"].as_array().unwrap().last().unwrap().clone();
         assert_eq!(tmp["destination"], "/tmp");
-        assert!(tmp["options"].as_array().unwrap().contains(&json!("size=1024")));
+        assert!(
+            tmp["options"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("size=1024"))
+        );
     }
 }

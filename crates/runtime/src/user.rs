@@ -131,7 +131,7 @@ fn resolve_user_in(passwd: Option<&str>, group: Option<&str>, user: &str) -> Res
 
     let mut additional_gids = Vec::new();
     match group_part {
-        Some(g) if g.is_empty() => return Err(err("empty group after `:`".to_string())),
+        Some("") => return Err(err("empty group after `:`".to_string())),
         Some(g) => {
             let found = group.and_then(|text| group_entries(text).find(|e| e.name == g));
             gid = match (found, g.parse::<u32>()) {
