@@ -16,6 +16,7 @@ mod run;
 pub mod spec;
 mod user;
 
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
 pub use error::{Error, Result};
@@ -32,41 +33,11 @@ pub struct RuntimeConfig {
 }
 
 impl RuntimeConfig {
-    /// Finds runc: `$STRATA_RUNTIME` if set, else `runc` on `$PATH`, else `/usr/sbin/runc`.
+    /// Finds runc: `$STRATA_RUNTIME` if set (a path, or a name looked up on `$PATH`), else
+    /// `runc` on `$PATH`, else `/usr/sbin/runc`.
     pub fn detect(state_root: PathBuf) -> Result<RuntimeConfig> {
-        let mut looked_at = Vec::new();
-        if let Some(explicit) = std::env::var_os("STRATA_RUNTIME").filter(|v| !v.is_empty()) {
-            let p = PathBuf::from(&explicit);
-            // A bare name in $STRATA_RUNTIME is looked up on $PATH like a shell would.
-            let found = if p.components().count() == 1 {
-                find_on_path(&explicit)
-            } else {
-                is_executable(&p).then_some(p.clone())
-            };
-            return match found {
-                Some(runc) => Ok(RuntimeConfig { runc, state_root }),
-                None => Err(Error::RuncNotFound {
-                    looked_at: format!("$STRATA_RUNTIME={}", p.display()),
-                }),
-            };
-        }
-        looked_at.push("$PATH".to_string());
-        if let Some(runc) = find_on_path("runc".as_ref()) {
-            return Ok(RuntimeConfig { runc, state_root });
-        }
-        for fallback in ["/usr/sbin/runc", "/usr/bin/runc", "/usr/local/sbin/runc"] {
-            looked_at.push(fallback.to_string());
-            let p = PathBuf::from(fallback);
-            if is_executable(&p) {
-                return Ok(RuntimeConfig {
-                    runc: p,
-                    state_root,
-                });
-            }
-        }
-        Err(Error::RuncNotFound {
-            looked_at: looked_at.join(", "),
-        })
+        let runc = find_runc(std::env::var_os("STRATA_RUNTIME"), std::env::var_os("PATH"))?;
+        Ok(RuntimeConfig { runc, state_root })
     }
 
     /// The directory that holds one bundle directory per running container.
@@ -80,9 +51,34 @@ impl RuntimeConfig {
     }
 }
 
-fn find_on_path(name: &std::ffi::OsStr) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+/// [`RuntimeConfig::detect`] with the environment passed in.
+fn find_runc(explicit: Option<OsString>, path: Option<OsString>) -> Result<PathBuf> {
+    if let Some(explicit) = explicit.filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(&explicit);
+        let found = if p.components().count() == 1 {
+            find_on_path(path.as_deref(), &explicit)
+        } else {
+            is_executable(&p).then_some(p.clone())
+        };
+        return found.ok_or_else(|| Error::RuncNotFound {
+            looked_at: format!("$STRATA_RUNTIME={}", p.display()),
+        });
+    }
+    if let Some(runc) = find_on_path(path.as_deref(), OsStr::new("runc")) {
+        return Ok(runc);
+    }
+    let fallbacks = ["/usr/sbin/runc", "/usr/bin/runc", "/usr/local/sbin/runc"];
+    fallbacks
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| is_executable(p))
+        .ok_or_else(|| Error::RuncNotFound {
+            looked_at: format!("$PATH, {}", fallbacks.join(", ")),
+        })
+}
+
+fn find_on_path(path: Option<&OsStr>, name: &OsStr) -> Option<PathBuf> {
+    std::env::split_paths(path?)
         .map(|dir| dir.join(name))
         .find(|p| is_executable(p))
 }
@@ -160,7 +156,7 @@ pub struct RunSpec {
     pub rootfs: Rootfs,
     /// The command line; `args[0]` is looked up on the container's `PATH` by runc.
     pub args: Vec<String>,
-    /// `KEY=VALUE` entries.
+    /// `KEY=VALUE` entries; Docker's default `PATH` is added when there is none.
     pub env: Vec<String>,
     /// Absolute working directory; created inside the rootfs (as root, mode 0755) if missing,
     /// like Docker's `WORKDIR`.
@@ -193,5 +189,34 @@ impl RunResult {
     /// Exited with status 0.
     pub fn success(&self) -> bool {
         self.exit_code == 0 && self.signal.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn finding_runc() {
+        let t = tempfile::tempdir().unwrap();
+        let fake = t.path().join("runc");
+        std::fs::write(&fake, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = Some(t.path().as_os_str().to_owned());
+        assert_eq!(find_runc(None, path.clone()).unwrap(), fake);
+        assert_eq!(find_runc(Some("runc".into()), path.clone()).unwrap(), fake);
+        assert_eq!(find_runc(Some(fake.clone().into()), None).unwrap(), fake);
+        let e = find_runc(Some("/no/such/runc".into()), path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("runc not found") && e.contains("hint: apt-get install runc"),
+            "{e}"
+        );
+        assert!(e.contains("/no/such/runc"), "{e}");
+        // Not executable: not a runc.
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(find_runc(Some(fake.into()), None).is_err());
     }
 }

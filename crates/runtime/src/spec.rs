@@ -62,6 +62,10 @@ pub const HOST_NETWORK_FILES: &[&str] = &["/etc/resolv.conf", "/etc/hosts"];
 pub const ISOLATED_HOSTS: &str =
     "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 
+/// The `PATH` a process gets when its environment has none (Docker's default, so `RUN`
+/// finds `sh` and friends in images that do not set `ENV PATH`).
+pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// What the bundle needs besides the [`RunSpec`]: where its own files are, and host limits.
 #[derive(Debug, Clone, Copy)]
 pub struct BundleSetup<'a> {
@@ -166,6 +170,10 @@ pub fn config_json(spec: &RunSpec, files: BundleSetup<'_>) -> Value {
     if let Some(cg) = files.cgroups_path {
         linux["cgroupsPath"] = json!(cg);
     }
+    let mut env = spec.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(DEFAULT_PATH.to_string());
+    }
     let mut user = json!({"uid": spec.user.uid, "gid": spec.user.gid});
     if !spec.user.additional_gids.is_empty() {
         user["additionalGids"] = json!(spec.user.additional_gids);
@@ -176,7 +184,7 @@ pub fn config_json(spec: &RunSpec, files: BundleSetup<'_>) -> Value {
             "terminal": false,
             "user": user,
             "args": spec.args,
-            "env": spec.env,
+            "env": env,
             "cwd": spec.cwd,
             "capabilities": {
                 "bounding": caps,
@@ -271,6 +279,7 @@ mod tests {
             json!({"uid": 5, "gid": 6, "additionalGids": [7]})
         );
         assert_eq!(p["noNewPrivileges"], true);
+        assert_eq!(p["env"], json!(["A=1", DEFAULT_PATH]));
         assert_eq!(p["terminal"], false);
         assert_eq!(p["capabilities"]["bounding"].as_array().unwrap().len(), 14);
         assert_eq!(p["rlimits"][0]["hard"], 1_048_576);

@@ -140,8 +140,14 @@ fn changes(upper: &Path) -> Vec<Change> {
 #[test]
 fn output_and_exit_code() {
     let Some(f) = Fixture::new() else { return };
-    let (r, out) = f.run(&f.spec("exit", "echo hi; echo err >&2; exit 3"));
+    let spec = f.spec(
+        "exit",
+        "echo hi; echo err >&2; grep memory /proc/self/cgroup; exit 3",
+    );
+    let (r, out) = f.run(&spec);
     assert_eq!(r.exit_code, 3, "{out}");
+    // Its own cgroup, nested under ours.
+    assert!(out.contains(&format!("/strata/{}\n", spec.id)), "{out}");
     assert_eq!(r.signal, None);
     assert!(!r.success());
     assert!(out.contains("hi\n") && out.contains("err\n"), "{out}");
