@@ -48,6 +48,12 @@ pub enum Command {
     Load(LoadArgs),
     /// Check every digest, size and diff_id of an image.
     Validate { image: String },
+    /// Unpack an image's layers into a directory (its root filesystem), like `umoci unpack`.
+    Unpack {
+        image: String,
+        /// Target directory; must be absent or empty.
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]

@@ -28,6 +28,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Save(args) => save(&store()?, &args),
         Command::Load(args) => load(&store()?, &args),
         Command::Validate { image } => validate(&store()?, &image),
+        Command::Unpack { image, dir } => unpack(&store()?, &image, &dir),
     }
 }
 
@@ -307,6 +308,49 @@ fn validate(store: &Store, image: &str) -> Result<()> {
     println!(
         "{name}: ok ({} manifests, {} configs, {} layers, {} diff_ids, {} bytes checked)",
         report.manifests, report.configs, report.layers, report.diff_ids, report.bytes
+    );
+    Ok(())
+}
+
+fn unpack(store: &Store, image: &str, dir: &Path) -> Result<()> {
+    let name = local_name(image)?;
+    let img = store
+        .image(&name)
+        .with_context(|| format!("cannot unpack `{name}`"))?;
+    let config = ImageConfig::from_slice(&img.config_bytes)?;
+    if config.diff_ids().len() != img.manifest.layers.len() {
+        bail!(
+            "image `{name}`: the config lists {} diff_ids for {} layers",
+            config.diff_ids().len(),
+            img.manifest.layers.len()
+        );
+    }
+    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        bail!(
+            "`{}` is not empty\nhint: unpack into a new directory",
+            dir.display()
+        );
+    }
+    let layers: Vec<strata_rootfs::LayerRef> = img
+        .manifest
+        .layers
+        .iter()
+        .zip(config.diff_ids())
+        .map(|(d, diff_id)| strata_rootfs::LayerRef {
+            descriptor: d.clone(),
+            diff_id: diff_id.clone(),
+        })
+        .collect();
+    let stats = strata_rootfs::materialize(
+        &layers,
+        |d| store.open_descriptor(d).map_err(io::Error::other),
+        dir,
+    )
+    .with_context(|| format!("cannot unpack `{name}` into `{}`", dir.display()))?;
+    eprintln!(
+        "Unpacked {name}: {} layers into {}",
+        stats.len(),
+        dir.display()
     );
     Ok(())
 }

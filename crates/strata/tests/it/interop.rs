@@ -68,6 +68,11 @@ fn imported_busybox_is_read_by_skopeo_and_unpacked_by_umoci_with_the_same_tree()
         want.len()
     );
     assert_eq!(got, want, "umoci's tree differs from the imported one");
+
+    // And `strata unpack` gives the same tree as umoci.
+    let ours = env.path("ours");
+    env.ok(&["unpack", "busybox:1", ours.to_str().unwrap()]);
+    assert_eq!(tree_listing(&ours), want, "strata unpack's tree differs");
 }
 
 #[test]
