@@ -395,7 +395,12 @@ impl Client {
 
     /// Learn from a 401's challenges. Returns whether a retry can succeed (we have something
     /// new to send).
-    async fn handle_challenge(&self, headers: &HeaderMap, scopes: &[String]) -> Result<bool> {
+    async fn handle_challenge(
+        &self,
+        headers: &HeaderMap,
+        scopes: &[String],
+        sent: Option<&HeaderValue>,
+    ) -> Result<bool> {
         let challenges: Vec<Challenge> = headers
             .get_all(header::WWW_AUTHENTICATE)
             .iter()
@@ -435,13 +440,17 @@ impl Client {
             return Ok(true);
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
-            let had = self.lock_auth().scheme.replace(Scheme::Basic);
+            self.lock_auth().scheme = Some(Scheme::Basic);
             let has_creds = matches!(
                 self.credentials()?,
                 Some(Credentials::UserPassword { .. })
             );
-            // Retry only if this is news: credentials already sent with Basic were refused.
-            return Ok(has_creds && had != Some(Scheme::Basic));
+            // Retry only if this request did not carry them already (another task may have
+            // switched to Basic meanwhile: what counts is what this request sent).
+            let sent_basic = sent
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("Basic "));
+            return Ok(has_creds && !sent_basic);
         }
         Ok(false)
     }
@@ -636,7 +645,11 @@ impl Client {
             if resp.status() != StatusCode::UNAUTHORIZED {
                 return Ok(resp);
             }
-            if !reauthed && self.handle_challenge(resp.headers(), scopes).await? {
+            if !reauthed
+                && self
+                    .handle_challenge(resp.headers(), scopes, auth.as_ref())
+                    .await?
+            {
                 reauthed = true;
                 continue;
             }

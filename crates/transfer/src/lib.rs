@@ -8,7 +8,12 @@
 mod archive;
 mod error;
 mod import;
+mod registry;
 
 pub use archive::{ArchiveFormat, LoadedImage, load_archive, save_archive};
 pub use error::{Error, Result};
 pub use import::{ImportOptions, Imported, import_tarball, local_name};
+pub use registry::{
+    BlobProgress, BlobState, DEFAULT_PARALLELISM, ProgressFn, PullOptions, PullReport, PushOptions,
+    PushReport, known_repositories, pull, pulled_name, push,
+};

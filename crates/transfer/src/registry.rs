@@ -1,0 +1,567 @@
+//! `strata push` and `strata pull`: images between the store and a registry, moving only the
+//! blobs the other side lacks.
+//!
+//! Push: every blob (config and layers) is checked with `HEAD` first and skipped if the
+//! repository has it; otherwise it is mounted from another repository of the same registry
+//! that is known to have it (the caller's [`PushOptions::mount_from`], then repositories this
+//! store pushed it to or pulled it from, recorded under the cache key
+//! `registry-blob/<registry>/<digest>`), else uploaded. Blobs go in parallel; the manifest goes
+//! last, so a registry never holds a manifest whose blobs are missing.
+//!
+//! Pull: the manifest is resolved (an index to the host platform), blobs the store already has
+//! are not fetched, the others are streamed in parallel straight into the store, verified on
+//! the way (and resumed with `Range` when a connection breaks). The manifest bytes are stored
+//! exactly as received, so the image keeps its digest, and the local name is set last.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use strata_oci::{Descriptor, Digest, Index, Manifest, Platform, Reference, media_type};
+use strata_registry::{BlobData, BlobPush, Client, ClientOptions};
+use strata_store::Store;
+
+use crate::error::{Error, Result};
+use crate::import::local_name;
+
+/// How many blobs move at once by default.
+pub const DEFAULT_PARALLELISM: usize = 4;
+/// How many repositories are remembered per blob for mounts.
+const MAX_RECORDED_REPOS: usize = 16;
+
+/// Where a blob stands, for progress display.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobState {
+    /// Asking the registry (push) or the store (pull) whether it is needed.
+    Checking,
+    /// Bytes are moving.
+    Transferring,
+    /// The other side had it.
+    Skipped,
+    /// Mounted from another repository.
+    Mounted,
+    /// Transferred.
+    Done,
+}
+
+/// One progress event of one blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobProgress {
+    pub digest: Digest,
+    /// Bytes moved so far.
+    pub done: u64,
+    /// The blob's size.
+    pub total: u64,
+    pub state: BlobState,
+}
+
+/// Receives progress events; called from several threads.
+pub type ProgressFn = dyn Fn(&BlobProgress) + Send + Sync;
+
+/// How to push.
+#[derive(Clone)]
+pub struct PushOptions {
+    /// How to reach the registry (auth, `insecure`, retries, chunking).
+    pub client: ClientOptions,
+    /// Repositories of the same registry to try mounting blobs from, before those recorded.
+    pub mount_from: Vec<String>,
+    /// Blobs moved at once.
+    pub parallelism: usize,
+    pub progress: Option<Arc<ProgressFn>>,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        PushOptions {
+            client: ClientOptions::default(),
+            mount_from: Vec::new(),
+            parallelism: DEFAULT_PARALLELISM,
+            progress: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for PushOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushOptions")
+            .field("client", &self.client)
+            .field("mount_from", &self.mount_from)
+            .field("parallelism", &self.parallelism)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to pull.
+#[derive(Clone)]
+pub struct PullOptions {
+    /// How to reach the registry (auth, `insecure`, retries).
+    pub client: ClientOptions,
+    /// The platform to pick from an index.
+    pub platform: Platform,
+    /// Blobs moved at once.
+    pub parallelism: usize,
+    pub progress: Option<Arc<ProgressFn>>,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        PullOptions {
+            client: ClientOptions::default(),
+            platform: Platform::host(),
+            parallelism: DEFAULT_PARALLELISM,
+            progress: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for PullOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullOptions")
+            .field("client", &self.client)
+            .field("platform", &self.platform)
+            .field("parallelism", &self.parallelism)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a push did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushReport {
+    /// Where it went, pinned to the digest of what the tag now points at.
+    pub reference: Reference,
+    /// The descriptor of the pushed manifest or index.
+    pub descriptor: Descriptor,
+    /// Blobs the repository already had.
+    pub blobs_skipped: usize,
+    /// Blobs mounted from another repository.
+    pub blobs_mounted: usize,
+    /// Blobs uploaded.
+    pub blobs_uploaded: usize,
+    /// Bytes sent in blob uploads (resent bytes included).
+    pub bytes_uploaded: u64,
+    /// Manifests (and index) put.
+    pub manifests_pushed: usize,
+    /// The local name is a multi-platform index whose other platforms are not in the store, so
+    /// only the host platform's image was pushed.
+    pub platform_only: bool,
+}
+
+/// What a pull did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullReport {
+    /// The local name set (`debian:12`, `127.0.0.1:5000/org/app:1`).
+    pub name: String,
+    /// What the name points at: the registry's index when the reference named one (the store
+    /// resolves it to the host's image), else the manifest.
+    pub descriptor: Descriptor,
+    /// The image manifest pulled.
+    pub manifest: Descriptor,
+    /// Blobs the store already had.
+    pub blobs_present: usize,
+    /// Blobs downloaded.
+    pub blobs_fetched: usize,
+    /// Bytes received for blobs (resent bytes included).
+    pub bytes_downloaded: u64,
+    /// Broken downloads that were resumed.
+    pub resumed: u32,
+}
+
+/// Until `Error` has a variant of its own for registry errors, they are reported as image
+/// errors naming the reference (the registry error's text is kept whole).
+fn registry_error(reference: &Reference) -> impl Fn(strata_registry::Error) -> Error + '_ {
+    move |e| Error::Image {
+        name: reference.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn runtime(reference: &Reference) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Image {
+            name: reference.to_string(),
+            reason: format!("cannot start the async runtime: {e}"),
+        })
+}
+
+fn remote_registry(reference: &Reference) -> Result<&str> {
+    reference.registry().ok_or_else(|| Error::Image {
+        name: reference.to_string(),
+        reason: "a registry reference needs a registry host".to_string(),
+    })
+}
+
+/// Run `work` on `items` with up to `workers` threads; stops handing out work after the first
+/// error, which is returned.
+fn parallel<T: Send, R: Send>(
+    items: Vec<T>,
+    workers: usize,
+    work: impl Fn(T) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    let n = workers.max(1).min(items.len().max(1));
+    let queue = Mutex::new(items.into_iter());
+    let results = Mutex::new(Vec::new());
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..n {
+            s.spawn(|| {
+                while !failed.load(Ordering::SeqCst) {
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                    let Some(item) = next else { break };
+                    let r = work(item);
+                    if r.is_err() {
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                    results.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .collect()
+}
+
+fn cache_key(registry: &str, digest: &Digest) -> String {
+    format!("registry-blob/{registry}/{digest}")
+}
+
+/// Repositories of `registry` this store knows to have `digest`.
+pub fn known_repositories(store: &Store, registry: &str, digest: &Digest) -> Result<Vec<String>> {
+    let Some(v) = store.cache_get(&cache_key(registry, digest))? else {
+        return Ok(Vec::new());
+    };
+    // A damaged entry is only a missed optimization.
+    Ok(serde_json::from_str(&v).unwrap_or_default())
+}
+
+/// Remember that `repo` of `registry` has `digest` (most recent first, bounded).
+fn record_repository(store: &Store, registry: &str, digest: &Digest, repo: &str) -> Result<()> {
+    let mut repos = known_repositories(store, registry, digest)?;
+    if repos.first().map(String::as_str) == Some(repo) {
+        return Ok(());
+    }
+    repos.retain(|r| r != repo);
+    repos.insert(0, repo.to_string());
+    repos.truncate(MAX_RECORDED_REPOS);
+    let v = serde_json::to_string(&repos).map_err(|e| Error::Image {
+        name: repo.to_string(),
+        reason: e.to_string(),
+    })?;
+    store.cache_put(&cache_key(registry, digest), &v)?;
+    Ok(())
+}
+
+fn namespace(repo: &str) -> Option<&str> {
+    repo.split_once('/').map(|(ns, _)| ns)
+}
+
+/// One manifest to push and the blobs it needs.
+struct ManifestToPush {
+    bytes: Vec<u8>,
+    descriptor: Descriptor,
+    blobs: Vec<Descriptor>,
+}
+
+fn blobs_of(manifest: &Manifest) -> Vec<Descriptor> {
+    std::iter::once(&manifest.config)
+        .chain(&manifest.layers)
+        // Foreign layers live elsewhere (their `urls`); registries refuse them.
+        .filter(|d| {
+            !media_type::is_foreign_layer(&d.media_type)
+                && d.urls.as_ref().is_none_or(|u| u.is_empty())
+        })
+        .cloned()
+        .collect()
+}
+
+fn parse_manifest(name: &str, bytes: &[u8]) -> Result<Manifest> {
+    Manifest::from_slice(bytes).map_err(|e| Error::Image {
+        name: name.to_string(),
+        reason: format!("bad manifest: {e}"),
+    })
+}
+
+/// Push the store's image `local` (a local name such as `app:1`) to `dest`
+/// (`registry/repo:tag`). Returns what moved.
+pub fn push(store: &Store, local: &str, dest: &Reference, opts: &PushOptions) -> Result<PushReport> {
+    let name = local_name(local)?;
+    let registry = remote_registry(dest)?.to_string();
+    let repo = dest.repository().to_string();
+    let desc = store
+        .get_ref(&name)?
+        .ok_or_else(|| strata_store::Error::RefNotFound { name: name.clone() })?;
+    let top_bytes = store.read_descriptor(&desc)?;
+
+    // What to push: one manifest, or every child of an index and then the index.
+    let mut children: Vec<ManifestToPush> = Vec::new();
+    let mut top = ManifestToPush {
+        bytes: top_bytes,
+        descriptor: desc.clone(),
+        blobs: Vec::new(),
+    };
+    let mut platform_only = false;
+    if media_type::is_index(&desc.media_type) {
+        let idx = Index::from_slice(&top.bytes).map_err(|e| Error::Image {
+            name: name.clone(),
+            reason: format!("bad index: {e}"),
+        })?;
+        let all_local = idx.manifests.iter().all(|d| store.has_blob(&d.digest));
+        if all_local {
+            for d in &idx.manifests {
+                let bytes = store.read_descriptor(d)?;
+                let m = parse_manifest(&name, &bytes)?;
+                children.push(ManifestToPush {
+                    blobs: blobs_of(&m),
+                    bytes,
+                    descriptor: d.clone(),
+                });
+            }
+        } else {
+            let image = store.image(&name)?;
+            platform_only = true;
+            top = ManifestToPush {
+                blobs: blobs_of(&image.manifest),
+                bytes: image.manifest_bytes,
+                descriptor: image.descriptor,
+            };
+        }
+    } else {
+        let m = parse_manifest(&name, &top.bytes)?;
+        top.blobs = blobs_of(&m);
+    }
+
+    let mut blobs: Vec<Descriptor> = Vec::new();
+    let mut seen = BTreeSet::new();
+    for d in children.iter().chain(std::iter::once(&top)).flat_map(|m| &m.blobs) {
+        if seen.insert(d.digest.clone()) {
+            if !store.has_blob(&d.digest) {
+                return Err(strata_store::Error::BlobNotFound {
+                    digest: d.digest.clone(),
+                }
+                .into());
+            }
+            blobs.push(d.clone());
+        }
+    }
+
+    let rt = runtime(dest)?;
+    let to_err = registry_error(dest);
+    let client = Client::new(&registry, opts.client.clone()).map_err(&to_err)?;
+    let bytes_uploaded = AtomicU64::new(0);
+    let outcomes = parallel(blobs, opts.parallelism, |d: Descriptor| {
+        let report = |done: u64, state: BlobState| {
+            if let Some(p) = &opts.progress {
+                p(&BlobProgress {
+                    digest: d.digest.clone(),
+                    done,
+                    total: d.size,
+                    state,
+                });
+            }
+        };
+        report(0, BlobState::Checking);
+        let mut candidates: Vec<String> = opts.mount_from.clone();
+        for r in known_repositories(store, &registry, &d.digest)? {
+            let same_ns = namespace(&repo).is_none() || namespace(&r) == namespace(&repo);
+            if same_ns && r != repo && !candidates.contains(&r) {
+                candidates.push(r);
+            }
+        }
+        candidates.truncate(4);
+        let progress: Option<Arc<strata_registry::Progress>> = opts.progress.as_ref().map(|p| {
+            let p = Arc::clone(p);
+            let digest = d.digest.clone();
+            let total = d.size;
+            Arc::new(move |done: u64| {
+                p(&BlobProgress {
+                    digest: digest.clone(),
+                    done,
+                    total,
+                    state: BlobState::Transferring,
+                })
+            }) as Arc<strata_registry::Progress>
+        });
+        let data = BlobData::File(store.blob_path(&d.digest));
+        let outcome = rt
+            .block_on(client.push_blob(
+                &repo,
+                &d.digest,
+                d.size,
+                &data,
+                &candidates,
+                progress.as_ref(),
+            ))
+            .map_err(&to_err)?;
+        match &outcome {
+            BlobPush::Exists => report(d.size, BlobState::Skipped),
+            BlobPush::Mounted { .. } => report(d.size, BlobState::Mounted),
+            BlobPush::Uploaded { bytes_sent, .. } => {
+                bytes_uploaded.fetch_add(*bytes_sent, Ordering::Relaxed);
+                report(d.size, BlobState::Done);
+            }
+        }
+        record_repository(store, &registry, &d.digest, &repo)?;
+        Ok(outcome)
+    })?;
+
+    let mut manifests_pushed = 0;
+    for m in &children {
+        rt.block_on(client.put_manifest(
+            &repo,
+            &m.descriptor.digest.to_string(),
+            &m.bytes,
+            &m.descriptor.media_type,
+        ))
+        .map_err(&to_err)?;
+        manifests_pushed += 1;
+    }
+    let target = match (dest.tag(), dest.digest()) {
+        (Some(t), _) => t.to_string(),
+        (None, Some(d)) => {
+            if *d != top.descriptor.digest {
+                return Err(Error::Image {
+                    name: dest.to_string(),
+                    reason: format!(
+                        "`{name}` is {}, not the digest the destination names",
+                        top.descriptor.digest
+                    ),
+                });
+            }
+            d.to_string()
+        }
+        (None, None) => strata_oci::reference::DEFAULT_TAG.to_string(),
+    };
+    let digest = rt
+        .block_on(client.put_manifest(&repo, &target, &top.bytes, &top.descriptor.media_type))
+        .map_err(&to_err)?;
+    manifests_pushed += 1;
+
+    let count = |f: fn(&BlobPush) -> bool| outcomes.iter().filter(|o| f(o)).count();
+    Ok(PushReport {
+        reference: dest.without_digest().with_digest(digest),
+        descriptor: top.descriptor,
+        blobs_skipped: count(|o| matches!(o, BlobPush::Exists)),
+        blobs_mounted: count(|o| matches!(o, BlobPush::Mounted { .. })),
+        blobs_uploaded: count(|o| matches!(o, BlobPush::Uploaded { .. })),
+        bytes_uploaded: bytes_uploaded.load(Ordering::Relaxed),
+        manifests_pushed,
+        platform_only,
+    })
+}
+
+/// The local name a pulled `src` gets: the way Docker shows it (`debian:12`,
+/// `ghcr.io/org/app:1`); a reference by digest alone keeps the digest (`app@sha256:…`).
+pub fn pulled_name(src: &Reference) -> Result<String> {
+    if src.tag().is_some() {
+        local_name(&src.without_digest().familiar())
+    } else {
+        local_name(&src.familiar())
+    }
+}
+
+/// Pull `src` (`registry/repo:tag` or `@digest`) into the store and name it
+/// [`pulled_name`]`(src)`. Blobs the store has are not fetched.
+pub fn pull(store: &Store, src: &Reference, opts: &PullOptions) -> Result<PullReport> {
+    let src = src.to_remote();
+    let registry = remote_registry(&src)?.to_string();
+    let repo = src.repository().to_string();
+    let name = pulled_name(&src)?;
+    let reference = match (src.digest(), src.tag()) {
+        (Some(d), _) => d.to_string(),
+        (None, Some(t)) => t.to_string(),
+        (None, None) => strata_oci::reference::DEFAULT_TAG.to_string(),
+    };
+    let rt = runtime(&src)?;
+    let to_err = registry_error(&src);
+    let client = Client::new(&registry, opts.client.clone()).map_err(&to_err)?;
+    let resolved = rt
+        .block_on(client.resolve_image(&repo, &reference, &opts.platform))
+        .map_err(&to_err)?;
+
+    // From the first blob written until the name is set, gc must keep away.
+    let _session = store.write_session()?;
+    let blobs = blobs_of(&resolved.parsed);
+    let mut missing = Vec::new();
+    let mut blobs_present = 0;
+    let mut seen = BTreeSet::new();
+    for d in blobs {
+        if !seen.insert(d.digest.clone()) {
+            continue;
+        }
+        let have = store.has_blob(&d.digest) && store.blob_size(&d.digest).ok() == Some(d.size);
+        if have {
+            blobs_present += 1;
+            if let Some(p) = &opts.progress {
+                p(&BlobProgress {
+                    digest: d.digest.clone(),
+                    done: d.size,
+                    total: d.size,
+                    state: BlobState::Skipped,
+                });
+            }
+        } else {
+            missing.push(d);
+        }
+    }
+    let blobs_fetched = missing.len();
+    let fetched = parallel(missing, opts.parallelism, |d: Descriptor| {
+        let progress: Option<Arc<strata_registry::Progress>> = opts.progress.as_ref().map(|p| {
+            let p = Arc::clone(p);
+            let digest = d.digest.clone();
+            let total = d.size;
+            Arc::new(move |done: u64| {
+                p(&BlobProgress {
+                    digest: digest.clone(),
+                    done,
+                    total,
+                    state: BlobState::Transferring,
+                })
+            }) as Arc<strata_registry::Progress>
+        });
+        let mut writer = store.blob_writer_with(d.digest.algorithm())?;
+        let got = rt
+            .block_on(client.fetch_blob(
+                &repo,
+                &d.digest,
+                Some(d.size),
+                &mut writer,
+                progress.as_ref(),
+            ))
+            .map_err(&to_err)?;
+        writer.commit(Some((&d.digest, Some(d.size))))?;
+        if let Some(p) = &opts.progress {
+            p(&BlobProgress {
+                digest: d.digest.clone(),
+                done: d.size,
+                total: d.size,
+                state: BlobState::Done,
+            });
+        }
+        Ok(got)
+    })?;
+
+    let manifest =
+        store.put_manifest_bytes(&resolved.manifest.bytes, &resolved.manifest.media_type)?;
+    let descriptor = match &resolved.index {
+        Some(idx) => store.put_manifest_bytes(&idx.bytes, &idx.media_type)?,
+        None => manifest.clone(),
+    };
+    store.set_ref(&name, descriptor.clone())?;
+    for d in blobs_of(&resolved.parsed) {
+        record_repository(store, &registry, &d.digest, &repo)?;
+    }
+    Ok(PullReport {
+        name,
+        descriptor,
+        manifest,
+        blobs_present,
+        blobs_fetched,
+        bytes_downloaded: fetched.iter().map(|f| f.bytes_received).sum(),
+        resumed: fetched.iter().map(|f| f.resumed).sum(),
+    })
+}
