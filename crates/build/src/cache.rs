@@ -1,0 +1,253 @@
+//! Step cache keys (an on-disk format: change them only on purpose, the fixture test pins
+//! them), cache entries, and the per-image record `explain` diffs against.
+//!
+//! ```text
+//! meta-v1.db, table cache (key → JSON):
+//!   strata-build/1/step/<key hex>   → {"layer": Descriptor|null, "diff_id": Digest|null}
+//!   strata-build/1/explain/<image>  → {"stages": {"<stage>": [StepInputs, ...]}}
+//! key = sha256(canonical JSON {schema: "strata-build-cache/1", parent: <parent key>,
+//!              step: <typed expanded step>, files: <content hash>|null, origin: <key>|null})
+//! first parent = sha256(canonical JSON {schema, base: {...}, from_cache_version, platform})
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use strata_oci::{Descriptor, Digest};
+use strata_store::Store;
+
+use crate::error::{Error, Result};
+use crate::plan::StepKind;
+
+/// Version of the key derivation; part of every key.
+pub const CACHE_SCHEMA: &str = "strata-build-cache/1";
+
+const STEP_PREFIX: &str = "strata-build/1/step/";
+const EXPLAIN_PREFIX: &str = "strata-build/1/explain/";
+
+/// What a stage's first key is derived from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum BaseInput {
+    /// `FROM scratch`.
+    Scratch,
+    /// An image, by manifest digest.
+    Image { digest: String },
+    /// An earlier stage, by its final key.
+    Stage { key: String },
+}
+
+fn hash_json<T: Serialize>(v: &T) -> String {
+    Digest::sha256(&strata_oci::to_canonical_json(v))
+        .hex()
+        .to_string()
+}
+
+/// The key a stage's steps start from.
+pub fn base_key(base: &BaseInput, from_cache_version: Option<&str>, platform: &str) -> String {
+    #[derive(Serialize)]
+    struct K<'a> {
+        schema: &'a str,
+        base: &'a BaseInput,
+        from_cache_version: Option<&'a str>,
+        platform: &'a str,
+    }
+    hash_json(&K {
+        schema: CACHE_SCHEMA,
+        base,
+        from_cache_version,
+        platform,
+    })
+}
+
+/// The key of one step: its parent's key, the typed expanded step, the content hash of the
+/// files it reads (COPY/ADD, bind mounts) and the key of the stage it reads from, if any.
+pub fn step_key(
+    parent: &str,
+    step: &StepKind,
+    files: Option<&Digest>,
+    origin: Option<&str>,
+) -> String {
+    #[derive(Serialize)]
+    struct K<'a> {
+        schema: &'a str,
+        parent: &'a str,
+        step: &'a StepKind,
+        files: Option<String>,
+        origin: Option<&'a str>,
+    }
+    hash_json(&K {
+        schema: CACHE_SCHEMA,
+        parent,
+        step,
+        files: files.map(|d| d.to_string()),
+        origin,
+    })
+}
+
+/// What a cached filesystem step produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheEntry {
+    /// The layer, `None` when the step changed nothing.
+    pub layer: Option<Descriptor>,
+    /// Its diff_id.
+    pub diff_id: Option<Digest>,
+}
+
+/// The entry for `key`, if present and its blob is still in the store.
+pub fn get(store: &Store, key: &str) -> Result<Option<CacheEntry>> {
+    let full = format!("{STEP_PREFIX}{key}");
+    let Some(json) = store.cache_get(&full)? else {
+        return Ok(None);
+    };
+    let Ok(entry) = serde_json::from_str::<CacheEntry>(&json) else {
+        // An entry we cannot read is a miss, not an error: it is rebuilt and overwritten.
+        return Ok(None);
+    };
+    if let Some(l) = &entry.layer
+        && !store.has_blob(&l.digest)
+    {
+        return Ok(None);
+    }
+    Ok(Some(entry))
+}
+
+/// Records `entry` under `key`.
+pub fn put(store: &Store, key: &str, entry: &CacheEntry) -> Result<()> {
+    let json = serde_json::to_string(entry).map_err(|e| Error::Cache {
+        key: key.to_string(),
+        message: e.to_string(),
+    })?;
+    store.cache_put(&format!("{STEP_PREFIX}{key}"), &json)?;
+    Ok(())
+}
+
+/// The inputs of one step as recorded for explanations.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepInputs {
+    /// The instruction as written.
+    pub text: String,
+    /// Canonical JSON of the typed step (the expanded instruction).
+    pub instruction: String,
+    /// Build args in scope.
+    #[serde(default)]
+    pub args: BTreeMap<String, String>,
+    /// Per copied file: a short hash of its content and metadata.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+    /// The base (first step only): image digest, `scratch` or `stage <name> <key>`.
+    #[serde(default)]
+    pub base: Option<String>,
+    /// The step's key.
+    pub key: String,
+}
+
+/// The inputs of every step of the last build of an image, per stage.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRecord {
+    /// Stage display name → its steps.
+    pub stages: BTreeMap<String, Vec<StepInputs>>,
+}
+
+/// The record of the last build of `image`.
+pub fn load_record(store: &Store, image: &str) -> Result<Option<BuildRecord>> {
+    Ok(store
+        .cache_get(&format!("{EXPLAIN_PREFIX}{image}"))?
+        .and_then(|j| serde_json::from_str(&j).ok()))
+}
+
+/// Saves the record of this build of `image`.
+pub fn save_record(store: &Store, image: &str, record: &BuildRecord) -> Result<()> {
+    let json = serde_json::to_string(record).map_err(|e| Error::Cache {
+        key: image.to_string(),
+        message: e.to_string(),
+    })?;
+    store.cache_put(&format!("{EXPLAIN_PREFIX}{image}"), &json)?;
+    Ok(())
+}
+
+/// Why `now` missed the cache, compared with the same step of the previous build.
+pub fn explain(prev: Option<&StepInputs>, now: &StepInputs) -> String {
+    let Some(prev) = prev else {
+        return "no previous build of this step".to_string();
+    };
+    let mut reasons = Vec::new();
+    if prev.base != now.base {
+        reasons.push(format!(
+            "base image changed {}→{}",
+            prev.base.as_deref().unwrap_or("?"),
+            now.base.as_deref().unwrap_or("?")
+        ));
+    }
+    if prev.instruction != now.instruction {
+        if prev.text != now.text {
+            reasons.push(format!("instruction changed (was `{}`)", prev.text));
+        } else {
+            reasons.push("instruction changed (after variable expansion)".to_string());
+        }
+    }
+    let keys: std::collections::BTreeSet<&String> =
+        prev.args.keys().chain(now.args.keys()).collect();
+    for k in keys {
+        match (prev.args.get(k), now.args.get(k)) {
+            (Some(a), Some(b)) if a != b => reasons.push(format!("ARG {k} changed {a}→{b}")),
+            (None, Some(b)) => reasons.push(format!("ARG {k} set to {b}")),
+            (Some(_), None) => reasons.push(format!("ARG {k} unset")),
+            _ => {}
+        }
+    }
+    let mut file_reasons = Vec::new();
+    let files: std::collections::BTreeSet<&String> =
+        prev.files.keys().chain(now.files.keys()).collect();
+    for f in files {
+        match (prev.files.get(f), now.files.get(f)) {
+            (Some(a), Some(b)) if a != b => file_reasons.push(format!("file `{f}` changed")),
+            (None, Some(_)) => file_reasons.push(format!("file `{f}` added")),
+            (Some(_), None) => file_reasons.push(format!("file `{f}` removed")),
+            _ => {}
+        }
+    }
+    if file_reasons.len() > 5 {
+        let more = file_reasons.len() - 5;
+        file_reasons.truncate(5);
+        file_reasons.push(format!("and {more} more files"));
+    }
+    reasons.extend(file_reasons);
+    if reasons.is_empty() {
+        if prev.key == now.key {
+            "not in the cache (removed, or --no-cache)".to_string()
+        } else {
+            "an earlier step changed".to_string()
+        }
+    } else {
+        reasons.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explanations_name_what_changed() {
+        let mut a = StepInputs {
+            text: "COPY . /app".into(),
+            instruction: "{}".into(),
+            key: "k1".into(),
+            ..StepInputs::default()
+        };
+        a.files.insert("src/main.go".into(), "aa".into());
+        a.args.insert("VERSION".into(), "1".into());
+        let mut b = a.clone();
+        b.key = "k2".into();
+        b.files.insert("src/main.go".into(), "bb".into());
+        b.args.insert("VERSION".into(), "2".into());
+        let r = explain(Some(&a), &b);
+        assert!(r.contains("file `src/main.go` changed"), "{r}");
+        assert!(r.contains("ARG VERSION changed 1→2"), "{r}");
+        let mut c = a.clone();
+        c.key = "k3".into();
+        assert_eq!(explain(Some(&a), &c), "an earlier step changed");
+        assert_eq!(explain(None, &c), "no previous build of this step");
+    }
+}

@@ -1,0 +1,480 @@
+//! Executing `COPY`/`ADD` without a container: the files are staged in a temporary
+//! directory with the metadata the layer must record, and that directory becomes the layer.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use strata_dockerfile::IgnoreMatcher;
+use strata_oci::{Compression, Descriptor, Digest};
+use strata_rootfs::{LayerOptions, LayerSource, MtimePolicy, write_layer};
+
+use crate::engine::{Ctx, StageState};
+use crate::error::{Error, Result, io_err};
+use crate::plan::{CopySource, CopyStep, FileSource};
+use crate::source::{self, Kind, Matched, Origin};
+use crate::view::ImageView;
+
+/// What a COPY/ADD reads, found before its cache key is computed.
+#[derive(Default)]
+pub(crate) struct Prepared {
+    /// Matches per source index (context sources only; stage sources are matched when run).
+    pub matches: BTreeMap<usize, Vec<Matched>>,
+    /// URLs fetched because they have no `--checksum` (their content is part of the key).
+    pub downloads: BTreeMap<usize, tempfile::NamedTempFile>,
+    /// Hash of everything read, for the key.
+    pub files_hash: Option<Digest>,
+    /// Per-file short hashes, for explanations.
+    pub files: BTreeMap<String, String>,
+}
+
+pub(crate) fn exclude_matcher(step: &CopyStep) -> Result<Option<IgnoreMatcher>> {
+    if step.exclude.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(IgnoreMatcher::parse("--exclude", &step.exclude.join("\n"))?))
+}
+
+/// Finds and hashes what `step` reads from the context (and fetches URLs without checksum).
+pub(crate) fn prepare(ctx: &Ctx<'_>, step: &CopyStep) -> Result<Prepared> {
+    let mut p = Prepared::default();
+    let exclude = exclude_matcher(step)?;
+    let mut all: Vec<Matched> = Vec::new();
+    let mut url_hashes = Vec::new();
+    for (i, s) in step.sources.iter().enumerate() {
+        match s {
+            CopySource::Path { path } if step.from == FileSource::Context => {
+                let origin = Origin {
+                    root: &ctx.context,
+                    ignore: Some(&ctx.ignore),
+                    describe: "the build context".to_string(),
+                };
+                let m = source::select(&origin, path, exclude.as_ref())?;
+                all.extend(m.iter().cloned());
+                p.matches.insert(i, m);
+            }
+            CopySource::Url { url } if step.checksum.is_none() => {
+                let f = download(ctx, url, None)?;
+                let d = source::hash_file(f.path())?;
+                p.files.insert(url.clone(), d.hex()[..16].to_string());
+                url_hashes.push(d.to_string());
+                p.downloads.insert(i, f);
+            }
+            _ => {}
+        }
+    }
+    if !all.is_empty() || !url_hashes.is_empty() {
+        let (h, files) = source::hash_matches(&all, false)?;
+        p.files.extend(files);
+        let mut parts = vec![h.to_string()];
+        parts.extend(url_hashes);
+        p.files_hash = Some(Digest::sha256(parts.join("\n").as_bytes()));
+    }
+    Ok(p)
+}
+
+fn download(ctx: &Ctx<'_>, url: &str, checksum: Option<&str>) -> Result<tempfile::NamedTempFile> {
+    let err = |message: String| Error::Download {
+        url: url.to_string(),
+        message,
+    };
+    let mut resp = ureq::get(url).call().map_err(|e| err(e.to_string()))?;
+    let mut f = tempfile::Builder::new()
+        .prefix("download-")
+        .tempfile_in(&ctx.tmp_root)
+        .map_err(io_err("creating temp file in", &ctx.tmp_root))?;
+    let mut reader = resp.body_mut().as_reader();
+    let mut hasher = strata_oci::Hasher::sha256();
+    let mut buf = vec![0u8; 128 * 1024];
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| err(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        std::io::Write::write_all(&mut f, &buf[..n]).map_err(io_err("writing", f.path()))?;
+    }
+    let got = hasher.finish();
+    if let Some(want) = checksum {
+        let want_d: Digest = want
+            .parse()
+            .map_err(|_| err(format!("--checksum `{want}` is not a digest (sha256:<hex>)")))?;
+        if want_d != got {
+            return Err(err(format!("checksum mismatch: expected {want_d}, got {got}")));
+        }
+    }
+    Ok(f)
+}
+
+/// `--chown` → uid/gid, names resolved in the target image. A user without group uses the
+/// uid as gid, as Docker documents.
+fn resolve_chown(spec: &str, view: &ImageView) -> Result<(u32, u32)> {
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let num = |s: &str| s.parse::<u32>().ok();
+    match (num(u), g.map(num)) {
+        (Some(uid), None) => Ok((uid, uid)),
+        (Some(uid), Some(Some(gid))) => Ok((uid, gid)),
+        _ => {
+            let user = strata_runtime::resolve_user(&view.top_first, spec)?;
+            Ok((user.uid, if g.is_some() { user.gid } else { user.uid }))
+        }
+    }
+}
+
+fn join_dest(dest: &str, rel: &str) -> String {
+    let d = dest.trim_end_matches('/');
+    if rel.is_empty() || rel == "." {
+        if d.is_empty() { "/".to_string() } else { d.to_string() }
+    } else {
+        format!("{d}/{rel}")
+    }
+}
+
+fn base_name(p: &str) -> &str {
+    p.rsplit('/').find(|s| !s.is_empty()).unwrap_or(p)
+}
+
+/// Staging area: what was placed and with which metadata.
+struct Stage<'a> {
+    root: PathBuf,
+    view: &'a ImageView,
+    /// Owner for created directories.
+    owner: (u32, u32),
+    /// Directories placed as entries (not merely created as parents).
+    explicit: std::collections::BTreeSet<String>,
+    /// Directories created as parents.
+    created: std::collections::BTreeSet<String>,
+}
+
+fn set_meta(path: &Path, mode: u32, uid: u32, gid: u32, symlink: bool) -> Result<()> {
+    let root = rustix::process::geteuid().is_root();
+    if root {
+        let r = if symlink {
+            std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        } else {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        };
+        r.map_err(io_err("chown", path))?;
+    }
+    if !symlink {
+        // After chown: chown clears setuid/setgid bits.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(io_err("chmod", path))?;
+    }
+    Ok(())
+}
+
+impl Stage<'_> {
+    fn host(&self, abs: &str) -> PathBuf {
+        self.root.join(abs.trim_start_matches('/'))
+    }
+
+    /// Creates the parents of `abs` that are missing in the staging dir.
+    fn parents(&mut self, abs: &str) -> Result<()> {
+        let parts: Vec<&str> = abs.split('/').filter(|s| !s.is_empty()).collect();
+        let mut prefix = String::new();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            prefix.push('/');
+            prefix.push_str(part);
+            let p = self.host(&prefix);
+            match std::fs::symlink_metadata(&p) {
+                Ok(md) if md.is_dir() => continue,
+                Ok(_) => std::fs::remove_file(&p).map_err(io_err("removing", &p))?,
+                Err(_) => {}
+            }
+            std::fs::create_dir(&p).map_err(io_err("creating directory", &p))?;
+            self.created.insert(prefix.clone());
+        }
+        Ok(())
+    }
+
+    fn dir(&mut self, abs: &str, mode: u32, owner: (u32, u32)) -> Result<()> {
+        self.parents(abs)?;
+        let p = self.host(abs);
+        match std::fs::symlink_metadata(&p) {
+            Ok(md) if md.is_dir() => {}
+            Ok(_) => {
+                std::fs::remove_file(&p).map_err(io_err("removing", &p))?;
+                std::fs::create_dir(&p).map_err(io_err("creating directory", &p))?;
+            }
+            Err(_) => std::fs::create_dir(&p).map_err(io_err("creating directory", &p))?,
+        }
+        self.created.remove(abs);
+        self.explicit.insert(abs.to_string());
+        set_meta(&p, mode, owner.0, owner.1, false)
+    }
+
+    fn clear(&mut self, abs: &str) -> Result<PathBuf> {
+        self.parents(abs)?;
+        let p = self.host(abs);
+        match std::fs::symlink_metadata(&p) {
+            Ok(md) if md.is_dir() => std::fs::remove_dir_all(&p).map_err(io_err("removing", &p))?,
+            Ok(_) => std::fs::remove_file(&p).map_err(io_err("removing", &p))?,
+            Err(_) => {}
+        }
+        Ok(p)
+    }
+
+    fn file_from(&mut self, abs: &str, src: &Path, mode: u32, owner: (u32, u32)) -> Result<()> {
+        let p = self.clear(abs)?;
+        std::fs::copy(src, &p).map_err(io_err("copying", src))?;
+        set_meta(&p, mode, owner.0, owner.1, false)
+    }
+
+    fn file_bytes(&mut self, abs: &str, bytes: &[u8], mode: u32, owner: (u32, u32)) -> Result<()> {
+        let p = self.clear(abs)?;
+        std::fs::write(&p, bytes).map_err(io_err("writing", &p))?;
+        set_meta(&p, mode, owner.0, owner.1, false)
+    }
+
+    fn symlink(&mut self, abs: &str, target: &Path, owner: (u32, u32)) -> Result<()> {
+        let p = self.clear(abs)?;
+        std::os::unix::fs::symlink(target, &p).map_err(io_err("creating symlink", &p))?;
+        set_meta(&p, 0, owner.0, owner.1, true)
+    }
+
+    /// Gives directories created only as parents the image's metadata when the image has
+    /// them (the layer must not change them), else 0755 and the copy's owner.
+    fn finish_parents(&self) -> Result<()> {
+        for d in &self.created {
+            let p = self.host(d);
+            match self.view.lookup(d) {
+                Some(md) if md.is_dir() => set_meta(&p, md.mode() & 0o7777, md.uid(), md.gid(), false)?,
+                _ => set_meta(&p, 0o755, self.owner.0, self.owner.1, false)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_archive(path: &Path) -> bool {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut head = [0u8; 8];
+    let Ok(n) = f.read(&mut head) else {
+        return false;
+    };
+    let compression = strata_rootfs::sniff_compression(&head[..n]);
+    let Ok(f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let Ok(mut r) = strata_rootfs::decompress(f, compression) else {
+        return false;
+    };
+    let mut block = vec![0u8; 512];
+    if r.read_exact(&mut block).is_err() {
+        return false;
+    }
+    &block[257..262] == b"ustar"
+}
+
+fn extract(path: &Path, dest: &Path) -> Result<()> {
+    let mut head = [0u8; 8];
+    let mut f = std::fs::File::open(path).map_err(io_err("opening", path))?;
+    let n = f.read(&mut head).map_err(io_err("reading", path))?;
+    let compression = strata_rootfs::sniff_compression(&head[..n]);
+    let f = std::fs::File::open(path).map_err(io_err("opening", path))?;
+    strata_rootfs::apply_layer(f, compression, dest)?;
+    Ok(())
+}
+
+/// Writes the layer of `step` on top of `state`; `None` when it copies nothing.
+pub(crate) fn copy_step(
+    ctx: &Ctx<'_>,
+    state: &StageState,
+    step: &CopyStep,
+    prepared: &mut Prepared,
+) -> Result<Option<(Descriptor, Digest)>> {
+    let needs_view = !step.link
+        || step
+            .chown
+            .as_deref()
+            .is_some_and(|c| c.split(':').any(|p| p.parse::<u32>().is_err()));
+    let view = if needs_view && !state.layers.is_empty() {
+        ImageView {
+            top_first: ctx.snapshots_of(&state.layers)?.into_iter().rev().collect(),
+        }
+    } else {
+        ImageView::default()
+    };
+    let chown = match &step.chown {
+        Some(c) => Some(resolve_chown(c, &view)?),
+        None => None,
+    };
+    let owner = chown.unwrap_or((0, 0));
+    let staging = ctx.tempdir("copy-")?;
+    let mut st = Stage {
+        root: staging.path().to_path_buf(),
+        view: &view,
+        owner,
+        explicit: Default::default(),
+        created: Default::default(),
+    };
+    let exclude = exclude_matcher(step)?;
+    let origin_root = match &step.from {
+        FileSource::Context => ctx.context.clone(),
+        other => ctx.origin_root(other)?,
+    };
+    let keep_owner = step.from != FileSource::Context;
+    let dest_dir_like = step.dest_is_dir || view.is_dir(&step.dest);
+    let unpack = step.add && step.unpack != Some(false);
+
+    for (i, s) in step.sources.iter().enumerate() {
+        match s {
+            CopySource::Path { path } => {
+                let matches = match prepared.matches.remove(&i) {
+                    Some(m) => m,
+                    None => {
+                        let origin = Origin {
+                            root: &origin_root,
+                            ignore: None,
+                            describe: match &step.from {
+                                FileSource::Stage { index } => format!("stage {index}"),
+                                FileSource::Image { name, .. } => format!("image `{name}`"),
+                                FileSource::Context => "the build context".into(),
+                            },
+                        };
+                        source::select(&origin, path, exclude.as_ref())?
+                    }
+                };
+                let many = matches.len() > 1;
+                if many && !step.dest_is_dir {
+                    return Err(Error::Usage(
+                        "when using COPY with more than one source file, the destination must be a directory and end with a /".into(),
+                    ));
+                }
+                for m in &matches {
+                    let top = if step.parents {
+                        join_dest(&step.dest, &m.rel)
+                    } else if m.is_dir {
+                        step.dest.clone()
+                    } else if dest_dir_like || many {
+                        join_dest(&step.dest, base_name(&m.rel))
+                    } else {
+                        step.dest.clone()
+                    };
+                    place(&mut st, m, &top, step, chown, keep_owner, unpack)?;
+                }
+            }
+            CopySource::Url { url } => {
+                let f = match prepared.downloads.remove(&i) {
+                    Some(f) => f,
+                    None => download(ctx, url, step.checksum.as_deref())?,
+                };
+                let name = base_name(url.split(['?', '#']).next().unwrap_or(url));
+                let target = if step.dest_is_dir || dest_dir_like {
+                    join_dest(&step.dest, name)
+                } else {
+                    step.dest.clone()
+                };
+                st.file_from(&target, f.path(), step.chmod.unwrap_or(0o600), owner)?;
+            }
+            CopySource::Inline { name, content } => {
+                let target = if step.dest_is_dir || dest_dir_like {
+                    join_dest(&step.dest, name)
+                } else {
+                    step.dest.clone()
+                };
+                st.file_bytes(&target, content.as_bytes(), step.chmod.unwrap_or(0o644), owner)?;
+            }
+        }
+    }
+    st.finish_parents()?;
+    if std::fs::read_dir(staging.path())
+        .map_err(io_err("reading directory", staging.path()))?
+        .next()
+        .is_none()
+    {
+        return Ok(None);
+    }
+    let opts = LayerOptions {
+        compression: ctx.opts.compression,
+        mtime: MtimePolicy::Set(ctx.epoch),
+        ..LayerOptions::default()
+    };
+    let mut writer = ctx.store.blob_writer()?;
+    let info = write_layer(LayerSource::Dir(staging.path()), &opts, &mut writer)?;
+    writer.commit(Some((&info.digest, Some(info.size))))?;
+    let _ = Compression::Gzip;
+    Ok(Some((info.descriptor(), info.diff_id)))
+}
+
+fn place(
+    st: &mut Stage<'_>,
+    m: &Matched,
+    top: &str,
+    step: &CopyStep,
+    chown: Option<(u32, u32)>,
+    keep_owner: bool,
+    unpack: bool,
+) -> Result<()> {
+    for e in &m.entries {
+        let abs = join_dest(top, &e.rel);
+        let owner = match chown {
+            Some(o) => o,
+            None if keep_owner => (e.uid, e.gid),
+            None => (0, 0),
+        };
+        let mode = step.chmod.unwrap_or(e.mode);
+        match &e.kind {
+            Kind::Dir if e.rel.is_empty() => {
+                // The destination directory: keep the image's when it has one.
+                match st.view.lookup(&abs) {
+                    Some(md) if md.is_dir() => {
+                        st.dir(&abs, md.mode() & 0o7777, (md.uid(), md.gid()))?
+                    }
+                    _ => st.dir(&abs, 0o755, st.owner)?,
+                }
+            }
+            Kind::Dir => st.dir(&abs, mode, owner)?,
+            Kind::File { .. } if unpack && e.rel.is_empty() && is_archive(&e.path) => {
+                let dir_abs = step.dest.clone();
+                match st.view.lookup(&dir_abs) {
+                    Some(md) if md.is_dir() => {
+                        st.dir(&dir_abs, md.mode() & 0o7777, (md.uid(), md.gid()))?
+                    }
+                    _ => st.dir(&dir_abs, 0o755, st.owner)?,
+                }
+                extract(&e.path, &st.host(&dir_abs))?;
+            }
+            Kind::File { .. } => st.file_from(&abs, &e.path, mode, owner)?,
+            Kind::Symlink { target } => st.symlink(&abs, target, owner)?,
+            Kind::Other => {}
+        }
+    }
+    Ok(())
+}
+
+/// Copies a directory tree (metadata included) into `dst`, which must exist.
+pub(crate) fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    for e in std::fs::read_dir(src).map_err(io_err("reading directory", src))? {
+        let e = e.map_err(io_err("reading directory", src))?;
+        copy_any(&e.path(), &dst.join(e.file_name()))?;
+    }
+    Ok(())
+}
+
+/// Copies a file, symlink or directory tree to `dst` (which must not exist).
+pub(crate) fn copy_any(src: &Path, dst: &Path) -> Result<()> {
+    let md = std::fs::symlink_metadata(src).map_err(io_err("stat", src))?;
+    let ft = md.file_type();
+    if ft.is_dir() {
+        std::fs::create_dir(dst).map_err(io_err("creating directory", dst))?;
+        copy_tree(src, dst)?;
+        set_meta(dst, md.mode() & 0o7777, md.uid(), md.gid(), false)
+    } else if ft.is_symlink() {
+        let t = std::fs::read_link(src).map_err(io_err("reading symlink", src))?;
+        std::os::unix::fs::symlink(&t, dst).map_err(io_err("creating symlink", dst))?;
+        set_meta(dst, 0, md.uid(), md.gid(), true)
+    } else if ft.is_file() {
+        std::fs::copy(src, dst).map_err(io_err("copying", src))?;
+        set_meta(dst, md.mode() & 0o7777, md.uid(), md.gid(), false)
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,803 @@
+//! The solver: runs a [`Plan`]'s stages (independent ones in parallel), step by step through
+//! the cache, and stores the final image.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use strata_dockerfile::{Dockerfile, IgnoreMatcher};
+use strata_oci::{
+    Compression, ContainerConfig, Descriptor, Digest, History, ImageConfig, Manifest, Platform,
+    Reference, RootFs, media_type,
+};
+use strata_rootfs::{LayerRef, MtimePolicy, SnapshotCache};
+use strata_runtime::RuntimeConfig;
+use strata_store::Store;
+
+use crate::cache::{self, BaseInput, BuildRecord, CacheEntry, StepInputs};
+use crate::copy;
+use crate::error::{Error, Result, io_err};
+use crate::plan::{
+    Base, FileSource, ImageResolver, Plan, PlanOptions, ResolvedImage, RunMount,
+    StepKind, plan,
+};
+use crate::progress::{Event, Progress, StepRef};
+use crate::run;
+use crate::source::{self, Origin};
+
+/// Everything a single build needs besides the store.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// The build context directory.
+    pub context: PathBuf,
+    /// The Dockerfile (default: `<context>/Dockerfile`).
+    pub dockerfile: Option<PathBuf>,
+    /// `--build-arg K=V`.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`.
+    pub target: Option<String>,
+    /// `-t` names (`myapp`, `myapp:1`); stored as refs.
+    pub tags: Vec<String>,
+    /// Name used for the content tag's repository and for `explain`'s record (default: the
+    /// first tag's repository, else `strata-build`).
+    pub name: Option<String>,
+    /// `--no-cache`: run every step (results are still stored for later builds).
+    pub no_cache: bool,
+    /// `--explain`: emit an [`Event::Explain`] for each step that missed.
+    pub explain: bool,
+    /// `--secret id=…,src=…`: secret id → file.
+    pub secrets: BTreeMap<String, PathBuf>,
+    /// Also tag `<name>:deployment-<ULID>`.
+    pub deployment_tag: bool,
+    /// Replace the first stage's `FROM` image (strata.toml `from`).
+    pub from_override: Option<String>,
+    /// Part of the first stage's base key (strata.toml `from_cache_version`).
+    pub from_cache_version: Option<String>,
+    /// Labels added to the final image (strata.toml `labels`).
+    pub labels: BTreeMap<String, String>,
+    /// Ignore patterns added to `.dockerignore`'s (strata.toml `ignore`).
+    pub extra_ignore: Vec<String>,
+    /// Image names resolved to exact manifests instead of the store's refs (project
+    /// dependencies, `strata.lock`). Keys are local names (`busybox:latest`).
+    pub pinned: BTreeMap<String, Descriptor>,
+    /// Layer compression.
+    pub compression: Compression,
+    /// runc to use (default: found by [`RuntimeConfig::detect`]).
+    pub runc: Option<PathBuf>,
+}
+
+impl BuildOptions {
+    /// Options for building `context` with its `Dockerfile`, everything else default.
+    pub fn new(context: impl Into<PathBuf>) -> Self {
+        BuildOptions {
+            context: context.into(),
+            dockerfile: None,
+            build_args: BTreeMap::new(),
+            target: None,
+            tags: Vec::new(),
+            name: None,
+            no_cache: false,
+            explain: false,
+            secrets: BTreeMap::new(),
+            deployment_tag: false,
+            from_override: None,
+            from_cache_version: None,
+            labels: BTreeMap::new(),
+            extra_ignore: Vec::new(),
+            pinned: BTreeMap::new(),
+            compression: Compression::Gzip,
+            runc: None,
+        }
+    }
+}
+
+/// What a build produced.
+#[derive(Debug, Clone)]
+pub struct BuildOutcome {
+    /// The image manifest's descriptor.
+    pub descriptor: Descriptor,
+    /// The config blob's digest.
+    pub config_digest: Digest,
+    /// The final step's cache key (hex).
+    pub cache_key: String,
+    /// `<name>:strata-<16 hex of the key>`: the same inputs give the same tag anywhere.
+    pub content_tag: String,
+    /// Every ref set (user tags, content tag, deployment tag), as local names.
+    pub tags: Vec<String>,
+    /// The `deployment-<ULID>` ref, when asked.
+    pub deployment_tag: Option<String>,
+    /// Steps that ran.
+    pub steps_run: usize,
+    /// Steps answered by the cache.
+    pub steps_cached: usize,
+    /// `(step text, reason)` for each step that missed.
+    pub explanations: Vec<(String, String)>,
+    /// External images the build read (`FROM`, `--from`), by local name.
+    pub images_used: BTreeMap<String, Digest>,
+}
+
+/// Resolves image names in the store, honouring pins; remembers what it resolved.
+pub struct StoreResolver<'a> {
+    store: &'a Store,
+    pinned: &'a BTreeMap<String, Descriptor>,
+    used: Mutex<BTreeMap<String, Digest>>,
+}
+
+impl<'a> StoreResolver<'a> {
+    /// A resolver over `store` with `pinned` names.
+    pub fn new(store: &'a Store, pinned: &'a BTreeMap<String, Descriptor>) -> Self {
+        StoreResolver {
+            store,
+            pinned,
+            used: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The images resolved so far.
+    pub fn used(&self) -> BTreeMap<String, Digest> {
+        match self.used.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+/// The descriptor of a manifest stored under `digest` (media type from its content).
+pub fn descriptor_for_digest(store: &Store, digest: &Digest) -> Result<Option<Descriptor>> {
+    if !store.has_blob(digest) {
+        return Ok(None);
+    }
+    let bytes = store.read_blob(digest)?;
+    let mt = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("mediaType").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_else(|| media_type::OCI_MANIFEST.to_string());
+    Ok(Some(Descriptor::new(mt, digest.clone(), bytes.len() as u64)))
+}
+
+impl ImageResolver for StoreResolver<'_> {
+    fn resolve(&self, name: &str) -> Result<Option<ResolvedImage>> {
+        let reference = Reference::parse_local(name)?;
+        let local = reference.to_string();
+        let host = Platform::host();
+        let desc = if let Some(d) = self.pinned.get(&local) {
+            Some(d.clone())
+        } else if let Some(d) = reference.digest() {
+            descriptor_for_digest(self.store, d)?
+        } else {
+            self.store.get_ref(&local)?
+        };
+        let Some(desc) = desc else {
+            return Ok(None);
+        };
+        let img = self.store.resolve_image(&local, desc, &host)?;
+        let config = ImageConfig::from_slice(&img.config_bytes)?;
+        match self.used.lock() {
+            Ok(mut g) => g.insert(local.clone(), img.descriptor.digest.clone()),
+            Err(p) => p.into_inner().insert(local.clone(), img.descriptor.digest.clone()),
+        };
+        Ok(Some(ResolvedImage {
+            name: local,
+            descriptor: img.descriptor,
+            manifest: img.manifest,
+            config,
+        }))
+    }
+}
+
+/// A stage's filesystem and config at some step.
+#[derive(Debug, Clone)]
+pub(crate) struct StageState {
+    pub layers: Vec<LayerRef>,
+    pub history: Vec<History>,
+    pub config: ContainerConfig,
+    pub platform: Platform,
+    pub key: String,
+}
+
+/// Shared by every stage of one build.
+pub(crate) struct Ctx<'a> {
+    pub store: &'a Store,
+    pub opts: &'a BuildOptions,
+    pub progress: &'a dyn Progress,
+    pub snapshots: SnapshotCache,
+    pub tmp_root: PathBuf,
+    pub context: PathBuf,
+    pub ignore: IgnoreMatcher,
+    pub image_name: String,
+    pub epoch: u64,
+    pub created: String,
+    pub run_mtime: MtimePolicy,
+    pub multi_stage: bool,
+    pub resolver: &'a StoreResolver<'a>,
+    runtime: Mutex<Option<RuntimeConfig>>,
+    materialized: Mutex<HashMap<String, Arc<tempfile::TempDir>>>,
+    /// Final states of finished stages (for `--from` reads).
+    pub stages: Mutex<BTreeMap<usize, StageState>>,
+}
+
+impl Ctx<'_> {
+    pub fn tempdir(&self, prefix: &str) -> Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&self.tmp_root)
+            .map_err(io_err("creating temporary directory in", &self.tmp_root))
+    }
+
+    fn open_blob(&self, d: &Descriptor) -> std::io::Result<strata_store::VerifyingReader> {
+        self.store.open_descriptor(d).map_err(std::io::Error::other)
+    }
+
+    /// The snapshot directories of `layers`, bottom first (unpacked on first use).
+    pub fn snapshots_of(&self, layers: &[LayerRef]) -> Result<Vec<PathBuf>> {
+        Ok(self.snapshots.ensure(layers, |d| self.open_blob(d))?)
+    }
+
+    pub fn runtime(&self) -> Result<RuntimeConfig> {
+        let mut g = match self.runtime.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(r) = g.as_ref() {
+            return Ok(r.clone());
+        }
+        let state_root = self.store.root().join("strata/runtime");
+        let mut cfg = RuntimeConfig::detect(state_root)?;
+        if let Some(r) = &self.opts.runc {
+            cfg.runc = r.clone();
+        }
+        *g = Some(cfg.clone());
+        Ok(cfg)
+    }
+
+    /// A flattened rootfs of a stage or image, for `COPY --from` and bind mounts.
+    pub fn origin_root(&self, from: &FileSource) -> Result<PathBuf> {
+        let (key, layers) = match from {
+            FileSource::Context => return Ok(self.context.clone()),
+            FileSource::Stage { index } => {
+                let stages = match self.stages.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                let st = stages
+                    .get(index)
+                    .ok_or_else(|| Error::DependencyFailed {
+                        stage: index.to_string(),
+                    })?;
+                (st.key.clone(), st.layers.clone())
+            }
+            FileSource::Image { name, .. } => {
+                let img = self.resolver.resolve(name)?.ok_or_else(|| Error::BaseNotFound {
+                    location: "--from".into(),
+                    image: name.clone(),
+                })?;
+                (img.descriptor.digest.to_string(), img.layers())
+            }
+        };
+        let mut map = match self.materialized.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(t) = map.get(&key) {
+            return Ok(t.path().join("rootfs"));
+        }
+        let t = self.tempdir("rootfs-")?;
+        let dest = t.path().join("rootfs");
+        strata_rootfs::materialize(&layers, |d| self.open_blob(d), &dest)?;
+        map.insert(key, Arc::new(t));
+        Ok(dest)
+    }
+}
+
+/// RFC 3339 of a Unix time.
+fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+/// The creation time used for configs and history: `$SOURCE_DATE_EPOCH`, else 0 (1970), so
+/// the same inputs give the same image digest.
+pub fn build_epoch() -> u64 {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn local(name: &str) -> Result<String> {
+    Ok(Reference::parse_local(name)?.to_string())
+}
+
+fn repository_of(name: &str) -> Result<String> {
+    let r = Reference::parse_local(name)?;
+    Ok(r.name())
+}
+
+/// Builds one Dockerfile: plans it, runs or reuses every step, stores the image and its refs.
+pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Result<BuildOutcome> {
+    let started = Instant::now();
+    let context = std::fs::canonicalize(&opts.context).map_err(io_err(
+        "opening build context",
+        &opts.context,
+    ))?;
+    let dockerfile_path = match &opts.dockerfile {
+        Some(p) => p.clone(),
+        None => context.join("Dockerfile"),
+    };
+    let df = Dockerfile::from_file(&dockerfile_path)?;
+    for w in &df.warnings {
+        progress.event(&Event::Warning {
+            message: format!("{}:{}: {}", df.file, w.line, w.message),
+        });
+    }
+    let mut ignore_text = match strata_dockerfile::find_ignore_file(&context, Some(&dockerfile_path))
+    {
+        Some(p) => std::fs::read_to_string(&p).map_err(io_err("reading", &p))?,
+        None => String::new(),
+    };
+    for extra in &opts.extra_ignore {
+        ignore_text.push('\n');
+        ignore_text.push_str(extra);
+    }
+    let ignore = IgnoreMatcher::parse(".dockerignore", &ignore_text)?;
+
+    let resolver = StoreResolver::new(store, &opts.pinned);
+    let plan = plan(
+        &df,
+        &PlanOptions {
+            build_args: &opts.build_args,
+            target: opts.target.as_deref(),
+            from_override: opts.from_override.as_deref(),
+            images: &resolver,
+        },
+    )?;
+
+    let name = match (&opts.name, opts.tags.first()) {
+        (Some(n), _) => repository_of(n)?,
+        (None, Some(t)) => repository_of(t)?,
+        (None, None) => "strata-build".to_string(),
+    };
+    let epoch = build_epoch();
+    let tmp_root = store.root().join("strata/tmp");
+    let ctx = Ctx {
+        store,
+        opts,
+        progress,
+        snapshots: SnapshotCache::new(store.root().join("strata/snapshots"))?,
+        tmp_root,
+        context,
+        ignore,
+        image_name: name.clone(),
+        epoch,
+        created: rfc3339(epoch),
+        run_mtime: MtimePolicy::from_source_date_epoch().unwrap_or(MtimePolicy::Keep),
+        multi_stage: plan.order.len() > 1,
+        resolver: &resolver,
+        runtime: Mutex::new(None),
+        materialized: Mutex::new(HashMap::new()),
+        stages: Mutex::new(BTreeMap::new()),
+    };
+    progress.event(&Event::BuildStarted {
+        image: name.clone(),
+        stages: plan.order.len(),
+    });
+    // Blobs written from here on are unreferenced until the ref is set.
+    let _session = store.write_session()?;
+    let previous = cache::load_record(store, &name)?;
+    let mut record = BuildRecord::default();
+    let mut counts = (0usize, 0usize);
+    let mut explanations = Vec::new();
+
+    let mut remaining: Vec<usize> = plan.order.clone();
+    while !remaining.is_empty() {
+        let done: Vec<usize> = {
+            let g = match ctx.stages.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            g.keys().copied().collect()
+        };
+        let ready: Vec<usize> = remaining
+            .iter()
+            .copied()
+            .filter(|i| plan.stages[*i].deps.iter().all(|d| done.contains(d)))
+            .collect();
+        if ready.is_empty() {
+            return Err(Error::Usage("stage dependencies form a cycle".into()));
+        }
+        let results: Vec<Result<StageRun>> = if ready.len() == 1 {
+            vec![run_stage(&ctx, &plan, ready[0], previous.as_ref())]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = ready
+                    .iter()
+                    .map(|&i| {
+                        let ctx = &ctx;
+                        let plan = &plan;
+                        let previous = previous.as_ref();
+                        s.spawn(move || run_stage(ctx, plan, i, previous))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(Error::Usage("a build thread panicked".into()))
+                        })
+                    })
+                    .collect()
+            })
+        };
+        for (i, r) in ready.iter().zip(results) {
+            let r = r?;
+            counts.0 += r.run;
+            counts.1 += r.cached;
+            explanations.extend(r.explanations);
+            record
+                .stages
+                .insert(plan.stages[*i].display_name(), r.inputs);
+            match ctx.stages.lock() {
+                Ok(mut g) => g.insert(*i, r.state),
+                Err(p) => p.into_inner().insert(*i, r.state),
+            };
+        }
+        remaining.retain(|i| !ready.contains(i));
+    }
+
+    let mut state = {
+        let g = match ctx.stages.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.get(&plan.target)
+            .cloned()
+            .ok_or_else(|| Error::Usage("target stage was not built".into()))?
+    };
+    if !opts.labels.is_empty() {
+        let change = crate::config::ConfigChange::Label {
+            labels: opts
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        state.key = cache::step_key(&state.key, &StepKind::Config(change.clone()), None, None);
+        change.apply(&mut state.config);
+    }
+
+    // The image: canonical config, OCI manifest.
+    let config = ImageConfig {
+        created: Some(ctx.created.clone()),
+        architecture: state.platform.architecture.clone(),
+        os: state.platform.os.clone(),
+        variant: state.platform.variant.clone(),
+        config: Some(state.config.clone()),
+        rootfs: RootFs {
+            diff_ids: state.layers.iter().map(|l| l.diff_id.clone()).collect(),
+            ..RootFs::default()
+        },
+        history: Some(state.history.clone()),
+        ..ImageConfig::default()
+    };
+    let config_bytes = config.to_canonical_json()?;
+    let (config_digest, config_size) = store.put_blob_bytes(&config_bytes, None)?;
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: Some(media_type::OCI_MANIFEST.to_string()),
+        artifact_type: None,
+        config: Descriptor::new(media_type::OCI_CONFIG, config_digest.clone(), config_size),
+        layers: state.layers.iter().map(|l| l.descriptor.clone()).collect(),
+        subject: None,
+        annotations: None,
+    };
+    let descriptor = store.put_manifest(&manifest)?;
+    let content_tag = format!("{name}:strata-{}", &state.key[..16]);
+    let mut tags = Vec::new();
+    for t in &opts.tags {
+        tags.push(local(t)?);
+    }
+    tags.push(content_tag.clone());
+    let deployment_tag = if opts.deployment_tag {
+        let t = format!(
+            "{name}:deployment-{}",
+            ulid::Ulid::generate().to_string()
+        );
+        tags.push(t.clone());
+        Some(t)
+    } else {
+        None
+    };
+    for t in &tags {
+        store.set_ref(t, descriptor.clone())?;
+    }
+    cache::save_record(store, &name, &record)?;
+    progress.event(&Event::ImageDone {
+        image: name,
+        digest: descriptor.digest.to_string(),
+        content_tag: content_tag.clone(),
+        tags: tags.clone(),
+        duration: started.elapsed(),
+        steps_run: counts.0,
+        steps_cached: counts.1,
+    });
+    Ok(BuildOutcome {
+        descriptor,
+        config_digest,
+        cache_key: state.key,
+        content_tag,
+        tags,
+        deployment_tag,
+        steps_run: counts.0,
+        steps_cached: counts.1,
+        explanations,
+        images_used: resolver.used(),
+    })
+}
+
+struct StageRun {
+    state: StageState,
+    inputs: Vec<StepInputs>,
+    run: usize,
+    cached: usize,
+    explanations: Vec<(String, String)>,
+}
+
+fn short(d: &str) -> String {
+    d.chars().take(19).collect()
+}
+
+fn run_stage(
+    ctx: &Ctx<'_>,
+    plan: &Plan,
+    idx: usize,
+    previous: Option<&BuildRecord>,
+) -> Result<StageRun> {
+    let sp = &plan.stages[idx];
+    let host = Platform::host();
+    let platform_text = format!("{}/{}", host.os, host.architecture);
+    let fcv = if idx == 0 {
+        ctx.opts.from_cache_version.as_deref()
+    } else {
+        None
+    };
+    let (mut state, base_desc) = match &sp.base {
+        Base::Scratch => (
+            StageState {
+                layers: Vec::new(),
+                history: Vec::new(),
+                config: ContainerConfig::default(),
+                platform: host.clone(),
+                key: cache::base_key(&BaseInput::Scratch, fcv, &platform_text),
+            },
+            "scratch".to_string(),
+        ),
+        Base::Image(img) => {
+            let mut config = img.config.config.clone().unwrap_or_default();
+            config.on_build = None;
+            let digest = img.descriptor.digest.to_string();
+            (
+                StageState {
+                    layers: img.layers(),
+                    history: img.config.history.clone().unwrap_or_default(),
+                    config,
+                    platform: img.config.platform(),
+                    key: cache::base_key(
+                        &BaseInput::Image {
+                            digest: digest.clone(),
+                        },
+                        fcv,
+                        &platform_text,
+                    ),
+                },
+                format!("{}@{}", img.name, short(&digest)),
+            )
+        }
+        Base::Stage(j) => {
+            let g = match ctx.stages.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            let mut st = g.get(j).cloned().ok_or_else(|| Error::DependencyFailed {
+                stage: plan.stages[*j].display_name(),
+            })?;
+            st.config.on_build = None;
+            let desc = format!("stage {} {}", plan.stages[*j].display_name(), &st.key[..12]);
+            st.key = cache::base_key(&BaseInput::Stage { key: st.key.clone() }, fcv, &platform_text);
+            (st, desc)
+        }
+    };
+    let prev_steps = previous.and_then(|p| p.stages.get(&sp.display_name()));
+    let total = sp.steps.len();
+    let mut out = StageRun {
+        state: state.clone(),
+        inputs: Vec::new(),
+        run: 0,
+        cached: 0,
+        explanations: Vec::new(),
+    };
+    for (i, step) in sp.steps.iter().enumerate() {
+        let step_ref = StepRef {
+            image: if ctx.opts.name.is_some() {
+                ctx.image_name.clone()
+            } else {
+                String::new()
+            },
+            stage: ctx.multi_stage.then(|| sp.display_name()),
+            index: i + 1,
+            total,
+            text: step.text.clone(),
+        };
+        let wrap = |e: Error| e.at(&step.location.to_string(), &step.text);
+        let mut inputs = StepInputs {
+            text: step.text.clone(),
+            instruction: String::from_utf8_lossy(&strata_oci::to_canonical_json(&step.kind))
+                .to_string(),
+            base: (i == 0).then(|| base_desc.clone()),
+            ..StepInputs::default()
+        };
+        let started = Instant::now();
+        let (key, hit) = match &step.kind {
+            StepKind::Config(change) => {
+                let key = cache::step_key(&state.key, &step.kind, None, None);
+                change.apply(&mut state.config);
+                state.history.push(History {
+                    created: Some(ctx.created.clone()),
+                    created_by: Some(step.text.clone()),
+                    comment: Some("strata".to_string()),
+                    empty_layer: Some(true),
+                    ..History::default()
+                });
+                // Recorded like filesystem steps so a changed ENV/LABEL reads as a miss.
+                let hit = lookup(ctx, &key)?.is_some();
+                if !hit {
+                    cache::put(ctx.store, &key, &CacheEntry::default())?;
+                }
+                (key, hit)
+            }
+            StepKind::Copy(c) => {
+                let mut prepared = copy::prepare(ctx, c).map_err(wrap)?;
+                inputs.files = std::mem::take(&mut prepared.files);
+                let origin_key = stage_key_of(ctx, &c.from);
+                let key = cache::step_key(
+                    &state.key,
+                    &step.kind,
+                    prepared.files_hash.as_ref(),
+                    origin_key.as_deref(),
+                );
+                let entry = lookup(ctx, &key)?;
+                let (entry, hit) = match entry {
+                    Some(e) => (e, true),
+                    None => {
+                        ctx.progress.event(&Event::StepStarted {
+                            step: step_ref.clone(),
+                        });
+                        let layer = copy::copy_step(ctx, &state, c, &mut prepared).map_err(wrap)?;
+                        let e = CacheEntry {
+                            layer: layer.as_ref().map(|l| l.0.clone()),
+                            diff_id: layer.map(|l| l.1),
+                        };
+                        cache::put(ctx.store, &key, &e)?;
+                        (e, false)
+                    }
+                };
+                push_layer(ctx, &mut state, &entry, &step.text);
+                (key, hit)
+            }
+            StepKind::Run(r) => {
+                inputs.args = r.args.clone();
+                // Bind mounts read files: their content is an input like COPY's.
+                let mut extra = Vec::new();
+                for m in &r.mounts {
+                    if let RunMount::Bind { from, source, .. } = m {
+                        match from {
+                            FileSource::Context => {
+                                let origin = Origin {
+                                    root: &ctx.context,
+                                    ignore: Some(&ctx.ignore),
+                                    describe: "the build context".into(),
+                                };
+                                let matches =
+                                    source::select(&origin, source, None).map_err(wrap)?;
+                                let (h, files) =
+                                    source::hash_matches(&matches, false).map_err(wrap)?;
+                                inputs.files.extend(files);
+                                extra.push(h.to_string());
+                            }
+                            other => {
+                                if let Some(k) = stage_key_of(ctx, other) {
+                                    extra.push(k);
+                                }
+                            }
+                        }
+                    }
+                }
+                let files_hash =
+                    (!extra.is_empty()).then(|| Digest::sha256(extra.join("\n").as_bytes()));
+                let key = cache::step_key(&state.key, &step.kind, files_hash.as_ref(), None);
+                let entry = lookup(ctx, &key)?;
+                let (entry, hit) = match entry {
+                    Some(e) => (e, true),
+                    None => {
+                        ctx.progress.event(&Event::StepStarted {
+                            step: step_ref.clone(),
+                        });
+                        let layer = run::run_step(ctx, &state, step, r, &step_ref).map_err(wrap)?;
+                        let e = CacheEntry {
+                            layer: layer.as_ref().map(|l| l.0.clone()),
+                            diff_id: layer.map(|l| l.1),
+                        };
+                        cache::put(ctx.store, &key, &e)?;
+                        (e, false)
+                    }
+                };
+                push_layer(ctx, &mut state, &entry, &step.text);
+                (key, hit)
+            }
+        };
+        state.key = key.clone();
+        inputs.key = key;
+        if hit {
+            out.cached += 1;
+            ctx.progress.event(&Event::StepCached { step: step_ref });
+        } else {
+            out.run += 1;
+            let prev = prev_steps.and_then(|p| p.get(i));
+            let reason = cache::explain(prev, &inputs);
+            if ctx.opts.explain {
+                ctx.progress.event(&Event::Explain {
+                    step: step_ref.clone(),
+                    reason: reason.clone(),
+                });
+            }
+            out.explanations.push((step.text.clone(), reason));
+            ctx.progress.event(&Event::StepDone {
+                step: step_ref,
+                duration: started.elapsed(),
+            });
+        }
+        out.inputs.push(inputs);
+    }
+    out.state = state;
+    Ok(out)
+}
+
+/// The final key of the stage a `--from` names (its content is identified by it).
+fn stage_key_of(ctx: &Ctx<'_>, from: &FileSource) -> Option<String> {
+    match from {
+        FileSource::Stage { index } => {
+            let g = match ctx.stages.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            g.get(index).map(|s| s.key.clone())
+        }
+        _ => None,
+    }
+}
+
+fn lookup(ctx: &Ctx<'_>, key: &str) -> Result<Option<CacheEntry>> {
+    if ctx.opts.no_cache {
+        return Ok(None);
+    }
+    cache::get(ctx.store, key)
+}
+
+fn push_layer(ctx: &Ctx<'_>, state: &mut StageState, entry: &CacheEntry, text: &str) {
+    let empty = match (&entry.layer, &entry.diff_id) {
+        (Some(d), Some(id)) => {
+            state.layers.push(LayerRef {
+                descriptor: d.clone(),
+                diff_id: id.clone(),
+            });
+            false
+        }
+        _ => true,
+    };
+    state.history.push(History {
+        created: Some(ctx.created.clone()),
+        created_by: Some(text.to_string()),
+        comment: Some("strata".to_string()),
+        empty_layer: empty.then_some(true),
+        ..History::default()
+    });
+}

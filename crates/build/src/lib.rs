@@ -1,0 +1,42 @@
+//! The build engine: turns a Dockerfile (or a `strata.toml` project of several) into images
+//! in the store, running `RUN` in runc, writing `COPY`/`ADD` layers directly, and skipping
+//! every step whose inputs have not changed.
+//!
+//! - [`plan()`]: Dockerfile → [`Plan`] of stages of typed [`Step`]s (the solver never sees
+//!   Dockerfile syntax).
+//! - [`build()`]: one Dockerfile, like `docker build`, with [`BuildOptions`]; returns a
+//!   [`BuildOutcome`] and reports [`Event`]s to a [`Progress`].
+//! - [`Project`]: `strata.toml` images built in dependency order ([`Project::build`]), with
+//!   `strata.lock` pinning external bases ([`Project::update`]).
+//!
+//! Reproducibility: configs and history use `created = $SOURCE_DATE_EPOCH`, else the Unix
+//! epoch (0); files written by COPY/ADD get that mtime in the layer (so mtimes are not part of
+//! the cache key); RUN layers keep the mtimes the command left, clamped to
+//! `$SOURCE_DATE_EPOCH` when it is set.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod cache;
+pub mod config;
+mod copy;
+mod engine;
+mod error;
+mod glob;
+pub mod plan;
+mod progress;
+mod project;
+mod run;
+mod source;
+mod view;
+
+pub use config::{ConfigChange, apply_changes, apply_instruction};
+pub use engine::{
+    BuildOptions, BuildOutcome, StoreResolver, build, build_epoch, descriptor_for_digest,
+};
+pub use error::{Error, Result};
+pub use plan::{Plan, PlanOptions, Step, StepKind, plan};
+pub use progress::{
+    CollectProgress, Event, JsonProgress, NoProgress, PlainProgress, Progress, ProgressMode,
+    StepRef, plain_line, renderer,
+};
+pub use project::{ImageSpec, LockFile, LockUpdate, Project, ProjectBuild, ProjectOptions};

@@ -1,0 +1,407 @@
+//! Selecting the files a `COPY`/`ADD` reads (globs, `.dockerignore`, `--exclude`) and hashing
+//! exactly them, with the metadata that ends up in the layer.
+
+use std::collections::BTreeMap;
+use std::fs::Metadata;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use strata_dockerfile::{IgnoreMatcher, clean_path};
+use strata_oci::{Digest, Hasher};
+
+use crate::error::{Error, Result, io_err};
+use crate::glob;
+
+/// A directory files are read from: the context (with its ignore rules) or a stage's rootfs.
+pub(crate) struct Origin<'a> {
+    pub root: &'a Path,
+    /// `.dockerignore` (context only).
+    pub ignore: Option<&'a IgnoreMatcher>,
+    /// How to name it in errors: `the build context`, `stage build`.
+    pub describe: String,
+}
+
+/// The type of one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Kind {
+    File { size: u64 },
+    Dir,
+    Symlink { target: PathBuf },
+    /// Devices, fifos: skipped (never in a context, rare in stages).
+    Other,
+}
+
+/// One file or directory to copy.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    /// Path relative to the match (`""` for the match itself).
+    pub rel: String,
+    /// Where it is on the host.
+    pub path: PathBuf,
+    pub kind: Kind,
+    /// Permission bits (`& 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One source path or glob match.
+#[derive(Debug, Clone)]
+pub(crate) struct Matched {
+    /// Path relative to the origin root (`.` for the root itself).
+    pub rel: String,
+    /// A directory: its contents are copied.
+    pub is_dir: bool,
+    /// The match (first, rel `""`) and, for a directory, everything under it, parents first.
+    pub entries: Vec<Entry>,
+}
+
+fn entry(rel: String, path: PathBuf, md: &Metadata) -> Entry {
+    let ft = md.file_type();
+    let kind = if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_file() {
+        Kind::File { size: md.len() }
+    } else if ft.is_symlink() {
+        Kind::Symlink {
+            target: std::fs::read_link(&path).unwrap_or_default(),
+        }
+    } else {
+        Kind::Other
+    };
+    Entry {
+        rel,
+        path,
+        kind,
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+    }
+}
+
+/// Follows symlinks of `rel` inside `root` (an absolute link target means `root`-relative):
+/// the path it names, still relative to `root`, never escaping it.
+fn resolve_in_root(root: &Path, rel: &str) -> Result<Option<String>> {
+    let mut parts: Vec<String> = Vec::new();
+    let mut todo: Vec<String> = rel
+        .split('/')
+        .filter(|s| !s.is_empty() && *s != ".")
+        .rev()
+        .map(str::to_string)
+        .collect();
+    let mut hops = 0;
+    while let Some(p) = todo.pop() {
+        if p == ".." {
+            parts.pop();
+            continue;
+        }
+        let candidate = root.join(parts.join("/")).join(&p);
+        match std::fs::symlink_metadata(&candidate) {
+            Ok(md) if md.file_type().is_symlink() => {
+                hops += 1;
+                if hops > 40 {
+                    return Ok(None);
+                }
+                let target = std::fs::read_link(&candidate)
+                    .map_err(io_err("reading symlink", &candidate))?;
+                let t = target.to_string_lossy().to_string();
+                if t.starts_with('/') {
+                    parts.clear();
+                }
+                for q in t.split('/').filter(|s| !s.is_empty() && *s != ".").rev() {
+                    todo.push(q.to_string());
+                }
+            }
+            Ok(_) => parts.push(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("stat", &candidate)(e)),
+        }
+    }
+    Ok(Some(if parts.is_empty() {
+        ".".to_string()
+    } else {
+        parts.join("/")
+    }))
+}
+
+fn ignored(origin: &Origin<'_>, rel: &str, is_dir: bool) -> bool {
+    rel != "." && origin.ignore.is_some_and(|m| m.is_excluded(rel, is_dir))
+}
+
+/// Expands a pattern (relative to the origin root) into matching paths, sorted.
+fn expand_glob(origin: &Origin<'_>, pattern: &str) -> Result<Vec<String>> {
+    let mut current = vec![String::new()];
+    for comp in pattern.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        let mut next = Vec::new();
+        for base in &current {
+            let dir = origin.root.join(base);
+            if !glob::has_meta(comp) {
+                let rel = join(base, comp);
+                if std::fs::symlink_metadata(origin.root.join(&rel)).is_ok() {
+                    next.push(rel);
+                }
+                continue;
+            }
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut names: Vec<String> = Vec::new();
+            for e in rd {
+                let e = e.map_err(io_err("reading directory", &dir))?;
+                names.push(e.file_name().to_string_lossy().to_string());
+            }
+            names.sort();
+            for n in names {
+                let hit = glob::matches(comp, &n).map_err(|m| Error::Usage(format!(
+                    "invalid pattern `{pattern}`: {m}"
+                )))?;
+                if hit {
+                    next.push(join(base, &n));
+                }
+            }
+        }
+        current = next;
+    }
+    Ok(current
+        .into_iter()
+        .map(|r| if r.is_empty() { ".".to_string() } else { r })
+        .collect())
+}
+
+fn join(base: &str, name: &str) -> String {
+    if base.is_empty() || base == "." {
+        name.to_string()
+    } else {
+        format!("{base}/{name}")
+    }
+}
+
+/// The matches of one `COPY` source path. An explicit path that is missing or ignored is an
+/// error; a glob that matches nothing is an error too (as in Docker).
+pub(crate) fn select(
+    origin: &Origin<'_>,
+    source: &str,
+    exclude: Option<&IgnoreMatcher>,
+) -> Result<Vec<Matched>> {
+    let cleaned = clean_path(&format!("/{source}"));
+    let rel = cleaned.trim_start_matches('/');
+    let rel = if rel.is_empty() { "." } else { rel };
+    let candidates = if glob::has_meta(rel) {
+        expand_glob(origin, rel)?
+    } else {
+        vec![rel.to_string()]
+    };
+    let mut out = Vec::new();
+    for cand in candidates {
+        let Some(resolved) = resolve_in_root(origin.root, &cand)? else {
+            continue;
+        };
+        let path = origin.root.join(&resolved);
+        let md = std::fs::metadata(&path).map_err(io_err("stat", &path))?;
+        if ignored(origin, &cand, md.is_dir()) {
+            continue;
+        }
+        if exclude.is_some_and(|m| cand != "." && m.is_excluded(&cand, md.is_dir())) {
+            continue;
+        }
+        let mut entries = vec![entry(String::new(), path.clone(), &md)];
+        if md.is_dir() {
+            walk(origin, &cand, &path, "", exclude, &mut entries)?;
+        }
+        out.push(Matched {
+            rel: cand,
+            is_dir: md.is_dir(),
+            entries,
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::SourceNotFound {
+            source_path: source.to_string(),
+            origin: origin.describe.clone(),
+        });
+    }
+    Ok(out)
+}
+
+fn walk(
+    origin: &Origin<'_>,
+    match_rel: &str,
+    dir: &Path,
+    rel: &str,
+    exclude: Option<&IgnoreMatcher>,
+    out: &mut Vec<Entry>,
+) -> Result<()> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io_err("reading directory", dir))? {
+        let e = e.map_err(io_err("reading directory", dir))?;
+        names.push(e.file_name());
+    }
+    names.sort();
+    for name in names {
+        let name = name.to_string_lossy().to_string();
+        let sub_rel = join(rel, &name);
+        let origin_rel = join(match_rel, &sub_rel);
+        let path = dir.join(&name);
+        let md = std::fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
+        let is_dir = md.is_dir();
+        if ignored(origin, &origin_rel, is_dir) {
+            continue;
+        }
+        // `--exclude` patterns are relative to the source being copied.
+        if exclude.is_some_and(|m| m.is_excluded(&sub_rel, is_dir)) {
+            continue;
+        }
+        let keep = !origin.ignore.is_some_and(|m| m.matches(&origin_rel))
+            && !exclude.is_some_and(|m| m.matches(&sub_rel));
+        if keep || is_dir {
+            out.push(entry(sub_rel.clone(), path.clone(), &md));
+        }
+        if is_dir {
+            walk(origin, match_rel, &path, &sub_rel, exclude, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// What the cache key and the explanation record about one copied entry.
+#[derive(Debug, Serialize)]
+struct EntryRecord<'a> {
+    path: &'a str,
+    kind: &'static str,
+    mode: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner: Option<(u32, u32)>,
+    size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    link: Option<String>,
+}
+
+/// sha256 of a file's content.
+pub(crate) fn hash_file(path: &Path) -> Result<Digest> {
+    let mut f = std::fs::File::open(path).map_err(io_err("opening", path))?;
+    let mut h = Hasher::sha256();
+    let mut buf = vec![0u8; 128 * 1024];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err("reading", path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish())
+}
+
+/// The content hash of exactly these matches: path, type, mode, owner (when it ends up in
+/// the layer), size, content digest and link target of every entry. mtimes are not part of
+/// it: copied files get a fixed mtime in the layer. Returns the digest and, per source path,
+/// a short digest for explanations.
+pub(crate) fn hash_matches(
+    matches: &[Matched],
+    keep_owner: bool,
+) -> Result<(Digest, BTreeMap<String, String>)> {
+    let mut records = Vec::new();
+    let mut per_file = BTreeMap::new();
+    let mut paths = Vec::new();
+    for m in matches {
+        for e in &m.entries {
+            paths.push(if e.rel.is_empty() {
+                m.rel.clone()
+            } else {
+                join(&m.rel, &e.rel)
+            });
+        }
+    }
+    let mut i = 0;
+    for m in matches {
+        for e in &m.entries {
+            let path = &paths[i];
+            i += 1;
+            let (kind, size, sha, link) = match &e.kind {
+                Kind::File { size } => ("file", *size, Some(hash_file(&e.path)?.to_string()), None),
+                Kind::Dir => ("dir", 0, None, None),
+                Kind::Symlink { target } => {
+                    ("symlink", 0, None, Some(target.to_string_lossy().to_string()))
+                }
+                Kind::Other => ("other", 0, None, None),
+            };
+            let rec = EntryRecord {
+                path,
+                kind,
+                mode: e.mode,
+                owner: keep_owner.then_some((e.uid, e.gid)),
+                size,
+                sha256: sha,
+                link,
+            };
+            if kind != "dir" {
+                let one = strata_oci::to_canonical_json(&rec);
+                per_file.insert(path.clone(), Digest::sha256(&one).hex()[..16].to_string());
+            }
+            records.push(strata_oci::to_canonical_json(&rec));
+        }
+    }
+    let all = strata_oci::to_canonical_json(
+        &records
+            .iter()
+            .map(|r| String::from_utf8_lossy(r).to_string())
+            .collect::<Vec<_>>(),
+    );
+    Ok((Digest::sha256(&all), per_file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_ignore_and_exclude_select_the_right_files() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("src/sub")).unwrap();
+        std::fs::write(r.join("a.go"), "a").unwrap();
+        std::fs::write(r.join("b.go"), "b").unwrap();
+        std::fs::write(r.join("c.txt"), "c").unwrap();
+        std::fs::write(r.join("src/x.go"), "x").unwrap();
+        std::fs::write(r.join("src/sub/y.md"), "y").unwrap();
+        std::fs::write(r.join("src/secret.key"), "k").unwrap();
+        std::os::unix::fs::symlink("../c.txt", r.join("src/link")).unwrap();
+        let ignore = IgnoreMatcher::parse("t", "*.key\n").unwrap();
+        let origin = Origin {
+            root: r,
+            ignore: Some(&ignore),
+            describe: "ctx".into(),
+        };
+        let m = select(&origin, "*.go", None).unwrap();
+        let names: Vec<_> = m.iter().map(|m| m.rel.as_str()).collect();
+        assert_eq!(names, ["a.go", "b.go"]);
+        let m = select(&origin, "src", None).unwrap();
+        let rels: Vec<_> = m[0].entries.iter().map(|e| e.rel.as_str()).collect();
+        assert_eq!(rels, ["", "link", "sub", "sub/y.md", "x.go"]);
+        let ex = IgnoreMatcher::parse("--exclude", "*.md").unwrap();
+        let m = select(&origin, "src", Some(&ex)).unwrap();
+        let rels: Vec<_> = m[0].entries.iter().map(|e| e.rel.as_str()).collect();
+        assert_eq!(rels, ["", "link", "sub", "x.go"]);
+        assert!(matches!(
+            select(&origin, "src/secret.key", None),
+            Err(Error::SourceNotFound { .. })
+        ));
+        assert!(select(&origin, "*.rs", None).is_err());
+        // A top-level symlink is followed, inside the root.
+        let m = select(&origin, "src/link", None).unwrap();
+        assert_eq!(m[0].entries[0].kind, Kind::File { size: 1 });
+
+        let (h1, files) = hash_matches(&select(&origin, ".", None).unwrap(), false).unwrap();
+        assert!(files.contains_key("src/x.go"), "{files:?}");
+        assert!(!files.contains_key("src/secret.key"));
+        std::fs::write(r.join("src/secret.key"), "changed").unwrap();
+        let (h2, _) = hash_matches(&select(&origin, ".", None).unwrap(), false).unwrap();
+        assert_eq!(h1, h2, "ignored files are not part of the hash");
+        std::fs::write(r.join("src/x.go"), "changed").unwrap();
+        let (h3, _) = hash_matches(&select(&origin, ".", None).unwrap(), false).unwrap();
+        assert_ne!(h1, h3);
+    }
+}

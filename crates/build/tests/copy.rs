@@ -1,0 +1,202 @@
+//! COPY/ADD and config steps (no container needed): destination semantics, metadata, the
+//! cache, and the pinned cache keys of a fixture.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use common::*;
+use strata_build::BuildOptions;
+
+fn chmod(p: &std::path::Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn tar_gz(files: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::default(),
+    ));
+    for (p, c) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(c.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append_data(&mut h, p, c.as_bytes()).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+#[test]
+fn copy_follows_docker_destination_rules() {
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[
+            ("a.txt", "a"),
+            ("dir/b.txt", "b"),
+            ("dir/x.md", "md"),
+            ("dir/sub/c.txt", "c"),
+            (
+                "Dockerfile",
+                "FROM scratch\n\
+                 WORKDIR /w\n\
+                 COPY a.txt .\n\
+                 COPY a.txt /renamed\n\
+                 COPY dir /d\n\
+                 COPY dir/*.txt /g/\n\
+                 COPY --chmod=0700 --chown=1000:1001 a.txt /o/\n\
+                 COPY --parents dir/sub/c.txt /p/\n\
+                 COPY --exclude=*.md dir /e/\n\
+                 ADD arch.tar.gz /x/\n\
+                 COPY <<EOF /h.txt\nhello\nEOF\n\
+                 CMD [\"/bin/sh\"]\n",
+            ),
+        ],
+    );
+    std::fs::write(ctx.path().join("arch.tar.gz"), tar_gz(&[("in/t.txt", "t")])).unwrap();
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["copytest".into()];
+    let (out, _) = build_ok(&store, &opts);
+    let (_g, root) = umoci_unpack(&store, "copytest");
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("w/a.txt"), "a");
+    assert_eq!(read("renamed"), "a");
+    assert_eq!(read("d/b.txt"), "b");
+    assert_eq!(read("d/sub/c.txt"), "c");
+    assert!(!root.join("d/dir").exists(), "a directory's contents are copied");
+    assert_eq!(read("g/b.txt"), "b");
+    assert!(!root.join("g/x.md").exists());
+    assert_eq!(read("p/dir/sub/c.txt"), "c");
+    assert!(root.join("e/b.txt").exists());
+    assert!(!root.join("e/x.md").exists(), "--exclude");
+    assert_eq!(read("x/in/t.txt"), "t", "ADD extracts local archives");
+    assert_eq!(read("h.txt"), "hello\n");
+    let md = std::fs::metadata(root.join("o/a.txt")).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o700);
+    assert_eq!((md.uid(), md.gid()), (1000, 1001));
+    let md = std::fs::metadata(root.join("w/a.txt")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (0, 0), "context files belong to root");
+    assert_eq!(md.mtime(), 0, "copied files get the fixed epoch");
+    let cfg = config_of(&store, &out);
+    let c = cfg.config.unwrap();
+    assert_eq!(c.working_dir.as_deref(), Some("/w"));
+    assert_eq!(c.cmd, Some(vec!["/bin/sh".to_string()]));
+    let hist = cfg.history.unwrap();
+    assert_eq!(hist.len(), 11);
+    assert_eq!(hist[0].created_by.as_deref(), Some("WORKDIR /w"));
+    assert!(hist[0].is_empty_layer());
+    assert!(!hist[1].is_empty_layer());
+    assert_eq!(hist.iter().filter(|h| !h.is_empty_layer()).count(), cfg.rootfs.diff_ids.len());
+    assert_eq!(cfg.created.as_deref(), Some("1970-01-01T00:00:00Z"));
+}
+
+#[test]
+fn chown_names_resolve_in_the_target_image_and_copy_from_stage() {
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[
+            ("a.txt", "a"),
+            (
+                "Dockerfile",
+                "FROM busybox AS one\nCOPY --chown=app a.txt /one/\n\
+                 FROM scratch\nCOPY --from=one /one/a.txt /copied\nCOPY --from=busybox /etc/passwd /passwd\n",
+            ),
+        ],
+    );
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["fromtest".into()];
+    let (out, _) = build_ok(&store, &opts);
+    let (_g, root) = umoci_unpack(&store, "fromtest");
+    let md = std::fs::metadata(root.join("copied")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1000, 1000), "owner kept from the stage");
+    assert!(std::fs::read_to_string(root.join("passwd")).unwrap().contains("app:x:1000"));
+    assert_eq!(config_of(&store, &out).rootfs.diff_ids.len(), 2);
+}
+
+#[test]
+fn unchanged_inputs_are_cached_and_keys_are_pinned() {
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[
+            ("a.txt", "a"),
+            ("dir/b.txt", "b"),
+            ("ignored.log", "x"),
+            (".dockerignore", "*.log\n"),
+            (
+                "Dockerfile",
+                "FROM scratch\nARG V=1\nENV X=$V\nWORKDIR /app\nCOPY a.txt .\nCOPY . /all/\nLABEL l=$X\n",
+            ),
+        ],
+    );
+    for p in ["a.txt", "dir/b.txt", "ignored.log", ".dockerignore", "Dockerfile"] {
+        chmod(&ctx.path().join(p), 0o644);
+    }
+    chmod(&ctx.path().join("dir"), 0o755);
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["keys".into()];
+    let (first, _) = build_ok(&store, &opts);
+    // The keys are an on-disk format: this literal changes only on purpose.
+    assert_eq!(
+        first.cache_key,
+        "7efd99d3ed9b4af63477eef86150ad3248592f483977b2bd6fd6b0891eb5e0dd"
+    );
+    assert_eq!(first.content_tag, format!("keys:strata-{}", &first.cache_key[..16]));
+
+    let (second, events) = build_ok(&store, &opts);
+    assert_eq!(second.steps_run, 0, "{events:#?}");
+    assert_eq!(second.descriptor, first.descriptor, "same inputs, same image");
+
+    // An ignored file does not matter.
+    std::fs::write(ctx.path().join("ignored.log"), "changed").unwrap();
+    let (third, _) = build_ok(&store, &opts);
+    assert_eq!(third.steps_run, 0);
+
+    // A copied file does: that COPY and what follows rerun, and explain names the file.
+    std::fs::write(ctx.path().join("dir/b.txt"), "changed").unwrap();
+    opts.explain = true;
+    let (fourth, events) = build_ok(&store, &opts);
+    assert_eq!(ran(&events), ["COPY . /all/", "LABEL l=$X"]);
+    assert!(
+        fourth.explanations[0].1.contains("file `dir/b.txt` changed"),
+        "{:?}",
+        fourth.explanations
+    );
+    assert_ne!(fourth.descriptor, first.descriptor);
+
+    // A build arg changes the ENV that uses it.
+    opts.build_args.insert("V".into(), "2".into());
+    let (_, events) = build_ok(&store, &opts);
+    assert_eq!(ran(&events).first().map(String::as_str), Some("ENV X=$V"));
+
+    // --no-cache reruns everything.
+    opts.no_cache = true;
+    let (nc, _) = build_ok(&store, &opts);
+    assert_eq!(nc.steps_cached, 0);
+}
+
+#[test]
+fn unknown_base_and_target_are_clear_errors() {
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(ctx.path(), &[("Dockerfile", "# c\nFROM nosuch:1\nRUN true\n")]);
+    let err = strata_build::build(&store, &BuildOptions::new(ctx.path()), &strata_build::NoProgress)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Dockerfile:2"), "{err}");
+    assert!(err.contains("image `nosuch:1` is not in the store"), "{err}");
+    assert!(err.contains("hint: strata import / strata pull"), "{err}");
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.target = Some("nope".into());
+    let err = strata_build::build(&store, &opts, &strata_build::NoProgress).unwrap_err();
+    assert!(err.to_string().contains("target stage `nope` not found"), "{err}");
+}
