@@ -347,7 +347,15 @@ mod tests {
         let c = changed(&["CMD echo hi", "ENTRYPOINT [\"/init\"]"]);
         assert_eq!(c.cmd, None, "ENTRYPOINT resets CMD");
         assert_eq!(c.entrypoint, Some(vec!["/init".to_string()]));
-        let c = changed(&["SHELL [\"/bin/bash\", \"-lc\"]", "CMD echo $HOME"]);
+        let mut c = ContainerConfig::default();
+        ConfigChange::Shell {
+            shell: vec!["/bin/bash".into(), "-lc".into()],
+        }
+        .apply(&mut c);
+        ConfigChange::Cmd {
+            command: Command::Shell("echo $HOME".into()),
+        }
+        .apply(&mut c);
         assert_eq!(
             c.cmd,
             Some(vec![

@@ -369,7 +369,7 @@ mod tests {
         std::fs::write(r.join("src/sub/y.md"), "y").unwrap();
         std::fs::write(r.join("src/secret.key"), "k").unwrap();
         std::os::unix::fs::symlink("../c.txt", r.join("src/link")).unwrap();
-        let ignore = IgnoreMatcher::parse("t", "*.key\n").unwrap();
+        let ignore = IgnoreMatcher::parse("t", "**/*.key\n").unwrap();
         let origin = Origin {
             root: r,
             ignore: Some(&ignore),
@@ -381,7 +381,7 @@ mod tests {
         let m = select(&origin, "src", None).unwrap();
         let rels: Vec<_> = m[0].entries.iter().map(|e| e.rel.as_str()).collect();
         assert_eq!(rels, ["", "link", "sub", "sub/y.md", "x.go"]);
-        let ex = IgnoreMatcher::parse("--exclude", "*.md").unwrap();
+        let ex = IgnoreMatcher::parse("--exclude", "**/*.md").unwrap();
         let m = select(&origin, "src", Some(&ex)).unwrap();
         let rels: Vec<_> = m[0].entries.iter().map(|e| e.rel.as_str()).collect();
         assert_eq!(rels, ["", "link", "sub", "x.go"]);
