@@ -1,0 +1,192 @@
+//! RUN steps in runc (root and runc needed; skipped loudly otherwise).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+
+use common::*;
+use strata_build::{BuildOptions, Error, NoProgress, build};
+
+#[test]
+fn run_copy_env_cmd_then_cached_then_incremental() {
+    if !can_run("run_copy_env_cmd_then_cached_then_incremental") {
+        return;
+    }
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[
+            ("app.txt", "v1"),
+            (
+                "Dockerfile",
+                "FROM busybox\nRUN echo hello > /file && rm /bin/vi\nCOPY app.txt /app/\nENV A=1\nUSER app\nRUN id -u > /tmp/uid && echo \"A=$A\" > /tmp/env\nCMD [\"cat\", \"/file\"]\n",
+            ),
+        ],
+    );
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["runtest".into()];
+    let (first, _) = build_ok(&store, &opts);
+    assert_eq!(first.steps_run, 6);
+    let (_g, root) = umoci_unpack(&store, "runtest");
+    assert_eq!(std::fs::read_to_string(root.join("file")).unwrap(), "hello\n");
+    assert_eq!(std::fs::read_to_string(root.join("app/app.txt")).unwrap(), "v1");
+    assert_eq!(std::fs::read_to_string(root.join("tmp/uid")).unwrap(), "1000\n");
+    assert_eq!(std::fs::read_to_string(root.join("tmp/env")).unwrap(), "A=1\n");
+    assert_eq!(std::fs::metadata(root.join("tmp/uid")).unwrap().uid(), 1000);
+    assert!(!root.join("bin/vi").exists(), "RUN rm is a whiteout");
+    assert!(root.join("bin/sh").exists());
+    assert!(!root.join("proc").exists() && !root.join("etc/resolv.conf").exists(), "runc's mount points are not in the layer");
+    let cfg = config_of(&store, &first).config.unwrap();
+    assert_eq!(cfg.cmd, Some(vec!["cat".to_string(), "/file".to_string()]));
+    assert_eq!(cfg.user.as_deref(), Some("app"));
+    assert!(cfg.env.unwrap().contains(&"A=1".to_string()));
+
+    let (second, events) = build_ok(&store, &opts);
+    assert_eq!(second.steps_run, 0, "{events:#?}");
+    assert_eq!(second.descriptor, first.descriptor);
+
+    std::fs::write(ctx.path().join("app.txt"), "v2").unwrap();
+    opts.explain = true;
+    let (third, events) = build_ok(&store, &opts);
+    assert_eq!(
+        ran(&events),
+        ["COPY app.txt /app/", "ENV A=1", "USER app", "RUN id -u > /tmp/uid && echo \"A=$A\" > /tmp/env", "CMD [\"cat\", \"/file\"]"]
+    );
+    assert!(third.explanations[0].1.contains("file `app.txt` changed"), "{:?}", third.explanations);
+    assert!(events.iter().any(|e| matches!(e, strata_build::Event::Explain { reason, .. } if reason.contains("app.txt"))));
+}
+
+#[test]
+fn build_arg_used_by_run_misses_only_that_run() {
+    if !can_run("build_arg_used_by_run_misses_only_that_run") {
+        return;
+    }
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox\nRUN echo base > /base\nARG VERSION=1\nRUN echo $VERSION > /v\n",
+        )],
+    );
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["argtest".into()];
+    build_ok(&store, &opts);
+    opts.build_args.insert("VERSION".into(), "2".into());
+    let (out, events) = build_ok(&store, &opts);
+    assert_eq!(ran(&events), ["RUN echo $VERSION > /v"]);
+    assert!(out.explanations[0].1.contains("ARG VERSION changed 1→2"), "{:?}", out.explanations);
+    let (_g, root) = umoci_unpack(&store, "argtest");
+    assert_eq!(std::fs::read_to_string(root.join("v")).unwrap(), "2\n");
+}
+
+#[test]
+fn multi_stage_builds_only_what_the_target_needs() {
+    if !can_run("multi_stage_builds_only_what_the_target_needs") {
+        return;
+    }
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox AS build\nRUN echo compiled > /out\n\
+             FROM busybox AS other\nRUN echo other > /other\n\
+             FROM busybox AS unused\nRUN exit 1\n\
+             FROM busybox AS final\nCOPY --from=build /out /app/out\nCOPY --from=other /other /app/\n\
+             FROM final AS child\nRUN cat /app/out /app/other > /both\n",
+        )],
+    );
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["multi".into()];
+    let (out, _) = build_ok(&store, &opts);
+    assert_eq!(out.steps_run, 5, "the unused stage is not built");
+    let (_g, root) = umoci_unpack(&store, "multi");
+    assert_eq!(std::fs::read_to_string(root.join("both")).unwrap(), "compiled\nother\n");
+    opts.target = Some("build".into());
+    opts.tags = vec!["multi-build".into()];
+    let (out, _) = build_ok(&store, &opts);
+    assert_eq!(out.steps_run, 0);
+}
+
+#[test]
+fn run_failure_names_line_exit_code_and_output() {
+    if !can_run("run_failure_names_line_exit_code_and_output") {
+        return;
+    }
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox\nRUN echo first-line; echo last-line; exit 3\n",
+        )],
+    );
+    let err = build(&store, &BuildOptions::new(ctx.path()), &NoProgress).unwrap_err();
+    match &err {
+        Error::RunFailed { exit_code, tail, .. } => {
+            assert_eq!(*exit_code, 3);
+            assert!(tail.contains("last-line"), "{tail}");
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains("Dockerfile:2"), "{msg}");
+    assert!(msg.contains("exit code 3"), "{msg}");
+    assert!(msg.contains("RUN echo first-line"), "{msg}");
+}
+
+#[test]
+fn cache_mount_persists_and_secret_stays_out_of_layers() {
+    if !can_run("cache_mount_persists_and_secret_stays_out_of_layers") {
+        return;
+    }
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox\nARG N=1\n\
+             RUN --mount=type=cache,target=/cache echo $N >> /cache/log && cp /cache/log /seen\n\
+             RUN --mount=type=secret,id=tok test \"$(cat /run/secrets/tok)\" = s3cret-value && cp /run/secrets/tok /tmp/leak-check-$(wc -c < /run/secrets/tok) && rm /tmp/leak-check-*\n\
+             RUN --mount=type=tmpfs,target=/scratch echo tmp > /scratch/x && ls /scratch > /listing\n",
+        )],
+    );
+    let secret = ctx.path().join("secret.txt");
+    std::fs::write(&secret, "s3cret-value").unwrap();
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["mounts".into()];
+    opts.secrets.insert("tok".into(), secret.clone());
+    build_ok(&store, &opts);
+    opts.build_args.insert("N".into(), "2".into());
+    let (out, _) = build_ok(&store, &opts);
+    let (_g, root) = umoci_unpack(&store, "mounts");
+    assert_eq!(std::fs::read_to_string(root.join("seen")).unwrap(), "1\n2\n", "cache mount kept");
+    assert!(!root.join("cache").exists(), "cache mount point not in the layer");
+    assert!(!root.join("run/secrets").exists(), "secret mount point not in the layer");
+    assert!(!root.join("scratch").exists());
+    assert_eq!(std::fs::read_to_string(root.join("listing")).unwrap(), "x\n");
+    // No blob of the image holds the secret.
+    let m: strata_oci::Manifest = serde_json::from_slice(&store.read_blob(&out.descriptor.digest).unwrap()).unwrap();
+    for l in &m.layers {
+        let mut tar = Vec::new();
+        let blob = store.read_blob(&l.digest).unwrap();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(blob.as_slice()), &mut tar).unwrap();
+        assert!(!tar.windows(12).any(|w| w == b"s3cret-value"), "secret in layer {}", l.digest);
+    }
+    // The key holds the secret's id only: new content, same cache.
+    std::fs::write(&secret, "s3cret-value").unwrap();
+    let (again, _) = build_ok(&store, &opts);
+    assert_eq!(again.steps_run, 0);
+    // A required secret that is missing is a clear error.
+    opts.secrets.clear();
+    opts.no_cache = true;
+    let err = build(&store, &opts, &NoProgress).unwrap_err().to_string();
+    assert!(err.contains("/run/secrets/tok") || err.contains("exit code"), "{err}");
+}
