@@ -1,0 +1,87 @@
+//! Server configuration.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use crate::storage::S3Config;
+
+/// Where blobs, manifests and tags are kept.
+#[derive(Debug, Clone, Default)]
+pub enum StorageKind {
+    /// Under [`ServerConfig::root`] (the default).
+    #[default]
+    Filesystem,
+    /// In an S3-compatible bucket; uploads in progress, the metadata database and the token key
+    /// still live under [`ServerConfig::root`].
+    S3(S3Config),
+}
+
+/// Who may do what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuthMode {
+    /// Everything is allowed without credentials (local use).
+    #[default]
+    Anonymous,
+    /// Repositories are `<org>/<repo...>`; users and tokens of an org reach only its
+    /// repositories; anonymous requests are refused with a Bearer challenge.
+    Orgs,
+}
+
+/// Request limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest manifest accepted (413 above it). Default 4 MiB, the spec's minimum.
+    pub max_manifest_bytes: u64,
+    /// Largest blob an upload may reach (413 above it). Default 64 GiB.
+    pub max_blob_bytes: u64,
+    /// A request body that sends nothing for this long is cut off. Default 60 s.
+    pub body_idle_timeout: Duration,
+    /// A client must send its request headers within this time. Default 30 s.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_manifest_bytes: 4 << 20,
+            max_blob_bytes: 64 << 30,
+            body_idle_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything [`crate::serve`] needs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Filesystem storage (with [`StorageKind::Filesystem`]), uploads in progress, the metadata
+    /// database (`registry-v1.db`) and the token signing key (`token.key`).
+    pub root: PathBuf,
+    pub storage: StorageKind,
+    pub auth: AuthMode,
+    pub limits: Limits,
+    /// Uploads untouched for longer than this are removed (by the server's cleaner and by gc);
+    /// gc also spares blobs and links younger than this, so a push in progress keeps its blobs.
+    pub upload_timeout: Duration,
+    /// How long a bearer token from `/token` is valid.
+    pub token_ttl: Duration,
+    /// Base URL clients reach the server at (e.g. `https://registry.example.com`), used for the
+    /// token realm in challenges; default: `http://` + the request's `Host`.
+    pub public_url: Option<String>,
+}
+
+impl ServerConfig {
+    /// Defaults: filesystem storage under `root`, anonymous, default limits, uploads abandoned
+    /// after 24 hours, tokens valid for 15 minutes.
+    pub fn new(root: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            root: root.into(),
+            storage: StorageKind::Filesystem,
+            auth: AuthMode::Anonymous,
+            limits: Limits::default(),
+            upload_timeout: Duration::from_secs(24 * 3600),
+            token_ttl: Duration::from_secs(900),
+            public_url: None,
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! An OCI distribution (v1.1) registry server: HTTP routes, storage backends, orgs and tokens, GC.
+//!
+//! [`serve`] answers the distribution API on a listener; [`Admin`] manages orgs, users, tokens,
+//! pins and garbage collection for the CLI (`strata registry org create|token create|gc`).
+//!
+//! Layout under [`ServerConfig::root`]:
+//!
+//! ```text
+//! <root>/
+//! ├── registry-v1.db        SQLite (WAL): orgs, users (argon2 hashes), API tokens (sha256), pins
+//! ├── token.key             HS256 key for bearer tokens (0600, made on first start)
+//! ├── uploads/<id>/         uploads in progress: data, info.json
+//! ├── tmp/                  in-flight writes (filesystem storage)
+//! ├── blobs/<alg>/<hex>     ┐
+//! ├── repos/<name>/…        │ filesystem storage; the same keys in S3
+//! └── catalog/<name>/_repo  ┘ (see the `registry` module for the key layout)
+//! ```
+
+// Tests may unwrap: a panic is how they fail.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod auth;
+mod config;
+mod error;
+mod gc;
+mod http;
+mod meta;
+mod registry;
+mod storage;
+mod util;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::{AuthMode, Limits, S3Config, ServerConfig, StorageKind};
+pub use error::{Error, Result};
+pub use gc::GcReport;
+pub use meta::{Pin, TokenInfo, TokenScope};
+pub use storage::{Backend, ByteStream, FsBackend, ObjectInfo, S3Backend};
+pub use strata_oci::Digest;
+
+use error::IoContext;
+use meta::MetaDb;
+use registry::Registry;
+
+struct Parts {
+    meta: Arc<MetaDb>,
+    registry: Arc<Registry>,
+}
+
+fn open_parts(config: &ServerConfig) -> Result<Parts> {
+    std::fs::create_dir_all(&config.root).at("create", &config.root)?;
+    let backend: Arc<dyn Backend> = match &config.storage {
+        StorageKind::Filesystem => Arc::new(FsBackend::open(&config.root)?),
+        StorageKind::S3(s3) => Arc::new(S3Backend::open(s3)?),
+    };
+    Ok(Parts {
+        meta: Arc::new(MetaDb::open(&config.root)?),
+        registry: Arc::new(Registry::new(backend, &config.root)?),
+    })
+}
+
+/// Serve the registry on `listener` until the process ends.
+pub async fn serve(config: ServerConfig, listener: tokio::net::TcpListener) -> Result<()> {
+    serve_with_shutdown(config, listener, std::future::pending()).await
+}
+
+/// Serve the registry on `listener` until `shutdown` completes; requests in flight are dropped.
+pub async fn serve_with_shutdown(
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let parts = open_parts(&config)?;
+    let auth = match config.auth {
+        AuthMode::Anonymous => None,
+        AuthMode::Orgs => Some(Arc::new(auth::Auth::new(
+            parts.meta.clone(),
+            auth::load_or_create_key(&config.root)?,
+            config.token_ttl,
+        ))),
+    };
+    let state = Arc::new(http::AppState {
+        registry: parts.registry.clone(),
+        auth,
+        limits: config.limits.clone(),
+        public_url: config.public_url.clone(),
+    });
+    let app = http::router(state);
+
+    // The abandoned-upload cleaner: often enough that an upload is gone soon after its timeout.
+    let cleaner = {
+        let registry = parts.registry.clone();
+        let timeout = config.upload_timeout;
+        let every = (timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = registry.clean_uploads(timeout, false).await {
+                    tracing::warn!("cleaning abandoned uploads: {e}");
+                }
+            }
+        })
+    };
+
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let header_timeout = config.limits.header_read_timeout;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let result = loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut shutdown => break Ok(()),
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) if is_transient_accept_error(&e) => {
+                // Out of file descriptors or a connection reset before accept: back off, go on.
+                tracing::warn!("accept on {addr}: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(source) => break Err(Error::Listen { addr, source }),
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = builder.serve_connection(io, svc).await {
+                tracing::debug!("connection: {e}");
+            }
+        });
+    };
+    cleaner.abort();
+    result
+}
+
+fn is_transient_accept_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    ) || matches!(e.raw_os_error(), Some(libc_emfile) if libc_emfile == 24 || libc_emfile == 23)
+}
+
+/// Options of [`Admin::gc_with`].
+#[derive(Debug, Clone)]
+pub struct GcOptions {
+    /// Report what would be removed without removing it.
+    pub dry_run: bool,
+    /// Manifests, links and blobs younger than this are kept (a push may be in progress), and
+    /// uploads older than this are removed.
+    pub grace: Duration,
+}
+
+/// Administration of a registry root, for the CLI: orgs, users, tokens, pins, gc. Safe to use
+/// while a server runs on the same root.
+pub struct Admin {
+    config: ServerConfig,
+    meta: Arc<MetaDb>,
+    registry: Arc<Registry>,
+}
+
+impl Admin {
+    /// Open the registry at `root` with filesystem storage.
+    pub fn open(root: impl AsRef<Path>) -> Result<Admin> {
+        Admin::with_config(&ServerConfig::new(root.as_ref()))
+    }
+
+    /// Open the registry `config` describes (e.g. with S3 storage).
+    pub fn with_config(config: &ServerConfig) -> Result<Admin> {
+        let parts = open_parts(config)?;
+        Ok(Admin {
+            config: config.clone(),
+            meta: parts.meta,
+            registry: parts.registry,
+        })
+    }
+
+    /// Create an org; it owns every repository named `<org>/...`.
+    pub fn create_org(&self, name: &str) -> Result<()> {
+        self.meta.create_org(name)
+    }
+
+    /// All orgs, sorted.
+    pub fn orgs(&self) -> Result<Vec<String>> {
+        self.meta.orgs()
+    }
+
+    /// Create a user of `org` (push and pull on the org's repositories); the password is stored
+    /// as an argon2 hash. User names are unique across orgs.
+    pub fn create_user(&self, org: &str, name: &str, password: &str) -> Result<()> {
+        self.meta.create_user(org, name, password)
+    }
+
+    /// Create an API token for `org`. The returned secret is shown once and stored only as a
+    /// hash; use it as the password with any user name (`docker login -u <org>`), or as a
+    /// bearer token.
+    pub fn create_token(&self, org: &str, scope: TokenScope) -> Result<String> {
+        self.meta.create_token(org, scope)
+    }
+
+    /// API tokens (ids, not secrets), of one org or all.
+    pub fn tokens(&self, org: Option<&str>) -> Result<Vec<TokenInfo>> {
+        self.meta.tokens(org)
+    }
+
+    /// Revoke the token with this id; `false` when there was none.
+    pub fn revoke_token(&self, id: &str) -> Result<bool> {
+        self.meta.revoke_token(id)
+    }
+
+    /// Keep `repo@digest` (and all it references) through gc until unpinned by `holder`.
+    pub fn pin(&self, repo: &str, digest: &Digest, holder: &str) -> Result<()> {
+        self.meta.pin(repo, digest, holder)
+    }
+
+    /// Remove a pin; `false` when there was none.
+    pub fn unpin(&self, repo: &str, digest: &Digest, holder: &str) -> Result<bool> {
+        self.meta.unpin(repo, digest, holder)
+    }
+
+    /// All pins.
+    pub fn pins(&self) -> Result<Vec<Pin>> {
+        self.meta.pins()
+    }
+
+    /// Mark and sweep with the configured upload timeout as the grace period.
+    pub async fn gc(&self, dry_run: bool) -> Result<GcReport> {
+        self.gc_with(GcOptions {
+            dry_run,
+            grace: self.config.upload_timeout,
+        })
+        .await
+    }
+
+    /// Mark and sweep (see the `gc` module docs for what is kept).
+    pub async fn gc_with(&self, opts: GcOptions) -> Result<GcReport> {
+        let pins = self.meta.pins()?;
+        gc::run(&self.registry, &pins, opts.grace, opts.dry_run).await
+    }
+}
