@@ -102,10 +102,7 @@ mod tests {
         assert_eq!(c[0].scheme, "bearer");
         assert_eq!(c[0].param("realm"), Some("https://auth.docker.io/token"));
         assert_eq!(c[0].param("service"), Some("registry.docker.io"));
-        assert_eq!(
-            c[0].param("scope"),
-            Some("repository:library/debian:pull")
-        );
+        assert_eq!(c[0].param("scope"), Some("repository:library/debian:pull"));
     }
 
     #[test]
@@ -120,7 +117,9 @@ mod tests {
 
     #[test]
     fn basic_and_several_challenges_in_one_header() {
-        let c = parse_challenges(r#"Basic realm="Registry Realm", Bearer realm="https://x/token",error="invalid_token""#);
+        let c = parse_challenges(
+            r#"Basic realm="Registry Realm", Bearer realm="https://x/token",error="invalid_token""#,
+        );
         assert_eq!(c.len(), 2);
         assert_eq!(c[0].scheme, "basic");
         assert_eq!(c[0].param("realm"), Some("Registry Realm"));

@@ -376,10 +376,7 @@ impl Client {
                     .map(|t| t.value.clone());
                 let token = match cached {
                     Some(t) => t,
-                    None => {
-                        self.fetch_token(&realm, service.as_deref(), scopes)
-                            .await?
-                    }
+                    None => self.fetch_token(&realm, service.as_deref(), scopes).await?,
                 };
                 format!("Bearer {token}")
             }
@@ -441,10 +438,7 @@ impl Client {
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
             self.lock_auth().scheme = Some(Scheme::Basic);
-            let has_creds = matches!(
-                self.credentials()?,
-                Some(Credentials::UserPassword { .. })
-            );
+            let has_creds = matches!(self.credentials()?, Some(Credentials::UserPassword { .. }));
             // Retry only if this request did not carry them already (another task may have
             // switched to Basic meanwhile: what counts is what this request sent).
             let sent_basic = sent
@@ -487,10 +481,7 @@ impl Client {
                 self.send_raw("POST token", true, || {
                     self.http
                         .post(realm)
-                        .header(
-                            header::CONTENT_TYPE,
-                            "application/x-www-form-urlencoded",
-                        )
+                        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
                         .body(body.clone())
                 })
                 .await?
@@ -559,7 +550,9 @@ impl Client {
             .token
             .filter(|t| !t.is_empty())
             .or(ans.access_token.filter(|t| !t.is_empty()))
-            .ok_or_else(|| auth_err("token answer has neither `token` nor `access_token`".into()))?;
+            .ok_or_else(|| {
+                auth_err("token answer has neither `token` nor `access_token`".into())
+            })?;
         let lifetime = ans
             .expires_in
             .map(Duration::from_secs)
@@ -728,7 +721,9 @@ impl Client {
         let mut url = self.url(&format!("/v2/{repo}/tags/list?n=1000"));
         let mut out = Vec::new();
         for _ in 0..10_000 {
-            let resp = self.send(&what, &scopes, true, || self.http.get(&url)).await?;
+            let resp = self
+                .send(&what, &scopes, true, || self.http.get(&url))
+                .await?;
             if !resp.status().is_success() {
                 return Err(self.error_for(resp, &what).await);
             }
@@ -806,13 +801,21 @@ impl Client {
             .await?;
         match resp.status().as_u16() {
             201 => Ok(Mount::Mounted),
-            202 => Ok(Mount::Upload(self.session_from(resp.headers(), &what, 0)?)),
+            202 => Ok(Mount::Upload(self.session_from(
+                resp.headers(),
+                &what,
+                0,
+            )?)),
             _ => Err(self.error_for(resp, &what).await),
         }
     }
 
     /// Where an upload session stands (`GET <location>`): the registry's offset and location.
-    pub async fn upload_status(&self, repo: &str, session: &UploadSession) -> Result<UploadSession> {
+    pub async fn upload_status(
+        &self,
+        repo: &str,
+        session: &UploadSession,
+    ) -> Result<UploadSession> {
         let what = format!("upload status in {repo}");
         let resp = self
             .send(&what, &[push_scope(repo)], true, || {
@@ -872,7 +875,8 @@ impl Client {
                     }
                 }
                 // A refused mount (no access to `from`...) is not fatal: upload instead.
-                Err(Error::Denied { .. } | Error::NotFound { .. } | Error::Unauthorized { .. }) => {}
+                Err(Error::Denied { .. } | Error::NotFound { .. } | Error::Unauthorized { .. }) => {
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -977,7 +981,10 @@ impl Client {
             if next.offset <= start {
                 return Err(self.protocol(
                     &what,
-                    format!("the registry acknowledged {} bytes after a chunk ending at {end}", next.offset),
+                    format!(
+                        "the registry acknowledged {} bytes after a chunk ending at {end}",
+                        next.offset
+                    ),
                 ));
             }
             session.location = next.location;
@@ -1001,7 +1008,11 @@ impl Client {
         progress: Option<&Arc<Progress>>,
     ) -> Result<()> {
         let what = format!("upload {digest} to {repo}");
-        let sep = if session.location.contains('?') { '&' } else { '?' };
+        let sep = if session.location.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
         let url = format!(
             "{}{sep}digest={}",
             session.location,
@@ -1025,9 +1036,7 @@ impl Client {
             && got != *digest
         {
             return Err(Error::DigestMismatch {
-                registry: self.registry.clone(),
-                repository: repo.to_string(),
-                what: "uploaded blob".to_string(),
+                what: format!("{}/{repo}: uploaded blob", self.registry),
                 expected: digest.clone(),
                 actual: got,
             });
@@ -1048,7 +1057,15 @@ impl Client {
         let data = data.clone();
         let sent = Arc::clone(sent);
         let progress = progress.cloned();
-        move || stream_body(data.clone(), start, end, Arc::clone(&sent), progress.clone())
+        move || {
+            stream_body(
+                data.clone(),
+                start,
+                end,
+                Arc::clone(&sent),
+                progress.clone(),
+            )
+        }
     }
 }
 
@@ -1103,9 +1120,10 @@ fn stream_body(
                     f.seek(std::io::SeekFrom::Start(st.pos)).await?;
                     st.file = Some(f);
                 }
-                let f = st.file.as_mut().ok_or_else(|| {
-                    std::io::Error::other("file handle vanished")
-                })?;
+                let f = st
+                    .file
+                    .as_mut()
+                    .ok_or_else(|| std::io::Error::other("file handle vanished"))?;
                 let mut buf = vec![0u8; want as usize];
                 let mut got = 0;
                 while got < buf.len() {
@@ -1154,4 +1172,85 @@ fn parse_next_link(v: &str) -> Option<String> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_urls_loopback_is_plain_http_others_https() {
+        let url = |r: &str, insecure| registry_base_url(r, insecure).unwrap();
+        assert_eq!(url("127.0.0.1:5000", false), "http://127.0.0.1:5000");
+        assert_eq!(url("localhost:5000", false), "http://localhost:5000");
+        assert_eq!(url("localhost", false), "http://localhost");
+        assert_eq!(url("[::1]:5000", false), "http://[::1]:5000");
+        assert_eq!(url("127.1.2.3", false), "http://127.1.2.3");
+        assert_eq!(url("ghcr.io", false), "https://ghcr.io");
+        assert_eq!(url("10.0.0.5:5000", false), "https://10.0.0.5:5000");
+        assert_eq!(url("10.0.0.5:5000", true), "http://10.0.0.5:5000");
+        assert_eq!(url("docker.io", false), "https://registry-1.docker.io");
+        assert_eq!(
+            url("index.docker.io", false),
+            "https://registry-1.docker.io"
+        );
+        assert_eq!(url("http://reg.example:80", false), "http://reg.example:80");
+        assert_eq!(
+            url("https://localhost:5000/", false),
+            "https://localhost:5000"
+        );
+        for bad in ["", "reg/x", "a b", "u@host"] {
+            assert!(registry_base_url(bad, false).is_err(), "{bad:?}");
+        }
+        assert!(!is_loopback("localhost.example.com"));
+        assert!(!is_loopback("128.0.0.1"));
+    }
+
+    #[test]
+    fn references_map_to_api_urls() {
+        let opts = ClientOptions {
+            credentials: CredentialSource::Anonymous,
+            ..ClientOptions::default()
+        };
+        let r = Reference::parse("debian:12").unwrap();
+        let c = Client::for_reference(&r, opts.clone()).unwrap();
+        assert_eq!(c.registry(), "docker.io");
+        assert_eq!(
+            c.url(&format!(
+                "/v2/{}/manifests/{}",
+                r.repository(),
+                r.tag().unwrap()
+            )),
+            "https://registry-1.docker.io/v2/library/debian/manifests/12"
+        );
+        let r = Reference::parse("127.0.0.1:5000/org/app:1").unwrap();
+        let c = Client::for_reference(&r, opts).unwrap();
+        assert_eq!(c.base_url(), "http://127.0.0.1:5000");
+        assert_eq!(
+            c.resolve_location("/v2/org/app/blobs/uploads/x?_state=1"),
+            "http://127.0.0.1:5000/v2/org/app/blobs/uploads/x?_state=1"
+        );
+        assert_eq!(
+            c.resolve_location("https://s3.example/up?x=1"),
+            "https://s3.example/up?x=1"
+        );
+    }
+
+    #[test]
+    fn upload_ranges_links_and_query_encoding() {
+        assert_eq!(parse_upload_range("0-1023"), Some(1024));
+        assert_eq!(parse_upload_range("bytes=0-99"), Some(100));
+        assert_eq!(parse_upload_range("0-0"), Some(0));
+        assert_eq!(parse_upload_range("junk"), None);
+        assert_eq!(
+            parse_next_link(r#"</v2/a/tags/list?n=2&last=b>; rel="next""#).as_deref(),
+            Some("/v2/a/tags/list?n=2&last=b")
+        );
+        assert_eq!(parse_next_link(r#"<x>; rel="prev""#), None);
+        assert_eq!(
+            encode_query("repository:a/b:pull,push"),
+            "repository%3Aa%2Fb%3Apull%2Cpush"
+        );
+        assert_eq!(scope_key(&["b".into(), "a".into(), "b".into()]), "a b");
+    }
 }

@@ -109,12 +109,14 @@ impl DockerConfig {
         let path = self.path();
         match std::fs::read(&path) {
             Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Ok(None),
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| Error::DockerConfig {
-                    path,
-                    reason: format!("not valid JSON: {e}"),
-                }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| Error::DockerConfig {
+                        path,
+                        reason: format!("not valid JSON: {e}"),
+                    })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::DockerConfig {
                 path,
@@ -281,15 +283,20 @@ impl DockerConfig {
     }
 
     fn helper_store(&self, helper: &str, server: &str, username: &str, secret: &str) -> Result<()> {
-        let input = serde_json::json!({"ServerURL": server, "Username": username, "Secret": secret});
+        let input =
+            serde_json::json!({"ServerURL": server, "Username": username, "Secret": secret});
         let fail = |reason: String| Error::CredentialHelper {
             helper: helper.to_string(),
             action: "store",
             server: server.to_string(),
             reason,
         };
-        let out = run_helper(&self.helper_command(helper), "store", input.to_string().as_bytes())
-            .map_err(|e| fail(e.to_string()))?;
+        let out = run_helper(
+            &self.helper_command(helper),
+            "store",
+            input.to_string().as_bytes(),
+        )
+        .map_err(|e| fail(e.to_string()))?;
         if !out.status.success() {
             return Err(fail(format!(
                 "{}: {}",
@@ -407,7 +414,10 @@ mod tests {
     #[test]
     fn missing_or_empty_config_means_anonymous_and_bad_json_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(DockerConfig::in_dir(dir.path()).lookup("x.io").unwrap(), None);
+        assert_eq!(
+            DockerConfig::in_dir(dir.path()).lookup("x.io").unwrap(),
+            None
+        );
         let (_d, cfg) = config("{}");
         assert_eq!(cfg.lookup("x.io").unwrap(), None);
         let (_d, cfg) = config("{not json");
@@ -507,6 +517,9 @@ esac
         assert!(log.starts_with("store {"), "{log}");
         assert!(log.contains(r#""ServerURL":"reg.test""#), "{log}");
         let text = std::fs::read_to_string(cfg.path()).unwrap();
-        assert!(!text.contains("pw"), "secret must not be in the file: {text}");
+        assert!(
+            !text.contains("pw"),
+            "secret must not be in the file: {text}"
+        );
     }
 }

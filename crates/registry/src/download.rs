@@ -73,7 +73,8 @@ impl Client {
             match resp.status().as_u16() {
                 200 => skip = from,
                 206 if from > 0 => {
-                    let start = header_str(resp.headers(), "content-range").and_then(content_range_start);
+                    let start =
+                        header_str(resp.headers(), "content-range").and_then(content_range_start);
                     if start != Some(from) {
                         return Err(self.protocol(
                             &what,
@@ -157,9 +158,7 @@ impl Client {
         let actual = hasher.finish();
         if actual != *digest {
             return Err(Error::DigestMismatch {
-                registry: self.registry.clone(),
-                repository: repo.to_string(),
-                what: "blob".to_string(),
+                what: format!("{}/{repo}: blob", self.registry),
                 expected: digest.clone(),
                 actual,
             });

@@ -20,7 +20,11 @@ pub enum Error {
     },
 
     /// Credentials were refused (HTTP 401 after authenticating) or are missing.
-    #[error("{registry}: {what}: unauthorized{}{}", fmt_errors(errors), hint_login(registry))]
+    #[error(
+        "{registry}: {what}: unauthorized{}{}",
+        fmt_errors(errors),
+        hint_login(registry)
+    )]
     Unauthorized {
         registry: String,
         what: String,
@@ -52,11 +56,10 @@ pub enum Error {
         source: reqwest::Error,
     },
 
-    /// Content does not hash to the digest it was asked for or announced with.
-    #[error("{registry}/{repository}: {what}: expected digest {expected}, got {actual}")]
+    /// Content does not hash to the digest it was asked for or announced with. `what` names
+    /// registry, repository and object (`127.0.0.1:5000/org/app: manifest `1``).
+    #[error("{what}: expected digest {expected}, got {actual}")]
     DigestMismatch {
-        registry: String,
-        repository: String,
         what: String,
         expected: Digest,
         actual: Digest,
@@ -78,8 +81,9 @@ pub enum Error {
         registry: String,
         repository: String,
         reference: String,
+        // Boxed: the OCI error is large and this one is rare.
         #[source]
-        source: strata_oci::Error,
+        source: Box<strata_oci::Error>,
     },
 
     /// An index has no image for the platform asked for.

@@ -30,7 +30,11 @@ pub struct RemoteManifest {
 impl RemoteManifest {
     /// Its descriptor.
     pub fn descriptor(&self) -> Descriptor {
-        Descriptor::new(self.media_type.clone(), self.digest.clone(), self.bytes.len() as u64)
+        Descriptor::new(
+            self.media_type.clone(),
+            self.digest.clone(),
+            self.bytes.len() as u64,
+        )
     }
 
     /// Whether it is an index / manifest list.
@@ -58,7 +62,11 @@ impl ResolvedImage {
 }
 
 fn essence(ct: &str) -> String {
-    ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+    ct.split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 impl Client {
@@ -80,7 +88,10 @@ impl Client {
             .content_length()
             .is_some_and(|l| l > MAX_MANIFEST_SIZE as u64)
         {
-            return Err(self.protocol(&what, format!("manifest larger than {MAX_MANIFEST_SIZE} bytes")));
+            return Err(self.protocol(
+                &what,
+                format!("manifest larger than {MAX_MANIFEST_SIZE} bytes"),
+            ));
         }
         let content_type = header_str(resp.headers(), "content-type").map(essence);
         let header_digest = header_str(resp.headers(), "docker-content-digest")
@@ -105,23 +116,22 @@ impl Client {
             let actual = Digest::of(expected.algorithm(), &bytes);
             if actual != *expected {
                 return Err(Error::DigestMismatch {
-                    registry: self.registry.clone(),
-                    repository: repo.to_string(),
-                    what: format!("manifest `{reference}`"),
+                    what: format!("{}/{repo}: manifest `{reference}`", self.registry),
                     expected: expected.clone(),
                     actual,
                 });
             }
         }
         let digest = requested.unwrap_or_else(|| Digest::sha256(&bytes));
-        let parsed = ManifestOrIndex::from_slice(&bytes, content_type.as_deref()).map_err(
-            |source| Error::Manifest {
-                registry: self.registry.clone(),
-                repository: repo.to_string(),
-                reference: reference.to_string(),
-                source,
-            },
-        )?;
+        let parsed =
+            ManifestOrIndex::from_slice(&bytes, content_type.as_deref()).map_err(|source| {
+                Error::Manifest {
+                    registry: self.registry.clone(),
+                    repository: repo.to_string(),
+                    reference: reference.to_string(),
+                    source: Box::new(source),
+                }
+            })?;
         // The document's own type when the header is missing or generic; from_slice has
         // checked that they agree otherwise.
         let media_type = match content_type {
@@ -148,7 +158,7 @@ impl Client {
             registry: self.registry.clone(),
             repository: repo.to_string(),
             reference: reference.to_string(),
-            source,
+            source: Box::new(source),
         };
         match ManifestOrIndex::from_slice(&top.bytes, Some(&top.media_type)).map_err(bad)? {
             ManifestOrIndex::Manifest(m) => Ok(ResolvedImage {
@@ -181,9 +191,7 @@ impl Client {
                         },
                     });
                 };
-                let manifest = self
-                    .get_manifest(repo, &chosen.digest.to_string())
-                    .await?;
+                let manifest = self.get_manifest(repo, &chosen.digest.to_string()).await?;
                 if manifest.bytes.len() as u64 != chosen.size {
                     return Err(self.protocol(
                         &format!("GET manifest {repo}@{}", chosen.digest),
@@ -194,20 +202,18 @@ impl Client {
                         ),
                     ));
                 }
-                let parsed = match ManifestOrIndex::from_slice(
-                    &manifest.bytes,
-                    Some(&manifest.media_type),
-                )
-                .map_err(bad)?
-                {
-                    ManifestOrIndex::Manifest(m) => m,
-                    ManifestOrIndex::Index(_) => {
-                        return Err(self.protocol(
-                            &format!("GET manifest {repo}@{}", chosen.digest),
-                            "an index inside an index is not an image",
-                        ));
-                    }
-                };
+                let parsed =
+                    match ManifestOrIndex::from_slice(&manifest.bytes, Some(&manifest.media_type))
+                        .map_err(bad)?
+                    {
+                        ManifestOrIndex::Manifest(m) => m,
+                        ManifestOrIndex::Index(_) => {
+                            return Err(self.protocol(
+                                &format!("GET manifest {repo}@{}", chosen.digest),
+                                "an index inside an index is not an image",
+                            ));
+                        }
+                    };
                 Ok(ResolvedImage {
                     index: Some(top),
                     manifest,
@@ -276,9 +282,7 @@ impl Client {
             && theirs != ours
         {
             return Err(Error::DigestMismatch {
-                registry: self.registry.clone(),
-                repository: repo.to_string(),
-                what: format!("pushed manifest `{reference}`"),
+                what: format!("{}/{repo}: pushed manifest `{reference}`", self.registry),
                 expected: ours,
                 actual: theirs,
             });

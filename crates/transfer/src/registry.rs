@@ -139,6 +139,9 @@ pub struct PushReport {
     pub blobs_uploaded: usize,
     /// Bytes sent in blob uploads (resent bytes included).
     pub bytes_uploaded: u64,
+    /// Uploads that broke and went on (from the registry's offset, or from scratch in a new
+    /// session when the registry could not say).
+    pub uploads_resumed: u32,
     /// Manifests (and index) put.
     pub manifests_pushed: usize,
     /// The local name is a multi-platform index whose other platforms are not in the store, so
@@ -288,7 +291,12 @@ fn parse_manifest(name: &str, bytes: &[u8]) -> Result<Manifest> {
 
 /// Push the store's image `local` (a local name such as `app:1`) to `dest`
 /// (`registry/repo:tag`). Returns what moved.
-pub fn push(store: &Store, local: &str, dest: &Reference, opts: &PushOptions) -> Result<PushReport> {
+pub fn push(
+    store: &Store,
+    local: &str,
+    dest: &Reference,
+    opts: &PushOptions,
+) -> Result<PushReport> {
     let name = local_name(local)?;
     let registry = remote_registry(dest)?.to_string();
     let repo = dest.repository().to_string();
@@ -337,7 +345,11 @@ pub fn push(store: &Store, local: &str, dest: &Reference, opts: &PushOptions) ->
 
     let mut blobs: Vec<Descriptor> = Vec::new();
     let mut seen = BTreeSet::new();
-    for d in children.iter().chain(std::iter::once(&top)).flat_map(|m| &m.blobs) {
+    for d in children
+        .iter()
+        .chain(std::iter::once(&top))
+        .flat_map(|m| &m.blobs)
+    {
         if seen.insert(d.digest.clone()) {
             if !store.has_blob(&d.digest) {
                 return Err(strata_store::Error::BlobNotFound {
@@ -449,6 +461,13 @@ pub fn push(store: &Store, local: &str, dest: &Reference, opts: &PushOptions) ->
         blobs_mounted: count(|o| matches!(o, BlobPush::Mounted { .. })),
         blobs_uploaded: count(|o| matches!(o, BlobPush::Uploaded { .. })),
         bytes_uploaded: bytes_uploaded.load(Ordering::Relaxed),
+        uploads_resumed: outcomes
+            .iter()
+            .map(|o| match o {
+                BlobPush::Uploaded { resumed, .. } => *resumed,
+                _ => 0,
+            })
+            .sum(),
         manifests_pushed,
         platform_only,
     })
