@@ -422,10 +422,16 @@ impl Registry {
         if !is_upload_id(id) {
             return Ok(None);
         }
-        if let Some((r, s)) = self.sessions_map().get(id) {
-            return Ok((r == repo).then(|| s.clone()));
-        }
         let dir = self.uploads.join(id);
+        let known = self.sessions_map().get(id).cloned();
+        if let Some((r, s)) = known {
+            // Another process (gc, the cleaner of another server) may have removed it.
+            if dir.join("info.json").exists() {
+                return Ok((r == repo).then_some(s));
+            }
+            self.sessions_map().remove(id);
+            return Ok(None);
+        }
         let info_path = dir.join("info.json");
         let info: UploadInfo = match std::fs::read(&info_path) {
             Ok(b) => match serde_json::from_slice(&b) {
