@@ -33,7 +33,10 @@ pub(crate) fn exclude_matcher(step: &CopyStep) -> Result<Option<IgnoreMatcher>> 
     if step.exclude.is_empty() {
         return Ok(None);
     }
-    Ok(Some(IgnoreMatcher::parse("--exclude", &step.exclude.join("\n"))?))
+    Ok(Some(IgnoreMatcher::parse(
+        "--exclude",
+        &step.exclude.join("\n"),
+    )?))
 }
 
 /// Finds and hashes what `step` reads from the context (and fetches URLs without checksum).
@@ -97,11 +100,15 @@ fn download(ctx: &Ctx<'_>, url: &str, checksum: Option<&str>) -> Result<tempfile
     }
     let got = hasher.finish();
     if let Some(want) = checksum {
-        let want_d: Digest = want
-            .parse()
-            .map_err(|_| err(format!("--checksum `{want}` is not a digest (sha256:<hex>)")))?;
+        let want_d: Digest = want.parse().map_err(|_| {
+            err(format!(
+                "--checksum `{want}` is not a digest (sha256:<hex>)"
+            ))
+        })?;
         if want_d != got {
-            return Err(err(format!("checksum mismatch: expected {want_d}, got {got}")));
+            return Err(err(format!(
+                "checksum mismatch: expected {want_d}, got {got}"
+            )));
         }
     }
     Ok(f)
@@ -128,7 +135,11 @@ fn resolve_chown(spec: &str, view: &ImageView) -> Result<(u32, u32)> {
 fn join_dest(dest: &str, rel: &str) -> String {
     let d = dest.trim_end_matches('/');
     if rel.is_empty() || rel == "." {
-        if d.is_empty() { "/".to_string() } else { d.to_string() }
+        if d.is_empty() {
+            "/".to_string()
+        } else {
+            d.to_string()
+        }
     } else {
         format!("{d}/{rel}")
     }
@@ -243,7 +254,9 @@ impl Stage<'_> {
         for d in &self.created {
             let p = self.host(d);
             match self.view.lookup(d) {
-                Some(md) if md.is_dir() => set_meta(&p, md.mode() & 0o7777, md.uid(), md.gid(), false)?,
+                Some(md) if md.is_dir() => {
+                    set_meta(&p, md.mode() & 0o7777, md.uid(), md.gid(), false)?
+                }
                 _ => set_meta(&p, 0o755, self.owner.0, self.owner.1, false)?,
             }
         }
@@ -380,7 +393,12 @@ pub(crate) fn copy_step(
                 } else {
                     step.dest.clone()
                 };
-                st.file_bytes(&target, content.as_bytes(), step.chmod.unwrap_or(0o644), owner)?;
+                st.file_bytes(
+                    &target,
+                    content.as_bytes(),
+                    step.chmod.unwrap_or(0o644),
+                    owner,
+                )?;
             }
         }
     }

@@ -19,8 +19,7 @@ use crate::cache::{self, BaseInput, BuildRecord, CacheEntry, StepInputs};
 use crate::copy;
 use crate::error::{Error, Result, io_err};
 use crate::plan::{
-    Base, FileSource, ImageResolver, Plan, PlanOptions, ResolvedImage, RunMount,
-    StepKind, plan,
+    Base, FileSource, ImageResolver, Plan, PlanOptions, ResolvedImage, RunMount, StepKind, plan,
 };
 use crate::progress::{Event, Progress, StepRef};
 use crate::run;
@@ -151,9 +150,17 @@ pub fn descriptor_for_digest(store: &Store, digest: &Digest) -> Result<Option<De
     let bytes = store.read_blob(digest)?;
     let mt = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
-        .and_then(|v| v.get("mediaType").and_then(|m| m.as_str()).map(str::to_string))
+        .and_then(|v| {
+            v.get("mediaType")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| media_type::OCI_MANIFEST.to_string());
-    Ok(Some(Descriptor::new(mt, digest.clone(), bytes.len() as u64)))
+    Ok(Some(Descriptor::new(
+        mt,
+        digest.clone(),
+        bytes.len() as u64,
+    )))
 }
 
 impl ImageResolver for StoreResolver<'_> {
@@ -175,7 +182,9 @@ impl ImageResolver for StoreResolver<'_> {
         let config = ImageConfig::from_slice(&img.config_bytes)?;
         match self.used.lock() {
             Ok(mut g) => g.insert(local.clone(), img.descriptor.digest.clone()),
-            Err(p) => p.into_inner().insert(local.clone(), img.descriptor.digest.clone()),
+            Err(p) => p
+                .into_inner()
+                .insert(local.clone(), img.descriptor.digest.clone()),
         };
         Ok(Some(ResolvedImage {
             name: local,
@@ -260,18 +269,19 @@ impl Ctx<'_> {
                     Ok(g) => g,
                     Err(p) => p.into_inner(),
                 };
-                let st = stages
-                    .get(index)
-                    .ok_or_else(|| Error::DependencyFailed {
-                        stage: index.to_string(),
-                    })?;
+                let st = stages.get(index).ok_or_else(|| Error::DependencyFailed {
+                    stage: index.to_string(),
+                })?;
                 (st.key.clone(), st.layers.clone())
             }
             FileSource::Image { name, .. } => {
-                let img = self.resolver.resolve(name)?.ok_or_else(|| Error::BaseNotFound {
-                    location: "--from".into(),
-                    image: name.clone(),
-                })?;
+                let img = self
+                    .resolver
+                    .resolve(name)?
+                    .ok_or_else(|| Error::BaseNotFound {
+                        location: "--from".into(),
+                        image: name.clone(),
+                    })?;
                 (img.descriptor.digest.to_string(), img.layers())
             }
         };
@@ -316,10 +326,8 @@ fn repository_of(name: &str) -> Result<String> {
 /// Builds one Dockerfile: plans it, runs or reuses every step, stores the image and its refs.
 pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Result<BuildOutcome> {
     let started = Instant::now();
-    let context = std::fs::canonicalize(&opts.context).map_err(io_err(
-        "opening build context",
-        &opts.context,
-    ))?;
+    let context = std::fs::canonicalize(&opts.context)
+        .map_err(io_err("opening build context", &opts.context))?;
     let dockerfile_path = match &opts.dockerfile {
         Some(p) => p.clone(),
         None => context.join("Dockerfile"),
@@ -330,11 +338,11 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
             message: format!("{}:{}: {}", df.file, w.line, w.message),
         });
     }
-    let mut ignore_text = match strata_dockerfile::find_ignore_file(&context, Some(&dockerfile_path))
-    {
-        Some(p) => std::fs::read_to_string(&p).map_err(io_err("reading", &p))?,
-        None => String::new(),
-    };
+    let mut ignore_text =
+        match strata_dockerfile::find_ignore_file(&context, Some(&dockerfile_path)) {
+            Some(p) => std::fs::read_to_string(&p).map_err(io_err("reading", &p))?,
+            None => String::new(),
+        };
     for extra in &opts.extra_ignore {
         ignore_text.push('\n');
         ignore_text.push_str(extra);
@@ -421,9 +429,8 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
                 handles
                     .into_iter()
                     .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(Error::Usage("a build thread panicked".into()))
-                        })
+                        h.join()
+                            .unwrap_or_else(|_| Err(Error::Usage("a build thread panicked".into())))
                     })
                     .collect()
             })
@@ -498,10 +505,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
     }
     tags.push(content_tag.clone());
     let deployment_tag = if opts.deployment_tag {
-        let t = format!(
-            "{name}:deployment-{}",
-            ulid::Ulid::generate().to_string()
-        );
+        let t = format!("{name}:deployment-{}", ulid::Ulid::generate().to_string());
         tags.push(t.clone());
         Some(t)
     } else {
@@ -602,7 +606,13 @@ fn run_stage(
             })?;
             st.config.on_build = None;
             let desc = format!("stage {} {}", plan.stages[*j].display_name(), &st.key[..12]);
-            st.key = cache::base_key(&BaseInput::Stage { key: st.key.clone() }, fcv, &platform_text);
+            st.key = cache::base_key(
+                &BaseInput::Stage {
+                    key: st.key.clone(),
+                },
+                fcv,
+                &platform_text,
+            );
             (st, desc)
         }
     };

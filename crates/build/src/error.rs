@@ -121,7 +121,10 @@ impl Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// `map_err` helper for I/O on a path.
-pub(crate) fn io_err<P: Into<PathBuf>>(op: &'static str, path: P) -> impl FnOnce(io::Error) -> Error {
+pub(crate) fn io_err<P: Into<PathBuf>>(
+    op: &'static str,
+    path: P,
+) -> impl FnOnce(io::Error) -> Error {
     let path = path.into();
     move |source| Error::Io { op, path, source }
 }

@@ -200,8 +200,7 @@ pub struct CopyStep {
     pub checksum: Option<String>,
     /// `ADD --unpack` (default: unpack local archives, not URLs).
     pub unpack: Option<bool>,
-    /// `USER` and `WORKDIR` in effect, needed by nothing in the layer but kept so the
-    /// step reads the same in a dump.
+    /// `WORKDIR` in effect (already applied to `dest`; not part of the cache key).
     #[serde(skip)]
     pub workdir: String,
 }
@@ -319,28 +318,24 @@ pub fn plan(df: &Dockerfile, opts: &PlanOptions<'_>) -> Result<Plan> {
         )));
     }
     let target = match opts.target {
-        Some(t) => df
-            .stage(t)
-            .map(|s| s.index)
-            .ok_or_else(|| {
-                let names: Vec<String> = df.stages.iter().filter_map(|s| s.name.clone()).collect();
-                Error::Usage(format!(
-                    "target stage `{t}` not found in {}; stages: {}",
-                    df.file,
-                    if names.is_empty() {
-                        "(none named)".to_string()
-                    } else {
-                        names.join(", ")
-                    }
-                ))
-            })?,
+        Some(t) => df.stage(t).map(|s| s.index).ok_or_else(|| {
+            let names: Vec<String> = df.stages.iter().filter_map(|s| s.name.clone()).collect();
+            Error::Usage(format!(
+                "target stage `{t}` not found in {}; stages: {}",
+                df.file,
+                if names.is_empty() {
+                    "(none named)".to_string()
+                } else {
+                    names.join(", ")
+                }
+            ))
+        })?,
         None => df.stages.len() - 1,
     };
     let args = with_platform_args(opts.build_args);
-    let multi = df.stages.len() > 1;
     let mut stages: Vec<StagePlan> = Vec::new();
     for idx in 0..=target {
-        stages.push(plan_stage(df, idx, &args, opts, &stages, multi)?);
+        stages.push(plan_stage(df, idx, &args, opts, &stages)?);
     }
     // Stages the target needs, by walking dependencies.
     let mut needed = BTreeSet::new();
@@ -400,7 +395,6 @@ fn plan_stage(
     args: &BTreeMap<String, String>,
     opts: &PlanOptions<'_>,
     earlier: &[StagePlan],
-    _multi: bool,
 ) -> Result<StagePlan> {
     let stage = &df.stages[idx];
     let location = loc_of(df, &stage.from);
@@ -417,7 +411,9 @@ fn plan_stage(
                 location: location.to_string(),
                 message: format!(
                     "--platform={p}: only the host platform ({}) can be built",
-                    host.get("TARGETPLATFORM").map(String::as_str).unwrap_or("?")
+                    host.get("TARGETPLATFORM")
+                        .map(String::as_str)
+                        .unwrap_or("?")
                 ),
             });
         }
@@ -480,25 +476,22 @@ fn plan_stage(
             Instruction::From(_) => return Err(invalid("FROM inside a stage".into())),
             Instruction::Run(run) => {
                 if run.security == Some(Security::Insecure) {
-                    return Err(invalid(
-                        "RUN --security=insecure is not supported".into(),
-                    ));
+                    return Err(invalid("RUN --security=insecure is not supported".into()));
                 }
                 let shell = cfg.shell.clone().unwrap_or_else(default_shell);
                 let argv = match (&run.command, run.heredocs.as_slice()) {
                     (c, []) => Command::from(c).argv(&shell),
+                    // `RUN <<EOF` with the script as the whole command: the shell runs
+                    // the body (BuildKit does the same for a script without `#!`).
                     (strata_dockerfile::CommandLine::Shell(s), [h])
-                        if s.trim().trim_start_matches("<<-").trim_start_matches("<<").trim_matches(['"', '\''])
+                        if s.trim()
+                            .trim_start_matches("<<-")
+                            .trim_start_matches("<<")
+                            .trim_matches(['"', '\''])
                             == h.name =>
                     {
-                        let body = if h.expand {
-                            // The shell expands the script itself; nothing to do here.
-                            h.content.clone()
-                        } else {
-                            h.content.clone()
-                        };
                         let mut v = shell.clone();
-                        v.push(body);
+                        v.push(h.content.clone());
                         v
                     }
                     _ => {
@@ -512,7 +505,10 @@ fn plan_stage(
                 let mut run_args = BTreeMap::new();
                 for (k, v) in scope.args() {
                     run_args.insert(k.clone(), v.clone());
-                    if !env.iter().any(|e| e.split_once('=').map_or(e.as_str(), |p| p.0) == k) {
+                    if !env
+                        .iter()
+                        .any(|e| e.split_once('=').map_or(e.as_str(), |p| p.0) == k)
+                    {
                         env.push(format!("{k}={v}"));
                     }
                 }
@@ -522,7 +518,15 @@ fn plan_stage(
                 let workdir = cfg.working_dir.clone().unwrap_or_else(|| "/".to_string());
                 let mut mounts = Vec::new();
                 for m in &run.mounts {
-                    mounts.push(run_mount(m, idx, df, opts.images, &loc, &workdir, &mut deps)?);
+                    mounts.push(run_mount(
+                        m,
+                        idx,
+                        df,
+                        opts.images,
+                        &loc,
+                        &workdir,
+                        &mut deps,
+                    )?);
                 }
                 StepKind::Run(RunStep {
                     argv,
@@ -639,7 +643,9 @@ fn copy_step(
             }
             sources.push(CopySource::Url { url: s.clone() });
         } else if s.starts_with("git@") || s.ends_with(".git") && s.contains("://") {
-            return Err(invalid(format!("ADD of git repositories is not supported (`{s}`)")));
+            return Err(invalid(format!(
+                "ADD of git repositories is not supported (`{s}`)"
+            )));
         } else {
             sources.push(CopySource::Path { path: s.clone() });
         }
@@ -665,9 +671,16 @@ fn copy_step(
     }
     let chmod = match flags.chmod {
         None => None,
-        Some(m) => Some(u32::from_str_radix(&m, 8).ok().filter(|v| *v <= 0o7777).ok_or_else(
-            || invalid(format!("--chmod={m}: only octal modes (e.g. 0755) are supported")),
-        )?),
+        Some(m) => Some(
+            u32::from_str_radix(&m, 8)
+                .ok()
+                .filter(|v| *v <= 0o7777)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "--chmod={m}: only octal modes (e.g. 0755) are supported"
+                    ))
+                })?,
+        ),
     };
     Ok(CopyStep {
         add,
@@ -744,16 +757,15 @@ fn run_mount(
             size: m.size,
         },
         MountType::Secret => {
-            let id = m
-                .id
-                .clone()
-                .or_else(|| {
-                    m.target
-                        .as_deref()
-                        .and_then(|t| t.rsplit('/').next())
-                        .map(str::to_string)
-                })
-                .ok_or_else(|| invalid("secret mount needs an id".into()))?;
+            let id =
+                m.id.clone()
+                    .or_else(|| {
+                        m.target
+                            .as_deref()
+                            .and_then(|t| t.rsplit('/').next())
+                            .map(str::to_string)
+                    })
+                    .ok_or_else(|| invalid("secret mount needs an id".into()))?;
             RunMount::Secret {
                 target: match (&m.target, &m.env) {
                     (Some(_), _) => target.unwrap_or_default(),

@@ -414,8 +414,13 @@ impl Project {
         for wave in waves {
             let mut jobs = Vec::new();
             for n in &wave {
-                let img = self.image(n).ok_or_else(|| Error::Usage(format!("no image `{n}`")))?;
-                jobs.push((n.clone(), self.options_for(store, img, opts, &built, &lock)?));
+                let img = self
+                    .image(n)
+                    .ok_or_else(|| Error::Usage(format!("no image `{n}`")))?;
+                jobs.push((
+                    n.clone(),
+                    self.options_for(store, img, opts, &built, &lock)?,
+                ));
             }
             let results: Vec<(String, Result<BuildOutcome>)> = if jobs.len() == 1 {
                 jobs.into_iter()
@@ -459,10 +464,7 @@ impl Project {
         let mut locked = BTreeMap::new();
         for (name, out) in &built {
             for (img, digest) in &out.images_used {
-                let is_external = self
-                    .externals
-                    .get(name)
-                    .is_some_and(|e| e.contains(img));
+                let is_external = self.externals.get(name).is_some_and(|e| e.contains(img));
                 if is_external && !lock.bases.contains_key(img) {
                     lock.bases.insert(img.clone(), digest.to_string());
                     locked.insert(img.clone(), digest.to_string());

@@ -81,7 +81,10 @@ pub(crate) fn run_step(
         }
     }
     let spec = RunSpec {
-        id: format!("strata-build-{}", ulid::Ulid::generate().to_string().to_lowercase()),
+        id: format!(
+            "strata-build-{}",
+            ulid::Ulid::generate().to_string().to_lowercase()
+        ),
         rootfs: Rootfs::Overlay {
             lowers,
             upper: upper.clone(),
@@ -110,7 +113,9 @@ pub(crate) fn run_step(
     let mut tail: VecDeque<String> = VecDeque::new();
     let mut partial: Vec<u8> = Vec::new();
     let emit = |line: &[u8], tail: &mut VecDeque<String>| {
-        let line = String::from_utf8_lossy(line).trim_end_matches('\r').to_string();
+        let line = String::from_utf8_lossy(line)
+            .trim_end_matches('\r')
+            .to_string();
         if tail.len() == TAIL_LINES {
             tail.pop_front();
         }
@@ -197,7 +202,13 @@ fn make_dirs_like_image(view: &ImageView, upper: &Path, rel_path: &str) -> Resul
             .map_err(io_err("chmod", &dst))?;
         std::os::unix::fs::chown(&dst, Some(uid), Some(gid))
             .map_err(io_err("chown", &dst))
-            .or_else(|e| if rustix::process::geteuid().is_root() { Err(e) } else { Ok(()) })?;
+            .or_else(|e| {
+                if rustix::process::geteuid().is_root() {
+                    Err(e)
+                } else {
+                    Ok(())
+                }
+            })?;
     }
     Ok(())
 }

@@ -26,9 +26,13 @@ pub(crate) struct Origin<'a> {
 /// The type of one entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Kind {
-    File { size: u64 },
+    File {
+        size: u64,
+    },
     Dir,
-    Symlink { target: PathBuf },
+    Symlink {
+        target: PathBuf,
+    },
     /// Devices, fifos: skipped (never in a context, rare in stages).
     Other,
 }
@@ -154,9 +158,8 @@ fn expand_glob(origin: &Origin<'_>, pattern: &str) -> Result<Vec<String>> {
             }
             names.sort();
             for n in names {
-                let hit = glob::matches(comp, &n).map_err(|m| Error::Usage(format!(
-                    "invalid pattern `{pattern}`: {m}"
-                )))?;
+                let hit = glob::matches(comp, &n)
+                    .map_err(|m| Error::Usage(format!("invalid pattern `{pattern}`: {m}")))?;
                 if hit {
                     next.push(join(base, &n));
                 }
@@ -323,9 +326,12 @@ pub(crate) fn hash_matches(
             let (kind, size, sha, link) = match &e.kind {
                 Kind::File { size } => ("file", *size, Some(hash_file(&e.path)?.to_string()), None),
                 Kind::Dir => ("dir", 0, None, None),
-                Kind::Symlink { target } => {
-                    ("symlink", 0, None, Some(target.to_string_lossy().to_string()))
-                }
+                Kind::Symlink { target } => (
+                    "symlink",
+                    0,
+                    None,
+                    Some(target.to_string_lossy().to_string()),
+                ),
                 Kind::Other => ("other", 0, None, None),
             };
             let rec = EntryRecord {

@@ -64,12 +64,16 @@ fn copy_follows_docker_destination_rules() {
     opts.tags = vec!["copytest".into()];
     let (out, _) = build_ok(&store, &opts);
     let (_g, root) = umoci_unpack(&store, "copytest");
-    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let read =
+        |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
     assert_eq!(read("w/a.txt"), "a");
     assert_eq!(read("renamed"), "a");
     assert_eq!(read("d/b.txt"), "b");
     assert_eq!(read("d/sub/c.txt"), "c");
-    assert!(!root.join("d/dir").exists(), "a directory's contents are copied");
+    assert!(
+        !root.join("d/dir").exists(),
+        "a directory's contents are copied"
+    );
     assert_eq!(read("g/b.txt"), "b");
     assert!(!root.join("g/x.md").exists());
     assert_eq!(read("p/dir/sub/c.txt"), "c");
@@ -92,7 +96,10 @@ fn copy_follows_docker_destination_rules() {
     assert_eq!(hist[0].created_by.as_deref(), Some("WORKDIR /w"));
     assert!(hist[0].is_empty_layer());
     assert!(!hist[1].is_empty_layer());
-    assert_eq!(hist.iter().filter(|h| !h.is_empty_layer()).count(), cfg.rootfs.diff_ids.len());
+    assert_eq!(
+        hist.iter().filter(|h| !h.is_empty_layer()).count(),
+        cfg.rootfs.diff_ids.len()
+    );
     assert_eq!(cfg.created.as_deref(), Some("1970-01-01T00:00:00Z"));
 }
 
@@ -116,8 +123,16 @@ fn chown_names_resolve_in_the_target_image_and_copy_from_stage() {
     let (out, _) = build_ok(&store, &opts);
     let (_g, root) = umoci_unpack(&store, "fromtest");
     let md = std::fs::metadata(root.join("copied")).unwrap();
-    assert_eq!((md.uid(), md.gid()), (1000, 1000), "owner kept from the stage");
-    assert!(std::fs::read_to_string(root.join("passwd")).unwrap().contains("app:x:1000"));
+    assert_eq!(
+        (md.uid(), md.gid()),
+        (1000, 1000),
+        "owner kept from the stage"
+    );
+    assert!(
+        std::fs::read_to_string(root.join("passwd"))
+            .unwrap()
+            .contains("app:x:1000")
+    );
     assert_eq!(config_of(&store, &out).rootfs.diff_ids.len(), 2);
 }
 
@@ -138,7 +153,13 @@ fn unchanged_inputs_are_cached_and_keys_are_pinned() {
             ),
         ],
     );
-    for p in ["a.txt", "dir/b.txt", "ignored.log", ".dockerignore", "Dockerfile"] {
+    for p in [
+        "a.txt",
+        "dir/b.txt",
+        "ignored.log",
+        ".dockerignore",
+        "Dockerfile",
+    ] {
         chmod(&ctx.path().join(p), 0o644);
     }
     chmod(&ctx.path().join("dir"), 0o755);
@@ -150,11 +171,17 @@ fn unchanged_inputs_are_cached_and_keys_are_pinned() {
         first.cache_key,
         "7efd99d3ed9b4af63477eef86150ad3248592f483977b2bd6fd6b0891eb5e0dd"
     );
-    assert_eq!(first.content_tag, format!("keys:strata-{}", &first.cache_key[..16]));
+    assert_eq!(
+        first.content_tag,
+        format!("keys:strata-{}", &first.cache_key[..16])
+    );
 
     let (second, events) = build_ok(&store, &opts);
     assert_eq!(second.steps_run, 0, "{events:#?}");
-    assert_eq!(second.descriptor, first.descriptor, "same inputs, same image");
+    assert_eq!(
+        second.descriptor, first.descriptor,
+        "same inputs, same image"
+    );
 
     // An ignored file does not matter.
     std::fs::write(ctx.path().join("ignored.log"), "changed").unwrap();
@@ -167,7 +194,9 @@ fn unchanged_inputs_are_cached_and_keys_are_pinned() {
     let (fourth, events) = build_ok(&store, &opts);
     assert_eq!(ran(&events), ["COPY . /all/", "LABEL l=$X"]);
     assert!(
-        fourth.explanations[0].1.contains("file `dir/b.txt` changed"),
+        fourth.explanations[0]
+            .1
+            .contains("file `dir/b.txt` changed"),
         "{:?}",
         fourth.explanations
     );
@@ -188,15 +217,28 @@ fn unchanged_inputs_are_cached_and_keys_are_pinned() {
 fn unknown_base_and_target_are_clear_errors() {
     let (_d, store) = store_with_busybox();
     let ctx = tempfile::tempdir().unwrap();
-    write_files(ctx.path(), &[("Dockerfile", "# c\nFROM nosuch:1\nRUN true\n")]);
-    let err = strata_build::build(&store, &BuildOptions::new(ctx.path()), &strata_build::NoProgress)
-        .unwrap_err()
-        .to_string();
+    write_files(
+        ctx.path(),
+        &[("Dockerfile", "# c\nFROM nosuch:1\nRUN true\n")],
+    );
+    let err = strata_build::build(
+        &store,
+        &BuildOptions::new(ctx.path()),
+        &strata_build::NoProgress,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("Dockerfile:2"), "{err}");
-    assert!(err.contains("image `nosuch:1` is not in the store"), "{err}");
+    assert!(
+        err.contains("image `nosuch:1` is not in the store"),
+        "{err}"
+    );
     assert!(err.contains("hint: strata import / strata pull"), "{err}");
     let mut opts = BuildOptions::new(ctx.path());
     opts.target = Some("nope".into());
     let err = strata_build::build(&store, &opts, &strata_build::NoProgress).unwrap_err();
-    assert!(err.to_string().contains("target stage `nope` not found"), "{err}");
+    assert!(
+        err.to_string().contains("target stage `nope` not found"),
+        "{err}"
+    );
 }

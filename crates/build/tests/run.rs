@@ -30,14 +30,29 @@ fn run_copy_env_cmd_then_cached_then_incremental() {
     let (first, _) = build_ok(&store, &opts);
     assert_eq!(first.steps_run, 6);
     let (_g, root) = umoci_unpack(&store, "runtest");
-    assert_eq!(std::fs::read_to_string(root.join("file")).unwrap(), "hello\n");
-    assert_eq!(std::fs::read_to_string(root.join("app/app.txt")).unwrap(), "v1");
-    assert_eq!(std::fs::read_to_string(root.join("tmp/uid")).unwrap(), "1000\n");
-    assert_eq!(std::fs::read_to_string(root.join("tmp/env")).unwrap(), "A=1\n");
+    assert_eq!(
+        std::fs::read_to_string(root.join("file")).unwrap(),
+        "hello\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("app/app.txt")).unwrap(),
+        "v1"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("tmp/uid")).unwrap(),
+        "1000\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("tmp/env")).unwrap(),
+        "A=1\n"
+    );
     assert_eq!(std::fs::metadata(root.join("tmp/uid")).unwrap().uid(), 1000);
     assert!(!root.join("bin/vi").exists(), "RUN rm is a whiteout");
     assert!(root.join("bin/sh").exists());
-    assert!(!root.join("proc").exists() && !root.join("etc/resolv.conf").exists(), "runc's mount points are not in the layer");
+    assert!(
+        !root.join("proc").exists() && !root.join("etc/resolv.conf").exists(),
+        "runc's mount points are not in the layer"
+    );
     let cfg = config_of(&store, &first).config.unwrap();
     assert_eq!(cfg.cmd, Some(vec!["cat".to_string(), "/file".to_string()]));
     assert_eq!(cfg.user.as_deref(), Some("app"));
@@ -52,10 +67,22 @@ fn run_copy_env_cmd_then_cached_then_incremental() {
     let (third, events) = build_ok(&store, &opts);
     assert_eq!(
         ran(&events),
-        ["COPY app.txt /app/", "ENV A=1", "USER app", "RUN id -u > /tmp/uid && echo \"A=$A\" > /tmp/env", "CMD [\"cat\", \"/file\"]"]
+        [
+            "COPY app.txt /app/",
+            "ENV A=1",
+            "USER app",
+            "RUN id -u > /tmp/uid && echo \"A=$A\" > /tmp/env",
+            "CMD [\"cat\", \"/file\"]"
+        ]
     );
-    assert!(third.explanations[0].1.contains("file `app.txt` changed"), "{:?}", third.explanations);
-    assert!(events.iter().any(|e| matches!(e, strata_build::Event::Explain { reason, .. } if reason.contains("app.txt"))));
+    assert!(
+        third.explanations[0].1.contains("file `app.txt` changed"),
+        "{:?}",
+        third.explanations
+    );
+    assert!(events.iter().any(
+        |e| matches!(e, strata_build::Event::Explain { reason, .. } if reason.contains("app.txt"))
+    ));
 }
 
 #[test]
@@ -78,7 +105,11 @@ fn build_arg_used_by_run_misses_only_that_run() {
     opts.build_args.insert("VERSION".into(), "2".into());
     let (out, events) = build_ok(&store, &opts);
     assert_eq!(ran(&events), ["RUN echo $VERSION > /v"]);
-    assert!(out.explanations[0].1.contains("ARG VERSION changed 1→2"), "{:?}", out.explanations);
+    assert!(
+        out.explanations[0].1.contains("ARG VERSION changed 1→2"),
+        "{:?}",
+        out.explanations
+    );
     let (_g, root) = umoci_unpack(&store, "argtest");
     assert_eq!(std::fs::read_to_string(root.join("v")).unwrap(), "2\n");
 }
@@ -106,7 +137,10 @@ fn multi_stage_builds_only_what_the_target_needs() {
     let (out, _) = build_ok(&store, &opts);
     assert_eq!(out.steps_run, 5, "the unused stage is not built");
     let (_g, root) = umoci_unpack(&store, "multi");
-    assert_eq!(std::fs::read_to_string(root.join("both")).unwrap(), "compiled\nother\n");
+    assert_eq!(
+        std::fs::read_to_string(root.join("both")).unwrap(),
+        "compiled\nother\n"
+    );
     opts.target = Some("build".into());
     opts.tags = vec!["multi-build".into()];
     let (out, _) = build_ok(&store, &opts);
@@ -129,7 +163,9 @@ fn run_failure_names_line_exit_code_and_output() {
     );
     let err = build(&store, &BuildOptions::new(ctx.path()), &NoProgress).unwrap_err();
     match &err {
-        Error::RunFailed { exit_code, tail, .. } => {
+        Error::RunFailed {
+            exit_code, tail, ..
+        } => {
             assert_eq!(*exit_code, 3);
             assert!(tail.contains("last-line"), "{tail}");
         }
@@ -167,18 +203,37 @@ fn cache_mount_persists_and_secret_stays_out_of_layers() {
     opts.build_args.insert("N".into(), "2".into());
     let (out, _) = build_ok(&store, &opts);
     let (_g, root) = umoci_unpack(&store, "mounts");
-    assert_eq!(std::fs::read_to_string(root.join("seen")).unwrap(), "1\n2\n", "cache mount kept");
-    assert!(!root.join("cache").exists(), "cache mount point not in the layer");
-    assert!(!root.join("run/secrets").exists(), "secret mount point not in the layer");
+    assert_eq!(
+        std::fs::read_to_string(root.join("seen")).unwrap(),
+        "1\n2\n",
+        "cache mount kept"
+    );
+    assert!(
+        !root.join("cache").exists(),
+        "cache mount point not in the layer"
+    );
+    assert!(
+        !root.join("run/secrets").exists(),
+        "secret mount point not in the layer"
+    );
     assert!(!root.join("scratch").exists());
-    assert_eq!(std::fs::read_to_string(root.join("listing")).unwrap(), "x\n");
+    assert_eq!(
+        std::fs::read_to_string(root.join("listing")).unwrap(),
+        "x\n"
+    );
     // No blob of the image holds the secret.
-    let m: strata_oci::Manifest = serde_json::from_slice(&store.read_blob(&out.descriptor.digest).unwrap()).unwrap();
+    let m: strata_oci::Manifest =
+        serde_json::from_slice(&store.read_blob(&out.descriptor.digest).unwrap()).unwrap();
     for l in &m.layers {
         let mut tar = Vec::new();
         let blob = store.read_blob(&l.digest).unwrap();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(blob.as_slice()), &mut tar).unwrap();
-        assert!(!tar.windows(12).any(|w| w == b"s3cret-value"), "secret in layer {}", l.digest);
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(blob.as_slice()), &mut tar)
+            .unwrap();
+        assert!(
+            !tar.windows(12).any(|w| w == b"s3cret-value"),
+            "secret in layer {}",
+            l.digest
+        );
     }
     // The key holds the secret's id only: new content, same cache.
     std::fs::write(&secret, "s3cret-value").unwrap();
@@ -188,5 +243,8 @@ fn cache_mount_persists_and_secret_stays_out_of_layers() {
     opts.secrets.clear();
     opts.no_cache = true;
     let err = build(&store, &opts, &NoProgress).unwrap_err().to_string();
-    assert!(err.contains("/run/secrets/tok") || err.contains("exit code"), "{err}");
+    assert!(
+        err.contains("/run/secrets/tok") || err.contains("exit code"),
+        "{err}"
+    );
 }

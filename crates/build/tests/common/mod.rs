@@ -31,8 +31,11 @@ pub fn busybox_tar() -> Vec<u8> {
     std::fs::create_dir_all(r.join("bin")).unwrap();
     std::fs::create_dir_all(r.join("etc")).unwrap();
     std::fs::create_dir_all(r.join("tmp")).unwrap();
-    std::fs::set_permissions(r.join("tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o1777))
-        .unwrap();
+    std::fs::set_permissions(
+        r.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
     std::fs::copy("/bin/busybox", r.join("bin/busybox")).unwrap();
     let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
     for applet in String::from_utf8(list.stdout).unwrap().lines() {
