@@ -104,7 +104,7 @@ pub enum ConfigChange {
 
 impl ConfigChange {
     /// The change an expanded instruction makes; `original` is its source text (for
-    /// `ONBUILD`). `Ok(None)` for instructions that are not config changes.
+    /// `ONBUILD`). `None` for instructions that are not config changes.
     pub fn from_instruction(ins: &Instruction, original: &str) -> Option<ConfigChange> {
         let kvs = |v: &[strata_dockerfile::KeyValue]| {
             v.iter()

@@ -512,9 +512,15 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         None
     };
     for t in &tags {
-        store.set_ref(t, descriptor.clone())?;
+        // A no-op rebuild rewrites nothing: index.json and the record are only written when
+        // they change.
+        if store.get_ref(t)?.as_ref() != Some(&descriptor) {
+            store.set_ref(t, descriptor.clone())?;
+        }
     }
-    cache::save_record(store, &name, &record)?;
+    if previous.as_ref() != Some(&record) {
+        cache::save_record(store, &name, &record)?;
+    }
     progress.event(&Event::ImageDone {
         image: name,
         digest: descriptor.digest.to_string(),

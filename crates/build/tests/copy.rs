@@ -242,3 +242,135 @@ fn unknown_base_and_target_are_clear_errors() {
         "{err}"
     );
 }
+
+/// Serves `body` over HTTP on 127.0.0.1; returns the URL and a request counter.
+fn serve(body: &'static str) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (format!("http://{addr}/files/tool.sh"), hits)
+}
+
+#[test]
+fn add_url_with_checksum_is_cached_without_download() {
+    let (_d, store) = store_with_busybox();
+    let (url, hits) = serve("echo tool\n");
+    let sum = strata_oci::Digest::sha256(b"echo tool\n");
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            &format!("FROM scratch\nADD --checksum={sum} {url} /opt/\nADD {url} /unchecked.sh\n"),
+        )],
+    );
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["urltest".into()];
+    let (first, _) = build_ok(&store, &opts);
+    let (_g, root) = umoci_unpack(&store, "urltest");
+    assert_eq!(
+        std::fs::read_to_string(root.join("opt/tool.sh")).unwrap(),
+        "echo tool\n"
+    );
+    let md = std::fs::metadata(root.join("unchecked.sh")).unwrap();
+    assert_eq!(
+        md.mode() & 0o7777,
+        0o600,
+        "downloaded files are 0600 like Docker's"
+    );
+    let before = hits.load(std::sync::atomic::Ordering::SeqCst);
+    let (second, events) = build_ok(&store, &opts);
+    assert_eq!(second.steps_run, 0);
+    assert_eq!(second.descriptor, first.descriptor);
+    // Only the URL without checksum was fetched again (its content is its key).
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst) - before, 1);
+    let lines: Vec<String> = events.iter().filter_map(strata_build::plain_line).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("[1/2] ADD --checksum") && l.ends_with(" CACHED")),
+        "{lines:?}"
+    );
+
+    // A wrong checksum is refused.
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            &format!(
+                "FROM scratch\nADD --checksum=sha256:{} {url} /x\n",
+                "0".repeat(64)
+            ),
+        )],
+    );
+    let err = strata_build::build(&store, &opts, &strata_build::NoProgress)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("checksum mismatch") && err.contains("Dockerfile:2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn onbuild_triggers_run_in_the_child_and_deployment_tags() {
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[
+            ("a.txt", "from the child's context"),
+            (
+                "Dockerfile",
+                "FROM scratch\nONBUILD COPY a.txt /onbuild.txt\nENV BASE=1\n",
+            ),
+        ],
+    );
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["parent".into()];
+    let (parent, _) = build_ok(&store, &opts);
+    let pc = config_of(&store, &parent).config.unwrap();
+    assert_eq!(
+        pc.on_build,
+        Some(vec!["COPY a.txt /onbuild.txt".to_string()])
+    );
+    assert!(config_of(&store, &parent).rootfs.diff_ids.is_empty());
+
+    write_files(
+        ctx.path(),
+        &[("Dockerfile", "FROM parent\nENV CHILD=$BASE\n")],
+    );
+    opts.tags = vec!["child".into()];
+    opts.deployment_tag = true;
+    let (child, _) = build_ok(&store, &opts);
+    let cfg = config_of(&store, &child);
+    let c = cfg.config.unwrap();
+    assert_eq!(c.on_build, None, "triggers are not inherited further");
+    assert!(c.env.unwrap().contains(&"CHILD=1".to_string()));
+    assert_eq!(cfg.rootfs.diff_ids.len(), 1);
+    let (_g, root) = umoci_unpack(&store, "child");
+    assert_eq!(
+        std::fs::read_to_string(root.join("onbuild.txt")).unwrap(),
+        "from the child's context"
+    );
+    let dep = child.deployment_tag.clone().unwrap();
+    assert!(dep.starts_with("child:deployment-"), "{dep}");
+    assert_eq!(store.get_ref(&dep).unwrap(), Some(child.descriptor.clone()));
+    assert!(child.tags.contains(&"child:latest".to_string()));
+    assert!(child.tags.contains(&child.content_tag));
+}

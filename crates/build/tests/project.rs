@@ -97,6 +97,11 @@ fn tilt_base_image_example_rebuilds_only_what_changed() {
     assert!(dir.path().join("strata.lock").exists());
 
     // Nothing changed: nothing runs, same images.
+    let t = std::time::Instant::now();
+    project
+        .build(&store, &[], &opts, &strata_build::NoProgress)
+        .unwrap();
+    eprintln!("no-op rebuild of the two-image project: {:?}", t.elapsed());
     let (noop, events) = build_project(&store, &project, &opts);
     assert_eq!(
         run_per_image(&noop),
