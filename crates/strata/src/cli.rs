@@ -46,6 +46,17 @@ pub enum Command {
     Save(SaveArgs),
     /// Load images from a docker-archive or OCI archive.
     Load(LoadArgs),
+    /// Build the images of ./strata.toml that changed (dependencies first), or one Dockerfile
+    /// like `docker build` (`strata build -f Dockerfile -t NAME DIR`).
+    Build(BuildArgs),
+    /// Move `strata.lock` to the bases' current digests and say which images that affects.
+    Update {
+        /// Project images whose bases to move (default: all).
+        images: Vec<String>,
+        /// The project file or its directory.
+        #[arg(long, default_value = ".")]
+        project: std::path::PathBuf,
+    },
     /// Check every digest, size and diff_id of an image.
     Validate { image: String },
     /// Unpack an image's layers into a directory (its root filesystem), like `umoci unpack`.
@@ -126,4 +137,55 @@ pub struct LoadArgs {
     /// Same as `--input`.
     #[arg(conflicts_with = "input")]
     pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// Project mode: names of strata.toml images to build (default: all).
+    /// Dockerfile mode (with -f or -t, or when the one argument is a directory): the context.
+    pub args: Vec<String>,
+    /// The Dockerfile (default: CONTEXT/Dockerfile). Selects Dockerfile mode.
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    pub file: Option<std::path::PathBuf>,
+    /// Name the image `NAME[:TAG]` (repeatable). Selects Dockerfile mode.
+    #[arg(short = 't', long = "tag", value_name = "NAME")]
+    pub tags: Vec<String>,
+    /// The project file or its directory (project mode).
+    #[arg(long, default_value = ".")]
+    pub project: std::path::PathBuf,
+    /// Build-time variable `KEY=VALUE` (or `KEY` to take it from the environment).
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    pub build_args: Vec<String>,
+    /// Build this stage and what it needs, not the last one.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Only the host platform is supported.
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Run every step, use no cached result.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// For each step that runs, say which input changed since the last build.
+    #[arg(long)]
+    pub explain: bool,
+    /// Secret for `RUN --mount=type=secret`: `id=NAME,src=PATH`.
+    #[arg(long = "secret", value_name = "id=ID,src=PATH")]
+    pub secrets: Vec<String>,
+    /// Also tag each image `deployment-<ULID>`.
+    #[arg(long)]
+    pub deployment_tag: bool,
+    /// Progress output: plain, tty or json (one event per line).
+    #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
+    pub progress: ProgressArg,
+    /// Layer compression.
+    #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
+    pub compression: CompressionArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ProgressArg {
+    Auto,
+    Plain,
+    Tty,
+    Json,
 }

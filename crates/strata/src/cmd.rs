@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
-use strata_oci::{Compression, ContainerConfig, Digest, ImageConfig, media_type};
+use strata_oci::{ContainerConfig, Digest, ImageConfig, media_type};
 use strata_store::Store;
 use strata_transfer::{ArchiveFormat, ImportOptions, local_name};
 
@@ -27,12 +27,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Import(args) => import(&store()?, &args),
         Command::Save(args) => save(&store()?, &args),
         Command::Load(args) => load(&store()?, &args),
+        Command::Build(args) => crate::build::build(&store()?, &args),
+        Command::Update { images, project } => crate::build::update(&store()?, &images, &project),
         Command::Validate { image } => validate(&store()?, &image),
         Command::Unpack { image, dir } => unpack(&store()?, &image, &dir),
     }
 }
 
-fn human_size(bytes: u64) -> String {
+pub fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -225,12 +227,8 @@ fn gc(store: &Store, dry_run: bool) -> Result<()> {
 
 fn import(store: &Store, args: &cli::ImportArgs) -> Result<()> {
     let mut config = ContainerConfig::default();
-    crate::config_change::apply_changes(&mut config, &args.changes)?;
-    let compression = match args.compression {
-        cli::CompressionArg::Gzip => Compression::Gzip,
-        cli::CompressionArg::Zstd => Compression::Zstd,
-        cli::CompressionArg::None => Compression::None,
-    };
+    strata_build::apply_changes(&mut config, &args.changes)?;
+    let compression = args.compression.into();
     let opts = ImportOptions {
         compression,
         config,

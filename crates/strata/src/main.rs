@@ -1,8 +1,8 @@
 //! The `strata` command: parses flags, runs one command, prints the error chain on failure.
 
+mod build;
 mod cli;
 mod cmd;
-mod config_change;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,173 @@
+//! `strata build` and `strata update`: flags → the build engine's options, outcome → stdout.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use strata_build::{BuildOptions, Progress, ProgressMode, Project, ProjectOptions};
+use strata_oci::Compression;
+use strata_store::Store;
+
+use crate::cli::{BuildArgs, CompressionArg, ProgressArg};
+
+impl From<CompressionArg> for Compression {
+    fn from(c: CompressionArg) -> Compression {
+        match c {
+            CompressionArg::Gzip => Compression::Gzip,
+            CompressionArg::Zstd => Compression::Zstd,
+            CompressionArg::None => Compression::None,
+        }
+    }
+}
+
+fn progress(mode: ProgressArg) -> Box<dyn Progress> {
+    let mode = match mode {
+        ProgressArg::Plain => ProgressMode::Plain,
+        ProgressArg::Json => ProgressMode::Json,
+        ProgressArg::Tty => ProgressMode::Tty,
+        ProgressArg::Auto if std::io::stderr().is_terminal() => ProgressMode::Tty,
+        ProgressArg::Auto => ProgressMode::Plain,
+    };
+    // Progress goes to stderr; stdout carries results (image names and digests).
+    strata_build::renderer(mode, std::io::stderr())
+}
+
+fn parse_build_args(raw: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for a in raw {
+        match a.split_once('=') {
+            Some((k, v)) => out.insert(k.to_string(), v.to_string()),
+            // Docker: `--build-arg KEY` takes the value from the environment, if set.
+            None => match std::env::var(a) {
+                Ok(v) => out.insert(a.clone(), v),
+                Err(_) => continue,
+            },
+        };
+    }
+    Ok(out)
+}
+
+fn parse_secrets(raw: &[String]) -> Result<BTreeMap<String, PathBuf>> {
+    let mut out = BTreeMap::new();
+    for s in raw {
+        let (mut id, mut src) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("id", v)) => id = Some(v.to_string()),
+                Some(("src" | "source", v)) => src = Some(PathBuf::from(v)),
+                _ => bail!("--secret `{s}`: expected `id=ID,src=PATH`"),
+            }
+        }
+        let (Some(id), Some(src)) = (id, src) else {
+            bail!("--secret `{s}`: expected `id=ID,src=PATH`");
+        };
+        if !src.is_file() {
+            bail!("--secret `{s}`: `{}` is not a file", src.display());
+        }
+        out.insert(id, src);
+    }
+    Ok(out)
+}
+
+fn check_platform(platform: Option<&str>) -> Result<()> {
+    let Some(p) = platform else { return Ok(()) };
+    let host = strata_oci::Platform::host();
+    let want = format!("{}/{}", host.os, host.architecture);
+    if p != want && p != host.to_string() {
+        bail!("--platform {p}: strata builds for the host platform only ({want}) for now");
+    }
+    Ok(())
+}
+
+/// Dockerfile mode when `-f`/`-t` is given or the one argument is a directory.
+fn dockerfile_mode(args: &BuildArgs) -> bool {
+    args.file.is_some()
+        || !args.tags.is_empty()
+        || (args.args.len() == 1 && Path::new(&args.args[0]).is_dir())
+}
+
+pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
+    check_platform(args.platform.as_deref())?;
+    let secrets = parse_secrets(&args.secrets)?;
+    let progress = progress(args.progress);
+    if dockerfile_mode(args) {
+        let context = match args.args.as_slice() {
+            [c] => PathBuf::from(c),
+            [] => bail!("which build context? e.g. `strata build -t NAME .`"),
+            more => bail!("one build context expected, got {}: {more:?}", more.len()),
+        };
+        let mut opts = BuildOptions::new(&context);
+        opts.dockerfile = args.file.clone();
+        opts.build_args = parse_build_args(&args.build_args)?;
+        opts.target = args.target.clone();
+        opts.tags = args.tags.clone();
+        opts.no_cache = args.no_cache;
+        opts.explain = args.explain;
+        opts.secrets = secrets;
+        opts.deployment_tag = args.deployment_tag;
+        opts.compression = args.compression.into();
+        let outcome = strata_build::build(store, &opts, progress.as_ref())
+            .with_context(|| format!("build of `{}` failed", context.display()))?;
+        for t in outcome.tags.iter().chain(outcome.deployment_tag.iter()) {
+            println!("{t}");
+        }
+        println!("{}", outcome.content_tag);
+        println!("{}", outcome.descriptor.digest);
+        return Ok(());
+    }
+    if !args.build_args.is_empty() || args.target.is_some() {
+        bail!(
+            "--build-arg and --target apply to one Dockerfile\n\
+             hint: set `build_args` and `target` per image in strata.toml, or use `strata build -f FILE -t NAME DIR`"
+        );
+    }
+    let project = Project::load(&args.project)?;
+    let opts = ProjectOptions {
+        no_cache: args.no_cache,
+        explain: args.explain,
+        deployment_tag: args.deployment_tag,
+        secrets,
+        compression: Some(args.compression.into()),
+        ..ProjectOptions::default()
+    };
+    let built = project.build(store, &args.args, &opts, progress.as_ref())?;
+    for name in &built.order {
+        let o = &built.images[name];
+        let status = if o.steps_run == 0 {
+            "unchanged"
+        } else {
+            "built"
+        };
+        println!(
+            "{name}\t{}\t{}\t{status} ({} run, {} cached)",
+            o.content_tag, o.descriptor.digest, o.steps_run, o.steps_cached
+        );
+    }
+    for (base, digest) in &built.locked {
+        eprintln!("Locked {base} at {digest} in strata.lock");
+    }
+    Ok(())
+}
+
+pub fn update(store: &Store, images: &[String], project: &Path) -> Result<()> {
+    let project = Project::load(project)?;
+    let updates = project.update(store, images)?;
+    if updates.is_empty() {
+        println!("strata.lock is up to date");
+    }
+    for u in updates {
+        println!(
+            "{}: {} -> {} (affects {})",
+            u.base,
+            u.old.as_deref().unwrap_or("unlocked"),
+            u.new,
+            if u.affected.is_empty() {
+                "nothing".to_string()
+            } else {
+                u.affected.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
