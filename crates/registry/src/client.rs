@@ -594,8 +594,7 @@ impl Client {
             attempt += 1;
             let last = !idempotent || attempt >= self.opts.max_attempts.max(1);
             match build().send().await {
-                Err(e) if !last => {
-                    let _ = e;
+                Err(_) if !last => {
                     tokio::time::sleep(self.backoff(attempt, None)).await;
                 }
                 Err(source) => {

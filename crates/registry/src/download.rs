@@ -61,9 +61,9 @@ impl Client {
                 .await;
             let mut resp = match sent {
                 Ok(r) => r,
-                Err(e @ Error::Connection { .. }) if from > 0 && fruitless + 1 < max => {
+                // Resuming: the registry may be briefly unreachable; that counts as no progress.
+                Err(Error::Connection { .. }) if from > 0 && fruitless + 1 < max => {
                     fruitless += 1;
-                    let _ = e;
                     tokio::time::sleep(self.backoff(fruitless, None)).await;
                     continue;
                 }
