@@ -57,8 +57,11 @@ pub struct ServerConfig {
     /// Filesystem storage (with [`StorageKind::Filesystem`]), uploads in progress, the metadata
     /// database (`registry-v1.db`) and the token signing key (`token.key`).
     pub root: PathBuf,
+    /// Where blobs, manifests and tags go.
     pub storage: StorageKind,
+    /// Anonymous (local use) or per-org access.
     pub auth: AuthMode,
+    /// Request limits and timeouts.
     pub limits: Limits,
     /// Uploads untouched for longer than this are removed (by the server's cleaner and by gc);
     /// gc also spares blobs and links younger than this, so a push in progress keeps its blobs.

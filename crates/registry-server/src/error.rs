@@ -173,18 +173,35 @@ pub(crate) struct ApiErrorEntry {
     detail: serde_json::Value,
 }
 
-/// An HTTP error response: a status, the spec's JSON body and extra headers.
+/// An HTTP error response: a status, the spec's JSON body and extra headers (boxed: handlers
+/// return it in every `Result`, and the happy path should stay small).
 #[derive(Debug)]
-pub(crate) struct ApiError {
+pub(crate) struct ApiError(Box<ApiErrorInner>);
+
+#[derive(Debug)]
+pub(crate) struct ApiErrorInner {
     status: StatusCode,
     errors: Vec<ApiErrorEntry>,
     headers: HeaderMap,
 }
 
+impl std::ops::Deref for ApiError {
+    type Target = ApiErrorInner;
+    fn deref(&self) -> &ApiErrorInner {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ApiError {
+    fn deref_mut(&mut self) -> &mut ApiErrorInner {
+        &mut self.0
+    }
+}
+
 impl ApiError {
     pub fn new(status: StatusCode, code: Code, message: impl Into<String>) -> ApiError {
         let message = message.into();
-        ApiError {
+        ApiError(Box::new(ApiErrorInner {
             status,
             errors: vec![ApiErrorEntry {
                 code,
@@ -196,7 +213,7 @@ impl ApiError {
                 detail: serde_json::Value::Null,
             }],
             headers: HeaderMap::new(),
-        }
+        }))
     }
 
     /// The status the spec pairs with `code` in the common case.

@@ -19,6 +19,7 @@ use crate::registry::{Registry, RepoKey, blob_key};
 /// What a gc run removed (or, with `dry_run`, would remove).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {
+    /// Whether this was a dry run (nothing removed).
     pub dry_run: bool,
     /// Manifests removed from a repository: `(repository, digest)`.
     pub manifests_removed: Vec<(String, Digest)>,

@@ -20,6 +20,7 @@ pub enum TokenScope {
 }
 
 impl TokenScope {
+    /// `pull` or `push`.
     pub fn as_str(self) -> &'static str {
         match self {
             TokenScope::Pull => "pull",
@@ -27,6 +28,7 @@ impl TokenScope {
         }
     }
 
+    /// The inverse of [`TokenScope::as_str`].
     pub fn parse(s: &str) -> Option<TokenScope> {
         match s {
             "pull" => Some(TokenScope::Pull),
@@ -56,17 +58,24 @@ pub(crate) struct Principal {
 /// A pin: `holder` uses `repo@digest`, so gc keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pin {
+    /// Repository, `<org>/<name>`.
     pub repo: String,
+    /// The pinned manifest or index.
     pub digest: strata_oci::Digest,
+    /// Who needs it (a machine id, a deployment...); one pin per holder.
     pub holder: String,
 }
 
 /// An API token as listed (never the secret itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenInfo {
+    /// Short id for listing and revoking (a prefix of the secret's hash).
     pub id: String,
+    /// The org the token acts for.
     pub org: String,
+    /// What it may do.
     pub scope: TokenScope,
+    /// Creation time, seconds since the Unix epoch.
     pub created_unix: u64,
 }
 

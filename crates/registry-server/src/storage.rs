@@ -20,9 +20,11 @@ use crate::error::{Error, IoContext, Result};
 /// One stored object, as a listing shows it.
 #[derive(Debug, Clone)]
 pub struct ObjectInfo {
-    /// The key relative to the listed prefix.
+    /// The key (relative to the listed prefix in a listing).
     pub key: String,
+    /// Size in bytes.
     pub size: u64,
+    /// Last write.
     pub modified: SystemTime,
 }
 
@@ -79,10 +81,25 @@ pub struct FsBackend {
 }
 
 impl FsBackend {
-    /// A backend rooted at `root` (created if missing).
+    /// A backend rooted at `root` (created if missing). Temporary files older than an hour,
+    /// left by a crash mid-write, are removed.
     pub fn open(root: &Path) -> Result<FsBackend> {
         let tmp = root.join("tmp");
         std::fs::create_dir_all(&tmp).at("create", &tmp)?;
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            let hour = std::time::Duration::from_secs(3600);
+            for e in entries.flatten() {
+                let stale = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > hour);
+                if stale {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(FsBackend {
             root: root.to_path_buf(),
             tmp,
@@ -297,11 +314,15 @@ fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>
 /// How to reach an S3-compatible bucket.
 #[derive(Debug, Clone)]
 pub struct S3Config {
+    /// The bucket (it must exist).
     pub bucket: String,
     /// e.g. `http://127.0.0.1:9000`; `None` for AWS itself.
     pub endpoint: Option<String>,
+    /// e.g. `us-east-1`.
     pub region: String,
+    /// Access key id.
     pub access_key: String,
+    /// Secret access key.
     pub secret_key: String,
     /// Allow a plain-HTTP endpoint (local MinIO, moto, s3s-fs).
     pub allow_http: bool,
@@ -313,6 +334,7 @@ pub struct S3Backend {
 }
 
 impl S3Backend {
+    /// A client for the bucket; nothing is contacted until the first request.
     pub fn open(cfg: &S3Config) -> Result<S3Backend> {
         let mut b = object_store::aws::AmazonS3Builder::new()
             .with_bucket_name(&cfg.bucket)

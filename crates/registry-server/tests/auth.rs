@@ -108,13 +108,13 @@ async fn another_orgs_repositories_are_denied_without_revealing_content() {
     let layer = Digest::sha256(b"layer of secret");
 
     for path in [
-        format!("/v2/a/app/manifests/v1"),
+        "/v2/a/app/manifests/v1".to_string(),
         format!("/v2/a/app/manifests/{md}"),
         format!("/v2/a/app/blobs/{layer}"),
         // Absent content answers the same: existence does not leak.
         format!("/v2/a/app/blobs/{}", Digest::sha256(b"absent")),
-        format!("/v2/a/app/tags/list"),
-        format!("/v2/a/nothing/tags/list"),
+        "/v2/a/app/tags/list".to_string(),
+        "/v2/a/nothing/tags/list".to_string(),
     ] {
         let r = s.req(Method::GET, &path, &t.bob).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
