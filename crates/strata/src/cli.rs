@@ -57,6 +57,15 @@ pub enum Command {
         #[arg(long, default_value = ".")]
         project: std::path::PathBuf,
     },
+    /// Log in to a registry; credentials go to ~/.docker/config.json (or $DOCKER_CONFIG).
+    Login(LoginArgs),
+    /// Pull an image from a registry into the store (only missing blobs).
+    Pull(PullArgs),
+    /// Push an image to a registry: `strata push NAME [DEST]` (only blobs it lacks).
+    Push(PushArgs),
+    /// The embedded multi-tenant OCI registry.
+    #[command(subcommand)]
+    Registry(RegistryCommand),
     /// Check every digest, size and diff_id of an image.
     Validate { image: String },
     /// Unpack an image's layers into a directory (its root filesystem), like `umoci unpack`.
@@ -188,4 +197,149 @@ pub enum ProgressArg {
     Plain,
     Tty,
     Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LoginArgs {
+    /// Registry host, e.g. `127.0.0.1:5000` or `ghcr.io`.
+    pub host: String,
+    #[arg(short, long)]
+    pub username: String,
+    /// Password or token; default: read from stdin (`--password-stdin` style).
+    #[arg(short, long)]
+    pub password: Option<String>,
+    /// Plain HTTP (always used for loopback hosts).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PullArgs {
+    /// `host[:port]/path:tag` or `@digest`; `debian` means `docker.io/library/debian:latest`.
+    pub image: String,
+    /// Plain HTTP (always used for loopback hosts).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Progress output.
+    #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
+    pub progress: ProgressArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PushArgs {
+    /// The local image.
+    pub image: String,
+    /// Where to push (default: the image's own name, which must then include a registry).
+    pub dest: Option<String>,
+    /// Plain HTTP (always used for loopback hosts).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Other repositories of the same registry to mount shared blobs from.
+    #[arg(long = "mount-from", value_name = "REPO")]
+    pub mount_from: Vec<String>,
+    /// Progress output.
+    #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
+    pub progress: ProgressArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegistryCommand {
+    /// Serve the OCI distribution API (until interrupted).
+    Serve(RegistryServeArgs),
+    /// Manage orgs (namespaces).
+    Org {
+        #[command(subcommand)]
+        command: OrgCommand,
+        #[command(flatten)]
+        root: RegistryRootArg,
+    },
+    /// Create a user of an org (password from --password or stdin).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+        #[command(flatten)]
+        root: RegistryRootArg,
+    },
+    /// Manage API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+        #[command(flatten)]
+        root: RegistryRootArg,
+    },
+    /// Delete what no tag, index, referrer or pin reaches; abandoned uploads.
+    Gc {
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        root: RegistryRootArg,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RegistryRootArg {
+    /// The registry's data directory (default: <store>/registry).
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RegistryServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    pub addr: String,
+    #[command(flatten)]
+    pub root: RegistryRootArg,
+    /// `anonymous` (everything allowed; local use) or `orgs` (users and tokens per org).
+    #[arg(long, value_enum, default_value_t = AuthArg::Anonymous)]
+    pub auth: AuthArg,
+    /// A TOML file with the same settings plus `[s3]` storage (see docs/registry.md).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthArg {
+    Anonymous,
+    Orgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrgCommand {
+    /// Create an org.
+    Create { name: String },
+    /// List orgs.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user in an org.
+    Create {
+        name: String,
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        password: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token for an org; printed once.
+    Create {
+        #[arg(long)]
+        org: String,
+        /// `pull` or `push` (push includes pull).
+        #[arg(long, default_value = "pull")]
+        scope: String,
+    },
+    /// List tokens (ids, not secrets).
+    List {
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Revoke a token by id.
+    Revoke { id: String },
 }

@@ -29,6 +29,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Load(args) => load(&store()?, &args),
         Command::Build(args) => crate::build::build(&store()?, &args),
         Command::Update { images, project } => crate::build::update(&store()?, &images, &project),
+        Command::Login(args) => crate::registry::login(&args),
+        Command::Pull(args) => crate::registry::pull(&store()?, &args),
+        Command::Push(args) => crate::registry::push(&store()?, &args),
+        Command::Registry(command) => crate::registry::registry(cli.store.clone(), command),
         Command::Validate { image } => validate(&store()?, &image),
         Command::Unpack { image, dir } => unpack(&store()?, &image, &dir),
     }

@@ -36,6 +36,14 @@ pub enum Error {
     #[error("image `{name}`: {reason}")]
     Image { name: String, reason: String },
 
+    /// The registry refused or failed a request.
+    #[error("registry request for `{reference}` failed")]
+    Registry {
+        reference: String,
+        #[source]
+        source: strata_registry::Error,
+    },
+
     /// An image name given by the user is not a valid reference.
     #[error("invalid image name `{name}`: {source}")]
     Name {

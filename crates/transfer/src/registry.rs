@@ -172,9 +172,9 @@ pub struct PullReport {
 /// Until `Error` has a variant of its own for registry errors, they are reported as image
 /// errors naming the reference (the registry error's text is kept whole).
 fn registry_error(reference: &Reference) -> impl Fn(strata_registry::Error) -> Error + '_ {
-    move |e| Error::Image {
-        name: reference.to_string(),
-        reason: e.to_string(),
+    move |source| Error::Registry {
+        reference: reference.to_string(),
+        source,
     }
 }
 

@@ -1,0 +1,363 @@
+//! `strata login|pull|push` (the distribution client) and `strata registry …` (the embedded
+//! registry server and its admin commands).
+
+use std::collections::HashMap;
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use strata_oci::{Digest, Reference};
+use strata_registry::{ClientOptions, DockerConfig};
+use strata_registry_server::{Admin, AuthMode, S3Config, ServerConfig, StorageKind, TokenScope};
+use strata_store::Store;
+use strata_transfer::{BlobProgress, BlobState, PullOptions, PushOptions};
+
+use crate::cli::{
+    AuthArg, LoginArgs, OrgCommand, ProgressArg, PullArgs, PushArgs, RegistryCommand,
+    RegistryRootArg, RegistryServeArgs, TokenCommand, UserCommand,
+};
+use crate::cmd::human_size;
+
+fn client_options(insecure: bool) -> ClientOptions {
+    ClientOptions {
+        insecure,
+        ..ClientOptions::default()
+    }
+}
+
+/// A progress callback: a bar per blob on a terminal, a line per finished blob otherwise.
+fn blob_progress(mode: ProgressArg, verb: &'static str) -> Arc<strata_transfer::ProgressFn> {
+    let tty = match mode {
+        ProgressArg::Auto => std::io::stderr().is_terminal(),
+        ProgressArg::Tty => true,
+        ProgressArg::Plain | ProgressArg::Json => false,
+    };
+    let json = matches!(mode, ProgressArg::Json);
+    let multi = MultiProgress::new();
+    let bars: Mutex<HashMap<Digest, ProgressBar>> = Mutex::new(HashMap::new());
+    Arc::new(move |p: &BlobProgress| {
+        if json {
+            let state = format!("{:?}", p.state).to_lowercase();
+            if !matches!(p.state, BlobState::Transferring) {
+                eprintln!(
+                    "{}",
+                    serde_json::json!({"event": "blob", "digest": p.digest.to_string(),
+                        "state": state, "done": p.done, "total": p.total})
+                );
+            }
+            return;
+        }
+        if !tty {
+            let what = match p.state {
+                BlobState::Skipped => "exists",
+                BlobState::Mounted => "mounted",
+                BlobState::Done => verb,
+                _ => return,
+            };
+            eprintln!("{}: {what} ({})", p.digest.short(), human_size(p.total));
+            return;
+        }
+        let Ok(mut bars) = bars.lock() else { return };
+        let bar = bars.entry(p.digest.clone()).or_insert_with(|| {
+            let b = multi.add(ProgressBar::new(p.total));
+            b.set_style(
+                ProgressStyle::with_template("{prefix} {bar:30} {bytes}/{total_bytes} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            b.set_prefix(p.digest.short().to_string());
+            b
+        });
+        bar.set_position(p.done);
+        match p.state {
+            BlobState::Skipped => bar.finish_with_message("exists"),
+            BlobState::Mounted => bar.finish_with_message("mounted"),
+            BlobState::Done => bar.finish_with_message(verb),
+            _ => {}
+        }
+    })
+}
+
+pub fn login(args: &LoginArgs) -> Result<()> {
+    let password = match &args.password {
+        Some(p) => p.clone(),
+        None => {
+            if std::io::stdin().is_terminal() {
+                eprint!("Password: ");
+            }
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line)?;
+            line.trim_end_matches(['\n', '\r']).to_string()
+        }
+    };
+    let config = DockerConfig::from_env();
+    strata_registry::login_blocking(
+        &args.host,
+        &args.username,
+        &password,
+        &config,
+        client_options(args.insecure),
+    )
+    .with_context(|| format!("login to `{}` failed", args.host))?;
+    println!("Login Succeeded");
+    Ok(())
+}
+
+pub fn pull(store: &Store, args: &PullArgs) -> Result<()> {
+    let src = Reference::parse(&args.image)?;
+    let opts = PullOptions {
+        client: client_options(args.insecure),
+        progress: Some(blob_progress(args.progress, "pulled")),
+        ..PullOptions::default()
+    };
+    let report = strata_transfer::pull(store, &src, &opts)
+        .with_context(|| format!("cannot pull `{}`", args.image))?;
+    eprintln!(
+        "Pulled {}: {} blobs fetched ({}), {} already here",
+        report.name,
+        report.blobs_fetched,
+        human_size(report.bytes_downloaded),
+        report.blobs_present
+    );
+    println!("{}", report.name);
+    println!("{}", report.descriptor.digest);
+    Ok(())
+}
+
+pub fn push(store: &Store, args: &PushArgs) -> Result<()> {
+    let dest_text = args.dest.as_deref().unwrap_or(&args.image);
+    let dest = Reference::parse(dest_text)?;
+    let opts = PushOptions {
+        client: client_options(args.insecure),
+        mount_from: args.mount_from.clone(),
+        progress: Some(blob_progress(args.progress, "pushed")),
+        ..PushOptions::default()
+    };
+    let report = strata_transfer::push(store, &args.image, &dest, &opts)
+        .with_context(|| format!("cannot push `{}` to `{dest_text}`", args.image))?;
+    eprintln!(
+        "Pushed {}: {} uploaded ({}), {} mounted, {} already there",
+        report.reference,
+        report.blobs_uploaded,
+        human_size(report.bytes_uploaded),
+        report.blobs_mounted,
+        report.blobs_skipped
+    );
+    println!("{}", report.reference);
+    Ok(())
+}
+
+fn registry_root(store: Option<PathBuf>, root: &RegistryRootArg) -> Result<PathBuf> {
+    match &root.root {
+        Some(r) => Ok(r.clone()),
+        None => Ok(strata_store::default_root(store)?.join("registry")),
+    }
+}
+
+/// `strata registry serve --config FILE`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    addr: Option<String>,
+    root: Option<PathBuf>,
+    auth: Option<AuthArg>,
+    public_url: Option<String>,
+    upload_timeout_secs: Option<u64>,
+    max_manifest_bytes: Option<u64>,
+    s3: Option<S3File>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct S3File {
+    bucket: String,
+    endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    region: String,
+    access_key: String,
+    secret_key: String,
+    #[serde(default)]
+    allow_http: bool,
+}
+
+fn default_region() -> String {
+    "us-east-1".to_string()
+}
+
+fn serve_config(
+    store: Option<PathBuf>,
+    args: &RegistryServeArgs,
+) -> Result<(String, ServerConfig)> {
+    let file: ServeFile = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read `{}`", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("invalid `{}`", path.display()))?
+        }
+        None => ServeFile::default(),
+    };
+    let root = match (&args.root.root, &file.root) {
+        (Some(r), _) | (None, Some(r)) => r.clone(),
+        (None, None) => registry_root(store, &args.root)?,
+    };
+    let mut config = ServerConfig::new(root);
+    // Flags win over the file, except the defaults the flags always have.
+    let auth = match (args.auth, file.auth) {
+        (AuthArg::Anonymous, Some(a)) => a,
+        (a, _) => a,
+    };
+    config.auth = match auth {
+        AuthArg::Anonymous => AuthMode::Anonymous,
+        AuthArg::Orgs => AuthMode::Orgs,
+    };
+    config.public_url = file.public_url;
+    if let Some(secs) = file.upload_timeout_secs {
+        config.upload_timeout = std::time::Duration::from_secs(secs);
+    }
+    if let Some(max) = file.max_manifest_bytes {
+        config.limits.max_manifest_bytes = max;
+    }
+    if let Some(s3) = file.s3 {
+        config.storage = StorageKind::S3(S3Config {
+            bucket: s3.bucket,
+            endpoint: s3.endpoint,
+            region: s3.region,
+            access_key: s3.access_key,
+            secret_key: s3.secret_key,
+            allow_http: s3.allow_http,
+        });
+    }
+    let addr = if args.addr == "127.0.0.1:5000" {
+        file.addr.unwrap_or_else(|| args.addr.clone())
+    } else {
+        args.addr.clone()
+    };
+    Ok((addr, config))
+}
+
+pub fn registry(store: Option<PathBuf>, command: RegistryCommand) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match command {
+        RegistryCommand::Serve(args) => {
+            let (addr, config) = serve_config(store, &args)?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}\nhint: is another registry running there? try --addr 127.0.0.1:0"))?;
+                let local = listener.local_addr()?;
+                eprintln!(
+                    "strata registry serving on http://{local} ({} auth, data in {})",
+                    match config.auth {
+                        AuthMode::Anonymous => "anonymous",
+                        AuthMode::Orgs => "orgs",
+                    },
+                    config.root.display()
+                );
+                let shutdown = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                };
+                strata_registry_server::serve_with_shutdown(config, listener, shutdown).await?;
+                anyhow::Ok(())
+            })
+        }
+        RegistryCommand::Org { command, root } => {
+            let admin = Admin::open(registry_root(store, &root)?)?;
+            match command {
+                OrgCommand::Create { name } => {
+                    admin.create_org(&name)?;
+                    println!("{name}");
+                }
+                OrgCommand::List => {
+                    for o in admin.orgs()? {
+                        println!("{o}");
+                    }
+                }
+            }
+            Ok(())
+        }
+        RegistryCommand::User { command, root } => {
+            let admin = Admin::open(registry_root(store, &root)?)?;
+            match command {
+                UserCommand::Create {
+                    name,
+                    org,
+                    password,
+                } => {
+                    let password = match password {
+                        Some(p) => p,
+                        None => {
+                            let mut line = String::new();
+                            std::io::stdin().lock().read_line(&mut line)?;
+                            line.trim_end_matches(['\n', '\r']).to_string()
+                        }
+                    };
+                    if password.is_empty() {
+                        bail!("an empty password is not allowed");
+                    }
+                    admin.create_user(&org, &name, &password)?;
+                    println!("{name}");
+                }
+            }
+            Ok(())
+        }
+        RegistryCommand::Token { command, root } => {
+            let admin = Admin::open(registry_root(store, &root)?)?;
+            match command {
+                TokenCommand::Create { org, scope } => {
+                    let Some(scope) = TokenScope::parse(&scope) else {
+                        bail!("--scope `{scope}`: expected `pull` or `push`");
+                    };
+                    let token = admin.create_token(&org, scope)?;
+                    eprintln!(
+                        "Token for {org} ({}); it is shown only once:",
+                        scope.as_str()
+                    );
+                    println!("{token}");
+                }
+                TokenCommand::List { org } => {
+                    for t in admin.tokens(org.as_deref())? {
+                        println!(
+                            "{}\t{}\t{}\t{}",
+                            t.id,
+                            t.org,
+                            t.scope.as_str(),
+                            t.created_unix
+                        );
+                    }
+                }
+                TokenCommand::Revoke { id } => {
+                    if !admin.revoke_token(&id)? {
+                        bail!("no token with id `{id}`");
+                    }
+                    println!("revoked {id}");
+                }
+            }
+            Ok(())
+        }
+        RegistryCommand::Gc { dry_run, root } => {
+            let admin = Admin::open(registry_root(store, &root)?)?;
+            let report = rt.block_on(admin.gc(dry_run))?;
+            let verb = if dry_run { "Would delete" } else { "Deleted" };
+            for (repo, d) in &report.manifests_removed {
+                println!("manifest {repo}@{d}");
+            }
+            for d in &report.blobs_removed {
+                println!("blob {d}");
+            }
+            println!(
+                "{verb} {} manifests, {} blobs ({}), {} abandoned uploads; kept {} manifests, {} blobs",
+                report.manifests_removed.len(),
+                report.blobs_removed.len(),
+                human_size(report.bytes_freed),
+                report.uploads_removed.len(),
+                report.manifests_kept,
+                report.blobs_kept
+            );
+            Ok(())
+        }
+    }
+}
