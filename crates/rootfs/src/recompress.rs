@@ -1,11 +1,12 @@
 //! Turning an existing tar stream (a `docker import` tarball, a docker-archive layer) into a
 //! layer blob, with both digests computed in the one pass.
 
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 
-use strata_oci::{Compression, HashingWriter};
+use strata_oci::Compression;
 
-use crate::compress::{Encoder, decompress};
+use crate::compress::decompress;
+use crate::write::LayerStream;
 use crate::{Error, LayerInfo, LayerOptions, Result};
 
 /// Detects the compression of a stream from its first bytes (gzip `1f 8b`, zstd `28 b5 2f fd`).
@@ -44,12 +45,9 @@ pub fn recompress_tar(
     let plain =
         decompress(input, compression).map_err(|source| Error::Stream { offset: 0, source })?;
 
-    let blob = HashingWriter::new(BufWriter::with_capacity(256 * 1024, sink));
-    let encoder = Encoder::new(blob, opts.compression, opts.gzip_level, opts.zstd_level)
-        .map_err(Error::Sink)?;
     let mut archive = tar::Archive::new(Tee {
         from: plain,
-        to: HashingWriter::new(encoder),
+        to: LayerStream::new(sink, opts)?,
         failed_write: None,
     });
     let mut entries = archive
@@ -93,18 +91,7 @@ pub fn recompress_tar(
     if let Some(e) = tee.failed_write {
         return Err(Error::Sink(e));
     }
-    let (encoder, diff_id, uncompressed_size) = tee.to.finish();
-    let blob = encoder.finish().map_err(Error::Sink)?;
-    let (mut sink, digest, size) = blob.finish();
-    sink.flush().map_err(Error::Sink)?;
-    Ok(LayerInfo {
-        diff_id,
-        digest,
-        size,
-        uncompressed_size,
-        media_type: opts.compression.oci_layer_media_type(),
-        compression: opts.compression,
-    })
+    tee.to.finish(opts)
 }
 
 /// Copies everything read from `from` into `to`, so the tar parser drives the recompression.

@@ -163,10 +163,7 @@ pub fn write_layer(
         LayerSource::Changes { root, changes } => (root, plan_changes(changes)?),
     };
 
-    let blob = HashingWriter::new(BufWriter::with_capacity(256 * 1024, sink));
-    let encoder = Encoder::new(blob, opts.compression, opts.gzip_level, opts.zstd_level)
-        .map_err(Error::Sink)?;
-    let mut tar = HashingWriter::new(encoder);
+    let mut tar = LayerStream::new(sink, opts)?;
 
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -197,18 +194,54 @@ pub fn write_layer(
     }
     tarfmt::write_end(&mut tar).map_err(Error::Sink)?;
 
-    let (encoder, diff_id, uncompressed_size) = tar.finish();
-    let blob = encoder.finish().map_err(Error::Sink)?;
-    let (mut sink, digest, size) = blob.finish();
-    sink.flush().map_err(Error::Sink)?;
-    Ok(LayerInfo {
-        diff_id,
-        digest,
-        size,
-        uncompressed_size,
-        media_type: opts.compression.oci_layer_media_type(),
-        compression: opts.compression,
-    })
+    tar.finish(opts)
+}
+
+/// The writer stack every layer goes through: tar bytes → sha256 (diff_id) → compressor →
+/// sha256 + size (blob digest) → sink. Both digests come out of the one pass.
+pub(crate) struct LayerStream<W: Write> {
+    tar: HashingWriter<Encoder<HashingWriter<BufWriter<W>>>>,
+}
+
+impl<W: Write> LayerStream<W> {
+    pub(crate) fn new(sink: W, opts: &LayerOptions) -> Result<Self> {
+        let blob = HashingWriter::new(BufWriter::with_capacity(256 * 1024, sink));
+        let encoder = Encoder::new(blob, opts.compression, opts.gzip_level, opts.zstd_level)
+            .map_err(Error::Sink)?;
+        Ok(LayerStream {
+            tar: HashingWriter::new(encoder),
+        })
+    }
+
+    /// Flush the compressor and the sink; the layer's digests and sizes.
+    pub(crate) fn finish(self, opts: &LayerOptions) -> Result<LayerInfo> {
+        let (encoder, diff_id, uncompressed_size) = self.tar.finish();
+        let blob = encoder.finish().map_err(Error::Sink)?;
+        let (mut sink, digest, size) = blob.finish();
+        sink.flush().map_err(Error::Sink)?;
+        Ok(LayerInfo {
+            diff_id,
+            digest,
+            size,
+            uncompressed_size,
+            media_type: opts.compression.oci_layer_media_type(),
+            compression: opts.compression,
+        })
+    }
+}
+
+impl<W: Write> Write for LayerStream<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tar.write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.tar.write_all(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tar.flush()
+    }
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
