@@ -1,0 +1,3 @@
+module example.com/go-fly-a-site
+
+go 1.19

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Makes the `debian:12` base image of examples/fly-go in the strata store: a minimal Debian
+# bookworm root filesystem by debootstrap (network needed: deb.debian.org or $MIRROR), tarred
+# and imported with `strata import`. Root needed (debootstrap).
+#
+#   scripts/fly-example/make-debian-base.sh [STRATA_BINARY]
+set -euo pipefail
+strata=${1:-${STRATA:-strata}}
+mirror=${MIRROR:-http://deb.debian.org/debian}
+command -v debootstrap >/dev/null || { echo "needs debootstrap (apt-get install debootstrap)" >&2; exit 1; }
+
+work=$(mktemp -d /tmp/strata-debian.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+echo "==> debootstrap --variant=minbase bookworm (2-4 minutes)"
+debootstrap --variant=minbase bookworm "$work/rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 \
+    || { tail -20 "$work/debootstrap.log" >&2; exit 1; }
+# What debootstrap leaves that does not belong in an image: its apt lists and caches (the
+# image's users run apt-get update themselves) and the host's resolv.conf/hostname.
+rm -rf "$work/rootfs/var/lib/apt/lists/"* "$work/rootfs/var/cache/apt/"*.bin \
+    "$work/rootfs/var/cache/apt/archives/"*.deb "$work/rootfs/debootstrap"
+: >"$work/rootfs/etc/resolv.conf"
+echo "==> tar and import as debian:12"
+tar --numeric-owner --xattrs -C "$work/rootfs" -cf "$work/rootfs.tar" .
+"$strata" import "$work/rootfs.tar" debian:12 \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'CMD ["bash"]'
