@@ -182,7 +182,9 @@ impl ConfigChange {
             ConfigChange::Cmd { command } => config.cmd = Some(command.argv(&shell)),
             ConfigChange::Entrypoint { command } => {
                 config.entrypoint = Some(command.argv(&shell));
-                // Docker: ENTRYPOINT resets a CMD inherited from the base image.
+                // Docker: ENTRYPOINT resets a CMD inherited from the base image. A CMD set
+                // earlier in the same stage is kept: callers that know (the build engine,
+                // `apply_changes`) put it back.
                 config.cmd = None;
             }
             ConfigChange::Env { vars } => {
@@ -286,6 +288,7 @@ pub fn apply_instruction(
 /// Parses each `change` as one Dockerfile instruction and applies it to `config`, expanding
 /// variables with the config's `Env` like a Dockerfile would (`docker import --change`).
 pub fn apply_changes(config: &mut ContainerConfig, changes: &[String]) -> Result<()> {
+    let mut cmd_set_here = false;
     for change in changes {
         let text = format!("FROM scratch\n{change}\n");
         let df = Dockerfile::parse("--change", &text)?;
@@ -308,7 +311,13 @@ pub fn apply_changes(config: &mut ContainerConfig, changes: &[String]) -> Result
         let env = config.env.clone().unwrap_or_default();
         let mut scope = df.stage_scope(0, &EmptyEnv)?.with_base_env(&env);
         let expanded = scope.apply(&df, loc)?;
+        let cmd_before = config.cmd.clone();
         apply_instruction(config, &expanded, &loc.original)?;
+        match expanded {
+            Instruction::Cmd(_) => cmd_set_here = true,
+            Instruction::Entrypoint(_) if cmd_set_here => config.cmd = cmd_before,
+            _ => {}
+        }
     }
     Ok(())
 }
@@ -344,9 +353,16 @@ mod tests {
         );
         let ports: Vec<_> = c.exposed_ports.unwrap().into_keys().collect();
         assert_eq!(ports, ["53/udp", "8080/tcp"]);
+        // Docker keeps a CMD set by the same changes, and resets an inherited one.
         let c = changed(&["CMD echo hi", "ENTRYPOINT [\"/init\"]"]);
-        assert_eq!(c.cmd, None, "ENTRYPOINT resets CMD");
+        assert_eq!(c.cmd.as_ref().map(|v| v[2].as_str()), Some("echo hi"));
         assert_eq!(c.entrypoint, Some(vec!["/init".to_string()]));
+        let mut inherited = ContainerConfig {
+            cmd: Some(vec!["sh".to_string()]),
+            ..ContainerConfig::default()
+        };
+        apply_changes(&mut inherited, &["ENTRYPOINT [\"/init\"]".to_string()]).unwrap();
+        assert_eq!(inherited.cmd, None, "ENTRYPOINT resets an inherited CMD");
         let mut c = ContainerConfig::default();
         ConfigChange::Shell {
             shell: vec!["/bin/bash".into(), "-lc".into()],

@@ -557,7 +557,6 @@ fn entrypoint_resets_inherited_cmd() {
 // Cmd; Docker/BuildKit (`if !d.cmdSet`) and buildah clear only a CMD inherited from the base,
 // keeping one set earlier in the same stage. buildah: Cmd ["sh"], strata: unset.
 #[test]
-#[ignore = "known difference: ENTRYPOINT after CMD in the same stage must keep CMD"]
 fn entrypoint_keeps_cmd_of_same_stage() {
     if !can_diff("entrypoint_keeps_cmd_of_same_stage") {
         return;
@@ -573,7 +572,6 @@ fn entrypoint_keeps_cmd_of_same_stage() {
 // Known difference (reported, not fixed): when the base image has no PATH, Docker/BuildKit and
 // buildah write the default PATH into the built image's Env; strata leaves Env without it.
 #[test]
-#[ignore = "known difference: default PATH is not added to Env when the base has none"]
 fn default_path_when_base_has_none() {
     if !can_diff("default_path_when_base_has_none") {
         return;

@@ -41,7 +41,7 @@ pub enum Error {
     Registry {
         reference: String,
         #[source]
-        source: strata_registry::Error,
+        source: Box<strata_registry::Error>,
     },
 
     /// An image name given by the user is not a valid reference.

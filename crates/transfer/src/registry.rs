@@ -174,7 +174,7 @@ pub struct PullReport {
 fn registry_error(reference: &Reference) -> impl Fn(strata_registry::Error) -> Error + '_ {
     move |source| Error::Registry {
         reference: reference.to_string(),
-        source,
+        source: Box::new(source),
     }
 }
 
