@@ -14,6 +14,7 @@ use strata_oci::{
 use strata_rootfs::{LayerRef, MtimePolicy, SnapshotCache};
 use strata_runtime::RuntimeConfig;
 use strata_store::Store;
+use strata_transfer::{PullOptions, PullReport};
 
 use crate::cache::{self, BaseInput, BuildRecord, CacheEntry, StepInputs};
 use crate::copy;
@@ -60,6 +61,13 @@ pub struct BuildOptions {
     /// Image names resolved to exact manifests instead of the store's refs (project
     /// dependencies, `strata.lock`). Keys are local names (`busybox:latest`).
     pub pinned: BTreeMap<String, Descriptor>,
+    /// Image names locked to a manifest digest (`strata.lock`); keys are local names. A locked
+    /// image missing from the store is pulled by that digest, so a tag moved upstream does not
+    /// change the build.
+    pub locked: BTreeMap<String, Digest>,
+    /// How to pull a base (or `--from` image) that is not in the store (registry auth,
+    /// `insecure`, retries, platform).
+    pub pull: PullOptions,
     /// Layer compression.
     pub compression: Compression,
     /// runc to use (default: found by [`RuntimeConfig::detect`]).
@@ -85,6 +93,8 @@ impl BuildOptions {
             labels: BTreeMap::new(),
             extra_ignore: Vec::new(),
             pinned: BTreeMap::new(),
+            locked: BTreeMap::new(),
+            pull: PullOptions::default(),
             compression: Compression::Gzip,
             runc: None,
         }
@@ -114,23 +124,49 @@ pub struct BuildOutcome {
     pub explanations: Vec<(String, String)>,
     /// External images the build read (`FROM`, `--from`), by local name.
     pub images_used: BTreeMap<String, Digest>,
+    /// Images pulled from a registry because they were not in the store, in pull order.
+    pub pulled: Vec<PullReport>,
 }
 
-/// Resolves image names in the store, honouring pins; remembers what it resolved.
+static NOTHING_LOCKED: BTreeMap<String, Digest> = BTreeMap::new();
+
+/// Resolves image names in the store, honouring pins and locks; with
+/// [`StoreResolver::with_pulls`], pulls what the store lacks from the registry the name points
+/// at. Remembers what it resolved and pulled.
 pub struct StoreResolver<'a> {
     store: &'a Store,
     pinned: &'a BTreeMap<String, Descriptor>,
+    locked: &'a BTreeMap<String, Digest>,
+    pull: Option<(&'a PullOptions, &'a dyn Progress)>,
     used: Mutex<BTreeMap<String, Digest>>,
+    pulled: Mutex<Vec<PullReport>>,
 }
 
 impl<'a> StoreResolver<'a> {
-    /// A resolver over `store` with `pinned` names.
+    /// A resolver over `store` with `pinned` names; it never pulls.
     pub fn new(store: &'a Store, pinned: &'a BTreeMap<String, Descriptor>) -> Self {
         StoreResolver {
             store,
             pinned,
+            locked: &NOTHING_LOCKED,
+            pull: None,
             used: Mutex::new(BTreeMap::new()),
+            pulled: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Also resolve `locked` names to their digest, and pull images missing from the store
+    /// (a locked one by its digest, others by the name as written) with `opts`, reporting
+    /// each pull to `progress`. A name the store has is never pulled.
+    pub fn with_pulls(
+        mut self,
+        locked: &'a BTreeMap<String, Digest>,
+        opts: &'a PullOptions,
+        progress: &'a dyn Progress,
+    ) -> Self {
+        self.locked = locked;
+        self.pull = Some((opts, progress));
+        self
     }
 
     /// The images resolved so far.
@@ -140,6 +176,67 @@ impl<'a> StoreResolver<'a> {
             Err(p) => p.into_inner().clone(),
         }
     }
+
+    /// The pulls done so far.
+    pub fn pulled(&self) -> Vec<PullReport> {
+        match self.pulled.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// `reference` from its registry, when pulling is on; `None` when it is off.
+    fn pull(&self, reference: &Reference) -> Result<Option<Descriptor>> {
+        let Some((opts, progress)) = self.pull else {
+            return Ok(None);
+        };
+        let report = pull_image(self.store, reference, opts, progress)?;
+        let descriptor = report.descriptor.clone();
+        match self.pulled.lock() {
+            Ok(mut g) => g.push(report),
+            Err(p) => p.into_inner().push(report),
+        }
+        Ok(Some(descriptor))
+    }
+
+    /// The manifest `digest` of `reference`: from the store, else pulled by digest.
+    fn by_digest(&self, reference: &Reference, digest: &Digest) -> Result<Option<Descriptor>> {
+        if let Some(d) = descriptor_for_digest(self.store, digest)? {
+            return Ok(Some(d));
+        }
+        if self.pull(&reference.with_digest(digest.clone()))?.is_none() {
+            return Ok(None);
+        }
+        descriptor_for_digest(self.store, digest)
+    }
+}
+
+/// Pulls `reference` into the store (a name without a registry host comes from Docker Hub),
+/// announcing it to `progress` as a warning before and after; registry failures become
+/// [`Error::Pull`] naming the image and the registry.
+pub(crate) fn pull_image(
+    store: &Store,
+    reference: &Reference,
+    opts: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<PullReport> {
+    let remote = reference.to_remote();
+    let registry = remote.registry().unwrap_or_default().to_string();
+    progress.event(&Event::Warning {
+        message: format!("pulling {remote} (not in the store)"),
+    });
+    let report = strata_transfer::pull(store, &remote, opts).map_err(|e| Error::Pull {
+        image: remote.to_string(),
+        registry,
+        source: Box::new(e),
+    })?;
+    progress.event(&Event::Warning {
+        message: format!(
+            "pulled {remote} as {}: {} blobs fetched ({} bytes), {} already in the store",
+            report.name, report.blobs_fetched, report.bytes_downloaded, report.blobs_present
+        ),
+    });
+    Ok(report)
 }
 
 /// The descriptor of a manifest stored under `digest` (media type from its content).
@@ -170,10 +267,15 @@ impl ImageResolver for StoreResolver<'_> {
         let host = Platform::host();
         let desc = if let Some(d) = self.pinned.get(&local) {
             Some(d.clone())
+        } else if let Some(d) = self.locked.get(&local) {
+            self.by_digest(&reference, d)?
         } else if let Some(d) = reference.digest() {
-            descriptor_for_digest(self.store, d)?
+            self.by_digest(&reference, d)?
         } else {
-            self.store.get_ref(&local)?
+            match self.store.get_ref(&local)? {
+                Some(d) => Some(d),
+                None => self.pull(&reference)?,
+            }
         };
         let Some(desc) = desc else {
             return Ok(None);
@@ -349,7 +451,8 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
     }
     let ignore = IgnoreMatcher::parse(".dockerignore", &ignore_text)?;
 
-    let resolver = StoreResolver::new(store, &opts.pinned);
+    let resolver =
+        StoreResolver::new(store, &opts.pinned).with_pulls(&opts.locked, &opts.pull, progress);
     let plan = plan(
         &df,
         &PlanOptions {
@@ -541,6 +644,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         steps_cached: counts.1,
         explanations,
         images_used: resolver.used(),
+        pulled: resolver.pulled(),
     })
 }
 
@@ -622,6 +726,13 @@ fn run_stage(
             (st, desc)
         }
     };
+    // Like BuildKit and buildah: an image whose base sets no PATH gets the default one.
+    if !matches!(sp.base, Base::Stage(_)) {
+        let env = state.config.env.get_or_insert_with(Vec::new);
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.insert(0, format!("PATH={}", crate::plan::DEFAULT_PATH));
+        }
+    }
     let prev_steps = previous.and_then(|p| p.stages.get(&sp.display_name()));
     let total = sp.steps.len();
     let mut out = StageRun {
@@ -631,6 +742,8 @@ fn run_stage(
         cached: 0,
         explanations: Vec::new(),
     };
+    // Docker: ENTRYPOINT clears only a CMD inherited from the base, not one set in this stage.
+    let mut cmd_set_here = false;
     for (i, step) in sp.steps.iter().enumerate() {
         let step_ref = StepRef {
             image: if ctx.opts.name.is_some() {
@@ -655,7 +768,15 @@ fn run_stage(
         let (key, hit) = match &step.kind {
             StepKind::Config(change) => {
                 let key = cache::step_key(&state.key, &step.kind, None, None);
+                let cmd_before = state.config.cmd.clone();
                 change.apply(&mut state.config);
+                match change {
+                    crate::config::ConfigChange::Cmd { .. } => cmd_set_here = true,
+                    crate::config::ConfigChange::Entrypoint { .. } if cmd_set_here => {
+                        state.config.cmd = cmd_before;
+                    }
+                    _ => {}
+                }
                 state.history.push(History {
                     created: Some(ctx.created.clone()),
                     created_by: Some(step.text.clone()),

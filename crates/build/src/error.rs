@@ -40,6 +40,18 @@ pub enum Error {
     #[error("{location}: image `{image}` is not in the store\nhint: strata import / strata pull")]
     BaseNotFound { location: String, image: String },
 
+    /// A base image (or `--from` image) missing from the store could not be pulled from the
+    /// registry its name points at (`docker.io` for names without a host).
+    #[error("image `{image}` is not in the store and pulling it from {registry} failed")]
+    Pull {
+        /// The reference pulled (`127.0.0.1:5000/org/base:1`, `debian:12@sha256:…`).
+        image: String,
+        /// The registry host asked.
+        registry: String,
+        #[source]
+        source: Box<strata_transfer::Error>,
+    },
+
     /// Something in the Dockerfile is valid syntax but cannot be built.
     #[error("{location}: {message}")]
     Invalid { location: String, message: String },

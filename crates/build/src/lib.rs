@@ -8,6 +8,10 @@
 //!   [`BuildOutcome`] and reports [`Event`]s to a [`Progress`].
 //! - [`Project`]: `strata.toml` images built in dependency order ([`Project::build`]), with
 //!   `strata.lock` pinning external bases ([`Project::update`]).
+//! - Bases: a `FROM` / `COPY --from` / `--mount from=` image is looked up in the store first
+//!   (a local image always wins); one the store lacks is pulled from the registry its name
+//!   points at (`127.0.0.1:5000/org/base:1`; `debian:12` → Docker Hub), by the digest
+//!   strata.lock holds for it when there is one ([`StoreResolver::with_pulls`]).
 //!
 //! Reproducibility: configs and history use `created = $SOURCE_DATE_EPOCH`, else the Unix
 //! epoch (0); files written by COPY/ADD get that mtime in the layer (so mtimes are not part of

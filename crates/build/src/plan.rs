@@ -429,7 +429,12 @@ fn plan_stage(
         deps.insert(s.index);
         (Base::Stage(s.index), s.final_config.clone())
     } else {
-        match opts.images.resolve(&from.base)? {
+        // A failed pull has no place of its own: give it the FROM line.
+        let found = opts
+            .images
+            .resolve(&from.base)
+            .map_err(|e| e.at(&location.to_string(), stage.from.original.trim()))?;
+        match found {
             Some(img) => {
                 let cfg = img.config.config.clone().unwrap_or_default();
                 (Base::Image(Box::new(img)), cfg)
@@ -518,15 +523,10 @@ fn plan_stage(
                 let workdir = cfg.working_dir.clone().unwrap_or_else(|| "/".to_string());
                 let mut mounts = Vec::new();
                 for m in &run.mounts {
-                    mounts.push(run_mount(
-                        m,
-                        idx,
-                        df,
-                        opts.images,
-                        &loc,
-                        &workdir,
-                        &mut deps,
-                    )?);
+                    mounts.push(
+                        run_mount(m, idx, df, opts.images, &loc, &workdir, &mut deps)
+                            .map_err(|e| e.at(&loc.to_string(), &text))?,
+                    );
                 }
                 StepKind::Run(RunStep {
                     argv,
@@ -543,7 +543,8 @@ fn plan_stage(
             }
             Instruction::Copy(c) => {
                 let from = match &c.from {
-                    Some(f) => file_source(f, idx, df, opts.images, &loc)?,
+                    Some(f) => file_source(f, idx, df, opts.images, &loc)
+                        .map_err(|e| e.at(&loc.to_string(), &text))?,
                     None => FileSource::Context,
                 };
                 if let FileSource::Stage { index } = from {

@@ -22,6 +22,10 @@
 //! [bases]
 //! "busybox:latest" = "sha256:…"
 //! ```
+//!
+//! A locked base missing from the store is pulled by its locked digest, so a tag that moved
+//! at the registry does not change the build; [`Project::update_with`] asks the registry again
+//! and moves the lock.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -31,10 +35,12 @@ use strata_dockerfile::{Dockerfile, Instruction};
 use strata_oci::{Compression, Digest, Reference};
 use strata_store::Store;
 
-use crate::engine::{BuildOptions, BuildOutcome, build, descriptor_for_digest};
+use strata_transfer::PullOptions;
+
+use crate::engine::{BuildOptions, BuildOutcome, build, pull_image};
 use crate::error::{Error, Result};
 use crate::plan::with_platform_args;
-use crate::progress::Progress;
+use crate::progress::{NoProgress, Progress};
 
 /// One `[[image]]` of strata.toml.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -121,6 +127,8 @@ pub struct ProjectOptions {
     pub compression: Option<Compression>,
     /// runc path.
     pub runc: Option<PathBuf>,
+    /// How bases missing from the store are pulled.
+    pub pull: PullOptions,
 }
 
 /// What [`Project::build`] did.
@@ -350,7 +358,6 @@ impl Project {
 
     fn options_for(
         &self,
-        store: &Store,
         img: &ImageSpec,
         opts: &ProjectOptions,
         built: &BTreeMap<String, BuildOutcome>,
@@ -372,6 +379,7 @@ impl Project {
         o.extra_ignore = img.ignore.clone();
         o.compression = opts.compression.unwrap_or(Compression::Gzip);
         o.runc = opts.runc.clone();
+        o.pull = opts.pull.clone();
         for dep in self.deps.get(&img.name).into_iter().flatten() {
             if let (Some(out), Some(l)) = (built.get(dep), local(dep)) {
                 o.pinned.insert(l, out.descriptor.clone());
@@ -384,14 +392,8 @@ impl Project {
                     line: None,
                     message: format!("`{ext}` = `{d}` is not a digest"),
                 })?;
-                let desc = descriptor_for_digest(store, &digest)?.ok_or_else(|| Error::Project {
-                    path: self.lock_path(),
-                    line: None,
-                    message: format!(
-                        "`{ext}` is locked to {d}, which is not in the store\nhint: strata pull {ext}@{d}, or strata update to move the lock"
-                    ),
-                })?;
-                o.pinned.insert(ext.clone(), desc);
+                // The build finds it in the store or pulls it by this digest.
+                o.locked.insert(ext.clone(), digest);
             }
         }
         Ok(o)
@@ -417,10 +419,7 @@ impl Project {
                 let img = self
                     .image(n)
                     .ok_or_else(|| Error::Usage(format!("no image `{n}`")))?;
-                jobs.push((
-                    n.clone(),
-                    self.options_for(store, img, opts, &built, &lock)?,
-                ));
+                jobs.push((n.clone(), self.options_for(img, opts, &built, &lock)?));
             }
             let results: Vec<(String, Result<BuildOutcome>)> = if jobs.len() == 1 {
                 jobs.into_iter()
@@ -482,9 +481,25 @@ impl Project {
         })
     }
 
-    /// Moves the lock of the external bases used by `names` (all when empty) to what the
-    /// store's refs point at now; returns what moved and which images that affects.
+    /// [`Project::update_with`] with default pull options and no progress.
     pub fn update(&self, store: &Store, names: &[String]) -> Result<Vec<LockUpdate>> {
+        self.update_with(store, names, &PullOptions::default(), &NoProgress)
+    }
+
+    /// Moves the lock of the external bases used by `names` (all when empty) to what they
+    /// resolve to now; returns what moved and which images that affects.
+    ///
+    /// A base whose name has a registry host (`127.0.0.1:5000/org/base:1`, `ghcr.io/o/i`) is
+    /// pulled again by its tag, so the lock follows the registry. A base without one
+    /// (`busybox`, `debian:12`) resolves to the store's ref, as imported and locally built
+    /// images are named that way; only when the store lacks it is it pulled from Docker Hub.
+    pub fn update_with(
+        &self,
+        store: &Store,
+        names: &[String],
+        pull: &PullOptions,
+        progress: &dyn Progress,
+    ) -> Result<Vec<LockUpdate>> {
         let selected: BTreeSet<String> = self.order(names)?.into_iter().flatten().collect();
         let mut lock = self.lock()?;
         let mut updates = Vec::new();
@@ -493,18 +508,23 @@ impl Project {
             .flat_map(|n| self.externals.get(n).into_iter().flatten().cloned())
             .collect();
         for base in bases {
-            let Some(desc) = store.get_ref(&base)? else {
-                return Err(Error::Project {
-                    path: self.lock_path(),
-                    line: None,
-                    message: format!("base `{base}` is not in the store\nhint: strata pull {base}"),
-                });
+            let reference = Reference::parse_local(&base)?;
+            let local = if reference.registry().is_some() {
+                None
+            } else {
+                store.get_ref(&base)?
             };
-            let now = store
-                .resolve_image(&base, desc, &strata_oci::Platform::host())?
-                .descriptor
-                .digest
-                .to_string();
+            let now = match local {
+                Some(desc) => store
+                    .resolve_image(&base, desc, &strata_oci::Platform::host())?
+                    .descriptor
+                    .digest
+                    .to_string(),
+                None => pull_image(store, &reference, pull, progress)?
+                    .manifest
+                    .digest
+                    .to_string(),
+            };
             let old = lock.bases.get(&base).cloned();
             if old.as_deref() != Some(now.as_str()) {
                 lock.bases.insert(base.clone(), now.clone());
