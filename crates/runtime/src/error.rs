@@ -66,6 +66,34 @@ pub enum Error {
         stderr: String,
     },
 
+    /// Setting up or tearing down a machine's network failed; `stderr` is iproute2's message.
+    #[error("machine `{id}`: network: `{command}` ({status}): {stderr}")]
+    Network {
+        id: String,
+        command: String,
+        status: String,
+        stderr: String,
+    },
+
+    /// No init binary to run as a machine's PID 1.
+    #[error(
+        "no init for machines: `{looked_at}` is not an executable file; hint: apt-get install tini (it ships /usr/bin/tini-static), or set $STRATA_INIT to a static init"
+    )]
+    InitNotFound { looked_at: PathBuf },
+
+    /// A machine spec is invalid, or the machine is in a state that does not allow the
+    /// operation (start while running, exec while stopped...).
+    #[error("machine `{id}`: {reason}")]
+    Machine { id: String, reason: String },
+
+    /// A process-wide system call failed.
+    #[error("{op}: {source}")]
+    Os {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+
     /// A Docker `USER` string could not be resolved against the image's passwd/group files.
     #[error("user `{user}`: {reason}")]
     User { user: String, reason: String },

@@ -12,6 +12,8 @@
 
 mod error;
 mod inroot;
+mod machine;
+pub mod net;
 mod run;
 pub mod spec;
 mod user;
@@ -20,6 +22,12 @@ use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
 pub use error::{Error, Result};
+pub use machine::{
+    DEFAULT_INIT, INIT_PATH, MachineSpec, MachineStatus, StopOutcome, VolumeMount, container_id,
+    find_init, machine_cleanup, machine_destroy, machine_exec, machine_start, machine_status,
+    machine_stop, set_child_subreaper,
+};
+pub use net::NetSpec;
 pub use run::{cleanup_stale, kill, run};
 pub use user::resolve_user;
 

@@ -27,7 +27,7 @@ const STDERR_TAIL: usize = 8 * 1024;
 /// Largest overlay option string the kernel accepts (one page, NUL included).
 const MAX_MOUNT_DATA: usize = 4095;
 
-fn io_err<'a>(
+pub(crate) fn io_err<'a>(
     id: &'a str,
     op: &'static str,
     path: &'a Path,
@@ -413,7 +413,7 @@ impl Drop for Bundle<'_> {
 
 /// [`spec::NOFILE_LIMIT`], lowered to our own hard limit unless we may raise it: runc's init
 /// inherits our limits and fails to start the container when asked for more.
-fn nofile_limit() -> u64 {
+pub(crate) fn nofile_limit() -> u64 {
     let ours = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
     let can_raise = rustix::thread::capabilities(None).is_ok_and(|c| {
         c.effective
@@ -443,7 +443,7 @@ fn run_result(status: ExitStatus) -> RunResult {
     }
 }
 
-fn describe(status: ExitStatus) -> String {
+pub(crate) fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(c), _) => format!("exit status {c}"),
         (None, Some(s)) => format!("killed by signal {s}"),
@@ -451,7 +451,7 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-fn command_line(cmd: &Command) -> String {
+pub(crate) fn command_line(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(OsStr::to_string_lossy)
@@ -460,7 +460,7 @@ fn command_line(cmd: &Command) -> String {
 }
 
 /// The `msg` of every error-level entry in runc's JSON log.
-fn runc_log_errors(log: &Path) -> Vec<String> {
+pub(crate) fn runc_log_errors(log: &Path) -> Vec<String> {
     let Ok(text) = std::fs::read_to_string(log) else {
         return Vec::new();
     };
@@ -471,7 +471,7 @@ fn runc_log_errors(log: &Path) -> Vec<String> {
         .collect()
 }
 
-fn mount_overlay(
+pub(crate) fn mount_overlay(
     id: &str,
     lowers: &[PathBuf],
     upper: &Path,
@@ -529,7 +529,7 @@ fn mount_overlay(
 }
 
 /// Unmounts `target`, falling back to a lazy unmount when it is busy.
-fn unmount(id: &str, target: &Path) -> Result<()> {
+pub(crate) fn unmount(id: &str, target: &Path) -> Result<()> {
     match rustix::mount::unmount(target, UnmountFlags::empty()) {
         Ok(()) => Ok(()),
         Err(_) => rustix::mount::unmount(target, UnmountFlags::DETACH)
@@ -537,7 +537,7 @@ fn unmount(id: &str, target: &Path) -> Result<()> {
     }
 }
 
-fn is_mount_point(path: &Path) -> bool {
+pub(crate) fn is_mount_point(path: &Path) -> bool {
     let (Ok(m), Some(Ok(parent))) = (
         std::fs::symlink_metadata(path),
         path.parent().map(std::fs::symlink_metadata),
@@ -564,7 +564,7 @@ fn remove_bundle_dir(id: &str, dir: &Path) -> Result<()> {
 }
 
 /// `runc delete -f <id>`; a container that does not exist (already gone) is fine.
-fn delete_container(cfg: &RuntimeConfig, id: &str) -> Result<()> {
+pub(crate) fn delete_container(cfg: &RuntimeConfig, id: &str) -> Result<()> {
     let mut cmd = Command::new(&cfg.runc);
     cmd.arg("--root")
         .arg(&cfg.state_root)
@@ -585,7 +585,7 @@ fn delete_container(cfg: &RuntimeConfig, id: &str) -> Result<()> {
     })
 }
 
-fn runc_output(id: &str, cmd: &mut Command) -> Result<std::process::Output> {
+pub(crate) fn runc_output(id: &str, cmd: &mut Command) -> Result<std::process::Output> {
     cmd.stdin(Stdio::null())
         .output()
         .map_err(|source| Error::Spawn {

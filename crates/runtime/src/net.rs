@@ -1,0 +1,181 @@
+//! A machine's network: its own named network namespace joined to the host by a veth pair on
+//! a /30 of 10.89.0.0/16, so the host reaches the machine at a fixed address.
+//!
+//! The namespace and the links are made with iproute2's `ip`: talking rtnetlink by hand
+//! (veth creation with a peer in another namespace, addresses, routes) is a few hundred lines
+//! of message encoding for three commands, and `ip` is on every host that runs runc.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::error::{Error, Result};
+
+/// The largest [`NetSpec::index`]: 10.89.0.0/16 holds 16384 /30 networks.
+pub const MAX_NET_INDEX: u32 = (1 << 14) - 1;
+
+/// Where `ip netns add` puts the namespace files.
+const NETNS_DIR: &str = "/run/netns";
+
+/// A machine's place in 10.89.0.0/16: network `index` is the /30 starting at
+/// `10.89.0.0 + 4 * index`; the host end of the veth pair is `.1` in it, the machine `.2`.
+///
+/// The caller allocates indexes, one per live machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NetSpec {
+    /// 0 ..= [`MAX_NET_INDEX`].
+    pub index: u32,
+}
+
+impl NetSpec {
+    fn base(&self) -> u32 {
+        u32::from(Ipv4Addr::new(10, 89, 0, 0)) + 4 * (self.index & MAX_NET_INDEX)
+    }
+
+    /// The host's address on the machine's /30 (the machine's default gateway).
+    pub fn host_addr(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.base() + 1)
+    }
+
+    /// The machine's address, which the host reaches directly.
+    pub fn machine_addr(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.base() + 2)
+    }
+
+    /// The host end of the veth pair (`sm<index>h`; interface names have at most 15 bytes).
+    pub fn host_link(&self) -> String {
+        format!("sm{}h", self.index)
+    }
+
+    /// The machine end of the veth pair, inside the machine's namespace.
+    pub fn machine_link(&self) -> String {
+        format!("sm{}c", self.index)
+    }
+}
+
+/// The name of machine `id`'s network namespace (`ip netns` name).
+pub fn netns_name(id: &str) -> String {
+    format!("strata-{id}")
+}
+
+/// The file that holds machine `id`'s network namespace (what runc's `linux.namespaces` points
+/// at).
+pub fn netns_path(id: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(netns_name(id))
+}
+
+/// Runs `ip args...`; a failure names the machine, the command and ip's stderr.
+fn ip(id: &str, args: &[&str]) -> Result<()> {
+    let out = ip_output(id, args)?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(Error::Network {
+        id: id.to_string(),
+        command: format!("ip {}", args.join(" ")),
+        status: out.status.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
+}
+
+fn ip_output(id: &str, args: &[&str]) -> Result<std::process::Output> {
+    Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| Error::Spawn {
+            id: id.to_string(),
+            command: format!("ip {}", args.join(" ")),
+            source,
+        })
+}
+
+/// Whether the host has a link named `name` (in our namespace).
+fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+/// Makes machine `id`'s network, whatever state a previous run left: the namespace if it is
+/// missing, then a fresh veth pair (an old pair is replaced: its peer may be in another
+/// namespace after a crash), addresses, `lo` up and the default route via the host.
+pub fn setup_network(id: &str, net: &NetSpec) -> Result<()> {
+    if net.index > MAX_NET_INDEX {
+        return Err(Error::InvalidSpec {
+            id: id.to_string(),
+            reason: format!(
+                "network index {} is over the maximum {MAX_NET_INDEX}",
+                net.index
+            ),
+        });
+    }
+    let ns = netns_name(id);
+    if !netns_path(id).exists() {
+        ip(id, &["netns", "add", &ns])?;
+    }
+    let host = net.host_link();
+    let peer = net.machine_link();
+    if link_exists(&host) {
+        ip(id, &["link", "del", &host])?;
+    }
+    // A peer left inside the namespace (its host end deleted by hand) blocks the name there.
+    let _ = ip_output(id, &["-n", &ns, "link", "del", &peer]);
+    ip(
+        id,
+        &[
+            "link", "add", &host, "type", "veth", "peer", "name", &peer, "netns", &ns,
+        ],
+    )?;
+    let host_cidr = format!("{}/30", net.host_addr());
+    let machine_cidr = format!("{}/30", net.machine_addr());
+    let gateway = net.host_addr().to_string();
+    ip(id, &["addr", "replace", &host_cidr, "dev", &host])?;
+    ip(id, &["link", "set", &host, "up"])?;
+    ip(id, &["-n", &ns, "link", "set", "lo", "up"])?;
+    ip(
+        id,
+        &["-n", &ns, "addr", "replace", &machine_cidr, "dev", &peer],
+    )?;
+    ip(id, &["-n", &ns, "link", "set", &peer, "up"])?;
+    ip(
+        id,
+        &["-n", &ns, "route", "replace", "default", "via", &gateway],
+    )?;
+    Ok(())
+}
+
+/// Removes machine `id`'s veth pair and namespace; what is already gone is fine.
+pub fn teardown_network(id: &str, net: &NetSpec) -> Result<()> {
+    let host = net.host_link();
+    // Deleting one end of a veth pair deletes both.
+    if link_exists(&host) {
+        ip(id, &["link", "del", &host])?;
+    }
+    if netns_path(id).exists() {
+        ip(id, &["netns", "del", &netns_name(id)])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        let n = NetSpec { index: 0 };
+        assert_eq!(n.host_addr(), Ipv4Addr::new(10, 89, 0, 1));
+        assert_eq!(n.machine_addr(), Ipv4Addr::new(10, 89, 0, 2));
+        let n = NetSpec { index: 64 };
+        assert_eq!(n.host_addr(), Ipv4Addr::new(10, 89, 1, 1));
+        assert_eq!(n.machine_addr(), Ipv4Addr::new(10, 89, 1, 2));
+        let n = NetSpec { index: 65 };
+        assert_eq!(n.machine_addr(), Ipv4Addr::new(10, 89, 1, 6));
+        let n = NetSpec {
+            index: MAX_NET_INDEX,
+        };
+        assert_eq!(n.host_addr(), Ipv4Addr::new(10, 89, 255, 253));
+        assert_eq!(n.machine_addr(), Ipv4Addr::new(10, 89, 255, 254));
+        assert_eq!(n.host_link(), "sm16383h");
+        assert!(n.machine_link().len() <= 15);
+    }
+}
