@@ -1,0 +1,325 @@
+//! The agent's port owner: a TCP proxy that forwards each connection to one of the current
+//! backends (Fly's proxy, in small).
+//!
+//! The deployer replaces a machine without downtime like this: start the new machine, wait until
+//! it is healthy, [`Proxy::set_backends`] to the new set (new connections go there at once),
+//! wait until [`Proxy::active_connections`] of the old backend is 0 or a drain timeout passes,
+//! then stop the old machine. Connections opened before the switch stay on their backend: the
+//! proxy never moves an established connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::{Error, Result};
+
+/// Settings of a [`Proxy`].
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Most client connections served at once. Further clients wait in the kernel's accept
+    /// backlog (and are refused by the kernel when that is full), so memory stays bounded.
+    /// 0 is treated as 1.
+    pub max_connections: usize,
+    /// How long to wait for one backend to accept before trying the next.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            max_connections: 4096,
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A running TCP proxy. Cloning gives another handle to the same proxy; the proxy stops when
+/// [`Proxy::shutdown`] is called or the last handle is dropped.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    handle: Arc<Handle>,
+}
+
+/// What the handles share; dropping it (with the last handle) stops the accept task, because
+/// the accept task watches `stop` and a dropped sender wakes it.
+#[derive(Debug)]
+struct Handle {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// State read by the accept task and every connection task.
+#[derive(Debug)]
+struct Shared {
+    /// The current set. Each connection takes a snapshot (`Arc` clone) when it starts, so a
+    /// switch is atomic and never disturbs connections in flight.
+    backends: RwLock<Arc<Vec<SocketAddr>>>,
+    next: AtomicUsize,
+    active: Mutex<HashMap<SocketAddr, usize>>,
+    connect_timeout: Duration,
+}
+
+impl Proxy {
+    /// Listens on `listen` with the default [`ProxyConfig`] and starts accepting on a tokio task.
+    /// The backend set starts empty: clients get a 502 until [`Proxy::set_backends`].
+    pub async fn bind(listen: SocketAddr) -> Result<Proxy> {
+        Proxy::bind_with(listen, ProxyConfig::default()).await
+    }
+
+    /// Like [`Proxy::bind`] with explicit settings.
+    pub async fn bind_with(listen: SocketAddr, config: ProxyConfig) -> Result<Proxy> {
+        let bind_err = |source| Error::Bind {
+            addr: listen,
+            source,
+        };
+        let listener = TcpListener::bind(listen).await.map_err(bind_err)?;
+        let local_addr = listener.local_addr().map_err(bind_err)?;
+        let shared = Arc::new(Shared {
+            backends: RwLock::new(Arc::new(Vec::new())),
+            next: AtomicUsize::new(0),
+            active: Mutex::new(HashMap::new()),
+            connect_timeout: config.connect_timeout,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared), limit, stop_rx));
+        Ok(Proxy {
+            handle: Arc::new(Handle {
+                shared,
+                local_addr,
+                stop,
+                task: Mutex::new(Some(task)),
+            }),
+        })
+    }
+
+    /// The address the proxy listens on (the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.handle.local_addr
+    }
+
+    /// Replaces the backend set. Connections accepted from now on pick among `backends`;
+    /// established connections keep their backend.
+    pub fn set_backends(&self, backends: Vec<SocketAddr>) {
+        let mut current = self
+            .handle
+            .shared
+            .backends
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        *current = Arc::new(backends);
+    }
+
+    /// The current backend set.
+    pub fn backends(&self) -> Vec<SocketAddr> {
+        self.handle.shared.current_backends().as_ref().clone()
+    }
+
+    /// How many client connections are forwarded to `backend` right now, whether or not it is
+    /// still in the set: the deployer waits for this to reach 0 before stopping an old machine.
+    pub fn active_connections(&self, backend: SocketAddr) -> usize {
+        let active = self
+            .handle
+            .shared
+            .active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        active.get(&backend).copied().unwrap_or(0)
+    }
+
+    /// Stops accepting, closes the listening socket and closes every forwarded connection,
+    /// for every handle of this proxy. Returns when all of that is done.
+    pub async fn shutdown(self) {
+        // send_replace stores the value even when no receiver is left (the task ended).
+        self.handle.stop.send_replace(true);
+        let task = self
+            .handle
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(task) = task {
+            // The task ends by itself on the stop signal; a JoinError here means it panicked,
+            // which has already been reported by the panic hook.
+            let _ = task.await;
+        }
+    }
+}
+
+impl Shared {
+    fn current_backends(&self) -> Arc<Vec<SocketAddr>> {
+        Arc::clone(&self.backends.read().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// Accepts while a connection slot is free. Connection tasks live in a `JoinSet` owned here, so
+/// when this loop ends (stop signal) dropping the set closes every forwarded connection.
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        // Take the slot before accepting: while all slots are busy, clients wait in the kernel
+        // backlog instead of in our memory.
+        let permit = tokio::select! {
+            _ = stop.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            permit = Arc::clone(&limit).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break, // never closed; nothing to serve without it
+            },
+        };
+        let accepted = loop {
+            tokio::select! {
+                _ = stop.changed() => break None,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => break Some(accepted),
+            }
+        };
+        match accepted {
+            None => break,
+            Some(Ok((client, peer))) => {
+                connections.spawn(serve_connection(client, peer, Arc::clone(&shared), permit));
+            }
+            Some(Err(err)) => {
+                // EMFILE and friends: the listener is fine, resources are short. Back off a
+                // little instead of spinning; never give up the port.
+                tracing::warn!(error = %err, "proxy: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::debug!(
+        open = connections.len(),
+        "proxy: stopped accepting; closing connections"
+    );
+}
+
+/// Counts a connection against its backend for as long as it lives.
+struct ActiveGuard {
+    shared: Arc<Shared>,
+    backend: SocketAddr,
+}
+
+impl ActiveGuard {
+    fn new(shared: Arc<Shared>, backend: SocketAddr) -> ActiveGuard {
+        *shared
+            .active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(backend)
+            .or_insert(0) += 1;
+        ActiveGuard { shared, backend }
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let mut active = self
+            .shared
+            .active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = active.get_mut(&self.backend) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                active.remove(&self.backend);
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let Some((mut upstream, backend)) = connect_backend(&shared, peer).await else {
+        bad_gateway(client, peer).await;
+        return;
+    };
+    let _active = ActiveGuard::new(Arc::clone(&shared), backend);
+    // Small request/response exchanges would otherwise wait on Nagle + delayed ACK.
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => {
+            tracing::debug!(%peer, %backend, up, down, "proxy: connection closed");
+        }
+        Err(err) => {
+            tracing::debug!(%peer, %backend, error = %err, "proxy: connection ended with an error");
+        }
+    }
+}
+
+/// Tries the backends of the current set round-robin, each at most once.
+async fn connect_backend(shared: &Shared, peer: SocketAddr) -> Option<(TcpStream, SocketAddr)> {
+    let backends = shared.current_backends();
+    if backends.is_empty() {
+        tracing::debug!(%peer, "proxy: no backends");
+        return None;
+    }
+    let start = shared.next.fetch_add(1, Ordering::Relaxed);
+    for i in 0..backends.len() {
+        let backend = backends[(start.wrapping_add(i)) % backends.len()];
+        match tokio::time::timeout(shared.connect_timeout, TcpStream::connect(backend)).await {
+            Ok(Ok(stream)) => return Some((stream, backend)),
+            Ok(Err(err)) => {
+                tracing::debug!(%peer, %backend, error = %err, "proxy: backend refused");
+            }
+            Err(_) => {
+                tracing::debug!(%peer, %backend, timeout = ?shared.connect_timeout,
+                    "proxy: backend connect timed out");
+            }
+        }
+    }
+    None
+}
+
+/// Most clients of the proxy speak HTTP; a 502 tells them (and the human behind them) what
+/// happened, where a bare close would look like a network fault. Nothing was forwarded yet, so
+/// the response cannot interleave with a backend's.
+async fn bad_gateway(mut client: TcpStream, peer: SocketAddr) {
+    const BODY: &str = "no backend available\n";
+    let response = format!(
+        "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let result = async {
+        client.write_all(response.as_bytes()).await?;
+        client.shutdown().await?;
+        // Closing a socket with unread input makes Linux send RST, and the client may then lose
+        // our response. Read (and drop) what the client sends until it closes, within bounds.
+        let mut buf = [0u8; 4096];
+        let mut left = 64 * 1024usize;
+        let drain = async {
+            while left > 0 {
+                match client.read(&mut buf).await? {
+                    0 => break,
+                    n => left = left.saturating_sub(n),
+                }
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+        Ok::<_, std::io::Error>(())
+    }
+    .await;
+    if let Err(err) = result {
+        tracing::debug!(%peer, error = %err, "proxy: writing 502 failed");
+    }
+}
