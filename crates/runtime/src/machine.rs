@@ -32,8 +32,8 @@ use crate::error::{Error, Result};
 use crate::inroot;
 use crate::net::{self, NetSpec};
 use crate::run::{
-    command_line, delete_container, describe, io_err, is_mount_point, mount_overlay,
-    nofile_limit, runc_log_errors, runc_output, unmount,
+    command_line, delete_container, describe, io_err, is_mount_point, mount_overlay, nofile_limit,
+    runc_log_errors, runc_output, unmount,
 };
 use crate::spec::{self, BundleSetup};
 use crate::{MountSpec, NetworkMode, Rootfs, RunSpec, RuntimeConfig, UserSpec};
@@ -155,7 +155,10 @@ fn validate(spec: &MachineSpec) -> Result<()> {
     check_id(id)?;
     let bad = |reason: String| Err(machine_err(id, reason));
     if !spec.dir.is_absolute() {
-        return bad(format!("directory `{}` is not absolute", spec.dir.display()));
+        return bad(format!(
+            "directory `{}` is not absolute",
+            spec.dir.display()
+        ));
     }
     if spec.args.is_empty() {
         return bad("no command (args is empty)".into());
@@ -301,9 +304,7 @@ fn machine_config(run: &RunSpec, files: BundleSetup<'_>, netns: &Path) -> Value 
     if let Some(mounts) = config["mounts"].as_array_mut() {
         let ro = json!("ro");
         mounts.retain(|m| {
-            let read_only = m["options"]
-                .as_array()
-                .is_some_and(|o| o.contains(&ro));
+            let read_only = m["options"].as_array().is_some_and(|o| o.contains(&ro));
             !(m["destination"] == "/etc/hosts" && read_only)
         });
     }
@@ -376,7 +377,13 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
     let cid = container_id(&spec.id);
     let cid = cid.as_str();
     let l = Layout::new(spec);
-    for d in [&l.dir, &l.upper(), &l.work(), &l.rootfs(), &l.dir.join("etc")] {
+    for d in [
+        &l.dir,
+        &l.upper(),
+        &l.work(),
+        &l.rootfs(),
+        &l.dir.join("etc"),
+    ] {
         std::fs::create_dir_all(d).map_err(io_err(cid, "creating", d))?;
     }
     let mut lowers = spec.lowers.clone();
@@ -396,10 +403,7 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
 
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").ok();
     let etc_files = [
-        (
-            "hosts",
-            hosts_file(&spec.hostname, spec.net.machine_addr()),
-        ),
+        ("hosts", hosts_file(&spec.hostname, spec.net.machine_addr())),
         ("hostname", format!("{}\n", spec.hostname)),
         ("resolv.conf", machine_resolv_conf(host_resolv.as_deref())),
     ];
@@ -758,7 +762,11 @@ pub fn machine_exec(
         .as_str()
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir)
-        .join(format!("exec-{}-{}.log", std::process::id(), exec_counter()));
+        .join(format!(
+            "exec-{}-{}.log",
+            std::process::id(),
+            exec_counter()
+        ));
     let mut cmd = runc(cfg);
     cmd.arg("--log")
         .arg(&log)
@@ -822,7 +830,10 @@ mod tests {
         let e = init_at(Some(t.path().join("nope").into()))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("apt-get install tini") && e.contains("nope"), "{e}");
+        assert!(
+            e.contains("apt-get install tini") && e.contains("nope"),
+            "{e}"
+        );
         let fake = t.path().join("init");
         std::fs::write(&fake, "").unwrap();
         use std::os::unix::fs::PermissionsExt;
