@@ -133,7 +133,9 @@ pub enum CheckFailure {
         source: io::Error,
     },
     /// The configured path cannot be sent in a request line.
-    #[error("invalid health check path {path:?}: it must start with `/` and contain no spaces or control characters")]
+    #[error(
+        "invalid health check path {path:?}: it must start with `/` and contain no spaces or control characters"
+    )]
     InvalidPath {
         /// The configured path.
         path: String,
@@ -269,8 +271,7 @@ async fn check_within(
     else {
         return Ok(());
     };
-    let status = match tokio::time::timeout_at(deadline, http_status(stream, target, path)).await
-    {
+    let status = match tokio::time::timeout_at(deadline, http_status(stream, target, path)).await {
         Err(_) => {
             return Err(CheckFailure::Timeout {
                 addr: target,
@@ -304,7 +305,11 @@ fn validate_path(path: &str) -> Result<(), CheckFailure> {
 }
 
 /// Sends `GET path` and returns the status code of the answer's status line.
-async fn http_status(mut stream: TcpStream, target: SocketAddr, path: &str) -> Result<u16, CheckFailure> {
+async fn http_status(
+    mut stream: TcpStream,
+    target: SocketAddr,
+    path: &str,
+) -> Result<u16, CheckFailure> {
     let io_err = |source| CheckFailure::Io {
         addr: target,
         path: path.to_owned(),
@@ -370,7 +375,10 @@ mod tests {
     #[test]
     fn status_lines() {
         assert_eq!(parse_status_line(b"HTTP/1.1 200 OK\r"), Ok(200));
-        assert_eq!(parse_status_line(b"HTTP/1.0 503 Service Unavailable"), Ok(503));
+        assert_eq!(
+            parse_status_line(b"HTTP/1.0 503 Service Unavailable"),
+            Ok(503)
+        );
         assert_eq!(parse_status_line(b"HTTP/1.1 204"), Ok(204));
         assert_eq!(parse_status_line(b"HTTP/1.1 204 "), Ok(204));
         assert!(parse_status_line(b"").is_err());

@@ -201,10 +201,14 @@ async fn accept_loop(
             }
         }
     }
+    drop(listener);
     tracing::debug!(
         open = connections.len(),
         "proxy: stopped accepting; closing connections"
     );
+    // Abort and wait, so that when `shutdown` returns every socket is closed and
+    // `active_connections` reads 0.
+    connections.shutdown().await;
 }
 
 /// Counts a connection against its backend for as long as it lives.
