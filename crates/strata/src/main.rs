@@ -16,8 +16,16 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");
+            // Many of our errors already carry their cause in their own text; print a
+            // cause only when it adds something the lines above do not say.
+            let mut shown = err.to_string();
             for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                let text = cause.to_string();
+                if !shown.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                    shown.push('\n');
+                    shown.push_str(&text);
+                }
             }
             ExitCode::FAILURE
         }

@@ -37,7 +37,7 @@ pub enum Error {
     Image { name: String, reason: String },
 
     /// The registry refused or failed a request.
-    #[error("registry request for `{reference}` failed")]
+    #[error("registry request for `{reference}` failed: {source}")]
     Registry {
         reference: String,
         #[source]
