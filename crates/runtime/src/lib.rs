@@ -1,5 +1,5 @@
-//! Runs a process description as an OCI runtime bundle under runc: overlay root filesystem,
-//! generated `config.json`, streamed output, exit status, and cleanup.
+//! Runs processes and machines as OCI runtime bundles under runc: overlay root filesystem,
+//! generated `config.json`, output, exit status, and cleanup.
 //!
 //! [`run`] is the whole life cycle of one container: mount the rootfs (overlay or plain
 //! directory) under `<state_root>/bundles/<id>/rootfs`, create the working directory, write
@@ -7,6 +7,10 @@
 //! caller, then `runc delete -f`, unmount and remove the bundle, whatever happened.
 //! [`resolve_user`] turns Docker's `USER` string into ids from the image's own files.
 //! [`cleanup_stale`] removes what a killed parent process left behind.
+//!
+//! A *machine* ([`machine_start`] and friends) is an image booted detached the way Fly boots
+//! one: tini as PID 1, its own network namespace reachable from the host ([`net`]), an
+//! ephemeral overlay root and persistent volumes; see `docs/machines.md`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 

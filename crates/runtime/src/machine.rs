@@ -494,8 +494,8 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))
-        // A process group of its own, inherited by the machine: a Ctrl-C (or a SIGHUP to the
-        // foreground group) at the terminal of whoever started it does not reach it.
+        // runc puts the machine in a session of its own; this keeps a Ctrl-C at the starting
+        // terminal from reaching runc itself while it is half way through starting it.
         .process_group(0);
     let command = command_line(&cmd);
     let status = cmd.status().map_err(|source| Error::Spawn {

@@ -175,6 +175,7 @@ fn test_number(name: &str) -> u32 {
         "destroy",
         "state",
         "failed",
+        "detached",
     ];
     TESTS.iter().position(|t| *t == name).unwrap() as u32
 }
@@ -568,4 +569,86 @@ fn a_failed_start_names_runc_and_leaves_nothing_mounted() {
     // The same machine starts once the spec is fixed.
     spec.volumes[0].target = "/data".into();
     lab.start(&spec);
+}
+
+/// Not a test by itself: run by `a_machine_outlives_the_process_that_started_it` in a child
+/// process, it starts the machine described by `$STRATA_TEST_STARTER` and exits.
+#[test]
+fn starter_helper() {
+    let Ok(args) = std::env::var("STRATA_TEST_STARTER") else {
+        return;
+    };
+    let f: Vec<&str> = args.split('\n').collect();
+    let cfg = RuntimeConfig {
+        runc: f[0].into(),
+        state_root: f[1].into(),
+    };
+    let spec = MachineSpec {
+        id: f[2].into(),
+        dir: f[3].into(),
+        lowers: vec![f[4].into(), f[5].into()],
+        args: ["httpd", "-f", "-p", "8080", "-h", "/www"]
+            .map(String::from)
+            .to_vec(),
+        env: vec!["PATH=/bin".into()],
+        cwd: "/".into(),
+        user: UserSpec::default(),
+        hostname: "detached".into(),
+        volumes: Vec::new(),
+        net: NetSpec {
+            index: f[6].parse().unwrap(),
+        },
+        init: f[7].into(),
+        log: f[8].into(),
+    };
+    let pid = machine_start(&cfg, &spec).unwrap();
+    println!("started pid {pid}");
+}
+
+#[test]
+fn a_machine_outlives_the_process_that_started_it() {
+    let Some(mut lab) = Lab::new("detached") else {
+        return;
+    };
+    let spec = httpd_spec(&lab, 0, "still here\n");
+    lab.specs.push(spec.clone());
+    let fields = [
+        lab.cfg.runc.to_str().unwrap().to_string(),
+        lab.cfg.state_root.to_str().unwrap().to_string(),
+        spec.id.clone(),
+        spec.dir.to_str().unwrap().to_string(),
+        spec.lowers[0].to_str().unwrap().to_string(),
+        spec.lowers[1].to_str().unwrap().to_string(),
+        spec.net.index.to_string(),
+        spec.init.to_str().unwrap().to_string(),
+        spec.log.to_str().unwrap().to_string(),
+    ];
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "starter_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("STRATA_TEST_STARTER", fields.join("\n"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("started pid"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The starter is gone; the machine still runs and answers.
+    let MachineStatus::Running { pid } = lab.status(&spec) else {
+        panic!("machine not running after its starter exited");
+    };
+    assert!(http_get(&spec, 8080).ends_with("still here\n"));
+    // In a session of its own (a Ctrl-C or hangup at our terminal would not reach it).
+    let machine = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    assert_eq!(rustix::process::getsid(Some(machine)).unwrap(), machine);
+    assert_ne!(
+        rustix::process::getpgid(Some(machine)).unwrap(),
+        rustix::process::getpgrp()
+    );
 }
