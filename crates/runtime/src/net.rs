@@ -95,6 +95,20 @@ fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
+/// Our veth ends (`sm<digits>c`) in `ip -o link show` output.
+fn machine_links(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| {
+            n.strip_prefix("sm")
+                .and_then(|r| r.strip_suffix('c'))
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect()
+}
+
 /// Makes machine `id`'s network, whatever state a previous run left: the namespace if it is
 /// missing, then a fresh veth pair (an old pair is replaced: its peer may be in another
 /// namespace after a crash), addresses, `lo` up and the default route via the host.
@@ -117,8 +131,12 @@ pub fn setup_network(id: &str, net: &NetSpec) -> Result<()> {
     if link_exists(&host) {
         ip(id, &["link", "del", &host])?;
     }
-    // A peer left inside the namespace (its host end deleted by hand) blocks the name there.
-    let _ = ip_output(id, &["-n", &ns, "link", "del", &peer]);
+    // Veths left inside the namespace by an earlier start (with another index, or whose host
+    // end was deleted by hand) would keep old addresses and block the name: remove them.
+    let listing = ip_output(id, &["-n", &ns, "-o", "link", "show"])?;
+    for name in machine_links(&String::from_utf8_lossy(&listing.stdout)) {
+        ip(id, &["-n", &ns, "link", "del", &name])?;
+    }
     ip(
         id,
         &[
@@ -159,6 +177,15 @@ pub fn teardown_network(id: &str, net: &NetSpec) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn our_links_in_a_listing() {
+        let listing = "1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue\n\
+                       2: sm12c@if9: <BROADCAST,MULTICAST> mtu 1500\n\
+                       3: smxc@if10: <BROADCAST> mtu 1500\n\
+                       4: sm7c: <BROADCAST> mtu 1500\n";
+        assert_eq!(machine_links(listing), ["sm12c", "sm7c"]);
+    }
 
     #[test]
     fn addresses() {

@@ -176,6 +176,7 @@ fn test_number(name: &str) -> u32 {
         "state",
         "failed",
         "detached",
+        "reindex",
     ];
     TESTS.iter().position(|t| *t == name).unwrap() as u32
 }
@@ -651,4 +652,23 @@ fn a_machine_outlives_the_process_that_started_it() {
         rustix::process::getpgid(Some(machine)).unwrap(),
         rustix::process::getpgrp()
     );
+}
+
+#[test]
+fn a_restart_with_another_network_index_leaves_no_old_veth() {
+    let Some(mut lab) = Lab::new("reindex") else {
+        return;
+    };
+    let mut spec = httpd_spec(&lab, 0, "moved\n");
+    lab.start(&spec);
+    let old = spec.net;
+    machine_stop(&lab.cfg, &spec, 15, Duration::from_secs(5)).unwrap();
+    spec.net = NetSpec {
+        index: old.index + 1,
+    };
+    lab.specs[0] = spec.clone();
+    lab.start(&spec);
+    assert!(http_get(&spec, 8080).ends_with("moved\n"));
+    assert!(!ip_link_exists(&old.host_link()));
+    assert!(ip_link_exists(&spec.net.host_link()));
 }
