@@ -19,6 +19,7 @@
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
+use std::io::IsTerminal;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -746,6 +747,13 @@ pub fn machine_exec(
         return Err(machine_err(
             id,
             format!("exec: environment entry `{e}` has no `=`"),
+        ));
+    }
+    if tty && !std::io::stdin().is_terminal() {
+        // runc would fail later with `open /dev/tty: no such device or address`.
+        return Err(machine_err(
+            id,
+            "exec with a tty needs a terminal on stdin; run without a tty",
         ));
     }
     let state = runc_state(cfg, id)?;

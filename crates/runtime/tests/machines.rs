@@ -177,6 +177,7 @@ fn test_number(name: &str) -> u32 {
         "failed",
         "detached",
         "reindex",
+        "tty",
     ];
     TESTS.iter().position(|t| *t == name).unwrap() as u32
 }
@@ -671,4 +672,62 @@ fn a_restart_with_another_network_index_leaves_no_old_veth() {
     assert!(http_get(&spec, 8080).ends_with("moved\n"));
     assert!(!ip_link_exists(&old.host_link()));
     assert!(ip_link_exists(&spec.net.host_link()));
+}
+
+/// Not a test by itself: run under `script` (a pseudo-terminal) by
+/// `exec_with_a_tty_gets_a_terminal`, it execs `$STRATA_TEST_TTY` in a machine with a tty.
+#[test]
+fn tty_helper() {
+    let Ok(args) = std::env::var("STRATA_TEST_TTY") else {
+        return;
+    };
+    let f: Vec<&str> = args.split('\n').collect();
+    let cfg = RuntimeConfig {
+        runc: f[0].into(),
+        state_root: f[1].into(),
+    };
+    let script = "tty; exit 4".to_string();
+    let r = machine_exec(
+        &cfg,
+        f[2],
+        &["/bin/sh".into(), "-c".into(), script],
+        &[],
+        true,
+    );
+    println!("\nresult={r:?}");
+}
+
+#[test]
+fn exec_with_a_tty_gets_a_terminal() {
+    let Some(mut lab) = Lab::new("tty") else {
+        return;
+    };
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("\n!!!!! SKIPPED: the tty test needs `script` (util-linux) !!!!!\n");
+        return;
+    }
+    let spec = lab.spec(0, "echo ready; exec sleep 1000");
+    lab.start(&spec);
+    wait_for_log(&spec, "ready\n");
+    // Without a terminal on stdin, a clear error instead of runc's.
+    let e = machine_exec(&lab.cfg, &spec.id, &["true".into()], &[], true).unwrap_err();
+    assert!(e.to_string().contains("terminal"), "{e}");
+    let fields = [
+        lab.cfg.runc.to_str().unwrap(),
+        lab.cfg.state_root.to_str().unwrap(),
+        &spec.id,
+    ];
+    let helper = format!(
+        "{} --exact tty_helper --nocapture --test-threads=1",
+        std::env::current_exe().unwrap().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &helper, "/dev/null"])
+        .env("STRATA_TEST_TTY", fields.join("\n"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("/dev/pts/"), "{text}");
+    assert!(text.contains("result=Ok(4)"), "{text}");
 }
