@@ -434,10 +434,13 @@ fn exec_runs_in_the_running_machine() {
     let Some(mut lab) = Lab::new("exec") else {
         return;
     };
-    let spec = lab.spec(0, "echo made > /tmp/marker; echo ready; exec sleep 1000");
+    let mut spec = lab.spec(0, "echo made > /tmp/marker; echo ready; exec sleep 1000");
+    spec.env.push("CODE=9".into());
     lab.start(&spec);
     wait_for_log(&spec, "ready\n");
     assert_eq!(lab.exec(&spec, "exit 3"), 3);
+    // The machine's environment, and `env` overriding it.
+    assert_eq!(lab.exec(&spec, "exit $CODE"), 9);
     // It sees the machine's files, name and environment, plus the extra variables.
     assert_eq!(
         lab.exec(
