@@ -2,6 +2,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use crate::health::CheckFailure;
 
@@ -27,6 +28,68 @@ pub enum Error {
     /// A health check did not pass.
     #[error(transparent)]
     Unhealthy(#[from] CheckFailure),
+    /// strata.toml or a command-line value is not what it must be.
+    #[error("{0}")]
+    Config(String),
+    /// The state database failed.
+    #[error("state database {}: {source}", path.display())]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// A file operation failed.
+    #[error("{op} `{}`: {source}", path.display())]
+    Io {
+        /// What we were doing.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// An image of the store could not be read or pinned.
+    #[error("image `{image}`: {source}")]
+    Image {
+        /// The reference.
+        image: String,
+        /// The store's error.
+        source: strata_store::Error,
+    },
+    /// No such machine.
+    #[error("no machine `{0}`")]
+    UnknownMachine(String),
+    /// The agent could not be started, reached or stopped.
+    #[error("agent: {0}")]
+    Agent(String),
+    /// A machine failed to start or to become healthy.
+    #[error("machine {id}: {reason}")]
+    Machine {
+        /// Its id.
+        id: String,
+        /// What happened, with its last log lines.
+        reason: String,
+    },
+    /// A release did not go live; the previous one (if any) still serves.
+    #[error("release v{version} of {app} failed: {reason}")]
+    ReleaseFailed {
+        /// The app.
+        app: String,
+        /// The release number.
+        version: u32,
+        /// Why, and which release still serves.
+        reason: String,
+    },
+    /// An image config could not be read.
+    #[error(transparent)]
+    Oci(#[from] strata_oci::Error),
+    /// runc or the machine runtime failed.
+    #[error(transparent)]
+    Machines(#[from] strata_runtime::Error),
+    /// Unpacking the image's layers failed.
+    #[error(transparent)]
+    Rootfs(#[from] strata_rootfs::Error),
 }
 
 /// `Result` with this crate's [`Error`].

@@ -1,7 +1,18 @@
 //! Apps, releases and the host agent: deploy images as machines, health checks, the proxy.
+//!
+//! [`state`] keeps machines, releases and routes in the store's SQLite DB; [`host`] turns an
+//! image into a machine and a machine into the runtime's spec; [`agent`] is the per-store
+//! supervisor that makes the DB true (starts, restarts, stops machines, owns host ports via
+//! [`proxy`]); [`deploy`] makes a release (new machines → [`health`] → switch → drain old);
+//! [`app`] reads `[app.NAME]` from strata.toml.
 
+pub mod agent;
+pub mod app;
+pub mod deploy;
 pub mod health;
+pub mod host;
 pub mod proxy;
+pub mod state;
 
 mod error;
 

@@ -171,3 +171,46 @@ pub fn update(store: &Store, images: &[String], project: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Builds what `image` needs for `strata deploy`: the project's image of that name (and the
+/// images it depends on, if they changed). An image the project does not declare is taken
+/// from the store as it is. Returns the local reference to deploy.
+pub fn build_for_deploy(
+    store: &Store,
+    project_path: &Path,
+    image: &str,
+    progress_mode: ProgressArg,
+) -> Result<String> {
+    let project = Project::load(project_path)?;
+    if !project.images.iter().any(|i| i.name == image) {
+        store.image(image).with_context(|| {
+            format!("`{image}` is neither an image of the project nor in the store")
+        })?;
+        return Ok(image.to_string());
+    }
+    let progress = progress(progress_mode);
+    let built = project.build(
+        store,
+        &[image.to_string()],
+        &ProjectOptions::default(),
+        progress.as_ref(),
+    )?;
+    for name in &built.order {
+        let o = &built.images[name];
+        eprintln!(
+            "{name}: {} ({} run, {} cached)",
+            if o.steps_run == 0 {
+                "unchanged"
+            } else {
+                "built"
+            },
+            o.steps_run,
+            o.steps_cached
+        );
+    }
+    let outcome = built
+        .images
+        .get(image)
+        .with_context(|| format!("the build did not produce `{image}`"))?;
+    Ok(outcome.content_tag.clone())
+}

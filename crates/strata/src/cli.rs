@@ -68,6 +68,24 @@ pub enum Command {
     Registry(RegistryCommand),
     /// Check every digest, size and diff_id of an image.
     Validate { image: String },
+    /// Machines: images running on this host (detached, own network, ephemeral root).
+    #[command(subcommand)]
+    Machine(MachineCommand),
+    /// The host agent: keeps machines running, owns the app ports (started on demand).
+    Agent(AgentArgs),
+    /// Deploy an app of strata.toml: build what changed, push, start new machines, wait until
+    /// healthy, switch traffic, stop the old ones.
+    Deploy(DeployArgs),
+    /// An app's releases (`--image` for their images and digests).
+    Releases(ReleasesArgs),
+    /// The agent, apps, their current release and machines.
+    Status {
+        /// One app (default: all).
+        app: Option<String>,
+    },
+    /// Apps deployed on this host.
+    #[command(subcommand)]
+    Apps(AppsCommand),
     /// Unpack an image's layers into a directory (its root filesystem), like `umoci unpack`.
     Unpack {
         image: String,
@@ -342,4 +360,151 @@ pub enum TokenCommand {
     },
     /// Revoke a token by id.
     Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MachineCommand {
+    /// Create and start a machine from an image: `strata machine run IMAGE [CMD...]`.
+    Run(MachineRunArgs),
+    /// List machines.
+    #[command(alias = "ls")]
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a stopped machine (its root filesystem starts fresh; volumes stay).
+    Start { id: String },
+    /// Stop a machine: its StopSignal, then SIGKILL after the kill timeout.
+    Stop { id: String },
+    /// Stop and start a machine.
+    Restart { id: String },
+    /// Stop and remove machines (their named volumes stay).
+    #[command(alias = "rm")]
+    Destroy {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Print a machine's output (stdout and stderr).
+    Logs {
+        id: String,
+        /// Keep printing new output until the machine is destroyed.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Run a command inside a running machine.
+    Exec {
+        id: String,
+        /// Allocate a terminal.
+        #[arg(short, long)]
+        tty: bool,
+        /// Extra environment, `K=V`.
+        #[arg(short, long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MachineRunArgs {
+    /// The image (a name in the store).
+    pub image: String,
+    /// Replaces the image's CMD.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+    /// The machine's id (default: generated).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Environment, `K=V` (after the image's).
+    #[arg(short, long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Named volume, `NAME:/path`: kept under the store across machines.
+    #[arg(short, long = "volume", value_name = "NAME:PATH")]
+    pub volumes: Vec<String>,
+    /// Serve machine PORT on 127.0.0.1:HOSTPORT through the agent's proxy.
+    #[arg(short, long = "publish", value_name = "HOSTPORT:PORT")]
+    pub ports: Vec<String>,
+    /// `no` (default), `always`, `on-failure[:N]`.
+    #[arg(long, default_value = "no")]
+    pub restart: String,
+    /// Replaces the image's ENTRYPOINT.
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Replaces the image's StopSignal.
+    #[arg(long)]
+    pub stop_signal: Option<String>,
+    /// Time between the stop signal and SIGKILL (default 10s).
+    #[arg(long)]
+    pub kill_timeout: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    #[command(subcommand)]
+    pub command: Option<AgentCommand>,
+    /// Address the proxy listens on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub listen: std::net::IpAddr,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum AgentCommand {
+    /// Stop the agent (machines keep running; the next one adopts them).
+    Stop,
+    /// Whether the agent runs.
+    Status,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// The app (`[app.NAME]` of strata.toml); optional when there is one.
+    pub app: Option<String>,
+    /// The project file or its directory.
+    #[arg(long, default_value = ".")]
+    pub project: std::path::PathBuf,
+    /// Build (and with --push, push) the image; start nothing.
+    #[arg(long)]
+    pub build_only: bool,
+    /// Push to the app's registry (implied when the app sets `registry`).
+    #[arg(long)]
+    pub push: bool,
+    /// Deploy this image instead of building (e.g. an earlier release: a rollback).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Tag the image with this label instead of `deployment-<ULID>`.
+    #[arg(long)]
+    pub image_label: Option<String>,
+    /// Plain HTTP to the registry (always used for loopback hosts).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Return once traffic is switched; don't wait for old machines to stop.
+    #[arg(long)]
+    pub detach: bool,
+    /// Progress output.
+    #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
+    pub progress: ProgressArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReleasesArgs {
+    /// One app (default: all).
+    pub app: Option<String>,
+    /// Show each release's image reference and digest.
+    #[arg(long)]
+    pub image: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppsCommand {
+    /// Remove an app from this host: machines, route, releases, pins.
+    Destroy {
+        app: String,
+        /// Also remove the named volumes its machines used.
+        #[arg(long)]
+        volumes: bool,
+    },
 }

@@ -10,7 +10,7 @@ use strata_oci::{ContainerConfig, Digest, ImageConfig, media_type};
 use strata_store::Store;
 use strata_transfer::{ArchiveFormat, ImportOptions, local_name};
 
-use crate::cli::{self, Cli, Command};
+use crate::cli::{self, AppsCommand, Cli, Command};
 
 /// Run the command `cli` asks for.
 pub fn run(cli: Cli) -> Result<()> {
@@ -35,6 +35,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Registry(command) => crate::registry::registry(cli.store.clone(), command),
         Command::Validate { image } => validate(&store()?, &image),
         Command::Unpack { image, dir } => unpack(&store()?, &image, &dir),
+        Command::Machine(command) => crate::deploy::machine(store()?, command),
+        Command::Agent(args) => crate::deploy::agent(store()?, &args),
+        Command::Deploy(args) => crate::deploy::deploy(store()?, &args),
+        Command::Releases(args) => crate::deploy::releases(store()?, &args),
+        Command::Status { app } => crate::deploy::status(store()?, app.as_deref()),
+        Command::Apps(AppsCommand::Destroy { app, volumes }) => {
+            crate::deploy::apps_destroy(store()?, &app, volumes)
+        }
     }
 }
 

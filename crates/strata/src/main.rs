@@ -3,6 +3,7 @@
 mod build;
 mod cli;
 mod cmd;
+mod deploy;
 mod registry;
 
 use std::process::ExitCode;

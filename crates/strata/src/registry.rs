@@ -361,3 +361,52 @@ pub fn registry(store: Option<PathBuf>, command: RegistryCommand) -> Result<()> 
         }
     }
 }
+
+/// Pulls `src` for `strata deploy --image`; returns its local name.
+pub fn pull_ref(store: &Store, src: &Reference, insecure: bool) -> Result<String> {
+    let opts = PullOptions {
+        client: client_options(insecure),
+        progress: Some(blob_progress(ProgressArg::Plain, "pulled")),
+        ..PullOptions::default()
+    };
+    let report =
+        strata_transfer::pull(store, src, &opts).with_context(|| format!("cannot pull `{src}`"))?;
+    Ok(report.name)
+}
+
+/// Pushes a local image for `strata deploy`.
+pub fn push_ref(
+    store: &Store,
+    local: &str,
+    dest: &Reference,
+    insecure: bool,
+    progress: ProgressArg,
+) -> Result<strata_transfer::PushReport> {
+    let opts = PushOptions {
+        client: client_options(insecure),
+        progress: Some(blob_progress(progress, "pushed")),
+        ..PushOptions::default()
+    };
+    strata_transfer::push(store, local, dest, &opts)
+        .with_context(|| format!("cannot push `{local}` to `{dest}`"))
+}
+
+/// A release pushed to the embedded registry served from this store (`<store>/registry`, the
+/// default root of `strata registry serve`) is pinned there, so its gc keeps what a machine
+/// may be redeployed from. Another registry keeps images by its own rules; a failure here
+/// is reported, not fatal: the image is already pushed and pinned in the store.
+pub fn pin_in_embedded_registry(store: &Store, dest: &Reference, digest: &Digest, app: &str) {
+    let root = store.root().join("registry");
+    if !root.exists() {
+        return;
+    }
+    let holder = format!("deploy:{app}");
+    match Admin::open(&root).and_then(|admin| admin.pin(dest.repository(), digest, &holder)) {
+        Ok(()) => eprintln!(
+            "pinned {}@{} in the embedded registry",
+            dest.repository(),
+            digest.short()
+        ),
+        Err(e) => eprintln!("warning: cannot pin the release in {}: {e}", root.display()),
+    }
+}

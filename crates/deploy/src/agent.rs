@@ -1,0 +1,629 @@
+//! The host agent: one process per store that keeps machines as the state DB says they should
+//! be (start, restart per policy, stop, destroy), owns the host ports through the proxy, and
+//! rotates machine logs.
+//!
+//! The CLI never talks to the agent directly: it writes what it wants in the DB and polls for
+//! the result, so the agent can restart at any time without losing anything. Machines run
+//! detached (`runc run -d`), so they outlive the agent; a new agent adopts them by asking runc.
+//! The agent is a child subreaper, so the PID 1 of every machine it started is its child and
+//! `waitpid` gives the exit code the restart policy needs.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use strata_runtime::{
+    MachineStatus, machine_cleanup, machine_destroy, machine_start, machine_status, machine_stop,
+};
+use strata_store::Store;
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+use crate::host::Host;
+use crate::proxy::Proxy;
+use crate::state::{Desired, Machine};
+
+/// How the agent behaves.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Time between two looks at the DB.
+    pub tick: Duration,
+    /// A machine log is rotated when it grows past this.
+    pub log_max_bytes: u64,
+    /// Rotated logs kept (`machine.log.1` … `.N`).
+    pub log_keep: u32,
+    /// Address the proxy listens on for every route.
+    pub listen: IpAddr,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            tick: Duration::from_millis(100),
+            log_max_bytes: 8 << 20,
+            log_keep: 2,
+            listen: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+}
+
+fn agent_lock_path(root: &Path) -> PathBuf {
+    root.join("strata/agent.lock")
+}
+
+/// `<store>/strata/agent.log`: the agent's own output.
+pub fn agent_log_path(root: &Path) -> PathBuf {
+    root.join("strata/agent.log")
+}
+
+fn agent_pid_path(root: &Path) -> PathBuf {
+    root.join("strata/agent.pid")
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Takes the agent lock of a store, or says who holds it.
+fn take_lock(root: &Path) -> Result<Option<File>> {
+    let path = agent_lock_path(root);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io("open", &path))?;
+    match rustix::fs::flock(
+        f.as_fd(),
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    ) {
+        Ok(()) => Ok(Some(f)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(Error::Io {
+            op: "lock",
+            path,
+            source: e.into(),
+        }),
+    }
+}
+
+/// The pid of the store's running agent, if one runs.
+pub fn agent_pid(root: &Path) -> Result<Option<u32>> {
+    if take_lock(root)?.is_some() {
+        return Ok(None);
+    }
+    Ok(std::fs::read_to_string(agent_pid_path(root))
+        .ok()
+        .and_then(|s| s.trim().parse().ok()))
+}
+
+/// Starts the store's agent in the background (`<exe> --store ROOT agent`) unless one runs, and
+/// waits until it holds its lock.
+pub fn ensure_agent(root: &Path, exe: &Path) -> Result<u32> {
+    if let Some(pid) = agent_pid(root)? {
+        return Ok(pid);
+    }
+    let log_path = agent_log_path(root);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io("open", &log_path))?;
+    let log2 = log.try_clone().map_err(io("open", &log_path))?;
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(exe)
+        .arg("--store")
+        .arg(root)
+        .arg("agent")
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        // Its own process group: a Ctrl-C in the terminal that started it does not reach it.
+        .process_group(0)
+        .spawn()
+        .map_err(io("start agent", exe))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(pid) = agent_pid(root)? {
+            return Ok(pid);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(Error::Agent(format!(
+                "the agent exited at once ({status}); its log {} says:\n{}",
+                log_path.display(),
+                crate::host::tail_lines(&log_path, 10)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(Error::Agent(format!(
+        "the agent did not start within 10 s; see {}",
+        log_path.display()
+    )))
+}
+
+/// Asks the store's agent to exit (machines keep running) and waits for it.
+pub fn stop_agent(root: &Path) -> Result<bool> {
+    let Some(pid) = agent_pid(root)? else {
+        return Ok(false);
+    };
+    let pid_t = rustix::process::Pid::from_raw(pid as i32)
+        .ok_or_else(|| Error::Agent(format!("bad agent pid {pid}")))?;
+    rustix::process::kill_process(pid_t, rustix::process::Signal::TERM)
+        .map_err(|e| Error::Agent(format!("cannot signal agent {pid}: {e}")))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if agent_pid(root)?.is_none() {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(Error::Agent(format!(
+        "agent {pid} did not exit within 20 s"
+    )))
+}
+
+/// Work the agent does outside its loop (stopping takes up to a grace period).
+#[derive(Default)]
+struct Busy {
+    ids: HashSet<String>,
+}
+
+struct Agent {
+    root: PathBuf,
+    host: Host,
+    opts: AgentOptions,
+    rt: tokio::runtime::Runtime,
+    /// PID 1 of machines we started (our children) → machine id.
+    children: HashMap<u32, String>,
+    proxies: HashMap<u16, Proxy>,
+    /// Machines being stopped or destroyed by a worker thread.
+    busy: Arc<Mutex<Busy>>,
+    /// Earliest time a machine may be started again (restart backoff).
+    not_before: HashMap<String, Instant>,
+    /// When an old machine's connections started draining.
+    draining: HashMap<String, Instant>,
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Fails at once if another agent serves the store.
+pub fn run_agent(store: Store, opts: AgentOptions) -> Result<()> {
+    let root = store.root().to_path_buf();
+    let Some(lock) = take_lock(&root)? else {
+        return Err(Error::Agent(format!(
+            "an agent already serves {} (pid {})",
+            root.display(),
+            agent_pid(&root)?.map_or("?".into(), |p| p.to_string())
+        )));
+    };
+    let pid_path = agent_pid_path(&root);
+    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+        .map_err(io("write", &pid_path))?;
+    strata_runtime::set_child_subreaper()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Runtime {
+            what: "the agent",
+            source,
+        })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        rt.spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    let host = Host::open(store)?;
+    let mut agent = Agent {
+        root: root.clone(),
+        host,
+        opts,
+        rt,
+        children: HashMap::new(),
+        proxies: HashMap::new(),
+        busy: Arc::default(),
+        not_before: HashMap::new(),
+        draining: HashMap::new(),
+    };
+    info!(store = %root.display(), "agent started");
+    agent.adopt()?;
+    while !stop.load(Ordering::SeqCst) {
+        if let Err(e) = agent.tick() {
+            warn!("agent: {e}");
+        }
+        std::thread::sleep(agent.opts.tick);
+    }
+    info!("agent stopping; machines keep running");
+    for (_, p) in agent.proxies.drain() {
+        agent.rt.block_on(p.shutdown());
+    }
+    let _ = std::fs::remove_file(&pid_path);
+    drop(lock);
+    Ok(())
+}
+
+impl Agent {
+    /// Machines that were running when the last agent stopped: runc still knows them.
+    fn adopt(&mut self) -> Result<()> {
+        for m in self.host.state.machines()? {
+            if m.state != "running" {
+                continue;
+            }
+            match machine_status(&self.host.runtime, &m.id)? {
+                MachineStatus::Running { pid } => {
+                    info!(machine = %m.id, pid, "adopted");
+                    self.host
+                        .state
+                        .set_observed(&m.id, "running", Some(pid), None, None)?;
+                }
+                _ => self.on_exit(&m, None)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self) -> Result<()> {
+        // Exits of our children, by pid only: waiting for any child would also reap the runc
+        // commands worker threads are waiting for.
+        let mut exits: HashMap<String, Option<i32>> = HashMap::new();
+        let pids: Vec<u32> = self.children.keys().copied().collect();
+        for pid in pids {
+            let Some(p) = rustix::process::Pid::from_raw(pid as i32) else {
+                continue;
+            };
+            match rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
+                Ok(Some((_, status))) => {
+                    let code = status
+                        .exit_status()
+                        .or_else(|| status.terminating_signal().map(|s| 128 + s));
+                    if let Some(id) = self.children.remove(&pid) {
+                        exits.insert(id, code);
+                    }
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    if let Some(id) = self.children.remove(&pid) {
+                        exits.insert(id, None);
+                    }
+                }
+            }
+        }
+        let machines = self.host.state.machines()?;
+        let adopted_running: Vec<&Machine> = machines
+            .iter()
+            .filter(|m| {
+                m.state == "running"
+                    && !exits.contains_key(&m.id)
+                    && !m.pid.is_some_and(|p| self.children.contains_key(&p))
+            })
+            .collect();
+        for m in adopted_running {
+            if self.is_busy(&m.id) {
+                continue;
+            }
+            if !matches!(
+                machine_status(&self.host.runtime, &m.id)?,
+                MachineStatus::Running { .. }
+            ) {
+                exits.insert(m.id.clone(), None);
+            }
+        }
+        for m in &machines {
+            if let Some(code) = exits.get(&m.id) {
+                self.on_exit(m, *code)?;
+            }
+        }
+        self.apply_routes()?;
+        // Desired states, with what on_exit changed.
+        for m in self.host.state.machines()? {
+            if self.is_busy(&m.id) {
+                continue;
+            }
+            if let Err(e) = self.reconcile(&m) {
+                warn!(machine = %m.id, "{e}");
+                self.host
+                    .state
+                    .set_observed(&m.id, "failed", None, None, Some(&e.to_string()))?;
+                if m.desired == Desired::Running {
+                    self.host.state.set_desired(&m.id, Desired::Stopped)?;
+                }
+            }
+        }
+        self.rotate_logs(&self.host.state.machines()?);
+        Ok(())
+    }
+
+    fn is_busy(&self, id: &str) -> bool {
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ids
+            .contains(id)
+    }
+
+    fn on_exit(&mut self, m: &Machine, code: Option<i32>) -> Result<()> {
+        info!(machine = %m.id, ?code, "exited");
+        if let Ok(spec) = self.host.spec(m) {
+            if let Err(e) = machine_cleanup(&self.host.runtime, &spec) {
+                warn!(machine = %m.id, "cleanup: {e}");
+            }
+        }
+        self.host
+            .state
+            .set_observed(&m.id, "exited", None, code, None)?;
+        if m.desired == Desired::Running {
+            if m.config.restart.restarts_after(code, m.restarts) {
+                self.host.state.bump_restarts(&m.id)?;
+                // Backoff doubles per restart in a row: 100 ms, 200 ms, … at most 10 s.
+                let delay =
+                    Duration::from_millis(100u64 << m.restarts.min(7)).min(Duration::from_secs(10));
+                self.not_before.insert(m.id.clone(), Instant::now() + delay);
+            } else {
+                // Keeps its restart count; only a user's start resets it.
+                self.host.state.set_desired(&m.id, Desired::Stopped)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn reconcile(&mut self, m: &Machine) -> Result<()> {
+        match m.desired {
+            Desired::Running => {
+                if m.state == "running" {
+                    return Ok(());
+                }
+                if self
+                    .not_before
+                    .get(&m.id)
+                    .is_some_and(|t| Instant::now() < *t)
+                {
+                    return Ok(());
+                }
+                self.not_before.remove(&m.id);
+                let spec = self.host.spec(m)?;
+                // A stopped container left by a crash would make `runc run` refuse the id.
+                machine_cleanup(&self.host.runtime, &spec)?;
+                let pid = machine_start(&self.host.runtime, &spec)?;
+                info!(machine = %m.id, pid, "started");
+                self.children.insert(pid, m.id.clone());
+                self.host
+                    .state
+                    .set_observed(&m.id, "running", Some(pid), None, None)?;
+            }
+            Desired::Stopped | Desired::Destroyed => {
+                if m.state == "running" && !self.drained(m) {
+                    return Ok(());
+                }
+                if m.state == "running" || m.desired == Desired::Destroyed {
+                    self.spawn_stop(m)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether no proxy still forwards connections to the machine (or draining took longer
+    /// than its kill timeout).
+    fn drained(&mut self, m: &Machine) -> bool {
+        let addr = IpAddr::V4(Host::machine_addr(m));
+        let ports: Vec<u16> = m
+            .config
+            .ports
+            .iter()
+            .map(|(_, port)| *port)
+            .chain(m.config.service_port)
+            .collect();
+        let active: usize = self
+            .proxies
+            .values()
+            .flat_map(|p| {
+                ports
+                    .iter()
+                    .map(|port| p.active_connections(SocketAddr::new(addr, *port)))
+            })
+            .sum();
+        if active == 0 {
+            self.draining.remove(&m.id);
+            return true;
+        }
+        let since = *self
+            .draining
+            .entry(m.id.clone())
+            .or_insert_with(Instant::now);
+        let done = since.elapsed() >= Duration::from_millis(m.config.kill_timeout_ms);
+        if done {
+            self.draining.remove(&m.id);
+        }
+        done
+    }
+
+    /// Stops (and for destroy, removes) a machine on a worker thread: the stop signal's grace
+    /// period must not hold up the other machines.
+    fn spawn_stop(&mut self, m: &Machine) -> Result<()> {
+        let spec = self.host.spec(m).ok();
+        let was_child = m.pid.and_then(|p| self.children.remove(&p).map(|_| p));
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ids
+            .insert(m.id.clone());
+        let busy = self.busy.clone();
+        let runtime = self.host.runtime.clone();
+        let root = self.root.clone();
+        let m = m.clone();
+        std::thread::spawn(move || {
+            let result = (|| -> Result<Option<i32>> {
+                let mut code = None;
+                if let Some(spec) = &spec {
+                    if m.state == "running" {
+                        let outcome = machine_stop(
+                            &runtime,
+                            spec,
+                            m.config.stop_signal,
+                            Duration::from_millis(m.config.kill_timeout_ms),
+                        )?;
+                        debug!(machine = %m.id, ?outcome, "stopped");
+                    }
+                    if let Some(pid) =
+                        was_child.and_then(|p| rustix::process::Pid::from_raw(p as i32))
+                    {
+                        if let Ok(Some((_, s))) = rustix::process::waitpid(
+                            Some(pid),
+                            rustix::process::WaitOptions::empty(),
+                        ) {
+                            code = s
+                                .exit_status()
+                                .or_else(|| s.terminating_signal().map(|x| 128 + x));
+                        }
+                    }
+                    if m.desired == Desired::Destroyed {
+                        machine_destroy(&runtime, spec)?;
+                    } else {
+                        machine_cleanup(&runtime, spec)?;
+                    }
+                }
+                Ok(code)
+            })();
+            let finish = || -> Result<()> {
+                let store = Store::open(&root).map_err(|source| Error::Image {
+                    image: root.display().to_string(),
+                    source,
+                })?;
+                let state = crate::state::State::open(&root)?;
+                match &result {
+                    Ok(code) if m.desired == Desired::Destroyed => {
+                        if let Ok(d) = m.digest.parse() {
+                            let _ = store.unpin(&d, &format!("machine:{}", m.id));
+                        }
+                        for (host_port, _) in &m.config.ports {
+                            if state
+                                .route(*host_port)?
+                                .is_some_and(|r| r.owner == format!("machine:{}", m.id))
+                            {
+                                state.delete_route(*host_port)?;
+                            }
+                        }
+                        let _ = code;
+                        state.delete_machine(&m.id)?;
+                        info!(machine = %m.id, "destroyed");
+                    }
+                    Ok(code) => state.set_observed(&m.id, "stopped", None, *code, None)?,
+                    Err(e) => {
+                        state.set_observed(&m.id, "failed", None, None, Some(&e.to_string()))?
+                    }
+                }
+                Ok(())
+            };
+            if let Err(e) = finish() {
+                warn!(machine = %m.id, "{e}");
+            }
+            busy.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .ids
+                .remove(&m.id);
+        });
+        Ok(())
+    }
+
+    /// Puts every route of the DB in place: a listener per host port, its backend set.
+    fn apply_routes(&mut self) -> Result<()> {
+        let routes = self.host.state.routes()?;
+        let wanted: HashSet<u16> = routes.iter().map(|r| r.port).collect();
+        let gone: Vec<u16> = self
+            .proxies
+            .keys()
+            .filter(|p| !wanted.contains(p))
+            .copied()
+            .collect();
+        for port in gone {
+            if let Some(p) = self.proxies.remove(&port) {
+                self.rt.block_on(p.shutdown());
+            }
+        }
+        for r in routes {
+            if !self.proxies.contains_key(&r.port) {
+                let addr = SocketAddr::new(self.opts.listen, r.port);
+                match self.rt.block_on(Proxy::bind(addr)) {
+                    Ok(p) => {
+                        self.proxies.insert(r.port, p);
+                    }
+                    Err(e) => {
+                        if r.error.as_deref() != Some(&e.to_string()) {
+                            self.host.state.route_applied(
+                                r.port,
+                                r.applied,
+                                Some(&e.to_string()),
+                            )?;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if r.applied != r.generation || r.error.is_some() {
+                if let Some(p) = self.proxies.get(&r.port) {
+                    p.set_backends(r.backends.clone());
+                }
+                self.host.state.route_applied(r.port, r.generation, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// copytruncate: the machine holds its log open with O_APPEND, so the file is copied aside
+    /// and emptied in place; at most a few lines written in between can be lost.
+    fn rotate_logs(&self, machines: &[Machine]) {
+        for m in machines {
+            let log = self.host.log_path(&m.id);
+            let Ok(meta) = std::fs::metadata(&log) else {
+                continue;
+            };
+            if meta.len() <= self.opts.log_max_bytes {
+                continue;
+            }
+            if let Err(e) = rotate(&log, self.opts.log_keep) {
+                warn!(machine = %m.id, "log rotation: {e}");
+            }
+        }
+    }
+}
+
+/// Shifts `log.1..` up, copies `log` to `log.1` and empties `log`.
+pub fn rotate(log: &Path, keep: u32) -> std::io::Result<()> {
+    let name = |n: u32| {
+        let mut s = log.as_os_str().to_owned();
+        s.push(format!(".{n}"));
+        PathBuf::from(s)
+    };
+    let keep = keep.max(1);
+    let _ = std::fs::remove_file(name(keep));
+    for n in (1..keep).rev() {
+        let _ = std::fs::rename(name(n), name(n + 1));
+    }
+    std::fs::copy(log, name(1))?;
+    let f = std::fs::OpenOptions::new().write(true).open(log)?;
+    f.set_len(0)?;
+    let mut f = f;
+    f.flush()
+}

@@ -1,0 +1,287 @@
+//! `[app.NAME]` tables of strata.toml: what `strata deploy` runs and how.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::health::{Check, HealthConfig};
+use crate::state::RestartPolicy;
+
+/// One app as written in strata.toml.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSpec {
+    /// An image of the project (`[[image]] name`), built on deploy; or any image reference in
+    /// the store.
+    pub image: String,
+    /// The port the app listens on inside its machines.
+    pub port: u16,
+    /// The host port the agent's proxy serves it on (default: `port`).
+    #[serde(default)]
+    pub public_port: Option<u16>,
+    /// Address the proxy listens on (default 127.0.0.1).
+    #[serde(default)]
+    pub listen: Option<std::net::IpAddr>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Named volumes, `NAME:/path`.
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// Health check; without one a machine is healthy once its port accepts connections.
+    #[serde(default)]
+    pub health: Option<HealthSpec>,
+    /// `no`, `always` (default), `on-failure[:N]`.
+    #[serde(default)]
+    pub restart: Option<String>,
+    /// Machines per release (default 1).
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// Push each release here (`host[:port]/org`), as `<registry>/<app>:deployment-<ULID>`.
+    #[serde(default)]
+    pub registry: Option<String>,
+    /// Time between the stop signal and SIGKILL (default 10s).
+    #[serde(default)]
+    pub kill_timeout: Option<String>,
+    /// How many earlier releases keep their images pinned for rollback (default 3).
+    #[serde(default)]
+    pub keep_releases: Option<u32>,
+}
+
+/// `health = { type = "http", path = "/", interval = "1s", timeout = "2s", grace = "0s" }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    /// `http` (default when `path` is set) or `tcp`.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// HTTP path.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Port to check (default: the app's port).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Between attempts (default 1s).
+    #[serde(default)]
+    pub interval: Option<String>,
+    /// Per attempt (default 2s).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Before the first attempt (default 0s).
+    #[serde(default)]
+    pub grace: Option<String>,
+    /// Give up after (default 60s).
+    #[serde(default)]
+    pub deadline: Option<String>,
+}
+
+/// An app with its name and defaults applied.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// Its name (the table key).
+    pub name: String,
+    /// As written.
+    pub spec: AppSpec,
+}
+
+/// Parses `1.5s`, `200ms`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| Error::Config(format!("duration `{s}`: expected e.g. 500ms, 2s, 1m")))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(Error::Config(format!(
+                "duration `{s}`: unknown unit `{unit}` (ms, s, m, h)"
+            )));
+        }
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl App {
+    /// The host port the proxy serves.
+    pub fn public_port(&self) -> u16 {
+        self.spec.public_port.unwrap_or(self.spec.port)
+    }
+
+    /// Machines per release.
+    pub fn count(&self) -> u32 {
+        self.spec.count.unwrap_or(1).max(1)
+    }
+
+    /// The restart policy (default `always`, as Fly keeps an app's machines up).
+    pub fn restart(&self) -> Result<RestartPolicy> {
+        self.spec
+            .restart
+            .as_deref()
+            .map_or(Ok(RestartPolicy::Always), RestartPolicy::parse)
+    }
+
+    /// Stop signal → SIGKILL delay.
+    pub fn kill_timeout(&self) -> Result<Duration> {
+        self.spec
+            .kill_timeout
+            .as_deref()
+            .map_or(Ok(Duration::from_secs(10)), parse_duration)
+    }
+
+    /// The health check and how long to wait for it.
+    pub fn health(&self) -> Result<(HealthConfig, Duration)> {
+        let h = self.spec.health.clone();
+        let d =
+            |v: Option<&String>, default: Duration| v.map_or(Ok(default), |s| parse_duration(s));
+        let Some(h) = h else {
+            return Ok((
+                HealthConfig {
+                    check: Check::Tcp,
+                    port: self.spec.port,
+                    interval: Duration::from_millis(200),
+                    timeout: Duration::from_secs(2),
+                    grace: Duration::ZERO,
+                },
+                Duration::from_secs(60),
+            ));
+        };
+        let check = match (h.kind.as_deref(), &h.path) {
+            (Some("tcp"), _) => Check::Tcp,
+            (Some("http") | None, path) => Check::Http {
+                path: path.clone().unwrap_or_else(|| "/".into()),
+                expect_status: None,
+            },
+            (Some(other), _) => {
+                return Err(Error::Config(format!(
+                    "app `{}`: health type `{other}`: expected http or tcp",
+                    self.name
+                )));
+            }
+        };
+        Ok((
+            HealthConfig {
+                check,
+                port: h.port.unwrap_or(self.spec.port),
+                interval: d(h.interval.as_ref(), Duration::from_secs(1))?,
+                timeout: d(h.timeout.as_ref(), Duration::from_secs(2))?,
+                grace: d(h.grace.as_ref(), Duration::ZERO)?,
+            },
+            d(h.deadline.as_ref(), Duration::from_secs(60))?,
+        ))
+    }
+
+    /// Named volumes as (name, path).
+    pub fn volumes(&self) -> Result<Vec<(String, String)>> {
+        self.spec.volumes.iter().map(|v| parse_volume(v)).collect()
+    }
+}
+
+/// `NAME:/path` → (name, path); names are `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+pub fn parse_volume(v: &str) -> Result<(String, String)> {
+    let bad = || Error::Config(format!("volume `{v}`: expected NAME:/absolute/path"));
+    let (name, path) = v.split_once(':').ok_or_else(bad)?;
+    let name_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !name_ok || !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+        return Err(bad());
+    }
+    Ok((name.to_string(), path.to_string()))
+}
+
+#[derive(Debug, Deserialize)]
+struct AppsFile {
+    #[serde(default)]
+    app: BTreeMap<String, AppSpec>,
+}
+
+/// The apps of a strata.toml, by name.
+pub fn load_apps(strata_toml: &Path) -> Result<BTreeMap<String, App>> {
+    let text = std::fs::read_to_string(strata_toml).map_err(|source| Error::Io {
+        op: "read",
+        path: strata_toml.to_path_buf(),
+        source,
+    })?;
+    let file: AppsFile = toml::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: {e}", strata_toml.display())))?;
+    let mut apps = BTreeMap::new();
+    for (name, spec) in file.app {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(Error::Config(format!(
+                "{}: app name `{name}`: use lowercase letters, digits and '-'",
+                strata_toml.display()
+            )));
+        }
+        let app = App { name, spec };
+        app.health()?;
+        app.restart()?;
+        app.volumes()?;
+        app.kill_timeout()?;
+        apps.insert(app.name.clone(), app);
+    }
+    Ok(apps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_volumes_parse_and_bad_ones_say_why() {
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("3 days").is_err());
+        assert_eq!(
+            parse_volume("data:/var/lib/data").unwrap(),
+            ("data".into(), "/var/lib/data".into())
+        );
+        assert!(parse_volume("data:relative").is_err());
+        assert!(parse_volume("../x:/y").is_err());
+        assert!(parse_volume("x:/a/../b").is_err());
+    }
+
+    #[test]
+    fn apps_load_with_defaults_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("strata.toml");
+        std::fs::write(
+            &f,
+            "[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
+             public_port = 18080\nhealth = { path = \"/healthz\", interval = \"100ms\" }\n",
+        )
+        .unwrap();
+        let apps = load_apps(&f).unwrap();
+        let web = &apps["web"];
+        assert_eq!(web.public_port(), 18080);
+        assert_eq!(web.count(), 1);
+        assert_eq!(web.restart().unwrap(), RestartPolicy::Always);
+        let (h, deadline) = web.health().unwrap();
+        assert_eq!(h.interval, Duration::from_millis(100));
+        assert_eq!(deadline, Duration::from_secs(60));
+        assert!(matches!(h.check, Check::Http { ref path, .. } if path == "/healthz"));
+
+        std::fs::write(&f, "[app.web]\nimage = \"web\"\nport = 1\nprot = 2\n").unwrap();
+        let e = load_apps(&f).unwrap_err().to_string();
+        assert!(e.contains("prot"), "{e}");
+    }
+}

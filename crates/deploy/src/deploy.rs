@@ -1,0 +1,328 @@
+//! A release of an app: new machines from an image, health checks, the proxy switched to them,
+//! the old machines drained and stopped. A release that never gets healthy is marked failed
+//! and the one before keeps serving.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::health::wait_healthy_blocking;
+use crate::host::{Host, MachineOptions, tail_lines};
+use crate::state::{Desired, Machine, Release};
+
+/// What [`deploy_image`] did.
+#[derive(Debug, Clone)]
+pub struct DeployReport {
+    /// The new release.
+    pub release: Release,
+    /// Its machines.
+    pub machines: Vec<String>,
+    /// Machines of earlier releases being stopped.
+    pub replaced: Vec<String>,
+    /// Where the app answers.
+    pub public: SocketAddr,
+}
+
+/// Options of [`deploy_image`].
+#[derive(Debug, Clone)]
+pub struct DeployOptions {
+    /// The strata binary, to start the agent if it does not run.
+    pub exe: std::path::PathBuf,
+    /// Address the agent's proxy listens on (for the report).
+    pub listen: IpAddr,
+    /// Wait until the old machines are gone before returning.
+    pub wait_for_old: bool,
+}
+
+/// `GET :8080/healthz` or `tcp :8080`, for progress lines.
+fn describe(h: &crate::health::HealthConfig) -> String {
+    match &h.check {
+        crate::health::Check::Http { path, .. } => format!("GET :{}{path}", h.port),
+        crate::health::Check::Tcp => format!("tcp :{}", h.port),
+    }
+}
+
+fn owner(app: &str) -> String {
+    format!("app:{app}")
+}
+
+/// Waits until `f` says done (Some) or `timeout` passes.
+fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<Option<T>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f()? {
+            return Ok(Some(v));
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Waits until the agent reports machine `id` running; a failed start is an error with the
+/// machine's last log lines.
+pub fn wait_running(host: &Host, id: &str, timeout: Duration) -> Result<Machine> {
+    let m = poll(timeout, || {
+        let Some(m) = host.state.machine(id)? else {
+            return Err(Error::UnknownMachine(id.to_string()));
+        };
+        match m.state.as_str() {
+            "running" => Ok(Some(m)),
+            "failed" => Err(Error::Machine {
+                id: id.to_string(),
+                reason: format!(
+                    "failed to start: {}\n{}",
+                    m.error.unwrap_or_default(),
+                    tail_lines(&host.log_path(id), 10)
+                ),
+            }),
+            "exited" if m.desired != Desired::Running => Err(Error::Machine {
+                id: id.to_string(),
+                reason: format!(
+                    "exited with code {} right after starting; last log lines:\n{}",
+                    m.exit_code.map_or("?".into(), |c| c.to_string()),
+                    tail_lines(&host.log_path(id), 10)
+                ),
+            }),
+            _ => Ok(None),
+        }
+    })?;
+    m.ok_or_else(|| Error::Machine {
+        id: id.to_string(),
+        reason: format!(
+            "not running after {} s; is the agent up? (see strata/agent.log in the store)",
+            timeout.as_secs()
+        ),
+    })
+}
+
+/// Waits until the agent has put the route's current generation in place.
+fn wait_route(host: &Host, port: u16, generation: i64) -> Result<()> {
+    let done = poll(Duration::from_secs(15), || {
+        let Some(r) = host.state.route(port)? else {
+            return Ok(Some(()));
+        };
+        if let Some(e) = r.error {
+            return Err(Error::Agent(format!("cannot serve port {port}: {e}")));
+        }
+        Ok((r.applied >= generation).then_some(()))
+    })?;
+    done.ok_or_else(|| Error::Agent(format!("the agent did not switch port {port} within 15 s")))
+}
+
+/// Deploys `image` (a ref of the store) as a new release of `app`.
+pub fn deploy_image(
+    host: &mut Host,
+    app: &App,
+    image: &str,
+    opts: &DeployOptions,
+    log: &mut dyn FnMut(&str),
+) -> Result<DeployReport> {
+    let img = host.store.image(image).map_err(|source| Error::Image {
+        image: image.to_string(),
+        source,
+    })?;
+    let digest = img.descriptor.digest.clone();
+    crate::agent::ensure_agent(host.store.root(), &opts.exe)?;
+    let release = host
+        .state
+        .begin_release(&app.name, image, &digest.to_string())?;
+    let v = release.version;
+    host.store
+        .pin(&digest, &format!("release:{}:{v}", app.name))
+        .map_err(|source| Error::Image {
+            image: image.to_string(),
+            source,
+        })?;
+    log(&format!(
+        "release v{v} of {}: {image} ({})",
+        app.name,
+        digest.short()
+    ));
+    let (health, deadline) = app.health()?;
+    let machine_opts = MachineOptions {
+        env: app
+            .spec
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect(),
+        volumes: app.volumes()?,
+        service_port: Some(app.spec.port),
+        restart: app.restart()?,
+        kill_timeout_ms: Some(app.kill_timeout()?.as_millis() as u64),
+        app: Some((app.name.clone(), v)),
+        ..MachineOptions::default()
+    };
+    let mut new = Vec::new();
+    let outcome = (|| -> Result<()> {
+        for _ in 0..app.count() {
+            let m = host.create_machine(image, &machine_opts)?;
+            log(&format!("machine {} created", m.id));
+            new.push(m);
+        }
+        for m in &new {
+            wait_running(host, &m.id, Duration::from_secs(60))?;
+            let addr = IpAddr::V4(Host::machine_addr(m));
+            log(&format!(
+                "machine {} running at {addr}; checking health ({})",
+                m.id,
+                describe(&health)
+            ));
+            wait_healthy_blocking(addr, &health, deadline).map_err(|e| Error::Machine {
+                id: m.id.clone(),
+                reason: format!(
+                    "unhealthy: {e}; last log lines:\n{}",
+                    tail_lines(&host.log_path(&m.id), 10)
+                ),
+            })?;
+            log(&format!("machine {} healthy", m.id));
+        }
+        Ok(())
+    })();
+    if let Err(e) = outcome {
+        let reason = e.to_string();
+        host.state
+            .set_release_status(&app.name, v, "failed", Some(&reason))?;
+        for m in &new {
+            host.state.set_desired(&m.id, Desired::Destroyed)?;
+        }
+        let _ = host
+            .store
+            .unpin(&digest, &format!("release:{}:{v}", app.name));
+        let serving = host
+            .state
+            .releases(Some(&app.name))?
+            .into_iter()
+            .find(|r| r.status == "active")
+            .map_or("no earlier release serves the app".to_string(), |r| {
+                format!("v{} keeps serving", r.version)
+            });
+        return Err(Error::ReleaseFailed {
+            app: app.name.clone(),
+            version: v,
+            reason: format!("{reason}\n{serving}"),
+        });
+    }
+    // Switch: new connections go to the new machines; the agent drains the old ones.
+    let port = app.public_port();
+    let backends: Vec<SocketAddr> = new
+        .iter()
+        .map(|m| SocketAddr::new(IpAddr::V4(Host::machine_addr(m)), app.spec.port))
+        .collect();
+    let generation = host.state.set_route(port, &owner(&app.name), &backends)?;
+    wait_route(host, port, generation)?;
+    let new_ids: Vec<String> = new.iter().map(|m| m.id.clone()).collect();
+    let mut replaced = Vec::new();
+    for m in host.state.app_machines(&app.name)? {
+        if !new_ids.contains(&m.id) && m.desired != Desired::Destroyed {
+            host.state.set_desired(&m.id, Desired::Destroyed)?;
+            replaced.push(m.id);
+        }
+    }
+    for r in host.state.releases(Some(&app.name))? {
+        if r.version != v && r.status == "active" {
+            host.state
+                .set_release_status(&app.name, r.version, "superseded", None)?;
+        }
+    }
+    host.state
+        .set_release_status(&app.name, v, "active", None)?;
+    unpin_old_releases(host, app)?;
+    log(&format!(
+        "v{v} serves {}:{port}; {} old machine(s) draining",
+        opts.listen,
+        replaced.len()
+    ));
+    if opts.wait_for_old {
+        let timeout = app.kill_timeout()? * 2 + Duration::from_secs(15);
+        for id in &replaced {
+            let gone = poll(timeout, || {
+                Ok(host.state.machine(id)?.is_none().then_some(()))
+            })?;
+            if gone.is_none() {
+                warn!(machine = %id, "old machine still exists");
+            }
+        }
+    }
+    Ok(DeployReport {
+        release: Release {
+            status: "active".into(),
+            ..release
+        },
+        machines: new_ids,
+        replaced,
+        public: SocketAddr::new(opts.listen, port),
+    })
+}
+
+/// Keeps the images of the newest `keep_releases` non-failed releases pinned (for rollback);
+/// unpins the rest.
+fn unpin_old_releases(host: &Host, app: &App) -> Result<()> {
+    let keep = app.spec.keep_releases.unwrap_or(3) as usize;
+    let releases = host.state.releases(Some(&app.name))?;
+    for r in releases
+        .iter()
+        .filter(|r| r.status != "failed")
+        .skip(keep.max(1))
+    {
+        if let Ok(d) = r.digest.parse() {
+            let _ = host
+                .store
+                .unpin(&d, &format!("release:{}:{}", app.name, r.version));
+        }
+    }
+    Ok(())
+}
+
+/// Removes an app from this host: its route, machines (the agent stops them), releases and
+/// pins; its named volumes only when `volumes` is set.
+pub fn destroy_app(host: &Host, name: &str, volumes: bool) -> Result<Vec<String>> {
+    let mut destroyed = Vec::new();
+    let mut vols = Vec::new();
+    for m in host.state.app_machines(name)? {
+        vols.extend(m.config.volumes.iter().map(|(n, _)| n.clone()));
+        host.state.set_desired(&m.id, Desired::Destroyed)?;
+        destroyed.push(m.id);
+    }
+    for r in host.state.routes()? {
+        if r.owner == owner(name) {
+            host.state.delete_route(r.port)?;
+        }
+    }
+    for r in host.state.releases(Some(name))? {
+        if let Ok(d) = r.digest.parse() {
+            let _ = host
+                .store
+                .unpin(&d, &format!("release:{name}:{}", r.version));
+        }
+    }
+    host.state.delete_releases(name)?;
+    if volumes {
+        for id in &destroyed {
+            poll(Duration::from_secs(60), || {
+                Ok(host.state.machine(id)?.is_none().then_some(()))
+            })?;
+        }
+        vols.sort();
+        vols.dedup();
+        for v in vols {
+            host.remove_volume(&v)?;
+        }
+    }
+    Ok(destroyed)
+}
+
+/// Where strata.toml is for a project directory or file.
+pub fn project_file(path: &Path) -> std::path::PathBuf {
+    if path.is_dir() {
+        path.join("strata.toml")
+    } else {
+        path.to_path_buf()
+    }
+}

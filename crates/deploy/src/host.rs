@@ -1,0 +1,315 @@
+//! This host's view of machines: from an image in the store to a row in the state DB, and
+//! from a row to the runtime's [`MachineSpec`] (snapshots unpacked, user resolved, volumes).
+
+use std::path::{Path, PathBuf};
+
+use strata_oci::{Digest, ImageConfig};
+use strata_rootfs::{LayerRef, SnapshotCache};
+use strata_runtime::{MachineSpec, NetSpec, RuntimeConfig, VolumeMount};
+use strata_store::Store;
+
+use crate::error::{Error, Result};
+use crate::state::{Machine, MachineConfig, RestartPolicy, State};
+
+/// The default PATH of a machine whose image sets none (Docker's).
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What `strata machine run` (or a deploy) asks of a new machine beyond its image.
+#[derive(Debug, Clone, Default)]
+pub struct MachineOptions {
+    /// Replaces the image's CMD (Docker's `docker run IMAGE ARGS...`).
+    pub cmd: Option<Vec<String>>,
+    /// Replaces the image's ENTRYPOINT.
+    pub entrypoint: Option<Vec<String>>,
+    /// `-e K=V`, after the image's Env.
+    pub env: Vec<String>,
+    /// `-v NAME:/path`.
+    pub volumes: Vec<(String, String)>,
+    /// `-p HOST:PORT`.
+    pub ports: Vec<(u16, u16)>,
+    /// The app's port inside the machine.
+    pub service_port: Option<u16>,
+    /// Restart policy.
+    pub restart: RestartPolicy,
+    /// Stop signal → SIGKILL delay in ms (default 10 s).
+    pub kill_timeout_ms: Option<u64>,
+    /// App and release it belongs to.
+    pub app: Option<(String, u32)>,
+    /// `--name`: the machine's id (default: generated).
+    pub id: Option<String>,
+    /// Replaces the image's StopSignal.
+    pub stop_signal: Option<i32>,
+}
+
+/// The store, the state DB and runc, together.
+#[derive(Debug)]
+pub struct Host {
+    /// The content store.
+    pub store: Store,
+    /// Machines, releases, routes.
+    pub state: State,
+    /// runc and its state root.
+    pub runtime: RuntimeConfig,
+}
+
+/// Maps a signal name (`SIGTERM`, `TERM`) or number to its number.
+pub fn parse_signal(s: &str) -> Option<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        return (1..=64).contains(&n).then_some(n);
+    }
+    let name = s.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    Some(match name {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "KILL" => 9,
+        "USR1" => 10,
+        "USR2" => 12,
+        "TERM" => 15,
+        "WINCH" => 28,
+        _ => return None,
+    })
+}
+
+impl Host {
+    /// Opens the host view of a store; runc is found as for build steps.
+    pub fn open(store: Store) -> Result<Host> {
+        let state = State::open(store.root())?;
+        let runtime = RuntimeConfig::detect(store.root().join("strata/runc"))?;
+        Ok(Host {
+            store,
+            state,
+            runtime,
+        })
+    }
+
+    /// `<store>/strata/machines/<id>`: the machine's private directory (upper, bundle, log).
+    pub fn machine_dir(&self, id: &str) -> PathBuf {
+        self.store.root().join("strata/machines").join(id)
+    }
+
+    /// The machine's log file (stdout and stderr, rotated by the agent).
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.machine_dir(id).join("machine.log")
+    }
+
+    /// `<store>/strata/volumes/<name>`: a named volume, kept until removed on request.
+    pub fn volume_dir(&self, name: &str) -> PathBuf {
+        self.store.root().join("strata/volumes").join(name)
+    }
+
+    /// Creates a machine from an image of the store (desired running; the agent starts it).
+    /// The image is pinned against `strata gc` for as long as the machine exists.
+    pub fn create_machine(&mut self, image: &str, opts: &MachineOptions) -> Result<Machine> {
+        let img = self.store.image(image).map_err(|source| Error::Image {
+            image: image.to_string(),
+            source,
+        })?;
+        let config = ImageConfig::from_slice(&img.config_bytes)?;
+        let c = config.config.clone().unwrap_or_default();
+        let entrypoint = opts
+            .entrypoint
+            .clone()
+            .or(c.entrypoint.clone())
+            .unwrap_or_default();
+        // Docker: an explicit entrypoint drops the image's CMD unless a CMD is given too.
+        let cmd = match (&opts.cmd, &opts.entrypoint) {
+            (Some(cmd), _) => cmd.clone(),
+            (None, Some(_)) => Vec::new(),
+            (None, None) => c.cmd.clone().unwrap_or_default(),
+        };
+        let args: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+        if args.is_empty() {
+            return Err(Error::Config(format!(
+                "image `{image}` has no ENTRYPOINT or CMD: give a command to run"
+            )));
+        }
+        let mut env = c.env.clone().unwrap_or_default();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.insert(0, DEFAULT_PATH.to_string());
+        }
+        for kv in &opts.env {
+            let key = kv.split('=').next().unwrap_or(kv);
+            env.retain(|e| e.split('=').next() != Some(key));
+            env.push(kv.clone());
+        }
+        let stop_signal = match (opts.stop_signal, c.stop_signal.as_deref()) {
+            (Some(n), _) => n,
+            (None, None) => 15,
+            (None, Some(s)) => parse_signal(s).ok_or_else(|| {
+                Error::Config(format!("image `{image}`: unknown StopSignal `{s}`"))
+            })?,
+        };
+        let mconfig = MachineConfig {
+            args,
+            env,
+            cwd: c
+                .working_dir
+                .clone()
+                .filter(|w| !w.is_empty())
+                .unwrap_or_else(|| "/".into()),
+            user: c.user.clone().unwrap_or_default(),
+            volumes: opts.volumes.clone(),
+            ports: opts.ports.clone(),
+            service_port: opts.service_port,
+            restart: opts.restart,
+            stop_signal,
+            kill_timeout_ms: opts.kill_timeout_ms.unwrap_or(10_000),
+        };
+        let id = match &opts.id {
+            Some(id) => {
+                let ok = id.len() <= 41
+                    && id.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && id
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+                if !ok {
+                    return Err(Error::Config(format!(
+                        "machine name `{id}`: use up to 41 lowercase letters, digits and '-'"
+                    )));
+                }
+                if self.state.machine(id)?.is_some_and(|m| m.id == *id) {
+                    return Err(Error::Config(format!("a machine named `{id}` exists")));
+                }
+                id.clone()
+            }
+            // The random part of a ULID: unique enough per host, short enough to type.
+            None => ulid::Ulid::generate().to_string().to_lowercase()[14..].to_string(),
+        };
+        let digest = img.descriptor.digest.clone();
+        self.store
+            .pin(&digest, &format!("machine:{id}"))
+            .map_err(|source| Error::Image {
+                image: image.to_string(),
+                source,
+            })?;
+        let (app, release) = match &opts.app {
+            Some((a, r)) => (Some(a.as_str()), Some(*r)),
+            None => (None, None),
+        };
+        self.state
+            .create_machine(&id, app, release, image, &digest.to_string(), &mconfig)
+    }
+
+    /// The runtime's description of a machine: its image's snapshots unpacked (cached per
+    /// chain ID, shared with builds), its user resolved from the image's own passwd/group.
+    pub fn spec(&self, m: &Machine) -> Result<MachineSpec> {
+        let digest: Digest = m
+            .digest
+            .parse()
+            .map_err(|e: strata_oci::Error| Error::Config(format!("machine {}: {e}", m.id)))?;
+        let img = self
+            .store
+            .image(&m.digest)
+            .or_else(|_| self.store.image(&m.image))
+            .map_err(|source| Error::Image {
+                image: format!("{} ({digest})", m.image),
+                source,
+            })?;
+        let config = ImageConfig::from_slice(&img.config_bytes)?;
+        if img.manifest.layers.len() != config.rootfs.diff_ids.len() {
+            return Err(Error::Config(format!(
+                "image `{}`: {} layers but {} diff_ids in its config",
+                m.image,
+                img.manifest.layers.len(),
+                config.rootfs.diff_ids.len()
+            )));
+        }
+        let layers: Vec<LayerRef> = img
+            .manifest
+            .layers
+            .iter()
+            .zip(&config.rootfs.diff_ids)
+            .map(|(d, id)| LayerRef {
+                descriptor: d.clone(),
+                diff_id: id.clone(),
+            })
+            .collect();
+        let cache = SnapshotCache::new(self.store.root().join("strata/snapshots"))?;
+        let lowers = cache.ensure(&layers, |d| {
+            self.store
+                .open_descriptor(d)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })?;
+        let top_first: Vec<PathBuf> = lowers.iter().rev().cloned().collect();
+        let user = strata_runtime::resolve_user(&top_first, &m.config.user)?;
+        let volumes = m
+            .config
+            .volumes
+            .iter()
+            .map(|(name, target)| VolumeMount {
+                source: self.volume_dir(name),
+                target: target.clone(),
+            })
+            .collect();
+        Ok(MachineSpec {
+            id: m.id.clone(),
+            dir: self.machine_dir(&m.id),
+            lowers,
+            args: m.config.args.clone(),
+            env: m.config.env.clone(),
+            cwd: m.config.cwd.clone(),
+            user,
+            hostname: m.id.clone(),
+            volumes,
+            net: NetSpec { index: m.net_index },
+            init: strata_runtime::find_init()?,
+            log: self.log_path(&m.id),
+        })
+    }
+
+    /// The address the host reaches a machine at.
+    pub fn machine_addr(m: &Machine) -> std::net::Ipv4Addr {
+        NetSpec { index: m.net_index }.machine_addr()
+    }
+
+    /// Removes a named volume (only on request; machines using it must be gone).
+    pub fn remove_volume(&self, name: &str) -> Result<bool> {
+        let users: Vec<String> = self
+            .state
+            .machines()?
+            .into_iter()
+            .filter(|m| m.config.volumes.iter().any(|(n, _)| n == name))
+            .map(|m| m.id)
+            .collect();
+        if !users.is_empty() {
+            return Err(Error::Config(format!(
+                "volume `{name}` is used by machine(s) {}",
+                users.join(", ")
+            )));
+        }
+        let dir = self.volume_dir(name);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(Error::Io {
+                op: "remove volume",
+                path: dir,
+                source,
+            }),
+        }
+    }
+}
+
+/// Last `n` lines of a file (for error messages and `logs`).
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_name_and_number() {
+        assert_eq!(parse_signal("SIGTERM"), Some(15));
+        assert_eq!(parse_signal("quit"), Some(3));
+        assert_eq!(parse_signal("9"), Some(9));
+        assert_eq!(parse_signal("SIGNOPE"), None);
+        assert_eq!(parse_signal("0"), None);
+    }
+}

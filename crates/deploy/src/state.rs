@@ -1,0 +1,667 @@
+//! The host's machines, apps, releases and routes, in the store's SQLite database.
+//!
+//! The CLI writes what it wants (a machine's desired state, an app's route); the agent reads it
+//! on every tick and makes it so, writing back what it observed (pid, state, exit code). One
+//! table per concept; every change is one statement or one transaction, so a killed process
+//! never leaves a half-made machine or release behind.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Our tables live in the store's metadata database, beside its own (which we never touch).
+/// `deploy_schema` records which of [`MIGRATIONS`] ran, so the store's `user_version` stays the
+/// store's.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE machines (
+    id          TEXT PRIMARY KEY,
+    app         TEXT,
+    release     INTEGER,
+    image       TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    config      TEXT NOT NULL,
+    net_index   INTEGER NOT NULL UNIQUE,
+    desired     TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    pid         INTEGER,
+    exit_code   INTEGER,
+    restarts    INTEGER NOT NULL DEFAULT 0,
+    error       TEXT,
+    created     INTEGER NOT NULL,
+    updated     INTEGER NOT NULL
+);
+CREATE TABLE releases (
+    app         TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    image       TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    reason      TEXT,
+    created     INTEGER NOT NULL,
+    PRIMARY KEY (app, version)
+);
+CREATE TABLE routes (
+    port        INTEGER PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    backends    TEXT NOT NULL,
+    generation  INTEGER NOT NULL,
+    applied     INTEGER NOT NULL DEFAULT 0,
+    error       TEXT
+);
+"#];
+
+/// How a machine's process should be started; stored as JSON in `machines.config`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineConfig {
+    /// ENTRYPOINT + CMD, combined.
+    pub args: Vec<String>,
+    /// KEY=VALUE, image Env then overrides.
+    pub env: Vec<String>,
+    /// Working directory.
+    pub cwd: String,
+    /// USER of the image (or override), resolved when the machine starts.
+    pub user: String,
+    /// Named volumes: (name, path inside).
+    #[serde(default)]
+    pub volumes: Vec<(String, String)>,
+    /// Host port → machine port, served by the agent's proxy.
+    #[serde(default)]
+    pub ports: Vec<(u16, u16)>,
+    /// The port an app serves on inside the machine (the proxy's target).
+    #[serde(default)]
+    pub service_port: Option<u16>,
+    /// Restart policy.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Signal sent first on stop (the image's StopSignal, default SIGTERM).
+    pub stop_signal: i32,
+    /// Time between the stop signal and SIGKILL, in milliseconds.
+    pub kill_timeout_ms: u64,
+}
+
+/// When the agent starts a machine again after its process exits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "policy", rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never.
+    #[default]
+    No,
+    /// Whatever the exit code.
+    Always,
+    /// On a non-zero exit, at most `max` times in a row.
+    OnFailure {
+        /// Restarts allowed.
+        max: u32,
+    },
+}
+
+impl RestartPolicy {
+    /// Parses `no`, `always`, `on-failure` or `on-failure:N` (Docker's spelling).
+    pub fn parse(s: &str) -> Result<RestartPolicy> {
+        match s {
+            "no" | "never" => Ok(RestartPolicy::No),
+            "always" => Ok(RestartPolicy::Always),
+            "on-failure" => Ok(RestartPolicy::OnFailure { max: 3 }),
+            _ => match s.strip_prefix("on-failure:").map(str::parse) {
+                Some(Ok(max)) => Ok(RestartPolicy::OnFailure { max }),
+                _ => Err(Error::Config(format!(
+                    "restart policy `{s}`: expected no, always, on-failure or on-failure:N"
+                ))),
+            },
+        }
+    }
+
+    /// Whether a process that exited with `code` (None: unknown) after `restarts` restarts in a
+    /// row is started again.
+    pub fn restarts_after(&self, code: Option<i32>, restarts: u32) -> bool {
+        match self {
+            RestartPolicy::No => false,
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure { max } => code != Some(0) && restarts < *max,
+        }
+    }
+}
+
+/// One row of `machines`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Machine {
+    /// Short unique id (lowercase ULID suffix).
+    pub id: String,
+    /// The app it serves, if any.
+    pub app: Option<String>,
+    /// The app's release it belongs to.
+    pub release: Option<u32>,
+    /// The image reference it was created from.
+    pub image: String,
+    /// The manifest digest it runs.
+    pub digest: String,
+    /// How to run it.
+    pub config: MachineConfig,
+    /// Its network slot (see `strata_runtime::NetSpec`).
+    pub net_index: u32,
+    /// What the user wants.
+    pub desired: Desired,
+    /// What the agent last saw.
+    pub state: String,
+    /// Host pid of its PID 1 while running.
+    pub pid: Option<u32>,
+    /// Exit code of the last run.
+    pub exit_code: Option<i32>,
+    /// Restarts in a row by the restart policy.
+    pub restarts: u32,
+    /// Why the last start or stop failed.
+    pub error: Option<String>,
+    /// Unix seconds.
+    pub created: i64,
+    /// Unix seconds.
+    pub updated: i64,
+}
+
+/// What the user wants a machine to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Desired {
+    /// Running (started again per its restart policy).
+    Running,
+    /// Stopped, kept.
+    Stopped,
+    /// Gone: stopped, its files and network removed, its row deleted.
+    Destroyed,
+}
+
+impl Desired {
+    fn as_str(self) -> &'static str {
+        match self {
+            Desired::Running => "running",
+            Desired::Stopped => "stopped",
+            Desired::Destroyed => "destroyed",
+        }
+    }
+
+    fn parse(s: &str) -> Desired {
+        match s {
+            "running" => Desired::Running,
+            "destroyed" => Desired::Destroyed,
+            _ => Desired::Stopped,
+        }
+    }
+}
+
+/// One row of `releases`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Release {
+    /// App name.
+    pub app: String,
+    /// 1, 2, 3, … per app.
+    pub version: u32,
+    /// Image reference deployed.
+    pub image: String,
+    /// Its manifest digest.
+    pub digest: String,
+    /// `deploying`, `active`, `superseded`, `failed`.
+    pub status: String,
+    /// Why it failed.
+    pub reason: Option<String>,
+    /// Unix seconds.
+    pub created: i64,
+}
+
+/// One row of `routes`: a host port the agent's proxy owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Host port.
+    pub port: u16,
+    /// `app:NAME` or `machine:ID`.
+    pub owner: String,
+    /// Where connections go.
+    pub backends: Vec<std::net::SocketAddr>,
+    /// Bumped on every change.
+    pub generation: i64,
+    /// The generation the agent has put in place.
+    pub applied: i64,
+    /// Why the agent could not put it in place (e.g. port in use).
+    pub error: Option<String>,
+}
+
+/// The deploy tables of one store.
+#[derive(Debug)]
+pub struct State {
+    path: PathBuf,
+    conn: Connection,
+}
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+const MACHINE_COLS: &str = "id, app, release, image, digest, config, net_index, desired, state, \
+     pid, exit_code, restarts, error, created, updated";
+
+impl State {
+    /// Opens (and migrates) the deploy tables in `<store>/strata/meta-v1.db`.
+    pub fn open(store_root: &Path) -> Result<State> {
+        let path = store_root.join("strata/meta-v1.db");
+        let db = |source| Error::Db {
+            path: path.clone(),
+            source,
+        };
+        let mut conn = Connection::open(&path).map_err(db)?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        tx.execute_batch("CREATE TABLE IF NOT EXISTS deploy_schema (version INTEGER NOT NULL)")
+            .map_err(db)?;
+        let version: i64 = tx
+            .query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM deploy_schema",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        let supported = MIGRATIONS.len() as i64;
+        if version > supported {
+            return Err(Error::Config(format!(
+                "{}: deploy schema {version} is newer than this strata ({supported}); upgrade strata",
+                path.display()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.execute_batch(sql).map_err(db)?;
+            tx.execute(
+                "INSERT INTO deploy_schema (version) VALUES (?1)",
+                [i as i64 + 1],
+            )
+            .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(State { path, conn })
+    }
+
+    fn db<T>(&self, r: rusqlite::Result<T>) -> Result<T> {
+        r.map_err(|source| Error::Db {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Inserts a new machine (desired running), taking the lowest free network slot.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_machine(
+        &mut self,
+        id: &str,
+        app: Option<&str>,
+        release: Option<u32>,
+        image: &str,
+        digest: &str,
+        config: &MachineConfig,
+    ) -> Result<Machine> {
+        let config_json =
+            serde_json::to_string(config).map_err(|e| Error::Config(e.to_string()))?;
+        let t = now();
+        let path = self.path.clone();
+        let db = |source| Error::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        // The lowest slot not in use: 0 if free, else the first gap after a used one.
+        let net_index: i64 = tx
+            .query_row(
+                "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM machines WHERE net_index = 0) THEN 0 \
+                 ELSE (SELECT MIN(net_index) + 1 FROM machines m WHERE NOT EXISTS \
+                 (SELECT 1 FROM machines n WHERE n.net_index = m.net_index + 1)) END",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        if net_index >= 16384 {
+            return Err(Error::Config(
+                "no free machine network slot (16384 machines exist)".into(),
+            ));
+        }
+        tx.execute(
+            "INSERT INTO machines (id, app, release, image, digest, config, net_index, desired, \
+             state, restarts, created, updated) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', \
+             'created', 0, ?8, ?8)",
+            params![id, app, release, image, digest, config_json, net_index, t],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        self.machine(id)?
+            .ok_or_else(|| Error::UnknownMachine(id.to_string()))
+    }
+
+    fn row_to_machine(r: &rusqlite::Row<'_>) -> rusqlite::Result<Machine> {
+        let config: String = r.get(5)?;
+        let config = serde_json::from_str(&config).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, Box::new(e))
+        })?;
+        let desired: String = r.get(7)?;
+        Ok(Machine {
+            id: r.get(0)?,
+            app: r.get(1)?,
+            release: r.get(2)?,
+            image: r.get(3)?,
+            digest: r.get(4)?,
+            config,
+            net_index: r.get(6)?,
+            desired: Desired::parse(&desired),
+            state: r.get(8)?,
+            pid: r.get(9)?,
+            exit_code: r.get(10)?,
+            restarts: r.get(11)?,
+            error: r.get(12)?,
+            created: r.get(13)?,
+            updated: r.get(14)?,
+        })
+    }
+
+    /// One machine by id (or unique id prefix).
+    pub fn machine(&self, id: &str) -> Result<Option<Machine>> {
+        let exact = self.db(self
+            .conn
+            .query_row(
+                &format!("SELECT {MACHINE_COLS} FROM machines WHERE id = ?1"),
+                [id],
+                Self::row_to_machine,
+            )
+            .optional())?;
+        if exact.is_some() {
+            return Ok(exact);
+        }
+        let like: Vec<Machine> = self
+            .machines()?
+            .into_iter()
+            .filter(|m| m.id.starts_with(id))
+            .collect();
+        match like.len() {
+            1 => Ok(like.into_iter().next()),
+            0 => Ok(None),
+            n => Err(Error::Config(format!(
+                "machine id `{id}` is ambiguous ({n} machines start with it)"
+            ))),
+        }
+    }
+
+    /// Every machine, oldest first.
+    pub fn machines(&self) -> Result<Vec<Machine>> {
+        let mut stmt = self.db(self.conn.prepare(&format!(
+            "SELECT {MACHINE_COLS} FROM machines ORDER BY created, id"
+        )))?;
+        let rows = self.db(stmt.query_map([], Self::row_to_machine))?;
+        self.db(rows.collect())
+    }
+
+    /// The machines of an app.
+    pub fn app_machines(&self, app: &str) -> Result<Vec<Machine>> {
+        Ok(self
+            .machines()?
+            .into_iter()
+            .filter(|m| m.app.as_deref() == Some(app))
+            .collect())
+    }
+
+    /// Sets what the user wants; a new desire resets the restart count.
+    pub fn set_desired(&self, id: &str, desired: Desired) -> Result<()> {
+        self.db(self.conn.execute(
+            "UPDATE machines SET desired = ?2, restarts = 0, updated = ?3 WHERE id = ?1",
+            params![id, desired.as_str(), now()],
+        ))?;
+        Ok(())
+    }
+
+    /// Records what the agent saw.
+    pub fn set_observed(
+        &self,
+        id: &str,
+        state: &str,
+        pid: Option<u32>,
+        exit_code: Option<i32>,
+        error: Option<&str>,
+    ) -> Result<()> {
+        self.db(self.conn.execute(
+            "UPDATE machines SET state = ?2, pid = ?3, exit_code = COALESCE(?4, exit_code), \
+             error = ?5, updated = ?6 WHERE id = ?1",
+            params![id, state, pid, exit_code, error, now()],
+        ))?;
+        Ok(())
+    }
+
+    /// Counts a restart by policy.
+    pub fn bump_restarts(&self, id: &str) -> Result<()> {
+        self.db(self.conn.execute(
+            "UPDATE machines SET restarts = restarts + 1 WHERE id = ?1",
+            [id],
+        ))?;
+        Ok(())
+    }
+
+    /// Removes a machine's row (after the agent destroyed it).
+    pub fn delete_machine(&self, id: &str) -> Result<()> {
+        self.db(self
+            .conn
+            .execute("DELETE FROM machines WHERE id = ?1", [id]))?;
+        Ok(())
+    }
+
+    /// Starts a new release of `app` (status `deploying`), numbered after the last one.
+    pub fn begin_release(&mut self, app: &str, image: &str, digest: &str) -> Result<Release> {
+        let path = self.path.clone();
+        let db = |source| Error::Db {
+            path: path.clone(),
+            source,
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let version: u32 = tx
+            .query_row(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM releases WHERE app = ?1",
+                [app],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        tx.execute(
+            "INSERT INTO releases (app, version, image, digest, status, created) \
+             VALUES (?1, ?2, ?3, ?4, 'deploying', ?5)",
+            params![app, version, image, digest, now()],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(Release {
+            app: app.to_string(),
+            version,
+            image: image.to_string(),
+            digest: digest.to_string(),
+            status: "deploying".into(),
+            reason: None,
+            created: now(),
+        })
+    }
+
+    /// Sets a release's status (and why).
+    pub fn set_release_status(
+        &self,
+        app: &str,
+        version: u32,
+        status: &str,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        self.db(self.conn.execute(
+            "UPDATE releases SET status = ?3, reason = ?4 WHERE app = ?1 AND version = ?2",
+            params![app, version, status, reason],
+        ))?;
+        Ok(())
+    }
+
+    /// Records the reference a release is known by (e.g. where it was pushed).
+    pub fn set_release_image(&self, app: &str, version: u32, image: &str) -> Result<()> {
+        self.db(self.conn.execute(
+            "UPDATE releases SET image = ?3 WHERE app = ?1 AND version = ?2",
+            params![app, version, image],
+        ))?;
+        Ok(())
+    }
+
+    /// Releases of one app (or all), newest first.
+    pub fn releases(&self, app: Option<&str>) -> Result<Vec<Release>> {
+        let mut stmt = self.db(self.conn.prepare(
+            "SELECT app, version, image, digest, status, reason, created FROM releases \
+             WHERE ?1 IS NULL OR app = ?1 ORDER BY app, version DESC",
+        ))?;
+        let rows = self.db(stmt.query_map([app], |r| {
+            Ok(Release {
+                app: r.get(0)?,
+                version: r.get(1)?,
+                image: r.get(2)?,
+                digest: r.get(3)?,
+                status: r.get(4)?,
+                reason: r.get(5)?,
+                created: r.get(6)?,
+            })
+        }))?;
+        self.db(rows.collect())
+    }
+
+    /// Deletes every release row of an app.
+    pub fn delete_releases(&self, app: &str) -> Result<()> {
+        self.db(self
+            .conn
+            .execute("DELETE FROM releases WHERE app = ?1", [app]))?;
+        Ok(())
+    }
+
+    /// Points host `port` at `backends` (a new generation the agent will apply).
+    pub fn set_route(
+        &self,
+        port: u16,
+        owner: &str,
+        backends: &[std::net::SocketAddr],
+    ) -> Result<i64> {
+        let b = serde_json::to_string(backends).map_err(|e| Error::Config(e.to_string()))?;
+        let current = self.route(port)?;
+        if let Some(r) = &current
+            && r.owner != owner
+        {
+            return Err(Error::Config(format!(
+                "host port {port} is already served for {}",
+                r.owner
+            )));
+        }
+        let generation = current.map_or(1, |r| r.generation + 1);
+        self.db(self.conn.execute(
+            "INSERT INTO routes (port, owner, backends, generation) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT(port) DO UPDATE SET backends = ?3, generation = ?4, error = NULL",
+            params![port, owner, b, generation],
+        ))?;
+        Ok(generation)
+    }
+
+    /// Stops serving a port.
+    pub fn delete_route(&self, port: u16) -> Result<()> {
+        self.db(self
+            .conn
+            .execute("DELETE FROM routes WHERE port = ?1", [port]))?;
+        Ok(())
+    }
+
+    /// One route.
+    pub fn route(&self, port: u16) -> Result<Option<Route>> {
+        Ok(self.routes()?.into_iter().find(|r| r.port == port))
+    }
+
+    /// Every route.
+    pub fn routes(&self) -> Result<Vec<Route>> {
+        let mut stmt = self.db(self.conn.prepare(
+            "SELECT port, owner, backends, generation, applied, error FROM routes ORDER BY port",
+        ))?;
+        let rows = self.db(stmt.query_map([], |r| {
+            let b: String = r.get(2)?;
+            Ok(Route {
+                port: r.get(0)?,
+                owner: r.get(1)?,
+                backends: serde_json::from_str(&b).unwrap_or_default(),
+                generation: r.get(3)?,
+                applied: r.get(4)?,
+                error: r.get(5)?,
+            })
+        }))?;
+        self.db(rows.collect())
+    }
+
+    /// The agent put `generation` of `port` in place (or could not: `error`).
+    pub fn route_applied(&self, port: u16, generation: i64, error: Option<&str>) -> Result<()> {
+        self.db(self.conn.execute(
+            "UPDATE routes SET applied = ?2, error = ?3 WHERE port = ?1",
+            params![port, generation, error],
+        ))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_policy_follows_docker() {
+        let p = RestartPolicy::parse("on-failure:2").unwrap();
+        assert!(p.restarts_after(Some(1), 0));
+        assert!(p.restarts_after(None, 1));
+        assert!(!p.restarts_after(Some(1), 2));
+        assert!(!p.restarts_after(Some(0), 0));
+        assert!(RestartPolicy::Always.restarts_after(Some(0), 100));
+        assert!(!RestartPolicy::No.restarts_after(Some(1), 0));
+        assert!(RestartPolicy::parse("sometimes").is_err());
+    }
+
+    #[test]
+    fn machines_get_distinct_lowest_free_slots_and_releases_count_up() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("strata")).unwrap();
+        let mut s = State::open(dir.path()).unwrap();
+        let c = MachineConfig::default();
+        let a = s.create_machine("a", None, None, "i", "d", &c).unwrap();
+        let b = s.create_machine("b", None, None, "i", "d", &c).unwrap();
+        let c3 = s.create_machine("c", None, None, "i", "d", &c).unwrap();
+        assert_eq!((a.net_index, b.net_index, c3.net_index), (0, 1, 2));
+        s.delete_machine("b").unwrap();
+        let d = s.create_machine("d", None, None, "i", "d", &c).unwrap();
+        assert_eq!(d.net_index, 1);
+        s.delete_machine("a").unwrap();
+        let e = s.create_machine("e", None, None, "i", "d", &c).unwrap();
+        assert_eq!(e.net_index, 0);
+        // Opening again (another process) sees the same rows and does not re-migrate.
+        let again = State::open(dir.path()).unwrap();
+        assert_eq!(again.machines().unwrap().len(), 3);
+
+        let r1 = s.begin_release("web", "web:1", "sha256:1").unwrap();
+        let r2 = s.begin_release("web", "web:2", "sha256:2").unwrap();
+        assert_eq!((r1.version, r2.version), (1, 2));
+        s.set_release_status("web", 1, "failed", Some("unhealthy"))
+            .unwrap();
+        let rs = s.releases(Some("web")).unwrap();
+        assert_eq!(rs[0].version, 2);
+        assert_eq!(rs[1].reason.as_deref(), Some("unhealthy"));
+
+        let g1 = s.set_route(8080, "app:web", &[]).unwrap();
+        let g2 = s
+            .set_route(8080, "app:web", &["10.89.0.2:80".parse().unwrap()])
+            .unwrap();
+        assert_eq!((g1, g2), (1, 2));
+        assert!(s.set_route(8080, "machine:x", &[]).is_err());
+    }
+}

@@ -1,0 +1,508 @@
+//! `strata agent`, `strata machine …`, `strata deploy`, `strata releases`, `strata status`,
+//! `strata apps destroy`: thin glue over strata-deploy.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use strata_deploy::agent::{AgentOptions, agent_pid, ensure_agent, run_agent, stop_agent};
+use strata_deploy::app::{load_apps, parse_duration, parse_volume};
+use strata_deploy::deploy::{DeployOptions, deploy_image, destroy_app, project_file, wait_running};
+use strata_deploy::host::{Host, MachineOptions, parse_signal};
+use strata_deploy::state::{Desired, Machine, RestartPolicy};
+use strata_oci::Reference;
+use strata_store::Store;
+
+use crate::cli::{AgentArgs, AgentCommand, DeployArgs, MachineCommand, ReleasesArgs};
+
+fn exe() -> Result<PathBuf> {
+    std::env::current_exe().context("cannot find the strata binary to start the agent")
+}
+
+pub fn agent(store: Store, args: &AgentArgs) -> Result<()> {
+    match args.command {
+        Some(AgentCommand::Stop) => {
+            if stop_agent(store.root())? {
+                eprintln!("agent stopped (machines keep running)");
+            } else {
+                eprintln!("no agent runs for {}", store.root().display());
+            }
+            Ok(())
+        }
+        Some(AgentCommand::Status) => {
+            match agent_pid(store.root())? {
+                Some(pid) => println!("running (pid {pid})"),
+                None => println!("not running"),
+            }
+            Ok(())
+        }
+        None => {
+            let opts = AgentOptions {
+                listen: args.listen,
+                ..AgentOptions::default()
+            };
+            run_agent(store, opts)?;
+            Ok(())
+        }
+    }
+}
+
+fn host(store: Store) -> Result<Host> {
+    Host::open(store).context("cannot open the machine state")
+}
+
+fn find(host: &Host, id: &str) -> Result<Machine> {
+    host.state
+        .machine(id)?
+        .with_context(|| format!("no machine `{id}` (see `strata machine list`)"))
+}
+
+fn parse_port(p: &str) -> Result<(u16, u16)> {
+    let (h, c) = p.split_once(':').unwrap_or((p, p));
+    let parse = |s: &str| -> Result<u16> {
+        s.parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .with_context(|| format!("port mapping `{p}`: expected HOSTPORT:PORT"))
+    };
+    Ok((parse(h)?, parse(c)?))
+}
+
+fn machine_row(m: &Machine) -> String {
+    let state = match (m.state.as_str(), m.exit_code) {
+        ("exited" | "stopped", Some(c)) => format!("{} ({c})", m.state),
+        (s, _) => s.to_string(),
+    };
+    format!(
+        "{}\t{}\t{}\t{}\t{}\t{}",
+        m.id,
+        state,
+        Host::machine_addr(m),
+        m.image,
+        m.app.as_deref().map_or("-".to_string(), |a| format!(
+            "{a} v{}",
+            m.release.unwrap_or(0)
+        )),
+        m.config
+            .ports
+            .iter()
+            .map(|(h, c)| format!("{h}->{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    )
+}
+
+pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
+    let mut host = host(store)?;
+    match command {
+        MachineCommand::Run(a) => {
+            let mut opts = MachineOptions {
+                cmd: (!a.command.is_empty()).then(|| a.command.clone()),
+                entrypoint: a.entrypoint.as_ref().map(|e| vec![e.clone()]),
+                env: a.env.clone(),
+                restart: RestartPolicy::parse(&a.restart)?,
+                id: a.name.clone(),
+                ..MachineOptions::default()
+            };
+            for v in &a.volumes {
+                opts.volumes.push(parse_volume(v)?);
+            }
+            for p in &a.ports {
+                opts.ports.push(parse_port(p)?);
+            }
+            if let Some(t) = &a.kill_timeout {
+                opts.kill_timeout_ms = Some(parse_duration(t)?.as_millis() as u64);
+            }
+            if let Some(s) = &a.stop_signal {
+                opts.stop_signal =
+                    Some(parse_signal(s).with_context(|| format!("unknown signal `{s}`"))?);
+            }
+            let m = host.create_machine(&a.image, &opts)?;
+            for (h, c) in &opts.ports {
+                let backend = std::net::SocketAddr::new(IpAddr::V4(Host::machine_addr(&m)), *c);
+                if let Err(e) = host
+                    .state
+                    .set_route(*h, &format!("machine:{}", m.id), &[backend])
+                {
+                    host.state.set_desired(&m.id, Desired::Destroyed)?;
+                    return Err(e.into());
+                }
+            }
+            ensure_agent(host.store.root(), &exe()?)?;
+            let m = wait_running(&host, &m.id, Duration::from_secs(60))?;
+            eprintln!(
+                "machine {} running at {}{}",
+                m.id,
+                Host::machine_addr(&m),
+                opts.ports
+                    .iter()
+                    .map(|(h, c)| format!(", 127.0.0.1:{h} -> :{c}"))
+                    .collect::<String>()
+            );
+            println!("{}", m.id);
+            Ok(())
+        }
+        MachineCommand::List { json } => {
+            let machines = host.state.machines()?;
+            if json {
+                for m in &machines {
+                    let v = serde_json::json!({
+                        "id": m.id, "state": m.state, "desired": format!("{:?}", m.desired).to_lowercase(),
+                        "address": Host::machine_addr(m).to_string(), "image": m.image, "digest": m.digest,
+                        "app": m.app, "release": m.release, "pid": m.pid, "exit_code": m.exit_code,
+                        "restarts": m.restarts, "error": m.error,
+                    });
+                    println!("{v}");
+                }
+            } else {
+                println!("ID\tSTATE\tADDRESS\tIMAGE\tAPP\tPORTS");
+                for m in &machines {
+                    println!("{}", machine_row(m));
+                }
+            }
+            Ok(())
+        }
+        MachineCommand::Start { id } => {
+            let m = find(&host, &id)?;
+            host.state.set_desired(&m.id, Desired::Running)?;
+            ensure_agent(host.store.root(), &exe()?)?;
+            wait_running(&host, &m.id, Duration::from_secs(60))?;
+            println!("{}", m.id);
+            Ok(())
+        }
+        MachineCommand::Stop { id } => {
+            let m = find(&host, &id)?;
+            host.state.set_desired(&m.id, Desired::Stopped)?;
+            ensure_agent(host.store.root(), &exe()?)?;
+            wait_state(&host, &m, |m| m.state != "running")?;
+            println!("{}", m.id);
+            Ok(())
+        }
+        MachineCommand::Restart { id } => {
+            let m = find(&host, &id)?;
+            host.state.set_desired(&m.id, Desired::Stopped)?;
+            ensure_agent(host.store.root(), &exe()?)?;
+            wait_state(&host, &m, |m| m.state != "running")?;
+            host.state.set_desired(&m.id, Desired::Running)?;
+            wait_running(&host, &m.id, Duration::from_secs(60))?;
+            println!("{}", m.id);
+            Ok(())
+        }
+        MachineCommand::Destroy { ids } => {
+            for id in ids {
+                let m = find(&host, &id)?;
+                host.state.set_desired(&m.id, Desired::Destroyed)?;
+                ensure_agent(host.store.root(), &exe()?)?;
+                let timeout =
+                    Duration::from_millis(m.config.kill_timeout_ms) + Duration::from_secs(30);
+                let deadline = std::time::Instant::now() + timeout;
+                while host.state.machine(&m.id)?.is_some() {
+                    if std::time::Instant::now() > deadline {
+                        bail!(
+                            "machine {} was not destroyed within {} s",
+                            m.id,
+                            timeout.as_secs()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                println!("{}", m.id);
+            }
+            Ok(())
+        }
+        MachineCommand::Logs { id, follow } => {
+            let m = find(&host, &id)?;
+            logs(&host, &m.id, follow)
+        }
+        MachineCommand::Exec {
+            id,
+            tty,
+            env,
+            command,
+        } => {
+            let m = find(&host, &id)?;
+            if m.state != "running" {
+                bail!("machine {} is {}, not running", m.id, m.state);
+            }
+            let mut full_env = m.config.env.clone();
+            full_env.extend(env);
+            let code =
+                strata_runtime::machine_exec(&host.runtime, &m.id, &command, &full_env, tty)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn wait_state(host: &Host, m: &Machine, done: impl Fn(&Machine) -> bool) -> Result<()> {
+    let timeout = Duration::from_millis(m.config.kill_timeout_ms) + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let now = find(host, &m.id)?;
+        if done(&now) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "machine {} is still {} after {} s",
+                m.id,
+                now.state,
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn logs(host: &Host, id: &str, follow: bool) -> Result<()> {
+    let path = host.log_path(id);
+    let mut out = std::io::stdout().lock();
+    let mut pos = 0u64;
+    loop {
+        match std::fs::File::open(&path) {
+            Ok(mut f) => {
+                let len = f.metadata()?.len();
+                // Rotated (copytruncate): start again from the beginning of the new file.
+                if len < pos {
+                    pos = 0;
+                }
+                f.seek(SeekFrom::Start(pos))?;
+                let mut buf = Vec::new();
+                f.read_to_end(&mut buf)?;
+                pos += buf.len() as u64;
+                out.write_all(&buf)?;
+                out.flush()?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+        if !follow || host.state.machine(id)?.is_none() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
+    let file = project_file(&args.project);
+    let apps = load_apps(&file)?;
+    let app = match &args.app {
+        Some(name) => apps.get(name).cloned().with_context(|| {
+            format!(
+                "no app `{name}` in {} (apps: {})",
+                file.display(),
+                apps.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?,
+        None if apps.len() == 1 => apps
+            .values()
+            .next()
+            .cloned()
+            .unwrap_or_else(|| unreachable!()),
+        None => bail!(
+            "which app? {} declares {}",
+            file.display(),
+            if apps.is_empty() {
+                "none (add an [app.NAME] table)".to_string()
+            } else {
+                apps.keys().cloned().collect::<Vec<_>>().join(", ")
+            }
+        ),
+    };
+    let label = args
+        .image_label
+        .clone()
+        .unwrap_or_else(|| format!("deployment-{}", ulid::Ulid::generate()));
+    // 1. The image: given, or built from the project.
+    let local = match &args.image {
+        Some(r) if store.image(r).is_ok() => r.clone(),
+        Some(r) => {
+            let reference = Reference::parse(r)?;
+            eprintln!("pulling {r}");
+            crate::registry::pull_ref(&store, &reference, args.insecure)?
+        }
+        None => {
+            crate::build::build_for_deploy(&store, &args.project, &app.spec.image, args.progress)?
+        }
+    };
+    let desc = store
+        .image(&local)
+        .with_context(|| format!("image `{local}` is not in the store"))?
+        .descriptor;
+    let tagged = format!("{}:{label}", app.name);
+    if args.image.is_none() {
+        store.set_ref(&strata_transfer::local_name(&tagged)?, desc.clone())?;
+    }
+    // 2. Push.
+    let mut release_ref = if args.image.is_some() {
+        local.clone()
+    } else {
+        tagged.clone()
+    };
+    if args.push || app.spec.registry.is_some() {
+        let Some(registry) = &app.spec.registry else {
+            bail!(
+                "--push needs `registry = \"host[:port]/org\"` in [app.{}]",
+                app.name
+            );
+        };
+        let dest_text = format!("{}/{}:{label}", registry.trim_end_matches('/'), app.name);
+        let dest = Reference::parse(&dest_text)?;
+        let report =
+            crate::registry::push_ref(&store, &local, &dest, args.insecure, args.progress)?;
+        eprintln!(
+            "pushed {dest_text}: {} blob(s) uploaded ({}), {} already there",
+            report.blobs_uploaded,
+            crate::cmd::human_size(report.bytes_uploaded),
+            report.blobs_skipped + report.blobs_mounted
+        );
+        crate::registry::pin_in_embedded_registry(&store, &dest, &desc.digest, &app.name);
+        release_ref = dest_text;
+    }
+    println!("{release_ref}");
+    if args.build_only {
+        return Ok(());
+    }
+    // 3. Machines, health, switch.
+    let mut host = host(store)?;
+    let opts = DeployOptions {
+        exe: exe()?,
+        listen: IpAddr::from([127, 0, 0, 1]),
+        wait_for_old: !args.detach,
+    };
+    let report = deploy_image(&mut host, &app, &local, &opts, &mut |line| {
+        eprintln!("{line}")
+    })
+    .map(|mut r| {
+        r.release.image = release_ref.clone();
+        r
+    })?;
+    host.state
+        .set_release_image(&app.name, report.release.version, &release_ref)?;
+    eprintln!(
+        "{} v{} is live: http://{}/",
+        app.name, report.release.version, report.public
+    );
+    Ok(())
+}
+
+pub fn releases(store: Store, args: &ReleasesArgs) -> Result<()> {
+    let host = host(store)?;
+    let rs = host.state.releases(args.app.as_deref())?;
+    if args.json {
+        for r in &rs {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    if args.image {
+        println!("APP\tVERSION\tSTATUS\tIMAGE\tDIGEST\tCREATED");
+    } else {
+        println!("APP\tVERSION\tSTATUS\tCREATED\tREASON");
+    }
+    for r in rs {
+        let created = format_time(r.created);
+        if args.image {
+            println!(
+                "{}\tv{}\t{}\t{}\t{}\t{created}",
+                r.app, r.version, r.status, r.image, r.digest
+            );
+        } else {
+            println!(
+                "{}\tv{}\t{}\t{created}\t{}",
+                r.app,
+                r.version,
+                r.status,
+                r.reason
+                    .as_deref()
+                    .unwrap_or("")
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn format_time(unix: i64) -> String {
+    // UTC, like `docker image ls --format {{.CreatedAt}}` without a timezone database.
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day), Howard Hinnant's civil_from_days.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+pub fn status(store: Store, app: Option<&str>) -> Result<()> {
+    let host = host(store)?;
+    match agent_pid(host.store.root())? {
+        Some(pid) => println!("agent: running (pid {pid})"),
+        None => println!("agent: not running"),
+    }
+    let releases = host.state.releases(app)?;
+    let mut apps: Vec<String> = releases.iter().map(|r| r.app.clone()).collect();
+    apps.dedup();
+    if let Some(a) = app
+        && apps.is_empty()
+    {
+        bail!("no app `{a}` has been deployed on this host");
+    }
+    for a in apps {
+        let current = releases.iter().find(|r| r.app == a && r.status == "active");
+        let route = host
+            .state
+            .routes()?
+            .into_iter()
+            .find(|r| r.owner == format!("app:{a}"));
+        println!(
+            "app {a}: {}{}",
+            current.map_or("no active release".to_string(), |r| format!(
+                "v{} ({})",
+                r.version, r.image
+            )),
+            route.map_or(String::new(), |r| format!(
+                ", serving on 127.0.0.1:{}",
+                r.port
+            ))
+        );
+        for m in host.state.app_machines(&a)? {
+            println!("  {}", machine_row(&m));
+        }
+    }
+    Ok(())
+}
+
+pub fn apps_destroy(store: Store, app: &str, volumes: bool) -> Result<()> {
+    let host = host(store)?;
+    ensure_agent(host.store.root(), &exe()?)?;
+    let destroyed = destroy_app(&host, app, volumes)?;
+    eprintln!(
+        "app {app}: {} machine(s) destroyed{}",
+        destroyed.len(),
+        if volumes { ", volumes removed" } else { "" }
+    );
+    Ok(())
+}
