@@ -382,7 +382,7 @@ impl Agent {
                 self.not_before.insert(m.id.clone(), Instant::now() + delay);
             } else {
                 // Keeps its restart count; only a user's start resets it.
-                self.host.state.set_desired(&m.id, Desired::Stopped)?;
+                self.host.state.give_up(&m.id)?;
             }
         }
         Ok(())
@@ -563,7 +563,8 @@ impl Agent {
             }
         }
         for r in routes {
-            if !self.proxies.contains_key(&r.port) {
+            let fresh = !self.proxies.contains_key(&r.port);
+            if fresh {
                 let addr = SocketAddr::new(self.opts.listen, r.port);
                 match self.rt.block_on(Proxy::bind(addr)) {
                     Ok(p) => {
@@ -581,7 +582,8 @@ impl Agent {
                     }
                 }
             }
-            if r.applied != r.generation || r.error.is_some() {
+            // A new listener (e.g. after an agent restart) gets the route's backends too.
+            if fresh || r.applied != r.generation || r.error.is_some() {
                 if let Some(p) = self.proxies.get(&r.port) {
                     p.set_backends(r.backends.clone());
                 }

@@ -123,10 +123,7 @@ pub fn deploy_image(
     opts: &DeployOptions,
     log: &mut dyn FnMut(&str),
 ) -> Result<DeployReport> {
-    let img = host.store.image(image).map_err(|source| Error::Image {
-        image: image.to_string(),
-        source,
-    })?;
+    let img = crate::host::find_image(&host.store, image)?;
     let digest = img.descriptor.digest.clone();
     crate::agent::ensure_agent(host.store.root(), &opts.exe)?;
     let release = host

@@ -102,10 +102,7 @@ impl Host {
     /// Creates a machine from an image of the store (desired running; the agent starts it).
     /// The image is pinned against `strata gc` for as long as the machine exists.
     pub fn create_machine(&mut self, image: &str, opts: &MachineOptions) -> Result<Machine> {
-        let img = self.store.image(image).map_err(|source| Error::Image {
-            image: image.to_string(),
-            source,
-        })?;
+        let img = find_image(&self.store, image)?;
         let config = ImageConfig::from_slice(&img.config_bytes)?;
         let c = config.config.clone().unwrap_or_default();
         let entrypoint = opts
@@ -195,18 +192,7 @@ impl Host {
     /// The runtime's description of a machine: its image's snapshots unpacked (cached per
     /// chain ID, shared with builds), its user resolved from the image's own passwd/group.
     pub fn spec(&self, m: &Machine) -> Result<MachineSpec> {
-        let digest: Digest = m
-            .digest
-            .parse()
-            .map_err(|e: strata_oci::Error| Error::Config(format!("machine {}: {e}", m.id)))?;
-        let img = self
-            .store
-            .image(&m.digest)
-            .or_else(|_| self.store.image(&m.image))
-            .map_err(|source| Error::Image {
-                image: format!("{} ({digest})", m.image),
-                source,
-            })?;
+        let img = find_image(&self.store, &m.digest)?;
         let config = ImageConfig::from_slice(&img.config_bytes)?;
         if img.manifest.layers.len() != config.rootfs.diff_ids.len() {
             return Err(Error::Config(format!(
@@ -290,6 +276,33 @@ impl Host {
             }),
         }
     }
+}
+
+/// An image of the store by name (`web:1`), by `name@sha256:…` or by a bare digest: a
+/// machine or release keeps the digest, so it still starts after its name was removed.
+pub fn find_image(store: &Store, image: &str) -> Result<strata_store::Image> {
+    let digest_part = image.rsplit_once('@').map_or(image, |(_, d)| d);
+    let by_digest = digest_part.parse::<Digest>().ok().and_then(|digest| {
+        let size = store.blob_size(&digest).ok()?;
+        // An empty media type makes the store sniff manifest vs index from the bytes.
+        let desc = strata_oci::Descriptor::new("", digest, size);
+        store
+            .resolve_image(image, desc, &strata_oci::Platform::host())
+            .ok()
+    });
+    if let Some(img) = by_digest {
+        return Ok(img);
+    }
+    let untagged = !image.rsplit('/').next().unwrap_or(image).contains(':');
+    match store.image(image) {
+        // `busybox` means `busybox:latest`, as in `docker run busybox`.
+        Err(_) if untagged => store.image(&format!("{image}:latest")),
+        other => other,
+    }
+    .map_err(|source| Error::Image {
+        image: image.to_string(),
+        source,
+    })
 }
 
 /// Last `n` lines of a file (for error messages and `logs`).

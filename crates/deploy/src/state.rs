@@ -5,6 +5,7 @@
 //! table per concept; every change is one statement or one transaction, so a killed process
 //! never leaves a half-made machine or release behind.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -231,6 +232,22 @@ pub struct Route {
 pub struct State {
     path: PathBuf,
     conn: Connection,
+    /// Host-wide claims of network slots, one file per slot: veth names and addresses are
+    /// host-wide, and several stores (users, tests) may run machines on one host.
+    claims: PathBuf,
+}
+
+/// Where network slots are claimed: `$STRATA_NET_CLAIMS`, else `/run/strata/net` (a tmpfs:
+/// claims vanish with the network namespaces on reboot).
+fn default_claims() -> PathBuf {
+    std::env::var_os("STRATA_NET_CLAIMS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/strata/net"))
+}
+
+/// What a slot's claim file says: the store's DB and the machine.
+fn claim_owner(db: &Path, id: &str) -> String {
+    format!("{}\n{id}\n", db.display())
 }
 
 /// Unix seconds now.
@@ -283,7 +300,79 @@ impl State {
             .map_err(db)?;
         }
         tx.commit().map_err(db)?;
-        Ok(State { path, conn })
+        Ok(State {
+            path,
+            conn,
+            claims: default_claims(),
+        })
+    }
+
+    /// The same, with network slot claims in `claims` (tests).
+    pub fn open_with_claims(store_root: &Path, claims: PathBuf) -> Result<State> {
+        Ok(State {
+            claims,
+            ..State::open(store_root)?
+        })
+    }
+
+    fn claim_owner(&self, id: &str) -> String {
+        claim_owner(&self.path, id)
+    }
+
+    /// Claims the lowest slot that neither this store nor another one on the host uses. A
+    /// claim of this store naming a machine it no longer has is stale and taken over.
+    fn claim_slot(claims: &Path, db: &Path, id: &str, used: &HashSet<i64>) -> Result<i64> {
+        std::fs::create_dir_all(claims).map_err(|source| Error::Io {
+            op: "create",
+            path: claims.to_path_buf(),
+            source,
+        })?;
+        let mine = format!("{}\n", db.display());
+        for i in 0..16384i64 {
+            if used.contains(&i) {
+                continue;
+            }
+            let file = claims.join(i.to_string());
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&file)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    f.write_all(claim_owner(db, id).as_bytes())
+                        .map_err(|source| Error::Io {
+                            op: "write",
+                            path: file.clone(),
+                            source,
+                        })?;
+                    return Ok(i);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let owner = std::fs::read_to_string(&file).unwrap_or_default();
+                    if owner.starts_with(&mine) {
+                        // Ours but not in the DB (used was read inside the transaction):
+                        // a machine deleted by a process killed before it released the claim.
+                        std::fs::write(&file, claim_owner(db, id)).map_err(|source| Error::Io {
+                            op: "write",
+                            path: file.clone(),
+                            source,
+                        })?;
+                        return Ok(i);
+                    }
+                }
+                Err(source) => {
+                    return Err(Error::Io {
+                        op: "claim",
+                        path: file,
+                        source,
+                    });
+                }
+            }
+        }
+        Err(Error::Config(
+            "no free machine network slot on this host (16384 in use)".into(),
+        ))
     }
 
     fn db<T>(&self, r: rusqlite::Result<T>) -> Result<T> {
@@ -316,21 +405,12 @@ impl State {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        // The lowest slot not in use: 0 if free, else the first gap after a used one.
-        let net_index: i64 = tx
-            .query_row(
-                "SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM machines WHERE net_index = 0) THEN 0 \
-                 ELSE (SELECT MIN(net_index) + 1 FROM machines m WHERE NOT EXISTS \
-                 (SELECT 1 FROM machines n WHERE n.net_index = m.net_index + 1)) END",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(db)?;
-        if net_index >= 16384 {
-            return Err(Error::Config(
-                "no free machine network slot (16384 machines exist)".into(),
-            ));
-        }
+        let used: HashSet<i64> = {
+            let mut stmt = tx.prepare("SELECT net_index FROM machines").map_err(db)?;
+            let rows = stmt.query_map([], |r| r.get(0)).map_err(db)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(db)?
+        };
+        let net_index = Self::claim_slot(&self.claims, &self.path, id, &used)?;
         tx.execute(
             "INSERT INTO machines (id, app, release, image, digest, config, net_index, desired, \
              state, restarts, created, updated) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', \
@@ -439,6 +519,15 @@ impl State {
         Ok(())
     }
 
+    /// The restart policy gave up: stopped, restart count kept for `machine list`.
+    pub fn give_up(&self, id: &str) -> Result<()> {
+        self.db(self.conn.execute(
+            "UPDATE machines SET desired = 'stopped', updated = ?2 WHERE id = ?1",
+            params![id, now()],
+        ))?;
+        Ok(())
+    }
+
     /// Counts a restart by policy.
     pub fn bump_restarts(&self, id: &str) -> Result<()> {
         self.db(self.conn.execute(
@@ -448,11 +537,21 @@ impl State {
         Ok(())
     }
 
-    /// Removes a machine's row (after the agent destroyed it).
+    /// Removes a machine's row (after the agent destroyed it) and frees its network slot.
     pub fn delete_machine(&self, id: &str) -> Result<()> {
+        let slot = self
+            .machine(id)?
+            .filter(|m| m.id == id)
+            .map(|m| m.net_index);
         self.db(self
             .conn
             .execute("DELETE FROM machines WHERE id = ?1", [id]))?;
+        if let Some(i) = slot {
+            let file = self.claims.join(i.to_string());
+            if std::fs::read_to_string(&file).is_ok_and(|o| o == self.claim_owner(id)) {
+                let _ = std::fs::remove_file(&file);
+            }
+        }
         Ok(())
     }
 
@@ -632,7 +731,8 @@ mod tests {
     fn machines_get_distinct_lowest_free_slots_and_releases_count_up() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("strata")).unwrap();
-        let mut s = State::open(dir.path()).unwrap();
+        let claims = dir.path().join("claims");
+        let mut s = State::open_with_claims(dir.path(), claims.clone()).unwrap();
         let c = MachineConfig::default();
         let a = s.create_machine("a", None, None, "i", "d", &c).unwrap();
         let b = s.create_machine("b", None, None, "i", "d", &c).unwrap();
@@ -647,6 +747,12 @@ mod tests {
         // Opening again (another process) sees the same rows and does not re-migrate.
         let again = State::open(dir.path()).unwrap();
         assert_eq!(again.machines().unwrap().len(), 3);
+        // Another store on the same host never gets a slot this one holds.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(other.path().join("strata")).unwrap();
+        let mut o = State::open_with_claims(other.path(), claims).unwrap();
+        let x = o.create_machine("x", None, None, "i", "d", &c).unwrap();
+        assert_eq!(x.net_index, 3);
 
         let r1 = s.begin_release("web", "web:1", "sha256:1").unwrap();
         let r2 = s.begin_release("web", "web:2", "sha256:2").unwrap();

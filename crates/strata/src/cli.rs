@@ -14,7 +14,8 @@ pub struct Cli {
     pub store: Option<PathBuf>,
 
     /// More logging on stderr (repeat for more); `STRATA_LOG` takes tracing filters.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    /// (Long form only: `-v` is a volume, as in `docker run -v`.)
+    #[arg(long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
     #[command(subcommand)]

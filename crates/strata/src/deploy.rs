@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use strata_deploy::agent::{AgentOptions, agent_pid, ensure_agent, run_agent, stop_agent};
 use strata_deploy::app::{load_apps, parse_duration, parse_volume};
 use strata_deploy::deploy::{DeployOptions, deploy_image, destroy_app, project_file, wait_running};
-use strata_deploy::host::{Host, MachineOptions, parse_signal};
+use strata_deploy::host::{Host, MachineOptions, find_image, parse_signal};
 use strata_deploy::state::{Desired, Machine, RestartPolicy};
 use strata_oci::Reference;
 use strata_store::Store;
@@ -319,7 +319,7 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
         .unwrap_or_else(|| format!("deployment-{}", ulid::Ulid::generate()));
     // 1. The image: given, or built from the project.
     let local = match &args.image {
-        Some(r) if store.image(r).is_ok() => r.clone(),
+        Some(r) if find_image(&store, r).is_ok() => r.clone(),
         Some(r) => {
             let reference = Reference::parse(r)?;
             eprintln!("pulling {r}");
@@ -329,8 +329,7 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
             crate::build::build_for_deploy(&store, &args.project, &app.spec.image, args.progress)?
         }
     };
-    let desc = store
-        .image(&local)
+    let desc = find_image(&store, &local)
         .with_context(|| format!("image `{local}` is not in the store"))?
         .descriptor;
     let tagged = format!("{}:{label}", app.name);

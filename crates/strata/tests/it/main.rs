@@ -4,5 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod deploy;
 mod images;
 mod interop;
