@@ -365,10 +365,10 @@ impl Agent {
 
     fn on_exit(&mut self, m: &Machine, code: Option<i32>) -> Result<()> {
         info!(machine = %m.id, ?code, "exited");
-        if let Ok(spec) = self.host.spec(m) {
-            if let Err(e) = machine_cleanup(&self.host.runtime, &spec) {
-                warn!(machine = %m.id, "cleanup: {e}");
-            }
+        if let Ok(spec) = self.host.spec(m)
+            && let Err(e) = machine_cleanup(&self.host.runtime, &spec)
+        {
+            warn!(machine = %m.id, "cleanup: {e}");
         }
         self.host
             .state
@@ -486,17 +486,17 @@ impl Agent {
                         )?;
                         debug!(machine = %m.id, ?outcome, "stopped");
                     }
+                    // Our child: reap it (no zombie) and keep its exit code.
                     if let Some(pid) =
                         was_child.and_then(|p| rustix::process::Pid::from_raw(p as i32))
-                    {
-                        if let Ok(Some((_, s))) = rustix::process::waitpid(
+                        && let Ok(Some((_, s))) = rustix::process::waitpid(
                             Some(pid),
                             rustix::process::WaitOptions::empty(),
-                        ) {
-                            code = s
-                                .exit_status()
-                                .or_else(|| s.terminating_signal().map(|x| 128 + x));
-                        }
+                        )
+                    {
+                        code = s
+                            .exit_status()
+                            .or_else(|| s.terminating_signal().map(|x| 128 + x));
                     }
                     if m.desired == Desired::Destroyed {
                         machine_destroy(&runtime, spec)?;

@@ -6,6 +6,8 @@
 //! [`proxy`]); [`deploy`] makes a release (new machines → [`health`] → switch → drain old);
 //! [`app`] reads `[app.NAME]` from strata.toml.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod agent;
 pub mod app;
 pub mod deploy;
