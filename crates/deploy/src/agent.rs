@@ -629,3 +629,30 @@ pub fn rotate(log: &Path, keep: u32) -> std::io::Result<()> {
     let mut f = f;
     f.flush()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_keeps_n_files_and_empties_the_log_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("machine.log");
+        // The writer holds the file open with O_APPEND, as the machine does.
+        let mut writer = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        for round in 1..=3 {
+            writeln!(writer, "round {round}").unwrap();
+            rotate(&log, 2).unwrap();
+        }
+        writeln!(writer, "after").unwrap();
+        let read = |p: &str| std::fs::read_to_string(dir.path().join(p)).unwrap();
+        assert_eq!(read("machine.log"), "after\n");
+        assert_eq!(read("machine.log.1"), "round 3\n");
+        assert_eq!(read("machine.log.2"), "round 2\n");
+        assert!(!dir.path().join("machine.log.3").exists());
+    }
+}
