@@ -1,9 +1,11 @@
 //! Build events and their renderers: plain text (`[2/4] COPY . . CACHED`), JSON lines, TTY.
 
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 use serde::Serialize;
 
 /// Which step an event is about.
@@ -105,7 +107,8 @@ impl Progress for CollectProgress {
 pub enum ProgressMode {
     /// Lines for logs and CI.
     Plain,
-    /// For a terminal (same lines as plain for now).
+    /// For a terminal: a spinner line per running step with its output tail, finished steps
+    /// collapsed to one line each.
     Tty,
     /// One JSON object per line.
     Json,
@@ -128,7 +131,16 @@ impl std::str::FromStr for ProgressMode {
 /// A renderer for `mode` writing to `out` (usually stderr).
 pub fn renderer<W: Write + Send + 'static>(mode: ProgressMode, out: W) -> Box<dyn Progress> {
     match mode {
-        ProgressMode::Plain | ProgressMode::Tty => Box::new(PlainProgress::new(out)),
+        ProgressMode::Plain => Box::new(PlainProgress::new(out)),
+        ProgressMode::Tty => {
+            let (width, height) = terminal_size();
+            let term = WriterTerm::new(out, width, height);
+            let width = term.width;
+            Box::new(TtyProgress::new(
+                ProgressDrawTarget::term_like(Box::new(term)),
+                width,
+            ))
+        }
         ProgressMode::Json => Box::new(JsonProgress::new(out)),
     }
 }
@@ -219,6 +231,300 @@ impl<W: Write + Send> Progress for PlainProgress<W> {
     }
 }
 
+/// Lines of a running `RUN` step's output kept under its spinner.
+const TAIL_LINES: usize = 5;
+
+/// Renders for a terminal: one spinner line per running step (several when stages build in
+/// parallel) with its elapsed time and the last [`TAIL_LINES`] lines of its output below it.
+/// A finished step collapses to `✔ [image 3/4] RUN make  1.2s` (or `CACHED`), its output cleared;
+/// a step still running when the renderer is dropped (the build failed) is printed as
+/// `✘ ...` with its output tail kept, so the cause stays on screen above the error.
+pub struct TtyProgress {
+    bars: MultiProgress,
+    width: usize,
+    color: bool,
+    running: Mutex<HashMap<StepKey, Running>>,
+}
+
+/// Identifies a step across its events: parallel stages interleave.
+type StepKey = (String, Option<String>, usize);
+
+struct Running {
+    bar: ProgressBar,
+    started: Instant,
+    tail: VecDeque<String>,
+}
+
+fn step_key(s: &StepRef) -> StepKey {
+    (s.image.clone(), s.stage.clone(), s.index)
+}
+
+impl TtyProgress {
+    /// A renderer drawing on `target`, lines cut to `width` columns (a line wider than the
+    /// terminal would wrap and break the redraw, which counts lines).
+    pub fn new(target: ProgressDrawTarget, width: u16) -> Self {
+        TtyProgress {
+            bars: MultiProgress::with_draw_target(target),
+            width: usize::from(width.max(20)),
+            color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<StepKey, Running>> {
+        match self.running.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Prints a finished line above the spinners (best effort, like all progress output).
+    fn print(&self, line: &str) {
+        let _ = self.bars.println(truncate(line, self.width));
+    }
+
+    /// Prints `✔ text` or `✘ text`, the text cut to fit beside the mark.
+    fn print_marked(&self, ok: bool, text: &str) {
+        let _ = self.bars.println(format!(
+            "{} {}",
+            self.mark(ok),
+            truncate(text, self.width.saturating_sub(2))
+        ));
+    }
+
+    fn mark(&self, ok: bool) -> &'static str {
+        match (ok, self.color) {
+            (true, true) => "\x1b[32m✔\x1b[0m",
+            (true, false) => "✔",
+            (false, true) => "\x1b[31m✘\x1b[0m",
+            (false, false) => "✘",
+        }
+    }
+
+    /// The spinner line and output tail of a running step.
+    fn running_message(&self, tail: &VecDeque<String>) -> String {
+        let mut msg = String::new();
+        for line in tail {
+            msg.push('\n');
+            // "  │ " plus the line, cut so it never wraps.
+            msg.push_str(&truncate(&format!("  │ {line}"), self.width));
+        }
+        msg
+    }
+
+    fn start(&self, step: &StepRef) {
+        let bar = self.bars.add(ProgressBar::new_spinner());
+        // `{elapsed}` renders like `3s`; the step text is cut to leave room for it.
+        let head = truncate(
+            &format!("{} {}", prefix(step), step.text),
+            self.width.saturating_sub(10),
+        );
+        let style = ProgressStyle::with_template("{spinner} {prefix}  {elapsed}{msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner())
+            .tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏ ");
+        bar.set_style(style);
+        bar.set_prefix(head);
+        bar.enable_steady_tick(Duration::from_millis(100));
+        let old = self.running().insert(
+            step_key(step),
+            Running {
+                bar,
+                started: Instant::now(),
+                tail: VecDeque::new(),
+            },
+        );
+        if let Some(old) = old {
+            old.bar.finish_and_clear();
+            self.bars.remove(&old.bar);
+        }
+    }
+
+    fn finish(&self, step: &StepRef, what: &str) {
+        if let Some(r) = self.running().remove(&step_key(step)) {
+            r.bar.finish_and_clear();
+            self.bars.remove(&r.bar);
+        }
+        // The result goes first when the line is too long: `CACHED` or the time must show.
+        let text = format!("{} {}", prefix(step), step.text);
+        let room = self.width.saturating_sub(2 + what.chars().count());
+        self.print_marked(true, &format!("{}{what}", truncate(&text, room)));
+    }
+
+    fn output(&self, step: &StepRef, line: &str) {
+        let mut running = self.running();
+        match running.get_mut(&step_key(step)) {
+            Some(r) => {
+                if r.tail.len() == TAIL_LINES {
+                    r.tail.pop_front();
+                }
+                // A tab or carriage return would move the cursor in ways the redraw
+                // does not count.
+                r.tail.push_back(line.replace(['\t', '\r'], " "));
+                r.bar.set_message(self.running_message(&r.tail));
+            }
+            None => {
+                drop(running);
+                self.print(&format!("{} | {line}", prefix(step)));
+            }
+        }
+    }
+}
+
+impl Progress for TtyProgress {
+    fn event(&self, event: &Event) {
+        match event {
+            Event::StepStarted { step } => self.start(step),
+            Event::StepCached { step } => self.finish(step, " CACHED"),
+            Event::StepDone { step, duration } => {
+                self.finish(step, &format!("  {:.1}s", duration.as_secs_f64()))
+            }
+            Event::Output { step, line } => self.output(step, line),
+            other => {
+                if let Some(line) = plain_line(other) {
+                    self.print(&line);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TtyProgress {
+    fn drop(&mut self) {
+        // Steps still running when the build returns did not finish: the build failed (or
+        // was cancelled). Keep their output tail on screen under a ✘ line.
+        let running: Vec<(StepKey, Running)> = self.running().drain().collect();
+        for (_, r) in running {
+            r.bar.finish_and_clear();
+            self.bars.remove(&r.bar);
+            let what = format!("  failed after {:.1}s", r.started.elapsed().as_secs_f64());
+            let room = self.width.saturating_sub(2 + what.chars().count());
+            self.print_marked(false, &format!("{}{what}", truncate(&r.bar.prefix(), room)));
+            for line in &r.tail {
+                self.print(&format!("  │ {line}"));
+            }
+        }
+    }
+}
+
+/// `s` cut to at most `width` characters (by `char`; wide glyphs are rare in step text).
+fn truncate(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(width.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// The size (columns, rows) of the terminal on stderr: the kernel's window size, else
+/// `$COLUMNS`/`$LINES`, else 80x24. indicatif relies on the terminal wrapping a line exactly at
+/// its width, so the kernel's value (right after a resize too) beats a possibly stale variable.
+fn terminal_size() -> (u16, u16) {
+    if let Ok(ws) = rustix::termios::tcgetwinsize(std::io::stderr())
+        && ws.ws_col > 0
+        && ws.ws_row > 0
+    {
+        return (ws.ws_col, ws.ws_row);
+    }
+    let var = |name: &str, default: u16| {
+        std::env::var(name)
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .filter(|&c| c > 0)
+            .unwrap_or(default)
+    };
+    (var("COLUMNS", 80), var("LINES", 24))
+}
+
+/// A terminal made of any writer: indicatif's redraw needs only a few ANSI cursor moves.
+/// `renderer` takes a writer (stderr in the CLI) rather than a `console::Term`, so `tty` output
+/// goes where it is asked to, terminal or not.
+struct WriterTerm<W> {
+    out: Mutex<W>,
+    width: u16,
+    height: u16,
+}
+
+impl<W> WriterTerm<W> {
+    fn new(out: W, width: u16, height: u16) -> Self {
+        WriterTerm {
+            out: Mutex::new(out),
+            width,
+            height,
+        }
+    }
+
+    fn write(&self, s: &str) -> std::io::Result<()>
+    where
+        W: Write,
+    {
+        let mut out = match self.out.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        out.write_all(s.as_bytes())
+    }
+}
+
+impl<W> std::fmt::Debug for WriterTerm<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterTerm")
+            .field("width", &self.width)
+            .field("height", &self.height)
+            .finish()
+    }
+}
+
+impl<W: Write + Send> TermLike for WriterTerm<W> {
+    fn width(&self) -> u16 {
+        self.width
+    }
+    fn height(&self) -> u16 {
+        self.height
+    }
+    fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.write(&format!("\x1b[{n}A"))
+    }
+    fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.write(&format!("\x1b[{n}B"))
+    }
+    fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.write(&format!("\x1b[{n}C"))
+    }
+    fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.write(&format!("\x1b[{n}D"))
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.write(s)?;
+        self.write("\n")
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.write(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        self.write("\r\x1b[2K")
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        let mut out = match self.out.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        out.flush()
+    }
+}
+
 /// One JSON object per event and line.
 pub struct JsonProgress<W> {
     out: Mutex<W>,
@@ -293,5 +599,159 @@ mod tests {
         assert_eq!(v["event"], "output");
         assert_eq!(v["line"], "hi");
         assert_eq!(v["step"]["index"], 1);
+    }
+
+    fn img_step(i: usize, text: &str) -> StepRef {
+        StepRef {
+            image: "app".into(),
+            stage: None,
+            index: i,
+            total: 3,
+            text: text.into(),
+        }
+    }
+
+    fn tty(term: &indicatif::InMemoryTerm) -> TtyProgress {
+        let mut p = TtyProgress::new(ProgressDrawTarget::term_like(Box::new(term.clone())), 60);
+        p.color = false;
+        p
+    }
+
+    /// Waits for the spinner's steady tick (100 ms) to redraw with the latest message; direct
+    /// redraws are rate limited, so an intermediate state needs a tick to reach the screen.
+    fn settle() {
+        std::thread::sleep(Duration::from_millis(350));
+    }
+
+    #[test]
+    fn tty_collapses_finished_steps_and_clears_output() {
+        let term = indicatif::InMemoryTerm::new(30, 60);
+        let p = tty(&term);
+        p.event(&Event::StepCached {
+            step: img_step(1, "FROM busybox"),
+        });
+        let run = img_step(2, "RUN make");
+        p.event(&Event::StepStarted { step: run.clone() });
+        for i in 1..=7 {
+            p.event(&Event::Output {
+                step: run.clone(),
+                line: format!("line {i}"),
+            });
+        }
+        settle();
+        let screen = term.contents();
+        assert!(
+            screen.contains("✔ [app 1/3] FROM busybox CACHED"),
+            "{screen}"
+        );
+        assert!(screen.contains("[app 2/3] RUN make"), "{screen}");
+        // Only the tail: the last five lines, under the running step.
+        assert!(!screen.contains("line 2"), "{screen}");
+        for i in 3..=7 {
+            assert!(screen.contains(&format!("  │ line {i}")), "{screen}");
+        }
+        p.event(&Event::StepDone {
+            step: run,
+            duration: Duration::from_millis(1234),
+        });
+        p.event(&Event::StepCached {
+            step: img_step(3, "CMD [\"make\"]"),
+        });
+        drop(p);
+        let screen = term.contents();
+        assert_eq!(
+            screen,
+            "✔ [app 1/3] FROM busybox CACHED\n✔ [app 2/3] RUN make  1.2s\n\
+             ✔ [app 3/3] CMD [\"make\"] CACHED"
+        );
+    }
+
+    #[test]
+    fn tty_keeps_output_of_a_step_that_did_not_finish() {
+        let term = indicatif::InMemoryTerm::new(30, 60);
+        let p = tty(&term);
+        let run = img_step(2, "RUN false");
+        p.event(&Event::StepStarted { step: run.clone() });
+        p.event(&Event::Output {
+            step: run,
+            line: "make: *** [all] Error 1".into(),
+        });
+        // The build returned an error: the CLI drops the renderer before printing it.
+        drop(p);
+        let screen = term.contents();
+        let lines: Vec<&str> = screen.lines().collect();
+        assert_eq!(lines.len(), 2, "{screen}");
+        assert!(
+            lines[0].starts_with("✘ [app 2/3] RUN false  failed after "),
+            "{screen}"
+        );
+        assert_eq!(lines[1], "  │ make: *** [all] Error 1");
+    }
+
+    #[test]
+    fn tty_runs_parallel_steps_on_separate_lines_and_cuts_long_lines() {
+        let term = indicatif::InMemoryTerm::new(30, 60);
+        let p = tty(&term);
+        let a = StepRef {
+            stage: Some("a".into()),
+            ..img_step(1, "RUN sleep 1")
+        };
+        let b = StepRef {
+            stage: Some("b".into()),
+            ..img_step(1, "RUN sleep 2")
+        };
+        p.event(&Event::StepStarted { step: a.clone() });
+        p.event(&Event::StepStarted { step: b.clone() });
+        p.event(&Event::Output {
+            step: b.clone(),
+            line: "x".repeat(200),
+        });
+        settle();
+        let screen = term.contents();
+        assert!(screen.contains("[app a 1/3] RUN sleep 1"), "{screen}");
+        assert!(screen.contains("[app b 1/3] RUN sleep 2"), "{screen}");
+        assert!(screen.lines().all(|l| l.chars().count() <= 60), "{screen}");
+        assert!(screen.contains("  │ xxx"), "{screen}");
+        p.event(&Event::StepDone {
+            step: b,
+            duration: Duration::from_millis(2000),
+        });
+        settle();
+        let screen = term.contents();
+        assert!(
+            screen.contains("✔ [app b 1/3] RUN sleep 2  2.0s"),
+            "{screen}"
+        );
+        assert!(!screen.contains("xxx"), "{screen}");
+        assert!(screen.contains("[app a 1/3] RUN sleep 1"), "{screen}");
+        p.event(&Event::StepDone {
+            step: a,
+            duration: Duration::from_millis(1000),
+        });
+    }
+
+    #[test]
+    fn tty_renderer_writes_to_the_given_writer() {
+        #[derive(Clone, Default)]
+        struct Shared(std::sync::Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Shared::default();
+        let p = renderer(ProgressMode::Tty, buf.clone());
+        p.event(&Event::StepCached {
+            step: img_step(1, "FROM busybox"),
+        });
+        drop(p);
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        // indicatif pads each line to the terminal's width and lets the terminal wrap.
+        assert!(out.contains("✔"), "{out:?}");
+        assert!(out.contains(" [app 1/3] FROM busybox CACHED  "), "{out:?}");
     }
 }
