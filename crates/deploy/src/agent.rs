@@ -152,6 +152,16 @@ pub fn ensure_agent(root: &Path, exe: &Path) -> Result<u32> {
     )))
 }
 
+/// Tells the store's agent that the DB changed (it looks at once instead of at its next tick).
+/// Without an agent this does nothing.
+pub fn poke(root: &Path) {
+    if let Ok(Some(pid)) = agent_pid(root)
+        && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::USR1);
+    }
+}
+
 /// Asks the store's agent to exit (machines keep running) and waits for it.
 pub fn stop_agent(root: &Path) -> Result<bool> {
     let Some(pid) = agent_pid(root)? else {
@@ -205,9 +215,9 @@ pub fn run_agent(store: Store, opts: AgentOptions) -> Result<()> {
             agent_pid(&root)?.map_or("?".into(), |p| p.to_string())
         )));
     };
+    // A pid file left by a killed agent must not be read as ours before we write it.
     let pid_path = agent_pid_path(&root);
-    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
-        .map_err(io("write", &pid_path))?;
+    let _ = std::fs::remove_file(&pid_path);
     strata_runtime::set_child_subreaper()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -218,23 +228,42 @@ pub fn run_agent(store: Store, opts: AgentOptions) -> Result<()> {
             source,
         })?;
     let stop = Arc::new(AtomicBool::new(false));
+    // SIGUSR1 from the CLI ("the DB changed") wakes the loop at once instead of at the next
+    // tick; SIGTERM/SIGINT also wake it, to stop.
+    let (wake_tx, wake_rx) = std::sync::mpsc::channel::<()>();
     {
         let stop = stop.clone();
+        // Handlers are installed before the pid file tells the CLI where to send signals:
+        // SIGUSR1's default action would end the agent.
+        use tokio::signal::unix::{SignalKind, signal};
+        let _guard = rt.enter();
+        let sig = |kind| {
+            signal(kind).map_err(|source| Error::Runtime {
+                what: "the agent's signal handlers",
+                source,
+            })
+        };
+        let (mut term, mut int, mut usr1) = (
+            sig(SignalKind::terminate())?,
+            sig(SignalKind::interrupt())?,
+            sig(SignalKind::user_defined1())?,
+        );
         rt.spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = usr1.recv() => {
+                        let _ = wake_tx.send(());
+                    }
+                }
             }
             stop.store(true, Ordering::SeqCst);
+            let _ = wake_tx.send(());
         });
     }
+    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+        .map_err(io("write", &pid_path))?;
     let host = Host::open(store)?;
     let mut agent = Agent {
         root: root.clone(),
@@ -253,7 +282,9 @@ pub fn run_agent(store: Store, opts: AgentOptions) -> Result<()> {
         if let Err(e) = agent.tick() {
             warn!("agent: {e}");
         }
-        std::thread::sleep(agent.opts.tick);
+        // Machines that exit are only seen by polling (waitpid/runc), hence the tick.
+        let _ = wake_rx.recv_timeout(agent.opts.tick);
+        while wake_rx.try_recv().is_ok() {}
     }
     info!("agent stopping; machines keep running");
     for (_, p) in agent.proxies.drain() {
@@ -428,31 +459,35 @@ impl Agent {
     /// than its kill timeout).
     fn drained(&mut self, m: &Machine) -> bool {
         let addr = IpAddr::V4(Host::machine_addr(m));
-        let ports: Vec<u16> = m
+        let addrs: Vec<SocketAddr> = m
             .config
             .ports
             .iter()
             .map(|(_, port)| *port)
             .chain(m.config.service_port)
+            .map(|port| SocketAddr::new(addr, port))
             .collect();
+        if addrs.is_empty() {
+            return true;
+        }
+        let routed = self
+            .proxies
+            .values()
+            .any(|p| p.backends().iter().any(|b| addrs.contains(b)));
         let active: usize = self
             .proxies
             .values()
-            .flat_map(|p| {
-                ports
-                    .iter()
-                    .map(|port| p.active_connections(SocketAddr::new(addr, *port)))
-            })
+            .flat_map(|p| addrs.iter().map(|a| p.active_connections(*a)))
             .sum();
-        if active == 0 {
-            self.draining.remove(&m.id);
-            return true;
-        }
+        // Even with no connection open, wait a moment: a connection the proxy accepted just
+        // before the switch may still be connecting to this machine.
+        const SETTLE: Duration = Duration::from_millis(500);
         let since = *self
             .draining
             .entry(m.id.clone())
             .or_insert_with(Instant::now);
-        let done = since.elapsed() >= Duration::from_millis(m.config.kill_timeout_ms);
+        let done = (!routed && active == 0 && since.elapsed() >= SETTLE)
+            || since.elapsed() >= Duration::from_millis(m.config.kill_timeout_ms);
         if done {
             self.draining.remove(&m.id);
         }

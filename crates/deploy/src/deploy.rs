@@ -125,6 +125,8 @@ pub fn deploy_image(
 ) -> Result<DeployReport> {
     let img = crate::host::find_image(&host.store, image)?;
     let digest = img.descriptor.digest.clone();
+    let port = app.public_port();
+    check_port_free(host, app, SocketAddr::new(opts.listen, port))?;
     crate::agent::ensure_agent(host.store.root(), &opts.exe)?;
     let release = host
         .state
@@ -163,6 +165,7 @@ pub fn deploy_image(
             log(&format!("machine {} created", m.id));
             new.push(m);
         }
+        crate::agent::poke(host.store.root());
         for m in &new {
             wait_running(host, &m.id, Duration::from_secs(60))?;
             let addr = IpAddr::V4(Host::machine_addr(m));
@@ -189,6 +192,7 @@ pub fn deploy_image(
         for m in &new {
             host.state.set_desired(&m.id, Desired::Destroyed)?;
         }
+        crate::agent::poke(host.store.root());
         let _ = host
             .store
             .unpin(&digest, &format!("release:{}:{v}", app.name));
@@ -207,13 +211,36 @@ pub fn deploy_image(
         });
     }
     // Switch: new connections go to the new machines; the agent drains the old ones.
-    let port = app.public_port();
+    let previous = host.state.route(port)?;
     let backends: Vec<SocketAddr> = new
         .iter()
         .map(|m| SocketAddr::new(IpAddr::V4(Host::machine_addr(m)), app.spec.port))
         .collect();
     let generation = host.state.set_route(port, &owner(&app.name), &backends)?;
-    wait_route(host, port, generation)?;
+    crate::agent::poke(host.store.root());
+    if let Err(e) = wait_route(host, port, generation) {
+        // Put the route back as it was and remove what this release made.
+        match &previous {
+            Some(r) => {
+                host.state.set_route(port, &r.owner, &r.backends)?;
+            }
+            None => host.state.delete_route(port)?,
+        }
+        for m in &new {
+            host.state.set_desired(&m.id, Desired::Destroyed)?;
+        }
+        crate::agent::poke(host.store.root());
+        host.state
+            .set_release_status(&app.name, v, "failed", Some(&e.to_string()))?;
+        let _ = host
+            .store
+            .unpin(&digest, &format!("release:{}:{v}", app.name));
+        return Err(Error::ReleaseFailed {
+            app: app.name.clone(),
+            version: v,
+            reason: e.to_string(),
+        });
+    }
     let new_ids: Vec<String> = new.iter().map(|m| m.id.clone()).collect();
     let mut replaced = Vec::new();
     for m in host.state.app_machines(&app.name)? {
@@ -258,6 +285,28 @@ pub fn deploy_image(
     })
 }
 
+/// The app's public port must be this app's route already, or free: checked before anything
+/// is created, so a taken port leaves nothing behind.
+fn check_port_free(host: &Host, app: &App, addr: SocketAddr) -> Result<()> {
+    match host.state.route(addr.port())? {
+        Some(r) if r.owner == owner(&app.name) => Ok(()),
+        Some(r) => Err(Error::Config(format!(
+            "app {}: port {} is already served for {}",
+            app.name,
+            addr.port(),
+            r.owner
+        ))),
+        None => match std::net::TcpListener::bind(addr) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(Error::Config(format!(
+                "app {}: cannot serve on {addr}: {e} (another program uses the port; set \
+                 public_port)",
+                app.name
+            ))),
+        },
+    }
+}
+
 /// Keeps the images of the newest `keep_releases` non-failed releases pinned (for rollback);
 /// unpins the rest.
 fn unpin_old_releases(host: &Host, app: &App) -> Result<()> {
@@ -300,6 +349,7 @@ pub fn destroy_app(host: &Host, name: &str, volumes: bool) -> Result<Vec<String>
         }
     }
     host.state.delete_releases(name)?;
+    crate::agent::poke(host.store.root());
     if volumes {
         for id in &destroyed {
             poll(Duration::from_secs(60), || {

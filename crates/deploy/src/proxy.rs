@@ -269,9 +269,27 @@ async fn serve_connection(
     }
 }
 
-/// Tries the backends of the current set round-robin, each at most once.
+/// Tries the backends of the current set round-robin, each at most once. When they all fail
+/// and the set changed meanwhile (a deploy switched it while this connection was connecting
+/// to a machine that is now stopping), the new set gets its turn: a client never sees a 502
+/// for a switch it raced with.
 async fn connect_backend(shared: &Shared, peer: SocketAddr) -> Option<(TcpStream, SocketAddr)> {
-    let backends = shared.current_backends();
+    let first = shared.current_backends();
+    if let Some(found) = connect_any(shared, peer, &first).await {
+        return Some(found);
+    }
+    let now = shared.current_backends();
+    if Arc::ptr_eq(&first, &now) {
+        return None;
+    }
+    connect_any(shared, peer, &now).await
+}
+
+async fn connect_any(
+    shared: &Shared,
+    peer: SocketAddr,
+    backends: &[SocketAddr],
+) -> Option<(TcpStream, SocketAddr)> {
     if backends.is_empty() {
         tracing::debug!(%peer, "proxy: no backends");
         return None;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use strata_deploy::agent::{AgentOptions, agent_pid, ensure_agent, run_agent, stop_agent};
+use strata_deploy::agent::{AgentOptions, agent_pid, poke, run_agent, stop_agent};
 use strata_deploy::app::{load_apps, parse_duration, parse_volume};
 use strata_deploy::deploy::{DeployOptions, deploy_image, destroy_app, project_file, wait_running};
 use strata_deploy::host::{Host, MachineOptions, find_image, parse_signal};
@@ -16,6 +16,13 @@ use strata_oci::Reference;
 use strata_store::Store;
 
 use crate::cli::{AgentArgs, AgentCommand, DeployArgs, MachineCommand, ReleasesArgs};
+
+/// Starts the agent if needed and tells it to look at the DB now.
+fn ensure_agent(root: &std::path::Path, exe: &std::path::Path) -> Result<u32> {
+    let pid = strata_deploy::agent::ensure_agent(root, exe)?;
+    poke(root);
+    Ok(pid)
+}
 
 fn exe() -> Result<PathBuf> {
     std::env::current_exe().context("cannot find the strata binary to start the agent")
@@ -186,6 +193,7 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
             ensure_agent(host.store.root(), &exe()?)?;
             wait_state(&host, &m, |m| m.state != "running")?;
             host.state.set_desired(&m.id, Desired::Running)?;
+            poke(host.store.root());
             wait_running(&host, &m.id, Duration::from_secs(60))?;
             println!("{}", m.id);
             Ok(())

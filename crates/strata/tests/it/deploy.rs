@@ -68,6 +68,33 @@ impl Drop for Cleanup<'_> {
     }
 }
 
+/// The id of the one machine of the store.
+fn only_machine(env: &Env) -> String {
+    let list = env.ok(&["machine", "list", "--json"]);
+    let rows: Vec<serde_json::Value> = list
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{list}");
+    rows[0]["id"].as_str().unwrap().to_string()
+}
+
+fn machine_json(env: &Env, id: &str) -> serde_json::Value {
+    env.ok(&["machine", "list", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["id"] == id)
+        .unwrap_or_else(|| panic!("no machine {id}"))
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A project whose app serves `page.html` with busybox httpd on :8080.
 fn project(env: &Env, public_port: u16, health: &str) -> std::path::PathBuf {
     let dir = env.path("proj");
@@ -83,7 +110,7 @@ fn project(env: &Env, public_port: u16, health: &str) -> std::path::PathBuf {
         dir.join("strata.toml"),
         format!(
             "[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
-             public_port = {public_port}\nkill_timeout = \"2s\"\n\
+             public_port = {public_port}\nkill_timeout = \"2s\"\nvolumes = [\"webdata:/data\"]\n\
              health = {{ path = \"{health}\", interval = \"100ms\", timeout = \"1s\", deadline = \"5s\" }}\n"
         ),
     )
@@ -106,42 +133,73 @@ fn deploy_redeploys_without_dropping_requests_rolls_back_and_a_failed_release_le
     env.ok(&["deploy", "web", "--project", p, "--progress", "plain"]);
     assert_eq!(get(port).unwrap(), "v1\n");
 
-    // Redeploy under load: every request before, during and after the switch succeeds.
+    // Data written in the volume must survive the redeploy; data in the root must not.
+    let v1_machine = only_machine(&env);
+    env.ok(&[
+        "machine",
+        "exec",
+        &v1_machine,
+        "sh",
+        "-c",
+        "echo kept > /data/v; echo lost > /r",
+    ]);
+
+    // Redeploy under load: 20 clients in a loop; every answer is v1 or v2, none fails.
     std::fs::write(proj.join("site/index.html"), "v2\n").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        std::thread::spawn(move || {
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                match get(port) {
-                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
-                    Err(e) => {
-                        errors.push(e);
-                        failed.fetch_add(1, Ordering::SeqCst)
+    let ok = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let (stop, ok) = (stop.clone(), ok.clone());
+            std::thread::spawn(move || {
+                let mut bad = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    match get(port) {
+                        Ok(b) if b == "v1\n" || b == "v2\n" => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(b) => bad.push(format!("unexpected body {b:?}")),
+                        Err(e) => bad.push(e),
                     }
-                };
-            }
-            errors
+                }
+                bad
+            })
         })
-    };
-    std::thread::sleep(Duration::from_millis(200));
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
     env.ok(&["deploy", "web", "--project", p, "--progress", "plain"]);
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::SeqCst);
-    let errors = load.join().unwrap();
+    let bad: Vec<String> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
     assert!(
-        errors.is_empty(),
-        "requests failed during the deploy: {errors:?}"
+        bad.is_empty(),
+        "{} requests failed during the deploy: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(5)]
     );
-    assert!(ok.load(Ordering::SeqCst) > 10);
-    assert_eq!(failed.load(Ordering::SeqCst), 0);
+    assert!(
+        ok.load(Ordering::SeqCst) > 100,
+        "{}",
+        ok.load(Ordering::SeqCst)
+    );
     assert_eq!(get(port).unwrap(), "v2\n");
+    let v2_machine = only_machine(&env);
+    assert_ne!(v1_machine, v2_machine);
+    let seen = env.ok(&[
+        "machine",
+        "exec",
+        &v2_machine,
+        "sh",
+        "-c",
+        "cat /data/v; test -e /r && echo root-kept || echo root-fresh",
+    ]);
+    assert_eq!(seen, "kept\nroot-fresh\n");
 
     // The old machine is gone; releases say what happened; v1's image is pinned.
     let machines = env.ok(&["machine", "list", "--json"]);
-    assert_eq!(machines.lines().count(), 1, "{machines}");
     assert!(machines.contains("\"release\":2"), "{machines}");
     let releases = env.ok(&["releases", "web", "--json"]);
     let rows: Vec<serde_json::Value> = releases
@@ -252,21 +310,54 @@ fn machines_restart_by_policy_keep_logs_exec_and_survive_an_agent_restart() {
     ]);
     assert_eq!(out.status.code(), Some(4));
 
-    // The agent restarts; the machine keeps running and is adopted; the port comes back.
-    env.ok(&["agent", "stop"]);
-    assert!(get(port).is_err(), "the proxy belongs to the agent");
-    let list = env.ok(&["machine", "list", "--json"]);
-    assert!(list.contains("\"state\":\"running\""), "{list}");
-    env.ok(&["status"]); // does not start the agent
-    env.ok(&["machine", "restart", "srv"]); // starts it again, restarts the machine
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(port).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "port not served after agent restart"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // Killing the app's process: the agent starts the machine again (restart = always).
+    let pid = machine_json(&env, "srv")["pid"].as_u64().unwrap();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let app_pid = children
+        .split_whitespace()
+        .next()
+        .expect("the init has a child")
+        .to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &app_pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for("restart after kill", 20, || {
+        let m = machine_json(&env, "srv");
+        m["restarts"] == 1 && m["state"] == "running" && get(port).is_ok()
+    });
+    let pid = machine_json(&env, "srv")["pid"].as_u64().unwrap();
+
+    // Killing the agent (SIGKILL): the machine keeps running; a new agent adopts it (same
+    // pid, not restarted) and serves its port again.
+    let status = env.ok(&["agent", "status"]);
+    let agent_pid: String = status.chars().filter(|c| c.is_ascii_digit()).collect();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &agent_pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for("agent gone", 10, || {
+        env.ok(&["agent", "status"]).contains("not running")
+    });
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the machine died with the agent"
+    );
+    env.ok(&["machine", "start", "srv"]); // starts an agent; srv is running already
+    wait_for("port served by the new agent", 10, || get(port).is_ok());
+    let m = machine_json(&env, "srv");
+    assert_eq!(
+        m["pid"].as_u64().unwrap(),
+        pid,
+        "adopted, not restarted: {m}"
+    );
+    assert_eq!(m["state"], "running", "{m}");
 
     // on-failure:2: a failing command is started three times in all, then left exited.
     // (`machine run` may already see it exit; what counts is what the agent does next.)
@@ -309,4 +400,44 @@ fn machines_restart_by_policy_keep_logs_exec_and_survive_an_agent_restart() {
         std::fs::read_to_string(env.store().join("strata/volumes/data/f")).unwrap(),
         "x\n"
     );
+}
+
+#[test]
+fn bad_input_is_refused_clearly_and_leaves_nothing() {
+    if !can_run_machines() {
+        return;
+    }
+    let env = Env::new();
+    let _cleanup = Cleanup(&env);
+    import_busybox(&env, "busybox:latest");
+    // An image without CMD or ENTRYPOINT.
+    let tar = env.path("rootfs.tar");
+    env.ok(&["import", tar.to_str().unwrap(), "bare:1"]);
+    let e = env.fails(&["machine", "run", "bare:1"]);
+    assert!(e.contains("no ENTRYPOINT or CMD"), "{e}");
+    // A missing image.
+    let e = env.fails(&["machine", "run", "nope:1"]);
+    assert!(e.contains("nope:1"), "{e}");
+    // A public port another program holds.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let proj = project(&env, port, "/");
+    let e = env.fails(&[
+        "deploy",
+        "--project",
+        proj.to_str().unwrap(),
+        "--progress",
+        "plain",
+    ]);
+    assert!(
+        e.contains(&format!("127.0.0.1:{port}")) && e.contains("public_port"),
+        "{e}"
+    );
+    // A broken strata.toml.
+    std::fs::write(proj.join("strata.toml"), "[app.web]\nimage = \"web\"\n").unwrap();
+    let e = env.fails(&["deploy", "--project", proj.to_str().unwrap()]);
+    assert!(e.contains("strata.toml") && e.contains("port"), "{e}");
+    // Nothing was created by any of them.
+    assert_eq!(env.ok(&["machine", "list", "--json"]), "");
+    assert_eq!(env.ok(&["releases", "--json"]), "");
 }
