@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Build benchmark: strata vs `buildah bud --layers` on examples/fly-go (the Fly.io Go guide's
+# app on a Debian 12 base that installs golang with apt-get). Scenarios: cold build (a store /
+# buildah storage holding only debian:12), no-op rebuild, one-line change of main.go.
+# Needs root, network (debootstrap once, apt-get in the base's RUN), runc, buildah, hyperfine,
+# debootstrap. Prints hyperfine tables and writes JSON results to $OUT (default bench/build/out/).
+#
+#   bench/build/fly.sh [RUNS]    # RUNS for no-op and change (default 5); cold: COLD_RUNS (2)
+#
+# DEBIAN_TAR=FILE reuses a debootstrap tarball (see scripts/fly-example/make-debian-base.sh).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+repo=$PWD
+runs=${1:-5}
+cold_runs=${COLD_RUNS:-2}
+out=${OUT:-$repo/bench/build/out}
+mkdir -p "$out"
+
+for t in buildah hyperfine runc debootstrap; do
+    command -v "$t" >/dev/null || { echo "needs $t (apt-get install $t)" >&2; exit 1; }
+done
+target=${CARGO_TARGET_DIR:-$repo/target}
+strata=${STRATA:-$target/release/strata}
+if [ ! -x "$strata" ]; then
+    cargo build --release -q -p strata
+fi
+
+# Lowercase only: buildah names an image pulled from `oci:DIR:TAG` after DIR.
+work=/tmp/strata-bench-fly-$$-$(date +%s%N | sha256sum | head -c 8)
+mkdir -m 700 "$work"
+trap 'rm -rf "$work"' EXIT
+tarball=${DEBIAN_TAR:-$work/debian12.tar}
+# The reference store holds debian:12 only (debootstrap once; later runs import the tarball).
+STRATA_STORE=$work/ref DEBIAN_TAR=$tarball scripts/fly-example/make-debian-base.sh "$strata" >/dev/null
+
+for b in strata buildah; do
+    cp -a "$repo/examples/fly-go" "$work/$b-proj"
+    rm -f "$work/$b-proj/strata.lock"
+done
+printf 'strata.toml\nstrata.lock\n*.Dockerfile\n' >"$work/buildah-proj/.dockerignore"
+
+S="$strata --store $work/store"
+# buildah's default storage driver here (overlay on ext4), its chroot isolation (no runc
+# container per RUN), host network for apt-get like strata's default.
+B="buildah --root $work/broot --runroot $work/brunroot --storage-driver overlay"
+BUD="$B bud --pull-never --layers --isolation chroot --network host -q"
+
+strata_reset() { # a fresh store with only debian:12 (imported again, not timed)
+    rm -rf "$work/store" "$work/strata-proj/strata.lock"
+    STRATA_STORE=$work/store DEBIAN_TAR=$tarball "$repo/scripts/fly-example/make-debian-base.sh" "$strata" >/dev/null
+}
+buildah_reset() { # buildah storage with only localhost/debian:12
+    $B rm -a >/dev/null 2>&1 || true
+    $B rmi -a -f >/dev/null 2>&1 || true
+    rm -rf "$work/broot" "$work/brunroot"
+    $B pull -q "oci:$work/ref:debian:12" >/dev/null
+    $B tag "$($B images -q | head -1)" localhost/debian:12
+}
+strata_reset
+buildah_reset
+declare -f strata_reset buildah_reset >"$work/fns.sh"
+{ echo "S='$S'"; echo "B='$B'"; echo "work='$work'"; echo "repo='$repo'"; echo "tarball='$tarball'"; echo "strata='$strata'"; } >>"$work/fns.sh"
+
+strata_build="cd $work/strata-proj && $S build --progress plain >/dev/null 2>&1"
+buildah_build="cd $work/buildah-proj && $BUD -t go-fly-a-site-base -f base.Dockerfile . >/dev/null && $BUD -t go-fly-a-site -f Dockerfile . >/dev/null"
+echo "strata:  $strata_build"
+echo "buildah: $buildah_build"
+uptime
+
+hf() { hyperfine --shell=bash --style basic "$@"; }
+
+echo "==> cold build (debian:12 only)"
+hf --runs "$cold_runs" --export-json "$out/fly-cold.json" \
+    --prepare "source $work/fns.sh; strata_reset" -n strata "$strata_build" \
+    --prepare "source $work/fns.sh; buildah_reset" -n buildah "$buildah_build"
+
+echo "==> no-op rebuild"
+hf --runs "$runs" --warmup 1 --export-json "$out/fly-noop.json" \
+    -n strata "$strata_build" -n buildah "$buildah_build"
+
+echo "==> one-line change of main.go (the greeting)"
+change() { echo "sed -i \"s/Hello, world![^\\\"]*/Hello, world! \$RANDOM/\" $work/$1-proj/main.go"; }
+hf --runs "$runs" --warmup 1 --export-json "$out/fly-change.json" \
+    --prepare "$(change strata)" -n strata "$strata_build" \
+    --prepare "$(change buildah)" -n buildah "$buildah_build"
+
+echo "==> step timings of one strata change rebuild (--progress json)"
+eval "$(change strata)"
+(cd "$work/strata-proj" && $S build --progress json 2>&1 >/dev/null | grep -E '"step_done"|"image_done"')
+uptime
+
+python3 - "$out" <<'EOF'
+import json, sys, statistics
+out = sys.argv[1]
+print("\n| scenario | strata median | buildah median | strata / buildah |")
+print("|---|---|---|---|")
+for name in ["fly-cold", "fly-noop", "fly-change"]:
+    r = {x["command"]: x for x in json.load(open(f"{out}/{name}.json"))["results"]}
+    s, b = statistics.median(r["strata"]["times"]), statistics.median(r["buildah"]["times"])
+    print(f"| {name} | {s:.3f} s | {b:.3f} s | {s/b:.2f}x |")
+EOF
