@@ -378,7 +378,7 @@ impl Agent {
                     .state
                     .set_observed(&m.id, "failed", None, None, Some(&e.to_string()))?;
                 if m.desired == Desired::Running {
-                    self.host.state.set_desired(&m.id, Desired::Stopped)?;
+                    self.host.state.give_up(&m.id)?;
                 }
             }
         }

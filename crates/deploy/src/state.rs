@@ -519,10 +519,14 @@ impl State {
         Ok(())
     }
 
-    /// The restart policy gave up: stopped, restart count kept for `machine list`.
+    /// The restart policy gave up (or the start failed): stopped, restart count kept for
+    /// `machine list`.
     pub fn give_up(&self, id: &str) -> Result<()> {
         self.db(self.conn.execute(
-            "UPDATE machines SET desired = 'stopped', updated = ?2 WHERE id = ?1",
+            // Only if the user still wants it running: a stop or destroy asked for meanwhile
+            // (the agent acts on a row read a moment ago) must not be overwritten.
+            "UPDATE machines SET desired = 'stopped', updated = ?2 \
+             WHERE id = ?1 AND desired = 'running'",
             params![id, now()],
         ))?;
         Ok(())
@@ -753,6 +757,13 @@ mod tests {
         let mut o = State::open_with_claims(other.path(), claims).unwrap();
         let x = o.create_machine("x", None, None, "i", "d", &c).unwrap();
         assert_eq!(x.net_index, 3);
+
+        // The agent giving up on a machine never undoes a destroy asked for meanwhile.
+        s.set_desired("c", Desired::Destroyed).unwrap();
+        s.give_up("c").unwrap();
+        assert_eq!(s.machine("c").unwrap().unwrap().desired, Desired::Destroyed);
+        s.give_up("d").unwrap();
+        assert_eq!(s.machine("d").unwrap().unwrap().desired, Desired::Stopped);
 
         let r1 = s.begin_release("web", "web:1", "sha256:1").unwrap();
         let r2 = s.begin_release("web", "web:2", "sha256:2").unwrap();
