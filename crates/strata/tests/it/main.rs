@@ -5,5 +5,6 @@
 
 mod common;
 mod deploy;
+mod docker;
 mod images;
 mod interop;

@@ -1,0 +1,447 @@
+//! Interop with a real Docker engine: `docker load` takes what `strata save` writes, and
+//! `docker pull` / `docker push` work against `strata registry serve`.
+//!
+//! Needs `dockerd` and `docker` (Debian: `apt-get install docker.io`; .ci/run installs it) and
+//! root. Each test starts its own engine on a private socket, data root and exec root (no
+//! bridge, no iptables, so nothing on the host changes) and stops it when done, pass or fail;
+//! the host's own Docker, if any, is never touched.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// Whether this machine can run the tests; says so loudly when it cannot.
+fn can_run_docker() -> bool {
+    let on_path = |tool: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    let root = fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        .unwrap_or(false);
+    let ok = on_path("dockerd") && on_path("docker") && root;
+    if !ok {
+        eprintln!(
+            "\n!!!!! SKIPPED: the Docker interop test needs dockerd and docker \
+             (apt-get install docker.io) and root !!!!!\n"
+        );
+    }
+    ok
+}
+
+/// Runs `cmd` under coreutils `timeout` so a hung peer fails the test instead of hanging it.
+fn bounded(secs: u64, program: &str) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("--kill-after=5").arg(secs.to_string()).arg(program);
+    cmd
+}
+
+fn check(cmd: &mut Command) -> String {
+    let out: Output = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}; 124 means it timed out):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `strata --store STORE ARGS…` with a time limit, asserting success; returns stdout.
+fn strata(store: &Path, secs: u64, args: &[&str]) -> String {
+    check(
+        bounded(secs, env!("CARGO_BIN_EXE_strata"))
+            .arg("--store")
+            .arg(store)
+            .args(args)
+            .env("NO_COLOR", "1"),
+    )
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < limit, "{what}: not ready after {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A private Docker engine; stopped (SIGTERM, then SIGKILL) and its mounts and directories
+/// removed on drop.
+struct Dockerd {
+    child: Child,
+    host: String,
+    sock: PathBuf,
+    /// data/, exec/, the pid file, an empty daemon.json, the log and the CLI's config dir.
+    dir: tempfile::TempDir,
+}
+
+impl Dockerd {
+    fn start() -> Dockerd {
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, Ordering::SeqCst);
+        let sock = PathBuf::from(format!(
+            "/run/strata-test-docker-{}-{n}.sock",
+            std::process::id()
+        ));
+        let _ = fs::remove_file(&sock);
+        let dir = tempfile::tempdir().unwrap();
+        let p = |rel: &str| dir.path().join(rel);
+        fs::create_dir_all(p("cli")).unwrap();
+        // An empty config file so a host /etc/docker/daemon.json cannot change the engine.
+        fs::write(p("daemon.json"), "{}").unwrap();
+        let log = fs::File::create(p("dockerd.log")).unwrap();
+        let child = Command::new("dockerd")
+            .arg("--iptables=false")
+            .arg("--bridge=none")
+            .arg("--config-file")
+            .arg(p("daemon.json"))
+            .arg("--host")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--data-root")
+            .arg(p("data"))
+            .arg("--exec-root")
+            .arg(p("exec"))
+            .arg("--pidfile")
+            .arg(p("dockerd.pid"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut d = Dockerd {
+            child,
+            host: format!("unix://{}", sock.display()),
+            sock,
+            dir,
+        };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = d.child.try_wait().unwrap() {
+                panic!("dockerd exited ({status}) at start:\n{}", d.log_tail());
+            }
+            let info = d
+                .cmd(10)
+                .args(["info", "--format", "{{.ServerVersion}}"])
+                .output();
+            if info.is_ok_and(|o| o.status.success()) {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                panic!("dockerd not answering after 60 s:\n{}", d.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        eprintln!("dockerd up in {:?}", start.elapsed());
+        d
+    }
+
+    /// `docker` aimed at this engine (and a private CLI config dir, so no host credentials or
+    /// credential helpers are used), with a time limit.
+    fn cmd(&self, secs: u64) -> Command {
+        let mut cmd = bounded(secs, "docker");
+        cmd.env("DOCKER_HOST", &self.host)
+            .env("DOCKER_CONFIG", self.dir.path().join("cli"));
+        cmd
+    }
+
+    /// `docker ARGS…`, asserting success; returns stdout.
+    fn ok(&self, secs: u64, args: &[&str]) -> String {
+        check(self.cmd(secs).args(args))
+    }
+
+    fn inspect(&self, image: &str) -> serde_json::Value {
+        let out = self.ok(30, &["image", "inspect", image]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v[0].clone()
+    }
+
+    fn log_tail(&self) -> String {
+        let log = fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none() {
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // dockerd leaves its netns bind mount (and, after a crash, overlay mounts) under its
+        // roots; unmount them, deepest first, so the temp dir can be removed.
+        let root = self.dir.path().to_string_lossy().into_owned();
+        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        let _ = fs::remove_file(&self.sock);
+    }
+}
+
+/// `strata registry serve` on a free loopback port, killed on drop.
+struct Registry {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Registry {
+    fn start(env: &Env) -> Registry {
+        let port = free_port();
+        let log = env.path("registry.log");
+        let out = fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--store")
+            .arg(env.path("registry-store"))
+            .args(["registry", "serve", "--addr", &format!("127.0.0.1:{port}")])
+            .arg("--root")
+            .arg(env.path("registry"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let mut reg = Registry { child, port, log };
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_for("strata registry serve", Duration::from_secs(30), || {
+            if let Some(status) = reg.child.try_wait().unwrap() {
+                panic!(
+                    "the registry exited ({status}):\n{}",
+                    fs::read_to_string(&reg.log).unwrap_or_default()
+                );
+            }
+            TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+        });
+        reg
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn strata_inspect(store: &Path, name: &str) -> serde_json::Value {
+    serde_json::from_str(&strata(store, 30, &["inspect", name, "--json"])).unwrap()
+}
+
+fn layer_digests(inspect: &serde_json::Value) -> Vec<String> {
+    inspect["manifest"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn docker_loads_a_strata_save_archive_and_runs_it() {
+    if !can_run_docker() {
+        return;
+    }
+    let started = Instant::now();
+    let env = Env::new();
+    import_busybox(&env, "busybox");
+    let ours = strata_inspect(&env.store(), "busybox");
+    let config_digest = ours["manifest"]["config"]["digest"].as_str().unwrap();
+    let tar = env.path("busybox.tar");
+    strata(
+        &env.store(),
+        60,
+        &[
+            "save",
+            "busybox",
+            "--format",
+            "docker",
+            "-o",
+            tar.to_str().unwrap(),
+        ],
+    );
+
+    let docker = Dockerd::start();
+    let out = docker.ok(120, &["load", "-i", tar.to_str().unwrap()]);
+    assert!(
+        out.contains("Loaded image: busybox:latest"),
+        "docker load said: {out}"
+    );
+    // Docker's image id is the digest of the config it stored: the same bytes strata wrote.
+    let v = docker.inspect("busybox:latest");
+    assert_eq!(v["Id"], config_digest, "{v:#}");
+    assert_eq!(v["RootFS"]["Layers"], ours["config"]["rootfs"]["diff_ids"]);
+    assert_eq!(v["Config"]["Cmd"], serde_json::json!(["sh"]));
+    assert_eq!(v["Architecture"], ours["config"]["architecture"]);
+
+    // The engine unpacked the layer and runs it (host network: the engine has no bridge).
+    let out = docker.ok(
+        120,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            "busybox:latest",
+            "sh",
+            "-c",
+            "echo hi && cat /etc/motd && ls -l /bin/setuid-me",
+        ],
+    );
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("hi"), "{out}");
+    assert_eq!(lines.next(), Some("hello from strata"), "{out}");
+    assert!(
+        lines.next().unwrap_or("").starts_with("-rwsr-xr-x"),
+        "the setuid bit survives: {out}"
+    );
+    eprintln!("docker load + run test: {:?}", started.elapsed());
+}
+
+#[test]
+fn docker_pulls_from_and_pushes_to_the_strata_registry() {
+    if !can_run_docker() {
+        return;
+    }
+    let started = Instant::now();
+    let env = Env::new();
+    import_busybox(&env, "busybox");
+    let ours = strata_inspect(&env.store(), "busybox");
+    let config_digest = ours["manifest"]["config"]["digest"].as_str().unwrap();
+    let registry = Registry::start(&env);
+    let host = format!("127.0.0.1:{}", registry.port);
+
+    // strata pushes; the printed reference is pinned to the manifest digest.
+    let src = format!("{host}/team/busybox:1");
+    let out = strata(
+        &env.store(),
+        120,
+        &["push", "busybox", &src, "--progress", "plain"],
+    );
+    let pushed = out.trim().rsplit_once('@').unwrap().1.to_string();
+    assert_eq!(pushed, ours["descriptor"]["digest"].as_str().unwrap());
+
+    // docker pulls it (loopback registries are plain HTTP to Docker by default): the same
+    // manifest digest, the same config.
+    let docker = Dockerd::start();
+    docker.ok(180, &["pull", &src]);
+    let v = docker.inspect(&src);
+    assert_eq!(
+        v["RepoDigests"],
+        serde_json::json!([format!("{host}/team/busybox@{pushed}")]),
+        "{v:#}"
+    );
+    assert_eq!(v["Id"], config_digest);
+    assert_eq!(v["RootFS"]["Layers"], ours["config"]["rootfs"]["diff_ids"]);
+
+    // docker pushes it under another name (its own Docker schema 2 manifest, blobs mounted
+    // or uploaded), and strata pulls that into a fresh store: the same config and layers.
+    let dest = format!("{host}/team/other:2");
+    docker.ok(30, &["tag", &src, &dest]);
+    let out = docker.ok(180, &["push", &dest]);
+    assert!(out.contains("digest: sha256:"), "docker push said: {out}");
+    // Docker remembers where it pulled the layer from and asks strata to mount it.
+    assert!(
+        out.contains("Mounted from team/busybox"),
+        "docker push said: {out}"
+    );
+
+    let fresh = Env::new();
+    let out = strata(&fresh.store(), 120, &["pull", &dest, "--progress", "plain"]);
+    let mut lines = out.lines();
+    let (name, pulled_digest) = (lines.next().unwrap(), lines.next().unwrap());
+    assert!(pulled_digest.starts_with("sha256:"), "{out}");
+    let theirs = strata_inspect(&fresh.store(), name);
+    assert_eq!(theirs["descriptor"]["digest"], pulled_digest);
+    assert_eq!(layer_digests(&theirs), layer_digests(&ours));
+    assert_eq!(theirs["manifest"]["config"]["digest"], config_digest);
+    strata(&fresh.store(), 60, &["validate", name]);
+    // The digest docker reported for its push is what strata pulled.
+    let v = docker.inspect(&dest);
+    let repo_digests = v["RepoDigests"].to_string();
+    assert!(
+        repo_digests.contains(&format!("{host}/team/other@{pulled_digest}")),
+        "docker's RepoDigests {repo_digests} lack {pulled_digest}"
+    );
+
+    // A layer only Docker has (made in a container, committed) is uploaded by docker push,
+    // and strata pulls and unpacks it.
+    docker.ok(
+        120,
+        &[
+            "run",
+            "--name",
+            "maker",
+            "--network",
+            "host",
+            &src,
+            "sh",
+            "-c",
+            "echo made by docker > /etc/made",
+        ],
+    );
+    let made = format!("{host}/team/other:3");
+    docker.ok(60, &["commit", "maker", &made]);
+    let out = docker.ok(180, &["push", &made]);
+    assert!(
+        out.contains("Pushed"),
+        "docker push uploaded nothing: {out}"
+    );
+    let out = strata(&fresh.store(), 120, &["pull", &made, "--progress", "plain"]);
+    let name = out.lines().next().unwrap();
+    let theirs = strata_inspect(&fresh.store(), name);
+    let layers = layer_digests(&theirs);
+    assert_eq!(layers.len(), 2, "{theirs:#}");
+    assert_eq!(layers[0], layer_digests(&ours)[0]);
+    let unpacked = fresh.path("made");
+    strata(
+        &fresh.store(),
+        60,
+        &["unpack", name, unpacked.to_str().unwrap()],
+    );
+    assert_eq!(
+        fs::read_to_string(unpacked.join("etc/made")).unwrap(),
+        "made by docker\n"
+    );
+    assert_eq!(
+        fs::read_to_string(unpacked.join("etc/motd")).unwrap(),
+        "hello from strata\n"
+    );
+    eprintln!("docker pull + push test: {:?}", started.elapsed());
+}
