@@ -433,10 +433,17 @@ impl Agent {
                     return Ok(());
                 }
                 self.not_before.remove(&m.id);
+                let t0 = Instant::now();
                 let spec = self.host.spec(m)?;
-                // A stopped container left by a crash would make `runc run` refuse the id.
-                machine_cleanup(&self.host.runtime, &spec)?;
+                let t_spec = t0.elapsed();
+                // A stopped container left by a crash would make `runc run` refuse the id; a
+                // machine never started has none (and its start is what users wait for).
+                if m.state != "created" {
+                    machine_cleanup(&self.host.runtime, &spec)?;
+                }
+                let t_cleanup = t0.elapsed();
                 let pid = machine_start(&self.host.runtime, &spec)?;
+                debug!(machine = %m.id, ?t_spec, ?t_cleanup, total = ?t0.elapsed(), "start timings");
                 info!(machine = %m.id, pid, "started");
                 self.children.insert(pid, m.id.clone());
                 self.host
