@@ -350,12 +350,20 @@ pub fn destroy_app(host: &Host, name: &str, volumes: bool) -> Result<Vec<String>
     }
     host.state.delete_releases(name)?;
     crate::agent::poke(host.store.root());
-    if volumes {
-        for id in &destroyed {
-            poll(Duration::from_secs(60), || {
-                Ok(host.state.machine(id)?.is_none().then_some(()))
-            })?;
+    // Wait until the agent has stopped and removed them: when this returns, nothing of the
+    // app runs or holds a mount.
+    for id in &destroyed {
+        let gone = poll(Duration::from_secs(60), || {
+            Ok(host.state.machine(id)?.is_none().then_some(()))
+        })?;
+        if gone.is_none() {
+            return Err(Error::Machine {
+                id: id.clone(),
+                reason: "still not destroyed after 60 s; is the agent running?".into(),
+            });
         }
+    }
+    if volumes {
         vols.sort();
         vols.dedup();
         for v in vols {

@@ -254,6 +254,18 @@ fn deploy_redeploys_without_dropping_requests_rolls_back_and_a_failed_release_le
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // Destroying the app frees its machines, route, releases and pins (the volume stays).
+    env.ok(&["apps", "destroy", "web"]);
+    assert_eq!(env.ok(&["machine", "list", "--json"]), "");
+    assert_eq!(env.ok(&["releases", "--json"]), "");
+    assert!(get(port).is_err(), "the port is still served");
+    let gc = env.ok(&["gc"]);
+    assert!(
+        gc.contains(&format!("deleted {v1_digest}")),
+        "v1 is unpinned and unnamed now, so gc collects it: {gc}"
+    );
+    assert!(env.store().join("strata/volumes/webdata/v").exists());
 }
 
 #[test]
