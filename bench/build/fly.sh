@@ -52,7 +52,8 @@ strata_reset() { # a fresh store with only debian:12 (imported again, not timed)
 buildah_reset() { # buildah storage with only localhost/debian:12
     $B rm -a >/dev/null 2>&1 || true
     $B rmi -a -f >/dev/null 2>&1 || true
-    rm -rf "$work/broot" "$work/brunroot"
+    # RUN --mount=type=cache lives outside --root in buildah 1.28 (/var/tmp/buildah-cache).
+    rm -rf "$work/broot" "$work/brunroot" /var/tmp/buildah-cache
     $B pull -q "oci:$work/ref:debian:12" >/dev/null
     $B tag "$($B images -q | head -1)" localhost/debian:12
 }
@@ -79,7 +80,7 @@ hf --runs "$runs" --warmup 1 --export-json "$out/fly-noop.json" \
     -n strata "$strata_build" -n buildah "$buildah_build"
 
 echo "==> one-line change of main.go (the greeting)"
-change() { echo "sed -i \"s/Hello, world![^\\\"]*/Hello, world! \$RANDOM/\" $work/$1-proj/main.go"; }
+change() { echo "sed -i \"/Fprintln/s/Hello, world![^\\\"]*/Hello, world! \$RANDOM/\" $work/$1-proj/main.go"; }
 hf --runs "$runs" --warmup 1 --export-json "$out/fly-change.json" \
     --prepare "$(change strata)" -n strata "$strata_build" \
     --prepare "$(change buildah)" -n buildah "$buildah_build"
