@@ -273,16 +273,30 @@ async fn serve_connection(
 /// and the set changed meanwhile (a deploy switched it while this connection was connecting
 /// to a machine that is now stopping), the new set gets its turn: a client never sees a 502
 /// for a switch it raced with.
+///
+/// A backend that refuses once may only be busy (a full accept queue on a loaded host): the
+/// set is tried again after a short pause, a few times, before the client gets its 502.
 async fn connect_backend(shared: &Shared, peer: SocketAddr) -> Option<(TcpStream, SocketAddr)> {
-    let first = shared.current_backends();
-    if let Some(found) = connect_any(shared, peer, &first).await {
-        return Some(found);
+    const PAUSES_MS: [u64; 3] = [0, 50, 250];
+    for pause in PAUSES_MS {
+        if pause > 0 {
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        let first = shared.current_backends();
+        if let Some(found) = connect_any(shared, peer, &first).await {
+            return Some(found);
+        }
+        let now = shared.current_backends();
+        if !Arc::ptr_eq(&first, &now)
+            && let Some(found) = connect_any(shared, peer, &now).await
+        {
+            return Some(found);
+        }
+        if now.is_empty() {
+            return None;
+        }
     }
-    let now = shared.current_backends();
-    if Arc::ptr_eq(&first, &now) {
-        return None;
-    }
-    connect_any(shared, peer, &now).await
+    None
 }
 
 async fn connect_any(
