@@ -380,8 +380,10 @@ impl Progress for TtyProgress {
             }
             Event::Output { step, line } => self.output(step, line),
             other => {
+                // Not cut: a warning or the built image's digest must be read in full, and
+                // indicatif counts the rows a wrapped line takes.
                 if let Some(line) = plain_line(other) {
-                    self.print(&line);
+                    let _ = self.bars.println(line);
                 }
             }
         }
