@@ -517,15 +517,31 @@ pub(crate) fn mount_overlay(
             lowers.len()
         ))));
     }
-    let data = CString::new(data).map_err(|e| mount_err(std::io::Error::other(e)))?;
-    rustix::mount::mount(
-        "overlay",
-        target,
-        "overlay",
-        MountFlags::empty(),
-        data.as_c_str(),
-    )
-    .map_err(|e| mount_err(e.into()))
+    // `volatile` (Linux 5.10+): the upper dir is never synced. Both users throw it away or
+    // read it back only after the container exited (a build step's upper becomes a layer, a
+    // machine's root is ephemeral and emptied before each start), so fsyncs inside (dpkg
+    // does one per file) would be pure cost. Older kernels refuse the option: mount without.
+    // The kernel leaves `<workdir>/work/incompat/volatile` behind and refuses to mount that work dir
+    // again until it is gone (it cannot know whether the last user synced). Our callers
+    // reuse a work dir only after the container exited and was unmounted cleanly.
+    let _ = std::fs::remove_dir_all(work.join("work/incompat/volatile"));
+    let mut volatile = data.clone();
+    volatile.extend_from_slice(b",volatile");
+    let mount = |data: Vec<u8>| -> Result<()> {
+        let data = CString::new(data).map_err(|e| mount_err(std::io::Error::other(e)))?;
+        rustix::mount::mount(
+            "overlay",
+            target,
+            "overlay",
+            MountFlags::empty(),
+            data.as_c_str(),
+        )
+        .map_err(|e| mount_err(e.into()))
+    };
+    if volatile.len() <= MAX_MOUNT_DATA && mount(volatile).is_ok() {
+        return Ok(());
+    }
+    mount(data)
 }
 
 /// Unmounts `target`, falling back to a lazy unmount when it is busy.
