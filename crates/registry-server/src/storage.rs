@@ -200,20 +200,17 @@ impl Backend for FsBackend {
         tokio::task::spawn_blocking(move || {
             const CHUNK: u64 = 1 << 20;
             while left > 0 {
-                let want = left.min(CHUNK) as usize;
-                let mut buf = vec![0u8; want];
-                let mut got = 0;
-                while got < want {
-                    match file.read(&mut buf[got..]) {
-                        Ok(0) => break,
-                        Ok(n) => got += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            let _ = tx.blocking_send(Err(e));
-                            return;
-                        }
+                let want = left.min(CHUNK);
+                // `read_to_end` reads into the spare capacity: the chunk is not zeroed first
+                // (a memset of every byte served, on the download path).
+                let mut buf = Vec::with_capacity(want as usize);
+                let got = match (&mut file).take(want).read_to_end(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        return;
                     }
-                }
+                };
                 if got == 0 {
                     let _ = tx.blocking_send(Err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
@@ -221,7 +218,6 @@ impl Backend for FsBackend {
                     )));
                     return;
                 }
-                buf.truncate(got);
                 left -= got as u64;
                 if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
                     return; // the client went away
