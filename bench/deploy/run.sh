@@ -55,7 +55,28 @@ if command -v podman >/dev/null; then
         echo "podman is installed but cannot run a container here: podman rows skipped"
     fi
 fi
+if command -v dockerd >/dev/null && command -v docker >/dev/null; then
+    # A private engine, as the interop tests start it (no bridge, no iptables).
+    mkdir -p "$work/docker-data" "$work/docker-exec"
+    echo '{}' >"$work/docker.json"
+    dockerd --iptables=false --bridge=none --config-file "$work/docker.json" \
+        --host "unix://$work/docker.sock" --data-root "$work/docker-data" \
+        --exec-root "$work/docker-exec" --pidfile "$work/docker.pid" >"$work/dockerd.log" 2>&1 &
+    export DOCKER_HOST=unix://$work/docker.sock
+    for _ in $(seq 300); do docker info >/dev/null 2>&1 && break; sleep 0.2; done
+    "$strata" save busybox:latest -o "$work/busybox-docker.tar"
+    docker load -q -i "$work/busybox-docker.tar" >/dev/null
+    docker run --rm --network host busybox:latest true
+    extra+=(--docker)
+fi
 python3 bench/deploy/first_output.py "$strata" "$STRATA_STORE" "$runs" "${extra[@]}"
+if [ -n "${DOCKER_HOST:-}" ]; then
+    kill "$(cat "$work/docker.pid")" 2>/dev/null || true
+    for _ in $(seq 100); do [ -e "$work/docker.pid" ] || break; sleep 0.2; done
+    # dockerd leaves its netns mount behind; the work dir cannot be removed under it.
+    grep -o " $work[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount 2>/dev/null || true
+    unset DOCKER_HOST
+fi
 
 echo "## redeploy after a one-file change (load: $(cut -d' ' -f1-3 /proc/loadavg))"
 "$strata" registry serve --addr 127.0.0.1:5099 --root "$work/registry" >/dev/null 2>&1 &

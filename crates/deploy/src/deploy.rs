@@ -60,7 +60,8 @@ fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Resul
         if Instant::now() >= deadline {
             return Ok(None);
         }
-        std::thread::sleep(Duration::from_millis(25));
+        // A read of the WAL database costs microseconds; waiting longer only adds latency.
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
