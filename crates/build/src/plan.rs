@@ -47,15 +47,7 @@ pub struct ResolvedImage {
 impl ResolvedImage {
     /// The layers with their diff_ids, bottom first.
     pub fn layers(&self) -> Vec<LayerRef> {
-        self.manifest
-            .layers
-            .iter()
-            .zip(self.config.rootfs.diff_ids.iter())
-            .map(|(d, id)| LayerRef {
-                descriptor: d.clone(),
-                diff_id: id.clone(),
-            })
-            .collect()
+        LayerRef::zip(&self.manifest.layers, self.config.diff_ids())
     }
 }
 

@@ -326,11 +326,8 @@ impl Agent {
             };
             match rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
                 Ok(Some((_, status))) => {
-                    let code = status
-                        .exit_status()
-                        .or_else(|| status.terminating_signal().map(|s| 128 + s));
                     if let Some(id) = self.children.remove(&pid) {
-                        exits.insert(id, code);
+                        exits.insert(id, exit_code(status));
                     }
                 }
                 Ok(None) => {}
@@ -367,12 +364,17 @@ impl Agent {
             }
         }
         self.apply_routes()?;
-        // Desired states, with what on_exit changed.
-        for m in self.host.state.machines()? {
+        // Desired states, with what on_exit changed (read again only if it changed rows).
+        let machines = if exits.is_empty() {
+            machines
+        } else {
+            self.host.state.machines()?
+        };
+        for m in &machines {
             if self.is_busy(&m.id) {
                 continue;
             }
-            if let Err(e) = self.reconcile(&m) {
+            if let Err(e) = self.reconcile(m) {
                 warn!(machine = %m.id, "{e}");
                 self.host
                     .state
@@ -382,7 +384,7 @@ impl Agent {
                 }
             }
         }
-        self.rotate_logs(&self.host.state.machines()?);
+        self.rotate_logs(&machines);
         Ok(())
     }
 
@@ -536,9 +538,7 @@ impl Agent {
                             rustix::process::WaitOptions::empty(),
                         )
                     {
-                        code = s
-                            .exit_status()
-                            .or_else(|| s.terminating_signal().map(|x| 128 + x));
+                        code = exit_code(s);
                     }
                     if m.desired == Desired::Destroyed {
                         machine_destroy(&runtime, spec)?;
@@ -651,6 +651,13 @@ impl Agent {
             }
         }
     }
+}
+
+/// A process's exit code as a shell reports it: its status, or 128 + the signal that killed it.
+fn exit_code(status: rustix::process::WaitStatus) -> Option<i32> {
+    status
+        .exit_status()
+        .or_else(|| status.terminating_signal().map(|s| 128 + s))
 }
 
 /// Shifts `log.1..` up, copies `log` to `log.1` and empties `log`.

@@ -50,8 +50,8 @@ fn owner(app: &str) -> String {
     format!("app:{app}")
 }
 
-/// Waits until `f` says done (Some) or `timeout` passes.
-fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<Option<T>> {
+/// Waits until `f` says done (Some) or `timeout` passes (then `Ok(None)`), looking every 5 ms.
+pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<Option<T>> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f()? {

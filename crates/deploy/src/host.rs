@@ -11,9 +11,6 @@ use strata_store::Store;
 use crate::error::{Error, Result};
 use crate::state::{Machine, MachineConfig, RestartPolicy, State};
 
-/// The default PATH of a machine whose image sets none (Docker's).
-const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 /// What `strata machine run` (or a deploy) asks of a new machine beyond its image.
 #[derive(Debug, Clone, Default)]
 pub struct MachineOptions {
@@ -124,7 +121,8 @@ impl Host {
         }
         let mut env = c.env.clone().unwrap_or_default();
         if !env.iter().any(|e| e.starts_with("PATH=")) {
-            env.insert(0, DEFAULT_PATH.to_string());
+            // Docker's default, as for build steps.
+            env.insert(0, strata_runtime::spec::DEFAULT_PATH.to_string());
         }
         for kv in &opts.env {
             let key = kv.split('=').next().unwrap_or(kv);
@@ -156,12 +154,7 @@ impl Host {
         };
         let id = match &opts.id {
             Some(id) => {
-                let ok = id.len() <= 41
-                    && id.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-                    && id
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-                if !ok {
+                if !strata_runtime::valid_machine_id(id) {
                     return Err(Error::Config(format!(
                         "machine name `{id}`: use up to 41 lowercase letters, digits and '-'"
                     )));
@@ -202,16 +195,7 @@ impl Host {
                 config.rootfs.diff_ids.len()
             )));
         }
-        let layers: Vec<LayerRef> = img
-            .manifest
-            .layers
-            .iter()
-            .zip(&config.rootfs.diff_ids)
-            .map(|(d, id)| LayerRef {
-                descriptor: d.clone(),
-                diff_id: id.clone(),
-            })
-            .collect();
+        let layers = LayerRef::zip(&img.manifest.layers, config.diff_ids());
         let cache = SnapshotCache::new(self.store.root().join("strata/snapshots"))?;
         let lowers = cache.ensure(&layers, |d| {
             self.store

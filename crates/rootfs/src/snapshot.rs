@@ -31,6 +31,21 @@ pub struct LayerRef {
     pub diff_id: Digest,
 }
 
+impl LayerRef {
+    /// An image's layers, bottom first: each manifest layer with the config's diff_id at the
+    /// same position (extra entries on either side are dropped, as `zip` does).
+    pub fn zip(layers: &[Descriptor], diff_ids: &[Digest]) -> Vec<LayerRef> {
+        layers
+            .iter()
+            .zip(diff_ids)
+            .map(|(d, id)| LayerRef {
+                descriptor: d.clone(),
+                diff_id: id.clone(),
+            })
+            .collect()
+    }
+}
+
 /// A directory of unpacked layers keyed by chain ID.
 #[derive(Debug, Clone)]
 pub struct SnapshotCache {

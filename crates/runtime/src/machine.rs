@@ -119,8 +119,8 @@ pub fn container_id(id: &str) -> String {
     format!("strata-m-{id}")
 }
 
-/// `[a-z0-9][a-z0-9-]{0,40}`
-fn valid_machine_id(id: &str) -> bool {
+/// Whether `id` can name a machine: `[a-z0-9][a-z0-9-]{0,40}`.
+pub fn valid_machine_id(id: &str) -> bool {
     let b = id.as_bytes();
     !b.is_empty()
         && b.len() <= 41

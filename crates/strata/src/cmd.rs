@@ -341,16 +341,7 @@ fn unpack(store: &Store, image: &str, dir: &Path) -> Result<()> {
             dir.display()
         );
     }
-    let layers: Vec<strata_rootfs::LayerRef> = img
-        .manifest
-        .layers
-        .iter()
-        .zip(config.diff_ids())
-        .map(|(d, diff_id)| strata_rootfs::LayerRef {
-            descriptor: d.clone(),
-            diff_id: diff_id.clone(),
-        })
-        .collect();
+    let layers = strata_rootfs::LayerRef::zip(&img.manifest.layers, config.diff_ids());
     let stats = strata_rootfs::materialize(
         &layers,
         |d| store.open_descriptor(d).map_err(io::Error::other),

@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use strata_deploy::agent::{AgentOptions, agent_pid, poke, run_agent, stop_agent};
 use strata_deploy::app::{load_apps, parse_duration, parse_volume};
-use strata_deploy::deploy::{DeployOptions, deploy_image, destroy_app, project_file, wait_running};
+use strata_deploy::deploy::{
+    DeployOptions, deploy_image, destroy_app, poll, project_file, wait_running,
+};
 use strata_deploy::host::{Host, MachineOptions, find_image, parse_signal};
 use strata_deploy::state::{Desired, Machine, RestartPolicy};
 use strata_oci::Reference;
@@ -183,7 +185,7 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
             let m = find(&host, &id)?;
             host.state.set_desired(&m.id, Desired::Stopped)?;
             ensure_agent(host.store.root(), &exe()?)?;
-            wait_state(&host, &m, |m| m.state != "running")?;
+            wait_stopped(&host, &m)?;
             println!("{}", m.id);
             Ok(())
         }
@@ -191,7 +193,7 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
             let m = find(&host, &id)?;
             host.state.set_desired(&m.id, Desired::Stopped)?;
             ensure_agent(host.store.root(), &exe()?)?;
-            wait_state(&host, &m, |m| m.state != "running")?;
+            wait_stopped(&host, &m)?;
             host.state.set_desired(&m.id, Desired::Running)?;
             poke(host.store.root());
             wait_running(&host, &m.id, Duration::from_secs(60))?;
@@ -203,18 +205,17 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
                 let m = find(&host, &id)?;
                 host.state.set_desired(&m.id, Desired::Destroyed)?;
                 ensure_agent(host.store.root(), &exe()?)?;
-                let timeout =
-                    Duration::from_millis(m.config.kill_timeout_ms) + Duration::from_secs(30);
-                let deadline = std::time::Instant::now() + timeout;
-                while host.state.machine(&m.id)?.is_some() {
-                    if std::time::Instant::now() > deadline {
-                        bail!(
-                            "machine {} was not destroyed within {} s",
-                            m.id,
-                            timeout.as_secs()
-                        );
-                    }
-                    std::thread::sleep(Duration::from_millis(25));
+                let timeout = stop_timeout(&m);
+                if poll(timeout, || {
+                    Ok(host.state.machine(&m.id)?.is_none().then_some(()))
+                })?
+                .is_none()
+                {
+                    bail!(
+                        "machine {} was not destroyed within {} s",
+                        m.id,
+                        timeout.as_secs()
+                    );
                 }
                 println!("{}", m.id);
             }
@@ -246,24 +247,26 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
     }
 }
 
-fn wait_state(host: &Host, m: &Machine, done: impl Fn(&Machine) -> bool) -> Result<()> {
-    let timeout = Duration::from_millis(m.config.kill_timeout_ms) + Duration::from_secs(30);
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let now = find(host, &m.id)?;
-        if done(&now) {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            bail!(
-                "machine {} is still {} after {} s",
-                m.id,
-                now.state,
-                timeout.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(25));
+/// How long a stop may take: the machine's kill timeout plus slack for the agent.
+fn stop_timeout(m: &Machine) -> Duration {
+    Duration::from_millis(m.config.kill_timeout_ms) + Duration::from_secs(30)
+}
+
+/// Waits until the agent reports `m` stopped (not running).
+fn wait_stopped(host: &Host, m: &Machine) -> Result<()> {
+    let timeout = stop_timeout(m);
+    let stopped = poll(timeout, || {
+        let now = host.state.machine(&m.id)?;
+        Ok(now.is_none_or(|now| now.state != "running").then_some(()))
+    })?;
+    if stopped.is_none() {
+        bail!(
+            "machine {} is still running after {} s",
+            m.id,
+            timeout.as_secs()
+        );
     }
+    Ok(())
 }
 
 fn logs(host: &Host, id: &str, follow: bool) -> Result<()> {
