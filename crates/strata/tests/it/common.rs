@@ -1,9 +1,11 @@
 //! Test helpers: a temp store, a busybox root filesystem, running the `strata` binary.
 
 use std::fs;
+use std::net::TcpListener;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// A temporary directory holding a store (`store/`) and whatever else a test makes.
 pub struct Env {
@@ -199,4 +201,22 @@ pub fn import_busybox(env: &Env, name: &str) -> String {
     ])
     .trim()
     .to_string()
+}
+
+/// A TCP port free on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `ready` says yes, failing the test with `what` after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < limit, "{what}: not ready after {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::{Env, have, import_busybox};
+use crate::common::{Env, free_port, have, import_busybox, wait_for};
 
 fn can_run_machines() -> bool {
     let root = std::process::Command::new("id")
@@ -26,14 +26,6 @@ fn can_run_machines() -> bool {
         );
     }
     ok
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One HTTP/1.0 GET; the body, or why not.
@@ -85,14 +77,6 @@ fn machine_json(env: &Env, id: &str) -> serde_json::Value {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .find(|v| v["id"] == id)
         .unwrap_or_else(|| panic!("no machine {id}"))
-}
-
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A project whose app serves `page.html` with busybox httpd on :8080.
@@ -337,7 +321,7 @@ fn machines_restart_by_policy_keep_logs_exec_and_survive_an_agent_restart() {
             .unwrap()
             .success()
     );
-    wait_for("restart after kill", 20, || {
+    wait_for("restart after kill", Duration::from_secs(20), || {
         let m = machine_json(&env, "srv");
         m["restarts"] == 1 && m["state"] == "running" && get(port).is_ok()
     });
@@ -354,7 +338,7 @@ fn machines_restart_by_policy_keep_logs_exec_and_survive_an_agent_restart() {
             .unwrap()
             .success()
     );
-    wait_for("agent gone", 10, || {
+    wait_for("agent gone", Duration::from_secs(10), || {
         env.ok(&["agent", "status"]).contains("not running")
     });
     assert!(
@@ -362,7 +346,11 @@ fn machines_restart_by_policy_keep_logs_exec_and_survive_an_agent_restart() {
         "the machine died with the agent"
     );
     env.ok(&["machine", "start", "srv"]); // starts an agent; srv is running already
-    wait_for("port served by the new agent", 10, || get(port).is_ok());
+    wait_for(
+        "port served by the new agent",
+        Duration::from_secs(10),
+        || get(port).is_ok(),
+    );
     let m = machine_json(&env, "srv");
     assert_eq!(
         m["pid"].as_u64().unwrap(),

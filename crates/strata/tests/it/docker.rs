@@ -7,7 +7,7 @@
 //! the host's own Docker, if any, is never touched.
 
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -69,22 +69,6 @@ fn strata(store: &Path, secs: u64, args: &[&str]) -> String {
             .args(args)
             .env("NO_COLOR", "1"),
     )
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(start.elapsed() < limit, "{what}: not ready after {limit:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// A private Docker engine; stopped (SIGTERM, then SIGKILL) and its mounts and directories
