@@ -277,11 +277,12 @@ pub fn find_image(store: &Store, image: &str) -> Result<strata_store::Image> {
     if let Some(img) = by_digest {
         return Ok(img);
     }
-    let untagged = !image.rsplit('/').next().unwrap_or(image).contains(':');
-    match store.image(image) {
-        // `busybox` means `busybox:latest`, as in `docker run busybox`.
-        Err(_) if untagged => store.image(&format!("{image}:latest")),
-        other => other,
+    // The store's own spelling of the name (`busybox` is `busybox:latest`, as in
+    // `docker run busybox`), the same normalization `strata pull` and `import` use.
+    let local = strata_oci::Reference::parse_local(image).map(|r| r.to_string());
+    match (store.image(image), local) {
+        (Err(_), Ok(local)) if local != image => store.image(&local),
+        (found, _) => found,
     }
     .map_err(|source| Error::Image {
         image: image.to_string(),
