@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use strata_oci::Digest;
-use strata_rootfs::{Change, LayerOptions, LayerSource, changes_from_overlay_upper, write_layer};
+use strata_rootfs::{
+    Change, LayerOptions, LayerRef, LayerSource, changes_from_overlay_upper, write_layer,
+};
 use strata_runtime::{MountSpec, Rootfs, RunSpec, UserSpec};
 
 use crate::engine::{Ctx, StageState};
@@ -151,8 +153,8 @@ pub(crate) fn run_step(
         });
     }
 
-    let changes = changes_from_overlay_upper(&upper)?;
-    let changes = drop_mountpoints(&upper, changes, &absent, &view);
+    let all = changes_from_overlay_upper(&upper)?;
+    let changes = drop_mountpoints(&upper, all.clone(), &absent, &view);
     if changes.is_empty() {
         return Ok(None);
     }
@@ -173,7 +175,25 @@ pub(crate) fn run_step(
     )?;
     writer.commit(Some((&info.digest, Some(info.size))))?;
     let _ = started;
-    Ok(Some((info.descriptor(), info.diff_id)))
+    let layer = LayerRef {
+        descriptor: info.descriptor(),
+        diff_id: info.diff_id.clone(),
+    };
+    // The upper dir is this layer in overlay form: it becomes the snapshot the next step
+    // mounts, instead of unpacking the blob just written (seconds for a big apt layer).
+    // Failing that costs only time: the snapshot is unpacked on first use as before.
+    let mut chain = state.layers.clone();
+    chain.push(layer.clone());
+    let kept: BTreeSet<&Path> = changes.iter().map(|c| c.path()).collect();
+    let left_out: Vec<&Path> = all
+        .iter()
+        .map(|c| c.path())
+        .filter(|p| !kept.contains(p))
+        .collect();
+    if let Err(e) = ctx.snapshots.adopt(&chain, &upper, &left_out) {
+        tracing::warn!("keeping the step's upper dir as its snapshot failed: {e}");
+    }
+    Ok(Some((layer.descriptor, layer.diff_id)))
 }
 
 /// Creates the directories of `rel_path` missing from the image in `upper`; components the

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use common::*;
 use strata_build::{BuildOptions, Error, NoProgress, build};
@@ -247,4 +247,133 @@ fn cache_mount_persists_and_secret_stays_out_of_layers() {
         err.contains("/run/secrets/tok") || err.contains("exit code"),
         "{err}"
     );
+}
+
+/// What a tree holds, entry by entry, as a layer can record it (mtime in whole seconds, no
+/// overlayfs bookkeeping xattrs but the opaque marker).
+fn tree(root: &std::path::Path) -> std::collections::BTreeMap<String, String> {
+    fn walk(
+        root: &std::path::Path,
+        dir: &std::path::Path,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let mut xattrs: Vec<String> = xattr::list(&p)
+                .unwrap()
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| !n.contains("overlay.") || n.ends_with("overlay.opaque"))
+                .map(|n| format!("{n}={:?}", xattr::get(&p, &n).unwrap()))
+                .collect();
+            xattrs.sort();
+            let whiteout = md.file_type().is_char_device() && md.rdev() == 0;
+            let what = if md.is_file() {
+                let bytes = std::fs::read(&p).unwrap();
+                let fnv = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+                });
+                format!("{} bytes {fnv:x}", bytes.len())
+            } else if md.file_type().is_symlink() {
+                std::fs::read_link(&p).unwrap().display().to_string()
+            } else {
+                String::new()
+            };
+            out.insert(
+                p.strip_prefix(root).unwrap().display().to_string(),
+                format!(
+                    "mode {:o} uid {} gid {} nlink {} rdev {} mtime {} {xattrs:?} {what}",
+                    md.mode(),
+                    md.uid(),
+                    md.gid(),
+                    if md.is_dir() { 0 } else { md.nlink() },
+                    md.rdev(),
+                    // A whiteout's own mtime is never seen through the overlay.
+                    if whiteout { 0 } else { md.mtime() }
+                ),
+            );
+            if md.is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+#[test]
+fn run_upper_dir_becomes_the_same_snapshot_an_unpack_gives() {
+    if !can_run("run_upper_dir_becomes_the_same_snapshot_an_unpack_gives") {
+        return;
+    }
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    // Added, changed and deleted files, an opaque directory (removed and made again), links,
+    // a chmod of an image file, and runc's mount points (/proc, /dev, /etc/hosts...) that
+    // must not stay in the snapshot since they are not in the layer.
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM busybox\n\
+             RUN mkdir -p /data/sub && echo x > /data/sub/f && ln /data/sub/f /data/hard \
+             && ln -s sub/f /data/link && chmod 0711 /data && rm /bin/vi && chmod 0700 /bin/ls \
+             && rm -rf /tmp && mkdir /tmp && echo y > /tmp/only && chown 1000:1000 /tmp/only && sleep 1\n\
+             RUN --mount=type=tmpfs,target=/scratch cat /data/link > /copy\n",
+        )],
+    );
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["snap".into()];
+    let (out, _) = build_ok(&store, &opts);
+    let manifest =
+        strata_oci::Manifest::from_slice(&store.read_blob(&out.descriptor.digest).unwrap())
+            .unwrap();
+    let config = config_of(&store, &out);
+    let layers = strata_rootfs::LayerRef::zip(&manifest.layers, &config.rootfs.diff_ids);
+    assert_eq!(layers.len(), 3, "busybox + two RUN layers");
+
+    let built = strata_rootfs::SnapshotCache::new(store.root().join("strata/snapshots")).unwrap();
+    let fresh_dir = tempfile::tempdir().unwrap();
+    let fresh = strata_rootfs::SnapshotCache::new(fresh_dir.path()).unwrap();
+    let unpacked = fresh
+        .ensure(&layers, |d| {
+            store.open_descriptor(d).map_err(std::io::Error::other)
+        })
+        .unwrap();
+    let kept = built
+        .get(&layers)
+        .expect("the build left a snapshot for every layer");
+    for (i, (k, u)) in kept.iter().zip(&unpacked).enumerate().skip(1) {
+        let (k, u) = (tree(k), tree(u));
+        assert!(!k.is_empty(), "layer {i}: empty snapshot");
+        let differ: Vec<_> = k
+            .keys()
+            .chain(u.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter(|p| k.get(*p) != u.get(*p))
+            .map(|p| format!("{p}:\n  kept     {:?}\n  unpacked {:?}", k.get(p), u.get(p)))
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "layer {i}: the kept upper dir differs from the unpacked layer:\n{}",
+            differ.join("\n")
+        );
+    }
+    let top = tree(&kept[1]);
+    assert!(
+        top.contains_key("data/hard") && top.contains_key("bin/vi"),
+        "{top:#?}"
+    );
+    assert!(
+        top["tmp"].contains("overlay.opaque"),
+        "rm -rf + mkdir makes /tmp opaque: {}",
+        top["tmp"]
+    );
+    assert!(
+        !top.contains_key("proc") && !top.contains_key("etc/hosts"),
+        "{top:#?}"
+    );
+    assert!(!tree(&kept[2]).contains_key("scratch"));
 }

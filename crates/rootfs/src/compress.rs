@@ -4,6 +4,8 @@ use std::io::{self, Read, Write};
 
 use strata_oci::{Compression, Digest, Hasher};
 
+use crate::pargz::ParGzEncoder;
+
 /// Default gzip level. Level 6 is what `gzip`, Go's `compress/gzip` (Docker, containerd) and
 /// BuildKit use, so our blobs are the size the ecosystem expects: layers are written once and
 /// pulled many times. On the bench tree (bench/rootfs/RESULTS-rootfs.md) level 1 writes 3.3x
@@ -14,14 +16,14 @@ pub const DEFAULT_GZIP_LEVEL: u32 = 6;
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
 /// Input is handed to the compressor in chunks of exactly this size (the last one may be
-/// shorter). zlib-rs's deflate output depends on how its input is split into `write` calls, so
+/// shorter). zstd's streaming output depends on how its input is split into `write` calls, so
 /// without this the same tar read through different buffers (a file, an entry of an archive)
-/// would give different gzip bytes and a different blob digest.
+/// would give different bytes and a different blob digest. (gzip cuts its own fixed blocks.)
 const ENCODER_CHUNK: usize = 64 * 1024;
 
 enum Codec<W: Write> {
     None(W),
-    Gzip(flate2::write::GzEncoder<W>),
+    Gzip(ParGzEncoder<W>),
     Zstd(zstd::stream::write::Encoder<'static, W>),
 }
 
@@ -51,10 +53,8 @@ impl<W: Write> Encoder<W> {
     ) -> io::Result<Self> {
         let codec = match compression {
             Compression::None => Codec::None(w),
-            // GzBuilder's defaults put no name and mtime 0 in the gzip header: reproducible.
-            Compression::Gzip => Codec::Gzip(
-                flate2::GzBuilder::new().write(w, flate2::Compression::new(gzip_level.min(9))),
-            ),
+            // Blocks deflated in parallel; the bytes depend only on the input and the level.
+            Compression::Gzip => Codec::Gzip(ParGzEncoder::new(w, gzip_level)?),
             Compression::Zstd => Codec::Zstd(zstd::stream::write::Encoder::new(w, zstd_level)?),
         };
         Ok(Encoder {

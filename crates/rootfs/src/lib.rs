@@ -14,6 +14,7 @@ mod compress;
 mod diff;
 mod error;
 mod fsmeta;
+mod pargz;
 mod recompress;
 mod snapshot;
 mod tarfmt;

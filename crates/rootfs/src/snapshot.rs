@@ -168,6 +168,44 @@ impl SnapshotCache {
         Ok(dirs)
     }
 
+    /// Makes `dir`, an overlay upper directory holding exactly the entries of the last layer
+    /// of `layers`, that layer's snapshot, without unpacking the blob again: a build step's
+    /// upper dir is already the layer in overlay form (whiteouts as 0/0 devices, opaque
+    /// directories marked). `left_out` (paths relative to `dir` that the layer does not hold,
+    /// such as the runtime's empty mount points) are deleted deepest first, as are sockets
+    /// and overlayfs's own bookkeeping xattrs; the mtimes of the directories they leave are
+    /// put back, so the snapshot matches the layer written before. Then `dir` is renamed
+    /// into place; it must be on the cache's filesystem. Returns false, leaving `dir` alone,
+    /// when the snapshot already exists.
+    ///
+    /// The caller vouches that `dir` matches the layer (it wrote the layer from it).
+    pub fn adopt(&self, layers: &[LayerRef], dir: &Path, left_out: &[&Path]) -> Result<bool> {
+        let Some(chain) = chain_ids(layers).pop() else {
+            return Ok(false);
+        };
+        let dest = self.path_of(&chain);
+        if dest.is_dir() {
+            return Ok(false);
+        }
+        let mut gone: Vec<PathBuf> = left_out.iter().map(|p| dir.join(p)).collect();
+        scrub_upper(dir, &mut gone)?;
+        remove_keeping_parent_mtimes(&mut gone)?;
+        // An unpacked snapshot's root is 0755 root:root whatever the step did to `/`.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(io_err("chmod", dir))?;
+        std::os::unix::fs::lchown(dir, Some(0), Some(0)).map_err(io_err("chown", dir))?;
+        match std::fs::rename(dir, &dest) {
+            Ok(()) => Ok(true),
+            Err(e)
+                if dest.is_dir()
+                    && matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(io_err("renaming snapshot into place", &dest)(e)),
+        }
+    }
+
     /// Removes `tmp-*` directories left by killed processes. Only call it when no other
     /// process is unpacking into this cache.
     pub fn remove_leftovers(&self) -> Result<usize> {
@@ -225,4 +263,74 @@ pub fn materialize<R: Read>(
         .iter()
         .map(|l| apply_one(l, &open_blob, dest, &opts))
         .collect()
+}
+
+/// Strips overlayfs xattrs other than the opaque marker (origin file handles, impure flags:
+/// they would make a later mount second-guess the snapshot) and lists sockets in `gone`.
+fn scrub_upper(dir: &Path, gone: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(io_err("reading directory", dir))?;
+    for e in entries {
+        let e = e.map_err(io_err("reading directory", dir))?;
+        let path = e.path();
+        let ft = e.file_type().map_err(io_err("stat", &path))?;
+        if std::os::unix::fs::FileTypeExt::is_socket(&ft) {
+            gone.push(path);
+            continue;
+        }
+        strip_overlay_xattrs(&path)?;
+        if ft.is_dir() {
+            scrub_upper(&path, gone)?;
+        }
+    }
+    strip_overlay_xattrs(dir)
+}
+
+/// Deletes `paths` (files, or directories emptied by earlier entries), deepest first, then
+/// sets their parent directories' mtimes back to what they were.
+fn remove_keeping_parent_mtimes(paths: &mut [PathBuf]) -> Result<()> {
+    paths.sort_by(|a, b| b.cmp(a));
+    let mut parents: Vec<(PathBuf, std::time::SystemTime)> = Vec::new();
+    for p in paths.iter() {
+        if let Some(parent) = p.parent()
+            && !parents.iter().any(|(q, _)| q == parent)
+            && let Ok(md) = std::fs::symlink_metadata(parent)
+        {
+            parents.push((
+                parent.to_path_buf(),
+                md.modified().map_err(io_err("stat", parent))?,
+            ));
+        }
+    }
+    for p in paths.iter() {
+        let md = std::fs::symlink_metadata(p).map_err(io_err("stat", p))?;
+        let res = if md.is_dir() {
+            std::fs::remove_dir(p)
+        } else {
+            std::fs::remove_file(p)
+        };
+        res.map_err(io_err("removing", p))?;
+    }
+    for (dir, mtime) in parents {
+        // A parent that was itself left out is gone.
+        if let Ok(f) = std::fs::File::open(&dir) {
+            f.set_modified(mtime)
+                .map_err(io_err("setting mtime of", &dir))?;
+        }
+    }
+    Ok(())
+}
+
+fn strip_overlay_xattrs(path: &Path) -> Result<()> {
+    let Ok(names) = xattr::list(path) else {
+        // A file system or entry without xattrs has nothing to strip.
+        return Ok(());
+    };
+    for n in names {
+        let b = n.as_bytes();
+        let overlay = b.starts_with(b"trusted.overlay.") || b.starts_with(b"user.overlay.");
+        if overlay && !b.ends_with(b".opaque") {
+            xattr::remove(path, &n).map_err(io_err("removing overlay xattr", path))?;
+        }
+    }
+    Ok(())
 }

@@ -210,3 +210,59 @@ fn concurrent_creators_agree_on_one_snapshot() {
     assert_eq!(names.len(), 2, "no tmp-* left: {names:?}");
     assert_eq!(cache.remove_leftovers().unwrap(), 0);
 }
+
+#[test]
+fn adopt_turns_an_upper_dir_into_the_snapshot_without_overlay_leftovers() {
+    let root = tempfile::tempdir().unwrap();
+    let cache = SnapshotCache::new(root.path().join("snapshots")).unwrap();
+    let (layers, _) = two_layers(Compression::Gzip);
+    let upper = root.path().join("upper");
+    w(&upper, "d/file", b"x");
+    std::fs::create_dir_all(upper.join("proc")).unwrap();
+    w(&upper, "etc/hosts", b"");
+    let _sock = std::os::unix::net::UnixListener::bind(upper.join("d/sock")).unwrap();
+    xattr::set(upper.join("d"), "trusted.overlay.opaque", b"y").unwrap();
+    xattr::set(upper.join("d"), "trusted.overlay.origin", b"\0handle").unwrap();
+    xattr::set(upper.join("d/file"), "trusted.overlay.impure", b"y").unwrap();
+    xattr::set(upper.join("d/file"), "user.kept", b"1").unwrap();
+    let old = filetime::FileTime::from_unix_time(1_000_000, 0);
+    for d in ["d", "etc"] {
+        filetime::set_file_mtime(upper.join(d), old).unwrap();
+    }
+
+    let left_out = [Path::new("proc"), Path::new("etc/hosts")];
+    assert!(cache.adopt(&layers, &upper, &left_out).unwrap());
+    assert!(!upper.exists(), "renamed, not copied");
+    let ids: Vec<Digest> = layers.iter().map(|l| l.diff_id.clone()).collect();
+    let snap = cache.path_of(&chain_id(&ids).unwrap());
+    assert!(snap.is_dir(), "the upper dir is the top layer's snapshot");
+    assert_eq!(std::fs::read(snap.join("d/file")).unwrap(), b"x");
+    assert!(!snap.join("d/sock").exists(), "sockets are in no layer");
+    assert!(!snap.join("proc").exists() && !snap.join("etc/hosts").exists());
+    assert!(snap.join("etc").is_dir());
+    let names = |p: &Path| -> Vec<String> {
+        let mut v: Vec<String> = xattr::list(p)
+            .unwrap()
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&snap.join("d")), ["trusted.overlay.opaque"]);
+    assert_eq!(names(&snap.join("d/file")), ["user.kept"]);
+    for d in ["d", "etc"] {
+        let md = std::fs::metadata(snap.join(d)).unwrap();
+        assert_eq!(
+            md.mtime(),
+            1_000_000,
+            "{d}: mtime put back after removing entries"
+        );
+    }
+    assert_eq!(std::fs::metadata(&snap).unwrap().mode() & 0o7777, 0o755);
+
+    // A second adopt of the same layer keeps the first snapshot and leaves its dir alone.
+    let again = root.path().join("again");
+    w(&again, "other", b"y");
+    assert!(!cache.adopt(&layers, &again, &[]).unwrap());
+    assert!(again.join("other").exists() && !snap.join("other").exists());
+}

@@ -530,6 +530,9 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
 /// `runc state` of machine `id`, parsed; `None` when runc knows no such container.
 fn runc_state(cfg: &RuntimeConfig, id: &str) -> Result<Option<Value>> {
     let cid = container_id(id);
+    if !crate::run::runc_knows(cfg, &cid) {
+        return Ok(None);
+    }
     let mut cmd = runc(cfg);
     cmd.arg("state").arg(&cid);
     let out = runc_output(&cid, &mut cmd)?;

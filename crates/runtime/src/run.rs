@@ -581,6 +581,9 @@ fn remove_bundle_dir(id: &str, dir: &Path) -> Result<()> {
 
 /// `runc delete -f <id>`; a container that does not exist (already gone) is fine.
 pub(crate) fn delete_container(cfg: &RuntimeConfig, id: &str) -> Result<()> {
+    if !runc_knows(cfg, id) {
+        return Ok(());
+    }
     let mut cmd = Command::new(&cfg.runc);
     cmd.arg("--root")
         .arg(&cfg.state_root)
@@ -599,6 +602,12 @@ pub(crate) fn delete_container(cfg: &RuntimeConfig, id: &str) -> Result<()> {
         status: describe(out.status),
         stderr: stderr.trim().to_string(),
     })
+}
+
+/// Whether runc may hold state for container `id`: its state directory exists under `--root`.
+/// When it does not, asking runc (a process spawn, several ms) can only answer "does not exist".
+pub(crate) fn runc_knows(cfg: &RuntimeConfig, id: &str) -> bool {
+    cfg.state_root.join(id).exists()
 }
 
 pub(crate) fn runc_output(id: &str, cmd: &mut Command) -> Result<std::process::Output> {
