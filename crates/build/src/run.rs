@@ -127,6 +127,7 @@ pub(crate) fn run_step(
             line,
         });
     };
+    let run_started = Instant::now();
     let result = strata_runtime::run(&runtime, &spec, &mut |chunk: &[u8]| {
         partial.extend_from_slice(chunk);
         while let Some(i) = partial.iter().position(|b| *b == b'\n') {
@@ -139,6 +140,7 @@ pub(crate) fn run_step(
         emit(&rest, &mut tail);
     }
     drop(held);
+    tracing::debug!("{}: ran in {:.2?}", step.text, run_started.elapsed());
     if result.exit_code != 0 || result.signal.is_some() {
         let status = match result.signal {
             Some(s) => format!("killed by signal {s}"),
@@ -174,7 +176,14 @@ pub(crate) fn run_step(
         &mut writer,
     )?;
     writer.commit(Some((&info.digest, Some(info.size))))?;
-    let _ = started;
+    tracing::debug!(
+        "{}: layer {} ({} bytes, {} uncompressed) written in {:.2?}",
+        step.text,
+        info.digest,
+        info.size,
+        info.uncompressed_size,
+        started.elapsed()
+    );
     let layer = LayerRef {
         descriptor: info.descriptor(),
         diff_id: info.diff_id.clone(),

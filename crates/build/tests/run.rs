@@ -227,8 +227,11 @@ fn cache_mount_persists_and_secret_stays_out_of_layers() {
     for l in &m.layers {
         let mut tar = Vec::new();
         let blob = store.read_blob(&l.digest).unwrap();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(blob.as_slice()), &mut tar)
-            .unwrap();
+        std::io::Read::read_to_end(
+            &mut flate2::read::MultiGzDecoder::new(blob.as_slice()),
+            &mut tar,
+        )
+        .unwrap();
         assert!(
             !tar.windows(12).any(|w| w == b"s3cret-value"),
             "secret in layer {}",

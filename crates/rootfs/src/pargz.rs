@@ -1,14 +1,18 @@
-//! Block-parallel gzip, pigz's scheme: the input is cut into fixed blocks, each block is
-//! deflated on a worker thread with the previous block's last 32 KiB as its dictionary and ends
-//! with a sync flush, and the pieces are written in order as one gzip member. Hashing, CRC and
-//! tar reading stay on the caller's thread, so a 1 GB layer commits in about its size divided
-//! by the number of cores times deflate's speed.
+//! Block-parallel gzip: the input is cut into fixed 1 MiB blocks, each block is compressed on a
+//! worker thread by libdeflate into a gzip member of its own, and the members are written in
+//! order. A gzip file is a series of members (RFC 1952 §2.2; bgzip and `pigz --independent`
+//! write such files) and every reader of layers decodes them: Go's `gzip.Reader` (Docker,
+//! containerd, skopeo, umoci), zlib's `gzread`, flate2's `MultiGzDecoder`. Tar reading and
+//! hashing stay on the caller's thread, so a 1 GB layer commits in about its size divided by
+//! the number of cores times libdeflate's speed.
 //!
 //! Written here rather than taken from a crate: `gzp` (the parallel gzip crate) wants an owned
-//! `'static` sink and its own thread pool per writer, and its output is not promised to be
-//! independent of the thread count. Ours depends only on the input bytes, the block size and
-//! the level (never on the number of threads or how writes were split), which the blob digests
-//! of reproducible layers need. Every part but the scheduling is flate2's.
+//! `'static` sink and its output is not promised to be independent of the thread count. Ours
+//! depends only on the input bytes, the block size and the level (never on the number of
+//! threads or how writes were split), which the blob digests of reproducible layers need.
+//! The compression itself is libdeflate's (through `libdeflater`): at level 6 it needs about
+//! 40% less CPU than zlib for a smaller output, and whole-buffer compression is what blocks
+//! need.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -16,25 +20,17 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use flate2::{Compress, Crc, FlushCompress};
+use libdeflater::{CompressionLvl, Compressor};
 
-/// Input block size. pigz uses 128 KiB; larger blocks cost fewer sync markers and dictionary
-/// resets on big layers, and stay small enough that a few are in flight per thread.
+/// Input block size: large enough that the per-member header and trailer (18 bytes) and the
+/// window restart at each member cost nothing measurable, small enough to keep a few blocks
+/// in flight per thread.
 pub(crate) const BLOCK: usize = 1024 * 1024;
-/// Deflate's window: what each block takes from the one before as its dictionary.
-const DICT: usize = 32 * 1024;
-/// The gzip header: deflate, no flags, mtime 0, no extra flags, OS "unknown" (what flate2's
-/// GzBuilder writes by default, so the header never depends on the machine).
-const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
-/// An empty final block (fixed Huffman, end-of-block only): closes the deflate stream after the
-/// sync-flushed data blocks.
-const LAST_BLOCK: [u8; 2] = [0x03, 0x00];
 
 type Block = io::Result<Vec<u8>>;
 
 struct Job {
     input: Vec<u8>,
-    dict: Vec<u8>,
     done: SyncSender<Block>,
 }
 
@@ -44,22 +40,23 @@ struct Pool {
 }
 
 impl Pool {
-    fn start(threads: usize, level: u32) -> Pool {
+    fn start(threads: usize, level: CompressionLvl) -> Pool {
         let (tx, rx) = sync_channel::<Job>(threads);
         let rx = Arc::new(Mutex::new(rx));
         let workers = (0..threads)
             .map(|_| {
                 let rx = Arc::clone(&rx);
                 std::thread::spawn(move || {
+                    let mut c = Compressor::new(level);
                     loop {
-                        // The lock is held only while taking a job, never while deflating.
+                        // The lock is held only while taking a job, never while compressing.
                         let job = match rx.lock() {
                             Ok(rx) => rx.recv(),
                             Err(_) => return,
                         };
                         let Ok(job) = job else { return };
                         // The encoder may be gone (an error elsewhere): nobody to tell.
-                        let _ = job.done.send(deflate_block(level, &job.dict, &job.input));
+                        let _ = job.done.send(gzip_member(&mut c, &job.input));
                     }
                 })
             })
@@ -81,33 +78,23 @@ impl Drop for Pool {
     }
 }
 
-/// Raw deflate of one block, dictionary first, ending byte-aligned with a sync flush.
-fn deflate_block(level: u32, dict: &[u8], input: &[u8]) -> Block {
-    let mut c = Compress::new(flate2::Compression::new(level.min(9)), false);
-    if !dict.is_empty() {
-        c.set_dictionary(dict).map_err(io::Error::other)?;
-    }
-    let mut out = Vec::with_capacity(input.len() + input.len() / 16 + 1024);
-    loop {
-        let done = c.total_in() as usize;
-        c.compress_vec(&input[done..], &mut out, FlushCompress::Sync)
-            .map_err(io::Error::other)?;
-        // zlib's rule: the flush is complete when all input is taken and output space is left.
-        if c.total_in() as usize == input.len() && out.len() < out.capacity() {
-            return Ok(out);
-        }
-        out.reserve(64 * 1024);
-    }
+/// One complete gzip member holding `input`.
+fn gzip_member(c: &mut Compressor, input: &[u8]) -> Block {
+    let mut out = vec![0u8; c.gzip_compress_bound(input.len())];
+    let n = c
+        .gzip_compress(input, &mut out)
+        .map_err(|e| io::Error::other(format!("gzip: {e:?}")))?;
+    out.truncate(n);
+    Ok(out)
 }
 
-/// A gzip writer that deflates blocks on worker threads.
+/// A gzip writer that compresses blocks on worker threads.
 pub(crate) struct ParGzEncoder<W: Write> {
     sink: W,
-    level: u32,
+    level: CompressionLvl,
     threads: usize,
     pending: Vec<u8>,
-    dict: Vec<u8>,
-    crc: Crc,
+    members: u64,
     pool: Option<Pool>,
     in_flight: VecDeque<Receiver<Block>>,
 }
@@ -119,41 +106,37 @@ impl<W: Write> ParGzEncoder<W> {
         Self::with_threads(sink, level, threads)
     }
 
-    /// An encoder with `threads` workers (at least one). The output does not depend on it.
-    pub(crate) fn with_threads(mut sink: W, level: u32, threads: usize) -> io::Result<Self> {
-        sink.write_all(&HEADER)?;
+    /// An encoder with `threads` workers (at least one); gzip `level` 0–9. The output does not
+    /// depend on the thread count.
+    pub(crate) fn with_threads(sink: W, level: u32, threads: usize) -> io::Result<Self> {
+        let level = CompressionLvl::new(level.min(9) as i32)
+            .map_err(|e| io::Error::other(format!("gzip level {level}: {e:?}")))?;
         Ok(ParGzEncoder {
             sink,
             level,
             threads: threads.max(1),
             pending: Vec::with_capacity(BLOCK),
-            dict: Vec::new(),
-            crc: Crc::new(),
+            members: 0,
             pool: None,
             in_flight: VecDeque::new(),
         })
     }
 
-    /// Hands a block to the workers (started on the first one: a small layer spawns none).
-    fn submit(&mut self, input: Vec<u8>, inline: bool) -> io::Result<()> {
-        self.crc.update(&input);
-        let dict = std::mem::replace(
-            &mut self.dict,
-            input[input.len().saturating_sub(DICT)..].to_vec(),
-        );
-        if inline && self.pool.is_none() {
-            let out = deflate_block(self.level, &dict, &input)?;
+    /// Hands a block to the workers, started on the first full block: a layer smaller than
+    /// one block is compressed on the caller's thread and spawns none.
+    fn submit(&mut self, input: Vec<u8>, last: bool) -> io::Result<()> {
+        self.members += 1;
+        if last && self.pool.is_none() {
+            let out = gzip_member(&mut Compressor::new(self.level), &input)?;
             return self.sink.write_all(&out);
         }
-        let level = self.level;
-        let threads = self.threads;
+        let (threads, level) = (self.threads, self.level);
         let pool = self.pool.get_or_insert_with(|| Pool::start(threads, level));
         let (done, result) = sync_channel(1);
-        let jobs = pool
-            .jobs
+        pool.jobs
             .as_ref()
-            .expect("job channel open while the encoder lives");
-        jobs.send(Job { input, dict, done })
+            .ok_or_else(|| io::Error::other("gzip workers already stopped"))?
+            .send(Job { input, done })
             .map_err(|_| io::Error::other("gzip worker threads are gone"))?;
         self.in_flight.push_back(result);
         while self.in_flight.len() > 2 * self.threads {
@@ -172,9 +155,10 @@ impl<W: Write> ParGzEncoder<W> {
         Ok(())
     }
 
-    /// Compresses what is left, writes the end of the stream and returns the sink.
+    /// Compresses what is left and returns the sink. Empty input still gives one (empty)
+    /// member: a valid gzip file.
     pub(crate) fn finish(mut self) -> io::Result<W> {
-        if !self.pending.is_empty() {
+        if !self.pending.is_empty() || self.members == 0 {
             let last = std::mem::take(&mut self.pending);
             self.submit(last, true)?;
         }
@@ -182,9 +166,6 @@ impl<W: Write> ParGzEncoder<W> {
             self.write_oldest()?;
         }
         self.pool.take();
-        self.sink.write_all(&LAST_BLOCK)?;
-        self.sink.write_all(&self.crc.sum().to_le_bytes())?;
-        self.sink.write_all(&self.crc.amount().to_le_bytes())?;
         Ok(self.sink)
     }
 }
@@ -236,7 +217,7 @@ mod tests {
 
     fn gunzip(blob: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(blob)
+        flate2::read::MultiGzDecoder::new(blob)
             .read_to_end(&mut out)
             .unwrap();
         out
@@ -246,7 +227,13 @@ mod tests {
     fn round_trips_at_every_size_around_block_edges() {
         for len in [0, 1, 100, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17] {
             let data = sample(len);
-            assert_eq!(gunzip(&gz(&data, 2, 65536)), data, "len {len}");
+            let blob = gz(&data, 2, 65536);
+            assert_eq!(
+                &blob[..3],
+                [0x1f, 0x8b, 8],
+                "len {len}: a gzip header first"
+            );
+            assert_eq!(gunzip(&blob), data, "len {len}");
         }
     }
 
@@ -263,16 +250,14 @@ mod tests {
     }
 
     #[test]
-    fn dictionary_keeps_the_ratio_of_one_stream() {
-        // Blocks repeating each other compress only if each block sees the one before.
-        let chunk = sample(20 * 1024);
-        let data: Vec<u8> = chunk.iter().cycle().take(4 * BLOCK).copied().collect();
+    fn members_cost_no_more_than_one_zlib_stream() {
+        let data = sample(4 * BLOCK + 999);
         let blob = gz(&data, 2, 65536);
         let mut single = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
         single.write_all(&data).unwrap();
         let single = single.finish().unwrap();
         assert!(
-            blob.len() < single.len() + single.len() / 20 + 64,
+            blob.len() < single.len() + single.len() / 50,
             "parallel {} vs single {}",
             blob.len(),
             single.len()
@@ -281,7 +266,7 @@ mod tests {
     }
 
     #[test]
-    fn incompressible_blocks_are_stored_whole() {
+    fn incompressible_blocks_round_trip() {
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let data: Vec<u8> = (0..2 * BLOCK + 5)
             .map(|_| {

@@ -216,7 +216,7 @@ fn overlay_upper_conventions_become_changes() {
     // The opaque xattr is overlay bookkeeping: it must not end up in the layer.
     let changes = changes_from_overlay_upper(u).unwrap();
     let layer = layer_of(u, Some(&changes));
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&layer[..]));
+    let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(&layer[..]));
     let mut names = Vec::new();
     for e in archive.entries().unwrap() {
         let mut e = e.unwrap();

@@ -258,6 +258,7 @@ fn import(store: &Store, args: &cli::ImportArgs) -> Result<()> {
     };
     let imported = strata_transfer::import_tarball(store, input, &args.name, &opts)
         .with_context(|| format!("cannot import `{}`", args.tarball.display()))?;
+    unpack_snapshots(store, &imported.name)?;
     eprintln!(
         "Imported {} ({} layer, {})",
         imported.name,
@@ -322,11 +323,9 @@ fn validate(store: &Store, image: &str) -> Result<()> {
     Ok(())
 }
 
-fn unpack(store: &Store, image: &str, dir: &Path) -> Result<()> {
-    let name = local_name(image)?;
-    let img = store
-        .image(&name)
-        .with_context(|| format!("cannot unpack `{name}`"))?;
+/// An image's layers with their diff_ids, checked to pair up.
+fn layers_of(store: &Store, name: &str) -> Result<Vec<strata_rootfs::LayerRef>> {
+    let img = store.image(name)?;
     let config = ImageConfig::from_slice(&img.config_bytes)?;
     if config.diff_ids().len() != img.manifest.layers.len() {
         bail!(
@@ -335,13 +334,35 @@ fn unpack(store: &Store, image: &str, dir: &Path) -> Result<()> {
             img.manifest.layers.len()
         );
     }
+    Ok(strata_rootfs::LayerRef::zip(
+        &img.manifest.layers,
+        config.diff_ids(),
+    ))
+}
+
+/// Unpacks an image's layers into the store's snapshot cache (those not there yet), as
+/// `docker pull` and `buildah pull` do: the first build step or machine on this image then
+/// mounts them at once.
+pub(crate) fn unpack_snapshots(store: &Store, name: &str) -> Result<()> {
+    let layers = layers_of(store, name)?;
+    let cache = strata_rootfs::SnapshotCache::new(store.root().join("strata/snapshots"))?;
+    cache
+        .ensure(&layers, |d| {
+            store.open_descriptor(d).map_err(io::Error::other)
+        })
+        .with_context(|| format!("cannot unpack `{name}` into the snapshot cache"))?;
+    Ok(())
+}
+
+fn unpack(store: &Store, image: &str, dir: &Path) -> Result<()> {
+    let name = local_name(image)?;
+    let layers = layers_of(store, &name).with_context(|| format!("cannot unpack `{name}`"))?;
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
         bail!(
             "`{}` is not empty\nhint: unpack into a new directory",
             dir.display()
         );
     }
-    let layers = strata_rootfs::LayerRef::zip(&img.manifest.layers, config.diff_ids());
     let stats = strata_rootfs::materialize(
         &layers,
         |d| store.open_descriptor(d).map_err(io::Error::other),

@@ -113,6 +113,7 @@ pub fn pull(store: &Store, args: &PullArgs) -> Result<()> {
     };
     let report = strata_transfer::pull(store, &src, &opts)
         .with_context(|| format!("cannot pull `{}`", args.image))?;
+    crate::cmd::unpack_snapshots(store, &report.name)?;
     eprintln!(
         "Pulled {}: {} blobs fetched ({}), {} already here",
         report.name,
