@@ -6,6 +6,7 @@
 # debootstrap. Prints hyperfine tables and writes JSON results to $OUT (default bench/build/out/).
 #
 #   bench/build/fly.sh [RUNS]    # RUNS for no-op and change (default 5); cold: COLD_RUNS (2)
+#   PAIRS=N bench/build/fly.sh   # only cold builds, N interleaved strata/buildah pairs
 #
 # DEBIAN_TAR=FILE reuses a debootstrap tarball (see scripts/fly-example/make-debian-base.sh).
 set -euo pipefail
@@ -69,6 +70,36 @@ echo "buildah: $buildah_build"
 uptime
 
 hf() { hyperfine --shell=bash --style basic "$@"; }
+
+if [ -n "${PAIRS:-}" ]; then
+    # Cold builds in interleaved pairs (strata, buildah, strata, ...): apt-get downloads from
+    # the Debian mirror in both, and the mirror's speed drifts over minutes, so back-to-back
+    # pairs compare the builders under the same network better than hyperfine's N-then-N.
+    echo "==> cold build, $PAIRS interleaved pairs"
+    : >"$out/fly-cold-pairs.txt"
+    for i in $(seq "$PAIRS"); do
+        for b in strata buildah; do
+            (source "$work/fns.sh"; "${b}_reset")
+            cmd=$([ $b = strata ] && echo "$strata_build" || echo "$buildah_build")
+            t0=$(date +%s.%N)
+            bash -c "$cmd"
+            t=$(python3 -c "import sys; print(round($(date +%s.%N) - $t0, 2))")
+            echo "$i $b $t" | tee -a "$out/fly-cold-pairs.txt"
+        done
+    done
+    uptime
+    python3 - "$out/fly-cold-pairs.txt" <<'EOF'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+t = {b: [float(x) for _, bb, x in rows if bb == b] for b in ("strata", "buildah")}
+ratios = [s / b for s, b in zip(t["strata"], t["buildah"])]
+s, b = statistics.median(t["strata"]), statistics.median(t["buildah"])
+print(f"strata  median {s:.1f} s  {sorted(round(x, 1) for x in t['strata'])}")
+print(f"buildah median {b:.1f} s  {sorted(round(x, 1) for x in t['buildah'])}")
+print(f"ratio of medians {s / b:.2f}x; median of per-pair ratios {statistics.median(ratios):.2f}x")
+EOF
+    exit 0
+fi
 
 echo "==> cold build (debian:12 only)"
 hf --runs "$cold_runs" --export-json "$out/fly-cold.json" \
