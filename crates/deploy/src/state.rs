@@ -272,6 +272,11 @@ impl State {
         conn.busy_timeout(Duration::from_secs(30)).map_err(db)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(db)?;
+        // As the store's own connection to this file: in WAL mode NORMAL never corrupts the
+        // DB, and only a power loss can drop the last commits (machine states the agent
+        // re-observes anyway); FULL would fsync each commit on the path of every machine start.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db)?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
