@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    default_sigpipe();
     let cli = cli::Cli::parse();
     init_logging(cli.verbose);
     match cmd::run(cli) {
@@ -30,6 +31,17 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Rust starts programs with SIGPIPE ignored, so `strata images | head` would get EPIPE on a
+/// print and panic. Like every Unix filter, end quietly instead when the reader is gone.
+#[allow(unsafe_code)]
+fn default_sigpipe() {
+    // SAFETY: signal(2) restoring SIG_DFL, called first in main before any other thread
+    // exists; no handler of ours is involved. The only unsafe of the crate, at a syscall.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -240,3 +240,37 @@ fn a_blob_corrupted_on_disk_is_caught_by_validate_and_load_refuses_a_lying_archi
             .all(|(n, _)| *n != layer.trim_start_matches("sha256:"))
     );
 }
+
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    use std::io::Read;
+    let env = Env::new();
+    import_busybox(&env, "busybox:1");
+    // `strata images | true`: the reader is gone before strata writes (it is still starting
+    // when the pipe is closed). A panic here was "failed printing to stdout: Broken pipe".
+    for _ in 0..5 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--store")
+            .arg(env.store())
+            .arg("images")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert!(!err.contains("panicked"), "{err}");
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            status.success() || status.signal() == Some(libc::SIGPIPE),
+            "{status:?}: {err}"
+        );
+    }
+}
