@@ -260,14 +260,19 @@ pub fn now() -> i64 {
 const MACHINE_COLS: &str = "id, app, release, image, digest, config, net_index, desired, state, \
      pid, exit_code, restarts, error, created, updated";
 
+/// Turns a SQLite error into ours, naming the DB file.
+fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + Copy + '_ {
+    move |source| Error::Db {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 impl State {
     /// Opens (and migrates) the deploy tables in `<store>/strata/meta-v1.db`.
     pub fn open(store_root: &Path) -> Result<State> {
         let path = store_root.join("strata/meta-v1.db");
-        let db = |source| Error::Db {
-            path: path.clone(),
-            source,
-        };
+        let db = db_err(&path);
         let mut conn = Connection::open(&path).map_err(db)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(db)?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -381,10 +386,7 @@ impl State {
     }
 
     fn db<T>(&self, r: rusqlite::Result<T>) -> Result<T> {
-        r.map_err(|source| Error::Db {
-            path: self.path.clone(),
-            source,
-        })
+        r.map_err(db_err(&self.path))
     }
 
     /// Inserts a new machine (desired running), taking the lowest free network slot.
@@ -401,11 +403,7 @@ impl State {
         let config_json =
             serde_json::to_string(config).map_err(|e| Error::Config(e.to_string()))?;
         let t = now();
-        let path = self.path.clone();
-        let db = |source| Error::Db {
-            path: path.clone(),
-            source,
-        };
+        let db = db_err(&self.path);
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -566,11 +564,8 @@ impl State {
 
     /// Starts a new release of `app` (status `deploying`), numbered after the last one.
     pub fn begin_release(&mut self, app: &str, image: &str, digest: &str) -> Result<Release> {
-        let path = self.path.clone();
-        let db = |source| Error::Db {
-            path: path.clone(),
-            source,
-        };
+        let db = db_err(&self.path);
+        let created = now();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -585,7 +580,7 @@ impl State {
         tx.execute(
             "INSERT INTO releases (app, version, image, digest, status, created) \
              VALUES (?1, ?2, ?3, ?4, 'deploying', ?5)",
-            params![app, version, image, digest, now()],
+            params![app, version, image, digest, created],
         )
         .map_err(db)?;
         tx.commit().map_err(db)?;
@@ -596,7 +591,7 @@ impl State {
             digest: digest.to_string(),
             status: "deploying".into(),
             reason: None,
-            created: now(),
+            created,
         })
     }
 
