@@ -15,7 +15,7 @@
 //! ```
 //!
 //! The runc container is `strata-m-<id>` under `RuntimeConfig::state_root`; the network
-//! namespace is `strata-<id>` (`/run/netns`), see [`crate::net`].
+//! namespace is `strata-net<slot>` (`/run/netns`), see [`crate::net`].
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
@@ -454,7 +454,7 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
             cgroups_path: Some(&cgroups_path),
             nofile_limit: nofile_limit(),
         },
-        &net::netns_path(&spec.id),
+        &spec.net.netns_path(),
     );
     let config_path = l.dir.join("config.json");
     let bytes = serde_json::to_vec_pretty(&config)

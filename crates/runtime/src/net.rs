@@ -17,6 +17,10 @@ pub const MAX_NET_INDEX: u32 = (1 << 14) - 1;
 /// Where `ip netns add` puts the namespace files.
 const NETNS_DIR: &str = "/run/netns";
 
+/// Markers of networks made ahead of time and not used yet ([`prepare_network`]). Under /run,
+/// like the namespaces: both vanish on reboot.
+const READY_DIR: &str = "/run/strata/net-ready";
+
 /// A machine's place in 10.89.0.0/16: network `index` is the /30 starting at
 /// `10.89.0.0 + 4 * index`; the host end of the veth pair is `.1` in it, the machine `.2`.
 ///
@@ -51,17 +55,24 @@ impl NetSpec {
     pub fn machine_link(&self) -> String {
         format!("sm{}c", self.index)
     }
-}
 
-/// The name of machine `id`'s network namespace (`ip netns` name).
-pub fn netns_name(id: &str) -> String {
-    format!("strata-{id}")
-}
+    /// The name of the slot's network namespace (`ip netns` name). Named by slot, not by
+    /// machine: a slot is unique on the host (machine ids are only unique in a store), and a
+    /// namespace made ahead of time ([`prepare_network`]) has no machine yet.
+    pub fn netns_name(&self) -> String {
+        format!("strata-net{}", self.index)
+    }
 
-/// The file that holds machine `id`'s network namespace (what runc's `linux.namespaces` points
-/// at).
-pub fn netns_path(id: &str) -> PathBuf {
-    Path::new(NETNS_DIR).join(netns_name(id))
+    /// The file that holds the slot's network namespace (what runc's `linux.namespaces`
+    /// points at).
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new(NETNS_DIR).join(self.netns_name())
+    }
+
+    /// Present while the slot's network is made and no machine has used it yet.
+    fn ready_marker(&self) -> PathBuf {
+        Path::new(READY_DIR).join(self.index.to_string())
+    }
 }
 
 /// Runs `ip args...`; a failure names the machine, the command and ip's stderr.
@@ -109,10 +120,61 @@ fn machine_links(listing: &str) -> Vec<String> {
         .collect()
 }
 
-/// Makes machine `id`'s network, whatever state a previous run left: the namespace if it is
-/// missing, then a fresh veth pair (an old pair is replaced: its peer may be in another
-/// namespace after a crash), addresses, `lo` up and the default route via the host.
+/// Makes machine `id`'s network. A network that [`prepare_network`] made for the slot and no
+/// machine used yet is taken as it is (no process to spawn: this is what a start waits for).
+/// Otherwise it is made whatever state a previous run left: the namespace if it is missing,
+/// then a fresh veth pair (an old pair is replaced: its peer may be in another namespace after
+/// a crash), addresses, `lo` up and the default route via the host.
 pub fn setup_network(id: &str, net: &NetSpec) -> Result<()> {
+    if take_prepared(net) {
+        return Ok(());
+    }
+    make_network(id, net)
+}
+
+/// Makes the network of slot `net` ahead of any machine, so that the first machine given the
+/// slot starts without waiting for it (the deploy agent keeps a few such spares).
+pub fn prepare_network(net: &NetSpec) -> Result<()> {
+    let id = format!("(spare network {})", net.index);
+    let marker = net.ready_marker();
+    remove_if_exists(&id, &marker)?;
+    make_network(&id, net)?;
+    std::fs::create_dir_all(READY_DIR)
+        .and_then(|()| std::fs::write(&marker, b""))
+        .map_err(|source| Error::Io {
+            id,
+            op: "writing",
+            path: marker,
+            source,
+        })
+}
+
+/// Whether slot `net` holds a network made by [`prepare_network`] that no machine used yet;
+/// it counts as used from now on. The marker alone is not trusted: the namespace and the
+/// host end of the pair must still be there (nothing else on the host removes them but us or
+/// a person).
+fn take_prepared(net: &NetSpec) -> bool {
+    let marker = net.ready_marker();
+    if std::fs::remove_file(&marker).is_err() {
+        return false;
+    }
+    net.netns_path().exists() && link_exists(&net.host_link())
+}
+
+fn remove_if_exists(id: &str, path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Io {
+            id: id.to_string(),
+            op: "removing",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn make_network(id: &str, net: &NetSpec) -> Result<()> {
     if net.index > MAX_NET_INDEX {
         return Err(Error::InvalidSpec {
             id: id.to_string(),
@@ -122,15 +184,15 @@ pub fn setup_network(id: &str, net: &NetSpec) -> Result<()> {
             ),
         });
     }
-    let ns = netns_name(id);
-    let fresh = !netns_path(id).exists();
+    let ns = net.netns_name();
+    let fresh = !net.netns_path().exists();
     let host = net.host_link();
     let peer = net.machine_link();
     if link_exists(&host) {
         ip(id, &["link", "del", &host])?;
     }
-    // Veths left inside the namespace by an earlier start (with another index, or whose host
-    // end was deleted by hand) would keep old addresses and block the name: remove them. A
+    // Veths left inside the namespace by an earlier start (whose host end was deleted by hand,
+    // or made there by hand) would keep old addresses and block the name: remove them. A
     // namespace made just now has none.
     if !fresh {
         let listing = ip_output(id, &["-n", &ns, "-o", "link", "show"])?;
@@ -216,15 +278,17 @@ fn ip_batch(id: &str, netns: Option<&str>, commands: &str) -> Result<()> {
     })
 }
 
-/// Removes machine `id`'s veth pair and namespace; what is already gone is fine.
+/// Removes machine `id`'s veth pair and namespace (or a spare's); what is already gone is
+/// fine.
 pub fn teardown_network(id: &str, net: &NetSpec) -> Result<()> {
+    remove_if_exists(id, &net.ready_marker())?;
     let host = net.host_link();
     // Deleting one end of a veth pair deletes both.
     if link_exists(&host) {
         ip(id, &["link", "del", &host])?;
     }
-    if netns_path(id).exists() {
-        ip(id, &["netns", "del", &netns_name(id)])?;
+    if net.netns_path().exists() {
+        ip(id, &["netns", "del", &net.netns_name()])?;
     }
     Ok(())
 }

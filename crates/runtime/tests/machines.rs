@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use strata_runtime::{
     MachineSpec, MachineStatus, NetSpec, RuntimeConfig, StopOutcome, UserSpec, VolumeMount,
     container_id, find_init, machine_cleanup, machine_destroy, machine_exec, machine_start,
-    machine_status, machine_stop, set_child_subreaper,
+    machine_status, machine_stop, prepare_network, set_child_subreaper, teardown_network,
 };
 
 fn skip(why: &str) -> Option<Lab> {
@@ -176,7 +176,7 @@ fn test_number(name: &str) -> u32 {
         "state",
         "failed",
         "detached",
-        "reindex",
+        "prepared",
         "tty",
     ];
     TESTS.iter().position(|t| *t == name).unwrap() as u32
@@ -495,7 +495,7 @@ fn destroy_removes_network_mounts_state_and_dir() {
     lab.start(&spec);
     http_get(&spec, 8080);
     let host_link = spec.net.host_link();
-    let ns = format!("strata-{}", spec.id);
+    let ns = spec.net.netns_name();
     assert!(ip_link_exists(&host_link));
     assert!(netns_list().contains(&ns));
     let dir = spec.dir.to_string_lossy().into_owned();
@@ -658,23 +658,65 @@ fn a_machine_outlives_the_process_that_started_it() {
     );
 }
 
+/// `ip -o addr show dev LINK` (empty when the link is missing).
+fn link_addrs(link: &str) -> String {
+    let out = Command::new("ip")
+        .args(["-o", "addr", "show", "dev", link])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
-fn a_restart_with_another_network_index_leaves_no_old_veth() {
-    let Some(mut lab) = Lab::new("reindex") else {
+fn a_prepared_network_is_taken_as_it_is_and_made_again_when_broken() {
+    let Some(mut lab) = Lab::new("prepared") else {
         return;
     };
-    let mut spec = httpd_spec(&lab, 0, "moved\n");
-    lab.start(&spec);
-    let old = spec.net;
-    machine_stop(&lab.cfg, &spec, 15, Duration::from_secs(5)).unwrap();
-    spec.net = NetSpec {
-        index: old.index + 1,
-    };
-    lab.specs[0] = spec.clone();
-    lab.start(&spec);
-    assert!(http_get(&spec, 8080).ends_with("moved\n"));
-    assert!(!ip_link_exists(&old.host_link()));
-    assert!(ip_link_exists(&spec.net.host_link()));
+    let marker = |net: &NetSpec| Path::new("/run/strata/net-ready").join(net.index.to_string());
+
+    // Made ahead of any machine: namespace, veth pair, marker.
+    let a = httpd_spec(&lab, 0, "prepared\n");
+    lab.specs.push(a.clone());
+    prepare_network(&a.net).unwrap();
+    assert!(netns_list().contains(&a.net.netns_name()));
+    assert!(ip_link_exists(&a.net.host_link()));
+    assert!(marker(&a.net).exists());
+    // A mark only a start that takes the network as it is keeps (a remade pair loses it).
+    let probe = "10.254.0.1/32";
+    let added = Command::new("ip")
+        .args(["addr", "add", probe, "dev", &a.net.host_link()])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    lab.start(&a);
+    assert!(http_get(&a, 8080).ends_with("prepared\n"));
+    assert!(link_addrs(&a.net.host_link()).contains(probe));
+    assert!(!marker(&a.net).exists(), "the start used the network up");
+    // A restart of the machine makes its network again: the network is no longer fresh.
+    machine_stop(&lab.cfg, &a, 15, Duration::from_secs(5)).unwrap();
+    lab.start(&a);
+    assert!(http_get(&a, 8080).ends_with("prepared\n"));
+    assert!(!link_addrs(&a.net.host_link()).contains(probe));
+
+    // A prepared network that lost its host end is made again, not trusted.
+    let b = httpd_spec(&lab, 1, "remade\n");
+    lab.specs.push(b.clone());
+    prepare_network(&b.net).unwrap();
+    let deleted = Command::new("ip")
+        .args(["link", "del", &b.net.host_link()])
+        .status()
+        .unwrap();
+    assert!(deleted.success());
+    lab.start(&b);
+    assert!(http_get(&b, 8080).ends_with("remade\n"));
+
+    // Tearing down a spare nobody used leaves nothing.
+    machine_destroy(&lab.cfg, &b).unwrap();
+    prepare_network(&b.net).unwrap();
+    teardown_network("spare", &b.net).unwrap();
+    assert!(!ip_link_exists(&b.net.host_link()));
+    assert!(!netns_list().contains(&b.net.netns_name()));
+    assert!(!marker(&b.net).exists());
 }
 
 /// Not a test by itself: run under `script` (a pseudo-terminal) by
