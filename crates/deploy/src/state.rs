@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 /// Our tables live in the store's metadata database, beside its own (which we never touch).
 /// `deploy_schema` records which of [`MIGRATIONS`] ran, so the store's `user_version` stays the
 /// store's.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE machines (
     id          TEXT PRIMARY KEY,
     app         TEXT,
@@ -53,7 +54,14 @@ CREATE TABLE routes (
     applied     INTEGER NOT NULL DEFAULT 0,
     error       TEXT
 );
-"#];
+"#,
+    r#"
+CREATE TABLE spare_nets (
+    net_index   INTEGER PRIMARY KEY,
+    ready       INTEGER NOT NULL DEFAULT 0
+);
+"#,
+];
 
 /// How a machine's process should be started; stored as JSON in `machines.config`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +238,7 @@ pub struct Route {
 /// The deploy tables of one store.
 #[derive(Debug)]
 pub struct State {
+    root: PathBuf,
     path: PathBuf,
     conn: Connection,
     /// Host-wide claims of network slots, one file per slot: veth names and addresses are
@@ -244,6 +253,10 @@ fn default_claims() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/run/strata/net"))
 }
+
+/// The owner named in the claim of a spare network's slot (never a machine id: those are
+/// checked by `valid_machine_id`).
+const SPARE: &str = "@spare";
 
 /// What a slot's claim file says: the store's DB and the machine.
 fn claim_owner(db: &Path, id: &str) -> String {
@@ -311,6 +324,7 @@ impl State {
         }
         tx.commit().map_err(db)?;
         Ok(State {
+            root: store_root.to_path_buf(),
             path,
             conn,
             claims: default_claims(),
@@ -325,8 +339,111 @@ impl State {
         })
     }
 
+    /// Another connection to the same tables and claims (for a worker thread).
+    pub fn reopen(&self) -> Result<State> {
+        Ok(State {
+            claims: self.claims.clone(),
+            ..State::open(&self.root)?
+        })
+    }
+
     fn claim_owner(&self, id: &str) -> String {
         claim_owner(&self.path, id)
+    }
+
+    /// Slots in use in this store: its machines' and its spare networks'.
+    fn used_slots(tx: &rusqlite::Transaction<'_>, path: &Path) -> Result<HashSet<i64>> {
+        let db = db_err(path);
+        let mut used = HashSet::new();
+        for sql in [
+            "SELECT net_index FROM machines",
+            "SELECT net_index FROM spare_nets",
+        ] {
+            let mut stmt = tx.prepare(sql).map_err(db)?;
+            let rows = stmt.query_map([], |r| r.get(0)).map_err(db)?;
+            for r in rows {
+                used.insert(r.map_err(db)?);
+            }
+        }
+        Ok(used)
+    }
+
+    /// Claims a slot for a spare network (made ahead of time by the agent, so that a machine
+    /// start does not wait for it). It is not handed to a machine before [`State::spare_ready`].
+    pub fn claim_spare(&mut self) -> Result<u32> {
+        let db = db_err(&self.path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let used = Self::used_slots(&tx, &self.path)?;
+        let index = Self::claim_slot(&self.claims, &self.path, SPARE, &used)?;
+        tx.execute(
+            "INSERT INTO spare_nets (net_index, ready) VALUES (?1, 0)",
+            [index],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(index as u32)
+    }
+
+    /// The spare network in slot `index` is made: the next new machine may take it.
+    pub fn spare_ready(&self, index: u32) -> Result<()> {
+        self.db(self.conn.execute(
+            "UPDATE spare_nets SET ready = 1 WHERE net_index = ?1",
+            [index],
+        ))?;
+        Ok(())
+    }
+
+    /// How many spare networks are made or being made.
+    pub fn spare_count(&self) -> Result<usize> {
+        let n: i64 = self.db(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM spare_nets", [], |r| r.get(0)))?;
+        Ok(n as usize)
+    }
+
+    /// Removes every spare's row, ready or not, and returns their slots: no machine can take
+    /// them any more. The caller tears their networks down, then calls
+    /// [`State::release_spare`] for each.
+    pub fn take_spares(&mut self) -> Result<Vec<u32>> {
+        let db = db_err(&self.path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let slots = {
+            let mut stmt = tx
+                .prepare("SELECT net_index FROM spare_nets ORDER BY net_index")
+                .map_err(db)?;
+            let rows = stmt.query_map([], |r| r.get(0)).map_err(db)?;
+            rows.collect::<rusqlite::Result<Vec<u32>>>().map_err(db)?
+        };
+        tx.execute("DELETE FROM spare_nets", []).map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(slots)
+    }
+
+    /// Forgets one spare (whose network is torn down) and frees its slot.
+    pub fn drop_spare(&self, index: u32) -> Result<()> {
+        self.db(self
+            .conn
+            .execute("DELETE FROM spare_nets WHERE net_index = ?1", [index]))?;
+        self.release_spare(index);
+        Ok(())
+    }
+
+    /// Frees the host-wide claim of a spare's slot (after [`State::take_spares`]).
+    pub fn release_spare(&self, index: u32) {
+        self.release_claim(index, SPARE);
+    }
+
+    fn release_claim(&self, index: u32, owner: &str) {
+        let file = self.claims.join(index.to_string());
+        if std::fs::read_to_string(&file).is_ok_and(|o| o == self.claim_owner(owner)) {
+            let _ = std::fs::remove_file(&file);
+        }
     }
 
     /// Claims the lowest slot that neither this store nor another one on the host uses. A
@@ -408,12 +525,33 @@ impl State {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        let used: HashSet<i64> = {
-            let mut stmt = tx.prepare("SELECT net_index FROM machines").map_err(db)?;
-            let rows = stmt.query_map([], |r| r.get(0)).map_err(db)?;
-            rows.collect::<rusqlite::Result<_>>().map_err(db)?
+        // A spare network the agent made is taken first: the machine starts without waiting
+        // for one to be made.
+        let spare: Option<i64> = tx
+            .query_row(
+                "SELECT net_index FROM spare_nets WHERE ready = 1 ORDER BY net_index LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)?;
+        let net_index = match spare {
+            Some(index) => {
+                tx.execute("DELETE FROM spare_nets WHERE net_index = ?1", [index])
+                    .map_err(db)?;
+                let file = self.claims.join(index.to_string());
+                std::fs::write(&file, claim_owner(&self.path, id)).map_err(|source| Error::Io {
+                    op: "write",
+                    path: file.clone(),
+                    source,
+                })?;
+                index
+            }
+            None => {
+                let used = Self::used_slots(&tx, &self.path)?;
+                Self::claim_slot(&self.claims, &self.path, id, &used)?
+            }
         };
-        let net_index = Self::claim_slot(&self.claims, &self.path, id, &used)?;
         tx.execute(
             "INSERT INTO machines (id, app, release, image, digest, config, net_index, desired, \
              state, restarts, created, updated) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', \
@@ -554,10 +692,7 @@ impl State {
             .conn
             .execute("DELETE FROM machines WHERE id = ?1", [id]))?;
         if let Some(i) = slot {
-            let file = self.claims.join(i.to_string());
-            if std::fs::read_to_string(&file).is_ok_and(|o| o == self.claim_owner(id)) {
-                let _ = std::fs::remove_file(&file);
-            }
+            self.release_claim(i, id);
         }
         Ok(())
     }
@@ -780,5 +915,44 @@ mod tests {
             .unwrap();
         assert_eq!((g1, g2), (1, 2));
         assert!(s.set_route(8080, "machine:x", &[]).is_err());
+    }
+
+    #[test]
+    fn spare_slots_go_to_new_machines_only_once_made() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("strata")).unwrap();
+        let claims = dir.path().join("claims");
+        let mut s = State::open_with_claims(dir.path(), claims.clone()).unwrap();
+        let c = MachineConfig::default();
+        let a = s.create_machine("a", None, None, "i", "d", &c).unwrap();
+        assert_eq!(a.net_index, 0);
+        let (one, two) = (s.claim_spare().unwrap(), s.claim_spare().unwrap());
+        assert_eq!((one, two), (1, 2));
+        assert_eq!(s.spare_count().unwrap(), 2);
+        // Being made: not handed out, and its claim is not taken over as stale.
+        let b = s.create_machine("b", None, None, "i", "d", &c).unwrap();
+        assert_eq!(b.net_index, 3);
+        // Made: the next machine takes it, and the claim names the machine.
+        s.spare_ready(two).unwrap();
+        let d = s.create_machine("d", None, None, "i", "d", &c).unwrap();
+        assert_eq!(d.net_index, 2);
+        assert_eq!(s.spare_count().unwrap(), 1);
+        let owner = std::fs::read_to_string(claims.join("2")).unwrap();
+        assert!(owner.ends_with("\nd\n"), "{owner}");
+        // Another connection (the agent's worker) sees the same spares.
+        assert_eq!(s.reopen().unwrap().spare_count().unwrap(), 1);
+        // Taking the spares away hands out none; releasing frees the claim.
+        assert_eq!(s.take_spares().unwrap(), [1]);
+        assert_eq!(s.spare_count().unwrap(), 0);
+        s.release_spare(1);
+        assert!(!claims.join("1").exists());
+        assert!(claims.join("2").exists());
+        let e = s.create_machine("e", None, None, "i", "d", &c).unwrap();
+        assert_eq!(e.net_index, 1);
+        // A spare that could not be made is forgotten and its slot freed.
+        let f = s.claim_spare().unwrap();
+        s.drop_spare(f).unwrap();
+        assert_eq!(s.spare_count().unwrap(), 0);
+        assert!(!claims.join(f.to_string()).exists());
     }
 }

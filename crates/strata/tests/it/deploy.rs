@@ -402,6 +402,108 @@ fn machines_restart_by_policy_keep_logs_exec_and_survive_an_agent_restart() {
     );
 }
 
+/// Slots of this store's spare networks, from the host-wide claims: (slot, made).
+fn spare_slots(env: &Env) -> Vec<(u32, bool)> {
+    let db = env
+        .store()
+        .join("strata/meta-v1.db")
+        .canonicalize()
+        .unwrap();
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/run/strata/net") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let mut lines = text.lines();
+        let (Some(owner), Some("@spare")) = (lines.next(), lines.next()) else {
+            continue;
+        };
+        if Path::new(owner).canonicalize().ok().as_deref() != Some(db.as_path()) {
+            continue;
+        }
+        let slot: u32 = e.file_name().to_str().unwrap().parse().unwrap();
+        let made = Path::new("/run/strata/net-ready")
+            .join(slot.to_string())
+            .exists();
+        out.push((slot, made));
+    }
+    out.sort();
+    out
+}
+
+fn netns_exists(slot: u32) -> bool {
+    Path::new(&format!("/run/netns/strata-net{slot}")).exists()
+}
+
+/// The network slot of a machine, from its address (10.89.0.0 + 4 * slot + 2).
+fn machine_slot(env: &Env, id: &str) -> u32 {
+    let addr: std::net::Ipv4Addr = machine_json(env, id)["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (u32::from(addr) - u32::from(std::net::Ipv4Addr::new(10, 89, 0, 0)) - 2) / 4
+}
+
+#[test]
+fn the_agent_keeps_spare_networks_that_new_machines_take_and_stop_frees_them() {
+    if !can_run_machines() {
+        return;
+    }
+    let env = Env::new();
+    let _cleanup = Cleanup(&env);
+    import_busybox(&env, "busybox:latest");
+    let run = |name: &str| {
+        env.ok(&[
+            "machine", "run", "busybox", "--name", name, "--", "sleep", "1000",
+        ])
+    };
+    run("first");
+    let made = |env: &Env| {
+        let s = spare_slots(env);
+        s.len() == 2 && s.iter().all(|(_, m)| *m)
+    };
+    wait_for("two spare networks", Duration::from_secs(10), || made(&env));
+    let spares = spare_slots(&env);
+    for (slot, _) in &spares {
+        assert!(netns_exists(*slot));
+    }
+
+    // The next machine takes the lowest spare, as it is.
+    run("second");
+    let slot = machine_slot(&env, "second");
+    assert_eq!(slot, spares[0].0, "spares were {spares:?}");
+    assert!(!spare_slots(&env).iter().any(|(s, _)| *s == slot));
+    assert!(
+        !Path::new("/run/strata/net-ready")
+            .join(slot.to_string())
+            .exists()
+    );
+    let out = env.strata(&["machine", "exec", "second", "--", "ip", "-o", "addr"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("sm{slot}c")),
+        "{out:?}"
+    );
+    // The agent makes another to keep two.
+    wait_for("spares made again", Duration::from_secs(10), || made(&env));
+
+    // Stopping the agent frees the spares; the machines keep their networks.
+    let spares = spare_slots(&env);
+    env.ok(&["agent", "stop"]);
+    assert_eq!(spare_slots(&env), []);
+    for (s, _) in &spares {
+        assert!(!netns_exists(*s), "spare {s} left behind");
+        assert!(
+            !Path::new("/run/strata/net-ready")
+                .join(s.to_string())
+                .exists()
+        );
+    }
+    assert!(netns_exists(slot));
+    assert!(netns_exists(machine_slot(&env, "first")));
+}
+
 #[test]
 fn bad_input_is_refused_clearly_and_leaves_nothing() {
     if !can_run_machines() {
