@@ -7,6 +7,7 @@
 #     `buildah bud` + `skopeo copy` + `podman run` (when podman is installed).
 #
 #   bench/deploy/run.sh [RUNS]      # default 15
+#   PART=first bench/deploy/run.sh  # only 1 (PART=redeploy: only 2)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
@@ -37,6 +38,8 @@ echo 'root:x:0:' >"$work/rootfs/etc/group"
 tar -C "$work/rootfs" -cf "$work/rootfs.tar" .
 "$strata" import "$work/rootfs.tar" busybox:latest --change 'CMD ["sh"]' >/dev/null
 
+part=${PART:-all}
+if [ "$part" != redeploy ]; then
 echo "## first output line (load: $(cut -d' ' -f1-3 /proc/loadavg))"
 # A prepared runc bundle: the floor any runc-based tool stands on.
 mkdir -p "$work/bundle" && cp -a "$work/rootfs" "$work/bundle/rootfs"
@@ -77,6 +80,9 @@ if [ -n "${DOCKER_HOST:-}" ]; then
     grep -o " $work[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount 2>/dev/null || true
     unset DOCKER_HOST
 fi
+
+fi
+[ "$part" = first ] && exit 0
 
 echo "## redeploy after a one-file change (load: $(cut -d' ' -f1-3 /proc/loadavg))"
 "$strata" registry serve --addr 127.0.0.1:5099 --root "$work/registry" >/dev/null 2>&1 &

@@ -50,9 +50,11 @@ fn owner(app: &str) -> String {
     format!("app:{app}")
 }
 
-/// Waits until `f` says done (Some) or `timeout` passes (then `Ok(None)`), looking every 5 ms.
+/// Waits until `f` says done (Some) or `timeout` passes (then `Ok(None)`), looking every
+/// millisecond for the first 200 ms, then every 5 ms.
 pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<Option<T>> {
-    let deadline = Instant::now() + timeout;
+    let start = Instant::now();
+    let deadline = start + timeout;
     loop {
         if let Some(v) = f()? {
             return Ok(Some(v));
@@ -61,7 +63,14 @@ pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> R
             return Ok(None);
         }
         // A read of the WAL database costs microseconds; waiting longer only adds latency.
-        std::thread::sleep(Duration::from_millis(5));
+        // Most waits (a machine start) end within a few tens of milliseconds: look every
+        // millisecond then, every 5 ms after.
+        let pause = if start.elapsed() < Duration::from_millis(200) {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_millis(5)
+        };
+        std::thread::sleep(pause);
     }
 }
 
