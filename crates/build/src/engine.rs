@@ -474,7 +474,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         store,
         opts,
         progress,
-        snapshots: SnapshotCache::new(store.root().join("strata/snapshots"))?,
+        snapshots: SnapshotCache::new(store.snapshots_dir())?,
         tmp_root,
         context,
         ignore,

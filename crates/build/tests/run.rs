@@ -336,7 +336,7 @@ fn run_upper_dir_becomes_the_same_snapshot_an_unpack_gives() {
     let layers = strata_rootfs::LayerRef::zip(&manifest.layers, &config.rootfs.diff_ids);
     assert_eq!(layers.len(), 3, "busybox + two RUN layers");
 
-    let built = strata_rootfs::SnapshotCache::new(store.root().join("strata/snapshots")).unwrap();
+    let built = strata_rootfs::SnapshotCache::new(store.snapshots_dir()).unwrap();
     let fresh_dir = tempfile::tempdir().unwrap();
     let fresh = strata_rootfs::SnapshotCache::new(fresh_dir.path()).unwrap();
     let unpacked = fresh

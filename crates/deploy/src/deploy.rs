@@ -336,15 +336,29 @@ fn unpin_old_releases(host: &Host, app: &App) -> Result<()> {
     Ok(())
 }
 
-/// Removes an app from this host: its route, machines (the agent stops them), releases and
-/// pins; its named volumes only when `volumes` is set.
-pub fn destroy_app(host: &Host, name: &str, volumes: bool) -> Result<Vec<String>> {
-    let mut destroyed = Vec::new();
+/// What [`destroy_app`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Destroyed {
+    /// The app's machines (stopped and removed by the agent).
+    pub machines: Vec<String>,
+    /// Store names its deploys made (`<app>:deployment-<ULID>`, `--image-label`).
+    pub tags: Vec<String>,
+    /// Snapshots no image of the store needs any more (see `Store::prune_snapshots`).
+    pub snapshots: usize,
+}
+
+/// Removes an app from this host: its route, machines (the agent stops them, removing their
+/// logs and upper dirs), releases and their pins, the store names its deploys made, and then
+/// the snapshots no remaining image needs; its named volumes only when `volumes` is set. The
+/// images themselves stay until `strata gc` (as after `docker rmi`) unless something else
+/// names or pins them.
+pub fn destroy_app(host: &Host, name: &str, volumes: bool) -> Result<Destroyed> {
+    let mut destroyed = Destroyed::default();
     let mut vols = Vec::new();
     for m in host.state.app_machines(name)? {
         vols.extend(m.config.volumes.iter().map(|(n, _)| n.clone()));
         host.state.set_desired(&m.id, Desired::Destroyed)?;
-        destroyed.push(m.id);
+        destroyed.machines.push(m.id);
     }
     for r in host.state.routes()? {
         if r.owner == owner(name) {
@@ -362,7 +376,7 @@ pub fn destroy_app(host: &Host, name: &str, volumes: bool) -> Result<Vec<String>
     crate::agent::poke(host.store.root());
     // Wait until the agent has stopped and removed them: when this returns, nothing of the
     // app runs or holds a mount.
-    for id in &destroyed {
+    for id in &destroyed.machines {
         let gone = poll(Duration::from_secs(60), || {
             Ok(host.state.machine(id)?.is_none().then_some(()))
         })?;
@@ -373,6 +387,24 @@ pub fn destroy_app(host: &Host, name: &str, volumes: bool) -> Result<Vec<String>
             });
         }
     }
+    for tag in host.state.app_tags(name)? {
+        let removed = host.store.remove_ref(&tag).map_err(|source| Error::Image {
+            image: tag.clone(),
+            source,
+        })?;
+        if removed.is_some() {
+            destroyed.tags.push(tag);
+        }
+    }
+    host.state.delete_app_tags(name)?;
+    destroyed.snapshots = host
+        .store
+        .prune_snapshots(false)
+        .map_err(|source| Error::Image {
+            image: format!("snapshots of {name}"),
+            source,
+        })?
+        .len();
     if volumes {
         vols.sort();
         vols.dedup();

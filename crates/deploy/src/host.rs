@@ -196,7 +196,7 @@ impl Host {
             )));
         }
         let layers = LayerRef::zip(&img.manifest.layers, config.diff_ids());
-        let cache = SnapshotCache::new(self.store.root().join("strata/snapshots"))?;
+        let cache = SnapshotCache::new(self.store.snapshots_dir())?;
         let lowers = cache.ensure(&layers, |d| {
             self.store
                 .open_descriptor(d)

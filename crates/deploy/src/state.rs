@@ -61,6 +61,13 @@ CREATE TABLE spare_nets (
     ready       INTEGER NOT NULL DEFAULT 0
 );
 "#,
+    r#"
+CREATE TABLE app_tags (
+    app         TEXT NOT NULL,
+    tag         TEXT NOT NULL,
+    PRIMARY KEY (app, tag)
+);
+"#,
 ];
 
 /// How a machine's process should be started; stored as JSON in `machines.config`.
@@ -779,6 +786,36 @@ impl State {
         self.db(self
             .conn
             .execute("DELETE FROM releases WHERE app = ?1", [app]))?;
+        Ok(())
+    }
+
+    /// Records that `strata deploy` named an image of `app` `tag` in the store (its
+    /// `<app>:deployment-<ULID>` or `--image-label` tags), so that destroying the app removes
+    /// the name.
+    pub fn add_app_tag(&self, app: &str, tag: &str) -> Result<()> {
+        self.db(self.conn.execute(
+            "INSERT OR IGNORE INTO app_tags (app, tag) VALUES (?1, ?2)",
+            [app, tag],
+        ))?;
+        Ok(())
+    }
+
+    /// The store names deploys of `app` made.
+    pub fn app_tags(&self, app: &str) -> Result<Vec<String>> {
+        let db = db_err(&self.path);
+        let mut stmt = self
+            .conn
+            .prepare("SELECT tag FROM app_tags WHERE app = ?1 ORDER BY tag")
+            .map_err(db)?;
+        let rows = stmt.query_map([app], |r| r.get(0)).map_err(db)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db)
+    }
+
+    /// Forgets the names deploys of `app` made.
+    pub fn delete_app_tags(&self, app: &str) -> Result<()> {
+        self.db(self
+            .conn
+            .execute("DELETE FROM app_tags WHERE app = ?1", [app]))?;
         Ok(())
     }
 

@@ -1,10 +1,12 @@
-//! Garbage collection: mark from refs and pins, sweep unreachable blobs and stale temp files.
+//! Garbage collection: mark from refs and pins, sweep unreachable blobs, snapshots of layer
+//! chains no reachable image has, and stale temp files.
 
 use std::collections::HashSet;
 use std::fs;
 use std::io;
+use std::time::SystemTime;
 
-use strata_oci::{Digest, media_type};
+use strata_oci::{Digest, chain_id, media_type};
 
 use crate::Store;
 use crate::error::{Error, IoContext, Result};
@@ -26,6 +28,9 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Stale temp files removed from `strata/tmp/`.
     pub temps_removed: usize,
+    /// Snapshots removed from `strata/snapshots/` (or that would be): chain IDs no reachable
+    /// image has, sorted.
+    pub snapshots_removed: Vec<Digest>,
 }
 
 /// Whether a reached blob may hold references.
@@ -58,8 +63,11 @@ impl Store {
         let _gc = FileLock::acquire(&self.gc_lock_path(), LockMode::Exclusive)?;
         let _index = FileLock::acquire(&self.index_lock_path(), LockMode::Exclusive)?;
 
-        let reachable = self.mark()?;
-        let mut report = GcReport::default();
+        let (reachable, configs) = self.mark()?;
+        let mut report = GcReport {
+            snapshots_removed: self.sweep_snapshots(&self.live_chains(&configs), dry_run)?,
+            ..GcReport::default()
+        };
         let mut touched_dirs = HashSet::new();
         for (digest, size) in self.list_blobs()? {
             if reachable.contains(&digest) {
@@ -86,8 +94,106 @@ impl Store {
         Ok(report)
     }
 
-    /// Every digest reachable from `index.json` and the pins.
-    fn mark(&self) -> Result<HashSet<Digest>> {
+    /// Remove the snapshots (unpacked layer chains under [`Store::snapshots_dir`]) that no
+    /// image reachable from a ref or a pin has, and unpacks killed long ago; returns the chain
+    /// IDs removed (or, with `dry_run`, that would be). Blobs are left alone. Takes the same
+    /// locks as [`Store::gc`], so no build (a write session) runs meanwhile; a machine's image
+    /// is pinned, so its snapshots stay.
+    pub fn prune_snapshots(&self, dry_run: bool) -> Result<Vec<Digest>> {
+        let held = self.sessions.load(std::sync::atomic::Ordering::SeqCst);
+        if held > 0 {
+            return Err(Error::GcDuringWriteSession {
+                root: self.root.clone(),
+                sessions: held,
+            });
+        }
+        let _gc = FileLock::acquire(&self.gc_lock_path(), LockMode::Exclusive)?;
+        let _index = FileLock::acquire(&self.index_lock_path(), LockMode::Exclusive)?;
+        let (_, configs) = self.mark()?;
+        self.sweep_snapshots(&self.live_chains(&configs), dry_run)
+    }
+
+    /// The chain IDs of every prefix of the layers of the images whose configs are given.
+    /// A config that cannot be read names no chain: its snapshots are unusable anyway.
+    fn live_chains(&self, configs: &HashSet<Digest>) -> HashSet<Digest> {
+        let mut live = HashSet::new();
+        for config in configs {
+            if self.blob_size(config).map_or(true, |s| s > MAX_SNIFF_SIZE) {
+                continue;
+            }
+            let Ok(bytes) = self.read_blob(config) else {
+                continue;
+            };
+            let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                continue;
+            };
+            let diff_ids: Vec<Digest> = doc
+                .pointer("/rootfs/diff_ids")
+                .and_then(|v| v.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|d| d.as_str()?.parse().ok())
+                .collect();
+            live.extend((1..=diff_ids.len()).filter_map(|n| chain_id(&diff_ids[..n])));
+        }
+        live
+    }
+
+    /// Removes every snapshot whose chain ID is not in `live`. A snapshot is first renamed to
+    /// `tmp-gc-<hex>` and then removed, so a killed gc never leaves a half-removed tree under
+    /// a valid name (the cache would mount it). `tmp-gc-*` left by a killed gc go at once;
+    /// other `tmp-*` (unpacks in progress) only once older than [`crate::STALE_TEMP_AGE`].
+    fn sweep_snapshots(&self, live: &HashSet<Digest>, dry_run: bool) -> Result<Vec<Digest>> {
+        let dir = self.snapshots_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).ctx("list", dir),
+        };
+        let mut removed = Vec::new();
+        let now = SystemTime::now();
+        for entry in entries {
+            let entry = entry.ctx("list", &dir)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if let Some(rest) = name.strip_prefix("tmp-") {
+                let stale = rest.starts_with("gc-")
+                    || entry
+                        .metadata()
+                        .ok()
+                        .and_then(|m| m.modified().ok())
+                        .and_then(|m| now.duration_since(m).ok())
+                        .is_some_and(|age| age >= crate::STALE_TEMP_AGE);
+                if stale && !dry_run {
+                    remove_tree(&path)?;
+                }
+                continue;
+            }
+            // Snapshot names are sha256 chain IDs' hex; anything else is not ours to remove.
+            let Ok(chain) = format!("sha256:{name}").parse::<Digest>() else {
+                continue;
+            };
+            if live.contains(&chain) {
+                continue;
+            }
+            if !dry_run {
+                let doomed = dir.join(format!("tmp-gc-{name}"));
+                match fs::rename(&path, &doomed) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e).ctx("rename", path),
+                }
+                remove_tree(&doomed)?;
+            }
+            removed.push(chain);
+        }
+        removed.sort_by_key(|a| a.to_string());
+        Ok(removed)
+    }
+
+    /// Every digest reachable from `index.json` and the pins, and the configs of the image
+    /// manifests among them.
+    fn mark(&self) -> Result<(HashSet<Digest>, HashSet<Digest>)> {
         let mut work: Vec<(Digest, Walk)> = Vec::new();
         for d in self.read_index()?.manifests {
             work.push((d.digest.clone(), walk_for(&d.media_type)));
@@ -96,6 +202,7 @@ impl Store {
             work.push((pin.digest, Walk::IfJson));
         }
         let mut marked = HashSet::new();
+        let mut configs = HashSet::new();
         while let Some((digest, walk)) = work.pop() {
             if !marked.insert(digest.clone()) || walk == Walk::Never {
                 continue;
@@ -134,19 +241,25 @@ impl Store {
             };
             for (child, role) in children(&doc) {
                 let walk = match role {
+                    Role::Config => {
+                        configs.insert(child.0.clone());
+                        Walk::Never
+                    }
                     Role::Leaf => Walk::Never,
                     Role::Manifest => walk_for(&child.1),
                 };
                 work.push((child.0, walk));
             }
         }
-        Ok(marked)
+        Ok((marked, configs))
     }
 }
 
 #[derive(Debug, Clone, Copy)]
 enum Role {
-    /// config, layers, legacy artifact `blobs`.
+    /// An image manifest's config.
+    Config,
+    /// layers, legacy artifact `blobs`, the config of an artifact manifest.
     Leaf,
     /// index entries and `subject`.
     Manifest,
@@ -182,7 +295,12 @@ fn children(doc: &serde_json::Value) -> Vec<((Digest, String), Role)> {
             .flatten()
     };
     if let Some(c) = doc.get("config").and_then(desc) {
-        out.push((c, Role::Leaf));
+        let role = if media_type::is_image_config(&c.1) {
+            Role::Config
+        } else {
+            Role::Leaf
+        };
+        out.push((c, role));
     }
     for key in ["layers", "blobs"] {
         out.extend(list(key).filter_map(desc).map(|d| (d, Role::Leaf)));
@@ -196,4 +314,12 @@ fn children(doc: &serde_json::Value) -> Vec<((Digest, String), Role)> {
         out.push((s, Role::Manifest));
     }
     out
+}
+
+fn remove_tree(path: &std::path::Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).ctx("remove", path.to_path_buf()),
+    }
 }

@@ -14,6 +14,7 @@
 //! │   └── sha512/<hex>
 //! └── strata/               everything that is ours, not OCI
 //!     ├── meta-v1.db        SQLite (WAL): pins, build cache index, snapshots
+//!     ├── snapshots/<hex>   unpacked layer chains by chain ID; gc removes unreachable ones
 //!     ├── tmp/              in-flight writes; stale entries (> 1 hour) removed by gc and open
 //!     └── locks/
 //!         ├── index.lock    exclusive while index.json is read-modified-written
@@ -134,6 +135,13 @@ impl Store {
             _lock: lock,
             sessions: Arc::clone(&self.sessions),
         })
+    }
+
+    /// `strata/snapshots/`: unpacked layer chains, one directory per chain ID (hex), shared
+    /// by builds and machines (see `strata_rootfs::SnapshotCache`). [`Store::gc`] removes those
+    /// of chains no reachable image has.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("strata/snapshots")
     }
 
     fn gc_lock_path(&self) -> PathBuf {

@@ -171,3 +171,92 @@ fn gc_removes_only_stale_temp_files() {
     assert_eq!(store.gc(false).unwrap().temps_removed, 1);
     assert_eq!(files_under(&tmp), vec![tmp.join("blob-young")]);
 }
+
+/// Names under `strata/snapshots/`, sorted.
+fn snapshot_names(store: &Store) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(store.snapshots_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn gc_removes_snapshots_of_chains_no_reachable_image_has() {
+    let (_t, store) = temp_store();
+    let session = store.write_session().unwrap();
+    let (tagged, layer_a, diff_a) = put_small_image(&store, "tagged");
+    store.set_ref("tagged:1", tagged.clone()).unwrap();
+    let (pinned, _, diff_p) = put_small_image(&store, "pinned");
+    store.pin(&pinned.digest, "machine:m1").unwrap();
+    let (_, layer_g, diff_g) = put_small_image(&store, "gone");
+    // A two-layer image reached through a named index: both of its chains are live.
+    let config = serde_json::json!({
+        "architecture": Platform::host().architecture, "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": [diff_a.to_string(), diff_g.to_string()] },
+    });
+    let config = serde_json::to_vec(&config).unwrap();
+    let (config_digest, config_size) = store.put_blob_bytes(&config, None).unwrap();
+    let layer = |d: &Digest| {
+        Descriptor::new(
+            media_type::OCI_LAYER_GZIP,
+            d.clone(),
+            store.blob_size(d).unwrap(),
+        )
+    };
+    let two = store
+        .put_manifest(&Manifest {
+            schema_version: 2,
+            media_type: Some(media_type::OCI_MANIFEST.to_string()),
+            artifact_type: None,
+            config: Descriptor::new(media_type::OCI_CONFIG, config_digest, config_size),
+            layers: vec![layer(&layer_a), layer(&layer_g)],
+            subject: None,
+            annotations: None,
+        })
+        .unwrap();
+    let mut index = Index::new();
+    index.manifests.push(two);
+    let index_desc = store.put_index(&index).unwrap();
+    store.set_ref("two:1", index_desc).unwrap();
+    drop(session);
+
+    let chain_ag = strata_oci::chain_id(&[diff_a.clone(), diff_g.clone()]).unwrap();
+    let dir = store.snapshots_dir();
+    // Live: the tagged image's, the pinned one's, both chains of the two-layer image. Dead:
+    // the chain of `gone` alone (no reachable image starts with it) and an unknown chain.
+    let unknown = Digest::sha256(b"no image has this");
+    for d in [&diff_a, &diff_p, &chain_ag, &diff_g, &unknown] {
+        std::fs::create_dir_all(dir.join(d.hex()).join("etc/deep")).unwrap();
+        std::fs::write(dir.join(d.hex()).join("etc/deep/f"), "x").unwrap();
+    }
+    // A half-removed tree of a killed gc goes; an unpack in progress and foreign names stay.
+    std::fs::create_dir_all(dir.join("tmp-gc-killed/etc")).unwrap();
+    std::fs::create_dir_all(dir.join("tmp-unpacking")).unwrap();
+    std::fs::create_dir_all(dir.join("notes")).unwrap();
+
+    let mut dead = vec![diff_g.clone(), unknown.clone()];
+    dead.sort_by_key(|d| d.to_string());
+    let before = snapshot_names(&store);
+    assert_eq!(store.prune_snapshots(true).unwrap(), dead);
+    assert_eq!(store.gc(true).unwrap().snapshots_removed, dead);
+    assert_eq!(snapshot_names(&store), before, "a dry run removes nothing");
+
+    assert_eq!(store.gc(false).unwrap().snapshots_removed, dead);
+    let mut left = vec![
+        diff_a.hex().to_string(),
+        diff_p.hex().to_string(),
+        chain_ag.hex().to_string(),
+        "notes".to_string(),
+        "tmp-unpacking".to_string(),
+    ];
+    left.sort();
+    assert_eq!(snapshot_names(&store), left);
+
+    // Unpinning frees the pinned image's snapshot; a second prune finds nothing more.
+    store.unpin(&pinned.digest, "machine:m1").unwrap();
+    assert_eq!(store.prune_snapshots(false).unwrap(), vec![diff_p]);
+    assert_eq!(store.prune_snapshots(false).unwrap(), []);
+    assert!(dir.join(diff_a.hex()).join("etc/deep/f").exists());
+}

@@ -227,12 +227,16 @@ fn gc(store: &Store, dry_run: bool) -> Result<()> {
     for (digest, size) in &report.removed {
         println!("{verb} {digest} ({})", human_size(*size));
     }
+    for chain in &report.snapshots_removed {
+        println!("{verb} snapshot {}", chain.short());
+    }
     println!(
-        "{} {} blobs, {} freed; {} kept",
+        "{} {} blobs, {} freed; {} kept; {} snapshot(s) of layer chains no image has",
         if dry_run { "Would delete" } else { "Deleted" },
         report.removed.len(),
         human_size(report.bytes_freed),
-        report.kept
+        report.kept,
+        report.snapshots_removed.len()
     );
     Ok(())
 }
@@ -345,7 +349,7 @@ fn layers_of(store: &Store, name: &str) -> Result<Vec<strata_rootfs::LayerRef>> 
 /// mounts them at once.
 pub(crate) fn unpack_snapshots(store: &Store, name: &str) -> Result<()> {
     let layers = layers_of(store, name)?;
-    let cache = strata_rootfs::SnapshotCache::new(store.root().join("strata/snapshots"))?;
+    let cache = strata_rootfs::SnapshotCache::new(store.snapshots_dir())?;
     cache
         .ensure(&layers, |d| {
             store.open_descriptor(d).map_err(io::Error::other)

@@ -345,7 +345,10 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
         .descriptor;
     let tagged = format!("{}:{label}", app.name);
     if args.image.is_none() {
-        store.set_ref(&strata_transfer::local_name(&tagged)?, desc.clone())?;
+        let name = strata_transfer::local_name(&tagged)?;
+        // Recorded first: `apps destroy` removes the names deploys made.
+        strata_deploy::state::State::open(store.root())?.add_app_tag(&app.name, &name)?;
+        store.set_ref(&name, desc.clone())?;
     }
     // 2. Push.
     let mut release_ref = if args.image.is_some() {
@@ -509,9 +512,14 @@ pub fn apps_destroy(store: Store, app: &str, volumes: bool) -> Result<()> {
     let host = host(store)?;
     ensure_agent(host.store.root(), &exe()?)?;
     let destroyed = destroy_app(&host, app, volumes)?;
+    let registry_pins = crate::registry::unpin_app_in_embedded_registry(&host.store, app);
     eprintln!(
-        "app {app}: {} machine(s) destroyed{}",
-        destroyed.len(),
+        "app {app}: {} machine(s) destroyed, {} release name(s) and {} snapshot(s) removed, \
+         {} registry pin(s) dropped{}",
+        destroyed.machines.len(),
+        destroyed.tags.len(),
+        destroyed.snapshots,
+        registry_pins,
         if volumes { ", volumes removed" } else { "" }
     );
     Ok(())

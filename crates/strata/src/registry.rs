@@ -411,3 +411,27 @@ pub fn pin_in_embedded_registry(store: &Store, dest: &Reference, digest: &Digest
         Err(e) => eprintln!("warning: cannot pin the release in {}: {e}", root.display()),
     }
 }
+
+/// Drops the embedded registry's pins that deploys of `app` made (holder `deploy:<app>`), so
+/// its gc may collect the app's images; returns how many. Like the pinning, best effort: a
+/// registry that cannot be opened gets a warning.
+pub fn unpin_app_in_embedded_registry(store: &Store, app: &str) -> usize {
+    let root = store.root().join("registry");
+    if !root.exists() {
+        return 0;
+    }
+    let holder = format!("deploy:{app}");
+    let dropped = Admin::open(&root).and_then(|admin| {
+        let mut n = 0;
+        for p in admin.pins()?.into_iter().filter(|p| p.holder == holder) {
+            if admin.unpin(&p.repo, &p.digest, &holder)? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    });
+    dropped.unwrap_or_else(|e| {
+        eprintln!("warning: cannot unpin app {app} in {}: {e}", root.display());
+        0
+    })
+}

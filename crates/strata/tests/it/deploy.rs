@@ -239,8 +239,36 @@ fn deploy_redeploys_without_dropping_requests_rolls_back_and_a_failed_release_le
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    // Destroying the app frees its machines, route, releases and pins (the volume stays).
-    env.ok(&["apps", "destroy", "web"]);
+    // Destroying the app frees its machines, route, releases, pins, the names its deploys
+    // made and the snapshots only its images had (the volume stays).
+    let snapshots = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(env.store().join("strata/snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = snapshots();
+    assert!(env.ok(&["images"]).contains("deployment-"));
+    let out = env.strata(&["apps", "destroy", "web"]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    let after = snapshots();
+    assert!(after.len() < before.len(), "{said}\n{before:?}\n{after:?}");
+    assert!(
+        said.contains(&format!(
+            "{} snapshot(s) removed",
+            before.len() - after.len()
+        )),
+        "{said}"
+    );
+    assert!(!env.ok(&["images"]).contains("deployment-"));
+    // The base is still named, so its snapshot stays for the next build or machine.
+    let base: serde_json::Value =
+        serde_json::from_str(&env.ok(&["inspect", "--json", "busybox:latest"])).unwrap();
+    let base_chain = base["config"]["rootfs"]["diff_ids"][0].as_str().unwrap();
+    assert!(after.contains(&base_chain.trim_start_matches("sha256:").to_string()));
     assert_eq!(env.ok(&["machine", "list", "--json"]), "");
     assert_eq!(env.ok(&["releases", "--json"]), "");
     assert!(get(port).is_err(), "the port is still served");
