@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use strata_runtime::{
     MachineStatus, NetSpec, machine_cleanup, machine_destroy, machine_start, machine_status,
-    machine_stop, prepare_network, teardown_network,
+    machine_stop, prepare_network, process_alive, process_start_time, teardown_network,
 };
 use strata_store::Store;
 use tracing::{debug, info, warn};
@@ -201,6 +201,10 @@ struct Agent {
     rt: tokio::runtime::Runtime,
     /// PID 1 of machines we started (our children) → machine id.
     children: HashMap<u32, String>,
+    /// Machines running before this agent started (not our children): id → PID 1 and its
+    /// start time, so that a tick sees whether they still run from `/proc`, without a
+    /// `runc state` process per machine.
+    adopted: HashMap<String, (u32, String)>,
     proxies: HashMap<u16, Proxy>,
     /// Machines being stopped or destroyed by a worker thread.
     busy: Arc<Mutex<Busy>>,
@@ -280,6 +284,7 @@ pub fn run_agent(store: Store, opts: AgentOptions) -> Result<()> {
         opts,
         rt,
         children: HashMap::new(),
+        adopted: HashMap::new(),
         proxies: HashMap::new(),
         busy: Arc::default(),
         not_before: HashMap::new(),
@@ -322,6 +327,9 @@ impl Agent {
             match machine_status(&self.host.runtime, &m.id)? {
                 MachineStatus::Running { pid } => {
                     info!(machine = %m.id, pid, "adopted");
+                    if let Some(start) = process_start_time(pid) {
+                        self.adopted.insert(m.id.clone(), (pid, start));
+                    }
                     self.host
                         .state
                         .set_observed(&m.id, "running", Some(pid), None, None)?;
@@ -368,13 +376,26 @@ impl Agent {
             if self.is_busy(&m.id) {
                 continue;
             }
-            if !matches!(
-                machine_status(&self.host.runtime, &m.id)?,
-                MachineStatus::Running { .. }
-            ) {
+            let alive = match self.adopted.get(&m.id) {
+                Some((pid, start)) if m.pid == Some(*pid) => process_alive(*pid, start),
+                // Not seen at adoption (or its pid changed): ask runc, once.
+                _ => match machine_status(&self.host.runtime, &m.id)? {
+                    MachineStatus::Running { pid } => {
+                        if let Some(start) = process_start_time(pid) {
+                            self.adopted.insert(m.id.clone(), (pid, start));
+                        }
+                        true
+                    }
+                    _ => false,
+                },
+            };
+            if !alive {
+                self.adopted.remove(&m.id);
                 exits.insert(m.id.clone(), None);
             }
         }
+        self.adopted
+            .retain(|id, _| machines.iter().any(|m| &m.id == id));
         for m in &machines {
             if let Some(code) = exits.get(&m.id) {
                 self.on_exit(m, *code)?;

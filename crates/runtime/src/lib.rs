@@ -29,7 +29,7 @@ pub use error::{Error, Result};
 pub use machine::{
     DEFAULT_INIT, INIT_PATH, MachineSpec, MachineStatus, StopOutcome, VolumeMount, container_id,
     find_init, machine_cleanup, machine_destroy, machine_exec, machine_start, machine_status,
-    machine_stop, set_child_subreaper, valid_machine_id,
+    machine_stop, process_alive, process_start_time, set_child_subreaper, valid_machine_id,
 };
 pub use net::{NetSpec, prepare_network, teardown_network};
 pub use run::{cleanup_stale, kill, run};

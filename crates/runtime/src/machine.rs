@@ -586,15 +586,26 @@ fn proc_stat(pid: u32) -> Option<(char, String)> {
     Some((state, start))
 }
 
+/// The start time of host process `pid` (in clock ticks since boot, as `/proc/<pid>/stat`
+/// gives it), to tell it from a later process that reuses the pid; `None` if there is none.
+pub fn process_start_time(pid: u32) -> Option<String> {
+    proc_stat(pid).map(|(_, start)| start)
+}
+
+/// Whether process `pid`, started at `start` ([`process_start_time`]), still runs (a zombie
+/// does not). One read of `/proc`, against a `runc state` process for [`machine_status`]:
+/// what a supervisor polling machines it did not start (so cannot `waitpid`) uses.
+pub fn process_alive(pid: u32, start: &str) -> bool {
+    matches!(proc_stat(pid), Some((state, s)) if s == start && !matches!(state, 'Z' | 'X' | 'x'))
+}
+
 /// Waits up to `limit` for process `pid` (started at `start`) to exit; true when it did.
 /// A zombie has exited: its parent (a subreaper, or the host's init) reaps it when it likes.
 fn wait_exit(pid: u32, start: &str, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     loop {
-        match proc_stat(pid) {
-            None => return true,
-            Some((state, s)) if s != start || matches!(state, 'Z' | 'X' | 'x') => return true,
-            Some(_) => {}
+        if !process_alive(pid, start) {
+            return true;
         }
         if Instant::now() >= deadline {
             return false;

@@ -386,6 +386,29 @@ fn machines_restart_by_policy_keep_logs_exec_and_survive_an_agent_restart() {
         "adopted, not restarted: {m}"
     );
     assert_eq!(m["state"], "running", "{m}");
+    // The adopted machine is not the new agent's child: it still sees it exit (from /proc),
+    // and restarts it.
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let app_pid = children.split_whitespace().next().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &app_pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for(
+        "restart of the adopted machine after kill",
+        Duration::from_secs(20),
+        || {
+            let m = machine_json(&env, "srv");
+            // (`machine start` above reset the count.)
+            m["restarts"] == 1
+                && m["state"] == "running"
+                && m["pid"].as_u64() != Some(pid)
+                && get(port).is_ok()
+        },
+    );
 
     // on-failure:2: a failing command is started three times in all, then left exited.
     // (`machine run` may already see it exit; what counts is what the agent does next.)
