@@ -580,14 +580,14 @@ impl Agent {
             .values()
             .flat_map(|p| addrs.iter().map(|a| p.active_connections(*a)))
             .sum();
-        // Even with no connection open, wait a moment: a connection the proxy accepted just
-        // before the switch may still be connecting to this machine.
-        const SETTLE: Duration = Duration::from_millis(500);
+        // No settling time needed: the proxy counts a connection from the moment it picks a
+        // backend, under the lock a switch takes (see `proxy`), so once no proxy routes here
+        // and none counts a connection, none ever will.
         let since = *self
             .draining
             .entry(m.id.clone())
             .or_insert_with(Instant::now);
-        let done = (!routed && active == 0 && since.elapsed() >= SETTLE)
+        let done = (!routed && active == 0)
             || since.elapsed() >= Duration::from_millis(m.config.kill_timeout_ms);
         if done {
             self.draining.remove(&m.id);

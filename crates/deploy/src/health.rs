@@ -175,8 +175,12 @@ pub async fn check_once(addr: IpAddr, cfg: &HealthConfig) -> Result<(), CheckFai
     check_within(SocketAddr::new(addr, cfg.port), &cfg.check, cfg.timeout).await
 }
 
+/// Time between two attempts while the port refuses connections (the process is starting).
+pub const STARTING_RETRY: Duration = Duration::from_millis(25);
+
 /// Waits `cfg.grace`, then checks every `cfg.interval` until one attempt passes or `deadline`
-/// (counted from the call, grace included) has passed. At least one attempt is always made.
+/// (counted from the call, grace included) has passed; while nothing listens on the port yet,
+/// every [`STARTING_RETRY`] instead. At least one attempt is always made.
 /// The error is [`CheckFailure::GaveUp`] with the number of attempts and the last failure.
 pub async fn wait_healthy(
     addr: IpAddr,
@@ -210,7 +214,15 @@ pub async fn wait_healthy(
         if matches!(failure, CheckFailure::InvalidPath { .. }) {
             return Err(failure);
         }
-        let next = attempt_start + cfg.interval;
+        // Nothing listening yet is what a starting machine looks like: look again soon (a
+        // refused connect costs the machine nothing), as Docker's start interval does; any
+        // other failure waits the whole interval.
+        let pause = if matches!(failure, CheckFailure::Refused { .. }) {
+            cfg.interval.min(STARTING_RETRY)
+        } else {
+            cfg.interval
+        };
+        let next = attempt_start + pause;
         if next >= end {
             return Err(CheckFailure::GaveUp {
                 attempts,

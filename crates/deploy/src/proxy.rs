@@ -6,6 +6,11 @@
 //! wait until [`Proxy::active_connections`] of the old backend is 0 or a drain timeout passes,
 //! then stop the old machine. Connections opened before the switch stay on their backend: the
 //! proxy never moves an established connection.
+//!
+//! A connection counts against its backend from the moment it picks it, before connecting, and
+//! the pick and the count happen under the same lock a switch takes: once `set_backends`
+//! returns, a connection that will ever use an old backend is already counted. So 0 active
+//! connections after a switch means the old machine can go at once.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -110,9 +115,10 @@ impl Proxy {
     /// Replaces the backend set. Connections accepted from now on pick among `backends`;
     /// established connections keep their backend.
     pub fn set_backends(&self, backends: Vec<SocketAddr>) {
-        let mut current = self
-            .handle
-            .shared
+        let shared = &self.handle.shared;
+        // Lock order: `active`, then `backends` (as in `Shared::claim`).
+        let _picks = shared.active.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current = shared
             .backends
             .write()
             .unwrap_or_else(PoisonError::into_inner);
@@ -158,6 +164,24 @@ impl Proxy {
 impl Shared {
     fn current_backends(&self) -> Arc<Vec<SocketAddr>> {
         Arc::clone(&self.backends.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Counts a connection against `backend` of `set`, unless `set` is no longer the current
+    /// set (a switch happened meanwhile: the caller must pick again from the new one).
+    fn claim(
+        self: &Arc<Shared>,
+        set: &Arc<Vec<SocketAddr>>,
+        backend: SocketAddr,
+    ) -> Option<ActiveGuard> {
+        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        if !Arc::ptr_eq(set, &self.current_backends()) {
+            return None;
+        }
+        *active.entry(backend).or_insert(0) += 1;
+        Some(ActiveGuard {
+            shared: Arc::clone(self),
+            backend,
+        })
     }
 }
 
@@ -211,22 +235,10 @@ async fn accept_loop(
     connections.shutdown().await;
 }
 
-/// Counts a connection against its backend for as long as it lives.
+/// Counts a connection against its backend for as long as it lives (from [`Shared::claim`]).
 struct ActiveGuard {
     shared: Arc<Shared>,
     backend: SocketAddr,
-}
-
-impl ActiveGuard {
-    fn new(shared: Arc<Shared>, backend: SocketAddr) -> ActiveGuard {
-        *shared
-            .active
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(backend)
-            .or_insert(0) += 1;
-        ActiveGuard { shared, backend }
-    }
 }
 
 impl Drop for ActiveGuard {
@@ -251,11 +263,11 @@ async fn serve_connection(
     shared: Arc<Shared>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let Some((mut upstream, backend)) = connect_backend(&shared, peer).await else {
+    let Some((mut upstream, active)) = connect_backend(&shared, peer).await else {
         bad_gateway(client, peer).await;
         return;
     };
-    let _active = ActiveGuard::new(Arc::clone(&shared), backend);
+    let backend = active.backend;
     // Small request/response exchanges would otherwise wait on Nagle + delayed ACK.
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
@@ -276,7 +288,10 @@ async fn serve_connection(
 ///
 /// A backend that refuses once may only be busy (a full accept queue on a loaded host): the
 /// set is tried again after a short pause, a few times, before the client gets its 502.
-async fn connect_backend(shared: &Shared, peer: SocketAddr) -> Option<(TcpStream, SocketAddr)> {
+async fn connect_backend(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+) -> Option<(TcpStream, ActiveGuard)> {
     const PAUSES_MS: [u64; 3] = [0, 50, 250];
     for pause in PAUSES_MS {
         if pause > 0 {
@@ -300,10 +315,10 @@ async fn connect_backend(shared: &Shared, peer: SocketAddr) -> Option<(TcpStream
 }
 
 async fn connect_any(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     peer: SocketAddr,
-    backends: &[SocketAddr],
-) -> Option<(TcpStream, SocketAddr)> {
+    backends: &Arc<Vec<SocketAddr>>,
+) -> Option<(TcpStream, ActiveGuard)> {
     if backends.is_empty() {
         tracing::debug!(%peer, "proxy: no backends");
         return None;
@@ -311,8 +326,10 @@ async fn connect_any(
     let start = shared.next.fetch_add(1, Ordering::Relaxed);
     for i in 0..backends.len() {
         let backend = backends[(start.wrapping_add(i)) % backends.len()];
+        // Counted before connecting; a switch since this set was read ends the old set's turn.
+        let guard = shared.claim(backends, backend)?;
         match tokio::time::timeout(shared.connect_timeout, TcpStream::connect(backend)).await {
-            Ok(Ok(stream)) => return Some((stream, backend)),
+            Ok(Ok(stream)) => return Some((stream, guard)),
             Ok(Err(err)) => {
                 tracing::debug!(%peer, %backend, error = %err, "proxy: backend refused");
             }
@@ -357,5 +374,37 @@ async fn bad_gateway(mut client: TcpStream, peer: SocketAddr) {
     .await;
     if let Err(err) = result {
         tracing::debug!(%peer, error = %err, "proxy: writing 502 failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pick_counts_at_once_and_a_switch_ends_the_old_sets_turn() {
+        let proxy = Proxy::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.89.0.2:80".parse().unwrap(),
+            "10.89.0.6:80".parse().unwrap(),
+        );
+        proxy.set_backends(vec![a]);
+        let shared = Arc::clone(&proxy.handle.shared);
+        let old = shared.current_backends();
+        // Counted from the pick, before any connect.
+        let guard = shared.claim(&old, a).unwrap();
+        assert_eq!(proxy.active_connections(a), 1);
+        proxy.set_backends(vec![b]);
+        // A connection still holding the old set may not pick from it any more...
+        assert!(shared.claim(&old, a).is_none());
+        assert_eq!(proxy.active_connections(a), 1);
+        // ...and the one that picked before the switch keeps counting until it ends.
+        drop(guard);
+        assert_eq!(proxy.active_connections(a), 0);
+        let new = shared.current_backends();
+        let g = shared.claim(&new, b).unwrap();
+        assert_eq!(proxy.active_connections(b), 1);
+        drop(g);
+        proxy.shutdown().await;
     }
 }

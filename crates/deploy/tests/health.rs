@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use strata_deploy::health::{
-    Check, CheckFailure, HealthConfig, Stage, check_once, wait_healthy, wait_healthy_blocking,
+    Check, CheckFailure, HealthConfig, STARTING_RETRY, Stage, check_once, wait_healthy,
+    wait_healthy_blocking,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -328,4 +329,30 @@ fn blocking_helper_for_sync_callers() {
         ),
         "{err:?}"
     );
+}
+
+#[tokio::test]
+async fn a_port_that_starts_listening_is_seen_long_before_the_interval() {
+    let port = dead_port();
+    let cfg = HealthConfig {
+        interval: Duration::from_secs(5),
+        ..HealthConfig::tcp(port)
+    };
+    // The "machine" starts listening 150 ms after the first (refused) attempt.
+    let listener = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        let l = std::net::TcpListener::bind((LOOPBACK, port)).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        drop(l);
+    });
+    let start = Instant::now();
+    wait_healthy(LOOPBACK, &cfg, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(150) && took < Duration::from_secs(2),
+        "took {took:?}: a refused port is tried again every {STARTING_RETRY:?}, not every 5 s"
+    );
+    listener.join().unwrap();
 }
