@@ -109,10 +109,17 @@ pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
         opts.compression = args.compression.into();
         let outcome = strata_build::build(store, &opts, progress.as_ref())
             .with_context(|| format!("build of `{}` failed", context.display()))?;
-        for t in outcome.tags.iter().chain(outcome.deployment_tag.iter()) {
+        // Every name the image got (`-t` names, its content tag, a deployment tag), once
+        // each, then its digest.
+        let mut names: Vec<&String> = outcome.tags.iter().collect();
+        names.extend(&outcome.deployment_tag);
+        if !names.contains(&&outcome.content_tag) {
+            names.push(&outcome.content_tag);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in names.into_iter().filter(|t| seen.insert(*t)) {
             println!("{t}");
         }
-        println!("{}", outcome.content_tag);
         println!("{}", outcome.descriptor.digest);
         return Ok(());
     }

@@ -171,6 +171,14 @@ fn inspect(store: &Store, args: &cli::InspectArgs) -> Result<()> {
         ("Cmd", show(&c.cmd)),
         ("WorkingDir", c.working_dir.clone()),
         ("User", c.user.clone()),
+        (
+            "Expose",
+            c.exposed_ports
+                .as_ref()
+                .filter(|p| !p.is_empty())
+                .map(|p| p.keys().cloned().collect::<Vec<_>>().join(" ")),
+        ),
+        ("StopSignal", c.stop_signal.clone()),
     ] {
         if let Some(v) = v {
             writeln!(out, "{:<11} {v}", format!("{k}:"))?;
@@ -178,6 +186,9 @@ fn inspect(store: &Store, args: &cli::InspectArgs) -> Result<()> {
     }
     for e in c.env.iter().flatten() {
         writeln!(out, "Env:        {e}")?;
+    }
+    for (k, v) in c.labels.iter().flatten() {
+        writeln!(out, "Label:      {k}={v}")?;
     }
     writeln!(out, "Layers:")?;
     for (l, diff_id) in img.manifest.layers.iter().zip(cfg.diff_ids()) {

@@ -65,6 +65,24 @@ fn inspect_shows_config_and_layers_and_json_for_tools() {
     );
     let err = env.fails(&["inspect", "nope:1"]);
     assert!(err.contains("no image named `nope:1`"), "{err}");
+
+    // What a machine of the image gets: ports, labels, stop signal.
+    let tar = env.path("rootfs.tar");
+    env.ok(&[
+        "import",
+        tar.to_str().unwrap(),
+        "svc:1",
+        "--change",
+        "EXPOSE 8080 53/udp",
+        "--change",
+        "LABEL team=web",
+        "--change",
+        "STOPSIGNAL SIGINT",
+    ]);
+    let out = env.ok(&["inspect", "svc:1"]);
+    assert!(out.contains("Expose:     53/udp 8080/tcp"), "{out}");
+    assert!(out.contains("Label:      team=web"), "{out}");
+    assert!(out.contains("StopSignal: SIGINT"), "{out}");
 }
 
 #[test]
@@ -273,4 +291,31 @@ fn a_closed_pipe_ends_output_quietly() {
             "{status:?}: {err}"
         );
     }
+}
+
+#[test]
+fn build_with_a_dockerfile_prints_each_name_once_then_the_digest() {
+    let env = Env::new();
+    import_busybox(&env, "busybox:latest");
+    let ctx = env.path("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM busybox\nENV A=1\n").unwrap();
+    let out = env.ok(&[
+        "build",
+        "-f",
+        ctx.join("Dockerfile").to_str().unwrap(),
+        "-t",
+        "web:1",
+        ctx.to_str().unwrap(),
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    let mut unique = lines.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), lines.len(), "a name printed twice:\n{out}");
+    assert_eq!(lines[0], "web:1", "{out}");
+    assert!(lines[1].starts_with("web:strata-"), "{out}");
+    assert_eq!(lines.len(), 3, "{out}");
+    let digest = env.ok(&["images", "--json"]);
+    assert!(digest.contains(lines[2]), "{out}\n{digest}");
 }
