@@ -903,12 +903,18 @@ mod tests {
         assert!(RestartPolicy::parse("sometimes").is_err());
     }
 
-    #[test]
-    fn machines_get_distinct_lowest_free_slots_and_releases_count_up() {
+    /// A store directory with the deploy tables, and a claims directory of its own.
+    fn fixture() -> (tempfile::TempDir, PathBuf, State) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("strata")).unwrap();
         let claims = dir.path().join("claims");
-        let mut s = State::open_with_claims(dir.path(), claims.clone()).unwrap();
+        let s = State::open_with_claims(dir.path(), claims.clone()).unwrap();
+        (dir, claims, s)
+    }
+
+    #[test]
+    fn machines_get_distinct_lowest_free_slots_and_releases_count_up() {
+        let (dir, claims, mut s) = fixture();
         let c = MachineConfig::default();
         let a = s.create_machine("a", None, None, "i", "d", &c).unwrap();
         let b = s.create_machine("b", None, None, "i", "d", &c).unwrap();
@@ -956,10 +962,7 @@ mod tests {
 
     #[test]
     fn spare_slots_go_to_new_machines_only_once_made() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("strata")).unwrap();
-        let claims = dir.path().join("claims");
-        let mut s = State::open_with_claims(dir.path(), claims.clone()).unwrap();
+        let (_dir, claims, mut s) = fixture();
         let c = MachineConfig::default();
         let a = s.create_machine("a", None, None, "i", "d", &c).unwrap();
         assert_eq!(a.net_index, 0);

@@ -52,17 +52,7 @@ impl Store {
     /// Waits for all [`crate::WriteSession`]s in every process to end, and blocks new ones and
     /// ref changes while it runs. Refuses to run while this `Store` holds a session itself.
     pub fn gc(&self, dry_run: bool) -> Result<GcReport> {
-        let held = self.sessions.load(std::sync::atomic::Ordering::SeqCst);
-        if held > 0 {
-            return Err(Error::GcDuringWriteSession {
-                root: self.root.clone(),
-                sessions: held,
-            });
-        }
-        // Lock order everywhere: gc.lock, then index.lock.
-        let _gc = FileLock::acquire(&self.gc_lock_path(), LockMode::Exclusive)?;
-        let _index = FileLock::acquire(&self.index_lock_path(), LockMode::Exclusive)?;
-
+        let _locks = self.gc_locks()?;
         let (reachable, configs) = self.mark()?;
         let mut report = GcReport {
             snapshots_removed: self.sweep_snapshots(&self.live_chains(&configs), dry_run)?,
@@ -94,12 +84,10 @@ impl Store {
         Ok(report)
     }
 
-    /// Remove the snapshots (unpacked layer chains under [`Store::snapshots_dir`]) that no
-    /// image reachable from a ref or a pin has, and unpacks killed long ago; returns the chain
-    /// IDs removed (or, with `dry_run`, that would be). Blobs are left alone. Takes the same
-    /// locks as [`Store::gc`], so no build (a write session) runs meanwhile; a machine's image
-    /// is pinned, so its snapshots stay.
-    pub fn prune_snapshots(&self, dry_run: bool) -> Result<Vec<Digest>> {
+    /// What gc holds while it runs: the gc lock (no write session anywhere) and the index lock
+    /// (no ref change). Refused while this `Store` holds a session itself (it would wait for
+    /// itself).
+    fn gc_locks(&self) -> Result<(FileLock, FileLock)> {
         let held = self.sessions.load(std::sync::atomic::Ordering::SeqCst);
         if held > 0 {
             return Err(Error::GcDuringWriteSession {
@@ -107,8 +95,19 @@ impl Store {
                 sessions: held,
             });
         }
-        let _gc = FileLock::acquire(&self.gc_lock_path(), LockMode::Exclusive)?;
-        let _index = FileLock::acquire(&self.index_lock_path(), LockMode::Exclusive)?;
+        // Lock order everywhere: gc.lock, then index.lock.
+        let gc = FileLock::acquire(&self.gc_lock_path(), LockMode::Exclusive)?;
+        let index = FileLock::acquire(&self.index_lock_path(), LockMode::Exclusive)?;
+        Ok((gc, index))
+    }
+
+    /// Remove the snapshots (unpacked layer chains under [`Store::snapshots_dir`]) that no
+    /// image reachable from a ref or a pin has, and unpacks killed long ago; returns the chain
+    /// IDs removed (or, with `dry_run`, that would be). Blobs are left alone. Takes the same
+    /// locks as [`Store::gc`], so no build (a write session) runs meanwhile; a machine's image
+    /// is pinned, so its snapshots stay.
+    pub fn prune_snapshots(&self, dry_run: bool) -> Result<Vec<Digest>> {
+        let _locks = self.gc_locks()?;
         let (_, configs) = self.mark()?;
         self.sweep_snapshots(&self.live_chains(&configs), dry_run)
     }
