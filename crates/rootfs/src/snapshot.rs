@@ -148,10 +148,12 @@ impl SnapshotCache {
                     ..ApplyOptions::default()
                 };
                 apply_one(layer, &open_blob, tmp.path(), &opts)?;
+                sync_filesystem(tmp.path())?;
                 match std::fs::rename(tmp.path(), &dest) {
                     Ok(()) => {
                         // Renamed away: nothing left for the guard to delete.
                         let _ = tmp.keep();
+                        sync_dir(&self.root)?;
                     }
                     // Another process finished the same snapshot first; ours is dropped.
                     Err(e)
@@ -194,8 +196,12 @@ impl SnapshotCache {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
             .map_err(io_err("chmod", dir))?;
         std::os::unix::fs::lchown(dir, Some(0), Some(0)).map_err(io_err("chown", dir))?;
+        sync_filesystem(dir)?;
         match std::fs::rename(dir, &dest) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                sync_dir(&self.root)?;
+                Ok(true)
+            }
             Err(e)
                 if dest.is_dir()
                     && matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) =>
@@ -219,6 +225,23 @@ impl SnapshotCache {
         }
         Ok(n)
     }
+}
+
+/// Makes every write to the filesystem holding `dir` durable (syncfs), before a snapshot is
+/// renamed to its chain ID: after a power cut a snapshot under a valid name must not hold
+/// files whose data never reached the disk (the cache would mount it as it is). One syncfs
+/// instead of an fsync per file: a layer holds thousands of files, and the kernel writes
+/// them back together.
+fn sync_filesystem(dir: &Path) -> Result<()> {
+    let f = std::fs::File::open(dir).map_err(io_err("opening", dir))?;
+    rustix::fs::syncfs(&f).map_err(|e| io_err("syncing the filesystem of", dir)(e.into()))
+}
+
+/// fsync of a directory, so that a rename into it is durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err("syncing", dir))
 }
 
 /// The `lowerdir=` value for an overlay mount of snapshot directories given bottom first
