@@ -140,6 +140,9 @@ pub fn ensure_agent(root: &Path, exe: &Path) -> Result<u32> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Some(pid) = agent_pid(root)? {
+            // Reaped when it exits, so a long-lived caller (a test harness, a daemon embedding
+            // us) keeps no zombie; a CLI exits long before and leaves it to init.
+            std::thread::spawn(move || child.wait());
             return Ok(pid);
         }
         if let Ok(Some(status)) = child.try_wait() {

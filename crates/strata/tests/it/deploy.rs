@@ -594,3 +594,19 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     assert_eq!(env.ok(&["machine", "list", "--json"]), "");
     assert_eq!(env.ok(&["releases", "--json"]), "");
 }
+
+#[test]
+fn an_agent_started_in_process_is_reaped_when_it_stops() {
+    if !can_run_machines() {
+        return;
+    }
+    let env = Env::new();
+    env.ok(&["images"]); // makes the store
+    let exe = Path::new(env!("CARGO_BIN_EXE_strata"));
+    let pid = strata_deploy::agent::ensure_agent(&env.store(), exe).unwrap();
+    assert!(strata_deploy::agent::stop_agent(&env.store()).unwrap());
+    // This process started it: once it exits, nothing of it may stay (a zombie would).
+    wait_for("the agent reaped", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+}
