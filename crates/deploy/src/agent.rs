@@ -299,6 +299,12 @@ pub fn run_agent(store: Store, opts: AgentOptions) -> Result<()> {
     // Spares a killed agent left (some perhaps half made) are not trusted: made again later.
     agent.drop_spares();
     agent.adopt()?;
+    // Machines' way out (NAT); off the start path of the machine that may be waiting for us.
+    std::thread::spawn(|| {
+        if let Err(e) = strata_runtime::ensure_host_nat() {
+            warn!("machines get no outbound network (NAT): {e}");
+        }
+    });
     while !stop.load(Ordering::SeqCst) {
         if let Err(e) = agent.tick() {
             warn!("agent: {e}");

@@ -31,7 +31,7 @@ pub use machine::{
     find_init, machine_cleanup, machine_destroy, machine_exec, machine_start, machine_status,
     machine_stop, process_alive, process_start_time, set_child_subreaper, valid_machine_id,
 };
-pub use net::{NetSpec, prepare_network, teardown_network};
+pub use net::{NetSpec, ensure_host_nat, prepare_network, teardown_network};
 pub use run::{cleanup_stale, kill, run};
 pub use user::resolve_user;
 

@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 /// The largest [`NetSpec::index`]: 10.89.0.0/16 holds 16384 /30 networks.
 pub const MAX_NET_INDEX: u32 = (1 << 14) - 1;
 
+/// The machines' addresses: one /30 per slot.
+const MACHINES_NET: &str = "10.89.0.0/16";
+
 /// Where `ip netns add` puts the namespace files.
 const NETNS_DIR: &str = "/run/netns";
 
@@ -235,38 +238,35 @@ fn make_network(id: &str, net: &NetSpec) -> Result<()> {
 
 /// `ip [-n NS] -batch -` with `commands` on stdin; stops at the first failing command.
 fn ip_batch(id: &str, netns: Option<&str>, commands: &str) -> Result<()> {
-    use std::io::Write;
     let mut args: Vec<&str> = Vec::new();
     if let Some(ns) = netns {
         args.extend(["-n", ns]);
     }
     args.extend(["-batch", "-"]);
-    let what = || format!("ip {} <<< {:?}", args.join(" "), commands);
-    let mut child = Command::new("ip")
-        .args(&args)
+    run_script(id, "ip", &args, commands)
+}
+
+/// Runs `program args...` with `script` on stdin; a failure names the machine (`id`), the
+/// command with its script, and the program's stderr.
+fn run_script(id: &str, program: &str, args: &[&str], script: &str) -> Result<()> {
+    use std::io::Write;
+    let what = || format!("{program} {} <<< {script:?}", args.join(" "));
+    let spawn_err = |source| Error::Spawn {
+        id: id.to_string(),
+        command: what(),
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| Error::Spawn {
-            id: id.to_string(),
-            command: what(),
-            source,
-        })?;
+        .map_err(spawn_err)?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(commands.as_bytes())
-            .map_err(|source| Error::Spawn {
-                id: id.to_string(),
-                command: what(),
-                source,
-            })?;
+        stdin.write_all(script.as_bytes()).map_err(spawn_err)?;
     }
-    let out = child.wait_with_output().map_err(|source| Error::Spawn {
-        id: id.to_string(),
-        command: what(),
-        source,
-    })?;
+    let out = child.wait_with_output().map_err(spawn_err)?;
     if out.status.success() {
         return Ok(());
     }
@@ -276,6 +276,40 @@ fn ip_batch(id: &str, netns: Option<&str>, commands: &str) -> Result<()> {
         status: out.status.to_string(),
         stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
     })
+}
+
+/// The nftables table that holds the machines' NAT rule ([`ensure_host_nat`]).
+pub const NAT_TABLE: &str = "strata";
+
+/// Gives machines a way out, as Docker's bridge network does: IPv4 forwarding on, and one
+/// nftables rule masquerading what leaves 10.89.0.0/16 for anywhere else (so a machine
+/// reaches the host's networks, DNS servers and the internet with the host's address).
+/// Idempotent and atomic (the table is declared, flushed and filled in one `nft -f`
+/// transaction); the agent calls it once when it starts. A host firewall that drops forwarded
+/// traffic must let 10.89.0.0/16 through; that is the host's policy, not ours to change.
+pub fn ensure_host_nat() -> Result<()> {
+    let id = "(host NAT)".to_string();
+    let forward = Path::new("/proc/sys/net/ipv4/ip_forward");
+    let on = std::fs::read_to_string(forward).is_ok_and(|v| v.trim() == "1");
+    if !on {
+        std::fs::write(forward, b"1").map_err(|source| Error::Io {
+            id: id.clone(),
+            op: "enabling IPv4 forwarding in",
+            path: forward.to_path_buf(),
+            source,
+        })?;
+    }
+    let script = format!(
+        "table ip {NAT_TABLE} {{}}\n\
+         flush table ip {NAT_TABLE}\n\
+         table ip {NAT_TABLE} {{\n\
+         chain postrouting {{\n\
+         type nat hook postrouting priority srcnat; policy accept;\n\
+         ip saddr {MACHINES_NET} ip daddr != {MACHINES_NET} masquerade\n\
+         }}\n\
+         }}\n"
+    );
+    run_script(&id, "nft", &["-f", "-"], &script)
 }
 
 /// Removes machine `id`'s veth pair and namespace (or a spare's); what is already gone is

@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use strata_runtime::ensure_host_nat;
 use strata_runtime::{
     MachineSpec, MachineStatus, NetSpec, RuntimeConfig, StopOutcome, UserSpec, VolumeMount,
     container_id, find_init, machine_cleanup, machine_destroy, machine_exec, machine_start,
@@ -177,6 +178,7 @@ fn test_number(name: &str) -> u32 {
         "failed",
         "detached",
         "prepared",
+        "nat",
         "tty",
     ];
     TESTS.iter().position(|t| *t == name).unwrap() as u32
@@ -717,6 +719,151 @@ fn a_prepared_network_is_taken_as_it_is_and_made_again_when_broken() {
     assert!(!ip_link_exists(&b.net.host_link()));
     assert!(!netns_list().contains(&b.net.netns_name()));
     assert!(!marker(&b.net).exists());
+}
+
+/// A network namespace standing for "the world": a veth pair to the host on 10.254.<k>.0/30
+/// and no route back to the machines' 10.89.0.0/16. Removed on drop.
+struct World {
+    ns: String,
+    host_link: String,
+    addr: std::net::Ipv4Addr,
+    host_addr: std::net::Ipv4Addr,
+}
+
+impl World {
+    fn new() -> World {
+        let k = std::process::id() % 250;
+        let ns = format!("strata-test-world-{}", std::process::id());
+        let host_link = format!("stw{k}h");
+        let (host_addr, addr) = (
+            std::net::Ipv4Addr::new(10, 254, k as u8, 1),
+            std::net::Ipv4Addr::new(10, 254, k as u8, 2),
+        );
+        let run = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        run(&["netns", "add", &ns]);
+        let world = World {
+            ns: ns.clone(),
+            host_link: host_link.clone(),
+            addr,
+            host_addr,
+        };
+        let peer = format!("stw{k}w");
+        run(&[
+            "link", "add", &host_link, "type", "veth", "peer", "name", &peer, "netns", &ns,
+        ]);
+        run(&["addr", "add", &format!("{host_addr}/30"), "dev", &host_link]);
+        run(&["link", "set", &host_link, "up"]);
+        run(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/30"),
+            "dev",
+            &peer,
+        ]);
+        run(&["-n", &ns, "link", "set", &peer, "up"]);
+        run(&["-n", &ns, "link", "set", "lo", "up"]);
+        world
+    }
+
+    /// Accepts one TCP connection on `port` inside the world namespace (on a thread that
+    /// joined it) and returns the peer address the world saw.
+    fn accept_one(&self, port: u16) -> std::thread::JoinHandle<std::io::Result<SocketAddr>> {
+        let ns = Path::new("/run/netns").join(&self.ns);
+        let addr = SocketAddr::new(self.addr.into(), port);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let f = std::fs::File::open(&ns)?;
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&f),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )?;
+            let listener = std::net::TcpListener::bind(addr)?;
+            listener.set_nonblocking(true)?;
+            ready_tx.send(()).unwrap();
+            // Bounded: without NAT the handshake never completes (no route back).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match listener.accept() {
+                    Ok((mut conn, peer)) => {
+                        conn.set_nonblocking(false)?;
+                        conn.write_all(b"hello from the world\n")?;
+                        return Ok(peer);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "no connection reached the world within 10 s",
+                            ));
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        handle
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_link])
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+#[test]
+fn a_machine_reaches_other_networks_through_the_hosts_nat() {
+    let Some(mut lab) = Lab::new("nat") else {
+        return;
+    };
+    if Command::new("nft").arg("--version").output().is_err() {
+        eprintln!("\n!!!!! SKIPPED: the NAT test needs nft (apt-get install nftables) !!!!!\n");
+        return;
+    }
+    // A host firewall that drops forwarded traffic (what a Docker engine leaves behind) is
+    // the host's policy: ensure_host_nat does not override it, so the test cannot pass there.
+    let forward = Command::new("iptables").args(["-S", "FORWARD"]).output();
+    if forward.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("-P FORWARD DROP")) {
+        eprintln!("\n!!!!! SKIPPED: the host's FORWARD policy is DROP (a Docker engine?) !!!!!\n");
+        return;
+    }
+    ensure_host_nat().unwrap();
+    ensure_host_nat().unwrap(); // idempotent
+    let world = World::new();
+    let server = world.accept_one(9000);
+    let spec = lab.spec(0, "sleep 1000");
+    lab.start(&spec);
+    let code = lab.exec(
+        &spec,
+        &format!(
+            "nc -w 5 {} 9000 </dev/null | grep -q 'hello from the world'",
+            world.addr
+        ),
+    );
+    let peer = server
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the machine's connection never reached the world: {e}"));
+    assert_eq!(code, 0, "the machine did not get the world's answer");
+    // The world has no route to 10.89.0.0/16: it only answers the host's own address.
+    assert_eq!(peer.ip(), std::net::IpAddr::V4(world.host_addr), "{peer}");
+    // One table, one rule, however often it was set up.
+    let ruleset = Command::new("nft")
+        .args(["list", "table", "ip", "strata"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&ruleset.stdout);
+    assert_eq!(text.matches("masquerade").count(), 1, "{text}");
 }
 
 /// Not a test by itself: run under `script` (a pseudo-terminal) by
