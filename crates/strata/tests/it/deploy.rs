@@ -28,6 +28,16 @@ fn can_run_machines() -> bool {
     ok
 }
 
+/// A store with `busybox:latest`, when this host can run machines (else the skip is said).
+fn machine_env() -> Option<Env> {
+    if !can_run_machines() {
+        return None;
+    }
+    let env = Env::new();
+    import_busybox(&env, "busybox:latest");
+    Some(env)
+}
+
 /// One HTTP/1.0 GET; the body, or why not.
 fn get(port: u16) -> Result<String, String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
@@ -104,12 +114,10 @@ fn project(env: &Env, public_port: u16, health: &str) -> std::path::PathBuf {
 
 #[test]
 fn deploy_redeploys_without_dropping_requests_rolls_back_and_a_failed_release_leaves_the_old_one() {
-    if !can_run_machines() {
+    let Some(env) = machine_env() else {
         return;
-    }
-    let env = Env::new();
+    };
     let _cleanup = Cleanup(&env);
-    import_busybox(&env, "busybox:latest");
     let port = free_port();
     let proj = project(&env, port, "/");
     let p = proj.to_str().unwrap();
@@ -282,12 +290,10 @@ fn deploy_redeploys_without_dropping_requests_rolls_back_and_a_failed_release_le
 
 #[test]
 fn machines_restart_by_policy_keep_logs_exec_and_survive_an_agent_restart() {
-    if !can_run_machines() {
+    let Some(env) = machine_env() else {
         return;
-    }
-    let env = Env::new();
+    };
     let _cleanup = Cleanup(&env);
-    import_busybox(&env, "busybox:latest");
     let port = free_port();
 
     // A server published on a host port, with a volume.
@@ -499,12 +505,10 @@ fn machine_slot(env: &Env, id: &str) -> u32 {
 
 #[test]
 fn the_agent_keeps_spare_networks_that_new_machines_take_and_stop_frees_them() {
-    if !can_run_machines() {
+    let Some(env) = machine_env() else {
         return;
-    }
-    let env = Env::new();
+    };
     let _cleanup = Cleanup(&env);
-    import_busybox(&env, "busybox:latest");
     let run = |name: &str| {
         env.ok(&[
             "machine", "run", "busybox", "--name", name, "--", "sleep", "1000",
@@ -557,12 +561,10 @@ fn the_agent_keeps_spare_networks_that_new_machines_take_and_stop_frees_them() {
 
 #[test]
 fn bad_input_is_refused_clearly_and_leaves_nothing() {
-    if !can_run_machines() {
+    let Some(env) = machine_env() else {
         return;
-    }
-    let env = Env::new();
+    };
     let _cleanup = Cleanup(&env);
-    import_busybox(&env, "busybox:latest");
     // An image without CMD or ENTRYPOINT.
     let tar = env.path("rootfs.tar");
     env.ok(&["import", tar.to_str().unwrap(), "bare:1"]);
