@@ -160,6 +160,12 @@ pub(crate) fn run_step(
     if changes.is_empty() {
         return Ok(None);
     }
+    // The upper dir becomes the layer's snapshot (below), which must be on disk first: start
+    // its writeback now, while the layer is compressed from the page cache.
+    let early_sync = {
+        let upper = upper.clone();
+        std::thread::spawn(move || strata_rootfs::sync_filesystem(&upper))
+    };
     let opts = LayerOptions {
         compression: ctx.opts.compression,
         mtime: ctx.run_mtime,
@@ -199,6 +205,8 @@ pub(crate) fn run_step(
         .map(|c| c.path())
         .filter(|p| !kept.contains(p))
         .collect();
+    // Its errors are adopt's to meet again (it syncs once more, with little left to write).
+    let _ = early_sync.join();
     if let Err(e) = ctx.snapshots.adopt(&chain, &upper, &left_out) {
         tracing::warn!("keeping the step's upper dir as its snapshot failed: {e}");
     }

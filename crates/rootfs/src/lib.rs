@@ -25,7 +25,7 @@ pub use compress::{DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL, decompress};
 pub use diff::{Change, changes_from_overlay_upper, diff_dirs};
 pub use error::{Error, Refusal, Result};
 pub use recompress::{recompress_tar, sniff_compression};
-pub use snapshot::{LayerRef, SnapshotCache, materialize, overlay_lowerdir};
+pub use snapshot::{LayerRef, SnapshotCache, materialize, overlay_lowerdir, sync_filesystem};
 pub use strata_oci::Compression;
 pub use write::{
     LayerInfo, LayerOptions, LayerSource, MtimePolicy, OPAQUE_MARKER, WHITEOUT_PREFIX, write_layer,

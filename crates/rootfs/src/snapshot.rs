@@ -231,8 +231,10 @@ impl SnapshotCache {
 /// renamed to its chain ID: after a power cut a snapshot under a valid name must not hold
 /// files whose data never reached the disk (the cache would mount it as it is). One syncfs
 /// instead of an fsync per file: a layer holds thousands of files, and the kernel writes
-/// them back together.
-fn sync_filesystem(dir: &Path) -> Result<()> {
+/// them back together. A caller that will [`SnapshotCache::adopt`] a big directory can run
+/// this early on a thread of its own, so the writeback overlaps other work (the layer's
+/// compression) and adopt's own sync finds little left to do.
+pub fn sync_filesystem(dir: &Path) -> Result<()> {
     let f = std::fs::File::open(dir).map_err(io_err("opening", dir))?;
     rustix::fs::syncfs(&f).map_err(|e| io_err("syncing the filesystem of", dir)(e.into()))
 }
