@@ -396,6 +396,8 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
     })?;
     host.state
         .set_release_image(&app.name, report.release.version, &release_ref)?;
+    // Releases that aged out of keep_releases lost their store pin; their registry pin goes too.
+    crate::registry::unpin_aged_releases_in_embedded_registry(&host.store, &app.name);
     eprintln!(
         "{} v{} is live: http://{}/",
         app.name, report.release.version, report.public

@@ -416,6 +416,31 @@ pub fn pin_in_embedded_registry(store: &Store, dest: &Reference, digest: &Digest
 /// its gc may collect the app's images; returns how many. Like the pinning, best effort: a
 /// registry that cannot be opened gets a warning.
 pub fn unpin_app_in_embedded_registry(store: &Store, app: &str) -> usize {
+    drop_deploy_pins(store, app, |_| false)
+}
+
+/// Drops the embedded registry's pins of `app` whose image no release of the app keeps any
+/// more (the store's `release:<app>:<version>` pins say which do: the releases within
+/// `keep_releases`), so the registry's gc may collect releases that aged out, as the store's
+/// does. Returns how many.
+pub fn unpin_aged_releases_in_embedded_registry(store: &Store, app: &str) -> usize {
+    let prefix = format!("release:{app}:");
+    let kept: std::collections::HashSet<Digest> = match store.pins() {
+        Ok(pins) => pins
+            .into_iter()
+            .filter(|p| p.holder.starts_with(&prefix))
+            .map(|p| p.digest)
+            .collect(),
+        Err(e) => {
+            eprintln!("warning: cannot read the store's pins: {e}");
+            return 0;
+        }
+    };
+    drop_deploy_pins(store, app, |d| kept.contains(d))
+}
+
+/// Drops the `deploy:<app>` pins of the store's embedded registry whose digest `keep` refuses.
+fn drop_deploy_pins(store: &Store, app: &str, keep: impl Fn(&Digest) -> bool) -> usize {
     let root = store.root().join("registry");
     if !root.exists() {
         return 0;
@@ -423,8 +448,8 @@ pub fn unpin_app_in_embedded_registry(store: &Store, app: &str) -> usize {
     let holder = format!("deploy:{app}");
     let dropped = Admin::open(&root).and_then(|admin| {
         let mut n = 0;
-        for p in admin.pins()?.into_iter().filter(|p| p.holder == holder) {
-            if admin.unpin(&p.repo, &p.digest, &holder)? {
+        for p in admin.pins()? {
+            if p.holder == holder && !keep(&p.digest) && admin.unpin(&p.repo, &p.digest, &holder)? {
                 n += 1;
             }
         }

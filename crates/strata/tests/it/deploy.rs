@@ -612,3 +612,76 @@ fn an_agent_started_in_process_is_reaped_when_it_stops() {
         !Path::new(&format!("/proc/{pid}")).exists()
     });
 }
+
+/// The embedded registry's pins held by deploys of `app`, as digests.
+fn registry_pins(env: &Env, app: &str) -> Vec<String> {
+    let admin = strata_registry_server::Admin::open(env.store().join("registry")).unwrap();
+    let mut v: Vec<String> = admin
+        .pins()
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.holder == format!("deploy:{app}"))
+        .map(|p| p.digest.to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn releases_that_age_out_lose_their_embedded_registry_pin_and_destroy_drops_the_rest() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    // The embedded registry served from the store's own registry/ (where deploys pin).
+    let rport = free_port();
+    let mut registry = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(env.store())
+        .args(["registry", "serve", "--addr", &format!("127.0.0.1:{rport}")])
+        .arg("--root")
+        .arg(env.store().join("registry"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("registry up", Duration::from_secs(30), || {
+        TcpStream::connect(("127.0.0.1", rport)).is_ok()
+    });
+    let port = free_port();
+    let proj = project(&env, port, "/");
+    let toml = proj.join("strata.toml");
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    text.push_str(&format!(
+        "registry = \"127.0.0.1:{rport}/personal\"\nkeep_releases = 1\n"
+    ));
+    std::fs::write(&toml, text).unwrap();
+    let p = proj.to_str().unwrap();
+    let digest_of = |v: u32| -> String {
+        env.ok(&["releases", "web", "--json"])
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|r| r["version"] == v)
+            .unwrap()["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        env.ok(&["deploy", "web", "--project", p, "--progress", "plain"]);
+        assert_eq!(registry_pins(&env, "web"), [digest_of(1)]);
+        std::fs::write(proj.join("site/index.html"), "v2\n").unwrap();
+        env.ok(&["deploy", "web", "--project", p, "--progress", "plain"]);
+        assert_eq!(get(port).unwrap(), "v2\n");
+        // keep_releases = 1: v1 aged out, in the store and in the registry alike.
+        assert_eq!(registry_pins(&env, "web"), [digest_of(2)]);
+        env.ok(&["apps", "destroy", "web"]);
+        assert_eq!(registry_pins(&env, "web"), Vec::<String>::new());
+    }));
+    let _ = registry.kill();
+    let _ = registry.wait();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
