@@ -537,6 +537,17 @@ impl Agent {
                 }
                 self.not_before.remove(&m.id);
                 let t0 = Instant::now();
+                // The image's snapshots are unpacked (spec) and mounted (start) inside a write
+                // session: a `strata gc` running meanwhile waits, so it never removes a snapshot
+                // between the two (the image's pin keeps it from then on).
+                let session = self
+                    .host
+                    .store
+                    .write_session()
+                    .map_err(|source| Error::Image {
+                        image: m.image.clone(),
+                        source,
+                    })?;
                 let spec = self.host.spec(m)?;
                 let t_spec = t0.elapsed();
                 // A stopped container left by a crash would make `runc run` refuse the id; a
@@ -546,6 +557,7 @@ impl Agent {
                 }
                 let t_cleanup = t0.elapsed();
                 let pid = machine_start(&self.host.runtime, &spec)?;
+                drop(session);
                 debug!(machine = %m.id, ?t_spec, ?t_cleanup, total = ?t0.elapsed(), "start timings");
                 info!(machine = %m.id, pid, "started");
                 self.children.insert(pid, m.id.clone());
