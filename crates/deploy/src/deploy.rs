@@ -50,6 +50,16 @@ fn owner(app: &str) -> String {
     format!("app:{app}")
 }
 
+/// The holder of the store pin that keeps release `version` of `app` for rollback.
+pub fn release_pin(app: &str, version: u32) -> String {
+    format!("{}{version}", release_pin_prefix(app))
+}
+
+/// What every release pin of `app` starts with ([`release_pin`]).
+pub fn release_pin_prefix(app: &str) -> String {
+    format!("release:{app}:")
+}
+
 /// Waits until `f` says done (Some) or `timeout` passes (then `Ok(None)`), looking every
 /// millisecond for the first 200 ms, then every 5 ms.
 pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<Option<T>> {
@@ -143,7 +153,7 @@ pub fn deploy_image(
         .begin_release(&app.name, image, &digest.to_string())?;
     let v = release.version;
     host.store
-        .pin(&digest, &format!("release:{}:{v}", app.name))
+        .pin(&digest, &release_pin(&app.name, v))
         .map_err(|source| Error::Image {
             image: image.to_string(),
             source,
@@ -203,9 +213,7 @@ pub fn deploy_image(
             host.state.set_desired(&m.id, Desired::Destroyed)?;
         }
         crate::agent::poke(host.store.root());
-        let _ = host
-            .store
-            .unpin(&digest, &format!("release:{}:{v}", app.name));
+        let _ = host.store.unpin(&digest, &release_pin(&app.name, v));
         let serving = host
             .state
             .releases(Some(&app.name))?
@@ -242,9 +250,7 @@ pub fn deploy_image(
         crate::agent::poke(host.store.root());
         host.state
             .set_release_status(&app.name, v, "failed", Some(&e.to_string()))?;
-        let _ = host
-            .store
-            .unpin(&digest, &format!("release:{}:{v}", app.name));
+        let _ = host.store.unpin(&digest, &release_pin(&app.name, v));
         return Err(Error::ReleaseFailed {
             app: app.name.clone(),
             version: v,
@@ -328,9 +334,7 @@ fn unpin_old_releases(host: &Host, app: &App) -> Result<()> {
         .skip(keep.max(1))
     {
         if let Ok(d) = r.digest.parse() {
-            let _ = host
-                .store
-                .unpin(&d, &format!("release:{}:{}", app.name, r.version));
+            let _ = host.store.unpin(&d, &release_pin(&app.name, r.version));
         }
     }
     Ok(())
@@ -367,9 +371,7 @@ pub fn destroy_app(host: &Host, name: &str, volumes: bool) -> Result<Destroyed> 
     }
     for r in host.state.releases(Some(name))? {
         if let Ok(d) = r.digest.parse() {
-            let _ = host
-                .store
-                .unpin(&d, &format!("release:{name}:{}", r.version));
+            let _ = host.store.unpin(&d, &release_pin(name, r.version));
         }
     }
     host.state.delete_releases(name)?;

@@ -397,11 +397,10 @@ pub fn push_ref(
 /// may be redeployed from. Another registry keeps images by its own rules; a failure here
 /// is reported, not fatal: the image is already pushed and pinned in the store.
 pub fn pin_in_embedded_registry(store: &Store, dest: &Reference, digest: &Digest, app: &str) {
-    let root = store.root().join("registry");
-    if !root.exists() {
+    let Some(root) = embedded_registry(store) else {
         return;
-    }
-    let holder = format!("deploy:{app}");
+    };
+    let holder = deploy_pin(app);
     match Admin::open(&root).and_then(|admin| admin.pin(dest.repository(), digest, &holder)) {
         Ok(()) => eprintln!(
             "pinned {}@{} in the embedded registry",
@@ -424,7 +423,7 @@ pub fn unpin_app_in_embedded_registry(store: &Store, app: &str) -> usize {
 /// `keep_releases`), so the registry's gc may collect releases that aged out, as the store's
 /// does. Returns how many.
 pub fn unpin_aged_releases_in_embedded_registry(store: &Store, app: &str) -> usize {
-    let prefix = format!("release:{app}:");
+    let prefix = strata_deploy::deploy::release_pin_prefix(app);
     let kept: std::collections::HashSet<Digest> = match store.pins() {
         Ok(pins) => pins
             .into_iter()
@@ -441,11 +440,10 @@ pub fn unpin_aged_releases_in_embedded_registry(store: &Store, app: &str) -> usi
 
 /// Drops the `deploy:<app>` pins of the store's embedded registry whose digest `keep` refuses.
 fn drop_deploy_pins(store: &Store, app: &str, keep: impl Fn(&Digest) -> bool) -> usize {
-    let root = store.root().join("registry");
-    if !root.exists() {
+    let Some(root) = embedded_registry(store) else {
         return 0;
-    }
-    let holder = format!("deploy:{app}");
+    };
+    let holder = deploy_pin(app);
     let dropped = Admin::open(&root).and_then(|admin| {
         let mut n = 0;
         for p in admin.pins()? {
@@ -459,4 +457,15 @@ fn drop_deploy_pins(store: &Store, app: &str, keep: impl Fn(&Digest) -> bool) ->
         eprintln!("warning: cannot unpin app {app} in {}: {e}", root.display());
         0
     })
+}
+
+/// The root of the embedded registry served from the store (`<store>/registry`), if there is
+/// one: only that registry's pins are ours to set.
+fn embedded_registry(store: &Store) -> Option<PathBuf> {
+    Some(store.root().join("registry")).filter(|root| root.exists())
+}
+
+/// The holder of the embedded registry's pins that deploys of `app` set.
+fn deploy_pin(app: &str) -> String {
+    format!("deploy:{app}")
 }
