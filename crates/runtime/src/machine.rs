@@ -34,7 +34,7 @@ use crate::inroot;
 use crate::net::{self, NetSpec};
 use crate::run::{
     command_line, delete_container, describe, io_err, is_mount_point, mount_overlay, nofile_limit,
-    runc_log_errors, runc_output, unmount,
+    remove_file_if_exists, runc_log_errors, runc_output, unmount,
 };
 use crate::spec::{self, BundleSetup};
 use crate::{MountSpec, NetworkMode, Rootfs, RunSpec, RuntimeConfig, UserSpec};
@@ -476,11 +476,7 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
     let pid_file = l.pid_file();
     let runc_log = l.runc_log();
     for stale in [&pid_file, &runc_log] {
-        match std::fs::remove_file(stale) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(cid, "removing", stale)(e)),
-        }
+        remove_file_if_exists(cid, stale)?;
     }
     std::fs::create_dir_all(&cfg.state_root).map_err(io_err(cid, "creating", &cfg.state_root))?;
 

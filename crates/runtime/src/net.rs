@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::error::{Error, Result};
+use crate::run::{io_err, remove_file_if_exists};
 
 /// The largest [`NetSpec::index`]: 10.89.0.0/16 holds 16384 /30 networks.
 pub const MAX_NET_INDEX: u32 = (1 << 14) - 1;
@@ -140,16 +141,11 @@ pub fn setup_network(id: &str, net: &NetSpec) -> Result<()> {
 pub fn prepare_network(net: &NetSpec) -> Result<()> {
     let id = format!("(spare network {})", net.index);
     let marker = net.ready_marker();
-    remove_if_exists(&id, &marker)?;
+    remove_file_if_exists(&id, &marker)?;
     make_network(&id, net)?;
     std::fs::create_dir_all(READY_DIR)
         .and_then(|()| std::fs::write(&marker, b""))
-        .map_err(|source| Error::Io {
-            id,
-            op: "writing",
-            path: marker,
-            source,
-        })
+        .map_err(io_err(&id, "writing", &marker))
 }
 
 /// Whether slot `net` holds a network made by [`prepare_network`] that no machine used yet;
@@ -162,19 +158,6 @@ fn take_prepared(net: &NetSpec) -> bool {
         return false;
     }
     net.netns_path().exists() && link_exists(&net.host_link())
-}
-
-fn remove_if_exists(id: &str, path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::Io {
-            id: id.to_string(),
-            op: "removing",
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
 }
 
 fn make_network(id: &str, net: &NetSpec) -> Result<()> {
@@ -292,12 +275,11 @@ pub fn ensure_host_nat() -> Result<()> {
     let forward = Path::new("/proc/sys/net/ipv4/ip_forward");
     let on = std::fs::read_to_string(forward).is_ok_and(|v| v.trim() == "1");
     if !on {
-        std::fs::write(forward, b"1").map_err(|source| Error::Io {
-            id: id.clone(),
-            op: "enabling IPv4 forwarding in",
-            path: forward.to_path_buf(),
-            source,
-        })?;
+        std::fs::write(forward, b"1").map_err(io_err(
+            &id,
+            "enabling IPv4 forwarding in",
+            forward,
+        ))?;
     }
     let script = format!(
         "table ip {NAT_TABLE} {{}}\n\
@@ -315,7 +297,7 @@ pub fn ensure_host_nat() -> Result<()> {
 /// Removes machine `id`'s veth pair and namespace (or a spare's); what is already gone is
 /// fine.
 pub fn teardown_network(id: &str, net: &NetSpec) -> Result<()> {
-    remove_if_exists(id, &net.ready_marker())?;
+    remove_file_if_exists(id, &net.ready_marker())?;
     let host = net.host_link();
     // Deleting one end of a veth pair deletes both.
     if link_exists(&host) {

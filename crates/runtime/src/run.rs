@@ -40,6 +40,15 @@ pub(crate) fn io_err<'a>(
     }
 }
 
+/// Removes file `path`; one that is not there is fine.
+pub(crate) fn remove_file_if_exists(id: &str, path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(id, "removing", path)(e)),
+    }
+}
+
 fn invalid(spec: &RunSpec, reason: impl Into<String>) -> Error {
     Error::InvalidSpec {
         id: spec.id.clone(),
