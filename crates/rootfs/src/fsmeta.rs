@@ -3,12 +3,16 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+/// Whether an extended attribute is overlayfs's own (`trusted.overlay.*`, or `user.overlay.*`
+/// with `userxattr`).
+pub(crate) fn is_overlay_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
+}
+
 /// Extended attributes that never belong in a layer: overlayfs bookkeeping (it would change how
 /// a later overlay mount sees the layer) and SELinux labels of the build host.
 pub(crate) fn xattr_is_layer_content(name: &[u8]) -> bool {
-    !(name.starts_with(b"trusted.overlay.")
-        || name.starts_with(b"user.overlay.")
-        || name == b"security.selinux")
+    !(is_overlay_xattr(name) || name == b"security.selinux")
 }
 
 /// The layer-worthy xattrs of `path` (not following a final symlink), sorted by name.

@@ -352,8 +352,7 @@ fn strip_overlay_xattrs(path: &Path) -> Result<()> {
     };
     for n in names {
         let b = n.as_bytes();
-        let overlay = b.starts_with(b"trusted.overlay.") || b.starts_with(b"user.overlay.");
-        if overlay && !b.ends_with(b".opaque") {
+        if crate::fsmeta::is_overlay_xattr(b) && !b.ends_with(b".opaque") {
             xattr::remove(path, &n).map_err(io_err("removing overlay xattr", path))?;
         }
     }
