@@ -270,6 +270,16 @@ fn claim_owner(db: &Path, id: &str) -> String {
     format!("{}\n{id}\n", db.display())
 }
 
+/// Hands a claim this store holds to `owner` (a stale claim taken over, a spare given to a
+/// machine).
+fn rewrite_claim(file: &Path, owner: &str) -> Result<()> {
+    std::fs::write(file, owner).map_err(|source| Error::Io {
+        op: "write",
+        path: file.to_path_buf(),
+        source,
+    })
+}
+
 /// Unix seconds now.
 pub fn now() -> i64 {
     SystemTime::now()
@@ -487,11 +497,7 @@ impl State {
                     if owner.starts_with(&mine) {
                         // Ours but not in the DB (used was read inside the transaction):
                         // a machine deleted by a process killed before it released the claim.
-                        std::fs::write(&file, claim_owner(db, id)).map_err(|source| Error::Io {
-                            op: "write",
-                            path: file.clone(),
-                            source,
-                        })?;
+                        rewrite_claim(&file, &claim_owner(db, id))?;
                         return Ok(i);
                     }
                 }
@@ -546,12 +552,10 @@ impl State {
             Some(index) => {
                 tx.execute("DELETE FROM spare_nets WHERE net_index = ?1", [index])
                     .map_err(db)?;
-                let file = self.claims.join(index.to_string());
-                std::fs::write(&file, claim_owner(&self.path, id)).map_err(|source| Error::Io {
-                    op: "write",
-                    path: file.clone(),
-                    source,
-                })?;
+                rewrite_claim(
+                    &self.claims.join(index.to_string()),
+                    &claim_owner(&self.path, id),
+                )?;
                 index
             }
             None => {
