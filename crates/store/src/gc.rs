@@ -157,12 +157,7 @@ impl Store {
             let path = entry.path();
             if let Some(rest) = name.strip_prefix("tmp-") {
                 let stale = rest.starts_with("gc-")
-                    || entry
-                        .metadata()
-                        .ok()
-                        .and_then(|m| m.modified().ok())
-                        .and_then(|m| now.duration_since(m).ok())
-                        .is_some_and(|age| age >= crate::STALE_TEMP_AGE);
+                    || entry.metadata().is_ok_and(|m| crate::is_stale(&m, now));
                 if stale && !dry_run {
                     remove_tree(&path)?;
                 }

@@ -224,12 +224,7 @@ impl Store {
             let entry = entry.ctx("list", &dir)?;
             let path = entry.path();
             let Ok(meta) = entry.metadata() else { continue };
-            let age = meta
-                .modified()
-                .ok()
-                .and_then(|m| now.duration_since(m).ok())
-                .unwrap_or_default();
-            if age < STALE_TEMP_AGE {
+            if !is_stale(&meta, now) {
                 continue;
             }
             if !dry_run {
@@ -298,4 +293,13 @@ pub fn default_root(explicit: Option<PathBuf>) -> Result<PathBuf> {
         Some(home) => Ok(PathBuf::from(home).join(".local/share/strata")),
         None => Err(Error::NoDefaultLocation),
     }
+}
+
+/// Whether a temp entry was last modified [`STALE_TEMP_AGE`] or more before `now` (so no live
+/// writer can still be using it). An entry without a readable mtime is not.
+pub(crate) fn is_stale(meta: &fs::Metadata, now: SystemTime) -> bool {
+    meta.modified()
+        .ok()
+        .and_then(|m| now.duration_since(m).ok())
+        .is_some_and(|age| age >= STALE_TEMP_AGE)
 }
