@@ -219,11 +219,9 @@ fn project_errors_are_clear() {
 
 #[test]
 fn lock_pins_external_bases_until_update() {
-    if !can_run("lock_pins_external_bases_until_update") {
+    let Some((_d, store, dir)) = run_lab("lock_pins_external_bases_until_update") else {
         return;
-    }
-    let (_d, store) = store_with_busybox();
-    let dir = tempfile::tempdir().unwrap();
+    };
     write_files(
         dir.path(),
         &[

@@ -10,11 +10,9 @@ use strata_build::{BuildOptions, Error, NoProgress, build};
 
 #[test]
 fn run_copy_env_cmd_then_cached_then_incremental() {
-    if !can_run("run_copy_env_cmd_then_cached_then_incremental") {
+    let Some((_d, store, ctx)) = run_lab("run_copy_env_cmd_then_cached_then_incremental") else {
         return;
-    }
-    let (_d, store) = store_with_busybox();
-    let ctx = tempfile::tempdir().unwrap();
+    };
     write_files(
         ctx.path(),
         &[
@@ -87,11 +85,9 @@ fn run_copy_env_cmd_then_cached_then_incremental() {
 
 #[test]
 fn build_arg_used_by_run_misses_only_that_run() {
-    if !can_run("build_arg_used_by_run_misses_only_that_run") {
+    let Some((_d, store, ctx)) = run_lab("build_arg_used_by_run_misses_only_that_run") else {
         return;
-    }
-    let (_d, store) = store_with_busybox();
-    let ctx = tempfile::tempdir().unwrap();
+    };
     write_files(
         ctx.path(),
         &[(
@@ -116,11 +112,9 @@ fn build_arg_used_by_run_misses_only_that_run() {
 
 #[test]
 fn multi_stage_builds_only_what_the_target_needs() {
-    if !can_run("multi_stage_builds_only_what_the_target_needs") {
+    let Some((_d, store, ctx)) = run_lab("multi_stage_builds_only_what_the_target_needs") else {
         return;
-    }
-    let (_d, store) = store_with_busybox();
-    let ctx = tempfile::tempdir().unwrap();
+    };
     write_files(
         ctx.path(),
         &[(
@@ -149,11 +143,9 @@ fn multi_stage_builds_only_what_the_target_needs() {
 
 #[test]
 fn run_failure_names_line_exit_code_and_output() {
-    if !can_run("run_failure_names_line_exit_code_and_output") {
+    let Some((_d, store, ctx)) = run_lab("run_failure_names_line_exit_code_and_output") else {
         return;
-    }
-    let (_d, store) = store_with_busybox();
-    let ctx = tempfile::tempdir().unwrap();
+    };
     write_files(
         ctx.path(),
         &[(
@@ -179,11 +171,10 @@ fn run_failure_names_line_exit_code_and_output() {
 
 #[test]
 fn cache_mount_persists_and_secret_stays_out_of_layers() {
-    if !can_run("cache_mount_persists_and_secret_stays_out_of_layers") {
+    let Some((_d, store, ctx)) = run_lab("cache_mount_persists_and_secret_stays_out_of_layers")
+    else {
         return;
-    }
-    let (_d, store) = store_with_busybox();
-    let ctx = tempfile::tempdir().unwrap();
+    };
     write_files(
         ctx.path(),
         &[(
@@ -307,11 +298,10 @@ fn tree(root: &std::path::Path) -> std::collections::BTreeMap<String, String> {
 
 #[test]
 fn run_upper_dir_becomes_the_same_snapshot_an_unpack_gives() {
-    if !can_run("run_upper_dir_becomes_the_same_snapshot_an_unpack_gives") {
+    let Some((_d, store, ctx)) = run_lab("run_upper_dir_becomes_the_same_snapshot_an_unpack_gives")
+    else {
         return;
-    }
-    let (_d, store) = store_with_busybox();
-    let ctx = tempfile::tempdir().unwrap();
+    };
     // Added, changed and deleted files, an opaque directory (removed and made again), links,
     // a chmod of an image file, and runc's mount points (/proc, /dev, /etc/hosts...) that
     // must not stay in the snapshot since they are not in the layer.

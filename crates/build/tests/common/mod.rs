@@ -69,6 +69,17 @@ pub fn store_with_busybox() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// What a RUN test starts from, where RUN steps can run (else the skip is said, and `None`):
+/// a store holding `busybox:latest` (with the directory that holds it) and an empty directory
+/// for the build context.
+pub fn run_lab(test: &str) -> Option<(tempfile::TempDir, Store, tempfile::TempDir)> {
+    if !can_run(test) {
+        return None;
+    }
+    let (dir, store) = store_with_busybox();
+    Some((dir, store, tempfile::tempdir().unwrap()))
+}
+
 /// Writes `files` (path, content) under `dir`.
 pub fn write_files(dir: &Path, files: &[(&str, &str)]) {
     for (p, c) in files {
