@@ -512,6 +512,14 @@ pub fn status(store: Store, app: Option<&str>) -> Result<()> {
 
 pub fn apps_destroy(store: Store, app: &str, volumes: bool) -> Result<()> {
     let host = host(store)?;
+    // Like `fly apps destroy`: a name this host knows nothing of is an error, not a no-op
+    // (a typo must not look like success).
+    if host.state.releases(Some(app))?.is_empty()
+        && host.state.app_machines(app)?.is_empty()
+        && host.state.app_tags(app)?.is_empty()
+    {
+        bail!("no app `{app}` on this host: it has no release, machine or release name here");
+    }
     ensure_agent(host.store.root(), &exe()?)?;
     let destroyed = destroy_app(&host, app, volumes)?;
     let registry_pins = crate::registry::unpin_app_in_embedded_registry(&host.store, app);

@@ -573,6 +573,9 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     // A missing image.
     let e = env.fails(&["machine", "run", "nope:1"]);
     assert!(e.contains("nope:1"), "{e}");
+    // An app this host never saw: an error, not a quiet no-op.
+    let e = env.fails(&["apps", "destroy", "nope"]);
+    assert!(e.contains("no app `nope` on this host"), "{e}");
     // A public port another program holds.
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
