@@ -369,7 +369,26 @@ pub struct PortSpec {
     pub protocol: Protocol,
 }
 
+impl Protocol {
+    /// The lower-case name Docker writes in `ExposedPorts` (`tcp`, `udp`, `sctp`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
 impl PortSpec {
+    /// The `ExposedPorts` keys this spec stands for, one per port of a range, protocol in
+    /// lower case: `8000-8001/UDP` gives `8000/udp`, `8001/udp` (Docker's `nat.ParsePortSpecs`).
+    pub fn exposed_keys(&self) -> Vec<String> {
+        (self.start..=self.end)
+            .map(|p| format!("{p}/{}", self.protocol.as_str()))
+            .collect()
+    }
+
     /// Parses `80`, `80/udp`, `8000-8010/tcp` (after expansion).
     pub fn parse(s: &str) -> Result<Self, String> {
         let (ports, proto) = match s.split_once('/') {

@@ -210,6 +210,11 @@ impl<'a> Parser<'a> {
 
     /// Parses a directive line; `Ok(false)` ends the directive block.
     fn directive(&mut self, line: &str, seen: &mut Vec<String>, lineno: usize) -> Result<bool> {
+        // A `#!` first line (a Dockerfile run as a script) leaves the directives open, as
+        // in BuildKit's DirectiveParser.
+        if lineno == 0 && line.starts_with("#!") {
+            return Ok(true);
+        }
         let Some(rest) = line.strip_prefix('#') else {
             return Ok(false);
         };
@@ -225,6 +230,11 @@ impl<'a> Parser<'a> {
         let key = rest[..key_len].to_ascii_lowercase();
         let Some(value) = rest[key_len..].trim_start().strip_prefix('=') else {
             return Ok(false);
+        };
+        // ` //` starts a comment after the value (`# syntax=docker/dockerfile:1 // why`).
+        let value = match value.find(" //") {
+            Some(i) => &value[..i],
+            None => value,
         };
         let value = value.trim();
         if value.is_empty() || !matches!(key.as_str(), "escape" | "syntax" | "check") {

@@ -234,8 +234,8 @@ impl<'a> StageScope<'a> {
                 let mut out = Vec::new();
                 for p in ports {
                     for e in self.lexer.expand_words(p, &self.vars)? {
-                        PortSpec::parse(&e)?;
-                        out.push(e);
+                        // One entry per port, as the config records it.
+                        out.extend(PortSpec::parse(&e)?.exposed_keys());
                     }
                 }
                 Instruction::Expose(out)
