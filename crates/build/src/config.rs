@@ -77,8 +77,10 @@ pub enum ConfigChange {
     Env { vars: Vec<(String, String)> },
     /// `EXPOSE` entries (`80`, `53/udp`).
     Expose { ports: Vec<String> },
-    /// `LABEL k=v ...` (and `MAINTAINER`, as the `maintainer` label).
+    /// `LABEL k=v ...`.
     Label { labels: Vec<(String, String)> },
+    /// `MAINTAINER`: the image's `author` (outside the container config, like Docker).
+    Maintainer { author: String },
     /// `USER`.
     User { user: String },
     /// `WORKDIR` (relative to the previous one).
@@ -117,9 +119,7 @@ impl ConfigChange {
             Instruction::Env(v) => ConfigChange::Env { vars: kvs(v) },
             Instruction::Expose(p) => ConfigChange::Expose { ports: p.clone() },
             Instruction::Label(v) => ConfigChange::Label { labels: kvs(v) },
-            Instruction::Maintainer(m) => ConfigChange::Label {
-                labels: vec![("maintainer".to_string(), m.clone())],
-            },
+            Instruction::Maintainer(m) => ConfigChange::Maintainer { author: m.clone() },
             Instruction::User(u) => ConfigChange::User { user: u.clone() },
             Instruction::Workdir(w) => ConfigChange::Workdir { path: w.clone() },
             Instruction::Volume(v) => ConfigChange::Volume { paths: v.clone() },
@@ -217,6 +217,8 @@ impl ConfigChange {
                     map.insert(k.clone(), v.clone());
                 }
             }
+            // Not a container config field: the engine sets the image's author.
+            ConfigChange::Maintainer { .. } => {}
             ConfigChange::User { user } => config.user = Some(user.clone()),
             ConfigChange::Workdir { path } => {
                 config.working_dir = Some(resolve_workdir(config.working_dir.as_deref(), path));

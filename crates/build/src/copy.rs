@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use strata_dockerfile::IgnoreMatcher;
-use strata_oci::{Compression, Descriptor, Digest};
+use strata_oci::{Descriptor, Digest};
 use strata_rootfs::{LayerOptions, LayerSource, MtimePolicy, write_layer};
 
 use crate::engine::{Ctx, StageState};
@@ -159,6 +159,8 @@ struct Stage<'a> {
     explicit: std::collections::BTreeSet<String>,
     /// Directories created as parents.
     created: std::collections::BTreeSet<String>,
+    /// Where the first name of a multiply linked source file was placed, by (dev, inode).
+    links: BTreeMap<(u64, u64), String>,
 }
 
 fn set_meta(path: &Path, mode: u32, uid: u32, gid: u32, symlink: bool) -> Result<()> {
@@ -240,6 +242,13 @@ impl Stage<'_> {
         let p = self.clear(abs)?;
         std::fs::write(&p, bytes).map_err(io_err("writing", &p))?;
         set_meta(&p, mode, owner.0, owner.1, false)
+    }
+
+    /// `abs` as another name of the already staged file `first` (a hard link in the layer).
+    fn hard_link(&mut self, abs: &str, first: &str) -> Result<()> {
+        let p = self.clear(abs)?;
+        let first = self.host(first);
+        std::fs::hard_link(&first, &p).map_err(io_err("linking", &p))
     }
 
     fn symlink(&mut self, abs: &str, target: &Path, owner: (u32, u32)) -> Result<()> {
@@ -327,6 +336,7 @@ pub(crate) fn copy_step(
         owner,
         explicit: Default::default(),
         created: Default::default(),
+        links: Default::default(),
     };
     let exclude = exclude_matcher(step)?;
     let origin_root = match &step.from {
@@ -334,7 +344,15 @@ pub(crate) fn copy_step(
         other => ctx.origin_root(other)?,
     };
     let keep_owner = step.from != FileSource::Context;
-    let dest_dir_like = step.dest_is_dir || view.is_dir(&step.dest);
+    // Docker writes through the image's own symlinks (`/lib -> usr/lib`): the destination
+    // is resolved in the parent image, never leaving its root. `--link` copies onto an
+    // empty root, so there is nothing to resolve.
+    let dest = if step.link {
+        step.dest.clone()
+    } else {
+        view.resolve(&step.dest).map_err(Error::Usage)?
+    };
+    let dest_dir_like = step.dest_is_dir || view.is_dir(&dest);
     let unpack = step.add && step.unpack != Some(false);
 
     for (i, s) in step.sources.iter().enumerate() {
@@ -363,15 +381,15 @@ pub(crate) fn copy_step(
                 }
                 for m in &matches {
                     let top = if step.parents {
-                        join_dest(&step.dest, &m.rel)
+                        join_dest(&dest, &m.rel)
                     } else if m.is_dir {
-                        step.dest.clone()
+                        dest.clone()
                     } else if dest_dir_like || many {
-                        join_dest(&step.dest, base_name(&m.rel))
+                        join_dest(&dest, base_name(&m.rel))
                     } else {
-                        step.dest.clone()
+                        dest.clone()
                     };
-                    place(&mut st, m, &top, step, chown, keep_owner, unpack)?;
+                    place(&mut st, m, &top, &dest, step, chown, keep_owner, unpack)?;
                 }
             }
             CopySource::Url { url } => {
@@ -380,18 +398,18 @@ pub(crate) fn copy_step(
                     None => download(ctx, url, step.checksum.as_deref())?,
                 };
                 let name = base_name(url.split(['?', '#']).next().unwrap_or(url));
-                let target = if step.dest_is_dir || dest_dir_like {
-                    join_dest(&step.dest, name)
+                let target = if dest_dir_like {
+                    join_dest(&dest, name)
                 } else {
-                    step.dest.clone()
+                    dest.clone()
                 };
                 st.file_from(&target, f.path(), step.chmod.unwrap_or(0o600), owner)?;
             }
             CopySource::Inline { name, content } => {
-                let target = if step.dest_is_dir || dest_dir_like {
-                    join_dest(&step.dest, name)
+                let target = if dest_dir_like {
+                    join_dest(&dest, name)
                 } else {
-                    step.dest.clone()
+                    dest.clone()
                 };
                 st.file_bytes(
                     &target,
@@ -403,8 +421,13 @@ pub(crate) fn copy_step(
         }
     }
     st.finish_parents()?;
-    if std::fs::read_dir(staging.path())
-        .map_err(io_err("reading directory", staging.path()))?
+    write_staged(ctx, staging.path())
+}
+
+/// Writes the staged tree at `staging` as a layer into the store; `None` when it is empty.
+fn write_staged(ctx: &Ctx<'_>, staging: &Path) -> Result<Option<(Descriptor, Digest)>> {
+    if std::fs::read_dir(staging)
+        .map_err(io_err("reading directory", staging))?
         .next()
         .is_none()
     {
@@ -416,16 +439,69 @@ pub(crate) fn copy_step(
         ..LayerOptions::default()
     };
     let mut writer = ctx.store.blob_writer()?;
-    let info = write_layer(LayerSource::Dir(staging.path()), &opts, &mut writer)?;
+    let info = write_layer(LayerSource::Dir(staging), &opts, &mut writer)?;
     writer.commit(Some((&info.digest, Some(info.size))))?;
-    let _ = Compression::Gzip;
     Ok(Some((info.descriptor(), info.diff_id)))
 }
 
+/// The layer `WORKDIR path` makes, as BuildKit does: the directory (resolved through the
+/// image's symlinks) and its missing parents, mode 0755, owned by the stage's `USER` when
+/// there is one; `None` when the image has the directory already.
+pub(crate) fn workdir_step(
+    ctx: &Ctx<'_>,
+    state: &StageState,
+    path: &str,
+) -> Result<Option<(Descriptor, Digest)>> {
+    let view = if state.layers.is_empty() {
+        ImageView::default()
+    } else {
+        ImageView {
+            top_first: ctx.snapshots_of(&state.layers)?.into_iter().rev().collect(),
+        }
+    };
+    let dir = view.resolve(path).map_err(Error::Usage)?;
+    if dir == "/" || view.is_dir(&dir) {
+        return Ok(None);
+    }
+    let mut prefix = String::new();
+    for part in dir.split('/').filter(|p| !p.is_empty()) {
+        prefix.push('/');
+        prefix.push_str(part);
+        if let Some(md) = view.lookup(&prefix)
+            && !md.is_dir()
+        {
+            return Err(Error::Usage(format!(
+                "WORKDIR {path}: `{prefix}` exists in the image and is not a directory"
+            )));
+        }
+    }
+    let owner = match state.config.user.as_deref().filter(|u| !u.is_empty()) {
+        Some(user) => {
+            let u = strata_runtime::resolve_user(&view.top_first, user)?;
+            (u.uid, u.gid)
+        }
+        None => (0, 0),
+    };
+    let staging = ctx.tempdir("workdir-")?;
+    let mut st = Stage {
+        root: staging.path().to_path_buf(),
+        view: &view,
+        owner,
+        explicit: Default::default(),
+        created: Default::default(),
+        links: Default::default(),
+    };
+    st.dir(&dir, 0o755, owner)?;
+    st.finish_parents()?;
+    write_staged(ctx, staging.path())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn place(
     st: &mut Stage<'_>,
     m: &Matched,
     top: &str,
+    dest: &str,
     step: &CopyStep,
     chown: Option<(u32, u32)>,
     keep_owner: bool,
@@ -451,7 +527,7 @@ fn place(
             }
             Kind::Dir => st.dir(&abs, mode, owner)?,
             Kind::File { .. } if unpack && e.rel.is_empty() && is_archive(&e.path) => {
-                let dir_abs = step.dest.clone();
+                let dir_abs = dest.to_string();
                 match st.view.lookup(&dir_abs) {
                     Some(md) if md.is_dir() => {
                         st.dir(&dir_abs, md.mode() & 0o7777, (md.uid(), md.gid()))?
@@ -460,9 +536,23 @@ fn place(
                 }
                 extract(&e.path, &st.host(&dir_abs))?;
             }
-            Kind::File { .. } => st.file_from(&abs, &e.path, mode, owner)?,
+            Kind::File { .. } => match e.link_id.and_then(|id| st.links.get(&id).cloned()) {
+                Some(first) => st.hard_link(&abs, &first)?,
+                None => {
+                    st.file_from(&abs, &e.path, mode, owner)?;
+                    if let Some(id) = e.link_id {
+                        st.links.insert(id, abs.clone());
+                    }
+                }
+            },
             Kind::Symlink { target } => st.symlink(&abs, target, owner)?,
-            Kind::Other => {}
+            Kind::Other { what } => {
+                return Err(Error::Usage(format!(
+                    "cannot copy `{}`: it is {what}; COPY and ADD take files, directories \
+                     and symlinks",
+                    e.path.display()
+                )));
+            }
         }
     }
     Ok(())

@@ -1,12 +1,12 @@
 //! The solver: runs a [`Plan`]'s stages (independent ones in parallel), step by step through
 //! the cache, and stores the final image.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use strata_dockerfile::{Dockerfile, IgnoreMatcher};
+use strata_dockerfile::{Dockerfile, IgnoreMatcher, Instruction};
 use strata_oci::{
     Compression, ContainerConfig, Descriptor, Digest, History, ImageConfig, Manifest, Platform,
     Reference, RootFs, media_type,
@@ -303,6 +303,8 @@ pub(crate) struct StageState {
     pub layers: Vec<LayerRef>,
     pub history: Vec<History>,
     pub config: ContainerConfig,
+    /// The image's `author` (inherited from the base, set by MAINTAINER).
+    pub author: Option<String>,
     pub platform: Platform,
     pub key: String,
 }
@@ -463,6 +465,16 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         },
     )?;
 
+    let unused = unused_build_args(&df, &plan, &opts.build_args);
+    if !unused.is_empty() {
+        progress.event(&Event::Warning {
+            message: format!(
+                "one or more build-args [{}] were not consumed",
+                unused.join(" ")
+            ),
+        });
+    }
+
     let name = match (&opts.name, opts.tags.first()) {
         (Some(n), _) => repository_of(n)?,
         (None, Some(t)) => repository_of(t)?,
@@ -578,6 +590,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
     // The image: canonical config, OCI manifest.
     let config = ImageConfig {
         created: Some(ctx.created.clone()),
+        author: state.author.clone(),
         architecture: state.platform.architecture.clone(),
         os: state.platform.os.clone(),
         variant: state.platform.variant.clone(),
@@ -680,6 +693,7 @@ fn run_stage(
                 layers: Vec::new(),
                 history: Vec::new(),
                 config: ContainerConfig::default(),
+                author: None,
                 platform: host.clone(),
                 key: cache::base_key(&BaseInput::Scratch, fcv, &platform_text),
             },
@@ -694,6 +708,7 @@ fn run_stage(
                     layers: img.layers(),
                     history: img.config.history.clone().unwrap_or_default(),
                     config,
+                    author: img.config.author.clone(),
                     platform: img.config.platform(),
                     key: cache::base_key(
                         &BaseInput::Image {
@@ -728,10 +743,7 @@ fn run_stage(
     };
     // Like BuildKit and buildah: an image whose base sets no PATH gets the default one.
     if !matches!(sp.base, Base::Stage(_)) {
-        let env = state.config.env.get_or_insert_with(Vec::new);
-        if !env.iter().any(|e| e.starts_with("PATH=")) {
-            env.insert(0, format!("PATH={}", crate::plan::DEFAULT_PATH));
-        }
+        crate::plan::with_default_path(&mut state.config);
     }
     let prev_steps = previous.and_then(|p| p.stages.get(&sp.display_name()));
     let total = sp.steps.len();
@@ -767,29 +779,57 @@ fn run_stage(
         let started = Instant::now();
         let (key, hit) = match &step.kind {
             StepKind::Config(change) => {
-                let key = cache::step_key(&state.key, &step.kind, None, None);
+                // WORKDIR also creates its directory (BuildKit's mkdir): a layer, keyed
+                // apart from the config-only steps of earlier strata versions.
+                let mkdir = matches!(change, crate::config::ConfigChange::Workdir { .. });
+                let key =
+                    cache::step_key(&state.key, &step.kind, None, mkdir.then_some(WORKDIR_MKDIR));
                 let cmd_before = state.config.cmd.clone();
                 change.apply(&mut state.config);
                 match change {
+                    crate::config::ConfigChange::Maintainer { author } => {
+                        state.author = Some(author.clone());
+                    }
                     crate::config::ConfigChange::Cmd { .. } => cmd_set_here = true,
                     crate::config::ConfigChange::Entrypoint { .. } if cmd_set_here => {
                         state.config.cmd = cmd_before;
                     }
                     _ => {}
                 }
-                state.history.push(History {
-                    created: Some(ctx.created.clone()),
-                    created_by: Some(step.text.clone()),
-                    comment: Some("strata".to_string()),
-                    empty_layer: Some(true),
-                    ..History::default()
-                });
-                // Recorded like filesystem steps so a changed ENV/LABEL reads as a miss.
-                let hit = lookup(ctx, &key)?.is_some();
-                if !hit {
-                    cache::put(ctx.store, &key, &CacheEntry::default())?;
+                if mkdir {
+                    let (entry, hit) = match lookup(ctx, &key)? {
+                        Some(e) => (e, true),
+                        None => {
+                            ctx.progress.event(&Event::StepStarted {
+                                step: step_ref.clone(),
+                            });
+                            let dir = state.config.working_dir.clone().unwrap_or_default();
+                            let layer = copy::workdir_step(ctx, &state, &dir).map_err(wrap)?;
+                            let e = CacheEntry {
+                                layer: layer.as_ref().map(|l| l.0.clone()),
+                                diff_id: layer.map(|l| l.1),
+                            };
+                            cache::put(ctx.store, &key, &e)?;
+                            (e, false)
+                        }
+                    };
+                    push_layer(ctx, &mut state, &entry, &step.text);
+                    (key, hit)
+                } else {
+                    state.history.push(History {
+                        created: Some(ctx.created.clone()),
+                        created_by: Some(step.text.clone()),
+                        comment: Some("strata".to_string()),
+                        empty_layer: Some(true),
+                        ..History::default()
+                    });
+                    // Recorded like filesystem steps so a changed ENV/LABEL reads as a miss.
+                    let hit = lookup(ctx, &key)?.is_some();
+                    if !hit {
+                        cache::put(ctx.store, &key, &CacheEntry::default())?;
+                    }
+                    (key, hit)
                 }
-                (key, hit)
             }
             StepKind::Copy(c) => {
                 let mut prepared = copy::prepare(ctx, c).map_err(wrap)?;
@@ -897,6 +937,46 @@ fn run_stage(
     out.state = state;
     Ok(out)
 }
+
+/// The `--build-arg`s no `ARG` of the build declares (before the first FROM or in a stage
+/// that is built), Docker's "not consumed" warning. The predefined proxy and platform
+/// arguments never count.
+fn unused_build_args(
+    df: &Dockerfile,
+    plan: &Plan,
+    build_args: &BTreeMap<String, String>,
+) -> Vec<String> {
+    const PREDEFINED: &[&str] = &[
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "FTP_PROXY",
+        "NO_PROXY",
+        "ALL_PROXY",
+    ];
+    let built = plan.order.iter().filter_map(|i| df.stages.get(*i));
+    let declared: BTreeSet<&str> = df
+        .meta_args
+        .iter()
+        .chain(built.flat_map(|s| s.instructions.iter()))
+        .filter_map(|l| match &l.instruction {
+            Instruction::Arg(decls) => Some(decls.iter().map(|d| d.name.as_str())),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    build_args
+        .keys()
+        .filter(|k| {
+            !declared.contains(k.as_str())
+                && !PREDEFINED.contains(&k.to_ascii_uppercase().as_str())
+                && !strata_dockerfile::BUILTIN_ARGS.contains(&k.as_str())
+        })
+        .cloned()
+        .collect()
+}
+
+/// The `origin` part of a WORKDIR step's cache key: its entry holds the mkdir layer.
+const WORKDIR_MKDIR: &str = "workdir-mkdir";
 
 /// The final key of the stage a `--from` names (its content is identified by it).
 fn stage_key_of(ctx: &Ctx<'_>, from: &FileSource) -> Option<String> {

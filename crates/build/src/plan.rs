@@ -439,6 +439,11 @@ fn plan_stage(
             }
         }
     };
+    // BuildKit: a stage whose base image (or scratch) sets no PATH gets the default one at
+    // FROM, so `$PATH` expands to it, every RUN sees it and the final config records it.
+    if !matches!(base, Base::Stage(_)) {
+        with_default_path(&mut cfg);
+    }
     // Docker runs the base's triggers once and does not pass them on.
     let triggers = cfg.on_build.take().unwrap_or_default();
     let base_env = cfg.env.clone().unwrap_or_default();
@@ -491,9 +496,21 @@ fn plan_stage(
                         v.push(h.content.clone());
                         v
                     }
-                    _ => {
+                    // Any other use (`cat <<EOF > f`, `<<A sh && <<B sh`, several
+                    // heredocs): like BuildKit, the bodies go back after the command line,
+                    // each closed by its delimiter, and the shell reads them as heredocs.
+                    (strata_dockerfile::CommandLine::Shell(s), docs) => {
+                        let mut full = s.clone();
+                        for h in docs {
+                            full.push('\n');
+                            full.push_str(&h.content);
+                            full.push_str(&h.name);
+                        }
+                        Command::Shell(full).argv(&shell)
+                    }
+                    (strata_dockerfile::CommandLine::Exec(_), _) => {
                         return Err(invalid(
-                            "RUN with here-documents other than a single script is not supported yet"
+                            "RUN with here-documents needs the shell form (not a JSON array)"
                                 .into(),
                         ));
                     }
@@ -603,6 +620,15 @@ fn plan_stage(
 
 /// Docker's default `PATH` for RUN when the image sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Appends `PATH=`[`DEFAULT_PATH`] to `cfg`'s Env when it has no PATH (BuildKit's
+/// dockerfile2llb does this for every stage that does not start from another stage).
+pub(crate) fn with_default_path(cfg: &mut ContainerConfig) {
+    let env = cfg.env.get_or_insert_with(Vec::new);
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(format!("PATH={DEFAULT_PATH}"));
+    }
+}
 
 struct CopyFlags {
     chown: Option<String>,

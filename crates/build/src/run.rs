@@ -62,16 +62,25 @@ pub(crate) fn run_step(
     };
 
     // Docker creates a missing WORKDIR; only the parts the image lacks go in the upper dir.
-    make_dirs_like_image(&view, &upper, &rel(&run.workdir))?;
+    // Through the image's own symlinks, like WORKDIR (`/lib/app` is `/usr/lib/app` when
+    // `/lib -> usr/lib`): a real `lib/` in the layer would hide the image's `/usr/lib`.
+    let workdir = view.resolve(&run.workdir).map_err(Error::Usage)?;
+    make_dirs_like_image(&view, &upper, &rel(&workdir))?;
 
     let user = if run.user.is_empty() {
         UserSpec {
             uid: 0,
             gid: 0,
-            additional_gids: Vec::new(),
+            additional_gids: vec![0],
         }
     } else {
-        strata_runtime::resolve_user(&view.top_first, &run.user)?
+        let mut user = strata_runtime::resolve_user(&view.top_first, &run.user)?;
+        // BuildKit's RUN lists the primary group among the supplementary ones (`id`
+        // shows it in `groups=`).
+        if !user.additional_gids.contains(&user.gid) {
+            user.additional_gids.insert(0, user.gid);
+        }
+        user
     };
 
     let mut held = Held::default();

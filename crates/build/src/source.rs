@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs::Metadata;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -33,8 +33,10 @@ pub(crate) enum Kind {
     Symlink {
         target: PathBuf,
     },
-    /// Devices, fifos: skipped (never in a context, rare in stages).
-    Other,
+    /// Devices, fifos, sockets: COPY refuses them, naming the type (`what`).
+    Other {
+        what: &'static str,
+    },
 }
 
 /// One file or directory to copy.
@@ -49,6 +51,8 @@ pub(crate) struct Entry {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
+    /// (device, inode) of a regular file with more than one name.
+    pub link_id: Option<(u64, u64)>,
 }
 
 /// One source path or glob match.
@@ -72,13 +76,22 @@ fn entry(rel: String, path: PathBuf, md: &Metadata) -> Entry {
         Kind::Symlink {
             target: std::fs::read_link(&path).unwrap_or_default(),
         }
+    } else if ft.is_fifo() {
+        Kind::Other {
+            what: "a named pipe (FIFO)",
+        }
+    } else if ft.is_socket() {
+        Kind::Other { what: "a socket" }
     } else {
-        Kind::Other
+        Kind::Other { what: "a device" }
     };
+    // A file with other names: the layer keeps the names linked (Docker does).
+    let link_id = (ft.is_file() && md.nlink() > 1).then(|| (md.dev(), md.ino()));
     Entry {
         rel,
         path,
         kind,
+        link_id,
         mode: md.mode() & 0o7777,
         uid: md.uid(),
         gid: md.gid(),
@@ -332,7 +345,7 @@ pub(crate) fn hash_matches(
                     None,
                     Some(target.to_string_lossy().to_string()),
                 ),
-                Kind::Other => ("other", 0, None, None),
+                Kind::Other { .. } => ("other", 0, None, None),
             };
             let rec = EntryRecord {
                 path,

@@ -6,6 +6,14 @@ use std::fs::Metadata;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+/// Symlinks followed in one path before giving up (Linux's `MAXSYMLINKS`).
+pub(crate) const MAX_SYMLINKS: usize = 40;
+
+/// The non-empty, non-`.` components of a `/`-separated path.
+fn components(path: &str) -> impl DoubleEndedIterator<Item = &str> {
+    path.split('/').filter(|s| !s.is_empty() && *s != ".")
+}
+
 /// A stack of snapshot directories, top layer first.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ImageView {
@@ -25,15 +33,17 @@ impl ImageView {
     /// The metadata of `rel` (a `/`-separated path relative to the root, no symlinks
     /// followed) as the merged image shows it, `None` when absent.
     pub fn lookup(&self, rel: &str) -> Option<Metadata> {
-        let parts: Vec<&str> = rel
-            .split('/')
-            .filter(|s| !s.is_empty() && *s != ".")
-            .collect();
+        self.locate(rel).map(|(_, md)| md)
+    }
+
+    /// Like [`lookup`](Self::lookup), with the path of the entry in its snapshot directory.
+    fn locate(&self, rel: &str) -> Option<(PathBuf, Metadata)> {
+        let parts: Vec<&str> = components(rel).collect();
         if parts.is_empty() {
-            return self
-                .top_first
-                .first()
-                .and_then(|d| std::fs::symlink_metadata(d).ok());
+            let top = self.top_first.first()?;
+            return std::fs::symlink_metadata(top)
+                .ok()
+                .map(|md| (top.clone(), md));
         }
         'layers: for dir in &self.top_first {
             // A whiteout or an opaque directory on the way hides everything below.
@@ -42,7 +52,7 @@ impl ImageView {
                 p.push(part);
                 match std::fs::symlink_metadata(&p) {
                     Ok(md) if is_whiteout(&md) => return None,
-                    Ok(md) if i + 1 == parts.len() => return Some(md),
+                    Ok(md) if i + 1 == parts.len() => return Some((p, md)),
                     Ok(md) if md.is_dir() => {
                         if is_opaque(&p) {
                             // Deeper layers do not count below this directory.
@@ -52,7 +62,8 @@ impl ImageView {
                             }
                             return std::fs::symlink_metadata(&q)
                                 .ok()
-                                .filter(|m| !is_whiteout(m));
+                                .filter(|m| !is_whiteout(m))
+                                .map(|md| (q, md));
                         }
                     }
                     Ok(_) => return None,
@@ -63,8 +74,106 @@ impl ImageView {
         None
     }
 
+    /// `path` with every symlink on it, the last component included, resolved in the image
+    /// as if its root were `/`: absolute targets start again at the image's root and `..`
+    /// never climbs above it, so the result always names a path inside the image. This is
+    /// where Docker (BuildKit's `fs.RootPath`) writes a COPY/ADD destination or creates a
+    /// WORKDIR: `/lib/x` on a merged-/usr image (`/lib -> usr/lib`) is `/usr/lib/x`.
+    /// Components that do not exist are kept as they are. Errors after
+    /// [`MAX_SYMLINKS`] links, as the kernel does (`ELOOP`).
+    pub fn resolve(&self, path: &str) -> Result<String, String> {
+        // Components still to walk, the next one last.
+        let mut todo: Vec<String> = components(path).rev().map(str::to_string).collect();
+        let mut done: Vec<String> = Vec::new();
+        let mut links = 0;
+        while let Some(part) = todo.pop() {
+            if part == ".." {
+                done.pop();
+                continue;
+            }
+            done.push(part);
+            let here = done.join("/");
+            let Some((host, md)) = self.locate(&here) else {
+                continue;
+            };
+            if !md.file_type().is_symlink() {
+                continue;
+            }
+            links += 1;
+            if links > MAX_SYMLINKS {
+                return Err(format!(
+                    "too many levels of symbolic links resolving `{path}` in the image"
+                ));
+            }
+            let target = std::fs::read_link(&host).map_err(|e| e.to_string())?;
+            let target = target.to_string_lossy();
+            done.pop();
+            if target.starts_with('/') {
+                done.clear();
+            }
+            todo.extend(
+                components(&target)
+                    .rev()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>(),
+            );
+        }
+        Ok(format!("/{}", done.join("/")))
+    }
+
     /// Whether `rel` is a directory in the image.
     pub fn is_dir(&self, rel: &str) -> bool {
         self.lookup(rel).is_some_and(|m| m.is_dir())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// A merged-/usr image: a base layer with `/lib -> usr/lib` and `/bin -> /usr/bin`
+    /// (one relative, one absolute), and an upper layer adding `/opt/up -> ../../../usr`.
+    fn merged_usr() -> (tempfile::TempDir, ImageView) {
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("base");
+        let top = t.path().join("top");
+        std::fs::create_dir_all(base.join("usr/lib")).unwrap();
+        std::fs::create_dir_all(base.join("usr/bin")).unwrap();
+        symlink("usr/lib", base.join("lib")).unwrap();
+        symlink("/usr/bin", base.join("bin")).unwrap();
+        symlink("loop2", base.join("loop1")).unwrap();
+        symlink("loop1", base.join("loop2")).unwrap();
+        std::fs::create_dir_all(top.join("opt")).unwrap();
+        symlink("../../../usr", top.join("opt/up")).unwrap();
+        let view = ImageView {
+            top_first: vec![top, base],
+        };
+        (t, view)
+    }
+
+    #[test]
+    fn resolve_follows_the_image_symlinks_and_never_leaves_its_root() {
+        let (_t, v) = merged_usr();
+        assert_eq!(v.resolve("/lib/x/a.txt").unwrap(), "/usr/lib/x/a.txt");
+        assert_eq!(v.resolve("/lib").unwrap(), "/usr/lib");
+        assert_eq!(v.resolve("/bin/").unwrap(), "/usr/bin");
+        assert_eq!(v.resolve("/opt/up/lib").unwrap(), "/usr/lib");
+        assert_eq!(v.resolve("/srv/../lib/app").unwrap(), "/usr/lib/app");
+        assert_eq!(v.resolve("/new/dir").unwrap(), "/new/dir");
+        assert_eq!(v.resolve("/").unwrap(), "/");
+        let err = v.resolve("/loop1/x").unwrap_err();
+        assert!(err.contains("too many levels"), "{err}");
+    }
+
+    #[test]
+    fn resolve_sees_what_upper_layers_hide() {
+        let (t, mut v) = merged_usr();
+        // A later layer replaces the `/lib` link by a real directory.
+        let upper = t.path().join("upper");
+        std::fs::create_dir_all(upper.join("lib")).unwrap();
+        v.top_first.insert(0, upper);
+        assert_eq!(v.resolve("/lib/x").unwrap(), "/lib/x");
     }
 }

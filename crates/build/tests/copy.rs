@@ -94,7 +94,10 @@ fn copy_follows_docker_destination_rules() {
     let hist = cfg.history.unwrap();
     assert_eq!(hist.len(), 11);
     assert_eq!(hist[0].created_by.as_deref(), Some("WORKDIR /w"));
-    assert!(hist[0].is_empty_layer());
+    assert!(
+        !hist[0].is_empty_layer(),
+        "WORKDIR creates a missing directory in a layer of its own, like BuildKit"
+    );
     assert!(!hist[1].is_empty_layer());
     assert_eq!(
         hist.iter().filter(|h| !h.is_empty_layer()).count(),
@@ -166,10 +169,11 @@ fn unchanged_inputs_are_cached_and_keys_are_pinned() {
     let mut opts = BuildOptions::new(ctx.path());
     opts.tags = vec!["keys".into()];
     let (first, _) = build_ok(&store, &opts);
-    // The keys are an on-disk format: this literal changes only on purpose.
+    // The keys are an on-disk format: this literal changes only on purpose (last: WORKDIR
+    // steps are keyed as the mkdir layer they now make).
     assert_eq!(
         first.cache_key,
-        "7efd99d3ed9b4af63477eef86150ad3248592f483977b2bd6fd6b0891eb5e0dd"
+        "41dab5ed359ed765f0b0bd2ae4ca6224d17c751c08f25e7b050d8015d0fc40c0"
     );
     assert_eq!(
         first.content_tag,
@@ -375,4 +379,152 @@ fn onbuild_triggers_run_in_the_child_and_deployment_tags() {
     assert_eq!(store.get_ref(&dep).unwrap(), Some(child.descriptor.clone()));
     assert!(child.tags.contains(&"child:latest".to_string()));
     assert!(child.tags.contains(&child.content_tag));
+}
+
+/// Docker's config rules at FROM and for EXPOSE/MAINTAINER, and its warning for build args
+/// no ARG takes.
+#[test]
+fn config_gets_default_path_port_ranges_author_and_unused_arg_warning() {
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[(
+            "Dockerfile",
+            "FROM scratch\n\
+             ARG USED\n\
+             MAINTAINER Jane Doe <jane@example.com>\n\
+             ENV PATH=/opt/bin:$PATH\n\
+             EXPOSE 8000-8002 9000/UDP\n",
+        )],
+    );
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["cfg".into()];
+    for (k, v) in [("USED", "1"), ("UNUSED", "2"), ("HTTP_PROXY", "http://p")] {
+        opts.build_args.insert(k.into(), v.into());
+    }
+    let (out, events) = build_ok(&store, &opts);
+    let cfg = config_of(&store, &out);
+    assert_eq!(cfg.author.as_deref(), Some("Jane Doe <jane@example.com>"));
+    let c = cfg.config.unwrap();
+    assert_eq!(c.labels, None, "MAINTAINER is no label");
+    assert_eq!(
+        c.env.unwrap(),
+        ["PATH=/opt/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        "the default PATH is in the stage's env at FROM"
+    );
+    let ports: Vec<String> = c.exposed_ports.unwrap().into_keys().collect();
+    assert_eq!(ports, ["8000/tcp", "8001/tcp", "8002/tcp", "9000/udp"]);
+    let warnings: Vec<&String> = events
+        .iter()
+        .filter_map(|e| match e {
+            strata_build::Event::Warning { message } => Some(message),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        warnings,
+        ["one or more build-args [UNUSED] were not consumed"],
+        "{events:#?}"
+    );
+}
+
+/// On a merged-/usr base (`/lib -> usr/lib`), COPY, ADD and WORKDIR write through the
+/// image's symlinks as Docker does, instead of hiding `/usr/lib` behind a real `lib/`.
+#[test]
+fn destinations_resolve_through_the_image_symlinks() {
+    let (_d, store) = store_with_busybox();
+    common::images::import_merged_usr(&store);
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[
+            ("a.txt", "a"),
+            ("entrypoint.sh", "#!/bin/sh\n"),
+            (
+                "Dockerfile",
+                "FROM merged\n\
+                 COPY a.txt /lib/x/\n\
+                 COPY entrypoint.sh /bin/\n\
+                 ADD app.tar.gz /lib/\n\
+                 WORKDIR /lib/app\n\
+                 COPY a.txt rel.txt\n\
+                 USER app\n\
+                 WORKDIR /home/app/work\n",
+            ),
+        ],
+    );
+    std::fs::write(
+        ctx.path().join("app.tar.gz"),
+        tar_gz(&[("libapp.so", "elf")]),
+    )
+    .unwrap();
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["merged-app".into()];
+    let (out, _) = build_ok(&store, &opts);
+    let (_g, root) = umoci_unpack(&store, "merged-app");
+    for link in ["lib", "bin"] {
+        let md = std::fs::symlink_metadata(root.join(link)).unwrap();
+        assert!(md.file_type().is_symlink(), "/{link} is still a symlink");
+    }
+    let read =
+        |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("usr/lib/x/a.txt"), "a");
+    assert_eq!(read("usr/bin/entrypoint.sh"), "#!/bin/sh\n");
+    assert_eq!(read("usr/lib/libapp.so"), "elf");
+    assert_eq!(read("usr/lib/app/rel.txt"), "a");
+    assert!(root.join("usr/bin/busybox").exists());
+    // WORKDIR under USER: made by and for that user, missing parents included (BuildKit).
+    for d in ["home", "home/app", "home/app/work"] {
+        let md = std::fs::symlink_metadata(root.join(d)).unwrap();
+        assert!(md.is_dir(), "{d}");
+        assert_eq!(
+            (md.uid(), md.gid(), md.mode() & 0o7777),
+            (1000, 1000, 0o755),
+            "{d}"
+        );
+    }
+    let c = config_of(&store, &out).config.unwrap();
+    assert_eq!(
+        c.working_dir.as_deref(),
+        Some("/home/app/work"),
+        "the config keeps the path as written"
+    );
+}
+
+#[test]
+fn hardlinks_in_the_context_stay_linked_and_fifos_are_refused() {
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[
+            ("d/one", "same"),
+            ("Dockerfile", "FROM scratch\nCOPY d /d/\n"),
+        ],
+    );
+    std::fs::hard_link(ctx.path().join("d/one"), ctx.path().join("d/two")).unwrap();
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["links".into()];
+    build_ok(&store, &opts);
+    let (_g, root) = umoci_unpack(&store, "links");
+    let one = std::fs::metadata(root.join("d/one")).unwrap();
+    let two = std::fs::metadata(root.join("d/two")).unwrap();
+    assert_eq!(one.ino(), two.ino(), "one file, two names");
+    assert_eq!(one.nlink(), 2);
+
+    let fifo = ctx.path().join("d/pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let progress = strata_build::CollectProgress::default();
+    let err = strata_build::build(&store, &opts, &progress)
+        .expect_err("a FIFO cannot be copied")
+        .to_string();
+    assert!(
+        err.contains("d/pipe") && err.contains("named pipe"),
+        "the error names the file and its type: {err}"
+    );
 }

@@ -370,3 +370,55 @@ fn run_upper_dir_becomes_the_same_snapshot_an_unpack_gives() {
     );
     assert!(!tree(&kept[2]).contains_key("scratch"));
 }
+
+/// Every heredoc form BuildKit takes, RUN on a merged-/usr base after COPY into `/bin/`,
+/// and the user's primary group among the RUN process's groups.
+#[test]
+fn heredocs_merged_usr_and_groups_behave_as_in_buildkit() {
+    let Some((_d, store, ctx)) = run_lab("heredocs_merged_usr_and_groups_behave_as_in_buildkit")
+    else {
+        return;
+    };
+    common::images::import_merged_usr(&store);
+    write_files(
+        ctx.path(),
+        &[
+            ("tool.sh", "#!/bin/sh\necho tool\n"),
+            (
+                "Dockerfile",
+                "FROM merged\n\
+                 ENV GREETING=hi\n\
+                 COPY tool.sh /bin/\n\
+                 RUN sh /usr/bin/tool.sh > /tool.out && ls /lib > /dev/null\n\
+                 RUN cat <<EOF > /one\nsay $GREETING\nEOF\n\
+                 RUN <<A sh && cat <<'B' > /two-b\necho a > /two-a\nA\n$GREETING\nB\n\
+                 RUN cat <<-EOF > /chomp\n\t\ttabbed\n\tEOF\n\
+                 RUN tr a-z A-Z <<EOF >/upper && cat /upper >/upper2\nshout\nEOF\n\
+                 USER app\n\
+                 RUN grep ^Groups: /proc/self/status > /tmp/groups\n",
+            ),
+        ],
+    );
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["heredocs".into()];
+    build_ok(&store, &opts);
+    let (_g, root) = umoci_unpack(&store, "heredocs");
+    let read =
+        |p: &str| std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("tool.out"), "tool\n");
+    assert!(
+        std::fs::symlink_metadata(root.join("bin"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(read("one"), "say hi\n", "an unquoted delimiter expands");
+    assert_eq!(read("two-a"), "a\n");
+    assert_eq!(read("two-b"), "$GREETING\n", "a quoted delimiter does not");
+    assert_eq!(read("chomp"), "tabbed\n", "<<- strips leading tabs");
+    assert_eq!(read("upper2"), "SHOUT\n", "a heredoc as a command's stdin");
+    assert_eq!(
+        read("tmp/groups").split_whitespace().collect::<Vec<_>>(),
+        ["Groups:", "1000"]
+    );
+}

@@ -2,6 +2,8 @@
 //! image, Dockerfile contexts, and checks of the images produced.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod images;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
