@@ -11,8 +11,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    default_sigpipe();
     let cli = cli::Cli::parse();
+    if writes_listing(&cli.command) {
+        default_sigpipe();
+    }
     init_logging(cli.verbose);
     match cmd::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -34,12 +36,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether `command` only writes a result to stdout for a reader (`strata images | head`),
+/// so that ending quietly when the reader is gone is right. Servers (`registry serve`, the
+/// agent) and transfers (push, pull, deploy, load) must never die of SIGPIPE: a client that
+/// closes a connection mid-body would kill the server, and a dropped connection would end a
+/// push before its retry and resume run. They keep Rust's default (ignored: a write to a
+/// closed socket fails with EPIPE, which they handle).
+fn writes_listing(command: &cli::Command) -> bool {
+    use cli::{Command as C, MachineCommand as M};
+    matches!(
+        command,
+        C::Images(_)
+            | C::Inspect(_)
+            | C::Releases(_)
+            | C::Status { .. }
+            | C::Validate { .. }
+            | C::Save(_)
+            | C::Machine(M::List { .. } | M::Logs { .. })
+    )
+}
+
 /// Rust starts programs with SIGPIPE ignored, so `strata images | head` would get EPIPE on a
 /// print and panic. Like every Unix filter, end quietly instead when the reader is gone.
 #[allow(unsafe_code)]
 fn default_sigpipe() {
-    // SAFETY: signal(2) restoring SIG_DFL, called first in main before any other thread
-    // exists; no handler of ours is involved. The only unsafe of the crate, at a syscall.
+    // SAFETY: signal(2) restoring SIG_DFL, called at the start of main before any other
+    // thread exists (argument parsing starts none); no handler of ours is involved. The only
+    // unsafe of the crate, at a syscall.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }

@@ -1,10 +1,10 @@
 //! Test helpers: a temp store, a busybox root filesystem, running the `strata` binary.
 
 use std::fs;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A temporary directory holding a store (`store/`) and whatever else a test makes.
@@ -218,5 +218,50 @@ pub fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
     while !ready() {
         assert!(start.elapsed() < limit, "{what}: not ready after {limit:?}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `strata registry serve` on a free loopback port, killed on drop.
+pub struct Registry {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Registry {
+    pub fn start(env: &Env) -> Registry {
+        let port = free_port();
+        let log = env.path("registry.log");
+        let out = fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--store")
+            .arg(env.path("registry-store"))
+            .args(["registry", "serve", "--addr", &format!("127.0.0.1:{port}")])
+            .arg("--root")
+            .arg(env.path("registry"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let mut reg = Registry { child, port, log };
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_for("strata registry serve", Duration::from_secs(30), || {
+            if let Some(status) = reg.child.try_wait().unwrap() {
+                panic!(
+                    "the registry exited ({status}):\n{}",
+                    fs::read_to_string(&reg.log).unwrap_or_default()
+                );
+            }
+            TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+        });
+        reg
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

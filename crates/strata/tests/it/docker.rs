@@ -7,7 +7,6 @@
 //! the host's own Docker, if any, is never touched.
 
 use std::fs;
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -196,51 +195,6 @@ impl Drop for Dockerd {
             let _ = Command::new("umount").arg("-l").arg(&m).status();
         }
         let _ = fs::remove_file(&self.sock);
-    }
-}
-
-/// `strata registry serve` on a free loopback port, killed on drop.
-struct Registry {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Registry {
-    fn start(env: &Env) -> Registry {
-        let port = free_port();
-        let log = env.path("registry.log");
-        let out = fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_strata"))
-            .arg("--store")
-            .arg(env.path("registry-store"))
-            .args(["registry", "serve", "--addr", &format!("127.0.0.1:{port}")])
-            .arg("--root")
-            .arg(env.path("registry"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let mut reg = Registry { child, port, log };
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        wait_for("strata registry serve", Duration::from_secs(30), || {
-            if let Some(status) = reg.child.try_wait().unwrap() {
-                panic!(
-                    "the registry exited ({status}):\n{}",
-                    fs::read_to_string(&reg.log).unwrap_or_default()
-                );
-            }
-            TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
-        });
-        reg
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

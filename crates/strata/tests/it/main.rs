@@ -6,5 +6,6 @@
 mod common;
 mod deploy;
 mod docker;
+mod faults;
 mod images;
 mod interop;

@@ -1,0 +1,131 @@
+//! Faults a server must survive: clients that go away in the middle of a response.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// One `GET path` on a fresh connection, reading at most `limit` bytes of the answer; the
+/// connection is then dropped (reset when `reset`, so the server's next write fails at once).
+fn get_then_drop(port: u16, path: &str, limit: usize, reset: bool) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.len() < limit {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    if reset {
+        // SO_LINGER 0: close sends RST instead of FIN.
+        let _ = socket2_linger_zero(&s);
+    }
+    got
+}
+
+/// Sets SO_LINGER {on, 0} through the `setsockopt` the standard library has no wrapper for.
+#[allow(unsafe_code)]
+fn socket2_linger_zero(s: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt(2) on a socket we own, with a pointer to a live `linger` and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `GET /v2/` answered 200.
+fn v2_answers(port: u16) -> bool {
+    let mut s = match TcpStream::connect(("127.0.0.1", port)) {
+        Ok(s) => s,
+        Err(_) => return false,
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    if write!(
+        s,
+        "GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
+}
+
+/// A client that closes in the middle of a blob download must never take the registry down
+/// (it used to die of SIGPIPE, silently): 50 such clients, half of them resetting, and the
+/// registry still answers and still serves the whole blob.
+#[test]
+fn registry_survives_clients_that_drop_mid_blob() {
+    let started = Instant::now();
+    let env = Env::new();
+    // An image with a large incompressible layer, so a download is many writes long.
+    let root = env.path("big-rootfs");
+    busybox_rootfs(&root);
+    let mut noise = vec![0u8; 24 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(root.join("noise.bin"), &noise).unwrap();
+    tar_dir(&root, &env.path("big.tar"));
+    env.ok(&["import", env.path("big.tar").to_str().unwrap(), "big"]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&env.ok(&["inspect", "big", "--json"])).unwrap();
+    let layer = inspect["manifest"]["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let size = inspect["manifest"]["layers"][0]["size"].as_u64().unwrap();
+
+    let mut registry = Registry::start(&env);
+    let port = registry.port;
+    env.ok(&["push", "big", &format!("127.0.0.1:{port}/team/big:1")]);
+    let path = format!("/v2/team/big/blobs/{layer}");
+
+    for i in 0..50 {
+        let got = get_then_drop(port, &path, 64 << 10, i % 2 == 0);
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "round {i}: {}",
+            String::from_utf8_lossy(&got[..got.len().min(200)])
+        );
+        if let Some(status) = registry.child.try_wait().unwrap() {
+            panic!(
+                "the registry died after client {i} went away ({status}):\n{}",
+                std::fs::read_to_string(&registry.log).unwrap_or_default()
+            );
+        }
+        assert!(v2_answers(port), "round {i}: /v2/ no longer answers");
+    }
+    // And a whole download still works.
+    let whole = get_then_drop(port, &path, usize::MAX, false);
+    assert!(whole.len() as u64 > size, "{} of {size} bytes", whole.len());
+    eprintln!(
+        "registry_survives_clients_that_drop_mid_blob: {:?}",
+        started.elapsed()
+    );
+}
