@@ -77,12 +77,46 @@ impl Store {
         self.image_for(name, &Platform::host())
     }
 
-    /// The image `name` refers to, resolved to `platform` if it is an index.
+    /// The image `name` refers to, resolved to `platform` if it is an index. `name` may also
+    /// be `name@sha256:…` or a bare digest: the digest names the manifest (or index) in the
+    /// store, whatever the name's tags point to now, as `docker inspect app@sha256:…` does.
     pub fn image_for(&self, name: &str, platform: &Platform) -> Result<Image> {
-        let desc = self.get_ref(name)?.ok_or_else(|| Error::RefNotFound {
+        let desc = self.find_ref(name)?.ok_or_else(|| Error::RefNotFound {
             name: name.to_string(),
         })?;
         self.resolve_image(name, desc, platform)
+    }
+
+    /// What `name` names: a ref of the store (`app:1`), or the manifest or index that
+    /// `app@sha256:…` or a bare `sha256:…` pins, when the store has that blob. Every command
+    /// that takes an image resolves it so, so a digest works wherever a name does.
+    pub fn find_ref(&self, name: &str) -> Result<Option<Descriptor>> {
+        if let Some(d) = self.get_ref(name)? {
+            return Ok(Some(d));
+        }
+        let digest_part = name.rsplit_once('@').map_or(name, |(_, d)| d);
+        let Ok(digest) = digest_part.parse::<Digest>() else {
+            return Ok(None);
+        };
+        if !self.has_blob(&digest) {
+            return Ok(None);
+        }
+        let bytes = self.read_blob(&digest)?;
+        let declared = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("mediaType")?.as_str().map(str::to_string));
+        let media_type = match (declared, sniff(&bytes)) {
+            (Some(mt), _) if media_type::is_manifest(&mt) || media_type::is_index(&mt) => mt,
+            (_, Some(Kind::Manifest)) => media_type::OCI_MANIFEST.to_string(),
+            (_, Some(Kind::Index)) => media_type::OCI_INDEX.to_string(),
+            // A config or layer digest is not an image.
+            (_, None) => return Ok(None),
+        };
+        Ok(Some(Descriptor::new(
+            media_type,
+            digest,
+            bytes.len() as u64,
+        )))
     }
 
     /// Resolve a manifest or index descriptor (not necessarily named) to an image for

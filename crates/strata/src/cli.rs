@@ -143,9 +143,10 @@ pub struct SaveArgs {
     /// Images to save (`NAME[:TAG]`).
     #[arg(required = true)]
     pub images: Vec<String>,
-    /// Output file.
+    /// Output file; `-` or none writes the archive to stdout (like `docker save`). A FIFO
+    /// or device is written through; a regular file is replaced atomically.
     #[arg(short, long)]
-    pub output: PathBuf,
+    pub output: Option<PathBuf>,
     /// Archive format: `docker` (for `docker load`) or `oci` (OCI image layout in a tar).
     #[arg(long, value_enum, default_value_t = ArchiveFormat::Docker)]
     pub format: ArchiveFormat,

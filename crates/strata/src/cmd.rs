@@ -208,7 +208,7 @@ fn tag(store: &Store, source: &str, target: &str) -> Result<()> {
     let source = local_name(source)?;
     let target = local_name(target)?;
     let desc = store
-        .get_ref(&source)?
+        .find_ref(&source)?
         .with_context(|| format!("no image named `{source}`\nhint: `strata images` lists them"))?;
     store.set_ref(&target, desc)?;
     Ok(())
@@ -298,8 +298,25 @@ fn save(store: &Store, args: &cli::SaveArgs) -> Result<()> {
         cli::ArchiveFormat::Docker => ArchiveFormat::Docker,
         cli::ArchiveFormat::Oci => ArchiveFormat::Oci,
     };
-    strata_transfer::save_archive(store, &args.images, format, &args.output)
-        .with_context(|| format!("cannot save to `{}`", args.output.display()))?;
+    match args.output.as_deref().filter(|p| p.as_os_str() != "-") {
+        Some(path) => strata_transfer::save_archive(store, &args.images, format, path)
+            .with_context(|| format!("cannot save to `{}`", path.display()))?,
+        None => {
+            use std::io::{IsTerminal, Write};
+            let stdout = std::io::stdout();
+            if stdout.is_terminal() {
+                bail!(
+                    "refusing to write an archive to a terminal\n\
+                     hint: give a file with `-o FILE`, or redirect: `strata save IMAGE > FILE`"
+                );
+            }
+            let out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+            strata_transfer::write_archive(store, &args.images, format, out)
+                .context("cannot save to stdout")?
+                .flush()
+                .context("cannot save to stdout")?;
+        }
+    }
     Ok(())
 }
 
@@ -326,7 +343,7 @@ fn validate(store: &Store, image: &str) -> Result<()> {
             strata_oci::Descriptor::new(media_type::OCI_MANIFEST, d, size)
         }
         Err(_) => store
-            .get_ref(&name)?
+            .find_ref(&name)?
             .with_context(|| format!("no image named `{name}`"))?,
     };
     let report = strata_oci::validate_image(store, &desc)

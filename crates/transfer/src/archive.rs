@@ -53,21 +53,41 @@ struct DockerArchiveEntry {
     layers: Vec<String>,
 }
 
-/// Write the images `names` to `output` in `format`. The file appears only when complete
-/// (written beside it and renamed).
+/// Write the images `names` to `output` in `format`.
+///
+/// A regular file (or a path that does not exist yet) appears only when complete: the
+/// archive is written beside it and renamed over it, and a symlink to a regular file is
+/// followed, so the link stays a link. Anything else that exists (a FIFO, a character device
+/// such as `/dev/stdout`, a socket) is opened and written through, never replaced.
 pub fn save_archive(
     store: &Store,
     names: &[String],
     format: ArchiveFormat,
     output: &Path,
 ) -> Result<()> {
-    let mut images = Vec::new();
-    for n in names {
-        let name = local_name(n)?;
-        let image = store.image(&name)?;
-        images.push((name, image));
+    let images = images_named(store, names)?;
+    // `metadata` follows symlinks: what a write to `output` would reach.
+    match std::fs::metadata(output) {
+        Ok(md) if !md.is_file() && !md.is_dir() => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(output)
+                .ctx("open for writing", output)?;
+            let w = write_images(store, &images, format, BufWriter::with_capacity(1 << 20, f))?;
+            w.into_inner()
+                .map_err(|e| e.into_error())
+                .ctx("write", output)?;
+            return Ok(());
+        }
+        _ => {}
     }
-    let dir = output
+    // A symlink to a regular file (or to nothing yet): replace what it points to.
+    let target = match std::fs::read_link(output) {
+        Ok(t) if t.is_absolute() => t,
+        Ok(t) => output.parent().unwrap_or(Path::new(".")).join(t),
+        Err(_) => output.to_path_buf(),
+    };
+    let dir = target
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
@@ -75,23 +95,66 @@ pub fn save_archive(
         .prefix(".strata-save-")
         .tempfile_in(dir)
         .ctx("create a temporary file in", dir)?;
-    let mut tar = tar::Builder::new(BufWriter::with_capacity(1 << 20, tmp));
+    // The mode a plain create would give (0644 under the usual umask), or the replaced
+    // file's own; never the temp file's 0600.
+    let mode = std::fs::metadata(&target)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+        .unwrap_or(0o644);
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(mode),
+    )
+    .ctx("chmod", tmp.path())?;
+    let tmp = write_images(
+        store,
+        &images,
+        format,
+        BufWriter::with_capacity(1 << 20, tmp),
+    )?
+    .into_inner()
+    .map_err(|e| e.into_error())
+    .ctx("write", output)?;
+    tmp.as_file().sync_all().ctx("fsync", output)?;
+    tmp.persist(&target)
+        .map_err(|e| e.error)
+        .ctx("rename into place", &target)?;
+    Ok(())
+}
+
+/// Streams the archive of `names` in `format` to `out` (`strata save` to stdout).
+pub fn write_archive<W: Write>(
+    store: &Store,
+    names: &[String],
+    format: ArchiveFormat,
+    out: W,
+) -> Result<W> {
+    let images = images_named(store, names)?;
+    write_images(store, &images, format, out)
+}
+
+fn images_named(store: &Store, names: &[String]) -> Result<Vec<(String, Image)>> {
+    let mut images = Vec::new();
+    for n in names {
+        let name = local_name(n)?;
+        let image = store.image(&name)?;
+        images.push((name, image));
+    }
+    Ok(images)
+}
+
+fn write_images<W: Write>(
+    store: &Store,
+    images: &[(String, Image)],
+    format: ArchiveFormat,
+    out: W,
+) -> Result<W> {
+    let mut tar = tar::Builder::new(out);
     tar.mode(tar::HeaderMode::Deterministic);
     match format {
-        ArchiveFormat::Docker => write_docker_archive(store, &images, &mut tar)?,
-        ArchiveFormat::Oci => write_oci_archive(store, &images, &mut tar)?,
+        ArchiveFormat::Docker => write_docker_archive(store, images, &mut tar)?,
+        ArchiveFormat::Oci => write_oci_archive(store, images, &mut tar)?,
     }
-    let tmp = tar
-        .into_inner()
-        .ctx("finish", output)?
-        .into_inner()
-        .map_err(|e| e.into_error())
-        .ctx("write", output)?;
-    tmp.as_file().sync_all().ctx("fsync", output)?;
-    tmp.persist(output)
-        .map_err(|e| e.error)
-        .ctx("rename into place", output)?;
-    Ok(())
+    tar.into_inner().ctx("finish", "the archive")
 }
 
 fn append_bytes<W: Write>(tar: &mut tar::Builder<W>, path: &str, bytes: &[u8]) -> Result<()> {
@@ -146,12 +209,21 @@ fn write_docker_archive<W: Write>(
             }
             layers.push(path);
         }
+        // A digest reference (`app@sha256:…`) is no tag: `docker save` of one writes none.
+        let tagged = !name.contains('@');
         manifest.push(DockerArchiveEntry {
             config: config_path,
-            repo_tags: Some(vec![name.clone()]),
+            repo_tags: Some(if tagged {
+                vec![name.clone()]
+            } else {
+                Vec::new()
+            }),
             layers,
         });
-        if let Some((repo, tag)) = name.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
+        if let Some((repo, tag)) = name
+            .rsplit_once(':')
+            .filter(|(_, t)| tagged && !t.contains('/'))
+        {
             repositories
                 .entry(repo.to_string())
                 .or_default()
@@ -214,7 +286,7 @@ fn write_oci_archive<W: Write>(
     for (name, image) in images {
         // The whole ref (an index stays an index), not just the host platform's manifest.
         let top = store
-            .get_ref(name)?
+            .find_ref(name)?
             .ok_or_else(|| strata_store::Error::RefNotFound { name: name.clone() })?;
         for desc in reachable(store, &top)? {
             if written.insert(desc.digest.clone()) {

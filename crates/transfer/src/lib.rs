@@ -10,7 +10,7 @@ mod error;
 mod import;
 mod registry;
 
-pub use archive::{ArchiveFormat, LoadedImage, load_archive, save_archive};
+pub use archive::{ArchiveFormat, LoadedImage, load_archive, save_archive, write_archive};
 pub use error::{Error, Result};
 pub use import::{ImportOptions, Imported, import_tarball, local_name};
 pub use registry::{

@@ -301,7 +301,7 @@ pub fn push(
     let registry = remote_registry(dest)?.to_string();
     let repo = dest.repository().to_string();
     let desc = store
-        .get_ref(&name)?
+        .find_ref(&name)?
         .ok_or_else(|| strata_store::Error::RefNotFound { name: name.clone() })?;
     let top_bytes = store.read_descriptor(&desc)?;
 

@@ -319,3 +319,87 @@ fn build_with_a_dockerfile_prints_each_name_once_then_the_digest() {
     let digest = env.ok(&["images", "--json"]);
     assert!(digest.contains(lines[2]), "{out}\n{digest}");
 }
+
+/// `name@sha256:…` (and a bare manifest digest) names an image for every command that takes
+/// one, as the documented rollback `deploy --image app@sha256:…` needs.
+#[test]
+fn a_digest_reference_works_wherever_a_name_does() {
+    let env = Env::new();
+    let digest = import_busybox(&env, "bb:1");
+    let pinned = format!("bb@{digest}");
+    env.ok(&["inspect", &pinned]);
+    env.ok(&["inspect", &digest]);
+    env.ok(&["validate", &pinned]);
+    env.ok(&["tag", &pinned, "copy:2"]);
+    assert!(env.ok(&["images", "-q"]).contains("copy:2"));
+    // The name moves on; the digest still names the first image.
+    env.ok(&["rmi", "bb:1"]);
+    let out = env.path("pinned.tar");
+    env.ok(&["save", &pinned, "-o", out.to_str().unwrap()]);
+    let registry = Registry::start(&env);
+    let dest = format!("127.0.0.1:{}/team/bb:1", registry.port);
+    let pushed = env.ok(&["push", &pinned, &dest]);
+    assert!(pushed.trim().ends_with(&digest), "{pushed}");
+    // A config digest is not an image: a clear error, not a crash.
+    let inspect: serde_json::Value =
+        serde_json::from_str(&env.ok(&["inspect", &pinned, "--json"])).unwrap();
+    let config = inspect["manifest"]["config"]["digest"].as_str().unwrap();
+    let err = env.fails(&["inspect", &format!("bb@{config}")]);
+    assert!(err.contains("no image named"), "{err}");
+}
+
+/// `save -o` replaces a regular file atomically (mode 0644, a symlink stays a link) and
+/// writes through anything else (a FIFO, /dev/null); `-o -` or no `-o` streams to stdout.
+#[test]
+fn save_writes_through_links_pipes_and_devices_and_streams_to_stdout() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let env = Env::new();
+    import_busybox(&env, "bb");
+    let file = env.path("a.tar");
+    env.ok(&["save", "bb", "-o", file.to_str().unwrap()]);
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(bytes.len() > 100_000);
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644);
+
+    let link = env.path("link.tar");
+    std::os::unix::fs::symlink("b.tar", &link).unwrap();
+    env.ok(&["save", "bb", "-o", link.to_str().unwrap()]);
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::read(env.path("b.tar")).unwrap(), bytes);
+
+    let fifo = env.path("pipe");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(fifo).unwrap())
+    };
+    env.ok(&["save", "bb", "-o", fifo.to_str().unwrap()]);
+    assert_eq!(reader.join().unwrap(), bytes);
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+    if root {
+        env.ok(&["save", "bb", "-o", "/dev/null"]);
+        let md = std::fs::symlink_metadata("/dev/null").unwrap();
+        assert!(md.file_type().is_char_device(), "/dev/null was replaced!");
+    }
+    assert_eq!(env.strata(&["save", "bb", "-o", "-"]).stdout, bytes);
+    assert_eq!(env.strata(&["save", "bb"]).stdout, bytes);
+}
