@@ -78,13 +78,17 @@ fn dot() -> PathBuf {
     PathBuf::from(".")
 }
 
+/// strata.toml's top level. Every table is named here, so a typo (`[[imgae]]`, `[ap.web]`)
+/// is an error at its line instead of a silently dropped image or app.
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ProjectFile {
     #[serde(default)]
     image: Vec<ImageSpec>,
-    // Other tables (`[app.*]`, ...) belong to other commands.
-    #[serde(flatten)]
-    _rest: BTreeMap<String, toml::Value>,
+    /// `[app.NAME]`: read by `strata deploy` (strata-deploy's `load_apps`).
+    #[serde(default)]
+    #[allow(dead_code)]
+    app: Option<toml::Value>,
 }
 
 /// `strata.lock`: the digest each external base resolved to.

@@ -190,6 +190,17 @@ fn project_errors_are_clear() {
     let err = Project::load(&p).unwrap_err().to_string();
     assert!(err.contains("bogus"), "{err}");
 
+    // A misspelt table drops nothing silently: it is an error at its line.
+    std::fs::write(&p, "[[image]]\nname = \"a\"\n\n[[imgae]]\nname = \"b\"\n").unwrap();
+    let err = Project::load(&p).unwrap_err().to_string();
+    assert!(
+        err.contains("strata.toml:4:") && err.contains("imgae"),
+        "{err}"
+    );
+    write_files(dir.path(), &[("Dockerfile", "FROM busybox\n")]);
+    std::fs::write(&p, "[[image]]\nname = \"a\"\n[app.a]\nimage = \"a\"\n").unwrap();
+    Project::load(&p).expect("[app.*] tables are strata deploy's, and allowed");
+
     // A cycle.
     write_files(
         dir.path(),

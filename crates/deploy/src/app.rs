@@ -203,10 +203,16 @@ pub fn parse_volume(v: &str) -> Result<(String, String)> {
     Ok((name.to_string(), path.to_string()))
 }
 
+/// strata.toml's top level as `deploy` reads it: every table is named, so a typo is an
+/// error at its line (the `[[image]]` entries are strata-build's).
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AppsFile {
     #[serde(default)]
     app: BTreeMap<String, AppSpec>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    image: Option<toml::Value>,
 }
 
 /// The apps of a strata.toml, by name.
@@ -216,8 +222,15 @@ pub fn load_apps(strata_toml: &Path) -> Result<BTreeMap<String, App>> {
         path: strata_toml.to_path_buf(),
         source,
     })?;
-    let file: AppsFile = toml::from_str(&text)
-        .map_err(|e| Error::Config(format!("{}: {e}", strata_toml.display())))?;
+    let file: AppsFile = toml::from_str(&text).map_err(|e| {
+        let at = e.span().map_or(String::new(), |s| {
+            let before = &text[..s.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!(":{line}:{col}")
+        });
+        Error::Config(format!("{}{at}: {}", strata_toml.display(), e.message()))
+    })?;
     let mut apps = BTreeMap::new();
     for (name, spec) in file.app {
         if name.is_empty()
@@ -283,5 +296,14 @@ mod tests {
         std::fs::write(&f, "[app.web]\nimage = \"web\"\nport = 1\nprot = 2\n").unwrap();
         let e = load_apps(&f).unwrap_err().to_string();
         assert!(e.contains("prot"), "{e}");
+
+        // A misspelt `[app.*]` table is an error at its line, not an app quietly dropped.
+        std::fs::write(
+            &f,
+            "[[image]]\nname = \"web\"\n\n[ap.web]\nimage = \"web\"\n",
+        )
+        .unwrap();
+        let e = load_apps(&f).unwrap_err().to_string();
+        assert!(e.contains("strata.toml:4:") && e.contains("`ap`"), "{e}");
     }
 }
