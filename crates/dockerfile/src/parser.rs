@@ -99,8 +99,16 @@ impl Dockerfile {
             path: path.to_path_buf(),
             source,
         })?;
-        let text = String::from_utf8_lossy(&text);
-        Dockerfile::parse(&path.display().to_string(), &text)
+        Dockerfile::from_bytes(&path.display().to_string(), &text)
+    }
+
+    /// Parses a Dockerfile's bytes; `file` names it in diagnostics. Text that is not UTF-8
+    /// is an error at its first bad byte.
+    pub fn from_bytes(file: &str, bytes: &[u8]) -> Result<Dockerfile> {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Dockerfile::parse(file, text),
+            Err(e) => Err(invalid_utf8(file, bytes, e.valid_up_to())),
+        }
     }
 
     /// The stage called `name` (case-insensitive, like `--target`).
@@ -914,6 +922,30 @@ impl<'a> Parser<'a> {
         }
         Ok(df)
     }
+}
+
+/// A Dockerfile that is not UTF-8 is refused at its first bad byte (BuildKit refuses it too),
+/// never read with replacement characters that would then run.
+fn invalid_utf8(file: &str, text: &[u8], at: usize) -> Error {
+    let before = String::from_utf8_lossy(&text[..at]);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let line_end = text[at..]
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(text.len(), |i| at + i);
+    let source_line = String::from_utf8_lossy(&text[..line_end])[line_start..].to_string();
+    Error::Syntax(Box::new(crate::error::Diagnostic {
+        file: file.to_string(),
+        line,
+        column,
+        message: format!(
+            "invalid UTF-8 (byte 0x{:02x}): a Dockerfile must be UTF-8 text",
+            text[at]
+        ),
+        source_line,
+    }))
 }
 
 fn parse_check(value: &str) -> std::result::Result<CheckDirective, String> {

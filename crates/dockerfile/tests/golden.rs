@@ -51,7 +51,7 @@ fn check(dir: &Path, actual: &str, failures: &mut Vec<String>) {
 
 fn parse(dir: &Path) -> Result<Dockerfile, strata_dockerfile::Error> {
     let bytes = fs::read(dir.join("Dockerfile")).unwrap();
-    Dockerfile::parse("Dockerfile", &String::from_utf8(bytes).unwrap())
+    Dockerfile::from_bytes("Dockerfile", &bytes)
 }
 
 #[test]

@@ -95,7 +95,9 @@ impl Store {
     /// Open the store at `root`, creating the layout if it is missing, checking the `oci-layout`
     /// version and opening (and migrating) the metadata database.
     pub fn open(root: impl AsRef<Path>) -> Result<Store> {
-        let root = root.as_ref().to_path_buf();
+        // Absolute from here on: paths under the store go into runtime bundles and mount
+        // options, which a relative `--store` would break (runc: "invalid rootfs").
+        let root = std::path::absolute(root.as_ref()).ctx("resolve", root.as_ref())?;
         for dir in [
             root.join("blobs/sha256"),
             root.join("blobs/sha512"),

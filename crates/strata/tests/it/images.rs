@@ -403,3 +403,43 @@ fn save_writes_through_links_pipes_and_devices_and_streams_to_stdout() {
     assert_eq!(env.strata(&["save", "bb", "-o", "-"]).stdout, bytes);
     assert_eq!(env.strata(&["save", "bb"]).stdout, bytes);
 }
+
+/// A relative `--store` works for every command, RUN steps included (runc needs absolute
+/// bundle paths; it used to fail with "invalid rootfs").
+#[test]
+fn a_relative_store_path_works_for_run_steps() {
+    let env = Env::new();
+    import_busybox(&env, "busybox");
+    std::fs::write(
+        env.path("Dockerfile"),
+        "FROM busybox\nRUN echo ran > /ran\n",
+    )
+    .unwrap();
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+    if !(root && have("runc")) {
+        eprintln!(
+            "!!!!! SKIPPED a_relative_store_path_works_for_run_steps: needs root and runc !!!!!"
+        );
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .current_dir(env.dir.path())
+        .args([
+            "--store",
+            "store",
+            "build",
+            "-f",
+            "Dockerfile",
+            "-t",
+            "rel:1",
+            ".",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(env.ok(&["images", "-q"]).contains("rel:1"));
+}
