@@ -203,18 +203,35 @@ type Comps = Vec<Vec<u8>>;
 
 /// Splits an archive path into components, resolving `.` and `..` lexically and clamping at
 /// the root (so `../../etc` is `etc` and `/abs` is `abs`).
+/// The longest path an entry may name, in bytes once cleaned: Linux's `PATH_MAX` less its
+/// NUL. The kernel refuses longer paths anyway; bounding them here keeps the work per entry
+/// (and the memory of [`Applier::mark_layer_path`]) bounded whatever a layer holds.
+pub const MAX_PATH_BYTES: usize = 4095;
+
 fn clean(path: &[u8]) -> Result<Comps, Refusal> {
     if path.contains(&0) {
         return Err(Refusal::NulInPath);
     }
     let mut out: Comps = Vec::new();
+    // Bytes of `out` joined with `/`, kept as it changes so the bound costs nothing.
+    let mut len = 0usize;
     for c in path.split(|b| *b == b'/') {
         match c {
             b"" | b"." => {}
             b".." => {
-                out.pop();
+                if let Some(last) = out.pop() {
+                    len -= last.len() + usize::from(!out.is_empty());
+                }
             }
-            c => out.push(c.to_vec()),
+            c => {
+                len += c.len() + usize::from(!out.is_empty());
+                if len > MAX_PATH_BYTES {
+                    return Err(Refusal::PathTooLong {
+                        limit: MAX_PATH_BYTES,
+                    });
+                }
+                out.push(c.to_vec());
+            }
         }
     }
     Ok(out)
@@ -225,7 +242,7 @@ fn join(comps: &[Vec<u8>]) -> Vec<u8> {
 }
 
 fn lossy(comps: &[Vec<u8>]) -> String {
-    String::from_utf8_lossy(&join(comps)).into_owned()
+    crate::tarfmt::printable_path(&join(comps))
 }
 
 fn timestamps(mtime: u64) -> Timestamps {
@@ -456,7 +473,7 @@ impl Applier {
         if name.is_empty() || name == b"." || name == b".." {
             return Err(Refusal::BadWhiteout(format!(
                 "{WHITEOUT_PREFIX}{}",
-                String::from_utf8_lossy(name)
+                crate::tarfmt::printable_path(name)
             ))
             .into());
         }
@@ -539,12 +556,16 @@ impl Applier {
         Ok(())
     }
 
+    /// Records `comps` and its ancestors. Longest first, stopping at the first one already
+    /// known (its ancestors are known too): siblings add one path each, not their depth.
     fn mark_layer_path(&mut self, comps: &[Vec<u8>]) {
-        for i in 1..=comps.len() {
-            let p = join(&comps[..i]);
-            if !self.layer_paths.contains(&p) {
-                self.layer_paths.insert(p);
+        let mut p = join(comps);
+        for i in (1..=comps.len()).rev() {
+            if !self.layer_paths.insert(p.clone()) {
+                return;
             }
+            let parent_len = p.len().saturating_sub(comps[i - 1].len() + 1);
+            p.truncate(parent_len);
         }
     }
 
@@ -770,7 +791,7 @@ impl Applier {
 
     /// The directory, name and stat of a hard link's target, which must already be in the target.
     fn hardlink_target(&self, meta: &Meta) -> Result<(OwnedFd, Vec<u8>, rustix::fs::Stat), Fail> {
-        let shown = String::from_utf8_lossy(&meta.link).into_owned();
+        let shown = crate::tarfmt::printable_path(&meta.link);
         let comps = clean(&meta.link)?;
         let Some((name, parent)) = comps.split_last() else {
             return Err(Refusal::HardlinkToRoot.into());

@@ -117,6 +117,8 @@ pub enum Refusal {
     DuplicateExtension(&'static str),
     #[error("path contains a NUL byte")]
     NulInPath,
+    #[error("path is longer than {limit} bytes (PATH_MAX)")]
+    PathTooLong { limit: usize },
     #[error("{what} {value} does not fit in 32 bits")]
     IdOutOfRange { what: &'static str, value: u64 },
 }

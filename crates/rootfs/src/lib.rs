@@ -20,7 +20,9 @@ mod snapshot;
 mod tarfmt;
 mod write;
 
-pub use apply::{ApplyOptions, ApplyStats, WhiteoutMode, apply_layer, apply_layer_with};
+pub use apply::{
+    ApplyOptions, ApplyStats, MAX_PATH_BYTES, WhiteoutMode, apply_layer, apply_layer_with,
+};
 pub use compress::{DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL, decompress};
 pub use diff::{Change, changes_from_overlay_upper, diff_dirs};
 pub use error::{Error, Refusal, Result};

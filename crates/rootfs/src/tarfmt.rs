@@ -76,9 +76,39 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
+    /// The entry's path as messages show it: control characters escaped (a crafted name
+    /// must not drive the user's terminal) and a very long path cut in the middle.
     pub(crate) fn display_path(&self) -> String {
-        String::from_utf8_lossy(&self.path).into_owned()
+        printable_path(&self.path)
     }
+}
+
+/// Paths longer than this many characters are shown cut in the middle.
+const SHOWN_PATH_CHARS: usize = 240;
+
+/// `path` for a message: lossy UTF-8, control characters escaped (`\u{1b}`), and at most
+/// [`SHOWN_PATH_CHARS`] characters, the middle replaced by how much was left out.
+pub(crate) fn printable_path(path: &[u8]) -> String {
+    let text = String::from_utf8_lossy(path);
+    let escape = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    };
+    let count = text.chars().count();
+    if count <= SHOWN_PATH_CHARS {
+        return escape(&text);
+    }
+    let half = SHOWN_PATH_CHARS / 2;
+    let head: String = text.chars().take(half).collect();
+    let tail: String = text.chars().skip(count - half).collect();
+    format!("{}…[{} bytes]…{}", escape(&head), path.len(), escape(&tail))
 }
 
 /// Appends one PAX record; the length prefix counts itself.

@@ -271,9 +271,10 @@ fn import(store: &Store, args: &cli::ImportArgs) -> Result<()> {
                 .with_context(|| format!("cannot open `{}`", args.tarball.display()))?,
         )
     };
+    let before = store.get_ref(&local_name(&args.name)?)?;
     let imported = strata_transfer::import_tarball(store, input, &args.name, &opts)
         .with_context(|| format!("cannot import `{}`", args.tarball.display()))?;
-    unpack_snapshots(store, &imported.name)?;
+    unpack_or_unname(store, &imported.name, before)?;
     eprintln!(
         "Imported {} ({} layer, {})",
         imported.name,
@@ -370,6 +371,27 @@ fn layers_of(store: &Store, name: &str) -> Result<Vec<strata_rootfs::LayerRef>> 
         &img.manifest.layers,
         config.diff_ids(),
     ))
+}
+
+/// [`unpack_snapshots`] of an image `import` or `pull` just named; when the unpack fails (a
+/// hostile layer, a full disk) the name goes back to what it was (`before`), so a failed
+/// command leaves no image that no machine or build could use.
+pub(crate) fn unpack_or_unname(
+    store: &Store,
+    name: &str,
+    before: Option<strata_oci::Descriptor>,
+) -> Result<()> {
+    let Err(err) = unpack_snapshots(store, name) else {
+        return Ok(());
+    };
+    let restored = match before {
+        Some(desc) => store.set_ref(name, desc).map(|_| ()),
+        None => store.remove_ref(name).map(|_| ()),
+    };
+    if let Err(e) = restored {
+        return Err(err.context(format!("and `{name}` could not be unnamed: {e}")));
+    }
+    Err(err.context(format!("`{name}` is left as it was before")))
 }
 
 /// Unpacks an image's layers into the store's snapshot cache (those not there yet), as

@@ -111,9 +111,16 @@ pub fn pull(store: &Store, args: &PullArgs) -> Result<()> {
         progress: Some(blob_progress(args.progress, "pulled")),
         ..PullOptions::default()
     };
+    // What the name was before, to put back if the pulled image cannot be unpacked.
+    let local = strata_transfer::local_name(&args.image).ok();
+    let before = match &local {
+        Some(n) => store.get_ref(n)?,
+        None => None,
+    };
     let report = strata_transfer::pull(store, &src, &opts)
         .with_context(|| format!("cannot pull `{}`", args.image))?;
-    crate::cmd::unpack_snapshots(store, &report.name)?;
+    let before = before.filter(|_| local.as_deref() == Some(report.name.as_str()));
+    crate::cmd::unpack_or_unname(store, &report.name, before)?;
     eprintln!(
         "Pulled {}: {} blobs fetched ({}), {} already here",
         report.name,

@@ -443,3 +443,43 @@ fn a_relative_store_path_works_for_run_steps() {
     );
     assert!(env.ok(&["images", "-q"]).contains("rel:1"));
 }
+
+/// An import whose layer cannot be unpacked (here a path deeper than PATH_MAX) fails fast,
+/// with bounded memory, and leaves the name as it was: no image nothing could run.
+#[test]
+fn an_import_that_cannot_be_unpacked_names_nothing() {
+    let env = Env::new();
+    let first = import_busybox(&env, "img");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    let deep = "a/".repeat(50_000) + "f";
+    b.append_data(&mut h, &deep, &b"x"[..]).unwrap();
+    let tar = env.path("deep.tar");
+    std::fs::write(&tar, b.into_inner().unwrap()).unwrap();
+    let started = std::time::Instant::now();
+    let err = env.fails(&["import", tar.to_str().unwrap(), "img"]);
+    assert!(
+        err.contains("PATH_MAX") && err.contains("left as it was"),
+        "{err}"
+    );
+    assert!(
+        err.len() < 2000,
+        "the error shows a shortened path: {} bytes",
+        err.len()
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let listed = env.ok(&["images", "--json"]);
+    assert!(
+        listed.contains(first.trim()),
+        "img still names the first image: {listed}"
+    );
+    let err = env.fails(&["import", tar.to_str().unwrap(), "fresh"]);
+    assert!(err.contains("fresh"), "{err}");
+    assert!(!env.ok(&["images", "-q"]).contains("fresh"));
+}
