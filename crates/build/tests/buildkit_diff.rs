@@ -6,8 +6,9 @@
 //!
 //! A case folder holds a `Dockerfile` and its context. Optional files, removed from the context
 //! before either build:
-//! - `args`: one option a line: `NAME=VALUE` (a build arg), `--target=STAGE`, or
-//!   `--both-refuse` (the case asserts that both builders refuse the Dockerfile).
+//! - `args`: one option a line: `NAME=VALUE` (a build arg), `--target=STAGE`,
+//!   `--secret=ID=FILE` (FILE relative to the context), or `--both-refuse` (the case asserts
+//!   that both builders refuse the Dockerfile).
 //! - `prepare`: a shell script run in the context first, for what git cannot hold (hardlinks,
 //!   owners, odd modes, tarballs).
 //! - `Dockerfile.buildkit`: syntax newer than BuildKit 20.10's front end (heredocs,
@@ -48,9 +49,25 @@ const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
          tar's `./` entry; BuildKit leaves the directory as it creates it (0:0, 0755)",
     ),
     (
+        "arg_redeclared_after_env",
+        "ARG V re-declared after ENV V (with --build-arg V=cli): strata's RUN sees the ENV \
+         value `env`, BuildKit's RUN sees the build arg `cli` (ENV expansion agrees: `env`)",
+    ),
+    (
         "context_hardlinks",
         "hardlinked files of the build context become separate files; BuildKit keeps \
          them hardlinked in the layer",
+    ),
+    (
+        "copy_into_dir_symlink",
+        "COPY to /abs-link/ and /rel-link/b.txt and WORKDIR /rel-link/work, where the links \
+         are symlinks to /real/dir, replace the symlinks with directories; BuildKit follows \
+         them (writes into /real/dir, pwd is /real/dir/work)",
+    ),
+    (
+        "copy_onto_file_symlink",
+        "COPY a.txt onto an existing symlink to a file replaces the symlink; BuildKit \
+         keeps the symlink and writes through it into its target",
     ),
     (
         "copy_chmod_special_bits",
@@ -77,6 +94,11 @@ const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
         "parser_shebang_directive",
         "strata still reads `# escape=` after a `#!` first line; BuildKit 20.10 stops \
          looking for directives there (and then refuses the backtick continuation)",
+    ),
+    (
+        "run_mount_secret_options",
+        "RUN --mount=type=secret,...,mode=0440,uid=1000,gid=1000: strata mounts the secret \
+         0644 0:0, ignoring mode/uid/gid; BuildKit applies them",
     ),
     (
         "usrmerge_add_tar",
@@ -184,17 +206,22 @@ fn without_leftovers(bt: &Tree, st: &Tree, mount_targets: &[String]) -> Tree {
 }
 
 /// The targets of every `RUN --mount=…` in a Dockerfile (the `target`, `dst` or
-/// `destination` key).
+/// `destination` key; a secret without one goes to `/run/secrets/ID`).
 fn mount_targets(dockerfile: &str) -> Vec<String> {
     let mut out = Vec::new();
     for word in dockerfile.split_whitespace() {
         if let Some(spec) = word.strip_prefix("--mount=") {
-            for kv in spec.split(',') {
-                if let Some((k, v)) = kv.split_once('=')
-                    && matches!(k, "target" | "dst" | "destination")
-                {
-                    out.push(v.to_string());
-                }
+            let kv: BTreeMap<&str, &str> = spec
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .collect();
+            let target = ["target", "dst", "destination"]
+                .iter()
+                .find_map(|k| kv.get(k));
+            match (target, kv.get("type"), kv.get("id")) {
+                (Some(t), _, _) => out.push(t.to_string()),
+                (None, Some(&"secret"), Some(id)) => out.push(format!("/run/secrets/{id}")),
+                _ => {}
             }
         }
     }
@@ -508,6 +535,8 @@ enum Built {
 struct CaseArgs {
     build_args: BTreeMap<String, String>,
     target: Option<String>,
+    /// `--secret`s: id → file, relative to the context.
+    secrets: BTreeMap<String, String>,
     both_refuse: bool,
 }
 
@@ -558,6 +587,11 @@ fn prepare_case(name: &str) -> Case {
             }
             if line == "--both-refuse" {
                 args.both_refuse = true;
+            } else if let Some((id, file)) = line
+                .strip_prefix("--secret=")
+                .and_then(|s| s.split_once('='))
+            {
+                args.secrets.insert(id.to_string(), file.to_string());
             } else if let Some(t) = line.strip_prefix("--target=") {
                 args.target = Some(t.to_string());
             } else if let Some((k, v)) = line.split_once('=') {
@@ -609,6 +643,12 @@ fn build_strata(store: &Store, case: &Case) -> Built {
     opts.tags = vec![tag_of(&case.name)];
     opts.build_args = case.args.build_args.clone();
     opts.target = case.args.target.clone();
+    opts.secrets = case
+        .args
+        .secrets
+        .iter()
+        .map(|(id, f)| (id.clone(), case.ctx.path().join(f)))
+        .collect();
     let progress = CollectProgress::default();
     let out = match strata_build::build(store, &opts, &progress) {
         Ok(o) => o,
@@ -652,6 +692,10 @@ fn docker_build(d: &Dockerd, case: &Case, dockerfile: Option<&Path>) -> Result<S
     }
     if let Some(t) = &case.args.target {
         cmd.arg("--target").arg(t);
+    }
+    for (id, f) in &case.args.secrets {
+        cmd.arg("--secret")
+            .arg(format!("id={id},src={}", case.ctx.path().join(f).display()));
     }
     cmd.arg(case.ctx.path());
     let out = cmd.output().unwrap();
