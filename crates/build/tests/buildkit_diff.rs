@@ -20,6 +20,8 @@
 //! strata and handed to it with `docker load`, so nothing is pulled.
 //!
 //! Needs root, dockerd, docker, runc, skopeo and umoci; skipped LOUDLY otherwise.
+//! `BKDIFF_ONLY=case,case` runs only those cases; `BKDIFF_VERBOSE=1` also prints, per case,
+//! both configs, strata's short text files and BuildKit's build output (with `--nocapture`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -397,6 +399,51 @@ impl Drop for Dockerd {
             let _ = Command::new("umount").arg("-l").arg(&m).status();
         }
         let _ = fs::remove_file(&self.sock);
+    }
+}
+
+/// The most the whole suite may take (it takes about a minute): strata's builds run in this
+/// process, beyond the reach of `timeout`.
+const WHOLE_SUITE_SECS: u64 = 600;
+
+/// Past its deadline, stops the engine and ends the test process, so a hung build fails the
+/// suite instead of hanging it (and leaves no dockerd behind). Disarmed on drop.
+struct Watchdog {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watchdog {
+    fn start(d: &Dockerd, limit: Duration) -> Watchdog {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let pid = d.child.id();
+        let sock = d.sock.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            while start.elapsed() < limit {
+                if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            eprintln!("buildkit_diff: still running after {limit:?}; stopping dockerd and failing");
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            std::thread::sleep(Duration::from_secs(15));
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            let _ = fs::remove_file(&sock);
+            std::process::exit(101);
+        });
+        Watchdog { done }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -973,6 +1020,7 @@ fn buildkit_differential() {
     let work = tempfile::tempdir().unwrap();
     let store = Store::open(work.path().join("store")).unwrap();
     let docker = Dockerd::start();
+    let _watchdog = Watchdog::start(&docker, Duration::from_secs(WHOLE_SUITE_SECS));
     make_bases(&store, &docker, work.path());
 
     let cases: Vec<Case> = names.iter().map(|n| prepare_case(n)).collect();
