@@ -525,16 +525,35 @@ fn place(
                     _ => st.dir(&abs, 0o755, st.owner)?,
                 }
             }
-            Kind::Dir => st.dir(&abs, mode, owner)?,
+            Kind::Dir => {
+                // A directory copied onto a symlink of the image (a context `lib/` onto a
+                // merged-/usr root): BuildKit refuses rather than replace the link, and so
+                // do we, since replacing it would hide what the link points to.
+                if st
+                    .view
+                    .lookup(&abs)
+                    .is_some_and(|md| md.file_type().is_symlink())
+                {
+                    return Err(Error::Usage(format!(
+                        "cannot copy directory `{}` to `{abs}`: the image has a symlink there \
+                         (copy into the directory it points to instead)",
+                        e.path.display()
+                    )));
+                }
+                st.dir(&abs, mode, owner)?
+            }
             Kind::File { .. } if unpack && e.rel.is_empty() && is_archive(&e.path) => {
                 let dir_abs = dest.to_string();
-                match st.view.lookup(&dir_abs) {
-                    Some(md) if md.is_dir() => {
-                        st.dir(&dir_abs, md.mode() & 0o7777, (md.uid(), md.gid()))?
-                    }
-                    _ => st.dir(&dir_abs, 0o755, st.owner)?,
-                }
-                extract(&e.path, &st.host(&dir_abs))?;
+                let (mode, owner) = match st.view.lookup(&dir_abs) {
+                    Some(md) if md.is_dir() => (md.mode() & 0o7777, (md.uid(), md.gid())),
+                    _ => (0o755, st.owner),
+                };
+                st.dir(&dir_abs, mode, owner)?;
+                let host = st.host(&dir_abs);
+                extract(&e.path, &host)?;
+                // The archive's own `./` entry must not change the destination directory
+                // (BuildKit keeps it as the image has it, or as it made it).
+                set_meta(&host, mode, owner.0, owner.1, false)?;
             }
             Kind::File { .. } => match e.link_id.and_then(|id| st.links.get(&id).cloned()) {
                 Some(first) => st.hard_link(&abs, &first)?,

@@ -692,7 +692,7 @@ fn run_stage(
             StageState {
                 layers: Vec::new(),
                 history: Vec::new(),
-                config: ContainerConfig::default(),
+                config: crate::plan::scratch_config(),
                 author: None,
                 platform: host.clone(),
                 key: cache::base_key(&BaseInput::Scratch, fcv, &platform_text),

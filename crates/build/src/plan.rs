@@ -119,7 +119,19 @@ pub enum RunMount {
         target: String,
         required: bool,
         env: Option<String>,
+        /// The mounted file's mode and owner (`mode=`, `uid=`, `gid=`; BuildKit's defaults
+        /// 0400, 0, 0).
+        #[serde(default = "secret_mode")]
+        mode: u32,
+        #[serde(default)]
+        uid: u32,
+        #[serde(default)]
+        gid: u32,
     },
+}
+
+fn secret_mode() -> u32 {
+    0o400
 }
 
 /// `sharing=` of a cache mount.
@@ -416,7 +428,7 @@ fn plan_stage(
         .iter()
         .find(|s| s.name.as_deref() == Some(lower.as_str()));
     let (base, mut cfg) = if lower == "scratch" {
-        (Base::Scratch, ContainerConfig::default())
+        (Base::Scratch, scratch_config())
     } else if let Some(s) = earlier_stage {
         deps.insert(s.index);
         (Base::Stage(s.index), s.final_config.clone())
@@ -466,6 +478,10 @@ fn plan_stage(
     }
 
     let mut steps = Vec::new();
+    // ARGs declared after the last ENV of the same name: in a RUN's environment their value
+    // wins over the ENV's (BuildKit applies ENV and ARG to the RUN state in order), while the
+    // image config and expansion keep the ENV value.
+    let mut args_over_env: BTreeSet<String> = BTreeSet::new();
     for (file, l, loc) in items {
         let text = l.original.trim().to_string();
         let invalid = |message: String| Error::Invalid {
@@ -473,6 +489,15 @@ fn plan_stage(
             message,
         };
         let expanded = scope.apply(file, l)?;
+        match &expanded {
+            Instruction::Arg(decls) => args_over_env.extend(decls.iter().map(|d| d.name.clone())),
+            Instruction::Env(kvs) => {
+                for kv in kvs {
+                    args_over_env.remove(&kv.key);
+                }
+            }
+            _ => {}
+        }
         let kind = match &expanded {
             Instruction::Arg(_) => continue,
             Instruction::From(_) => return Err(invalid("FROM inside a stage".into())),
@@ -519,11 +544,13 @@ fn plan_stage(
                 let mut run_args = BTreeMap::new();
                 for (k, v) in scope.args() {
                     run_args.insert(k.clone(), v.clone());
-                    if !env
-                        .iter()
-                        .any(|e| e.split_once('=').map_or(e.as_str(), |p| p.0) == k)
-                    {
-                        env.push(format!("{k}={v}"));
+                    let slot = env
+                        .iter_mut()
+                        .find(|e| e.split_once('=').map_or(e.as_str(), |p| p.0) == k);
+                    match slot {
+                        None => env.push(format!("{k}={v}")),
+                        Some(slot) if args_over_env.contains(k) => *slot = format!("{k}={v}"),
+                        Some(_) => {}
                     }
                 }
                 if !env.iter().any(|e| e.starts_with("PATH=")) {
@@ -620,6 +647,15 @@ fn plan_stage(
 
 /// Docker's default `PATH` for RUN when the image sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The config a `FROM scratch` stage starts from: BuildKit's empty image has WorkingDir `/`
+/// (and the default PATH, added with every other base's).
+pub(crate) fn scratch_config() -> ContainerConfig {
+    ContainerConfig {
+        working_dir: Some("/".to_string()),
+        ..ContainerConfig::default()
+    }
+}
 
 /// Appends `PATH=`[`DEFAULT_PATH`] to `cfg`'s Env when it has no PATH (BuildKit's
 /// dockerfile2llb does this for every stage that does not start from another stage).
@@ -794,6 +830,9 @@ fn run_mount(
                 id,
                 required: m.required,
                 env: m.env.clone(),
+                mode: m.mode.unwrap_or_else(secret_mode),
+                uid: m.uid.unwrap_or(0),
+                gid: m.gid.unwrap_or(0),
             }
         }
         MountType::Ssh => return Err(invalid("RUN --mount=type=ssh is not supported".into())),

@@ -406,6 +406,9 @@ fn mount_spec(
             target,
             required,
             env: env_name,
+            mode,
+            uid,
+            gid,
         } => {
             let Some(src) = ctx.opts.secrets.get(id) else {
                 if *required {
@@ -422,8 +425,20 @@ fn mount_spec(
             if target.is_empty() {
                 return Ok(None);
             }
+            // A copy with the mode and owner the mount asks for, in a directory of the
+            // build's own (0700), removed when the step ends; the user's file is untouched.
+            let dir = ctx.tempdir("secret-")?;
+            let copy = dir.path().join("secret");
+            std::fs::copy(src, &copy).map_err(io_err("copying secret", src))?;
+            if rustix::process::geteuid().is_root() {
+                std::os::unix::fs::chown(&copy, Some(*uid), Some(*gid))
+                    .map_err(io_err("chown", &copy))?;
+            }
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(*mode & 0o7777))
+                .map_err(io_err("chmod", &copy))?;
+            held.temps.push(dir);
             MountSpec::Bind {
-                source: src.clone(),
+                source: copy,
                 target: target.clone(),
                 readonly: true,
             }
