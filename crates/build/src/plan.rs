@@ -113,6 +113,13 @@ pub enum RunMount {
     },
     /// A tmpfs.
     Tmpfs { target: String, size: Option<u64> },
+    /// A read-only file made from the Dockerfile itself: a `RUN <<EOF` script that starts
+    /// with `#!`, executable at `/dev/pipes/NAME` (BuildKit's place for it).
+    Inline {
+        target: String,
+        content: String,
+        mode: u32,
+    },
     /// A secret file; only its id is part of the step (never its content).
     Secret {
         id: String,
@@ -506,6 +513,7 @@ fn plan_stage(
                     return Err(invalid("RUN --security=insecure is not supported".into()));
                 }
                 let shell = cfg.shell.clone().unwrap_or_else(default_shell);
+                let mut inline_mounts = Vec::new();
                 let argv = match (&run.command, run.heredocs.as_slice()) {
                     (c, []) => Command::from(c).argv(&shell),
                     // `RUN <<EOF` with the script as the whole command: the shell runs
@@ -517,9 +525,21 @@ fn plan_stage(
                             .trim_matches(['"', '\''])
                             == h.name =>
                     {
-                        let mut v = shell.clone();
-                        v.push(h.content.clone());
-                        v
+                        if h.content.starts_with("#!") {
+                            // BuildKit: a script with its own interpreter line is a file of
+                            // its own, run directly.
+                            let target = format!("/dev/pipes/{}", h.name);
+                            inline_mounts.push(RunMount::Inline {
+                                target: target.clone(),
+                                content: h.content.clone(),
+                                mode: 0o755,
+                            });
+                            vec![target]
+                        } else {
+                            let mut v = shell.clone();
+                            v.push(h.content.clone());
+                            v
+                        }
                     }
                     // Any other use (`cat <<EOF > f`, `<<A sh && <<B sh`, several
                     // heredocs): like BuildKit, the bodies go back after the command line,
@@ -557,7 +577,7 @@ fn plan_stage(
                     env.push(format!("PATH={DEFAULT_PATH}"));
                 }
                 let workdir = cfg.working_dir.clone().unwrap_or_else(|| "/".to_string());
-                let mut mounts = Vec::new();
+                let mut mounts = inline_mounts;
                 for m in &run.mounts {
                     mounts.push(
                         run_mount(m, idx, df, opts.images, &loc, &workdir, &mut deps)

@@ -397,6 +397,23 @@ fn mount_spec(
                 readonly: *readonly,
             }
         }
+        RunMount::Inline {
+            target,
+            content,
+            mode,
+        } => {
+            let dir = ctx.tempdir("inline-")?;
+            let file = dir.path().join("script");
+            std::fs::write(&file, content).map_err(io_err("writing", &file))?;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(*mode))
+                .map_err(io_err("chmod", &file))?;
+            held.temps.push(dir);
+            MountSpec::Bind {
+                source: file,
+                target: target.clone(),
+                readonly: true,
+            }
+        }
         RunMount::Tmpfs { target, size } => MountSpec::Tmpfs {
             target: target.clone(),
             size: *size,

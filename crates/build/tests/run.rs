@@ -394,6 +394,7 @@ fn heredocs_merged_usr_and_groups_behave_as_in_buildkit() {
                  RUN <<A sh && cat <<'B' > /two-b\necho a > /two-a\nA\n$GREETING\nB\n\
                  RUN cat <<-EOF > /chomp\n\t\ttabbed\n\tEOF\n\
                  RUN tr a-z A-Z <<EOF >/upper && cat /upper >/upper2\nshout\nEOF\n\
+                 RUN <<EOF\n#!/bin/sh\necho \"$0\" > /shebang\nEOF\n\
                  USER app\n\
                  RUN grep ^Groups: /proc/self/status > /tmp/groups\n",
             ),
@@ -417,6 +418,11 @@ fn heredocs_merged_usr_and_groups_behave_as_in_buildkit() {
     assert_eq!(read("two-b"), "$GREETING\n", "a quoted delimiter does not");
     assert_eq!(read("chomp"), "tabbed\n", "<<- strips leading tabs");
     assert_eq!(read("upper2"), "SHOUT\n", "a heredoc as a command's stdin");
+    assert_eq!(
+        read("shebang"),
+        "/dev/pipes/EOF\n",
+        "a #! script runs as a file of its own"
+    );
     assert_eq!(
         read("tmp/groups").split_whitespace().collect::<Vec<_>>(),
         ["Groups:", "1000"]
