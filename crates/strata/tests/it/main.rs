@@ -9,3 +9,4 @@ mod docker;
 mod faults;
 mod images;
 mod interop;
+mod readme;
