@@ -304,20 +304,24 @@ pub fn deploy_image(
 /// The app's public port must be this app's route already, or free: checked before anything
 /// is created, so a taken port leaves nothing behind.
 fn check_port_free(host: &Host, app: &App, addr: SocketAddr) -> Result<()> {
+    check_port(host, &owner(&app.name), addr)
+        .map_err(|e| Error::Config(format!("app {}: {e}; set public_port", app.name)))
+}
+
+/// Whether `owner` (`app:web`, `machine:ID`) may serve on `addr`: the port is its route
+/// already, or no route and no other program has it. The error says who has it.
+pub fn check_port(host: &Host, owner: &str, addr: SocketAddr) -> Result<()> {
     match host.state.route(addr.port())? {
-        Some(r) if r.owner == owner(&app.name) => Ok(()),
+        Some(r) if r.owner == owner => Ok(()),
         Some(r) => Err(Error::Config(format!(
-            "app {}: port {} is already served for {}",
-            app.name,
+            "port {} is already served for {}",
             addr.port(),
             r.owner
         ))),
         None => match std::net::TcpListener::bind(addr) {
             Ok(_) => Ok(()),
             Err(e) => Err(Error::Config(format!(
-                "app {}: cannot serve on {addr}: {e} (another program uses the port; set \
-                 public_port)",
-                app.name
+                "cannot serve on {addr}: {e} (another program uses the port)"
             ))),
         },
     }

@@ -128,6 +128,12 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
                 opts.stop_signal =
                     Some(parse_signal(s).with_context(|| format!("unknown signal `{s}`"))?);
             }
+            // A taken port fails the run before anything is made (`deploy` checks the same).
+            for (h, _) in &opts.ports {
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], *h));
+                strata_deploy::deploy::check_port(&host, "", addr)
+                    .with_context(|| format!("cannot publish port {h}"))?;
+            }
             let m = host.create_machine(&a.image, &opts)?;
             for (h, c) in &opts.ports {
                 let backend = std::net::SocketAddr::new(IpAddr::V4(Host::machine_addr(&m)), *c);

@@ -591,6 +591,22 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
         e.contains(&format!("127.0.0.1:{port}")) && e.contains("public_port"),
         "{e}"
     );
+    // `machine run -p` on a port another program holds fails too (it reported success).
+    let e = env.fails(&[
+        "machine",
+        "run",
+        "busybox",
+        "-p",
+        &format!("{port}:8080"),
+        "--",
+        "sleep",
+        "100",
+    ]);
+    assert!(
+        e.contains(&format!("127.0.0.1:{port}")) && e.contains("another program"),
+        "{e}"
+    );
+    drop(taken);
     // A broken strata.toml.
     std::fs::write(proj.join("strata.toml"), "[app.web]\nimage = \"web\"\n").unwrap();
     let e = env.fails(&["deploy", "--project", proj.to_str().unwrap()]);
@@ -598,6 +614,50 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     // Nothing was created by any of them.
     assert_eq!(env.ok(&["machine", "list", "--json"]), "");
     assert_eq!(env.ok(&["releases", "--json"]), "");
+}
+
+/// `machine stop` of a machine with a published port returns as soon as it stopped: its own
+/// route is no traffic to drain (it waited the whole kill timeout, 10 s).
+#[test]
+fn stopping_a_machine_with_a_published_port_does_not_wait_its_kill_timeout() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let port = free_port();
+    let id = env
+        .ok(&[
+            "machine",
+            "run",
+            "busybox",
+            "-p",
+            &format!("{port}:8080"),
+            "--",
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            "/etc",
+        ])
+        .trim()
+        .to_string();
+    // Any HTTP answer from httpd (a 404 for `/`) proves the route reaches the machine.
+    wait_for(
+        "the published port",
+        Duration::from_secs(10),
+        || match get(port) {
+            Ok(_) => true,
+            Err(line) => line.starts_with("HTTP/"),
+        },
+    );
+    let started = std::time::Instant::now();
+    env.ok(&["machine", "stop", &id]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stop took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
