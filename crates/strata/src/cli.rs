@@ -87,6 +87,24 @@ pub enum Command {
     /// Apps deployed on this host.
     #[command(subcommand)]
     Apps(AppsCommand),
+    /// Machines on this host, like `docker ps` (`strata machine list`).
+    Ps {
+        /// Only this app's machines.
+        #[arg(long)]
+        app: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// An image's history: one line per step, newest first, like `docker history`.
+    History {
+        image: String,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// strata's version and the commit it was built from.
+    Version,
     /// Unpack an image's layers into a directory (its root filesystem), like `umoci unpack`.
     Unpack {
         image: String,
@@ -371,6 +389,9 @@ pub enum MachineCommand {
     /// List machines.
     #[command(alias = "ls")]
     List {
+        /// Only this app's machines.
+        #[arg(long)]
+        app: Option<String>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -502,6 +523,13 @@ pub struct ReleasesArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum AppsCommand {
+    /// Apps on this host: active release, machines, public address.
+    #[command(alias = "ls")]
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove an app from this host: machines, route, releases, pins.
     Destroy {
         app: String,

@@ -43,7 +43,58 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Apps(AppsCommand::Destroy { app, volumes }) => {
             crate::deploy::apps_destroy(store()?, &app, volumes)
         }
+        Command::Apps(AppsCommand::List { json }) => crate::deploy::apps_list(store()?, json),
+        Command::Ps { app, json } => {
+            crate::deploy::machine(store()?, crate::cli::MachineCommand::List { app, json })
+        }
+        Command::History { image, json } => history(&store()?, &image, json),
+        Command::Version => {
+            println!(
+                "strata {} (commit {})",
+                env!("CARGO_PKG_VERSION"),
+                env!("STRATA_COMMIT")
+            );
+            Ok(())
+        }
     }
+}
+
+/// `strata history IMAGE`: the config's history, newest first, with each step's layer size
+/// (`docker history`).
+fn history(store: &Store, image: &str, json: bool) -> Result<()> {
+    let name = local_name(image)?;
+    let img = store
+        .image(&name)
+        .with_context(|| format!("no image named `{name}`\nhint: `strata images` lists them"))?;
+    let config = strata_oci::ImageConfig::from_slice(&img.config_bytes)?;
+    let mut layers = img.manifest.layers.iter();
+    let mut rows = Vec::new();
+    for h in config.history.clone().unwrap_or_default() {
+        let size = if h.is_empty_layer() {
+            0
+        } else {
+            layers.next().map_or(0, |l| l.size)
+        };
+        rows.push((h, size));
+    }
+    if !json {
+        println!("{:<22}  {:>10}  CREATED BY", "CREATED", "SIZE");
+    }
+    for (h, size) in rows.iter().rev() {
+        let created = h.created.clone().unwrap_or_default();
+        let by = h.created_by.clone().unwrap_or_default();
+        if json {
+            let v = serde_json::json!({
+                "created": created, "created_by": by, "size": size,
+                "empty_layer": h.is_empty_layer(), "comment": h.comment,
+            });
+            println!("{v}");
+        } else {
+            let by: String = by.chars().filter(|c| !c.is_control()).take(90).collect();
+            println!("{created:<22}  {:>10}  {by}", human_size(*size));
+        }
+    }
+    Ok(())
 }
 
 pub fn human_size(bytes: u64) -> String {

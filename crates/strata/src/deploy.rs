@@ -159,8 +159,11 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
             println!("{}", m.id);
             Ok(())
         }
-        MachineCommand::List { json } => {
-            let machines = host.state.machines()?;
+        MachineCommand::List { app, json } => {
+            let machines = match &app {
+                Some(a) => host.state.app_machines(a)?,
+                None => host.state.machines()?,
+            };
             if json {
                 for m in &machines {
                     let v = serde_json::json!({
@@ -479,7 +482,8 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 
 pub fn status(store: Store, app: Option<&str>) -> Result<()> {
     let host = host(store)?;
-    match agent_pid(host.store.root())? {
+    let agent = agent_pid(host.store.root())?;
+    match agent {
         Some(pid) => println!("agent: running (pid {pid})"),
         None => println!("agent: not running"),
     }
@@ -504,13 +508,61 @@ pub fn status(store: Store, app: Option<&str>) -> Result<()> {
                 "v{} ({})",
                 r.version, r.image
             )),
-            route.map_or(String::new(), |r| format!(
-                ", serving on 127.0.0.1:{}",
-                r.port
-            ))
+            route.map_or(String::new(), |r| match agent {
+                Some(_) => format!(", serving on 127.0.0.1:{}", r.port),
+                // The port is the agent's: nothing answers there while it is stopped.
+                None => format!(
+                    ", not serving 127.0.0.1:{} (the agent is stopped; `strata agent` or any \
+                     deploy starts it)",
+                    r.port
+                ),
+            })
         );
         for m in host.state.app_machines(&a)? {
             println!("  {}", machine_row(&m));
+        }
+    }
+    Ok(())
+}
+
+/// `strata apps list`: every app with a release or machine here, its active release,
+/// machine count and public address.
+pub fn apps_list(store: Store, json: bool) -> Result<()> {
+    let host = host(store)?;
+    let releases = host.state.releases(None)?;
+    let routes = host.state.routes()?;
+    let mut names: Vec<String> = releases.iter().map(|r| r.app.clone()).collect();
+    names.extend(host.state.machines()?.into_iter().filter_map(|m| m.app));
+    names.sort();
+    names.dedup();
+    if !json {
+        println!("NAME\tRELEASE\tSTATUS\tMACHINES\tPUBLIC\tIMAGE");
+    }
+    for a in names {
+        let active = releases.iter().find(|r| r.app == a && r.status == "active");
+        let newest = releases.iter().find(|r| r.app == a);
+        let machines = host.state.app_machines(&a)?;
+        let running = machines.iter().filter(|m| m.state == "running").count();
+        let public = routes
+            .iter()
+            .find(|r| r.owner == format!("app:{a}"))
+            .map(|r| format!("127.0.0.1:{}", r.port));
+        if json {
+            let v = serde_json::json!({
+                "name": a, "release": active.map(|r| r.version),
+                "status": newest.map(|r| r.status.clone()), "machines": machines.len(),
+                "running": running, "public": public, "image": active.map(|r| r.image.clone()),
+            });
+            println!("{v}");
+        } else {
+            println!(
+                "{a}\t{}\t{}\t{running}/{}\t{}\t{}",
+                active.map_or("-".to_string(), |r| format!("v{}", r.version)),
+                newest.map_or("-", |r| r.status.as_str()),
+                machines.len(),
+                public.as_deref().unwrap_or("-"),
+                active.map_or("-", |r| r.image.as_str()),
+            );
         }
     }
     Ok(())

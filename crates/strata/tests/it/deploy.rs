@@ -247,6 +247,35 @@ fn deploy_redeploys_without_dropping_requests_rolls_back_and_a_failed_release_le
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // The commands Docker and Fly users reach for: `ps`, `apps list`, `status`.
+    let id = only_machine(&env);
+    let ps = env.ok(&["ps", "--app", "web"]);
+    assert!(ps.starts_with("ID\tSTATE") && ps.contains(&id), "{ps}");
+    assert_eq!(
+        env.ok(&["ps", "--app", "other"]).lines().count(),
+        1,
+        "header only"
+    );
+    let apps = env.ok(&["apps", "list"]);
+    assert!(
+        apps.lines()
+            .any(|l| l.starts_with("web\tv3\tfailed\t1/1\t")
+                && l.contains(&format!("127.0.0.1:{port}"))),
+        "{apps}"
+    );
+    let status = env.ok(&["status", "web"]);
+    assert!(
+        status.contains(&format!("serving on 127.0.0.1:{port}")),
+        "{status}"
+    );
+    env.ok(&["agent", "stop"]);
+    let status = env.ok(&["status", "web"]);
+    assert!(
+        status.contains("agent: not running")
+            && status.contains(&format!("not serving 127.0.0.1:{port}")),
+        "status must not claim the port is served while the agent is stopped: {status}"
+    );
+
     // Destroying the app frees its machines, route, releases, pins, the names its deploys
     // made and the snapshots only its images had (the volume stays).
     let snapshots = || -> Vec<String> {

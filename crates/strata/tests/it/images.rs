@@ -483,3 +483,25 @@ fn an_import_that_cannot_be_unpacked_names_nothing() {
     assert!(err.contains("fresh"), "{err}");
     assert!(!env.ok(&["images", "-q"]).contains("fresh"));
 }
+
+/// `strata version` names the commit; `strata history` lists an image's steps, newest first.
+#[test]
+fn version_and_history() {
+    let env = Env::new();
+    let v = env.ok(&["version"]);
+    assert!(v.starts_with("strata 0.") && v.contains("(commit "), "{v}");
+    import_busybox(&env, "bb");
+    let h = env.ok(&["history", "bb"]);
+    let lines: Vec<&str> = h.lines().collect();
+    assert_eq!(lines.len(), 2, "{h}");
+    assert!(
+        lines[0].starts_with("CREATED") && lines[1].contains("strata import"),
+        "{h}"
+    );
+    let j: serde_json::Value =
+        serde_json::from_str(env.ok(&["history", "bb", "--json"]).trim()).unwrap();
+    assert_eq!(j["empty_layer"], false);
+    assert!(j["size"].as_u64().unwrap() > 100_000);
+    let e = env.fails(&["history", "nope"]);
+    assert!(e.contains("no image named `nope:latest`"), "{e}");
+}
