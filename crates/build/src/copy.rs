@@ -84,7 +84,7 @@ fn download(ctx: &Ctx<'_>, url: &str, checksum: Option<&str>) -> Result<tempfile
     };
     let mut resp = ureq::get(url).call().map_err(|e| err(e.to_string()))?;
     let mut f = tempfile::Builder::new()
-        .prefix("download-")
+        .prefix(&strata_store::temp_prefix("download"))
         .tempfile_in(&ctx.tmp_root)
         .map_err(io_err("creating temp file in", &ctx.tmp_root))?;
     let mut reader = resp.body_mut().as_reader();

@@ -333,7 +333,7 @@ pub(crate) struct Ctx<'a> {
 impl Ctx<'_> {
     pub fn tempdir(&self, prefix: &str) -> Result<tempfile::TempDir> {
         tempfile::Builder::new()
-            .prefix(prefix)
+            .prefix(&strata_store::temp_prefix(prefix.trim_end_matches('-')))
             .tempdir_in(&self.tmp_root)
             .map_err(io_err("creating temporary directory in", &self.tmp_root))
     }
@@ -453,6 +453,18 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
     }
     let ignore = IgnoreMatcher::parse(".dockerignore", &ignore_text)?;
 
+    // What a killed build left (its RUN container, overlay mount, bundle, upper and staging
+    // dirs, temp blobs) goes first.
+    if let Err(e) = store.remove_abandoned_temps() {
+        progress.event(&Event::Warning {
+            message: format!("cannot remove what an earlier build left in strata/tmp: {e}"),
+        });
+    }
+    if let Err(e) = strata_runtime::cleanup_stale_in(&store.root().join("strata/runtime")) {
+        progress.event(&Event::Warning {
+            message: format!("cannot clean up what an earlier build left: {e}"),
+        });
+    }
     let resolver =
         StoreResolver::new(store, &opts.pinned).with_pulls(&opts.locked, &opts.pull, progress);
     let plan = plan(
@@ -757,6 +769,9 @@ fn run_stage(
     // Docker: ENTRYPOINT clears only a CMD inherited from the base, not one set in this stage.
     let mut cmd_set_here = false;
     for (i, step) in sp.steps.iter().enumerate() {
+        if strata_runtime::interrupt::requested() {
+            return Err(Error::Interrupted);
+        }
         let step_ref = StepRef {
             image: if ctx.opts.name.is_some() {
                 ctx.image_name.clone()

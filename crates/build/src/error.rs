@@ -60,6 +60,11 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
+    /// Ctrl-C or SIGTERM: the build stopped between steps (a running RUN is killed and
+    /// cleaned up first).
+    #[error("interrupted")]
+    Interrupted,
+
     /// A source of `COPY`/`ADD` does not exist (or is excluded by `.dockerignore`).
     #[error("source `{source_path}` not found in {origin}")]
     SourceNotFound { source_path: String, origin: String },

@@ -592,13 +592,17 @@ impl Agent {
         if addrs.is_empty() {
             return true;
         }
-        let routed = self
-            .proxies
-            .values()
-            .any(|p| p.backends().iter().any(|b| addrs.contains(b)));
-        let active: usize = self
-            .proxies
-            .values()
+        // The machine's own published ports (`machine run -p`) route only to it and stay
+        // until it is gone: they are no traffic to drain first (as `docker stop`).
+        let own: Vec<u16> = m.config.ports.iter().map(|(host, _)| *host).collect();
+        let others = || {
+            self.proxies
+                .iter()
+                .filter(|(port, _)| !own.contains(port))
+                .map(|(_, p)| p)
+        };
+        let routed = others().any(|p| p.backends().iter().any(|b| addrs.contains(b)));
+        let active: usize = others()
             .flat_map(|p| addrs.iter().map(|a| p.active_connections(*a)))
             .sum();
         // No settling time needed: the proxy counts a connection from the moment it picks a

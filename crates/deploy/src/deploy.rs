@@ -69,6 +69,10 @@ pub fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> R
         if let Some(v) = f()? {
             return Ok(Some(v));
         }
+        // Ctrl-C: every wait ends, so the caller's failure path undoes what it made.
+        if strata_runtime::interrupt::requested() {
+            return Err(Error::Interrupted);
+        }
         if Instant::now() >= deadline {
             return Ok(None);
         }

@@ -9,6 +9,9 @@ use crate::health::CheckFailure;
 /// What went wrong in `strata-deploy`, with the address or operation it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Ctrl-C or SIGTERM while waiting: what the command made is being undone.
+    #[error("interrupted")]
+    Interrupted,
     /// The proxy could not listen on the address it was given.
     #[error("proxy: cannot listen on {addr}: {source}")]
     Bind {

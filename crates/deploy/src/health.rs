@@ -244,8 +244,20 @@ pub fn wait_healthy_blocking(addr: IpAddr, cfg: &HealthConfig, deadline: Duratio
             what: "a health check",
             source,
         })?;
-    runtime.block_on(wait_healthy(addr, cfg, deadline))?;
+    runtime.block_on(async {
+        tokio::select! {
+            r = wait_healthy(addr, cfg, deadline) => r.map_err(Error::from),
+            () = interrupted() => Err(Error::Interrupted),
+        }
+    })?;
     Ok(())
+}
+
+/// Returns once Ctrl-C or SIGTERM asked the process to stop.
+async fn interrupted() {
+    while !strata_runtime::interrupt::requested() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn check_within(

@@ -9,6 +9,10 @@ use std::path::PathBuf;
 /// [`crate::RunResult`]. These variants are about the runtime itself failing.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The process was asked to stop (Ctrl-C, SIGTERM) while the container ran; it was
+    /// killed and everything set up for it removed.
+    #[error("interrupted: container `{id}` was stopped")]
+    Interrupted { id: String },
     /// No runc binary was found.
     #[error(
         "runc not found (looked at {looked_at}); hint: apt-get install runc, or set $STRATA_RUNTIME"

@@ -16,6 +16,7 @@
 
 mod error;
 mod inroot;
+pub mod interrupt;
 mod machine;
 pub mod net;
 mod run;
@@ -32,7 +33,7 @@ pub use machine::{
     machine_stop, process_alive, process_start_time, set_child_subreaper, valid_machine_id,
 };
 pub use net::{NetSpec, ensure_host_nat, prepare_network, teardown_network};
-pub use run::{cleanup_stale, kill, run};
+pub use run::{cleanup_stale, cleanup_stale_in, kill, run};
 pub use user::resolve_user;
 
 /// Where runc is and where it keeps its state.

@@ -334,9 +334,22 @@ impl Bundle<'_> {
         self.child = Some(child);
 
         let mut stderr_tail: Vec<u8> = Vec::new();
+        let mut interrupted = false;
         // Ends when both pipes are closed: the container's pid 1 exited, which kills the rest
-        // of its pid namespace, and runc exited.
-        for (is_err, chunk) in rx {
+        // of its pid namespace, and runc exited. An interrupt kills the container (pid 1 and
+        // so its namespace) and the loop goes on until that is done.
+        loop {
+            let (is_err, chunk) = match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(c) => c,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if !interrupted && crate::interrupt::requested() {
+                        interrupted = true;
+                        let _ = kill(self.cfg, id, 9); // SIGKILL
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             if is_err {
                 stderr_tail.extend_from_slice(&chunk);
                 if stderr_tail.len() > STDERR_TAIL {
@@ -358,6 +371,9 @@ impl Bundle<'_> {
             }
         };
         self.child = None;
+        if interrupted {
+            return Err(Error::Interrupted { id: id.to_string() });
+        }
 
         if !status.success() {
             let errors = runc_log_errors(&log);
@@ -669,6 +685,25 @@ fn owner_alive(stamp: &str) -> bool {
         return false;
     };
     owner_stamp(pid).is_some_and(|now| now == stamp.trim())
+}
+
+/// [`cleanup_stale`] for the RUN containers under `state_root`, cheap when there is nothing
+/// to look at (no bundle, no container state: no runc is even looked for), so every build
+/// and `strata gc` can call it: what a `kill -9` left is reclaimed by the next command.
+pub fn cleanup_stale_in(state_root: &Path) -> Result<Vec<String>> {
+    let has_entries = |dir: &Path, skip: &str| {
+        std::fs::read_dir(dir)
+            .map(|entries| entries.flatten().any(|e| e.file_name() != skip))
+            .unwrap_or(false)
+    };
+    let probe = RuntimeConfig {
+        runc: PathBuf::new(),
+        state_root: state_root.to_path_buf(),
+    };
+    if !has_entries(&probe.bundles_dir(), "") && !has_entries(state_root, "bundles") {
+        return Ok(Vec::new());
+    }
+    cleanup_stale(&RuntimeConfig::detect(state_root.to_path_buf())?)
 }
 
 /// Removes what killed processes left under `cfg.state_root`: for every bundle whose owning

@@ -237,7 +237,7 @@ impl BlobWriter {
     fn new(root: &Path, algorithm: Algorithm, limit: Option<u64>) -> Result<BlobWriter> {
         let tmp_dir = root.join("strata/tmp");
         let tmp = tempfile::Builder::new()
-            .prefix("blob-")
+            .prefix(&crate::temp_prefix("blob"))
             .tempfile_in(&tmp_dir)
             .ctx("create temp file in", &tmp_dir)?;
         Ok(BlobWriter {

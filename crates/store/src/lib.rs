@@ -40,6 +40,7 @@ mod gc;
 mod image;
 mod lock;
 mod meta;
+mod owner;
 mod refs;
 
 use std::fs;
@@ -54,6 +55,7 @@ pub use error::{Error, Result};
 pub use gc::GcReport;
 pub use image::Image;
 pub use meta::{Pin, Snapshot};
+pub use owner::temp_prefix;
 pub use strata_oci::{Descriptor, Digest};
 
 use error::IoContext;
@@ -209,7 +211,7 @@ impl Store {
     fn write_temp(&self, bytes: &[u8]) -> Result<tempfile::NamedTempFile> {
         let dir = self.tmp_dir();
         let mut tmp = tempfile::Builder::new()
-            .prefix("file-")
+            .prefix(&temp_prefix("file"))
             .tempfile_in(&dir)
             .ctx("create temp file in", &dir)?;
         tmp.write_all(bytes).ctx("write", tmp.path())?;
@@ -217,7 +219,14 @@ impl Store {
         Ok(tmp)
     }
 
-    /// Remove entries of `strata/tmp` older than [`STALE_TEMP_AGE`]; returns how many.
+    /// Removes what killed writers left in `strata/tmp` (see [`Store::remove_stale_temps`]),
+    /// as every build does first; returns how many entries went.
+    pub fn remove_abandoned_temps(&self) -> Result<usize> {
+        self.remove_stale_temps(false)
+    }
+
+    /// Remove entries of `strata/tmp` whose writer is gone (named by [`temp_prefix`]) or, for
+    /// other names, older than [`STALE_TEMP_AGE`]; returns how many.
     pub(crate) fn remove_stale_temps(&self, dry_run: bool) -> Result<usize> {
         let dir = self.tmp_dir();
         let now = SystemTime::now();
@@ -226,7 +235,12 @@ impl Store {
             let entry = entry.ctx("list", &dir)?;
             let path = entry.path();
             let Ok(meta) = entry.metadata() else { continue };
-            if !is_stale(&meta, now) {
+            // Named by its writer: gone means abandoned (now), alive means in use (keep).
+            let abandoned = match owner::owner_alive(&entry.file_name().to_string_lossy()) {
+                Some(alive) => !alive,
+                None => is_stale(&meta, now),
+            };
+            if !abandoned {
                 continue;
             }
             if !dry_run {

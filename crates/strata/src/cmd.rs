@@ -284,6 +284,14 @@ fn rmi(store: &Store, images: &[String]) -> Result<()> {
 }
 
 fn gc(store: &Store, dry_run: bool) -> Result<()> {
+    // RUN containers, overlay mounts and bundles of killed builds (their owner is gone).
+    if !dry_run {
+        let cleaned = strata_runtime::cleanup_stale_in(&store.root().join("strata/runtime"))
+            .context("cannot clean up what killed builds left")?;
+        for id in &cleaned {
+            println!("removed the leftovers of killed build container {id}");
+        }
+    }
     let report = store.gc(dry_run)?;
     let verb = if dry_run { "would delete" } else { "deleted" };
     for (digest, size) in &report.removed {

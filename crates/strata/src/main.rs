@@ -16,8 +16,17 @@ fn main() -> ExitCode {
         default_sigpipe();
     }
     init_logging(cli.verbose);
+    if cleans_up_on_interrupt(&cli.command)
+        && let Err(e) = install_interrupt_handler()
+    {
+        eprintln!("warning: Ctrl-C will not clean up: {e}");
+    }
     match cmd::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(_) if strata_runtime::interrupt::requested() => {
+            eprintln!("error: interrupted; what this command had started was stopped and removed");
+            ExitCode::from(130)
+        }
         Err(err) => {
             eprintln!("error: {err}");
             // Many of our errors already carry their cause in their own text; print a
@@ -54,6 +63,24 @@ fn writes_listing(command: &cli::Command) -> bool {
             | C::Save(_)
             | C::Machine(M::List { .. } | M::Logs { .. })
     )
+}
+
+/// Commands that set up state they must take down when interrupted: a build's RUN container,
+/// overlay mount and bundle; a deploy's release and new machines.
+fn cleans_up_on_interrupt(command: &cli::Command) -> bool {
+    matches!(command, cli::Command::Build(_) | cli::Command::Deploy(_))
+}
+
+/// SIGINT and SIGTERM set the process-wide interrupt flag: a running RUN container is killed,
+/// waits end, and the command unwinds through its normal failure path, removing what it made.
+/// A second signal exits at once (130), for a user who really wants out.
+fn install_interrupt_handler() -> std::io::Result<()> {
+    let flag = strata_runtime::interrupt::flag();
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, flag.clone())?;
+        signal_hook::flag::register(signal, flag.clone())?;
+    }
+    Ok(())
 }
 
 /// Rust starts programs with SIGPIPE ignored, so `strata images | head` would get EPIPE on a

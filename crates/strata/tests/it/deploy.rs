@@ -689,6 +689,60 @@ fn stopping_a_machine_with_a_published_port_does_not_wait_its_kill_timeout() {
     );
 }
 
+/// Ctrl-C while a release waits for health: the release is marked failed and its machines are
+/// removed (it stayed `deploying` for ever with its machine running); strata exits 130.
+#[test]
+fn an_interrupted_deploy_fails_its_release_and_removes_its_machines() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let proj = project(&env, free_port(), "/never-healthy");
+    let toml = std::fs::read_to_string(proj.join("strata.toml")).unwrap();
+    std::fs::write(
+        proj.join("strata.toml"),
+        toml.replace("deadline = \"5s\"", "deadline = \"120s\""),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(env.store())
+        .args([
+            "deploy",
+            "--project",
+            proj.to_str().unwrap(),
+            "--progress",
+            "plain",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the release's machine", Duration::from_secs(60), || {
+        env.ok(&["machine", "list", "--json"])
+            .contains("\"running\"")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let releases = env.ok(&["releases", "web"]);
+    assert!(releases.contains("v1\tfailed"), "{releases}");
+    wait_for("the machine's removal", Duration::from_secs(30), || {
+        env.ok(&["machine", "list", "--json"]).is_empty()
+    });
+}
+
 #[test]
 fn an_agent_started_in_process_is_reaped_when_it_stops() {
     if !can_run_machines() {

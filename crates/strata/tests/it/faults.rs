@@ -129,3 +129,128 @@ fn registry_survives_clients_that_drop_mid_blob() {
         started.elapsed()
     );
 }
+
+/// What a store's build left: overlay mounts under it, runc bundles, RUN temp dirs.
+fn build_leftovers(store: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        if let Some(target) = line.split_whitespace().nth(1)
+            && target.starts_with(store.to_str().unwrap())
+        {
+            found.push(format!("mount {target}"));
+        }
+    }
+    for dir in ["strata/runtime/bundles", "strata/tmp"] {
+        for e in std::fs::read_dir(store.join(dir))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            found.push(format!("{dir}/{}", e.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+fn can_run_builds(test: &str) -> bool {
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+    let ok = root && have("runc");
+    if !ok {
+        eprintln!("\n!!!!! SKIPPED {test}: needs root and runc !!!!!\n");
+    }
+    ok
+}
+
+/// Starts `strata build` of a Dockerfile whose RUN sleeps, and waits until the RUN runs.
+fn build_in_a_long_run(env: &Env) -> std::process::Child {
+    std::fs::write(
+        env.path("Dockerfile"),
+        "FROM busybox\nRUN echo started && sleep 60\n",
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(env.store())
+        .args(["build", "-f"])
+        .arg(env.path("Dockerfile"))
+        .args(["-t", "slow:1", "--progress", "plain"])
+        .arg(env.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let bundles = env.store().join("strata/runtime/bundles");
+    wait_for("the RUN container", Duration::from_secs(30), || {
+        std::fs::read_dir(&bundles).is_ok_and(|mut d| d.next().is_some())
+    });
+    // runc has started the container once its state exists.
+    std::thread::sleep(Duration::from_millis(500));
+    child
+}
+
+/// Ctrl-C (SIGINT) during a RUN: the container is killed, the overlay mount, bundle and upper
+/// directory are removed, and strata exits 130 at once.
+#[test]
+fn an_interrupted_build_cleans_up_its_run_step() {
+    if !can_run_builds("an_interrupted_build_cleans_up_its_run_step") {
+        return;
+    }
+    let env = Env::new();
+    import_busybox(&env, "busybox");
+    let mut child = build_in_a_long_run(&env);
+    assert!(
+        !build_leftovers(&env.store()).is_empty(),
+        "the RUN is set up"
+    );
+    let started = Instant::now();
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(build_leftovers(&env.store()), Vec::<String>::new());
+    assert!(!env.ok(&["images", "-q"]).contains("slow:1"));
+}
+
+/// `kill -9` of a build mid-RUN cannot clean up; the next command does: `strata gc` removes
+/// the container (still running), its mount, its bundle and its temp dirs.
+#[test]
+fn what_a_killed_build_left_is_reclaimed_by_gc() {
+    if !can_run_builds("what_a_killed_build_left_is_reclaimed_by_gc") {
+        return;
+    }
+    let env = Env::new();
+    import_busybox(&env, "busybox");
+    let mut child = build_in_a_long_run(&env);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !build_leftovers(&env.store()).is_empty(),
+        "kill -9 leaves the RUN behind"
+    );
+    let out = env.ok(&["gc"]);
+    assert!(
+        out.contains("removed the leftovers of killed build container"),
+        "{out}"
+    );
+    assert_eq!(build_leftovers(&env.store()), Vec::<String>::new());
+    let list = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(env.store().join("strata/runtime"))
+        .args(["list", "-q"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&list.stdout).trim(),
+        "",
+        "no container left"
+    );
+}
