@@ -453,13 +453,9 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
     }
     let ignore = IgnoreMatcher::parse(".dockerignore", &ignore_text)?;
 
-    // What a killed build left (its RUN container, overlay mount, bundle, upper and staging
-    // dirs, temp blobs) goes first.
-    if let Err(e) = store.remove_abandoned_temps() {
-        progress.event(&Event::Warning {
-            message: format!("cannot remove what an earlier build left in strata/tmp: {e}"),
-        });
-    }
+    // What a killed build left goes first: its RUN container, overlay mount and bundle here;
+    // its upper and staging dirs and temp blobs went when the store was opened (they are
+    // named after their dead owner).
     if let Err(e) = strata_runtime::cleanup_stale_in(&store.root().join("strata/runtime")) {
         progress.event(&Event::Warning {
             message: format!("cannot clean up what an earlier build left: {e}"),

@@ -219,12 +219,6 @@ impl Store {
         Ok(tmp)
     }
 
-    /// Removes what killed writers left in `strata/tmp` (see [`Store::remove_stale_temps`]),
-    /// as every build does first; returns how many entries went.
-    pub fn remove_abandoned_temps(&self) -> Result<usize> {
-        self.remove_stale_temps(false)
-    }
-
     /// Remove entries of `strata/tmp` whose writer is gone (named by [`temp_prefix`]) or, for
     /// other names, older than [`STALE_TEMP_AGE`]; returns how many.
     pub(crate) fn remove_stale_temps(&self, dry_run: bool) -> Result<usize> {

@@ -80,7 +80,10 @@ fn sigkill_mid_write_leaves_no_partial_blob() {
     assert!(std::fs::metadata(&temps[0]).unwrap().len() >= 512 * 1024);
 
     // The store opens and works, and gc (which needs the session lock the child held) runs.
+    // The temp file is named after its writer, which is dead: opening the store removes it at
+    // once, not after an hour.
     let store = Store::open(&root).unwrap();
+    assert!(files_under(&root.join("strata/tmp")).is_empty());
     let (d, n) = store.put_blob_bytes(b"after the crash", None).unwrap();
     store
         .set_ref(
@@ -100,11 +103,18 @@ fn sigkill_mid_write_leaves_no_partial_blob() {
         .recv_timeout(Duration::from_secs(20))
         .expect("gc blocked: the killed child's lock was not released");
     assert!(report.removed.is_empty());
-    // Young leftovers stay (they could belong to a live writer); old ones go.
     assert_eq!(report.temps_removed, 0);
-    let old = filetime::FileTime::from_system_time(SystemTime::now() - Duration::from_secs(7200));
-    filetime::set_file_mtime(&temps[0], old).unwrap();
-    assert_eq!(store.gc(false).unwrap().temps_removed, 1);
-    assert!(files_under(&root.join("strata/tmp")).is_empty());
     assert!(store.has_blob(&d));
+    // A live writer's temp entry stays, however old; an unnamed one goes by age.
+    let live = root
+        .join("strata/tmp")
+        .join(format!("{}keep", strata_store::temp_prefix("blob")));
+    let anonymous = root.join("strata/tmp/blob-anonymous");
+    let old = filetime::FileTime::from_system_time(SystemTime::now() - Duration::from_secs(7200));
+    for p in [&live, &anonymous] {
+        std::fs::write(p, b"x").unwrap();
+        filetime::set_file_mtime(p, old).unwrap();
+    }
+    assert_eq!(store.gc(false).unwrap().temps_removed, 1);
+    assert!(live.exists() && !anonymous.exists());
 }
