@@ -17,8 +17,10 @@ pub struct AppSpec {
     /// An image of the project (`[[image]] name`), built on deploy; or any image reference in
     /// the store.
     pub image: String,
-    /// The port the app listens on inside its machines.
-    pub port: u16,
+    /// The port the app listens on inside its machines. None for a worker (or a base app that
+    /// only sleeps): no public port, no route; its machines are healthy once running.
+    #[serde(default)]
+    pub port: Option<u16>,
     /// The host port the agent's proxy serves it on (default: `port`).
     #[serde(default)]
     pub public_port: Option<u16>,
@@ -112,9 +114,9 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
 }
 
 impl App {
-    /// The host port the proxy serves.
-    pub fn public_port(&self) -> u16 {
-        self.spec.public_port.unwrap_or(self.spec.port)
+    /// The host port the proxy serves; none for an app without a `port`.
+    pub fn public_port(&self) -> Option<u16> {
+        self.spec.port.map(|p| self.spec.public_port.unwrap_or(p))
     }
 
     /// Machines per release.
@@ -138,24 +140,35 @@ impl App {
             .map_or(Ok(Duration::from_secs(10)), parse_duration)
     }
 
-    /// The health check and how long to wait for it.
-    pub fn health(&self) -> Result<(HealthConfig, Duration)> {
+    /// The health check and how long to wait for it; `None` when there is none to make
+    /// (`health = { type = "none" }`, or no `port` and no `health`): a machine is then healthy
+    /// once it runs.
+    pub fn health(&self) -> Result<Option<(HealthConfig, Duration)>> {
+        if self.spec.public_port.is_some() && self.spec.port.is_none() {
+            return Err(Error::Config(format!(
+                "app `{}`: `public_port` needs `port` (the port the app listens on)",
+                self.name
+            )));
+        }
         let h = self.spec.health.clone();
         let d =
             |v: Option<&String>, default: Duration| v.map_or(Ok(default), |s| parse_duration(s));
         let Some(h) = h else {
-            return Ok((
-                HealthConfig {
-                    check: Check::Tcp,
-                    port: self.spec.port,
-                    interval: Duration::from_millis(200),
-                    timeout: Duration::from_secs(2),
-                    grace: Duration::ZERO,
-                },
-                Duration::from_secs(60),
-            ));
+            return Ok(self.spec.port.map(|port| {
+                (
+                    HealthConfig {
+                        check: Check::Tcp,
+                        port,
+                        interval: Duration::from_millis(200),
+                        timeout: Duration::from_secs(2),
+                        grace: Duration::ZERO,
+                    },
+                    Duration::from_secs(60),
+                )
+            }));
         };
         let check = match (h.kind.as_deref(), &h.path) {
+            (Some("none"), _) => return Ok(None),
             (Some("tcp"), _) => Check::Tcp,
             (Some("http") | None, path) => Check::Http {
                 path: path.clone().unwrap_or_else(|| "/".into()),
@@ -163,21 +176,28 @@ impl App {
             },
             (Some(other), _) => {
                 return Err(Error::Config(format!(
-                    "app `{}`: health type `{other}`: expected http or tcp",
+                    "app `{}`: health type `{other}`: expected http, tcp or none",
                     self.name
                 )));
             }
         };
-        Ok((
+        let Some(port) = h.port.or(self.spec.port) else {
+            return Err(Error::Config(format!(
+                "app `{}`: a {} health check needs a port: set `port`, or `port` in `health`",
+                self.name,
+                h.kind.as_deref().unwrap_or("http")
+            )));
+        };
+        Ok(Some((
             HealthConfig {
                 check,
-                port: h.port.unwrap_or(self.spec.port),
+                port,
                 interval: d(h.interval.as_ref(), Duration::from_secs(1))?,
                 timeout: d(h.timeout.as_ref(), Duration::from_secs(2))?,
                 grace: d(h.grace.as_ref(), Duration::ZERO)?,
             },
             d(h.deadline.as_ref(), Duration::from_secs(60))?,
-        ))
+        )))
     }
 
     /// Named volumes as (name, path).
@@ -285,10 +305,10 @@ mod tests {
         .unwrap();
         let apps = load_apps(&f).unwrap();
         let web = &apps["web"];
-        assert_eq!(web.public_port(), 18080);
+        assert_eq!(web.public_port(), Some(18080));
         assert_eq!(web.count(), 1);
         assert_eq!(web.restart().unwrap(), RestartPolicy::Always);
-        let (h, deadline) = web.health().unwrap();
+        let (h, deadline) = web.health().unwrap().unwrap();
         assert_eq!(h.interval, Duration::from_millis(100));
         assert_eq!(deadline, Duration::from_secs(60));
         assert!(matches!(h.check, Check::Http { ref path, .. } if path == "/healthz"));
@@ -296,6 +316,20 @@ mod tests {
         std::fs::write(&f, "[app.web]\nimage = \"web\"\nport = 1\nprot = 2\n").unwrap();
         let e = load_apps(&f).unwrap_err().to_string();
         assert!(e.contains("prot"), "{e}");
+
+        // A worker: no port, so no health check and no public port; `type = "none"` too.
+        std::fs::write(&f, "[app.worker]\nimage = \"w\"\n[app.quiet]\nimage = \"q\"\nport = 80\nhealth = { type = \"none\" }\n").unwrap();
+        let apps = load_apps(&f).unwrap();
+        assert_eq!(apps["worker"].public_port(), None);
+        assert!(apps["worker"].health().unwrap().is_none());
+        assert!(apps["quiet"].health().unwrap().is_none());
+        assert_eq!(apps["quiet"].public_port(), Some(80));
+        std::fs::write(&f, "[app.w]\nimage = \"w\"\nhealth = { path = \"/\" }\n").unwrap();
+        let e = load_apps(&f).unwrap_err().to_string();
+        assert!(e.contains("needs a port"), "{e}");
+        std::fs::write(&f, "[app.w]\nimage = \"w\"\npublic_port = 9\n").unwrap();
+        let e = load_apps(&f).unwrap_err().to_string();
+        assert!(e.contains("`public_port` needs `port`"), "{e}");
 
         // A misspelt `[app.*]` table is an error at its line, not an app quietly dropped.
         std::fs::write(

@@ -23,8 +23,8 @@ pub struct DeployReport {
     pub machines: Vec<String>,
     /// Machines of earlier releases being stopped.
     pub replaced: Vec<String>,
-    /// Where the app answers.
-    pub public: SocketAddr,
+    /// Where the app answers; none for an app without a port.
+    pub public: Option<SocketAddr>,
 }
 
 /// Options of [`deploy_image`].
@@ -149,8 +149,11 @@ pub fn deploy_image(
 ) -> Result<DeployReport> {
     let img = crate::host::find_image(&host.store, image)?;
     let digest = img.descriptor.digest.clone();
+    // An app without a port (a worker) has no route: nothing to check or switch.
     let port = app.public_port();
-    check_port_free(host, app, SocketAddr::new(opts.listen, port))?;
+    if let Some(port) = port {
+        check_port_free(host, app, SocketAddr::new(opts.listen, port))?;
+    }
     crate::agent::ensure_agent(host.store.root(), &opts.exe)?;
     let release = host
         .state
@@ -167,7 +170,7 @@ pub fn deploy_image(
         app.name,
         digest.short()
     ));
-    let (health, deadline) = app.health()?;
+    let health = app.health()?;
     let machine_opts = MachineOptions {
         env: app
             .spec
@@ -176,7 +179,7 @@ pub fn deploy_image(
             .map(|(k, v)| format!("{k}={v}"))
             .collect(),
         volumes: app.volumes()?,
-        service_port: Some(app.spec.port),
+        service_port: app.spec.port,
         restart: app.restart()?,
         kill_timeout_ms: Some(app.kill_timeout()?.as_millis() as u64),
         app: Some((app.name.clone(), v)),
@@ -193,12 +196,19 @@ pub fn deploy_image(
         for m in &new {
             wait_running(host, &m.id, Duration::from_secs(60))?;
             let addr = IpAddr::V4(Host::machine_addr(m));
+            let Some((health, deadline)) = &health else {
+                log(&format!(
+                    "machine {} running at {addr} (no health check)",
+                    m.id
+                ));
+                continue;
+            };
             log(&format!(
                 "machine {} running at {addr}; checking health ({})",
                 m.id,
-                describe(&health)
+                describe(health)
             ));
-            wait_healthy_blocking(addr, &health, deadline).map_err(|e| Error::Machine {
+            wait_healthy_blocking(addr, health, *deadline).map_err(|e| Error::Machine {
                 id: m.id.clone(),
                 reason: format!(
                     "unhealthy: {e}; last log lines:\n{}",
@@ -232,34 +242,38 @@ pub fn deploy_image(
             reason: format!("{reason}\n{serving}"),
         });
     }
-    // Switch: new connections go to the new machines; the agent drains the old ones.
-    let previous = host.state.route(port)?;
-    let backends: Vec<SocketAddr> = new
-        .iter()
-        .map(|m| SocketAddr::new(IpAddr::V4(Host::machine_addr(m)), app.spec.port))
-        .collect();
-    let generation = host.state.set_route(port, &owner(&app.name), &backends)?;
-    crate::agent::poke(host.store.root());
-    if let Err(e) = wait_route(host, port, generation) {
-        // Put the route back as it was and remove what this release made.
-        match &previous {
-            Some(r) => {
-                host.state.set_route(port, &r.owner, &r.backends)?;
-            }
-            None => host.state.delete_route(port)?,
-        }
-        for m in &new {
-            host.state.set_desired(&m.id, Desired::Destroyed)?;
-        }
+    // Switch: new connections go to the new machines; the agent drains the old ones. An app
+    // without a port has no route: its old machines just stop.
+    if let (Some(port), Some(app_port)) = (port, app.spec.port) {
+        // Switch: new connections go to the new machines; the agent drains the old ones.
+        let previous = host.state.route(port)?;
+        let backends: Vec<SocketAddr> = new
+            .iter()
+            .map(|m| SocketAddr::new(IpAddr::V4(Host::machine_addr(m)), app_port))
+            .collect();
+        let generation = host.state.set_route(port, &owner(&app.name), &backends)?;
         crate::agent::poke(host.store.root());
-        host.state
-            .set_release_status(&app.name, v, "failed", Some(&e.to_string()))?;
-        let _ = host.store.unpin(&digest, &release_pin(&app.name, v));
-        return Err(Error::ReleaseFailed {
-            app: app.name.clone(),
-            version: v,
-            reason: e.to_string(),
-        });
+        if let Err(e) = wait_route(host, port, generation) {
+            // Put the route back as it was and remove what this release made.
+            match &previous {
+                Some(r) => {
+                    host.state.set_route(port, &r.owner, &r.backends)?;
+                }
+                None => host.state.delete_route(port)?,
+            }
+            for m in &new {
+                host.state.set_desired(&m.id, Desired::Destroyed)?;
+            }
+            crate::agent::poke(host.store.root());
+            host.state
+                .set_release_status(&app.name, v, "failed", Some(&e.to_string()))?;
+            let _ = host.store.unpin(&digest, &release_pin(&app.name, v));
+            return Err(Error::ReleaseFailed {
+                app: app.name.clone(),
+                version: v,
+                reason: e.to_string(),
+            });
+        }
     }
     let new_ids: Vec<String> = new.iter().map(|m| m.id.clone()).collect();
     let mut replaced = Vec::new();
@@ -278,11 +292,17 @@ pub fn deploy_image(
     host.state
         .set_release_status(&app.name, v, "active", None)?;
     unpin_old_releases(host, app)?;
-    log(&format!(
-        "v{v} serves {}:{port}; {} old machine(s) draining",
-        opts.listen,
-        replaced.len()
-    ));
+    match port {
+        Some(port) => log(&format!(
+            "v{v} serves {}:{port}; {} old machine(s) draining",
+            opts.listen,
+            replaced.len()
+        )),
+        None => log(&format!(
+            "v{v} runs (no port, no route); {} old machine(s) stopping",
+            replaced.len()
+        )),
+    }
     if opts.wait_for_old {
         let timeout = app.kill_timeout()? * 2 + Duration::from_secs(15);
         for id in &replaced {
@@ -301,7 +321,7 @@ pub fn deploy_image(
         },
         machines: new_ids,
         replaced,
-        public: SocketAddr::new(opts.listen, port),
+        public: port.map(|port| SocketAddr::new(opts.listen, port)),
     })
 }
 

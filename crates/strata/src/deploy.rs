@@ -407,10 +407,18 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
         .set_release_image(&app.name, report.release.version, &release_ref)?;
     // Releases that aged out of keep_releases lost their store pin; their registry pin goes too.
     crate::registry::unpin_aged_releases_in_embedded_registry(&host.store, &app.name);
-    eprintln!(
-        "{} v{} is live: http://{}/",
-        app.name, report.release.version, report.public
-    );
+    match report.public {
+        Some(addr) => eprintln!(
+            "{} v{} is live: http://{addr}/",
+            app.name, report.release.version
+        ),
+        None => eprintln!(
+            "{} v{} is running ({} machine(s), no port)",
+            app.name,
+            report.release.version,
+            report.machines.len()
+        ),
+    }
     Ok(())
 }
 

@@ -689,6 +689,56 @@ fn stopping_a_machine_with_a_published_port_does_not_wait_its_kill_timeout() {
     );
 }
 
+/// An app without a port (a worker, or Fly's base app that only sleeps) deploys: no route,
+/// no health check, healthy once running; a redeploy replaces its machine.
+#[test]
+fn an_app_without_a_port_deploys_and_redeploys() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let dir = env.path("worker");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox\nCMD [\"sleep\", \"1000\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("strata.toml"),
+        "[[image]]\nname = \"worker\"\n\n[app.worker]\nimage = \"worker\"\nkill_timeout = \"1s\"\n",
+    )
+    .unwrap();
+    let p = dir.to_str().unwrap();
+    let out = env.strata(&["deploy", "--project", p, "--progress", "plain"]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("worker v1 is running (1 machine(s), no port)"),
+        "{said}"
+    );
+    let first = only_machine(&env);
+    std::fs::write(
+        dir.join("strata.toml"),
+        "[[image]]\nname = \"worker\"\n\n[app.worker]\nimage = \"worker\"\nkill_timeout = \"1s\"\nenv = { V = \"2\" }\n",
+    )
+    .unwrap();
+    env.ok(&["deploy", "--project", p, "--progress", "plain"]);
+    let releases = env.ok(&["releases", "worker"]);
+    assert!(
+        releases.contains("v2\tactive") && releases.contains("v1\tsuperseded"),
+        "{releases}"
+    );
+    wait_for("the old machine's removal", Duration::from_secs(30), || {
+        let list = env.ok(&["machine", "list", "--json"]);
+        list.lines().count() == 1 && !list.contains(&first)
+    });
+    assert!(
+        env.ok(&["apps", "list"])
+            .contains("worker\tv2\tactive\t1/1\t-\t")
+    );
+}
+
 /// Ctrl-C while a release waits for health: the release is marked failed and its machines are
 /// removed (it stayed `deploying` for ever with its machine running); strata exits 130.
 #[test]
