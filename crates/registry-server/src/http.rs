@@ -7,8 +7,8 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::header::{
-    ACCEPT_RANGES, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, HOST, LINK,
-    LOCATION, RANGE, WWW_AUTHENTICATE,
+    ACCEPT_RANGES, CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG,
+    EXPECT, HOST, LINK, LOCATION, RANGE, TRANSFER_ENCODING, WWW_AUTHENTICATE,
 };
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -260,6 +260,8 @@ async fn v2(
             .into_response();
     };
     let q = query(&uri);
+    // Handlers that read the body take it; one left here was never read.
+    let mut body = Some(body);
     let res = match (&method, route) {
         (&Method::GET, Route::Catalog) => catalog(&st, &headers, &q).await,
         (_, Route::Catalog) => Ok(method_not_allowed()),
@@ -268,12 +270,14 @@ async fn v2(
             get_blob(&st, &headers, &name, &d, m == Method::HEAD).await
         }
         (&Method::DELETE, Route::Blob(name, d)) => delete_blob(&st, &headers, &name, &d).await,
-        (&Method::POST, Route::Uploads(name)) => start_upload(&st, &headers, &name, &q, body).await,
+        (&Method::POST, Route::Uploads(name)) => {
+            start_upload(&st, &headers, &name, &q, &mut body).await
+        }
         (&Method::PATCH, Route::Upload(name, id)) => {
-            patch_upload(&st, &headers, &name, &id, body).await
+            patch_upload(&st, &headers, &name, &id, &mut body).await
         }
         (&Method::PUT, Route::Upload(name, id)) => {
-            put_upload(&st, &headers, &name, &id, &q, body).await
+            put_upload(&st, &headers, &name, &id, &q, &mut body).await
         }
         (&Method::GET, Route::Upload(name, id)) => upload_status(&st, &headers, &name, &id).await,
         (&Method::DELETE, Route::Upload(name, id)) => {
@@ -283,7 +287,7 @@ async fn v2(
             get_manifest(&st, &headers, &name, &r, m == Method::HEAD).await
         }
         (&Method::PUT, Route::Manifest(name, r)) => {
-            put_manifest(&st, &headers, &name, &r, &q, body).await
+            put_manifest(&st, &headers, &name, &r, &q, &mut body).await
         }
         (&Method::DELETE, Route::Manifest(name, r)) => {
             delete_manifest(&st, &headers, &name, &r).await
@@ -291,7 +295,60 @@ async fn v2(
         (&Method::GET, Route::Referrers(name, d)) => referrers(&st, &headers, &name, &d, &q).await,
         _ => Ok(method_not_allowed()),
     };
-    res.unwrap_or_else(IntoResponse::into_response)
+    let mut resp = res.unwrap_or_else(IntoResponse::into_response);
+    if has_body(&headers) {
+        let keep_alive = match body {
+            // Answered without reading the body (a refused or out-of-order chunk): read a small
+            // one to its end so the connection stays usable for the client's next request.
+            Some(body) => !expects_continue(&headers) && drain(body, &headers).await,
+            // Read, but refused: the body may have been cut short (too large, idle, broken).
+            None => !resp.status().is_client_error() && !resp.status().is_server_error(),
+        };
+        if !keep_alive {
+            // The rest of the body is still on the wire: say so, rather than have the client's
+            // next request on this connection meet a closed socket.
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+    resp
+}
+
+/// A request body of at most this many bytes left unread by a refusal is read and dropped, so
+/// the connection can serve the next request; a larger one closes the connection.
+const DRAIN_MAX: u64 = 4 << 20;
+/// How long draining waits for the next bytes of such a body.
+const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(TRANSFER_ENCODING) || content_length(headers).is_some_and(|n| n > 0)
+}
+
+fn expects_continue(headers: &HeaderMap) -> bool {
+    header_str(headers, &EXPECT).is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+}
+
+/// Read `body` to its end when it is at most [`DRAIN_MAX`] bytes and keeps coming; `false`
+/// when it is larger, stalls or breaks (then the connection must close).
+async fn drain(body: Body, headers: &HeaderMap) -> bool {
+    use futures_util::StreamExt;
+    if content_length(headers).is_some_and(|n| n > DRAIN_MAX) {
+        return false;
+    }
+    let mut stream = body.into_data_stream();
+    let mut read = 0u64;
+    loop {
+        match tokio::time::timeout(DRAIN_IDLE, stream.next()).await {
+            Ok(None) => return true,
+            Ok(Some(Ok(chunk))) => {
+                read += chunk.len() as u64;
+                if read > DRAIN_MAX {
+                    return false;
+                }
+            }
+            Ok(Some(Err(_))) | Err(_) => return false,
+        }
+    }
 }
 
 // ---- blobs ----
@@ -485,7 +542,7 @@ async fn receive(
     st: &AppState,
     name: &str,
     s: &mut Session,
-    body: Body,
+    body: &mut Option<Body>,
     expect: Option<u64>,
 ) -> Result<(), ApiError> {
     let before = s.offset;
@@ -493,7 +550,7 @@ async fn receive(
         .registry
         .append(
             s,
-            body.into_data_stream(),
+            body.take().unwrap_or_default().into_data_stream(),
             st.limits.max_blob_bytes,
             st.limits.body_idle_timeout,
         )
@@ -536,7 +593,7 @@ async fn start_upload(
     headers: &HeaderMap,
     name: &str,
     q: &[(String, String)],
-    body: Body,
+    body: &mut Option<Body>,
 ) -> ApiResult {
     check_name(name)?;
     let cred = st.gate(headers, Some(name), Action::Push).await?;
@@ -611,7 +668,7 @@ async fn patch_upload(
     headers: &HeaderMap,
     name: &str,
     id: &str,
-    body: Body,
+    body: &mut Option<Body>,
 ) -> ApiResult {
     check_name(name)?;
     st.gate(headers, Some(name), Action::Push).await?;
@@ -628,7 +685,7 @@ async fn put_upload(
     name: &str,
     id: &str,
     q: &[(String, String)],
-    body: Body,
+    body: &mut Option<Body>,
 ) -> ApiResult {
     check_name(name)?;
     st.gate(headers, Some(name), Action::Push).await?;
@@ -772,7 +829,7 @@ async fn put_manifest(
     name: &str,
     r: &str,
     q: &[(String, String)],
-    body: Body,
+    body: &mut Option<Body>,
 ) -> ApiResult {
     check_name(name)?;
     st.gate(headers, Some(name), Action::Push).await?;
@@ -781,7 +838,12 @@ async fn put_manifest(
     if content_length(headers).is_some_and(|n| n > limit) {
         return Err(too_large(limit));
     }
-    let bytes = read_limited(body, limit, st.limits.body_idle_timeout).await?;
+    let bytes = read_limited(
+        body.take().unwrap_or_default(),
+        limit,
+        st.limits.body_idle_timeout,
+    )
+    .await?;
     let content_type = header_str(headers, &CONTENT_TYPE);
     let parsed = ManifestOrIndex::from_slice(&bytes, content_type)
         .map_err(|e| ApiError::code(Code::ManifestInvalid, e.to_string()))?;
