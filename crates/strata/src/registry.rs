@@ -20,11 +20,17 @@ use crate::cli::{
 };
 use crate::cmd::human_size;
 
-fn client_options(insecure: bool) -> ClientOptions {
-    ClientOptions {
+/// Client options for `--insecure`, with the timeout from `STRATA_REGISTRY_TIMEOUT` (checked
+/// here, so a malformed value is an error rather than the default).
+fn client_options(insecure: bool) -> Result<ClientOptions> {
+    let timeout = strata_registry::timeout_from_env()
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or(strata_registry::DEFAULT_TIMEOUT);
+    Ok(ClientOptions {
         insecure,
+        timeout,
         ..ClientOptions::default()
-    }
+    })
 }
 
 /// A progress callback: a bar per blob on a terminal, a line per finished blob otherwise.
@@ -97,7 +103,7 @@ pub fn login(args: &LoginArgs) -> Result<()> {
         &args.username,
         &password,
         &config,
-        client_options(args.insecure),
+        client_options(args.insecure)?,
     )
     .with_context(|| format!("login to `{}` failed", args.host))?;
     println!("Login Succeeded");
@@ -107,7 +113,7 @@ pub fn login(args: &LoginArgs) -> Result<()> {
 pub fn pull(store: &Store, args: &PullArgs) -> Result<()> {
     let src = Reference::parse(&args.image)?;
     let opts = PullOptions {
-        client: client_options(args.insecure),
+        client: client_options(args.insecure)?,
         progress: Some(blob_progress(args.progress, "pulled")),
         ..PullOptions::default()
     };
@@ -137,7 +143,7 @@ pub fn push(store: &Store, args: &PushArgs) -> Result<()> {
     let dest_text = args.dest.as_deref().unwrap_or(&args.image);
     let dest = Reference::parse(dest_text)?;
     let opts = PushOptions {
-        client: client_options(args.insecure),
+        client: client_options(args.insecure)?,
         mount_from: args.mount_from.clone(),
         progress: Some(blob_progress(args.progress, "pushed")),
         ..PushOptions::default()
@@ -373,7 +379,7 @@ pub fn registry(store: Option<PathBuf>, command: RegistryCommand) -> Result<()> 
 /// Pulls `src` for `strata deploy --image`; returns its local name.
 pub fn pull_ref(store: &Store, src: &Reference, insecure: bool) -> Result<String> {
     let opts = PullOptions {
-        client: client_options(insecure),
+        client: client_options(insecure)?,
         progress: Some(blob_progress(ProgressArg::Plain, "pulled")),
         ..PullOptions::default()
     };
@@ -391,7 +397,7 @@ pub fn push_ref(
     progress: ProgressArg,
 ) -> Result<strata_transfer::PushReport> {
     let opts = PushOptions {
-        client: client_options(insecure),
+        client: client_options(insecure)?,
         progress: Some(blob_progress(progress, "pushed")),
         ..PushOptions::default()
     };

@@ -129,3 +129,83 @@ fn registry_survives_clients_that_drop_mid_blob() {
         started.elapsed()
     );
 }
+
+/// `strata pull` and `strata push` against a registry that accepts connections and never
+/// answers fail after `STRATA_REGISTRY_TIMEOUT`, naming the registry and what they waited for
+/// (they used to hang for 481 s in silence).
+#[test]
+fn pull_and_push_give_up_on_a_registry_that_never_answers() {
+    let env = Env::new();
+    import_busybox(&env, "bb");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut conn, &mut std::io::sink());
+            });
+        }
+    });
+    let image = format!("{host}/team/app:1");
+    for (args, waiting_for) in [
+        (
+            vec!["pull", image.as_str()],
+            "GET manifest team/app:1".to_string(),
+        ),
+        (
+            vec!["push", "bb", image.as_str()],
+            "HEAD blob team/app@".to_string(),
+        ),
+    ] {
+        let started = Instant::now();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--store")
+            .arg(env.store())
+            .args(&args)
+            .env("STRATA_REGISTRY_TIMEOUT", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("strata {args:?} still waiting after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "strata {args:?} succeeded:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!(
+                "no answer from {host} for 1 s while waiting for the answer to {waiting_for}"
+            )),
+            "strata {args:?}:\n{stderr}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "strata {args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+    // A malformed timeout is refused, naming the variable.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(env.store())
+        .args(["pull", image.as_str()])
+        .env("STRATA_REGISTRY_TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("STRATA_REGISTRY_TIMEOUT=`soon`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
