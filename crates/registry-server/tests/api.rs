@@ -1140,3 +1140,41 @@ async fn a_refused_large_body_closes_the_connection_and_says_so() {
     assert_eq!(status, 416, "{head}");
     assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_reader_is_dropped_and_frees_its_connection_slot() {
+    let s = start(|c| {
+        c.limits.max_connections = 1;
+        c.limits.send_idle_timeout = std::time::Duration::from_secs(1);
+        // The push's kept-alive connection gives the slot up after this.
+        c.limits.header_read_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let blob: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let d = s.push_blob("slow/reader", &blob, &NONE).await;
+    // The only slot: a GET of the blob whose answer is never read.
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let req = format!(
+        "GET /v2/slow/reader/blobs/{d} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        s.addr
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    // A new client waits for the slot, which the stalled one gives up after 1 s of no progress.
+    let http = reqwest::Client::new();
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        http.get(s.url("/v2/")).send(),
+    )
+    .await
+    .expect("no answer while a stalled reader holds the only slot")
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(500),
+        "answered at once: the connection limit is not applied"
+    );
+    drop(sock);
+}

@@ -179,6 +179,8 @@ struct ServeFile {
     public_url: Option<String>,
     upload_timeout_secs: Option<u64>,
     max_manifest_bytes: Option<u64>,
+    max_connections: Option<usize>,
+    send_idle_timeout_secs: Option<u64>,
     s3: Option<S3File>,
 }
 
@@ -231,6 +233,21 @@ fn serve_config(
     }
     if let Some(max) = file.max_manifest_bytes {
         config.limits.max_manifest_bytes = max;
+    }
+    if let Some(max) = file.max_connections {
+        if max == 0 {
+            bail!(
+                "`{}`: `max_connections` must be at least 1",
+                args.config
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
+            );
+        }
+        config.limits.max_connections = max;
+    }
+    if let Some(secs) = file.send_idle_timeout_secs {
+        config.limits.send_idle_timeout = std::time::Duration::from_secs(secs.max(1));
     }
     if let Some(s3) = file.s3 {
         config.storage = StorageKind::S3(S3Config {
