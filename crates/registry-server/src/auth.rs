@@ -97,8 +97,11 @@ pub(crate) struct Auth {
     token_ttl: Duration,
     /// Argon2 is deliberately slow; a push makes dozens of requests with the same Basic
     /// credentials, so a verified (user, password) pair is remembered for a few minutes, keyed by
-    /// a hash so no password stays in memory.
-    cache: Mutex<HashMap<[u8; 32], (Principal, Instant)>>,
+    /// a hash so no password stays in memory, with the stored hash it was checked against. A hit
+    /// is still rechecked against the database (one indexed read, no argon2): a user whose
+    /// password changed or who is gone is refused at once, whichever process changed it.
+    /// API tokens are never cached: checking one is a SHA-256 and an indexed read.
+    cache: Mutex<HashMap<[u8; 32], (Principal, String, Instant)>>,
 }
 
 const CACHE_TTL: Duration = Duration::from_secs(300);
@@ -226,7 +229,17 @@ impl Auth {
                 let p = tokio::task::spawn_blocking(move || meta.check_token(&token)).await??;
                 return Ok(p.map(|p| Some(Credential::Direct(p))).ok_or(()));
             }
-            Ok(self.verify_jwt(rest).map(Some))
+            let cred = match self.verify_jwt(rest) {
+                Ok(c) => c,
+                Err(()) => return Ok(Err(())),
+            };
+            // A token from `/token` outlives nothing it was issued for: its API token revoked
+            // (or its user gone), it is refused at once, not when it expires.
+            let meta = self.meta.clone();
+            let principal = cred.principal().clone();
+            let alive =
+                tokio::task::spawn_blocking(move || meta.principal_alive(&principal)).await??;
+            Ok(if alive { Ok(Some(cred)) } else { Err(()) })
         } else {
             Ok(Err(()))
         }
@@ -237,34 +250,42 @@ impl Auth {
         user: String,
         pass: String,
     ) -> Result<Option<Principal>> {
+        let meta = self.meta.clone();
+        if pass.starts_with(TOKEN_PREFIX) {
+            // Looked up on every request, so a revoked token stops working at once.
+            return tokio::task::spawn_blocking(move || meta.check_token(&pass)).await?;
+        }
         let mut h = sha2::Sha256::new();
         h.update(user.as_bytes());
         h.update([0]);
         h.update(pass.as_bytes());
         let cache_key: [u8; 32] = h.finalize().into();
-        {
+        let cached = {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((p, at)) = cache.get(&cache_key)
-                && at.elapsed() < CACHE_TTL
-            {
-                return Ok(Some(p.clone()));
+            cache
+                .get(&cache_key)
+                .filter(|(_, _, at)| at.elapsed() < CACHE_TTL)
+                .map(|(p, stored, _)| (p.clone(), stored.clone()))
+        };
+        if let Some((p, stored)) = cached {
+            let name = user.clone();
+            let now = tokio::task::spawn_blocking(move || meta.user_hash(&name)).await??;
+            if now.is_some_and(|(org, hash)| org == p.org && hash == stored) {
+                return Ok(Some(p));
             }
+            // Changed or gone: forget it and check the password again below.
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.remove(&cache_key);
         }
         let meta = self.meta.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            if pass.starts_with(TOKEN_PREFIX) {
-                meta.check_token(&pass)
-            } else {
-                meta.check_password(&user, &pass)
-            }
-        })
-        .await??;
-        if let Some(p) = &found {
+        let found =
+            tokio::task::spawn_blocking(move || meta.check_password(&user, &pass)).await??;
+        Ok(found.map(|(p, stored)| {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            cache.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
-            cache.insert(cache_key, (p.clone(), Instant::now()));
-        }
-        Ok(found)
+            cache.retain(|_, (_, _, at)| at.elapsed() < CACHE_TTL);
+            cache.insert(cache_key, (p.clone(), stored, Instant::now()));
+            p
+        }))
     }
 
     fn verify_jwt(&self, token: &str) -> Result<Credential, ()> {

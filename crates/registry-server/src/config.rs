@@ -36,8 +36,16 @@ pub struct Limits {
     pub max_blob_bytes: u64,
     /// A request body that sends nothing for this long is cut off. Default 60 s.
     pub body_idle_timeout: Duration,
-    /// A client must send its request headers within this time. Default 30 s.
+    /// A client must send its request headers within this time; a kept-alive connection with
+    /// no next request is closed after it too. Default 30 s.
     pub header_read_timeout: Duration,
+    /// A response the client reads nothing of for this long is dropped with its connection.
+    /// Default 60 s.
+    pub send_idle_timeout: Duration,
+    /// Connections served at once; more wait to be accepted until one closes. Each holds at
+    /// most about 256 KiB of a blob it sends (a 128 KiB read and a 128 KiB send queue), so
+    /// 1024 stalled downloads stay near 256 MiB. Default 1024.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -47,6 +55,8 @@ impl Default for Limits {
             max_blob_bytes: 64 << 30,
             body_idle_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(30),
+            send_idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
         }
     }
 }

@@ -110,8 +110,21 @@ pub async fn serve_with_shutdown(
         .map(|a| a.to_string())
         .unwrap_or_default();
     let header_timeout = config.limits.header_read_timeout;
+    let send_idle = config.limits.send_idle_timeout;
+    // A connection is accepted only with a permit: beyond the limit, clients wait in the
+    // listen backlog instead of each costing memory here.
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        config.limits.max_connections.max(1),
+    ));
     let mut shutdown = std::pin::pin!(shutdown);
     let result = loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break Ok(()), // never closed
+            },
+            () = &mut shutdown => break Ok(()),
+        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = &mut shutdown => break Ok(()),
@@ -129,11 +142,15 @@ pub async fn serve_with_shutdown(
         let _ = stream.set_nodelay(true);
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            let io = hyper_util::rt::TokioIo::new(stream);
+                .header_read_timeout(header_timeout)
+                // What a connection queues to send (and reads ahead) before it waits: with one
+                // blob chunk being produced, a client that stops reading pins about 256 KiB.
+                .max_buf_size(128 << 10);
+            let io = hyper_util::rt::TokioIo::new(util::SendIdle::new(stream, send_idle));
             if let Err(e) = builder.serve_connection(io, svc).await {
                 tracing::debug!("connection: {e}");
             }

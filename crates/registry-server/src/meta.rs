@@ -238,17 +238,14 @@ impl MetaDb {
         Ok(())
     }
 
-    /// The user's principal when `password` is right.
-    pub fn check_password(&self, name: &str, password: &str) -> Result<Option<Principal>> {
-        let row: Option<(String, String)> = self.with("read user", |c| {
-            c.query_row(
-                "SELECT org, password FROM users WHERE name = ?1",
-                [name],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-        })?;
-        let Some((org, stored)) = row else {
+    /// The user's principal when `password` is right, with the stored hash it was checked
+    /// against (a cached login stays valid only while that hash is unchanged).
+    pub fn check_password(
+        &self,
+        name: &str,
+        password: &str,
+    ) -> Result<Option<(Principal, String)>> {
+        let Some((org, stored)) = self.user_hash(name)? else {
             return Ok(None);
         };
         let Ok(parsed) = PasswordHash::new(&stored) else {
@@ -261,11 +258,49 @@ impl MetaDb {
         let ok = argon2::Argon2::default()
             .verify_password(password.as_bytes(), &parsed)
             .is_ok();
-        Ok(ok.then(|| Principal {
-            org,
-            subject: name.to_string(),
-            max: TokenScope::Push,
+        Ok(ok.then(|| {
+            (
+                Principal {
+                    org,
+                    subject: name.to_string(),
+                    max: TokenScope::Push,
+                },
+                stored,
+            )
         }))
+    }
+
+    /// The stored password hash of user `name` and its org, or `None` when there is no such
+    /// user. Cheap (one indexed read): used to recheck a cached Basic login on every request.
+    pub fn user_hash(&self, name: &str) -> Result<Option<(String, String)>> {
+        self.with("read user", |c| {
+            c.query_row(
+                "SELECT org, password FROM users WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+    }
+
+    /// Whether `principal` still exists as it was when its credentials were checked: the API
+    /// token is not revoked, the user is still in the same org. One indexed read.
+    pub fn principal_alive(&self, principal: &Principal) -> Result<bool> {
+        if let Some(id) = principal.subject.strip_prefix("token:") {
+            let scope: Option<String> = self.with("read token", |c| {
+                c.query_row(
+                    "SELECT scope FROM tokens WHERE id = ?1 AND org = ?2",
+                    [id, principal.org.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()
+            })?;
+            Ok(scope.and_then(|s| TokenScope::parse(&s)) == Some(principal.max))
+        } else {
+            Ok(self
+                .user_hash(&principal.subject)?
+                .is_some_and(|(org, _)| org == principal.org))
+        }
     }
 
     /// Create an API token; the returned secret is stored only as a hash.

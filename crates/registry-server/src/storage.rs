@@ -193,38 +193,45 @@ impl Backend for FsBackend {
         let path = self.path(key)?;
         let mut file = std::fs::File::open(&path).at("open", &path)?;
         file.seek(SeekFrom::Start(range.start)).at("seek", &path)?;
-        // A blocking reader thread feeding a bounded channel: reads overlap with sending, and
-        // large chunks keep the per-chunk overhead small on multi-GiB blobs.
-        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
-        let mut left = range.end.saturating_sub(range.start);
-        tokio::task::spawn_blocking(move || {
-            const CHUNK: u64 = 1 << 20;
-            while left > 0 {
-                let want = left.min(CHUNK);
+        // One bounded read per chunk the response asks for, on the blocking pool only while it
+        // reads: a client that stops reading holds no thread and at most one chunk (the one the
+        // HTTP layer is sending), however large the blob.
+        struct St {
+            file: Option<std::fs::File>,
+            left: u64,
+        }
+        let st = St {
+            file: Some(file),
+            left: range.end.saturating_sub(range.start),
+        };
+        let stream = futures_util::stream::try_unfold(st, |mut st| async move {
+            if st.left == 0 {
+                return Ok(None);
+            }
+            let Some(mut file) = st.file.take() else {
+                return Ok(None);
+            };
+            let want = st.left.min(READ_CHUNK);
+            let (file, buf) = tokio::task::spawn_blocking(move || {
                 // `read_to_end` reads into the spare capacity: the chunk is not zeroed first
                 // (a memset of every byte served, on the download path).
                 let mut buf = Vec::with_capacity(want as usize);
-                let got = match (&mut file).take(want).read_to_end(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(e));
-                        return;
-                    }
-                };
-                if got == 0 {
-                    let _ = tx.blocking_send(Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "blob shorter than its recorded size",
-                    )));
-                    return;
-                }
-                left -= got as u64;
-                if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
-                    return; // the client went away
-                }
+                let r = (&mut file).take(want).read_to_end(&mut buf);
+                r.map(|_| (file, buf))
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            if buf.is_empty() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "blob shorter than its recorded size",
+                ));
             }
+            st.left -= buf.len() as u64;
+            st.file = Some(file);
+            Ok(Some((Bytes::from(buf), st)))
         });
-        Ok(tokio_stream_from(rx))
+        Ok(stream.boxed())
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
@@ -303,9 +310,8 @@ fn is_absent(e: &std::io::Error) -> bool {
     )
 }
 
-fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>) -> ByteStream {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
-}
+/// The most a blob download reads (and holds) at a time; see [`FsBackend::get_range`].
+pub(crate) const READ_CHUNK: u64 = 128 << 10;
 
 /// How to reach an S3-compatible bucket.
 #[derive(Debug, Clone)]

@@ -1038,3 +1038,143 @@ async fn slow_headers_are_cut_off() {
     .await;
     assert!(n.is_ok(), "the server closed the connection");
 }
+
+/// One HTTP/1.1 response from `sock`, `buf` keeping bytes read past it: `None` when the server
+/// closed the connection first.
+async fn read_response(
+    sock: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<(u16, String, Vec<u8>)> {
+    let deadline = std::time::Duration::from_secs(10);
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(deadline, sock.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("no response within {deadline:?}"),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let status: u16 = head[9..12].parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    while buf.len() < head_end + len {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(deadline, sock.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed inside a response body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf[head_end..head_end + len].to_vec();
+    buf.drain(..head_end + len);
+    Some((status, head, body))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_out_of_order_patch_keeps_the_connection_usable() {
+    let s = start(|_| {}).await;
+    let r = s
+        .req(Method::POST, "/v2/conn/blobs/uploads/", &NONE)
+        .send()
+        .await
+        .unwrap();
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut buf = Vec::new();
+    // The chunk claims to start at 10; the upload is at 0. Its body follows the headers a
+    // moment later, as it does when a client streams it: the server has refused by then.
+    let chunk = vec![7u8; 64 << 10];
+    let head = format!(
+        "PATCH {loc} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Range: 10-{}\r\nContent-Length: {}\r\n\r\n",
+        s.addr,
+        10 + chunk.len() - 1,
+        chunk.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The body and the next request may meet a closed socket on a broken server.
+    let _ = sock.write_all(&chunk).await;
+    let next = format!("GET {loc} HTTP/1.1\r\nHost: {}\r\n\r\n", s.addr);
+    let _ = sock.write_all(next.as_bytes()).await;
+
+    let (status, head, _) = read_response(&mut sock, &mut buf).await.unwrap();
+    assert_eq!(status, 416, "{head}");
+    assert!(head.contains("\r\nrange: 0-0\r\n"), "{head}");
+    match read_response(&mut sock, &mut buf).await {
+        Some((status, head, _)) => {
+            assert_eq!(status, 204, "{head}");
+            assert!(head.contains("\r\nrange: 0-0\r\n"), "{head}");
+        }
+        // Closing is fine too, but only when the 416 said so.
+        None => assert!(head.contains("\r\nconnection: close\r\n"), "{head}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_large_body_closes_the_connection_and_says_so() {
+    let s = start(|_| {}).await;
+    let r = s
+        .req(Method::POST, "/v2/conn/blobs/uploads/", &NONE)
+        .send()
+        .await
+        .unwrap();
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let head = format!(
+        "PATCH {loc} HTTP/1.1\r\nHost: {}\r\nContent-Range: 10-{}\r\nContent-Length: {}\r\n\r\n",
+        s.addr,
+        10 + (64 << 20) - 1,
+        64 << 20
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    let (status, head, _) = read_response(&mut sock, &mut buf).await.unwrap();
+    assert_eq!(status, 416, "{head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_reader_is_dropped_and_frees_its_connection_slot() {
+    let s = start(|c| {
+        c.limits.max_connections = 1;
+        c.limits.send_idle_timeout = std::time::Duration::from_secs(1);
+        // The push's kept-alive connection gives the slot up after this.
+        c.limits.header_read_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let blob: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let d = s.push_blob("slow/reader", &blob, &NONE).await;
+    // The only slot: a GET of the blob whose answer is never read.
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let req = format!(
+        "GET /v2/slow/reader/blobs/{d} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        s.addr
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let started = std::time::Instant::now();
+    // A new client waits for the slot, which the stalled one gives up after 1 s of no progress.
+    let http = reqwest::Client::new();
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        http.get(s.url("/v2/")).send(),
+    )
+    .await
+    .expect("no answer while a stalled reader holds the only slot")
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(500),
+        "answered at once: the connection limit is not applied"
+    );
+    drop(sock);
+}

@@ -405,3 +405,67 @@ async fn admin_refuses_bad_names_and_duplicates() {
         assert!(!db.windows(tok.len()).any(|w| w == tok.as_bytes()), "{f}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_token_is_refused_at_once_on_every_path() {
+    let t = setup().await;
+    let s = &t.s;
+    let basic = Creds::Basic("ci".into(), t.a_push_token.clone());
+    // Basic auth with the token: a push, so the verified credentials are warm.
+    s.push_image("a/app", "v1", "before", &basic).await;
+    // A bearer token from `/token`, issued on the strength of the API token.
+    let r = s
+        .req(
+            Method::GET,
+            "/token?service=strata&scope=repository:a/app:pull,push",
+            &basic,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let jwt = Creds::Bearer(
+        r.json::<Value>().await.unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    );
+    let start = |creds: &Creds| {
+        s.req(Method::POST, "/v2/a/app/blobs/uploads/", creds)
+            .send()
+    };
+    assert_eq!(start(&jwt).await.unwrap().status(), StatusCode::ACCEPTED);
+    assert_eq!(start(&basic).await.unwrap().status(), StatusCode::ACCEPTED);
+
+    // Revoked by another process's handle on the database, as `strata registry token revoke`.
+    let admin = Admin::open(&s.root).unwrap();
+    let id = admin
+        .tokens(Some("a"))
+        .unwrap()
+        .into_iter()
+        .find(|i| i.scope == TokenScope::Push)
+        .unwrap()
+        .id;
+    assert!(admin.revoke_token(&id).unwrap());
+
+    for creds in [&basic, &jwt, &Creds::Bearer(t.a_push_token.clone())] {
+        let r = start(creds).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{creds:?}");
+        let r = s
+            .req(Method::GET, "/v2/a/app/manifests/v1", creds)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{creds:?}");
+    }
+    // Users' cached logins and the other token are untouched.
+    let pull = Creds::Basic("ci".into(), t.a_pull_token.clone());
+    for creds in [&t.alice, &pull] {
+        let r = s
+            .req(Method::GET, "/v2/a/app/manifests/v1", creds)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{creds:?}");
+    }
+}

@@ -55,6 +55,34 @@ pub struct ClientOptions {
     pub chunk_size: u64,
     /// `User-Agent` header.
     pub user_agent: String,
+    /// How long to wait for a connection, for the answer to a request once it is sent, and for
+    /// each next part of an answer's body: an idle timeout, so a large blob that keeps coming
+    /// takes as long as it needs (and an upload's body counts as activity while it is being
+    /// sent). A registry silent for this long is an [`Error::Timeout`], not retried. Default
+    /// 30 s, or `STRATA_REGISTRY_TIMEOUT` seconds (see [`timeout_from_env`]).
+    pub timeout: Duration,
+}
+
+/// The environment variable that sets [`ClientOptions::timeout`] in seconds.
+pub const TIMEOUT_ENV: &str = "STRATA_REGISTRY_TIMEOUT";
+/// [`ClientOptions::timeout`] without [`TIMEOUT_ENV`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// [`TIMEOUT_ENV`] as a duration: `Ok(None)` when unset, an error naming the variable when it
+/// is not a positive number of seconds (`30`, `2.5`).
+pub fn timeout_from_env() -> std::result::Result<Option<Duration>, String> {
+    let Some(v) = std::env::var_os(TIMEOUT_ENV) else {
+        return Ok(None);
+    };
+    let v = v.to_string_lossy();
+    match v.trim().parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs.is_finite() && secs <= 86_400.0 => {
+            Ok(Some(Duration::from_secs_f64(secs)))
+        }
+        _ => Err(format!(
+            "{TIMEOUT_ENV}=`{v}`: expected a number of seconds greater than 0 (at most 86400)"
+        )),
+    }
 }
 
 impl Default for ClientOptions {
@@ -67,6 +95,8 @@ impl Default for ClientOptions {
             chunk_threshold: 1 << 30,
             chunk_size: 64 << 20,
             user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
+            // A malformed value is reported by the CLI (`timeout_from_env`); here it falls back.
+            timeout: timeout_from_env().ok().flatten().unwrap_or(DEFAULT_TIMEOUT),
         }
     }
 }
@@ -282,9 +312,10 @@ impl Client {
         let base = registry_base_url(registry, opts.insecure)?;
         let http = reqwest::Client::builder()
             .user_agent(opts.user_agent.clone())
-            .connect_timeout(Duration::from_secs(30))
-            // A stalled connection is an error (and a download resumes), not a hang.
-            .read_timeout(Duration::from_secs(120))
+            // The answer and its body are watched by `answer_within` and `chunk_within`: an idle
+            // timeout that an upload's progress resets, which reqwest's `read_timeout` (one
+            // timer from the send to the answer) cannot do.
+            .connect_timeout(opts.timeout)
             .build()
             .map_err(|e| Error::InvalidRegistry {
                 registry: registry.to_string(),
@@ -478,7 +509,7 @@ impl Client {
                     .map(|(k, v)| format!("{k}={}", encode_query(v)))
                     .collect::<Vec<_>>()
                     .join("&");
-                self.send_raw("POST token", true, || {
+                self.send_raw("POST token", true, None, || {
                     self.http
                         .post(realm)
                         .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
@@ -501,7 +532,7 @@ impl Client {
                 } else {
                     format!("{realm}{sep}{query}")
                 };
-                self.send_raw("GET token", true, || {
+                self.send_raw("GET token", true, None, || {
                     let rb = self.http.get(&url);
                     match other {
                         Some(Credentials::UserPassword { username, password }) => {
@@ -515,7 +546,7 @@ impl Client {
         };
         let status = resp.status().as_u16();
         if status == 401 || status == 403 {
-            let errors = read_errors(resp).await;
+            let errors = read_errors(resp, self.opts.timeout).await;
             return Err(Error::Unauthorized {
                 registry: self.registry.clone(),
                 what: format!("token for `{}`", scope_key(scopes)),
@@ -523,7 +554,7 @@ impl Client {
             });
         }
         if !resp.status().is_success() {
-            let errors = read_errors(resp).await;
+            let errors = read_errors(resp, self.opts.timeout).await;
             return Err(Error::Status {
                 registry: self.registry.clone(),
                 what: format!("token from {realm}"),
@@ -540,8 +571,8 @@ impl Client {
             #[serde(default)]
             expires_in: Option<u64>,
         }
-        let body = resp
-            .bytes()
+        let body = self
+            .body_within(resp, "GET token", 1 << 20)
             .await
             .map_err(|e| auth_err(format!("reading the token answer: {e}")))?;
         let ans: TokenAnswer = serde_json::from_slice(&body)
@@ -582,18 +613,25 @@ impl Client {
         })
     }
 
-    /// Send without auth handling; retries transient failures when `idempotent`.
+    /// Send without auth handling; retries transient failures when `idempotent`. `activity`, a
+    /// counter of request body bytes sent, keeps the answer's timeout from running while the
+    /// body still moves.
     async fn send_raw(
         &self,
         what: &str,
         idempotent: bool,
+        activity: Option<&AtomicU64>,
         build: impl Fn() -> RequestBuilder,
     ) -> Result<Response> {
         let mut attempt = 0;
         loop {
             attempt += 1;
             let last = !idempotent || attempt >= self.opts.max_attempts.max(1);
-            match build().send().await {
+            match self.answer_within(what, activity, build().send()).await? {
+                // Silence for the whole timeout is not worth another one (or three).
+                Err(source) if source.is_timeout() => {
+                    return Err(self.timeout_error(what, "the answer to"));
+                }
                 Err(_) if !last => {
                     tokio::time::sleep(self.backoff(attempt, None)).await;
                 }
@@ -622,11 +660,23 @@ impl Client {
         idempotent: bool,
         build: impl Fn() -> RequestBuilder,
     ) -> Result<Response> {
+        self.send_with(what, scopes, idempotent, None, build).await
+    }
+
+    /// [`Client::send`] for a request whose body counts the bytes it sent into `activity`.
+    pub(crate) async fn send_with(
+        &self,
+        what: &str,
+        scopes: &[String],
+        idempotent: bool,
+        activity: Option<&AtomicU64>,
+        build: impl Fn() -> RequestBuilder,
+    ) -> Result<Response> {
         let mut reauthed = false;
         loop {
             let auth = self.authorization(scopes).await?;
             let resp = self
-                .send_raw(what, idempotent, || {
+                .send_raw(what, idempotent, activity, || {
                     let rb = build();
                     match &auth {
                         Some(a) => rb.header(header::AUTHORIZATION, a.clone()),
@@ -645,7 +695,7 @@ impl Client {
                 reauthed = true;
                 continue;
             }
-            let errors = read_errors(resp).await;
+            let errors = read_errors(resp, self.opts.timeout).await;
             return Err(Error::Unauthorized {
                 registry: self.registry.clone(),
                 what: what.to_string(),
@@ -654,10 +704,81 @@ impl Client {
         }
     }
 
+    /// `fut` (sending a request), failing with [`Error::Timeout`] when neither an answer nor
+    /// progress of the request body (`activity`) came for [`ClientOptions::timeout`].
+    async fn answer_within<T>(
+        &self,
+        what: &str,
+        activity: Option<&AtomicU64>,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Result<T> {
+        let limit = self.opts.timeout;
+        let tick = (limit / 4).max(Duration::from_millis(10));
+        let mut fut = std::pin::pin!(fut);
+        let mut seen = activity.map(|a| a.load(Ordering::Relaxed));
+        let mut idle_since = Instant::now();
+        loop {
+            tokio::select! {
+                out = &mut fut => return Ok(out),
+                () = tokio::time::sleep(tick.min(limit.saturating_sub(idle_since.elapsed()))) => {
+                    let now = activity.map(|a| a.load(Ordering::Relaxed));
+                    if now != seen {
+                        seen = now;
+                        idle_since = Instant::now();
+                    } else if idle_since.elapsed() >= limit {
+                        return Err(self.timeout_error(what, "the answer to"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next part of `resp`'s body, waiting at most [`ClientOptions::timeout`] for it.
+    pub(crate) async fn chunk_within(
+        &self,
+        resp: &mut Response,
+        what: &str,
+    ) -> Result<Option<bytes::Bytes>> {
+        match tokio::time::timeout(self.opts.timeout, resp.chunk()).await {
+            Err(_) => Err(self.timeout_error(what, "more of the answer to")),
+            Ok(Err(source)) if source.is_timeout() => {
+                Err(self.timeout_error(what, "more of the answer to"))
+            }
+            Ok(Err(source)) => Err(Error::Connection {
+                registry: self.registry.clone(),
+                what: what.to_string(),
+                source,
+            }),
+            Ok(Ok(c)) => Ok(c),
+        }
+    }
+
+    /// All of `resp`'s body, at most `limit` bytes, each part within the timeout.
+    async fn body_within(&self, resp: Response, what: &str, limit: usize) -> Result<Vec<u8>> {
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Some(c) = self.chunk_within(&mut resp, what).await? {
+            body.extend_from_slice(&c);
+            if body.len() > limit {
+                return Err(self.protocol(what, format!("answer larger than {limit} bytes")));
+            }
+        }
+        Ok(body)
+    }
+
+    pub(crate) fn timeout_error(&self, what: &str, waiting: &'static str) -> Error {
+        Error::Timeout {
+            registry: self.registry.clone(),
+            what: what.to_string(),
+            waiting,
+            after: self.opts.timeout,
+        }
+    }
+
     /// The error for an unexpected answer, with the registry's error JSON.
     pub(crate) async fn error_for(&self, resp: Response, what: &str) -> Error {
         let status = resp.status().as_u16();
-        let errors = read_errors(resp).await;
+        let errors = read_errors(resp, self.opts.timeout).await;
         let registry = self.registry.clone();
         let what = what.to_string();
         match status {
@@ -727,11 +848,7 @@ impl Client {
                 return Err(self.error_for(resp, &what).await);
             }
             let next = header_str(resp.headers(), "link").and_then(parse_next_link);
-            let body = resp.bytes().await.map_err(|source| Error::Connection {
-                registry: self.registry.clone(),
-                what: what.clone(),
-                source,
-            })?;
+            let body = self.body_within(resp, &what, 64 << 20).await?;
             let list: TagList = serde_json::from_slice(&body)
                 .map_err(|e| self.protocol(&what, format!("bad tag list JSON: {e}")))?;
             out.extend(list.tags.unwrap_or_default());
@@ -964,14 +1081,20 @@ impl Client {
             let body = self.body(data, start, end, sent, progress);
             let url = session.location.clone();
             let resp = self
-                .send(&what, &[push_scope(repo)], false, || {
-                    self.http
-                        .patch(&url)
-                        .header(header::CONTENT_TYPE, "application/octet-stream")
-                        .header("Content-Range", format!("{start}-{}", end - 1))
-                        .header(header::CONTENT_LENGTH, end - start)
-                        .body(body())
-                })
+                .send_with(
+                    &what,
+                    &[push_scope(repo)],
+                    false,
+                    Some(sent.as_ref()),
+                    || {
+                        self.http
+                            .patch(&url)
+                            .header(header::CONTENT_TYPE, "application/octet-stream")
+                            .header("Content-Range", format!("{start}-{}", end - 1))
+                            .header(header::CONTENT_LENGTH, end - start)
+                            .body(body())
+                    },
+                )
                 .await?;
             if resp.status().as_u16() != 202 {
                 return Err(self.error_for(resp, &what).await);
@@ -1019,13 +1142,19 @@ impl Client {
         );
         let body = self.body(data, start, end, sent, progress);
         let resp = self
-            .send(&what, &[push_scope(repo)], false, || {
-                self.http
-                    .put(&url)
-                    .header(header::CONTENT_TYPE, "application/octet-stream")
-                    .header(header::CONTENT_LENGTH, end - start)
-                    .body(body())
-            })
+            .send_with(
+                &what,
+                &[push_scope(repo)],
+                false,
+                Some(sent.as_ref()),
+                || {
+                    self.http
+                        .put(&url)
+                        .header(header::CONTENT_TYPE, "application/octet-stream")
+                        .header(header::CONTENT_LENGTH, end - start)
+                        .body(body())
+                },
+            )
             .await?;
         if resp.status().as_u16() != 201 {
             return Err(self.error_for(resp, &what).await);
@@ -1148,10 +1277,11 @@ fn stream_body(
     reqwest::Body::wrap_stream(stream)
 }
 
-async fn read_errors(resp: Response) -> RegistryErrors {
+async fn read_errors(resp: Response, timeout: Duration) -> RegistryErrors {
     let mut resp = resp;
     let mut body = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
+    // A body that stalls leaves what came so far (the status says enough).
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout(timeout, resp.chunk()).await {
         body.extend_from_slice(&chunk);
         if body.len() > MAX_ERROR_BODY {
             break;

@@ -87,7 +87,8 @@ impl Client {
             let before = written;
             let mut broken = false;
             loop {
-                match resp.chunk().await {
+                // A stall counts as a broken connection: the download resumes from here.
+                match self.chunk_within(&mut resp, &what).await {
                     Ok(Some(chunk)) => {
                         received += chunk.len() as u64;
                         let mut c: &[u8] = &chunk;

@@ -56,6 +56,18 @@ pub enum Error {
         source: reqwest::Error,
     },
 
+    /// The registry sent nothing for [`crate::ClientOptions::timeout`]: no connection, no
+    /// answer, or no next part of an answer's body.
+    #[error("no answer from {registry} for {} while waiting for {waiting} {what}", fmt_duration(*after))]
+    Timeout {
+        registry: String,
+        /// The operation (`GET manifest app:1`).
+        what: String,
+        /// `the answer to` or `more of the answer to`.
+        waiting: &'static str,
+        after: std::time::Duration,
+    },
+
     /// Content does not hash to the digest it was asked for or announced with. `what` names
     /// registry, repository and object (`127.0.0.1:5000/org/app: manifest `1``).
     #[error("{what}: expected digest {expected}, got {actual}")]
@@ -220,6 +232,17 @@ impl fmt::Display for RegistryError {
             Some(serde_json::Value::String(s)) => write!(f, " ({s})"),
             Some(other) => write!(f, " ({other})"),
         }
+    }
+}
+
+/// `30 s`, `2.5 s`, `250 ms`.
+fn fmt_duration(d: std::time::Duration) -> String {
+    if d < std::time::Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
     }
 }
 

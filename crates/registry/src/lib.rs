@@ -26,8 +26,8 @@ mod manifests;
 
 pub use challenge::{Challenge, parse_challenges};
 pub use client::{
-    BlobData, BlobFetch, BlobPush, Client, ClientOptions, CredentialSource, Mount, Progress,
-    UploadSession, is_loopback, registry_base_url,
+    BlobData, BlobFetch, BlobPush, Client, ClientOptions, CredentialSource, DEFAULT_TIMEOUT, Mount,
+    Progress, TIMEOUT_ENV, UploadSession, is_loopback, registry_base_url, timeout_from_env,
 };
 pub use credentials::{Credentials, DOCKER_HUB_AUTH_KEY, DockerConfig, auth_key};
 pub use error::{Error, RegistryError, RegistryErrors, Result};

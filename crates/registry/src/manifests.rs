@@ -98,11 +98,7 @@ impl Client {
             .and_then(|d| d.trim().parse::<Digest>().ok());
         let mut resp = resp;
         let mut bytes = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|source| Error::Connection {
-            registry: self.registry.clone(),
-            what: what.clone(),
-            source,
-        })? {
+        while let Some(chunk) = self.chunk_within(&mut resp, &what).await? {
             bytes.extend_from_slice(&chunk);
             if bytes.len() > MAX_MANIFEST_SIZE {
                 return Err(self.protocol(

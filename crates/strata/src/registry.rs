@@ -20,11 +20,17 @@ use crate::cli::{
 };
 use crate::cmd::human_size;
 
-fn client_options(insecure: bool) -> ClientOptions {
-    ClientOptions {
+/// Client options for `--insecure`, with the timeout from `STRATA_REGISTRY_TIMEOUT` (checked
+/// here, so a malformed value is an error rather than the default).
+fn client_options(insecure: bool) -> Result<ClientOptions> {
+    let timeout = strata_registry::timeout_from_env()
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or(strata_registry::DEFAULT_TIMEOUT);
+    Ok(ClientOptions {
         insecure,
+        timeout,
         ..ClientOptions::default()
-    }
+    })
 }
 
 /// A progress callback: a bar per blob on a terminal, a line per finished blob otherwise.
@@ -97,7 +103,7 @@ pub fn login(args: &LoginArgs) -> Result<()> {
         &args.username,
         &password,
         &config,
-        client_options(args.insecure),
+        client_options(args.insecure)?,
     )
     .with_context(|| format!("login to `{}` failed", args.host))?;
     println!("Login Succeeded");
@@ -107,7 +113,7 @@ pub fn login(args: &LoginArgs) -> Result<()> {
 pub fn pull(store: &Store, args: &PullArgs) -> Result<()> {
     let src = Reference::parse(&args.image)?;
     let opts = PullOptions {
-        client: client_options(args.insecure),
+        client: client_options(args.insecure)?,
         progress: Some(blob_progress(args.progress, "pulled")),
         ..PullOptions::default()
     };
@@ -137,7 +143,7 @@ pub fn push(store: &Store, args: &PushArgs) -> Result<()> {
     let dest_text = args.dest.as_deref().unwrap_or(&args.image);
     let dest = Reference::parse(dest_text)?;
     let opts = PushOptions {
-        client: client_options(args.insecure),
+        client: client_options(args.insecure)?,
         mount_from: args.mount_from.clone(),
         progress: Some(blob_progress(args.progress, "pushed")),
         ..PushOptions::default()
@@ -173,6 +179,8 @@ struct ServeFile {
     public_url: Option<String>,
     upload_timeout_secs: Option<u64>,
     max_manifest_bytes: Option<u64>,
+    max_connections: Option<usize>,
+    send_idle_timeout_secs: Option<u64>,
     s3: Option<S3File>,
 }
 
@@ -225,6 +233,21 @@ fn serve_config(
     }
     if let Some(max) = file.max_manifest_bytes {
         config.limits.max_manifest_bytes = max;
+    }
+    if let Some(max) = file.max_connections {
+        if max == 0 {
+            bail!(
+                "`{}`: `max_connections` must be at least 1",
+                args.config
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
+            );
+        }
+        config.limits.max_connections = max;
+    }
+    if let Some(secs) = file.send_idle_timeout_secs {
+        config.limits.send_idle_timeout = std::time::Duration::from_secs(secs.max(1));
     }
     if let Some(s3) = file.s3 {
         config.storage = StorageKind::S3(S3Config {
@@ -373,7 +396,7 @@ pub fn registry(store: Option<PathBuf>, command: RegistryCommand) -> Result<()> 
 /// Pulls `src` for `strata deploy --image`; returns its local name.
 pub fn pull_ref(store: &Store, src: &Reference, insecure: bool) -> Result<String> {
     let opts = PullOptions {
-        client: client_options(insecure),
+        client: client_options(insecure)?,
         progress: Some(blob_progress(ProgressArg::Plain, "pulled")),
         ..PullOptions::default()
     };
@@ -391,7 +414,7 @@ pub fn push_ref(
     progress: ProgressArg,
 ) -> Result<strata_transfer::PushReport> {
     let opts = PushOptions {
-        client: client_options(insecure),
+        client: client_options(insecure)?,
         progress: Some(blob_progress(progress, "pushed")),
         ..PushOptions::default()
     };

@@ -254,3 +254,170 @@ fn what_a_killed_build_left_is_reclaimed_by_gc() {
         "no container left"
     );
 }
+
+/// `strata pull` and `strata push` against a registry that accepts connections and never
+/// answers fail after `STRATA_REGISTRY_TIMEOUT`, naming the registry and what they waited for
+/// (they used to hang for 481 s in silence).
+#[test]
+fn pull_and_push_give_up_on_a_registry_that_never_answers() {
+    let env = Env::new();
+    import_busybox(&env, "bb");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut conn, &mut std::io::sink());
+            });
+        }
+    });
+    let image = format!("{host}/team/app:1");
+    for (args, waiting_for) in [
+        (
+            vec!["pull", image.as_str()],
+            "GET manifest team/app:1".to_string(),
+        ),
+        (
+            vec!["push", "bb", image.as_str()],
+            "HEAD blob team/app@".to_string(),
+        ),
+    ] {
+        let started = Instant::now();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--store")
+            .arg(env.store())
+            .args(&args)
+            .env("STRATA_REGISTRY_TIMEOUT", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("strata {args:?} still waiting after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "strata {args:?} succeeded:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!(
+                "no answer from {host} for 1 s while waiting for the answer to {waiting_for}"
+            )),
+            "strata {args:?}:\n{stderr}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "strata {args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+    // A malformed timeout is refused, naming the variable.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(env.store())
+        .args(["pull", image.as_str()])
+        .env("STRATA_REGISTRY_TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("STRATA_REGISTRY_TIMEOUT=`soon`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `VmRSS` of process `pid`, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// 200 clients that ask for a 16 MB blob and read nothing cost the registry a bounded amount
+/// of memory (it used to buffer several MiB per connection: 1,000 such clients took 3.2 GB),
+/// and it keeps answering while they hang on and after they go.
+#[test]
+fn stalled_blob_readers_keep_registry_memory_bounded() {
+    const CLIENTS: usize = 200;
+    const BOUND: u64 = 300 << 20;
+    let started = Instant::now();
+    let env = Env::new();
+    let root = env.path("big-rootfs");
+    busybox_rootfs(&root);
+    let mut noise = vec![0u8; 16 << 20];
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    std::fs::write(root.join("noise.bin"), &noise).unwrap();
+    tar_dir(&root, &env.path("big.tar"));
+    env.ok(&["import", env.path("big.tar").to_str().unwrap(), "big"]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&env.ok(&["inspect", "big", "--json"])).unwrap();
+    let layer = inspect["manifest"]["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let size = inspect["manifest"]["layers"][0]["size"].as_u64().unwrap();
+    assert!(size > 15 << 20, "layer of {size} bytes");
+
+    let registry = Registry::start(&env);
+    let port = registry.port;
+    env.ok(&["push", "big", &format!("127.0.0.1:{port}/team/big:1")]);
+    let pid = registry.child.id();
+    let before = rss_bytes(pid);
+    let path = format!("/v2/team/big/blobs/{layer}");
+    let mut stalled = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+        stalled.push(s);
+    }
+    // Let every response fill what it can.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        v2_answers(port),
+        "/v2/ no longer answers with {CLIENTS} stalled readers"
+    );
+    let during = rss_bytes(pid);
+    eprintln!(
+        "registry RSS: {} MiB before, {} MiB with {CLIENTS} stalled readers",
+        before >> 20,
+        during >> 20
+    );
+    assert!(
+        during < BOUND,
+        "registry RSS {} MiB with {CLIENTS} stalled readers (bound {} MiB)",
+        during >> 20,
+        BOUND >> 20
+    );
+    drop(stalled);
+    wait_for(
+        "/v2/ after the readers left",
+        Duration::from_secs(10),
+        || v2_answers(port),
+    );
+    // And a whole download still works.
+    let whole = get_then_drop(port, &path, usize::MAX, false);
+    assert!(whole.len() as u64 > size, "{} of {size} bytes", whole.len());
+    eprintln!(
+        "stalled_blob_readers_keep_registry_memory_bounded: {:?}",
+        started.elapsed()
+    );
+}
