@@ -268,7 +268,16 @@ impl ImageResolver for StoreResolver<'_> {
         let desc = if let Some(d) = self.pinned.get(&local) {
             Some(d.clone())
         } else if let Some(d) = self.locked.get(&local) {
-            self.by_digest(&reference, d)?
+            let missing = |reason: String| Error::LockedBaseMissing {
+                image: local.clone(),
+                digest: d.to_string(),
+                reason,
+            };
+            match self.by_digest(&reference, d) {
+                Ok(Some(desc)) => Some(desc),
+                Ok(None) => return Err(missing("pulling is off".into())),
+                Err(e) => return Err(missing(format!("and pulling it failed: {e}"))),
+            }
         } else if let Some(d) = reference.digest() {
             self.by_digest(&reference, d)?
         } else {

@@ -60,6 +60,19 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
+    /// strata.lock pins a base by digest and the store no longer has that image (gc removed
+    /// it after its name moved), nor could it be pulled.
+    #[error(
+        "strata.lock pins `{image}` to {digest}, which is not in the store any more ({reason})\n\
+         hint: `strata update` locks the image `{image}` names now; `strata pull` of \
+         `{image}@{digest}` fetches the locked one"
+    )]
+    LockedBaseMissing {
+        image: String,
+        digest: String,
+        reason: String,
+    },
+
     /// Ctrl-C or SIGTERM: the build stopped between steps (a running RUN is killed and
     /// cleaned up first).
     #[error("interrupted")]

@@ -267,6 +267,28 @@ fn lock_pins_external_bases_until_update() {
         first.images["locked"].descriptor
     );
 
+    // gc may delete the locked base once no name reaches it; the next build then says what
+    // happened and what to run (it used to blame `FROM` and a registry).
+    let report = store.gc(false).unwrap();
+    assert!(
+        report.removed.iter().any(|(d, _)| *d == old.digest),
+        "gc collects the old base manifest: {:?}",
+        report.removed
+    );
+    {
+        let err = project
+            .build(&store, &[], &opts, &CollectProgress::default())
+            .err()
+            .expect("the locked base is gone")
+            .to_string();
+        assert!(
+            err.contains("strata.lock")
+                && err.contains("strata update")
+                && err.contains(&old.digest.to_string()),
+            "{err}"
+        );
+    }
+
     // update moves it and names the affected image; the next build uses the new base.
     let updates = project.update(&store, &[]).unwrap();
     assert_eq!(updates.len(), 1);
