@@ -10,7 +10,7 @@ use tracing::warn;
 
 use crate::app::App;
 use crate::error::{Error, Result};
-use crate::health::wait_healthy_blocking;
+use crate::health::wait_healthy_unless;
 use crate::host::{Host, MachineOptions, tail_lines};
 use crate::state::{Desired, Machine, Release};
 
@@ -125,6 +125,10 @@ pub fn wait_running(host: &Host, id: &str, timeout: Duration) -> Result<Machine>
     })
 }
 
+/// A new machine restarted this often while its release waits for health is crash-looping:
+/// the release fails at once with its exit code instead of waiting out the deadline.
+const CRASH_RESTARTS: u32 = 3;
+
 /// Waits until the agent has put the route's current generation in place.
 fn wait_route(host: &Host, port: u16, generation: i64) -> Result<()> {
     let done = poll(Duration::from_secs(15), || {
@@ -185,6 +189,8 @@ pub fn deploy_image(
         app: Some((app.name.clone(), v)),
         ..MachineOptions::default()
     };
+    // Whether the agent restarts an exited machine (else one exit ends the release's hopes).
+    let restarts = !matches!(machine_opts.restart, crate::state::RestartPolicy::No);
     let mut new = Vec::new();
     let outcome = (|| -> Result<()> {
         for _ in 0..app.count() {
@@ -208,12 +214,32 @@ pub fn deploy_image(
                 m.id,
                 describe(health)
             ));
-            wait_healthy_blocking(addr, health, *deadline).map_err(|e| Error::Machine {
-                id: m.id.clone(),
-                reason: format!(
-                    "unhealthy: {e}; last log lines:\n{}",
-                    tail_lines(&host.log_path(&m.id), 10)
-                ),
+            let crashing = || -> Option<String> {
+                let m = host.state.machine(&m.id).ok()??;
+                let code = m.exit_code.map_or("?".into(), |c| c.to_string());
+                match m.state.as_str() {
+                    "failed" => Some(format!(
+                        "failed to start: {}",
+                        m.error.clone().unwrap_or_default()
+                    )),
+                    _ if m.restarts >= CRASH_RESTARTS => Some(format!(
+                        "exited with code {code}, restarted {} times",
+                        m.restarts
+                    )),
+                    "exited" if m.desired == Desired::Running && m.restarts == 0 && !restarts => {
+                        Some(format!("exited with code {code}"))
+                    }
+                    _ => None,
+                }
+            };
+            wait_healthy_unless(addr, health, *deadline, &crashing).map_err(|e| {
+                Error::Machine {
+                    id: m.id.clone(),
+                    reason: format!(
+                        "unhealthy: {e}; last log lines:\n{}",
+                        tail_lines(&host.log_path(&m.id), 10)
+                    ),
+                }
             })?;
             log(&format!("machine {} healthy", m.id));
         }

@@ -237,6 +237,18 @@ pub async fn wait_healthy(
 /// [`wait_healthy`] for synchronous callers: runs it on a current-thread runtime of its own.
 /// Must not be called from inside a tokio runtime.
 pub fn wait_healthy_blocking(addr: IpAddr, cfg: &HealthConfig, deadline: Duration) -> Result<()> {
+    wait_healthy_unless(addr, cfg, deadline, &|| None)
+}
+
+/// [`wait_healthy_blocking`] that also gives up as soon as `gave_up` says why (looked at
+/// every 100 ms): a machine that keeps crashing will never pass, and saying it exited beats
+/// waiting out the deadline to report "connection refused".
+pub fn wait_healthy_unless(
+    addr: IpAddr,
+    cfg: &HealthConfig,
+    deadline: Duration,
+    gave_up: &dyn Fn() -> Option<String>,
+) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -245,15 +257,23 @@ pub fn wait_healthy_blocking(addr: IpAddr, cfg: &HealthConfig, deadline: Duratio
             source,
         })?;
     runtime.block_on(async {
+        let stopped = async {
+            loop {
+                if let Some(why) = gave_up() {
+                    return why;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
         tokio::select! {
             r = wait_healthy(addr, cfg, deadline) => r.map_err(Error::from),
             () = interrupted() => Err(Error::Interrupted),
+            why = stopped => Err(Error::Config(why)),
         }
     })?;
     Ok(())
 }
 
-/// Returns once Ctrl-C or SIGTERM asked the process to stop.
 async fn interrupted() {
     while !strata_runtime::interrupt::requested() {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -282,7 +282,18 @@ fn logs(host: &Host, id: &str, follow: bool) -> Result<()> {
     let path = host.log_path(id);
     let mut out = std::io::stdout().lock();
     let mut pos = 0u64;
+    let mut seen_running = false;
     loop {
+        // Like `docker logs -f`: the output ends when the machine's process does (it ran and
+        // stopped, or it is not meant to run), after what it wrote last is printed.
+        let ended = match host.state.machine(id)? {
+            None => true,
+            Some(m) if m.state == "running" => {
+                seen_running = true;
+                false
+            }
+            Some(m) => seen_running || m.desired != Desired::Running,
+        };
         match std::fs::File::open(&path) {
             Ok(mut f) => {
                 let len = f.metadata()?.len();
@@ -300,7 +311,7 @@ fn logs(host: &Host, id: &str, follow: bool) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
-        if !follow || host.state.machine(id)?.is_none() {
+        if !follow || ended {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -739,6 +739,85 @@ fn an_app_without_a_port_deploys_and_redeploys() {
     );
 }
 
+/// `machine logs -f` ends when the machine's process does, like `docker logs -f` (it waited
+/// until the machine was destroyed).
+#[test]
+fn logs_follow_returns_when_the_machine_exits() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let id = env
+        .ok(&[
+            "machine",
+            "run",
+            "busybox",
+            "--restart",
+            "no",
+            "--",
+            "sh",
+            "-c",
+            "echo hello; sleep 1; echo bye",
+        ])
+        .trim()
+        .to_string();
+    let started = Instant::now();
+    let out = std::process::Command::new("timeout")
+        .args(["20", env!("CARGO_BIN_EXE_strata"), "--store"])
+        .arg(env.store())
+        .args(["machine", "logs", "-f", &id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\nbye\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A new release whose process keeps exiting fails as soon as it is seen crash-looping, saying
+/// so (it waited the whole health deadline and recorded "connection refused").
+#[test]
+fn a_crash_looping_release_fails_fast_with_its_exit_code() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let proj = project(&env, free_port(), "/");
+    std::fs::write(
+        proj.join("Dockerfile"),
+        "FROM busybox\nCMD [\"sh\", \"-c\", \"echo boom; exit 3\"]\n",
+    )
+    .unwrap();
+    let toml = std::fs::read_to_string(proj.join("strata.toml")).unwrap();
+    std::fs::write(
+        proj.join("strata.toml"),
+        toml.replace("deadline = \"5s\"", "deadline = \"120s\""),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let err = env.fails(&[
+        "deploy",
+        "--project",
+        proj.to_str().unwrap(),
+        "--progress",
+        "plain",
+    ]);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains("exited with code 3, restarted") && err.contains("boom"),
+        "{err}"
+    );
+    let releases = env.ok(&["releases", "web"]);
+    assert!(releases.contains("v1\tfailed"), "{releases}");
+}
+
 /// Ctrl-C while a release waits for health: the release is marked failed and its machines are
 /// removed (it stayed `deploying` for ever with its machine running); strata exits 130.
 #[test]
