@@ -1089,14 +1089,16 @@ async fn token(State(st): State<Arc<AppState>>, uri: Uri, headers: HeaderMap) ->
         )
         .into_response();
     };
-    let basic_challenge = || {
-        ApiError::code(Code::Unauthorized, "credentials required")
+    let basic_challenge = |message: &str| {
+        ApiError::code(Code::Unauthorized, message)
             .header(WWW_AUTHENTICATE, &format!(r#"Basic realm="{SERVICE}""#))
             .into_response()
     };
     let cred = match auth.authenticate(&headers).await {
         Ok(Ok(Some(c))) => c,
-        Ok(Ok(None)) | Ok(Err(())) => return basic_challenge(),
+        Ok(Ok(None)) => return basic_challenge("credentials required"),
+        // Credentials were given and are wrong: say so, not that none were given.
+        Ok(Err(())) => return basic_challenge("incorrect username or password"),
         Err(e) => return ApiError::from(e).into_response(),
     };
     let q = query(&uri);

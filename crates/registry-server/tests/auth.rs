@@ -287,6 +287,16 @@ async fn docker_token_flow() {
         )
         .send()
     };
+    // A wrong password is called that, not a missing one (it read "credentials required").
+    let r = get_token(
+        Creds::Basic("alice".into(), "wrong-password".into()),
+        "repository:a/app:pull",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("incorrect username or password"), "{body}");
     let r = get_token(t.alice.clone(), "repository:a/app:pull,push")
         .await
         .unwrap();

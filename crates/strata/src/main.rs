@@ -40,9 +40,40 @@ fn main() -> ExitCode {
                     shown.push_str(&text);
                 }
             }
+            if let Some(hint) = hint_for(&err) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// What to do next, for failures whose cause a newcomer cannot act on as it is worded (an
+/// error that already carries a hint gets none).
+fn hint_for(err: &anyhow::Error) -> Option<&'static str> {
+    let text: Vec<String> = err.chain().map(|c| c.to_string()).collect();
+    let any = |needle: &str| text.iter().any(|t| t.contains(needle));
+    if any("hint:") {
+        return None;
+    }
+    let refused = err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    }) || any("Connection refused");
+    if refused && any("registry request") {
+        return Some(
+            "nothing answers at that address: is the registry running? \
+             (`strata registry serve --addr HOST:PORT`)",
+        );
+    }
+    if any("is not in the store and pulling it from") {
+        return Some(
+            "make the image first: `strata import ROOTFS.tar NAME`, `strata load -i ARCHIVE`, \
+             `strata pull REGISTRY/REPO:TAG` or `strata tag IMAGE NAME`; an image of the \
+             project is built when strata.toml lists it",
+        );
+    }
+    None
 }
 
 /// Whether `command` only writes a result to stdout for a reader (`strata images | head`),

@@ -141,6 +141,13 @@ pub fn pull(store: &Store, args: &PullArgs) -> Result<()> {
 
 pub fn push(store: &Store, args: &PushArgs) -> Result<()> {
     let dest_text = args.dest.as_deref().unwrap_or(&args.image);
+    if dest_text.starts_with("ssh://") {
+        bail!(
+            "`{dest_text}` is a host over SSH: pushing to hosts is not available yet\n\
+             hint: push to a registry (`strata push IMAGE HOST[:PORT]/REPO[:TAG]`), or \
+             `strata save IMAGE | ssh HOST docker load`"
+        );
+    }
     let dest = Reference::parse(dest_text)?;
     let opts = PushOptions {
         client: client_options(args.insecure)?,

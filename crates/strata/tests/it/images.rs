@@ -505,3 +505,24 @@ fn version_and_history() {
     let e = env.fails(&["history", "nope"]);
     assert!(e.contains("no image named `nope:latest`"), "{e}");
 }
+
+/// Errors a newcomer meets first say what to do next.
+#[test]
+fn first_hour_errors_say_what_to_do() {
+    let env = Env::new();
+    import_busybox(&env, "bb");
+    let e = env.fails(&["push", "bb", "ssh://root@192.0.2.1/app:1"]);
+    assert!(e.contains("host over SSH") && e.contains("hint:"), "{e}");
+    assert!(!e.contains("bad digest"), "{e}");
+    let port = free_port();
+    let e = env.fails(&["push", "bb", &format!("127.0.0.1:{port}/team/bb:1")]);
+    assert!(e.contains("hint: nothing answers at that address"), "{e}");
+    std::fs::write(env.path("Dockerfile"), "FROM nothere:1\n").unwrap();
+    let e = env.fails(&[
+        "build",
+        "-f",
+        env.path("Dockerfile").to_str().unwrap(),
+        env.dir.path().to_str().unwrap(),
+    ]);
+    assert!(e.contains("hint: make the image first"), "{e}");
+}
