@@ -25,6 +25,9 @@ pub struct DeployReport {
     pub replaced: Vec<String>,
     /// Where the app answers; none for an app without a port.
     pub public: Option<SocketAddr>,
+    /// Nothing changed (same image, same machine config, its machines running): the active
+    /// release keeps serving and nothing was made.
+    pub unchanged: bool,
 }
 
 /// Options of [`deploy_image`].
@@ -158,6 +161,32 @@ pub fn deploy_image(
     if let Some(port) = port {
         check_port_free(host, app, SocketAddr::new(opts.listen, port))?;
     }
+    let machine_opts_for = |v: u32| -> Result<MachineOptions> {
+        Ok(MachineOptions {
+            env: app
+                .spec
+                .env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+            volumes: app.volumes()?,
+            service_port: app.spec.port,
+            restart: app.restart()?,
+            kill_timeout_ms: Some(app.kill_timeout()?.as_millis() as u64),
+            app: Some((app.name.clone(), v)),
+            ..MachineOptions::default()
+        })
+    };
+    let public = port.map(|port| SocketAddr::new(opts.listen, port));
+    if let Some(report) = unchanged(host, app, image, &digest, &machine_opts_for, public)? {
+        log(&format!(
+            "nothing changed: v{} of {} keeps running ({})",
+            report.release.version,
+            app.name,
+            digest.short()
+        ));
+        return Ok(report);
+    }
     crate::agent::ensure_agent(host.store.root(), &opts.exe)?;
     let release = host
         .state
@@ -175,20 +204,7 @@ pub fn deploy_image(
         digest.short()
     ));
     let health = app.health()?;
-    let machine_opts = MachineOptions {
-        env: app
-            .spec
-            .env
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect(),
-        volumes: app.volumes()?,
-        service_port: app.spec.port,
-        restart: app.restart()?,
-        kill_timeout_ms: Some(app.kill_timeout()?.as_millis() as u64),
-        app: Some((app.name.clone(), v)),
-        ..MachineOptions::default()
-    };
+    let machine_opts = machine_opts_for(v)?;
     // Whether the agent restarts an exited machine (else one exit ends the release's hopes).
     let restarts = !matches!(machine_opts.restart, crate::state::RestartPolicy::No);
     let mut new = Vec::new();
@@ -347,8 +363,76 @@ pub fn deploy_image(
         },
         machines: new_ids,
         replaced,
-        public: port.map(|port| SocketAddr::new(opts.listen, port)),
+        public,
+        unchanged: false,
     })
+}
+
+/// The active release, when deploying `image` would change nothing: the same manifest, the
+/// same machine config, its machines all running (as many as `count`), and its route in place.
+fn unchanged(
+    host: &Host,
+    app: &App,
+    image: &str,
+    digest: &strata_oci::Digest,
+    machine_opts_for: &dyn Fn(u32) -> Result<MachineOptions>,
+    public: Option<SocketAddr>,
+) -> Result<Option<DeployReport>> {
+    let Some(active) = host
+        .state
+        .releases(Some(&app.name))?
+        .into_iter()
+        .find(|r| r.status == "active")
+    else {
+        return Ok(None);
+    };
+    if active.digest != digest.to_string() {
+        return Ok(None);
+    }
+    let (_, planned) = host.machine_config(image, &machine_opts_for(active.version)?)?;
+    let machines: Vec<Machine> = host
+        .state
+        .app_machines(&app.name)?
+        .into_iter()
+        .filter(|m| m.desired != Desired::Destroyed)
+        .collect();
+    let all_running = machines.len() == app.count() as usize
+        && machines.iter().all(|m| {
+            m.release == Some(active.version)
+                && m.desired == Desired::Running
+                && m.state == "running"
+                && m.config == planned
+        });
+    if !all_running {
+        return Ok(None);
+    }
+    if let Some(public) = public {
+        let mut backends: Vec<SocketAddr> = machines
+            .iter()
+            .filter_map(|m| {
+                Some(SocketAddr::new(
+                    IpAddr::V4(Host::machine_addr(m)),
+                    app.spec.port?,
+                ))
+            })
+            .collect();
+        backends.sort();
+        let routed = host.state.route(public.port())?.is_some_and(|r| {
+            let mut now = r.backends.clone();
+            now.sort();
+            r.owner == owner(&app.name) && now == backends
+        });
+        if !routed {
+            return Ok(None);
+        }
+    }
+    Ok(Some(DeployReport {
+        machines: machines.iter().map(|m| m.id.clone()).collect(),
+        release: active,
+        replaced: Vec::new(),
+        public,
+        unchanged: true,
+    }))
 }
 
 /// The app's public port must be this app's route already, or free: checked before anything

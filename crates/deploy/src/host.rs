@@ -96,9 +96,14 @@ impl Host {
         self.store.root().join("strata/volumes").join(name)
     }
 
-    /// Creates a machine from an image of the store (desired running; the agent starts it).
-    /// The image is pinned against `strata gc` for as long as the machine exists.
-    pub fn create_machine(&mut self, image: &str, opts: &MachineOptions) -> Result<Machine> {
+    /// The image `image` names and the config a machine made from it with `opts` gets (what
+    /// [`Host::create_machine`] stores), without making anything: `deploy` compares it with
+    /// the running release's to see that nothing changed.
+    pub fn machine_config(
+        &self,
+        image: &str,
+        opts: &MachineOptions,
+    ) -> Result<(strata_store::Image, MachineConfig)> {
         let img = find_image(&self.store, image)?;
         let config = ImageConfig::from_slice(&img.config_bytes)?;
         let c = config.config.clone().unwrap_or_default();
@@ -152,6 +157,13 @@ impl Host {
             stop_signal,
             kill_timeout_ms: opts.kill_timeout_ms.unwrap_or(10_000),
         };
+        Ok((img, mconfig))
+    }
+
+    /// Creates a machine from an image of the store (desired running; the agent starts it).
+    /// The image is pinned against `strata gc` for as long as the machine exists.
+    pub fn create_machine(&mut self, image: &str, opts: &MachineOptions) -> Result<Machine> {
+        let (img, mconfig) = self.machine_config(image, opts)?;
         let id = match &opts.id {
             Some(id) => {
                 if !strata_runtime::valid_machine_id(id) {

@@ -411,9 +411,24 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
         eprintln!("{line}")
     })
     .map(|mut r| {
-        r.release.image = release_ref.clone();
+        if !r.unchanged {
+            r.release.image = release_ref.clone();
+        }
         r
     })?;
+    if report.unchanged {
+        // The active release keeps its image reference and machines.
+        eprintln!(
+            "{} v{} is unchanged{}",
+            app.name,
+            report.release.version,
+            report
+                .public
+                .map(|a| format!(" and serves http://{a}/"))
+                .unwrap_or_default()
+        );
+        return Ok(());
+    }
     host.state
         .set_release_image(&app.name, report.release.version, &release_ref)?;
     // Releases that aged out of keep_releases lost their store pin; their registry pin goes too.

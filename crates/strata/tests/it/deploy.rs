@@ -637,9 +637,16 @@ fn bad_input_is_refused_clearly_and_leaves_nothing() {
     );
     drop(taken);
     // A broken strata.toml.
-    std::fs::write(proj.join("strata.toml"), "[app.web]\nimage = \"web\"\n").unwrap();
+    std::fs::write(
+        proj.join("strata.toml"),
+        "[[image]]\nname = \"web\"\n[app.web]\nimage = \"web\"\nport = \"eighty\"\n",
+    )
+    .unwrap();
     let e = env.fails(&["deploy", "--project", proj.to_str().unwrap()]);
-    assert!(e.contains("strata.toml") && e.contains("port"), "{e}");
+    assert!(
+        e.contains("strata.toml:5:") && e.contains("invalid type"),
+        "{e}"
+    );
     // Nothing was created by any of them.
     assert_eq!(env.ok(&["machine", "list", "--json"]), "");
     assert_eq!(env.ok(&["releases", "--json"]), "");
@@ -718,6 +725,15 @@ fn an_app_without_a_port_deploys_and_redeploys() {
         "{said}"
     );
     let first = only_machine(&env);
+    // Deploying again with nothing changed keeps the running release and its machine.
+    let out = env.strata(&["deploy", "--project", p, "--progress", "plain"]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success() && said.contains("worker v1 is unchanged"),
+        "{said}"
+    );
+    assert_eq!(only_machine(&env), first);
+    assert_eq!(env.ok(&["releases", "worker", "--json"]).lines().count(), 1);
     std::fs::write(
         dir.join("strata.toml"),
         "[[image]]\nname = \"worker\"\n\n[app.worker]\nimage = \"worker\"\nkill_timeout = \"1s\"\nenv = { V = \"2\" }\n",
