@@ -87,6 +87,16 @@ pub enum Command {
     /// Apps deployed on this host.
     #[command(subcommand)]
     Apps(AppsCommand),
+    /// Run a command in a new machine, attached, and remove the machine when it exits (like
+    /// `docker run --rm`); exits with the command's code.
+    Run(MachineRunArgs),
+    /// An app's output: every machine of the app, each line prefixed with its machine id.
+    Logs {
+        app: String,
+        /// Keep printing until every machine of the app has exited or is gone.
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Machines on this host, like `docker ps` (`strata machine list`).
     Ps {
         /// Only this app's machines.

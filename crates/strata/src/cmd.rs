@@ -44,6 +44,8 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::deploy::apps_destroy(store()?, &app, volumes)
         }
         Command::Apps(AppsCommand::List { json }) => crate::deploy::apps_list(store()?, json),
+        Command::Run(args) => crate::deploy::run(store()?, &args),
+        Command::Logs { app, follow } => crate::deploy::app_logs(store()?, &app, follow),
         Command::Ps { app, json } => {
             crate::deploy::machine(store()?, crate::cli::MachineCommand::List { app, json })
         }

@@ -103,55 +103,73 @@ fn machine_row(m: &Machine) -> String {
     )
 }
 
+/// `machine run` and `run`: a new machine from `a` (pulling the image when the store lacks
+/// it, as `docker run` does), its ports routed, the agent up, and the machine running.
+fn start_machine(
+    host: &mut Host,
+    a: &crate::cli::MachineRunArgs,
+) -> Result<(Machine, Vec<(u16, u16)>)> {
+    let mut opts = MachineOptions {
+        cmd: (!a.command.is_empty()).then(|| a.command.clone()),
+        entrypoint: a.entrypoint.as_ref().map(|e| vec![e.clone()]),
+        env: a.env.clone(),
+        restart: RestartPolicy::parse(&a.restart)?,
+        id: a.name.clone(),
+        ..MachineOptions::default()
+    };
+    for v in &a.volumes {
+        opts.volumes.push(parse_volume(v)?);
+    }
+    for p in &a.ports {
+        opts.ports.push(parse_port(p)?);
+    }
+    if let Some(t) = &a.kill_timeout {
+        opts.kill_timeout_ms = Some(parse_duration(t)?.as_millis() as u64);
+    }
+    if let Some(s) = &a.stop_signal {
+        opts.stop_signal = Some(parse_signal(s).with_context(|| format!("unknown signal `{s}`"))?);
+    }
+    // A taken port fails the run before anything is made (`deploy` checks the same).
+    for (h, _) in &opts.ports {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], *h));
+        strata_deploy::deploy::check_port(&host, "", addr)
+            .with_context(|| format!("cannot publish port {h}"))?;
+    }
+    if strata_deploy::host::find_image(&host.store, &a.image).is_err() {
+        let pull = crate::cli::PullArgs {
+            image: a.image.clone(),
+            insecure: false,
+            progress: crate::cli::ProgressArg::Auto,
+        };
+        crate::registry::pull_image(&host.store, &pull)
+            .with_context(|| format!("`{}` is not in the store and cannot be pulled", a.image))?;
+    }
+    let m = host.create_machine(&a.image, &opts)?;
+    for (h, c) in &opts.ports {
+        let backend = std::net::SocketAddr::new(IpAddr::V4(Host::machine_addr(&m)), *c);
+        if let Err(e) = host
+            .state
+            .set_route(*h, &format!("machine:{}", m.id), &[backend])
+        {
+            host.state.set_desired(&m.id, Desired::Destroyed)?;
+            return Err(e.into());
+        }
+    }
+    ensure_agent(host.store.root(), &exe()?)?;
+    let m = wait_running(host, &m.id, Duration::from_secs(60))?;
+    Ok((m, opts.ports))
+}
+
 pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
     let mut host = host(store)?;
     match command {
         MachineCommand::Run(a) => {
-            let mut opts = MachineOptions {
-                cmd: (!a.command.is_empty()).then(|| a.command.clone()),
-                entrypoint: a.entrypoint.as_ref().map(|e| vec![e.clone()]),
-                env: a.env.clone(),
-                restart: RestartPolicy::parse(&a.restart)?,
-                id: a.name.clone(),
-                ..MachineOptions::default()
-            };
-            for v in &a.volumes {
-                opts.volumes.push(parse_volume(v)?);
-            }
-            for p in &a.ports {
-                opts.ports.push(parse_port(p)?);
-            }
-            if let Some(t) = &a.kill_timeout {
-                opts.kill_timeout_ms = Some(parse_duration(t)?.as_millis() as u64);
-            }
-            if let Some(s) = &a.stop_signal {
-                opts.stop_signal =
-                    Some(parse_signal(s).with_context(|| format!("unknown signal `{s}`"))?);
-            }
-            // A taken port fails the run before anything is made (`deploy` checks the same).
-            for (h, _) in &opts.ports {
-                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], *h));
-                strata_deploy::deploy::check_port(&host, "", addr)
-                    .with_context(|| format!("cannot publish port {h}"))?;
-            }
-            let m = host.create_machine(&a.image, &opts)?;
-            for (h, c) in &opts.ports {
-                let backend = std::net::SocketAddr::new(IpAddr::V4(Host::machine_addr(&m)), *c);
-                if let Err(e) = host
-                    .state
-                    .set_route(*h, &format!("machine:{}", m.id), &[backend])
-                {
-                    host.state.set_desired(&m.id, Desired::Destroyed)?;
-                    return Err(e.into());
-                }
-            }
-            ensure_agent(host.store.root(), &exe()?)?;
-            let m = wait_running(&host, &m.id, Duration::from_secs(60))?;
+            let (m, ports) = start_machine(&mut host, &a)?;
             eprintln!(
                 "machine {} running at {}{}",
                 m.id,
                 Host::machine_addr(&m),
-                opts.ports
+                ports
                     .iter()
                     .map(|(h, c)| format!(", 127.0.0.1:{h} -> :{c}"))
                     .collect::<String>()
@@ -311,7 +329,111 @@ fn logs(host: &Host, id: &str, follow: bool) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
-        if !follow || ended {
+        if !follow || ended || strata_runtime::interrupt::requested() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `strata run`: a machine attached to the terminal's output and removed when its command
+/// exits (`docker run --rm`); strata exits with the command's code. Ctrl-C removes it too.
+pub fn run(store: Store, a: &crate::cli::MachineRunArgs) -> Result<()> {
+    let mut host = host(store)?;
+    let (m, _) = start_machine(&mut host, a)?;
+    let followed = logs(&host, &m.id, true);
+    let code = host.state.machine(&m.id)?.and_then(|now| now.exit_code);
+    host.state.set_desired(&m.id, Desired::Destroyed)?;
+    poke(host.store.root());
+    let timeout = stop_timeout(&m);
+    if poll(timeout, || {
+        Ok(host.state.machine(&m.id)?.is_none().then_some(()))
+    })?
+    .is_none()
+    {
+        eprintln!(
+            "warning: machine {} was not removed within {} s",
+            m.id,
+            timeout.as_secs()
+        );
+    }
+    followed?;
+    if strata_runtime::interrupt::requested() {
+        bail!("interrupted: machine {} removed", m.id);
+    }
+    match code {
+        Some(0) => Ok(()),
+        Some(c) => std::process::exit(c),
+        None => bail!("machine {} ended without an exit code", m.id),
+    }
+}
+
+/// `strata logs APP`: the output of every machine of the app, line by line, each prefixed
+/// with its machine id; `-f` follows until every one of them has ended.
+pub fn app_logs(store: Store, app: &str, follow: bool) -> Result<()> {
+    let host = host(store)?;
+    let machines: Vec<Machine> = host
+        .state
+        .app_machines(app)?
+        .into_iter()
+        .filter(|m| m.desired != Desired::Destroyed)
+        .collect();
+    if machines.is_empty() {
+        bail!("app `{app}` has no machines on this host (see `strata apps list`)");
+    }
+    struct Followed {
+        id: String,
+        pos: u64,
+        partial: Vec<u8>,
+        seen_running: bool,
+        ended: bool,
+    }
+    let mut all: Vec<Followed> = machines
+        .into_iter()
+        .map(|m| Followed {
+            id: m.id,
+            pos: 0,
+            partial: Vec::new(),
+            seen_running: false,
+            ended: false,
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    loop {
+        for f in all.iter_mut().filter(|f| !f.ended) {
+            let ended = match host.state.machine(&f.id)? {
+                None => true,
+                Some(m) if m.state == "running" => {
+                    f.seen_running = true;
+                    false
+                }
+                Some(m) => f.seen_running || m.desired != Desired::Running,
+            };
+            if let Ok(mut file) = std::fs::File::open(host.log_path(&f.id)) {
+                if file.metadata()?.len() < f.pos {
+                    f.pos = 0;
+                }
+                file.seek(SeekFrom::Start(f.pos))?;
+                let mut buf = Vec::new();
+                file.read_to_end(&mut buf)?;
+                f.pos += buf.len() as u64;
+                f.partial.extend_from_slice(&buf);
+                let short = &f.id[..f.id.len().min(12)];
+                while let Some(nl) = f.partial.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = f.partial.drain(..=nl).collect();
+                    write!(out, "{short} | ")?;
+                    out.write_all(&line)?;
+                }
+                if (ended || !follow) && !f.partial.is_empty() {
+                    write!(out, "{short} | ")?;
+                    out.write_all(&std::mem::take(&mut f.partial))?;
+                    writeln!(out)?;
+                }
+                out.flush()?;
+            }
+            f.ended = ended || !follow;
+        }
+        if all.iter().all(|f| f.ended) || strata_runtime::interrupt::requested() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(200));

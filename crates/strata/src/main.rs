@@ -99,7 +99,10 @@ fn writes_listing(command: &cli::Command) -> bool {
 /// Commands that set up state they must take down when interrupted: a build's RUN container,
 /// overlay mount and bundle; a deploy's release and new machines.
 fn cleans_up_on_interrupt(command: &cli::Command) -> bool {
-    matches!(command, cli::Command::Build(_) | cli::Command::Deploy(_))
+    matches!(
+        command,
+        cli::Command::Build(_) | cli::Command::Deploy(_) | cli::Command::Run(_)
+    )
 }
 
 /// SIGINT and SIGTERM set the process-wide interrupt flag: a running RUN container is killed,

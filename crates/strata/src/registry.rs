@@ -111,6 +111,15 @@ pub fn login(args: &LoginArgs) -> Result<()> {
 }
 
 pub fn pull(store: &Store, args: &PullArgs) -> Result<()> {
+    let report = pull_image(store, args)?;
+    println!("{}", report.name);
+    println!("{}", report.descriptor.digest);
+    Ok(())
+}
+
+/// [`pull`] without printing its result on stdout: for commands that pull on the way to
+/// something else (`strata run`, `machine run`), whose stdout is the machine's.
+pub fn pull_image(store: &Store, args: &PullArgs) -> Result<strata_transfer::PullReport> {
     let src = Reference::parse(&args.image)?;
     let opts = PullOptions {
         client: client_options(args.insecure)?,
@@ -134,9 +143,7 @@ pub fn pull(store: &Store, args: &PullArgs) -> Result<()> {
         human_size(report.bytes_downloaded),
         report.blobs_present
     );
-    println!("{}", report.name);
-    println!("{}", report.descriptor.digest);
-    Ok(())
+    Ok(report)
 }
 
 pub fn push(store: &Store, args: &PushArgs) -> Result<()> {

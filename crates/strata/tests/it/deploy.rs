@@ -708,7 +708,7 @@ fn an_app_without_a_port_deploys_and_redeploys() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("Dockerfile"),
-        "FROM busybox\nCMD [\"sleep\", \"1000\"]\n",
+        "FROM busybox\nCMD [\"sh\", \"-c\", \"echo working; exec sleep 1000\"]\n",
     )
     .unwrap();
     std::fs::write(
@@ -725,6 +725,9 @@ fn an_app_without_a_port_deploys_and_redeploys() {
         "{said}"
     );
     let first = only_machine(&env);
+    wait_for("the worker's output", Duration::from_secs(10), || {
+        env.ok(&["logs", "worker"]) == format!("{} | working\n", &first[..first.len().min(12)])
+    });
     // Deploying again with nothing changed keeps the running release and its machine.
     let out = env.strata(&["deploy", "--project", p, "--progress", "plain"]);
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -753,6 +756,35 @@ fn an_app_without_a_port_deploys_and_redeploys() {
         env.ok(&["apps", "list"])
             .contains("worker\tv2\tactive\t1/1\t-\t")
     );
+}
+
+/// `strata run` is `docker run --rm`: attached output, the command's exit code, the machine
+/// removed; an image only in a registry is pulled first.
+#[test]
+fn run_is_attached_exits_with_the_code_and_leaves_nothing() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let out = env.strata(&["run", "busybox", "--", "sh", "-c", "echo hi; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    assert_eq!(env.ok(&["machine", "list", "--json"]), "");
+
+    // An image only a registry has: pulled, then run.
+    let registry = crate::common::Registry::start(&env);
+    let remote = format!("127.0.0.1:{}/team/bb:1", registry.port);
+    env.ok(&["push", "busybox", &remote]);
+    let other = Env::new();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(other.store())
+        .args(["run", &remote, "--", "echo", "pulled"])
+        .output()
+        .unwrap();
+    let _other_cleanup = Cleanup(&other);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "pulled\n");
 }
 
 /// `machine logs -f` ends when the machine's process does, like `docker logs -f` (it waited
