@@ -132,7 +132,7 @@ fn start_machine(
     // A taken port fails the run before anything is made (`deploy` checks the same).
     for (h, _) in &opts.ports {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], *h));
-        strata_deploy::deploy::check_port(&host, "", addr)
+        strata_deploy::deploy::check_port(host, "", addr)
             .with_context(|| format!("cannot publish port {h}"))?;
     }
     if strata_deploy::host::find_image(&host.store, &a.image).is_err() {
