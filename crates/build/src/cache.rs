@@ -138,6 +138,9 @@ pub struct StepInputs {
     /// The base (first step only): image digest, `scratch` or `stage <name> <key>`.
     #[serde(default)]
     pub base: Option<String>,
+    /// `from_cache_version` of the stage (first step of the first stage only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_cache_version: Option<String>,
     /// The step's key.
     pub key: String,
 }
@@ -172,6 +175,14 @@ pub fn explain(prev: Option<&StepInputs>, now: &StepInputs) -> String {
         return "no previous build of this step".to_string();
     };
     let mut reasons = Vec::new();
+    if prev.from_cache_version != now.from_cache_version {
+        let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "unset".into());
+        reasons.push(format!(
+            "from_cache_version changed {}→{}",
+            show(&prev.from_cache_version),
+            show(&now.from_cache_version)
+        ));
+    }
     if prev.base != now.base {
         reasons.push(format!(
             "base image changed {}→{}",

@@ -794,6 +794,11 @@ fn run_stage(
             instruction: String::from_utf8_lossy(&strata_oci::to_canonical_json(&step.kind))
                 .to_string(),
             base: (i == 0).then(|| base_desc.clone()),
+            from_cache_version: if i == 0 {
+                fcv.map(str::to_string)
+            } else {
+                None
+            },
             ..StepInputs::default()
         };
         let started = Instant::now();

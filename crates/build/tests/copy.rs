@@ -528,3 +528,31 @@ fn hardlinks_in_the_context_stay_linked_and_fifos_are_refused() {
         "the error names the file and its type: {err}"
     );
 }
+
+/// `--explain` names a changed `from_cache_version` (it said "an earlier step changed").
+#[test]
+fn explain_names_a_changed_from_cache_version() {
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[
+            ("a.txt", "a"),
+            ("Dockerfile", "FROM busybox\nCOPY a.txt /\n"),
+        ],
+    );
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["fcv".into()];
+    build_ok(&store, &opts);
+    opts.from_cache_version = Some("2".into());
+    opts.explain = true;
+    let (out, _) = build_ok(&store, &opts);
+    assert_eq!(out.steps_run, 1);
+    assert!(
+        out.explanations[0]
+            .1
+            .contains("from_cache_version changed unset→2"),
+        "{:?}",
+        out.explanations
+    );
+}
