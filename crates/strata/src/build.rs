@@ -202,7 +202,9 @@ pub fn build_for_deploy(
         &ProjectOptions::default(),
         progress.as_ref(),
     )?;
-    for name in &built.order {
+    // In JSON mode the build's own `image_done` events say this.
+    let summaries = !matches!(progress_mode, ProgressArg::Json);
+    for name in built.order.iter().filter(|_| summaries) {
         let o = &built.images[name];
         eprintln!(
             "{name}: {} ({} run, {} cached)",

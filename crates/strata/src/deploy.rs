@@ -470,12 +470,26 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
         .image_label
         .clone()
         .unwrap_or_else(|| format!("deployment-{}", ulid::Ulid::generate()));
+    // Every line of the deploy goes to stderr in the mode `--progress` asks for: with `json`,
+    // one object per line, `{"event":"deploy","app":…,"message":…}`, like the build's events.
+    let json = matches!(args.progress, crate::cli::ProgressArg::Json);
+    let app_name = app.name.clone();
+    let say = move |message: &str| {
+        if json {
+            eprintln!(
+                "{}",
+                serde_json::json!({"event": "deploy", "app": app_name, "message": message})
+            );
+        } else {
+            eprintln!("{message}");
+        }
+    };
     // 1. The image: given, or built from the project.
     let local = match &args.image {
         Some(r) if find_image(&store, r).is_ok() => r.clone(),
         Some(r) => {
             let reference = Reference::parse(r)?;
-            eprintln!("pulling {r}");
+            say(&format!("pulling {r}"));
             crate::registry::pull_ref(&store, &reference, args.insecure)?
         }
         None => {
@@ -509,12 +523,12 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
         let dest = Reference::parse(&dest_text)?;
         let report =
             crate::registry::push_ref(&store, &local, &dest, args.insecure, args.progress)?;
-        eprintln!(
+        say(&format!(
             "pushed {dest_text}: {} blob(s) uploaded ({}), {} already there",
             report.blobs_uploaded,
             crate::cmd::human_size(report.bytes_uploaded),
             report.blobs_skipped + report.blobs_mounted
-        );
+        ));
         crate::registry::pin_in_embedded_registry(&store, &dest, &desc.digest, &app.name);
         release_ref = dest_text;
     }
@@ -529,18 +543,16 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
         listen: IpAddr::from([127, 0, 0, 1]),
         wait_for_old: !args.detach,
     };
-    let report = deploy_image(&mut host, &app, &local, &opts, &mut |line| {
-        eprintln!("{line}")
-    })
-    .map(|mut r| {
-        if !r.unchanged {
-            r.release.image = release_ref.clone();
-        }
-        r
-    })?;
+    let report =
+        deploy_image(&mut host, &app, &local, &opts, &mut |line| say(line)).map(|mut r| {
+            if !r.unchanged {
+                r.release.image = release_ref.clone();
+            }
+            r
+        })?;
     if report.unchanged {
         // The active release keeps its image reference and machines.
-        eprintln!(
+        say(&format!(
             "{} v{} is unchanged{}",
             app.name,
             report.release.version,
@@ -548,7 +560,7 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
                 .public
                 .map(|a| format!(" and serves http://{a}/"))
                 .unwrap_or_default()
-        );
+        ));
         return Ok(());
     }
     host.state
@@ -556,16 +568,16 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
     // Releases that aged out of keep_releases lost their store pin; their registry pin goes too.
     crate::registry::unpin_aged_releases_in_embedded_registry(&host.store, &app.name);
     match report.public {
-        Some(addr) => eprintln!(
+        Some(addr) => say(&format!(
             "{} v{} is live: http://{addr}/",
             app.name, report.release.version
-        ),
-        None => eprintln!(
+        )),
+        None => say(&format!(
             "{} v{} is running ({} machine(s), no port)",
             app.name,
             report.release.version,
             report.machines.len()
-        ),
+        )),
     }
     Ok(())
 }

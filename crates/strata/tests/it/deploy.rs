@@ -728,11 +728,20 @@ fn an_app_without_a_port_deploys_and_redeploys() {
     wait_for("the worker's output", Duration::from_secs(10), || {
         env.ok(&["logs", "worker"]) == format!("{} | working\n", &first[..first.len().min(12)])
     });
-    // Deploying again with nothing changed keeps the running release and its machine.
-    let out = env.strata(&["deploy", "--project", p, "--progress", "plain"]);
+    // Deploying again with nothing changed keeps the running release and its machine; with
+    // `--progress json` every line of stderr is a JSON event (the deploy's were plain text).
+    let out = env.strata(&["deploy", "--project", p, "--progress", "json"]);
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    let events: Vec<serde_json::Value> = said
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
     assert!(
-        out.status.success() && said.contains("worker v1 is unchanged"),
+        events.iter().any(|e| e["event"] == "deploy"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("worker v1 is unchanged"))),
         "{said}"
     );
     assert_eq!(only_machine(&env), first);
