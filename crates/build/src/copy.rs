@@ -257,17 +257,21 @@ impl Stage<'_> {
         set_meta(&p, 0, owner.0, owner.1, true)
     }
 
+    /// The mode and owner a directory at `abs` gets in the layer: the image's own when it has
+    /// that directory (the layer must not change it), else 0755 and the copy's owner.
+    fn dir_meta(&self, abs: &str) -> (u32, (u32, u32)) {
+        match self.view.lookup(abs) {
+            Some(md) if md.is_dir() => (md.mode() & 0o7777, (md.uid(), md.gid())),
+            _ => (0o755, self.owner),
+        }
+    }
+
     /// Gives directories created only as parents the image's metadata when the image has
     /// them (the layer must not change them), else 0755 and the copy's owner.
     fn finish_parents(&self) -> Result<()> {
         for d in &self.created {
-            let p = self.host(d);
-            match self.view.lookup(d) {
-                Some(md) if md.is_dir() => {
-                    set_meta(&p, md.mode() & 0o7777, md.uid(), md.gid(), false)?
-                }
-                _ => set_meta(&p, 0o755, self.owner.0, self.owner.1, false)?,
-            }
+            let (mode, (uid, gid)) = self.dir_meta(d);
+            set_meta(&self.host(d), mode, uid, gid, false)?;
         }
         Ok(())
     }
@@ -518,12 +522,8 @@ fn place(
         match &e.kind {
             Kind::Dir if e.rel.is_empty() => {
                 // The destination directory: keep the image's when it has one.
-                match st.view.lookup(&abs) {
-                    Some(md) if md.is_dir() => {
-                        st.dir(&abs, md.mode() & 0o7777, (md.uid(), md.gid()))?
-                    }
-                    _ => st.dir(&abs, 0o755, st.owner)?,
-                }
+                let (mode, owner) = st.dir_meta(&abs);
+                st.dir(&abs, mode, owner)?;
             }
             Kind::Dir => {
                 // A directory copied onto a symlink of the image (a context `lib/` onto a
@@ -544,10 +544,7 @@ fn place(
             }
             Kind::File { .. } if unpack && e.rel.is_empty() && is_archive(&e.path) => {
                 let dir_abs = dest.to_string();
-                let (mode, owner) = match st.view.lookup(&dir_abs) {
-                    Some(md) if md.is_dir() => (md.mode() & 0o7777, (md.uid(), md.gid())),
-                    _ => (0o755, st.owner),
-                };
+                let (mode, owner) = st.dir_meta(&dir_abs);
                 st.dir(&dir_abs, mode, owner)?;
                 let host = st.host(&dir_abs);
                 extract(&e.path, &host)?;

@@ -822,23 +822,10 @@ fn run_stage(
                     _ => {}
                 }
                 if mkdir {
-                    let (entry, hit) = match lookup(ctx, &key)? {
-                        Some(e) => (e, true),
-                        None => {
-                            ctx.progress.event(&Event::StepStarted {
-                                step: step_ref.clone(),
-                            });
-                            let dir = state.config.working_dir.clone().unwrap_or_default();
-                            let layer = copy::workdir_step(ctx, &state, &dir).map_err(wrap)?;
-                            let e = CacheEntry {
-                                layer: layer.as_ref().map(|l| l.0.clone()),
-                                diff_id: layer.map(|l| l.1),
-                            };
-                            cache::put(ctx.store, &key, &e)?;
-                            (e, false)
-                        }
-                    };
-                    push_layer(ctx, &mut state, &entry, &step.text);
+                    let dir = state.config.working_dir.clone().unwrap_or_default();
+                    let hit = cached_or_made(ctx, &key, &step_ref, &mut state, &step.text, |st| {
+                        copy::workdir_step(ctx, st, &dir).map_err(wrap)
+                    })?;
                     (key, hit)
                 } else {
                     state.history.push(History {
@@ -866,23 +853,9 @@ fn run_stage(
                     prepared.files_hash.as_ref(),
                     origin_key.as_deref(),
                 );
-                let entry = lookup(ctx, &key)?;
-                let (entry, hit) = match entry {
-                    Some(e) => (e, true),
-                    None => {
-                        ctx.progress.event(&Event::StepStarted {
-                            step: step_ref.clone(),
-                        });
-                        let layer = copy::copy_step(ctx, &state, c, &mut prepared).map_err(wrap)?;
-                        let e = CacheEntry {
-                            layer: layer.as_ref().map(|l| l.0.clone()),
-                            diff_id: layer.map(|l| l.1),
-                        };
-                        cache::put(ctx.store, &key, &e)?;
-                        (e, false)
-                    }
-                };
-                push_layer(ctx, &mut state, &entry, &step.text);
+                let hit = cached_or_made(ctx, &key, &step_ref, &mut state, &step.text, |st| {
+                    copy::copy_step(ctx, st, c, &mut prepared).map_err(wrap)
+                })?;
                 (key, hit)
             }
             StepKind::Run(r) => {
@@ -916,23 +889,9 @@ fn run_stage(
                 let files_hash =
                     (!extra.is_empty()).then(|| Digest::sha256(extra.join("\n").as_bytes()));
                 let key = cache::step_key(&state.key, &step.kind, files_hash.as_ref(), None);
-                let entry = lookup(ctx, &key)?;
-                let (entry, hit) = match entry {
-                    Some(e) => (e, true),
-                    None => {
-                        ctx.progress.event(&Event::StepStarted {
-                            step: step_ref.clone(),
-                        });
-                        let layer = run::run_step(ctx, &state, step, r, &step_ref).map_err(wrap)?;
-                        let e = CacheEntry {
-                            layer: layer.as_ref().map(|l| l.0.clone()),
-                            diff_id: layer.map(|l| l.1),
-                        };
-                        cache::put(ctx.store, &key, &e)?;
-                        (e, false)
-                    }
-                };
-                push_layer(ctx, &mut state, &entry, &step.text);
+                let hit = cached_or_made(ctx, &key, &step_ref, &mut state, &step.text, |st| {
+                    run::run_step(ctx, st, step, r, &step_ref).map_err(wrap)
+                })?;
                 (key, hit)
             }
         };
@@ -1022,6 +981,35 @@ fn lookup(ctx: &Ctx<'_>, key: &str) -> Result<Option<CacheEntry>> {
         return Ok(None);
     }
     cache::get(ctx.store, key)
+}
+
+/// A filesystem step: its cache entry for `key` when there is one, else the layer `make`
+/// writes on top of `state` (announced as started, then cached); the layer (or an empty
+/// history entry) is added to `state`. Returns whether it was a cache hit.
+fn cached_or_made(
+    ctx: &Ctx<'_>,
+    key: &str,
+    step: &StepRef,
+    state: &mut StageState,
+    text: &str,
+    make: impl FnOnce(&StageState) -> Result<Option<(Descriptor, Digest)>>,
+) -> Result<bool> {
+    let (entry, hit) = match lookup(ctx, key)? {
+        Some(e) => (e, true),
+        None => {
+            ctx.progress
+                .event(&Event::StepStarted { step: step.clone() });
+            let layer = make(state)?;
+            let e = CacheEntry {
+                layer: layer.as_ref().map(|l| l.0.clone()),
+                diff_id: layer.map(|l| l.1),
+            };
+            cache::put(ctx.store, key, &e)?;
+            (e, false)
+        }
+    };
+    push_layer(ctx, state, &entry, text);
+    Ok(hit)
 }
 
 fn push_layer(ctx: &Ctx<'_>, state: &mut StageState, entry: &CacheEntry, text: &str) {

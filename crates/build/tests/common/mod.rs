@@ -28,21 +28,34 @@ pub fn can_run(test: &str) -> bool {
 
 /// A busybox root filesystem as a tar stream.
 pub fn busybox_tar() -> Vec<u8> {
+    busybox_rootfs_tar("bin", &[])
+}
+
+/// A busybox root filesystem as a tar stream: busybox and a symlink per applet in `bin`,
+/// `/etc/passwd` and `/etc/group` with root and app (1000), a sticky `/tmp`, and `links`
+/// (path, target) made after the directories their targets name.
+pub fn busybox_rootfs_tar(bin: &str, links: &[(&str, &str)]) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let r = dir.path();
-    std::fs::create_dir_all(r.join("bin")).unwrap();
-    std::fs::create_dir_all(r.join("etc")).unwrap();
-    std::fs::create_dir_all(r.join("tmp")).unwrap();
+    for d in [bin, "etc", "tmp"] {
+        std::fs::create_dir_all(r.join(d)).unwrap();
+    }
+    for (_, target) in links {
+        std::fs::create_dir_all(r.join(target)).unwrap();
+    }
+    for (link, target) in links {
+        std::os::unix::fs::symlink(target, r.join(link)).unwrap();
+    }
     std::fs::set_permissions(
         r.join("tmp"),
         std::os::unix::fs::PermissionsExt::from_mode(0o1777),
     )
     .unwrap();
-    std::fs::copy("/bin/busybox", r.join("bin/busybox")).unwrap();
+    std::fs::copy("/bin/busybox", r.join(bin).join("busybox")).unwrap();
     let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
     for applet in String::from_utf8(list.stdout).unwrap().lines() {
         if applet != "busybox" && !applet.is_empty() {
-            std::os::unix::fs::symlink("busybox", r.join("bin").join(applet)).unwrap();
+            std::os::unix::fs::symlink("busybox", r.join(bin).join(applet)).unwrap();
         }
     }
     std::fs::write(
