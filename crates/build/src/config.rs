@@ -3,7 +3,7 @@
 //!
 //! Also serves `docker import --change` ([`apply_changes`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use strata_dockerfile::{CommandLine, Dockerfile, EmptyEnv, Healthcheck, Instruction};
@@ -189,14 +189,15 @@ impl ConfigChange {
             }
             ConfigChange::Env { vars } => {
                 let env = config.env.get_or_insert_with(Vec::new);
+                let mut index = env_index(env);
                 for (k, v) in vars {
                     let entry = format!("{k}={v}");
-                    match env
-                        .iter_mut()
-                        .find(|e| e.split_once('=').map_or(e.as_str(), |(ek, _)| ek) == k)
-                    {
-                        Some(slot) => *slot = entry,
-                        None => env.push(entry),
+                    match index.get(k.as_str()) {
+                        Some(&i) => env[i] = entry,
+                        None => {
+                            index.insert(k.clone(), env.len());
+                            env.push(entry);
+                        }
                     }
                 }
             }
@@ -285,6 +286,17 @@ pub fn apply_instruction(
             ins.keyword()
         ))),
     }
+}
+
+/// Where each name of a `KEY=VALUE` list is (its first entry, the one a change replaces), so
+/// that applying many variables costs one pass, not one scan each.
+pub(crate) fn env_index(env: &[String]) -> HashMap<String, usize> {
+    let mut index = HashMap::with_capacity(env.len());
+    for (i, e) in env.iter().enumerate() {
+        let name = e.split_once('=').map_or(e.as_str(), |(k, _)| k);
+        index.entry(name.to_string()).or_insert(i);
+    }
+    index
 }
 
 /// Parses each `change` as one Dockerfile instruction and applies it to `config`, expanding

@@ -561,15 +561,16 @@ fn plan_stage(
                     }
                 };
                 let mut env = cfg.env.clone().unwrap_or_default();
+                let mut index = crate::config::env_index(&env);
                 let mut run_args = BTreeMap::new();
                 for (k, v) in scope.args() {
                     run_args.insert(k.clone(), v.clone());
-                    let slot = env
-                        .iter_mut()
-                        .find(|e| e.split_once('=').map_or(e.as_str(), |p| p.0) == k);
-                    match slot {
-                        None => env.push(format!("{k}={v}")),
-                        Some(slot) if args_over_env.contains(k) => *slot = format!("{k}={v}"),
+                    match index.get(k.as_str()) {
+                        None => {
+                            index.insert(k.clone(), env.len());
+                            env.push(format!("{k}={v}"));
+                        }
+                        Some(&i) if args_over_env.contains(k) => env[i] = format!("{k}={v}"),
                         Some(_) => {}
                     }
                 }

@@ -3,7 +3,6 @@
 //! directories carry `trusted.overlay.opaque=y`) without mounting anything.
 
 use std::fs::Metadata;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 /// Symlinks followed in one path before giving up (Linux's `MAXSYMLINKS`).
@@ -20,15 +19,6 @@ pub(crate) struct ImageView {
     pub top_first: Vec<PathBuf>,
 }
 
-fn is_whiteout(md: &Metadata) -> bool {
-    md.file_type().is_char_device() && md.rdev() == 0
-}
-
-fn is_opaque(p: &Path) -> bool {
-    let mut buf = [0u8; 8];
-    matches!(rustix::fs::lgetxattr(p, "trusted.overlay.opaque", &mut buf), Ok(n) if n >= 1 && buf[0] == b'y')
-}
-
 impl ImageView {
     /// The metadata of `rel` (a `/`-separated path relative to the root, no symlinks
     /// followed) as the merged image shows it, `None` when absent.
@@ -37,41 +27,9 @@ impl ImageView {
     }
 
     /// Like [`lookup`](Self::lookup), with the path of the entry in its snapshot directory.
+    /// Never follows a symlink, on the way or at the end (`strata_rootfs::lookup_in_layers`).
     fn locate(&self, rel: &str) -> Option<(PathBuf, Metadata)> {
-        let parts: Vec<&str> = components(rel).collect();
-        if parts.is_empty() {
-            let top = self.top_first.first()?;
-            return std::fs::symlink_metadata(top)
-                .ok()
-                .map(|md| (top.clone(), md));
-        }
-        'layers: for dir in &self.top_first {
-            // A whiteout or an opaque directory on the way hides everything below.
-            let mut p = dir.clone();
-            for (i, part) in parts.iter().enumerate() {
-                p.push(part);
-                match std::fs::symlink_metadata(&p) {
-                    Ok(md) if is_whiteout(&md) => return None,
-                    Ok(md) if i + 1 == parts.len() => return Some((p, md)),
-                    Ok(md) if md.is_dir() => {
-                        if is_opaque(&p) {
-                            // Deeper layers do not count below this directory.
-                            let mut q = p.clone();
-                            for rest in &parts[i + 1..] {
-                                q.push(rest);
-                            }
-                            return std::fs::symlink_metadata(&q)
-                                .ok()
-                                .filter(|m| !is_whiteout(m))
-                                .map(|md| (q, md));
-                        }
-                    }
-                    Ok(_) => return None,
-                    Err(_) => continue 'layers,
-                }
-            }
-        }
-        None
+        strata_rootfs::lookup_in_layers(&self.top_first, Path::new(rel))
     }
 
     /// `path` with every symlink on it, the last component included, resolved in the image

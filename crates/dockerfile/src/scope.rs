@@ -8,6 +8,8 @@
 //! BuildKit). Only ADD, COPY, ENV, EXPOSE, FROM, LABEL, STOPSIGNAL, USER, VOLUME and WORKDIR
 //! are expanded by the builder; RUN, CMD and ENTRYPOINT are left to the shell.
 
+use std::collections::HashMap;
+
 use crate::error::{Error, Result};
 use crate::instruction::*;
 use crate::lex::{Env, Lexer};
@@ -51,10 +53,12 @@ impl Dockerfile {
     /// `build_args` provides them, as BuildKit predefines them.
     pub fn global_args(&self, build_args: &dyn Env) -> Result<Vec<(String, String)>> {
         let lx = self.lexer();
-        let mut globals: Vec<(String, String)> = BUILTIN_ARGS
-            .iter()
-            .filter_map(|k| build_args.lookup(k).map(|v| (k.to_string(), v)))
-            .collect();
+        let mut globals = Vars::default();
+        for k in BUILTIN_ARGS {
+            if let Some(v) = build_args.lookup(k) {
+                globals.set(k, v);
+            }
+        }
         for loc in &self.meta_args {
             let Instruction::Arg(decls) = &loc.instruction else {
                 continue;
@@ -70,11 +74,11 @@ impl Dockerfile {
                     },
                 };
                 if let Some(v) = value {
-                    set(&mut globals, &d.name, v);
+                    globals.set(&d.name, v);
                 }
             }
         }
-        Ok(globals)
+        Ok(globals.list)
     }
 
     /// Expands stage `index`'s `FROM` (image and `--platform`) with the global `ARG`s.
@@ -119,10 +123,10 @@ impl Dockerfile {
         Ok(StageScope {
             lexer: self.lexer(),
             build_args,
-            globals: self.global_args(build_args)?,
-            vars: Vec::new(),
-            env: Vec::new(),
-            args: Vec::new(),
+            globals: Vars::from_list(self.global_args(build_args)?),
+            vars: Vars::default(),
+            env: Vars::default(),
+            args: Vars::default(),
         })
     }
 
@@ -131,10 +135,39 @@ impl Dockerfile {
     }
 }
 
-fn set(list: &mut Vec<(String, String)>, key: &str, value: String) {
-    match list.iter_mut().find(|(k, _)| k == key) {
-        Some(slot) => slot.1 = value,
-        None => list.push((key.to_string(), value)),
+/// Variables in the order they were first set, with an index by name: setting and looking
+/// up one variable costs the same however many there are (an `ENV` of 40,000 pairs must not
+/// take a scan per pair).
+#[derive(Debug, Default)]
+struct Vars {
+    list: Vec<(String, String)>,
+    index: HashMap<String, usize>,
+}
+
+impl Vars {
+    fn from_list(pairs: Vec<(String, String)>) -> Vars {
+        let mut v = Vars::default();
+        for (k, value) in pairs {
+            v.set(&k, value);
+        }
+        v
+    }
+
+    /// Sets `key`; a variable set before keeps its place, a new one goes last.
+    fn set(&mut self, key: &str, value: String) {
+        match self.index.get(key) {
+            Some(&i) => self.list[i].1 = value,
+            None => {
+                self.index.insert(key.to_string(), self.list.len());
+                self.list.push((key.to_string(), value));
+            }
+        }
+    }
+}
+
+impl Env for Vars {
+    fn lookup(&self, name: &str) -> Option<String> {
+        self.index.get(name).map(|&i| self.list[i].1.clone())
     }
 }
 
@@ -142,13 +175,13 @@ fn set(list: &mut Vec<(String, String)>, key: &str, value: String) {
 pub struct StageScope<'a> {
     lexer: Lexer,
     build_args: &'a dyn Env,
-    globals: Vec<(String, String)>,
+    globals: Vars,
     /// Everything visible to expansion, in assignment order (ENV and ARG alike).
-    vars: Vec<(String, String)>,
+    vars: Vars,
     /// `ENV` values (base image first), for the image config.
-    env: Vec<(String, String)>,
+    env: Vars,
     /// `ARG` values in effect (for RUN's environment and cache keys).
-    args: Vec<(String, String)>,
+    args: Vars,
 }
 
 impl Env for StageScope<'_> {
@@ -162,20 +195,20 @@ impl<'a> StageScope<'a> {
     pub fn with_base_env<S: AsRef<str>>(mut self, base_env: &[S]) -> Self {
         for kv in base_env {
             let (k, v) = kv.as_ref().split_once('=').unwrap_or((kv.as_ref(), ""));
-            set(&mut self.env, k, v.to_string());
-            set(&mut self.vars, k, v.to_string());
+            self.env.set(k, v.to_string());
+            self.vars.set(k, v.to_string());
         }
         self
     }
 
     /// `ENV` values so far, for the image config.
     pub fn env(&self) -> &[(String, String)] {
-        &self.env
+        &self.env.list
     }
 
     /// `ARG` values in effect, for `RUN`'s environment.
     pub fn args(&self) -> &[(String, String)] {
-        &self.args
+        &self.args.list
     }
 
     /// Expands one word with the current variables (`ProcessWord`).
@@ -301,8 +334,8 @@ impl<'a> StageScope<'a> {
                         },
                     };
                     if let Some(v) = &value {
-                        set(&mut self.vars, &d.name, v.clone());
-                        set(&mut self.args, &d.name, v.clone());
+                        self.vars.set(&d.name, v.clone());
+                        self.args.set(&d.name, v.clone());
                     }
                     out.push(ArgDecl {
                         name: d.name.clone(),
@@ -315,8 +348,8 @@ impl<'a> StageScope<'a> {
                 let expanded = self.expand(other).map_err(|m| df.at(loc, m))?;
                 if let Instruction::Env(kvs) = &expanded {
                     for kv in kvs {
-                        set(&mut self.vars, &kv.key, kv.value.clone());
-                        set(&mut self.env, &kv.key, kv.value.clone());
+                        self.vars.set(&kv.key, kv.value.clone());
+                        self.env.set(&kv.key, kv.value.clone());
                     }
                 }
                 Ok(expanded)

@@ -10,6 +10,7 @@ mod descriptor;
 mod digest;
 mod error;
 pub mod media_type;
+mod printable;
 pub mod reference;
 pub mod validate;
 
@@ -19,5 +20,6 @@ pub use descriptor::{ANNOTATION_REF_NAME, Descriptor, Index, Manifest, ManifestO
 pub use digest::{Algorithm, Digest, Hasher, HashingWriter, chain_id};
 pub use error::Error;
 pub use media_type::Compression;
+pub use printable::printable;
 pub use reference::{Reference, validate_repository_name, validate_tag};
 pub use validate::{BlobSource, ValidationReport, validate_image};

@@ -4,13 +4,15 @@ use std::fmt;
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use strata_oci::Digest;
+use strata_oci::{Digest, printable};
 
-/// Everything that can go wrong talking to a registry or reading credentials.
+/// Everything that can go wrong talking to a registry or reading credentials. Text the
+/// registry supplied (its error messages, what a manifest or index says) is shown with
+/// control characters escaped ([`printable`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The registry answered with an unexpected HTTP status; `errors` is its error JSON.
-    #[error("{registry}: {what}: HTTP {status}{}", fmt_errors(errors))]
+    #[error("{registry}: {}: HTTP {status}{}", printable(what), fmt_errors(errors))]
     Status {
         registry: String,
         /// The operation, naming the repository and tag / digest (`GET manifest app:1`).
@@ -88,7 +90,7 @@ pub enum Error {
     },
 
     /// A manifest or index could not be understood.
-    #[error("{registry}/{repository}: manifest `{reference}`: {source}")]
+    #[error("{registry}/{repository}: manifest `{}`: {}", printable(reference), printable(&source.to_string()))]
     Manifest {
         registry: String,
         repository: String,
@@ -100,7 +102,10 @@ pub enum Error {
 
     /// An index has no image for the platform asked for.
     #[error(
-        "{registry}/{repository}: `{reference}` has no image for {platform} (it has: {available})"
+        "{registry}/{repository}: `{}` has no image for {} (it has: {})",
+        printable(reference),
+        printable(platform),
+        printable(available)
     )]
     NoMatchingPlatform {
         registry: String,
@@ -111,7 +116,7 @@ pub enum Error {
     },
 
     /// The registry broke the protocol (missing header, bad JSON, bad `Location`...).
-    #[error("{registry}: {what}: {reason}")]
+    #[error("{registry}: {}: {}", printable(what), printable(reason))]
     Protocol {
         registry: String,
         what: String,
@@ -119,7 +124,7 @@ pub enum Error {
     },
 
     /// The authentication flow failed (bad challenge, token endpoint refused...).
-    #[error("{registry}: authentication: {reason}")]
+    #[error("{registry}: authentication: {}", printable(reason))]
     Auth { registry: String, reason: String },
 
     /// A downloaded blob could not be written where the caller asked, or an upload source read.
@@ -219,17 +224,21 @@ impl RegistryErrors {
     }
 }
 
+/// The registry wrote this text: control characters are escaped so that it cannot drive the
+/// user's terminal.
 impl fmt::Display for RegistryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.code.is_empty(), self.message.is_empty()) {
-            (false, false) => write!(f, "{}: {}", self.code, self.message)?,
-            (false, true) => f.write_str(&self.code)?,
-            (true, _) => f.write_str(&self.message)?,
+        let (code, message) = (printable(&self.code), printable(&self.message));
+        match (code.is_empty(), message.is_empty()) {
+            (false, false) => write!(f, "{code}: {message}")?,
+            (false, true) => f.write_str(&code)?,
+            (true, _) => f.write_str(&message)?,
         }
         match &self.detail {
             None | Some(serde_json::Value::Null) => Ok(()),
             Some(serde_json::Value::String(s)) if s.is_empty() => Ok(()),
-            Some(serde_json::Value::String(s)) => write!(f, " ({s})"),
+            Some(serde_json::Value::String(s)) => write!(f, " ({})", printable(s)),
+            // JSON text: control characters are already written as `\u001b`.
             Some(other) => write!(f, " ({other})"),
         }
     }

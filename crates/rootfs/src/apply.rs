@@ -46,10 +46,17 @@ pub struct ApplyOptions {
     /// Create device nodes (default: when running as root; otherwise they are counted in
     /// [`ApplyStats::skipped_devices`]).
     pub devices: bool,
-    /// Trees (top first) to copy mode, owner and mtime from when a parent directory must be
-    /// created without an entry of its own. For overlay lowerdirs: an implied `/tmp` must
-    /// not shadow the lower `/tmp`'s 1777 with 0755. Empty: such directories get 0755.
-    pub parent_template: Vec<PathBuf>,
+    /// The image's lower layers (snapshot directories in overlay form, top first) when the
+    /// target is a layer of its own (overlay lowerdirs). They take part in resolving entry
+    /// paths as if they were in the target, which is the one rule of every tree strata makes
+    /// (`strata unpack` applies all layers into one tree and gets the same): a lower layer's
+    /// symlink on an entry's path is followed inside the image (`x -> /` makes `x/etc/f`
+    /// land at `etc/f`, as Docker does), a lower file there is not a directory (refused),
+    /// and a parent directory created without an entry of its own takes the lower
+    /// directory's mode, owner and mtime (an implied `/tmp` must not shadow the lower 1777
+    /// with 0755), else 0755. They are read with [`crate::lookup_in_layers`], which never
+    /// follows a symlink out of the image.
+    pub lower_layers: Vec<PathBuf>,
 }
 
 impl Default for ApplyOptions {
@@ -59,7 +66,7 @@ impl Default for ApplyOptions {
             whiteouts: WhiteoutMode::Apply,
             chown: root,
             devices: root,
-            parent_template: Vec::new(),
+            lower_layers: Vec::new(),
         }
     }
 }
@@ -130,6 +137,7 @@ pub fn apply_layer_with(
     let mut hashing = HashingReader::new(decoder);
     let mut applier = Applier {
         root,
+        target: target.to_path_buf(),
         opts: opts.clone(),
         layer_paths: HashSet::new(),
         dirs: Vec::new(),
@@ -294,6 +302,8 @@ fn list_dir(fd: BorrowedFd<'_>) -> rustix::io::Result<Vec<Vec<u8>>> {
 
 struct Applier {
     root: OwnedFd,
+    /// Where `root` is (for reading the lower layers at the same paths).
+    target: PathBuf,
     opts: ApplyOptions,
     /// Paths (lexical) that this layer created, and their ancestors: whiteouts and opaque
     /// markers only hide lower layers' content (OCI layer.md), never this layer's.
@@ -342,6 +352,34 @@ impl Applier {
             ) {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) if create => {
+                    let mut path = real.clone();
+                    path.push(c.clone());
+                    match self.in_lower_layers(&path) {
+                        Some((host, md)) if md.file_type().is_symlink() => {
+                            // A lower layer's symlink: followed inside the image.
+                            walked.push(c);
+                            hops += 1;
+                            if hops > MAX_SYMLINK_HOPS {
+                                return Err(Refusal::SymlinkLoop(MAX_SYMLINK_HOPS).into());
+                            }
+                            let target =
+                                rustix::fs::readlink(&host, Vec::new()).map_err(os("readlink"))?;
+                            let target = target.to_bytes();
+                            if target.starts_with(b"/") {
+                                stack.clear();
+                                real.clear();
+                            }
+                            for part in target.split(|b| *b == b'/').rev() {
+                                queue.push_front(part.to_vec());
+                            }
+                            continue;
+                        }
+                        Some((_, md)) if !md.is_dir() => {
+                            walked.push(c);
+                            return Err(Refusal::NotADirectory(lossy(&walked)).into());
+                        }
+                        _ => {}
+                    }
                     match rustix::fs::mkdirat(cur, &c, Mode::from_raw_mode(0o755)) {
                         Ok(()) => {
                             let mut path = real.clone();
@@ -393,7 +431,20 @@ impl Applier {
         }
     }
 
-    /// Gives a directory we had to create the metadata of the same path in the template trees.
+    /// What the lower layers have at `comps` (this layer's own entries above them), never
+    /// following a symlink; `None` without lower layers.
+    fn in_lower_layers(&self, comps: &[Vec<u8>]) -> Option<(PathBuf, std::fs::Metadata)> {
+        if self.opts.lower_layers.is_empty() {
+            return None;
+        }
+        let mut layers = Vec::with_capacity(self.opts.lower_layers.len() + 1);
+        layers.push(self.target.clone());
+        layers.extend(self.opts.lower_layers.iter().cloned());
+        let rel = PathBuf::from(std::ffi::OsStr::from_bytes(&join(comps)));
+        crate::lookup_in_layers(&layers, &rel)
+    }
+
+    /// Gives a directory we had to create the metadata of the same path in the lower layers.
     fn copy_parent_template(
         &self,
         dir: BorrowedFd<'_>,
@@ -401,12 +452,13 @@ impl Applier {
         real: &[Vec<u8>],
     ) -> Result<(), Fail> {
         use std::os::unix::fs::MetadataExt;
+        // The merged lower layers, read without following any symlink: a lower `x -> /` must
+        // never make the host's `/etc` the template of an implied `x/etc`.
         let rel = PathBuf::from(std::ffi::OsStr::from_bytes(&join(real)));
-        let Some(md) = self.opts.parent_template.iter().find_map(|t| {
-            std::fs::symlink_metadata(t.join(&rel))
-                .ok()
-                .filter(|m| m.is_dir())
-        }) else {
+        let Some(md) = crate::lookup_in_layers(&self.opts.lower_layers, &rel)
+            .map(|(_, md)| md)
+            .filter(|m| m.is_dir())
+        else {
             return Ok(());
         };
         if self.opts.chown {

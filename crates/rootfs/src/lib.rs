@@ -14,6 +14,7 @@ mod compress;
 mod diff;
 mod error;
 mod fsmeta;
+mod layers;
 mod pargz;
 mod recompress;
 mod snapshot;
@@ -26,6 +27,7 @@ pub use apply::{
 pub use compress::{DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL, decompress};
 pub use diff::{Change, changes_from_overlay_upper, diff_dirs};
 pub use error::{Error, Refusal, Result};
+pub use layers::lookup_in_layers;
 pub use recompress::{recompress_tar, sniff_compression};
 pub use snapshot::{LayerRef, SnapshotCache, materialize, overlay_lowerdir, sync_filesystem};
 pub use strata_oci::Compression;

@@ -144,7 +144,7 @@ impl SnapshotCache {
                     .map_err(io_err("chmod", tmp.path()))?;
                 let opts = ApplyOptions {
                     whiteouts: WhiteoutMode::Overlay,
-                    parent_template: dirs.iter().rev().cloned().collect(),
+                    lower_layers: dirs.iter().rev().cloned().collect(),
                     ..ApplyOptions::default()
                 };
                 apply_one(layer, &open_blob, tmp.path(), &opts)?;

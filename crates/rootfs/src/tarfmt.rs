@@ -90,17 +90,7 @@ const SHOWN_PATH_CHARS: usize = 240;
 /// [`SHOWN_PATH_CHARS`] characters, the middle replaced by how much was left out.
 pub(crate) fn printable_path(path: &[u8]) -> String {
     let text = String::from_utf8_lossy(path);
-    let escape = |s: &str| -> String {
-        s.chars()
-            .map(|c| {
-                if c.is_control() {
-                    c.escape_default().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect()
-    };
+    let escape = |s: &str| -> String { strata_oci::printable(s).into_owned() };
     let count = text.chars().count();
     if count <= SHOWN_PATH_CHARS {
         return escape(&text);

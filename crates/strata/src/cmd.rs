@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
-use strata_oci::{ContainerConfig, Digest, ImageConfig, media_type};
+use strata_oci::{ContainerConfig, Digest, ImageConfig, media_type, printable};
 use strata_store::Store;
 use strata_transfer::{ArchiveFormat, ImportOptions, local_name};
 
@@ -93,7 +93,11 @@ fn history(store: &Store, image: &str, json: bool) -> Result<()> {
             println!("{v}");
         } else {
             let by: String = by.chars().filter(|c| !c.is_control()).take(90).collect();
-            println!("{created:<22}  {:>10}  {by}", human_size(*size));
+            println!(
+                "{:<22}  {:>10}  {by}",
+                printable(&created),
+                human_size(*size)
+            );
         }
     }
     Ok(())
@@ -146,7 +150,7 @@ fn images(store: &Store, args: &cli::ImagesArgs) -> Result<()> {
     let mut out = io::stdout().lock();
     if args.quiet {
         for (name, ..) in &rows {
-            writeln!(out, "{name}")?;
+            writeln!(out, "{}", printable(name))?;
         }
         return Ok(());
     }
@@ -166,14 +170,16 @@ fn images(store: &Store, args: &cli::ImagesArgs) -> Result<()> {
         "{:<40} {:<16} {:<14} {:<22} {:>10}",
         "REPOSITORY", "TAG", "DIGEST", "CREATED", "SIZE"
     )?;
+    // Names, tags and dates came with images (a pull, a load): shown with control
+    // characters escaped.
     for (_, repo, tag, desc, created, size) in &rows {
         writeln!(
             out,
             "{:<40} {:<16} {:<14} {:<22} {:>10}",
-            repo,
-            tag,
+            printable(repo),
+            printable(tag),
             desc.digest.short(),
-            created,
+            printable(created),
             human_size(*size)
         )?;
     }
@@ -202,16 +208,22 @@ fn inspect(store: &Store, args: &cli::InspectArgs) -> Result<()> {
         writeln!(out)?;
         return Ok(());
     }
+    // Everything below came with the image (a registry, an archive): control characters
+    // are escaped so that it cannot drive the terminal. `--json` escapes them as JSON does.
     let cfg = ImageConfig::from_slice(&img.config_bytes)?;
-    writeln!(out, "Name:       {name}")?;
+    writeln!(out, "Name:       {}", printable(&name))?;
     writeln!(out, "Digest:     {}", img.descriptor.digest)?;
-    writeln!(out, "MediaType:  {}", img.descriptor.media_type)?;
+    writeln!(out, "MediaType:  {}", printable(&img.descriptor.media_type))?;
     if let Some(index) = &img.index {
         writeln!(out, "Index:      {}", index.digest)?;
     }
-    writeln!(out, "Platform:   {}", cfg.platform())?;
+    writeln!(
+        out,
+        "Platform:   {}",
+        printable(&cfg.platform().to_string())
+    )?;
     if let Some(c) = &cfg.created {
-        writeln!(out, "Created:    {c}")?;
+        writeln!(out, "Created:    {}", printable(c))?;
     }
     writeln!(out, "Config:     {}", img.manifest.config.digest)?;
     let c = cfg.config.clone().unwrap_or_default();
@@ -234,14 +246,14 @@ fn inspect(store: &Store, args: &cli::InspectArgs) -> Result<()> {
         ("StopSignal", c.stop_signal.clone()),
     ] {
         if let Some(v) = v {
-            writeln!(out, "{:<11} {v}", format!("{k}:"))?;
+            writeln!(out, "{:<11} {}", format!("{k}:"), printable(&v))?;
         }
     }
     for e in c.env.iter().flatten() {
-        writeln!(out, "Env:        {e}")?;
+        writeln!(out, "Env:        {}", printable(e))?;
     }
     for (k, v) in c.labels.iter().flatten() {
-        writeln!(out, "Label:      {k}={v}")?;
+        writeln!(out, "Label:      {}={}", printable(k), printable(v))?;
     }
     writeln!(out, "Layers:")?;
     for (l, diff_id) in img.manifest.layers.iter().zip(cfg.diff_ids()) {
@@ -250,7 +262,7 @@ fn inspect(store: &Store, args: &cli::InspectArgs) -> Result<()> {
             "  {}  {:>10}  {}  (diff_id {})",
             l.digest,
             human_size(l.size),
-            l.media_type,
+            printable(&l.media_type),
             diff_id.short()
         )?;
     }
@@ -390,7 +402,7 @@ fn load(store: &Store, args: &cli::LoadArgs) -> Result<()> {
         .with_context(|| format!("cannot load `{}`", path.display()))?;
     for image in loaded {
         match image.name {
-            Some(name) => println!("Loaded image: {name}"),
+            Some(name) => println!("Loaded image: {}", printable(&name)),
             None => println!("Loaded image ID: {}", image.descriptor.digest),
         }
     }

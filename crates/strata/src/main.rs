@@ -28,14 +28,14 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", terminal_safe(&err.to_string()));
             // Many of our errors already carry their cause in their own text; print a
             // cause only when it adds something the lines above do not say.
             let mut shown = err.to_string();
             for cause in err.chain().skip(1) {
                 let text = cause.to_string();
                 if !shown.contains(&text) {
-                    eprintln!("  caused by: {text}");
+                    eprintln!("  caused by: {}", terminal_safe(&text));
                     shown.push('\n');
                     shown.push_str(&text);
                 }
@@ -74,6 +74,15 @@ fn hint_for(err: &anyhow::Error) -> Option<&'static str> {
         );
     }
     None
+}
+
+/// An error message with control characters escaped except its line breaks: an error may
+/// quote what a registry, an image or a layer said, and that must not drive the terminal.
+fn terminal_safe(text: &str) -> String {
+    text.split('\n')
+        .map(strata_oci::printable)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Whether `command` only writes a result to stdout for a reader (`strata images | head`),

@@ -421,3 +421,73 @@ fn stalled_blob_readers_keep_registry_memory_bounded() {
         started.elapsed()
     );
 }
+
+/// Text a registry or an image supplied reaches the terminal with its control characters
+/// escaped: a registry's error message that retitles the window (`ESC ] 0 ; … BEL`), and an
+/// image's label and environment shown by `strata inspect`.
+#[test]
+fn registry_and_image_text_cannot_drive_the_terminal() {
+    const EVIL: &str = "\u{1b}]0;pwned\u{7}";
+    const SHOWN: &str = "\\u{1b}]0;pwned\\u{7}";
+    let env = Env::new();
+    // A registry that answers every request 400 with a spec error whose message is hostile.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = serde_json::json!({"errors": [{
+                    "code": "DENIED",
+                    "message": format!("no {EVIL} way"),
+                    "detail": format!("see {EVIL}"),
+                }]})
+                .to_string();
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    let stderr = env.fails(&["pull", &format!("{host}/team/app:1")]);
+    assert!(
+        !stderr.contains('\u{1b}') && !stderr.contains('\u{7}'),
+        "raw control characters on stderr: {stderr:?}"
+    );
+    assert!(
+        stderr.contains(&format!("DENIED: no {SHOWN} way (see {SHOWN})")),
+        "{stderr}"
+    );
+
+    // An image whose config carries the same text.
+    let root = env.path("rootfs");
+    busybox_rootfs(&root);
+    tar_dir(&root, &env.path("rootfs.tar"));
+    env.ok(&[
+        "import",
+        env.path("rootfs.tar").to_str().unwrap(),
+        "evil",
+        "--change",
+        &format!("LABEL title=\"{EVIL}\""),
+        "--change",
+        &format!("ENV TITLE=\"{EVIL}\""),
+    ]);
+    let out = env.ok(&["inspect", "evil"]);
+    assert!(
+        !out.contains('\u{1b}') && !out.contains('\u{7}'),
+        "raw control characters in inspect: {out:?}"
+    );
+    assert!(out.contains(&format!("Label:      title={SHOWN}")), "{out}");
+    assert!(out.contains(&format!("Env:        TITLE={SHOWN}")), "{out}");
+}
