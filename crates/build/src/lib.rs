@@ -29,6 +29,7 @@ mod glob;
 pub mod plan;
 mod progress;
 mod project;
+pub mod rebase;
 mod run;
 mod source;
 mod view;

@@ -97,6 +97,22 @@ pub enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Move an image onto a new base without rebuilding it: the old base's layers are
+    /// replaced by the new base's, the image's own layers kept byte for byte, and what the
+    /// image inherited in its config (PATH, CMD, labels, ...) comes from the new base.
+    Rebase {
+        /// The image to rebase.
+        image: String,
+        /// The new base.
+        #[arg(long)]
+        onto: String,
+        /// The base the image was built on (default: the base its manifest records).
+        #[arg(long)]
+        old_base: Option<String>,
+        /// Name the result (default: the image's own name moves to it).
+        #[arg(short, long)]
+        tag: Option<String>,
+    },
     /// Machines on this host, like `docker ps` (`strata machine list`).
     Ps {
         /// Only this app's machines.

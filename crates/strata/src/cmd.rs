@@ -50,6 +50,18 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::deploy::machine(store()?, crate::cli::MachineCommand::List { app, json })
         }
         Command::History { image, json } => history(&store()?, &image, json),
+        Command::Rebase {
+            image,
+            onto,
+            old_base,
+            tag,
+        } => rebase(
+            &store()?,
+            &image,
+            &onto,
+            old_base.as_deref(),
+            tag.as_deref(),
+        ),
         Command::Version => {
             println!(
                 "strata {} (commit {})",
@@ -59,6 +71,53 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `strata rebase IMAGE --onto BASE`: see [`strata_build::rebase`].
+fn rebase(
+    store: &Store,
+    image: &str,
+    onto: &str,
+    old_base: Option<&str>,
+    tag: Option<&str>,
+) -> Result<()> {
+    let load = |what: &str, name: &str| -> Result<(String, strata_store::Image)> {
+        let local = local_name(name)?;
+        let img = store
+            .image(&local)
+            .with_context(|| format!("no {what} `{local}` in the store"))?;
+        Ok((local, img))
+    };
+    let (name, img) = load("image", image)?;
+    let (_, old) = match old_base {
+        Some(b) => load("old base", b)?,
+        None => {
+            let recorded = strata_build::rebase::recorded_base(&img).with_context(|| {
+                format!(
+                    "`{name}` records no base image
+hint: name the base it was built on with                      --old-base"
+                )
+            })?;
+            load("old base", &recorded.to_string())?
+        }
+    };
+    let (new_name, new) = load("new base", onto)?;
+    let rebased = strata_build::rebase::rebase(store, &name, &img, &old, &new_name, &new)?;
+    strata_oci::validate_image(store, &rebased.descriptor)
+        .context("the rebased image does not validate")?;
+    let target = match tag {
+        Some(t) => local_name(t)?,
+        None if image.parse::<Digest>().is_err() && !image.contains('@') => name.clone(),
+        None => bail!("a digest names no image to move: give the result a name with -t"),
+    };
+    store.set_ref(&target, rebased.descriptor.clone())?;
+    eprintln!(
+        "Rebased {name} onto {new_name} as {target}: {} base layer(s), {} own layer(s) kept, no \
+         layer written",
+        rebased.base_layers, rebased.own_layers
+    );
+    println!("{}", rebased.descriptor.digest);
+    Ok(())
 }
 
 /// `strata history IMAGE`: the config's history, newest first, with each step's layer size

@@ -526,3 +526,141 @@ fn first_hour_errors_say_what_to_do() {
     ]);
     assert!(e.contains("hint: make the image first"), "{e}");
 }
+
+/// `strata rebase`: the app's own layers kept byte for byte on the new base's, the config's
+/// inherited parts from the new base, the same layers and Env a rebuild gives; refusals with
+/// the reason.
+#[test]
+fn rebase_moves_an_image_onto_a_new_base_like_a_rebuild() {
+    let env = Env::new();
+    let root = env.path("rootfs");
+    busybox_rootfs(&root);
+    tar_dir(&root, &env.path("base1.tar"));
+    std::fs::write(root.join("etc/base2"), "2\n").unwrap();
+    tar_dir(&root, &env.path("base2.tar"));
+    let import = |tar: &str, name: &str, path: &str, label: &str, cmd: &str| {
+        env.ok(&[
+            "import",
+            env.path(tar).to_str().unwrap(),
+            name,
+            "--change",
+            &format!("ENV PATH={path}"),
+            "--change",
+            &format!("LABEL base={label}"),
+            "--change",
+            &format!("CMD {cmd}"),
+        ]);
+    };
+    import("base1.tar", "base1", "/old/bin:/bin", "1", r#"["sh"]"#);
+    import(
+        "base2.tar",
+        "base2",
+        "/new/bin:/bin",
+        "2",
+        r#"["sh", "-l"]"#,
+    );
+    let ctx = env.path("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("app.txt"), "app\n").unwrap();
+    let dockerfile = |base: &str, extra: &str| {
+        std::fs::write(
+            ctx.join("Dockerfile"),
+            format!("FROM {base}\nCOPY app.txt /app/\nENV APP=1\n{extra}"),
+        )
+        .unwrap();
+    };
+    let build = |tag: &str| {
+        env.ok(&[
+            "build",
+            "-f",
+            ctx.join("Dockerfile").to_str().unwrap(),
+            "-t",
+            tag,
+            ctx.to_str().unwrap(),
+        ]);
+    };
+    dockerfile("base1", "");
+    build("app:1");
+    dockerfile("base2", "");
+    build("app:rebuilt");
+    let inspect = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&env.ok(&["inspect", name, "--json"])).unwrap()
+    };
+
+    env.ok(&[
+        "rebase",
+        "app:1",
+        "--onto",
+        "base2",
+        "--old-base",
+        "base1",
+        "-t",
+        "app:2",
+    ]);
+    let (app1, app2, base2, rebuilt) = (
+        inspect("app:1"),
+        inspect("app:2"),
+        inspect("base2"),
+        inspect("app:rebuilt"),
+    );
+    let layers = |v: &serde_json::Value| v["manifest"]["layers"].as_array().unwrap().clone();
+    assert_eq!(layers(&app2)[0], layers(&base2)[0], "the new base's layer");
+    assert_eq!(
+        layers(&app2)[1..],
+        layers(&app1)[1..],
+        "the app's own layers, byte for byte"
+    );
+    assert_eq!(
+        app2["config"]["rootfs"]["diff_ids"], rebuilt["config"]["rootfs"]["diff_ids"],
+        "the same layers a rebuild gives"
+    );
+    for field in ["Env", "Cmd", "Labels", "WorkingDir"] {
+        assert_eq!(
+            app2["config"]["config"][field], rebuilt["config"]["config"][field],
+            "{field} as a rebuild gives it"
+        );
+    }
+    assert!(
+        app2["config"]["config"]["Env"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("PATH=/new/bin:/bin")),
+        "no stale PATH: {app2:#}"
+    );
+    let annotations = &app2["manifest"]["annotations"];
+    assert_eq!(
+        annotations["org.opencontainers.image.base.name"],
+        "base2:latest"
+    );
+    assert_eq!(
+        annotations["org.opencontainers.image.base.digest"],
+        base2["descriptor"]["digest"]
+    );
+    env.ok(&["validate", "app:2"]);
+    // The recorded base is the default old base: rebasing app:2 back needs no --old-base.
+    env.ok(&["rebase", "app:2", "--onto", "base1", "-t", "app:back"]);
+    assert_eq!(
+        inspect("app:back")["config"]["rootfs"]["diff_ids"],
+        app1["config"]["rootfs"]["diff_ids"]
+    );
+
+    // Refusals: a base the image was not built on; the opt-out label; no recorded base.
+    let e = env.fails(&["rebase", "app:1", "--onto", "base2", "--old-base", "base2"]);
+    assert!(e.contains("not its first layers"), "{e}");
+    let e = env.fails(&["rebase", "app:1", "--onto", "base2"]);
+    assert!(
+        e.contains("records no base") && e.contains("--old-base"),
+        "{e}"
+    );
+    dockerfile("base1", "LABEL rebase=false\n");
+    build("pinned:1");
+    let e = env.fails(&[
+        "rebase",
+        "pinned:1",
+        "--onto",
+        "base2",
+        "--old-base",
+        "base1",
+    ]);
+    assert!(e.contains("rebase=false"), "{e}");
+}
