@@ -667,7 +667,8 @@ fn plan_stage(
 }
 
 /// Docker's default `PATH` for RUN when the image sets none.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// One value with the runtime's (`PATH=` + this), which machines get.
+pub const DEFAULT_PATH: &str = strata_runtime::spec::DEFAULT_PATH.split_at("PATH=".len()).1;
 
 /// The config a `FROM scratch` stage starts from: BuildKit's empty image has WorkingDir `/`
 /// (and the default PATH, added with every other base's).
