@@ -75,14 +75,12 @@ fn v2_answers(port: u16) -> bool {
 /// A client that closes in the middle of a blob download must never take the registry down
 /// (it used to die of SIGPIPE, silently): 50 such clients, half of them resetting, and the
 /// registry still answers and still serves the whole blob.
-#[test]
-fn registry_survives_clients_that_drop_mid_blob() {
-    let started = Instant::now();
-    let env = Env::new();
-    // An image with a large incompressible layer, so a download is many writes long.
+/// Imports `big`: busybox plus `mib` MiB of incompressible bytes, so moving its layer takes
+/// many writes.
+fn import_big(env: &Env, mib: usize) {
     let root = env.path("big-rootfs");
     busybox_rootfs(&root);
-    let mut noise = vec![0u8; 24 << 20];
+    let mut noise = vec![0u8; mib << 20];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     for b in noise.iter_mut() {
         x ^= x << 13;
@@ -93,6 +91,13 @@ fn registry_survives_clients_that_drop_mid_blob() {
     std::fs::write(root.join("noise.bin"), &noise).unwrap();
     tar_dir(&root, &env.path("big.tar"));
     env.ok(&["import", env.path("big.tar").to_str().unwrap(), "big"]);
+}
+
+#[test]
+fn registry_survives_clients_that_drop_mid_blob() {
+    let started = Instant::now();
+    let env = Env::new();
+    import_big(&env, 24);
     let inspect: serde_json::Value =
         serde_json::from_str(&env.ok(&["inspect", "big", "--json"])).unwrap();
     let layer = inspect["manifest"]["layers"][0]["digest"]
@@ -490,4 +495,79 @@ fn registry_and_image_text_cannot_drive_the_terminal() {
     );
     assert!(out.contains(&format!("Label:      title={SHOWN}")), "{out}");
     assert!(out.contains(&format!("Env:        TITLE={SHOWN}")), "{out}");
+}
+
+/// A TCP proxy to `port` that cuts the first connection carrying more than `cut_after` bytes
+/// upstream, once (a network that drops a push mid-blob); every other connection is relayed.
+fn dropping_proxy(
+    port: u16,
+    cut_after: usize,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_port = listener.local_addr().unwrap().port();
+    let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let was_cut = cut.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(("127.0.0.1", port)) else {
+                return;
+            };
+            let (mut c_read, mut s_write) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut s_read, mut c_write) = (server, client);
+            let cut = cut.clone();
+            std::thread::spawn(move || {
+                let mut sent = 0usize;
+                let mut buf = [0u8; 64 * 1024];
+                loop {
+                    let n = match c_read.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    sent += n;
+                    if sent > cut_after && !cut.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        let _ = c_read.shutdown(std::net::Shutdown::Both);
+                        let _ = s_write.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    if s_write.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = s_write.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s_read, &mut c_write);
+                let _ = c_write.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (proxy_port, was_cut)
+}
+
+/// A push whose connection drops in the middle of a blob neither dies (SIGPIPE) nor gives up:
+/// it resumes and completes, and the registry holds the whole image.
+#[test]
+fn a_push_cut_mid_blob_resumes_and_completes() {
+    let env = Env::new();
+    import_big(&env, 8);
+    let registry = Registry::start(&env);
+    let (proxy, cut) = dropping_proxy(registry.port, 4 << 20);
+    let out = env.strata(&["push", "big", &format!("127.0.0.1:{proxy}/team/big:1")]);
+    assert!(
+        out.status.success(),
+        "push through a dropping connection failed ({:?}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        cut.load(std::sync::atomic::Ordering::SeqCst),
+        "the proxy cut the upload"
+    );
+    // The registry really has it: a fresh store pulls and validates it, straight from it.
+    let other = Env::new();
+    let src = format!("127.0.0.1:{}/team/big:1", registry.port);
+    other.ok(&["pull", &src]);
+    other.ok(&["validate", &src]);
 }
