@@ -351,12 +351,12 @@ fn rss_bytes(pid: u32) -> u64 {
     kb * 1024
 }
 
-/// 200 clients that ask for a 16 MB blob and read nothing cost the registry a bounded amount
+/// 500 clients that ask for a 16 MB blob and read nothing cost the registry a bounded amount
 /// of memory (it used to buffer several MiB per connection: 1,000 such clients took 3.2 GB),
 /// and it keeps answering while they hang on and after they go.
 #[test]
 fn stalled_blob_readers_keep_registry_memory_bounded() {
-    const CLIENTS: usize = 200;
+    const CLIENTS: usize = 500;
     const BOUND: u64 = 300 << 20;
     let started = Instant::now();
     let env = Env::new();
