@@ -664,3 +664,31 @@ fn rebase_moves_an_image_onto_a_new_base_like_a_rebuild() {
     ]);
     assert!(e.contains("rebase=false"), "{e}");
 }
+
+/// The human output of the newcomers' commands, as snapshots (digests, times, sizes and the
+/// commit filtered out): a change to it is deliberate.
+#[test]
+fn human_output_snapshots() {
+    let env = Env::new();
+    import_busybox(&env, "bb");
+    env.ok(&["tag", "bb", "bb:2"]);
+    let mut settings = insta::Settings::clone_current();
+    // In order: the commit first (it may end in -dirty), then what varies per run.
+    settings.add_filter(
+        r"commit [0-9a-f]+(-dirty)?|commit unknown",
+        "commit [commit]",
+    );
+    settings.add_filter(r"/tmp/\.tmp\w+", "[tmp]");
+    settings.add_filter(r"sha256:[0-9a-f]{64}", "sha256:[digest]");
+    settings.add_filter(r"\b[0-9a-f]{12}\b", "[short]");
+    settings.add_filter(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "[time]");
+    settings.add_filter(r"\d+(\.\d+)?(B|kB|MB)\b", "[size]");
+    settings.add_filter(r"strata \d+\.\d+\.\d+", "strata [version]");
+    settings.bind(|| {
+        insta::assert_snapshot!("version", env.ok(&["version"]));
+        insta::assert_snapshot!("images", env.ok(&["images"]));
+        insta::assert_snapshot!("history", env.ok(&["history", "bb"]));
+        insta::assert_snapshot!("ps_empty", env.ok(&["ps"]));
+        insta::assert_snapshot!("apps_list_empty", env.ok(&["apps", "list"]));
+    });
+}
