@@ -690,5 +690,34 @@ fn human_output_snapshots() {
         insta::assert_snapshot!("history", env.ok(&["history", "bb"]));
         insta::assert_snapshot!("ps_empty", env.ok(&["ps"]));
         insta::assert_snapshot!("apps_list_empty", env.ok(&["apps", "list"]));
+        insta::assert_snapshot!("inspect", env.ok(&["inspect", "bb"]));
+    });
+    // A build's plain progress (no RUN, so it needs no runc), durations filtered too.
+    std::fs::write(env.path("a.txt"), "a\n").unwrap();
+    std::fs::write(
+        env.path("Dockerfile"),
+        "FROM bb\nCOPY a.txt /a.txt\nENV A=1\nCMD [\"cat\", \"/a.txt\"]\n",
+    )
+    .unwrap();
+    let build = |env: &Env| {
+        let out = env.strata(&[
+            "build",
+            "-f",
+            env.path("Dockerfile").to_str().unwrap(),
+            "-t",
+            "snap:1",
+            "--progress",
+            "plain",
+            env.dir.path().to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    settings.add_filter(r"\d+\.\d+s\b", "[secs]");
+    // The content tag is the build's key, which the base's (time-stamped) digest feeds.
+    settings.add_filter(r"strata-[0-9a-f]{16}", "strata-[key]");
+    settings.bind(|| {
+        insta::assert_snapshot!("build_plain_first", build(&env));
+        insta::assert_snapshot!("build_plain_cached", build(&env));
     });
 }
