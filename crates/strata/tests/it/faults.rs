@@ -76,8 +76,8 @@ fn v2_answers(port: u16) -> bool {
 /// (it used to die of SIGPIPE, silently): 50 such clients, half of them resetting, and the
 /// registry still answers and still serves the whole blob.
 /// Imports `big`: busybox plus `mib` MiB of incompressible bytes, so moving its layer takes
-/// many writes.
-fn import_big(env: &Env, mib: usize) {
+/// many writes. Returns the layer's digest and size.
+fn import_big(env: &Env, mib: usize) -> (String, u64) {
     let root = env.path("big-rootfs");
     busybox_rootfs(&root);
     let mut noise = vec![0u8; mib << 20];
@@ -91,20 +91,20 @@ fn import_big(env: &Env, mib: usize) {
     std::fs::write(root.join("noise.bin"), &noise).unwrap();
     tar_dir(&root, &env.path("big.tar"));
     env.ok(&["import", env.path("big.tar").to_str().unwrap(), "big"]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&env.ok(&["inspect", "big", "--json"])).unwrap();
+    let layer = &inspect["manifest"]["layers"][0];
+    (
+        layer["digest"].as_str().unwrap().to_string(),
+        layer["size"].as_u64().unwrap(),
+    )
 }
 
 #[test]
 fn registry_survives_clients_that_drop_mid_blob() {
     let started = Instant::now();
     let env = Env::new();
-    import_big(&env, 24);
-    let inspect: serde_json::Value =
-        serde_json::from_str(&env.ok(&["inspect", "big", "--json"])).unwrap();
-    let layer = inspect["manifest"]["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let size = inspect["manifest"]["layers"][0]["size"].as_u64().unwrap();
+    let (layer, size) = import_big(&env, 24);
 
     let mut registry = Registry::start(&env);
     let port = registry.port;
@@ -360,26 +360,7 @@ fn stalled_blob_readers_keep_registry_memory_bounded() {
     const BOUND: u64 = 300 << 20;
     let started = Instant::now();
     let env = Env::new();
-    let root = env.path("big-rootfs");
-    busybox_rootfs(&root);
-    let mut noise = vec![0u8; 16 << 20];
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    for b in noise.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    std::fs::write(root.join("noise.bin"), &noise).unwrap();
-    tar_dir(&root, &env.path("big.tar"));
-    env.ok(&["import", env.path("big.tar").to_str().unwrap(), "big"]);
-    let inspect: serde_json::Value =
-        serde_json::from_str(&env.ok(&["inspect", "big", "--json"])).unwrap();
-    let layer = inspect["manifest"]["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let size = inspect["manifest"]["layers"][0]["size"].as_u64().unwrap();
+    let (layer, size) = import_big(&env, 16);
     assert!(size > 15 << 20, "layer of {size} bytes");
 
     let registry = Registry::start(&env);
@@ -551,7 +532,7 @@ fn dropping_proxy(
 #[test]
 fn a_push_cut_mid_blob_resumes_and_completes() {
     let env = Env::new();
-    import_big(&env, 8);
+    let _ = import_big(&env, 8);
     let registry = Registry::start(&env);
     let (proxy, cut) = dropping_proxy(registry.port, 4 << 20);
     let out = env.strata(&["push", "big", &format!("127.0.0.1:{proxy}/team/big:1")]);
