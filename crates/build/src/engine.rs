@@ -628,7 +628,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         config: Descriptor::new(media_type::OCI_CONFIG, config_digest.clone(), config_size),
         layers: state.layers.iter().map(|l| l.descriptor.clone()).collect(),
         subject: None,
-        annotations: None,
+        annotations: base_annotations(&plan),
     };
     let descriptor = store.put_manifest(&manifest)?;
     let content_tag = format!("{name}:strata-{}", &state.key[..16]);
@@ -981,6 +981,30 @@ fn lookup(ctx: &Ctx<'_>, key: &str) -> Result<Option<CacheEntry>> {
         return Ok(None);
     }
     cache::get(ctx.store, key)
+}
+
+/// The OCI base-image annotations of the image `plan` builds: the image its target stage
+/// starts from (through earlier stages), so `strata rebase` knows the old base; none when it
+/// starts from scratch.
+fn base_annotations(plan: &Plan) -> Option<BTreeMap<String, String>> {
+    let mut idx = plan.target;
+    for _ in 0..=plan.stages.len() {
+        match &plan.stages.get(idx)?.base {
+            Base::Stage(j) => idx = *j,
+            Base::Scratch => return None,
+            Base::Image(img) => {
+                let name = img.name.split('@').next().unwrap_or(&img.name);
+                return Some(BTreeMap::from([
+                    (crate::rebase::BASE_NAME.to_string(), name.to_string()),
+                    (
+                        crate::rebase::BASE_DIGEST.to_string(),
+                        img.descriptor.digest.to_string(),
+                    ),
+                ]));
+            }
+        }
+    }
+    None
 }
 
 /// A filesystem step: its cache entry for `key` when there is one, else the layer `make`

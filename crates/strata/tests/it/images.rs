@@ -647,7 +647,14 @@ fn rebase_moves_an_image_onto_a_new_base_like_a_rebuild() {
     // Refusals: a base the image was not built on; the opt-out label; no recorded base.
     let e = env.fails(&["rebase", "app:1", "--onto", "base2", "--old-base", "base2"]);
     assert!(e.contains("not its first layers"), "{e}");
-    let e = env.fails(&["rebase", "app:1", "--onto", "base2"]);
+    // A built image records its base, so --old-base is not needed for it.
+    let same = env.ok(&["rebase", "app:1", "--onto", "base2", "-t", "app:3"]);
+    assert_eq!(same.trim(), app2["descriptor"]["digest"].as_str().unwrap());
+    assert_eq!(
+        app1["manifest"]["annotations"]["org.opencontainers.image.base.name"],
+        "base1:latest"
+    );
+    let e = env.fails(&["rebase", "base1", "--onto", "base2"]);
     assert!(
         e.contains("records no base") && e.contains("--old-base"),
         "{e}"
