@@ -621,8 +621,17 @@ mod tests {
 
     /// Waits for the spinner's steady tick (100 ms) to redraw with the latest message; direct
     /// redraws are rate limited, so an intermediate state needs a tick to reach the screen.
-    fn settle() {
-        std::thread::sleep(Duration::from_millis(350));
+    /// The screen once `ready` holds of it (the renderer redraws on its own tick, later on a
+    /// loaded machine), or as it is after 5 s, for the assertions to report.
+    fn screen_when(term: &indicatif::InMemoryTerm, ready: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let screen = term.contents();
+            if ready(&screen) || std::time::Instant::now() >= deadline {
+                return screen;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]
@@ -640,8 +649,11 @@ mod tests {
                 line: format!("line {i}"),
             });
         }
-        settle();
-        let screen = term.contents();
+        let screen = screen_when(&term, |s| {
+            s.contains("✔ [app 1/3] FROM busybox CACHED")
+                && s.contains("[app 2/3] RUN make")
+                && s.contains("  │ line 7")
+        });
         assert!(
             screen.contains("✔ [app 1/3] FROM busybox CACHED"),
             "{screen}"
@@ -708,8 +720,11 @@ mod tests {
             step: b.clone(),
             line: "x".repeat(200),
         });
-        settle();
-        let screen = term.contents();
+        let screen = screen_when(&term, |s| {
+            s.contains("[app a 1/3] RUN sleep 1")
+                && s.contains("[app b 1/3] RUN sleep 2")
+                && s.contains("  │ xxx")
+        });
         assert!(screen.contains("[app a 1/3] RUN sleep 1"), "{screen}");
         assert!(screen.contains("[app b 1/3] RUN sleep 2"), "{screen}");
         assert!(screen.lines().all(|l| l.chars().count() <= 60), "{screen}");
@@ -718,8 +733,11 @@ mod tests {
             step: b,
             duration: Duration::from_millis(2000),
         });
-        settle();
-        let screen = term.contents();
+        let screen = screen_when(&term, |s| {
+            s.contains("✔ [app b 1/3] RUN sleep 2  2.0s")
+                && !s.contains("xxx")
+                && s.contains("[app a 1/3] RUN sleep 1")
+        });
         assert!(
             screen.contains("✔ [app b 1/3] RUN sleep 2  2.0s"),
             "{screen}"
