@@ -181,7 +181,30 @@ fn set_meta(path: &Path, mode: u32, uid: u32, gid: u32, symlink: bool) -> Result
     Ok(())
 }
 
-impl Stage<'_> {
+/// The image `state` has built so far, as its snapshot directories (empty for no layers).
+fn image_view(ctx: &Ctx<'_>, state: &StageState) -> Result<ImageView> {
+    if state.layers.is_empty() {
+        return Ok(ImageView::default());
+    }
+    Ok(ImageView {
+        top_first: ctx.snapshots_of(&state.layers)?.into_iter().rev().collect(),
+    })
+}
+
+impl<'a> Stage<'a> {
+    /// An empty staging tree at `root` for a layer on top of `view`; directories it makes
+    /// belong to `owner` unless the image has them.
+    fn new(root: &Path, view: &'a ImageView, owner: (u32, u32)) -> Stage<'a> {
+        Stage {
+            root: root.to_path_buf(),
+            view,
+            owner,
+            explicit: Default::default(),
+            created: Default::default(),
+            links: Default::default(),
+        }
+    }
+
     fn host(&self, abs: &str) -> PathBuf {
         self.root.join(abs.trim_start_matches('/'))
     }
@@ -321,10 +344,8 @@ pub(crate) fn copy_step(
             .chown
             .as_deref()
             .is_some_and(|c| c.split(':').any(|p| p.parse::<u32>().is_err()));
-    let view = if needs_view && !state.layers.is_empty() {
-        ImageView {
-            top_first: ctx.snapshots_of(&state.layers)?.into_iter().rev().collect(),
-        }
+    let view = if needs_view {
+        image_view(ctx, state)?
     } else {
         ImageView::default()
     };
@@ -334,14 +355,7 @@ pub(crate) fn copy_step(
     };
     let owner = chown.unwrap_or((0, 0));
     let staging = ctx.tempdir("copy-")?;
-    let mut st = Stage {
-        root: staging.path().to_path_buf(),
-        view: &view,
-        owner,
-        explicit: Default::default(),
-        created: Default::default(),
-        links: Default::default(),
-    };
+    let mut st = Stage::new(staging.path(), &view, owner);
     let exclude = exclude_matcher(step)?;
     let origin_root = match &step.from {
         FileSource::Context => ctx.context.clone(),
@@ -456,13 +470,7 @@ pub(crate) fn workdir_step(
     state: &StageState,
     path: &str,
 ) -> Result<Option<(Descriptor, Digest)>> {
-    let view = if state.layers.is_empty() {
-        ImageView::default()
-    } else {
-        ImageView {
-            top_first: ctx.snapshots_of(&state.layers)?.into_iter().rev().collect(),
-        }
-    };
+    let view = image_view(ctx, state)?;
     let dir = view.resolve(path).map_err(Error::Usage)?;
     if dir == "/" || view.is_dir(&dir) {
         return Ok(None);
@@ -487,14 +495,7 @@ pub(crate) fn workdir_step(
         None => (0, 0),
     };
     let staging = ctx.tempdir("workdir-")?;
-    let mut st = Stage {
-        root: staging.path().to_path_buf(),
-        view: &view,
-        owner,
-        explicit: Default::default(),
-        created: Default::default(),
-        links: Default::default(),
-    };
+    let mut st = Stage::new(staging.path(), &view, owner);
     st.dir(&dir, 0o755, owner)?;
     st.finish_parents()?;
     write_staged(ctx, staging.path())
