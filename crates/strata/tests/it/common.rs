@@ -221,6 +221,23 @@ pub fn wait_for(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
     }
 }
 
+/// Sends SIGINT (Ctrl-C) to `child`, a strata command, and checks it exits 130 within `limit`.
+pub fn interrupt_exits_130_within(child: &mut Child, limit: Duration) {
+    let started = Instant::now();
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(
+        started.elapsed() < limit,
+        "{:?} to end after SIGINT",
+        started.elapsed()
+    );
+}
+
 /// `strata registry serve` on a free loopback port, killed on drop.
 pub struct Registry {
     pub child: Child,

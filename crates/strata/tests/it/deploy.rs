@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::{Env, free_port, have, import_busybox, wait_for};
+use crate::common::{Env, free_port, have, import_busybox, interrupt_exits_130_within, wait_for};
 
 fn can_run_machines() -> bool {
     let root = std::process::Command::new("id")
@@ -909,19 +909,7 @@ fn an_interrupted_deploy_fails_its_release_and_removes_its_machines() {
             .contains("\"running\"")
     });
     std::thread::sleep(Duration::from_millis(300));
-    let started = Instant::now();
-    let sent = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{status:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
+    interrupt_exits_130_within(&mut child, Duration::from_secs(10));
     let releases = env.ok(&["releases", "web"]);
     assert!(releases.contains("v1\tfailed"), "{releases}");
     wait_for("the machine's removal", Duration::from_secs(30), || {

@@ -158,13 +158,16 @@ fn build_leftovers(store: &std::path::Path) -> Vec<String> {
     found
 }
 
-fn can_run_builds(test: &str) -> bool {
+/// A store with `busybox` where RUN steps can run (root and runc), else the skip is said.
+fn build_lab(test: &str) -> Option<Env> {
     let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
-    let ok = root && have("runc");
-    if !ok {
+    if !(root && have("runc")) {
         eprintln!("\n!!!!! SKIPPED {test}: needs root and runc !!!!!\n");
+        return None;
     }
-    ok
+    let env = Env::new();
+    import_busybox(&env, "busybox");
+    Some(env)
 }
 
 /// Starts `strata build` of a Dockerfile whose RUN sleeps, and waits until the RUN runs.
@@ -198,29 +201,15 @@ fn build_in_a_long_run(env: &Env) -> std::process::Child {
 /// directory are removed, and strata exits 130 at once.
 #[test]
 fn an_interrupted_build_cleans_up_its_run_step() {
-    if !can_run_builds("an_interrupted_build_cleans_up_its_run_step") {
+    let Some(env) = build_lab("an_interrupted_build_cleans_up_its_run_step") else {
         return;
-    }
-    let env = Env::new();
-    import_busybox(&env, "busybox");
+    };
     let mut child = build_in_a_long_run(&env);
     assert!(
         !build_leftovers(&env.store()).is_empty(),
         "the RUN is set up"
     );
-    let started = Instant::now();
-    let sent = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{status:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
+    interrupt_exits_130_within(&mut child, Duration::from_secs(10));
     assert_eq!(build_leftovers(&env.store()), Vec::<String>::new());
     assert!(!env.ok(&["images", "-q"]).contains("slow:1"));
 }
@@ -229,11 +218,9 @@ fn an_interrupted_build_cleans_up_its_run_step() {
 /// the container (still running), its mount, its bundle and its temp dirs.
 #[test]
 fn what_a_killed_build_left_is_reclaimed_by_gc() {
-    if !can_run_builds("what_a_killed_build_left_is_reclaimed_by_gc") {
+    let Some(env) = build_lab("what_a_killed_build_left_is_reclaimed_by_gc") else {
         return;
-    }
-    let env = Env::new();
-    import_busybox(&env, "busybox");
+    };
     let mut child = build_in_a_long_run(&env);
     child.kill().unwrap();
     child.wait().unwrap();
