@@ -28,6 +28,11 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Stale temp files removed from `strata/tmp/`.
     pub temps_removed: usize,
+    /// Abandoned resumable writes removed from `strata/partial/` (see
+    /// [`crate::PARTIAL_MAX_AGE`]), and the bytes they held.
+    pub partials_removed: usize,
+    /// Bytes the removed partial writes held.
+    pub partial_bytes_freed: u64,
     /// Snapshots removed from `strata/snapshots/` (or that would be): chain IDs no reachable
     /// image has, sorted.
     pub snapshots_removed: Vec<Digest>,
@@ -81,6 +86,7 @@ impl Store {
             crate::fsync_dir(&self.root.join("blobs").join(alg.as_str()))?;
         }
         report.temps_removed = self.remove_stale_temps(dry_run)?;
+        (report.partials_removed, report.partial_bytes_freed) = self.sweep_partials(dry_run)?;
         Ok(report)
     }
 

@@ -16,6 +16,7 @@
 //!     ├── meta-v1.db        SQLite (WAL): pins, build cache index, snapshots
 //!     ├── snapshots/<hex>   unpacked layer chains by chain ID; gc removes unreachable ones
 //!     ├── tmp/              in-flight writes; stale entries (> 1 hour) removed by gc and open
+//!     ├── partial/<alg>-<hex>  resumable blob writes (hosts over SSH); gc removes day-old ones
 //!     └── locks/
 //!         ├── index.lock    exclusive while index.json is read-modified-written
 //!         └── gc.lock       shared by write sessions, exclusive while gc runs
@@ -41,6 +42,7 @@ mod image;
 mod lock;
 mod meta;
 mod owner;
+mod partial;
 mod refs;
 
 use std::fs;
@@ -56,6 +58,7 @@ pub use gc::GcReport;
 pub use image::Image;
 pub use meta::{Pin, Snapshot};
 pub use owner::temp_prefix;
+pub use partial::{PARTIAL_MAX_AGE, PartialBlob};
 pub use strata_oci::{Descriptor, Digest};
 
 use error::IoContext;
