@@ -89,6 +89,10 @@ struct ProjectFile {
     #[serde(default)]
     #[allow(dead_code)]
     app: Option<toml::Value>,
+    /// `[host.NAME]`: read by strata-deploy's `load_hosts`.
+    #[serde(default)]
+    #[allow(dead_code)]
+    host: Option<toml::Value>,
 }
 
 /// `strata.lock`: the digest each external base resolved to.

@@ -231,12 +231,50 @@ struct AppsFile {
     #[serde(default)]
     app: BTreeMap<String, AppSpec>,
     #[serde(default)]
+    host: BTreeMap<String, HostEntry>,
+    #[serde(default)]
     #[allow(dead_code)]
     image: Option<toml::Value>,
 }
 
-/// The apps of a strata.toml, by name.
-pub fn load_apps(strata_toml: &Path) -> Result<BTreeMap<String, App>> {
+/// A `[host.NAME]` table: a server reached over SSH (see docs/hosts.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostEntry {
+    /// `user@address[:port]`, as `ssh` takes it.
+    pub ssh: String,
+    /// A private key file (`ssh -i`); default: what ssh would use (agent, ~/.ssh/config).
+    pub identity: Option<std::path::PathBuf>,
+    /// The store on the host (default: strata's default there, `$STRATA_STORE` or
+    /// `/var/lib/strata` for root).
+    pub store: Option<String>,
+    /// strata's path on the host (default `~/.strata/bin/strata`; installed there when
+    /// missing or of another version).
+    pub strata: Option<String>,
+}
+
+/// The hosts of a strata.toml, by name.
+pub fn load_hosts(strata_toml: &Path) -> Result<BTreeMap<String, HostEntry>> {
+    let file = read_file(strata_toml)?;
+    for name in file.host.keys() {
+        if !valid_name(name) {
+            return Err(Error::Config(format!(
+                "{}: host name `{name}`: use lowercase letters, digits and '-'",
+                strata_toml.display()
+            )));
+        }
+    }
+    Ok(file.host)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+fn read_file(strata_toml: &Path) -> Result<AppsFile> {
     let text = std::fs::read_to_string(strata_toml).map_err(|source| Error::Io {
         op: "read",
         path: strata_toml.to_path_buf(),
@@ -251,13 +289,15 @@ pub fn load_apps(strata_toml: &Path) -> Result<BTreeMap<String, App>> {
         });
         Error::Config(format!("{}{at}: {}", strata_toml.display(), e.message()))
     })?;
+    Ok(file)
+}
+
+/// The apps of a strata.toml, by name.
+pub fn load_apps(strata_toml: &Path) -> Result<BTreeMap<String, App>> {
+    let file = read_file(strata_toml)?;
     let mut apps = BTreeMap::new();
     for (name, spec) in file.app {
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        {
+        if !valid_name(&name) {
             return Err(Error::Config(format!(
                 "{}: app name `{name}`: use lowercase letters, digits and '-'",
                 strata_toml.display()

@@ -62,8 +62,12 @@ pub enum Command {
     Login(LoginArgs),
     /// Pull an image from a registry into the store (only missing blobs).
     Pull(PullArgs),
-    /// Push an image to a registry: `strata push NAME [DEST]` (only blobs it lacks).
+    /// Push an image to a registry (`strata push NAME [DEST]`) or to hosts over SSH
+    /// (`strata push NAME ssh://user@host[/NAME:TAG]`, `--host`): only blobs they lack.
     Push(PushArgs),
+    /// Speak strata's host protocol on stdin/stdout: what `strata push|pull ssh://…` runs on
+    /// the host through SSH (see docs/hosts.md).
+    Serve(ServeArgs),
     /// The embedded multi-tenant OCI registry.
     #[command(subcommand)]
     Registry(RegistryCommand),
@@ -278,9 +282,24 @@ pub struct LoginArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Serve one client on stdin/stdout (the only mode).
+    #[arg(long, required = true)]
+    pub stdio: bool,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct PullArgs {
-    /// `host[:port]/path:tag` or `@digest`; `debian` means `docker.io/library/debian:latest`.
+    /// `host[:port]/path:tag` or `@digest`; `debian` means `docker.io/library/debian:latest`;
+    /// `ssh://user@host/NAME:TAG` for an image of a host over SSH.
     pub image: String,
+    /// Pull IMAGE (a name on the host) from this host: a `[host.NAME]` of strata.toml or
+    /// `ssh://user@address[:port]`.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// The project file (or its directory) that defines `[host.NAME]`.
+    #[arg(long, default_value = ".")]
+    pub project: PathBuf,
     /// Plain HTTP (always used for loopback hosts).
     #[arg(long)]
     pub insecure: bool,
@@ -293,8 +312,17 @@ pub struct PullArgs {
 pub struct PushArgs {
     /// The local image.
     pub image: String,
-    /// Where to push (default: the image's own name, which must then include a registry).
+    /// Where to push (default: the image's own name, which must then include a registry), or
+    /// `ssh://user@address[:port][/NAME[:TAG]]` for a host over SSH.
     pub dest: Option<String>,
+    /// Push to this host over SSH (repeat for several; they receive in parallel): a
+    /// `[host.NAME]` of strata.toml or `ssh://user@address[:port]`. DEST, if given, is the
+    /// name on the hosts.
+    #[arg(long = "host", value_name = "HOST")]
+    pub hosts: Vec<String>,
+    /// The project file (or its directory) that defines `[host.NAME]`.
+    #[arg(long, default_value = ".")]
+    pub project: PathBuf,
     /// Plain HTTP (always used for loopback hosts).
     #[arg(long)]
     pub insecure: bool,

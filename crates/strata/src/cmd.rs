@@ -30,8 +30,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Build(args) => crate::build::build(&store()?, &args),
         Command::Update { images, project } => crate::build::update(&store()?, &images, &project),
         Command::Login(args) => crate::registry::login(&args),
+        Command::Pull(args) if args.is_from_host() => crate::hosts::pull(&store()?, &args),
         Command::Pull(args) => crate::registry::pull(&store()?, &args),
+        Command::Push(args) if args.is_to_hosts() => crate::hosts::push(&store()?, &args),
         Command::Push(args) => crate::registry::push(&store()?, &args),
+        Command::Serve(_) => crate::hosts::serve(&store()?),
         Command::Registry(command) => crate::registry::registry(cli.store.clone(), command),
         Command::Validate { image } => validate(&store()?, &image),
         Command::Unpack { image, dir } => unpack(&store()?, &image, &dir),
@@ -63,14 +66,20 @@ pub fn run(cli: Cli) -> Result<()> {
             tag.as_deref(),
         ),
         Command::Version => {
-            println!(
-                "strata {} (commit {})",
-                env!("CARGO_PKG_VERSION"),
-                env!("STRATA_COMMIT")
-            );
+            println!("strata {}", version());
             Ok(())
         }
     }
+}
+
+/// This binary's version and commit: `0.1.0 (commit 0123456789ab)`. Hosts over SSH compare
+/// it to decide whether to install this binary there.
+pub fn version() -> String {
+    format!(
+        "{} (commit {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("STRATA_COMMIT")
+    )
 }
 
 /// `strata rebase IMAGE --onto BASE`: see [`strata_build::rebase`].
@@ -372,6 +381,13 @@ fn gc(store: &Store, dry_run: bool) -> Result<()> {
     }
     for chain in &report.snapshots_removed {
         println!("{verb} snapshot {}", chain.short());
+    }
+    if report.partials_removed > 0 {
+        println!(
+            "{verb} {} abandoned partial transfer(s) ({})",
+            report.partials_removed,
+            human_size(report.partial_bytes_freed)
+        );
     }
     println!(
         "{} {} blobs, {} freed; {} kept; {} snapshot(s) of layer chains no image has",

@@ -140,6 +140,8 @@ fn start_machine(
             image: a.image.clone(),
             insecure: false,
             progress: crate::cli::ProgressArg::Auto,
+            host: None,
+            project: ".".into(),
         };
         crate::registry::pull_image(&host.store, &pull)
             .with_context(|| format!("`{}` is not in the store and cannot be pulled", a.image))?;

@@ -4,6 +4,7 @@ mod build;
 mod cli;
 mod cmd;
 mod deploy;
+mod hosts;
 mod registry;
 
 use std::process::ExitCode;

@@ -35,6 +35,17 @@ fn client_options(insecure: bool) -> Result<ClientOptions> {
 
 /// A progress callback: a bar per blob on a terminal, a line per finished blob otherwise.
 fn blob_progress(mode: ProgressArg, verb: &'static str) -> Arc<strata_transfer::ProgressFn> {
+    blob_progress_for(mode, verb, None)
+}
+
+/// [`blob_progress`] for one of several destinations (a host): every line and bar names it,
+/// and JSON events carry it as `host`.
+pub(crate) fn blob_progress_for(
+    mode: ProgressArg,
+    verb: &'static str,
+    host: Option<String>,
+) -> Arc<strata_transfer::ProgressFn> {
+    let label = host.as_ref().map_or(String::new(), |h| format!("{h}: "));
     let tty = match mode {
         ProgressArg::Auto => std::io::stderr().is_terminal(),
         ProgressArg::Tty => true,
@@ -47,11 +58,13 @@ fn blob_progress(mode: ProgressArg, verb: &'static str) -> Arc<strata_transfer::
         if json {
             let state = format!("{:?}", p.state).to_lowercase();
             if !matches!(p.state, BlobState::Transferring) {
-                eprintln!(
-                    "{}",
-                    serde_json::json!({"event": "blob", "digest": p.digest.to_string(),
-                        "state": state, "done": p.done, "total": p.total})
-                );
+                let mut event = serde_json::json!({"event": "blob",
+                    "digest": p.digest.to_string(), "state": state, "done": p.done,
+                    "total": p.total});
+                if let Some(h) = &host {
+                    event["host"] = serde_json::json!(h);
+                }
+                eprintln!("{event}");
             }
             return;
         }
@@ -62,7 +75,11 @@ fn blob_progress(mode: ProgressArg, verb: &'static str) -> Arc<strata_transfer::
                 BlobState::Done => verb,
                 _ => return,
             };
-            eprintln!("{}: {what} ({})", p.digest.short(), human_size(p.total));
+            eprintln!(
+                "{label}{}: {what} ({})",
+                p.digest.short(),
+                human_size(p.total)
+            );
             return;
         }
         let Ok(mut bars) = bars.lock() else { return };
@@ -72,7 +89,7 @@ fn blob_progress(mode: ProgressArg, verb: &'static str) -> Arc<strata_transfer::
                 ProgressStyle::with_template("{prefix} {bar:30} {bytes}/{total_bytes} {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
-            b.set_prefix(p.digest.short().to_string());
+            b.set_prefix(format!("{label}{}", p.digest.short()));
             b
         });
         bar.set_position(p.done);

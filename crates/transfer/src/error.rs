@@ -44,6 +44,10 @@ pub enum Error {
         source: Box<strata_registry::Error>,
     },
 
+    /// A host over SSH could not be reached, refused, or failed.
+    #[error("host `{host}`: {reason}")]
+    Host { host: String, reason: String },
+
     /// An image name given by the user is not a valid reference.
     #[error("invalid image name `{name}`: {source}")]
     Name {

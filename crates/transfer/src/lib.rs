@@ -1,5 +1,5 @@
 //! Copies images between the store and the outside: tarball import, docker-archive and OCI
-//! archive save/load (registries and SSH hosts come later).
+//! archive save/load, registries, and hosts over SSH ([`ssh`]).
 //!
 //! Every copy follows the store's contract: blobs are verified as they stream in, and an
 //! image's name is set only after everything it references is in the store, while a
@@ -9,6 +9,7 @@ mod archive;
 mod error;
 mod import;
 mod registry;
+pub mod ssh;
 
 pub use archive::{ArchiveFormat, LoadedImage, load_archive, save_archive, write_archive};
 pub use error::{Error, Result};

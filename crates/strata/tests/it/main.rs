@@ -7,6 +7,7 @@ mod common;
 mod deploy;
 mod docker;
 mod faults;
+mod hosts;
 mod images;
 mod interop;
 mod readme;

@@ -1,0 +1,602 @@
+//! Hosts over SSH, against real hosts: each test host is a network namespace with its own
+//! address and veth link, running Debian's OpenSSH `sshd` with key authentication, and its own
+//! store directory (namespaces share the filesystem). Bytes on the wire are counted on the
+//! host's veth.
+
+use std::fs;
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::{Env, have, import_busybox, wait_for};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Whether the SSH host tests can run here; says loudly why not.
+fn can_run() -> bool {
+    let root = std::os::unix::fs::MetadataExt::uid(&fs::metadata("/proc/self").unwrap()) == 0;
+    let sshd = Path::new("/usr/sbin/sshd").exists();
+    if !root || !sshd || !have("ip") || !have("ssh") || !have("ssh-keygen") {
+        eprintln!(
+            "\n!!!!! SKIPPED: SSH host tests need root, ip (iproute2), ssh and /usr/sbin/sshd \
+             (openssh-server; CI installs it via .ci/run) !!!!!\n"
+        );
+        return false;
+    }
+    true
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn sh(script: &str) -> Output {
+    run(Command::new("sh").arg("-c").arg(script))
+}
+
+/// The client's side of the test SSH setup: a key, and an ssh config that uses it and trusts
+/// the test hosts' keys (made for this test).
+pub struct Keys {
+    pub dir: PathBuf,
+}
+
+impl Keys {
+    fn new(env: &Env) -> Keys {
+        let dir = env.path("ssh");
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        for key in ["id", "hostkey", "other"] {
+            run(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.join(key)));
+        }
+        fs::copy(dir.join("id.pub"), dir.join("authorized_keys")).unwrap();
+        fs::write(
+            dir.join("config"),
+            format!(
+                "Host *\n  User root\n  IdentityFile {}\n  IdentitiesOnly yes\n  \
+                 StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
+                dir.join("id").display()
+            ),
+        )
+        .unwrap();
+        Keys { dir }
+    }
+
+    /// `STRATA_SSH_COMMAND` for this setup.
+    pub fn ssh_command(&self) -> String {
+        format!("ssh -F {}", self.dir.join("config").display())
+    }
+}
+
+/// One test host: a namespace, a veth link to it, sshd on its address, a store.
+pub struct TestHost {
+    pub ns: String,
+    /// The host-side end of the veth link (its tx bytes are what we send to the host).
+    pub veth: String,
+    pub addr: String,
+    pub store: PathBuf,
+    /// The remote user's home (sshd sets it): strata is installed under it when missing.
+    pub home: PathBuf,
+    sshd: Child,
+}
+
+impl TestHost {
+    fn start(env: &Env, keys: &Keys) -> TestHost {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = std::process::id() % 100_000;
+        let ns = format!("strata-h{id}-{n}");
+        let veth = format!("sh{id}x{n}");
+        let peer = format!("sn{id}x{n}");
+        // A /24 per host, picked from the pid and counter so parallel tests do not collide.
+        let net = format!("10.77.{}", (id as usize * 7 + n as usize) % 250 + 1);
+        let addr = format!("{net}.2");
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        sh(&format!(
+            "set -e; ip netns add {ns}; ip link add {veth} type veth peer name {peer}; \
+             ip link set {peer} netns {ns}; ip addr add {net}.1/24 dev {veth}; \
+             ip link set {veth} up; ip netns exec {ns} ip link set lo up; \
+             ip netns exec {ns} ip addr add {addr}/24 dev {peer}; \
+             ip netns exec {ns} ip link set {peer} up"
+        ));
+        fs::create_dir_all("/run/sshd").unwrap();
+        fs::create_dir_all(env.path(&format!("host{n}-home"))).unwrap();
+        let cfg = env.path(&format!("sshd-{n}.conf"));
+        fs::write(
+            &cfg,
+            format!(
+                "ListenAddress {addr}:22\nHostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {ak}\n\
+                 PermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+                 SetEnv HOME={home} STRATA_STORE={store}\n",
+                home = env.path(&format!("host{n}-home")).display(),
+                store = env.path(&format!("host{n}-store")).display(),
+                hk = keys.dir.join("hostkey").display(),
+                pid = env.path(&format!("sshd-{n}.pid")).display(),
+                ak = keys.dir.join("authorized_keys").display(),
+            ),
+        )
+        .unwrap();
+        let sshd = Command::new("ip")
+            .args(["netns", "exec", &ns, "/usr/sbin/sshd", "-D", "-e", "-f"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let host = TestHost {
+            ns,
+            veth,
+            addr: addr.clone(),
+            store: env.path(&format!("host{n}-store")),
+            home: env.path(&format!("host{n}-home")),
+            sshd,
+        };
+        wait_for("sshd", Duration::from_secs(10), || {
+            TcpStream::connect_timeout(
+                &format!("{addr}:22").parse().unwrap(),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+        });
+        host
+    }
+
+    /// Bytes sent to the host so far.
+    pub fn tx_bytes(&self) -> u64 {
+        fs::read_to_string(format!("/sys/class/net/{}/statistics/tx_bytes", self.veth))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// `[host.NAME]` for strata.toml, with this test binary as the host's strata.
+    pub fn toml(&self, name: &str) -> String {
+        format!(
+            "[host.{name}]\nssh = \"root@{}\"\nstore = \"{}\"\nstrata = \"{}\"\n",
+            self.addr,
+            self.store.display(),
+            env!("CARGO_BIN_EXE_strata")
+        )
+    }
+
+    /// `strata --store <host store> ARGS` run on the host's side (as its own store).
+    pub fn strata(&self, args: &[&str]) -> String {
+        let out = run(Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--store")
+            .arg(&self.store)
+            .args(args));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Cap the link to the host at `rate` (tc tbf), as a slow network would.
+    pub fn limit_rate(&self, rate: &str) {
+        sh(&format!(
+            "tc qdisc replace dev {} root tbf rate {rate} burst 64kb latency 400ms",
+            self.veth
+        ));
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        let _ = self.sshd.kill();
+        let _ = self.sshd.wait();
+        // Deleting the namespace kills what still runs in it and removes the veth pair.
+        let _ = Command::new("ip")
+            .args(["netns", "pids", &self.ns])
+            .output()
+            .map(|o| {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).output();
+                }
+            });
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .output();
+    }
+}
+
+/// A project directory with a strata.toml naming `hosts`.
+struct Lab {
+    env: Env,
+    keys: Keys,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let env = Env::new();
+        let keys = Keys::new(&env);
+        Lab { env, keys }
+    }
+
+    fn project(&self, hosts: &[(&str, &TestHost)]) -> PathBuf {
+        let dir = self.env.path("project");
+        fs::create_dir_all(&dir).unwrap();
+        let toml: String = hosts.iter().map(|(n, h)| h.toml(n)).collect();
+        fs::write(dir.join("strata.toml"), toml).unwrap();
+        dir
+    }
+
+    /// `strata ARGS` on the developer's side with the test ssh setup.
+    fn strata(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+        c.arg("--store")
+            .arg(self.env.store())
+            .args(args)
+            .env("STRATA_SSH_COMMAND", self.keys.ssh_command())
+            .env("NO_COLOR", "1");
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> (String, String) {
+        let out = self.strata(args);
+        assert!(
+            out.status.success(),
+            "strata {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.strata(args);
+        assert!(
+            !out.status.success(),
+            "strata {args:?} should have failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// An app image FROM `base` with one layer of `app_bytes` random bytes.
+    fn build_app(&self, base: &str, name: &str, app_bytes: usize, seed: u8) {
+        let ctx = self.env.path(&format!("ctx-{seed}"));
+        fs::create_dir_all(&ctx).unwrap();
+        let mut data = vec![0u8; app_bytes];
+        // Incompressible, so the layer is about `app_bytes` on the wire too.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(seed);
+        for b in &mut data {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        fs::write(ctx.join("payload"), &data).unwrap();
+        fs::write(
+            ctx.join("Dockerfile"),
+            format!("FROM {base}\nCOPY payload /app/payload\nCMD [\"cat\", \"/app/payload\"]\n"),
+        )
+        .unwrap();
+        self.ok(&["build", "-t", name, ctx.to_str().unwrap()]);
+    }
+
+    /// Sizes of the blobs of `image` that are not blobs of `base`.
+    fn own_blob_bytes(&self, image: &str, base: &str) -> u64 {
+        let blobs = |name: &str| -> Vec<(String, u64)> {
+            let out = self.ok(&["inspect", "--json", name]).0;
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let m = &v["manifest"];
+            let mut all = vec![(
+                m["config"]["digest"].as_str().unwrap().to_string(),
+                m["config"]["size"].as_u64().unwrap(),
+            )];
+            for l in m["layers"].as_array().unwrap() {
+                all.push((
+                    l["digest"].as_str().unwrap().to_string(),
+                    l["size"].as_u64().unwrap(),
+                ));
+            }
+            all
+        };
+        let base_blobs = blobs(base);
+        blobs(image)
+            .into_iter()
+            .filter(|b| !base_blobs.contains(b))
+            .map(|(_, s)| s)
+            .sum()
+    }
+}
+
+#[test]
+fn push_sends_only_what_the_host_lacks_and_nothing_the_second_time() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let host = TestHost::start(&lab.env, &lab.keys);
+    let project = lab.project(&[("web1", &host)]);
+    let p = project.to_str().unwrap();
+    import_busybox(&lab.env, "base:1");
+    lab.build_app("base:1", "app:1", 3_000_000, 1);
+
+    // The base first: the host has nothing.
+    let (out, err) = lab.ok(&["push", "base:1", "--host", "web1", "--project", p]);
+    assert!(out.starts_with("web1 base:1@sha256:"), "{out}");
+    assert!(err.contains("Pushed base:1 to web1: 3 sent"), "{err}");
+
+    // Then the app: only its own layer, config and manifest cross the wire.
+    let before = host.tx_bytes();
+    let (_, err) = lab.ok(&["push", "app:1", "--host", "web1", "--project", p]);
+    let sent = host.tx_bytes() - before;
+    let manifest = lab.ok(&["inspect", "--json", "app:1"]).0;
+    let manifest_size = serde_json::from_str::<serde_json::Value>(&manifest).unwrap()["descriptor"]
+        ["size"]
+        .as_u64()
+        .unwrap();
+    let missing = lab.own_blob_bytes("app:1", "base:1") + manifest_size;
+    assert!(
+        err.contains("3 sent") && err.contains("1 already there"),
+        "{err}"
+    );
+    assert!(
+        sent as f64 <= missing as f64 * 1.02 + 64.0 * 1024.0,
+        "{sent} bytes on the wire for {missing} missing bytes"
+    );
+    assert!(sent >= missing, "{sent} < {missing}: the count is wrong");
+
+    // The host has the image, named, valid, unpacked; it runs there the same.
+    host.strata(&["validate", "app:1"]);
+    let here = lab.ok(&["inspect", "--json", "app:1"]).0;
+    let there = host.strata(&["inspect", "--json", "app:1"]);
+    let digest = |s: &str| {
+        serde_json::from_str::<serde_json::Value>(s).unwrap()["descriptor"]["digest"].clone()
+    };
+    assert_eq!(digest(&here), digest(&there));
+
+    // Again: no blob moves, only the handshake and one `have`.
+    let before = host.tx_bytes();
+    let t = Instant::now();
+    let (_, err) = lab.ok(&["push", "app:1", "--host", "web1", "--project", p]);
+    let sent = host.tx_bytes() - before;
+    assert!(
+        err.contains("0 sent") && err.contains("4 already there"),
+        "{err}"
+    );
+    assert!(sent < 64 * 1024, "a no-op push sent {sent} bytes");
+    eprintln!("no-op push: {:?}, {sent} bytes", t.elapsed());
+}
+
+#[test]
+fn pull_from_a_host_and_push_by_url_under_another_name() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let host = TestHost::start(&lab.env, &lab.keys);
+    let project = lab.project(&[("h", &host)]);
+    let p = project.to_str().unwrap();
+    import_busybox(&lab.env, "base:1");
+    lab.build_app("base:1", "app:1", 500_000, 2);
+    lab.ok(&["push", "app:1", "--host", "h", "--project", p]);
+
+    // A fresh store pulls it back: same digest, valid, and a pull of what is here moves nothing.
+    let other = Lab {
+        env: Env::new(),
+        keys: Keys {
+            dir: lab.keys.dir.clone(),
+        },
+    };
+    let (out, err) = other.ok(&["pull", "app:1", "--host", "h", "--project", p]);
+    let want = lab.ok(&["inspect", "--json", "app:1"]).0;
+    let want = serde_json::from_str::<serde_json::Value>(&want).unwrap()["descriptor"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(out, format!("app:1\n{want}\n"), "{err}");
+    assert!(err.contains("4 fetched"), "{err}");
+    other.ok(&["validate", "app:1"]);
+    let (_, err) = other.ok(&["pull", "app:1", "--host", "h", "--project", p]);
+    assert!(
+        err.contains("0 fetched") && err.contains("4 already here"),
+        "{err}"
+    );
+
+    // By URL (the host's default store; strata already where [host.h] put it is not used, so
+    // this also installs strata under the remote home).
+    let url = format!("ssh://root@{}/copy:2", host.addr);
+    let (out, err) = lab.ok(&["push", "app:1", &url]);
+    assert!(out.contains("copy:2@sha256:"), "{out}");
+    assert!(err.contains("installing strata"), "{err}");
+    let installed = host.home.join(".strata/bin/strata");
+    assert_eq!(
+        fs::read(&installed).unwrap(),
+        fs::read(env!("CARGO_BIN_EXE_strata")).unwrap(),
+        "the installed binary is this one"
+    );
+    assert!(
+        err.contains("0 sent"),
+        "same store as [host.h]: nothing to send\n{err}"
+    );
+    host.strata(&["validate", "copy:2"]);
+    let url = format!("ssh://root@{}/copy:2", host.addr);
+    let (_, err) = other.ok(&["pull", &url]);
+    assert!(!err.contains("installing"), "installed once: {err}");
+    other.ok(&["validate", "copy:2"]);
+}
+
+#[test]
+fn unknown_hosts_refused_keys_and_missing_images_are_clear_errors() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let host = TestHost::start(&lab.env, &lab.keys);
+    let project = lab.project(&[("h", &host)]);
+    let p = project.to_str().unwrap();
+    import_busybox(&lab.env, "base:1");
+
+    let err = lab.fails(&["push", "base:1", "--host", "nope", "--project", p]);
+    assert!(
+        err.contains("unknown host `nope`") && err.contains("the hosts h"),
+        "{err}"
+    );
+
+    // A key the host does not know.
+    let out = lab
+        .command(&["push", "base:1", "--host", "h", "--project", p])
+        .env(
+            "STRATA_SSH_COMMAND",
+            format!(
+                "ssh -F {} -i {}",
+                lab.keys.dir.join("config").display(),
+                lab.keys.dir.join("other").display()
+            ),
+        )
+        .env("STRATA_SSH_COMMAND", format!("ssh -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o IdentitiesOnly=yes -i {}", lab.keys.dir.join("other").display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("host `h`") && err.contains("Permission denied"),
+        "{err}"
+    );
+
+    // Nothing listening.
+    let dead = format!("ssh://root@{}:2/x:1", host.addr);
+    let err = lab.fails(&["push", "base:1", &dead]);
+    assert!(
+        err.contains("ssh cannot connect") && err.contains("refused"),
+        "{err}"
+    );
+
+    // An image the host does not have.
+    let err = lab.fails(&["pull", "ghost:1", "--host", "h", "--project", p]);
+    assert!(err.contains("host `h`: has no image `ghost:1`"), "{err}");
+    assert!(
+        !lab.env.store().join("index.json").exists() || !lab.ok(&["images"]).0.contains("ghost")
+    );
+}
+
+/// Bytes of partial blob files in `store`.
+fn partial_bytes(store: &Path) -> u64 {
+    fs::read_dir(store.join("strata/partial"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// The `strata serve` processes running in the host's namespace.
+fn remote_servers(host: &TestHost) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", &host.ns])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("serve\0--stdio"))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_push_killed_on_either_side_resumes_and_resends_only_the_rest() {
+    if !can_run() || !have("tc") {
+        return;
+    }
+    let lab = Lab::new();
+    let host = TestHost::start(&lab.env, &lab.keys);
+    let project = lab.project(&[("h", &host)]);
+    let p = project.to_str().unwrap();
+    import_busybox(&lab.env, "base:1");
+    lab.build_app("base:1", "big:1", 24_000_000, 3);
+    lab.ok(&["push", "base:1", "--host", "h", "--project", p]);
+    // 40 Mbit/s: the 24 MB layer takes about 5 s, time enough to kill the push midway.
+    host.limit_rate("40mbit");
+
+    // 1. The client is killed (kill -9) a few MB into the layer.
+    let mut child = lab
+        .command(&["push", "big:1", "--host", "h", "--project", p])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "part of the layer on the host",
+        Duration::from_secs(30),
+        || partial_bytes(&host.store) > 4_000_000,
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_for(
+        "the host's strata to notice",
+        Duration::from_secs(10),
+        || remote_servers(&host).is_empty(),
+    );
+    let held = partial_bytes(&host.store);
+    assert!(held > 4_000_000 && held < 24_000_000, "{held}");
+    assert!(
+        host.strata(&["images"]).lines().all(|l| !l.contains("big")),
+        "not named yet"
+    );
+
+    // 2. The retry is killed on the host's side (kill -9 of `strata serve`).
+    let child = lab
+        .command(&["push", "big:1", "--host", "h", "--project", p])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "more of the layer on the host",
+        Duration::from_secs(30),
+        || partial_bytes(&host.store) > held + 4_000_000,
+    );
+    for pid in remote_servers(&host) {
+        Command::new("kill").args(["-9", &pid]).status().unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("host `h`") && err.contains("connection lost"),
+        "{err}"
+    );
+    let held = partial_bytes(&host.store);
+
+    // 3. The last retry sends only what is missing, at full speed.
+    Command::new("tc")
+        .args(["qdisc", "del", "dev", &host.veth, "root"])
+        .status()
+        .unwrap();
+    let before = host.tx_bytes();
+    let (_, err) = lab.ok(&["push", "big:1", "--host", "h", "--project", p]);
+    let sent = host.tx_bytes() - before;
+    assert!(err.contains("1 resumed"), "{err}");
+    let layer = lab.own_blob_bytes("big:1", "base:1");
+    assert!(
+        sent <= layer - held + 4 * 1024 * 1024,
+        "resent {sent} bytes; the host held {held} of {layer}"
+    );
+    host.strata(&["validate", "big:1"]);
+    assert_eq!(
+        partial_bytes(&host.store),
+        0,
+        "the partial file became the blob"
+    );
+}
