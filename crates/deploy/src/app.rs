@@ -51,6 +51,22 @@ pub struct AppSpec {
     /// How many earlier releases keep their images pinned for rollback (default 3).
     #[serde(default)]
     pub keep_releases: Option<u32>,
+    /// Deploy on these `[host.NAME]`s over SSH instead of this machine.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// How several hosts are deployed: `parallel` (default; all at once) or `rolling` (one
+    /// after another, each gated on its health check).
+    #[serde(default)]
+    pub strategy: Option<String>,
+}
+
+/// How a deploy to several hosts proceeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Every host at once.
+    Parallel,
+    /// One host after another; the first that fails stops the rollout.
+    Rolling,
 }
 
 /// `health = { type = "http", path = "/", interval = "1s", timeout = "2s", grace = "0s" }`.
@@ -117,6 +133,18 @@ impl App {
     /// The host port the proxy serves; none for an app without a `port`.
     pub fn public_port(&self) -> Option<u16> {
         self.spec.port.map(|p| self.spec.public_port.unwrap_or(p))
+    }
+
+    /// How its hosts are deployed (`strategy`).
+    pub fn strategy(&self) -> Result<Strategy> {
+        match self.spec.strategy.as_deref() {
+            None | Some("parallel") => Ok(Strategy::Parallel),
+            Some("rolling") => Ok(Strategy::Rolling),
+            Some(other) => Err(Error::Config(format!(
+                "app `{}`: strategy `{other}`: expected parallel or rolling",
+                self.name
+            ))),
+        }
     }
 
     /// Machines per release.
@@ -280,7 +308,11 @@ fn read_file(strata_toml: &Path) -> Result<AppsFile> {
         path: strata_toml.to_path_buf(),
         source,
     })?;
-    let file: AppsFile = toml::from_str(&text).map_err(|e| {
+    parse_file(&text, strata_toml)
+}
+
+fn parse_file(text: &str, strata_toml: &Path) -> Result<AppsFile> {
+    let file: AppsFile = toml::from_str(text).map_err(|e| {
         let at = e.span().map_or(String::new(), |s| {
             let before = &text[..s.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
@@ -294,7 +326,16 @@ fn read_file(strata_toml: &Path) -> Result<AppsFile> {
 
 /// The apps of a strata.toml, by name.
 pub fn load_apps(strata_toml: &Path) -> Result<BTreeMap<String, App>> {
-    let file = read_file(strata_toml)?;
+    apps_of(read_file(strata_toml)?, strata_toml)
+}
+
+/// The apps of strata.toml text (`origin` names it in errors): what a host deploys when the
+/// client sends it an app's table.
+pub fn parse_apps(text: &str, origin: &Path) -> Result<BTreeMap<String, App>> {
+    apps_of(parse_file(text, origin)?, origin)
+}
+
+fn apps_of(file: AppsFile, strata_toml: &Path) -> Result<BTreeMap<String, App>> {
     let mut apps = BTreeMap::new();
     for (name, spec) in file.app {
         if !valid_name(&name) {
@@ -308,6 +349,7 @@ pub fn load_apps(strata_toml: &Path) -> Result<BTreeMap<String, App>> {
         app.restart()?;
         app.volumes()?;
         app.kill_timeout()?;
+        app.strategy()?;
         apps.insert(app.name.clone(), app);
     }
     Ok(apps)

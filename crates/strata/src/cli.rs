@@ -87,6 +87,8 @@ pub enum Command {
     Status {
         /// One app (default: all).
         app: Option<String>,
+        #[command(flatten)]
+        on: HostArg,
     },
     /// Apps deployed on this host.
     #[command(subcommand)]
@@ -100,6 +102,8 @@ pub enum Command {
         /// Keep printing until every machine of the app has exited or is gone.
         #[arg(short, long)]
         follow: bool,
+        #[command(flatten)]
+        on: HostArg,
     },
     /// Move an image onto a new base without rebuilding it: the old base's layers are
     /// replaced by the new base's, the image's own layers kept byte for byte, and what the
@@ -520,8 +524,9 @@ pub struct MachineRunArgs {
 pub struct AgentArgs {
     #[command(subcommand)]
     pub command: Option<AgentCommand>,
-    /// Address the proxy listens on.
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address the proxy listens on (a host deployed over SSH sets 0.0.0.0 through the
+    /// environment when its deploy starts the agent).
+    #[arg(long, default_value = "127.0.0.1", env = "STRATA_AGENT_LISTEN")]
     pub listen: std::net::IpAddr,
 }
 
@@ -558,15 +563,36 @@ pub struct DeployArgs {
     /// Return once traffic is switched; don't wait for old machines to stop.
     #[arg(long)]
     pub detach: bool,
+    /// Deploy on this host over SSH (repeat for several; default: the app's `hosts`, else
+    /// this machine): a `[host.NAME]` of strata.toml or `ssh://user@address[:port]`.
+    #[arg(long = "host", value_name = "HOST")]
+    pub hosts: Vec<String>,
+    /// The app's definition as TOML (an `[app.NAME]` table) instead of strata.toml's: what a
+    /// deploy over SSH sends the host.
+    #[arg(long, hide = true)]
+    pub spec: Option<String>,
     /// Progress output.
     #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
     pub progress: ProgressArg,
+}
+
+/// Where a command looks: this machine, or a host over SSH.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HostArg {
+    /// Run on this host over SSH: a `[host.NAME]` of strata.toml or `ssh://user@address`.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// The project file (or its directory) that defines `[host.NAME]`.
+    #[arg(long, default_value = ".")]
+    pub project: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ReleasesArgs {
     /// One app (default: all).
     pub app: Option<String>,
+    #[command(flatten)]
+    pub on: HostArg,
     /// Show each release's image reference and digest.
     #[arg(long)]
     pub image: bool,

@@ -41,14 +41,37 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Machine(command) => crate::deploy::machine(store()?, command),
         Command::Agent(args) => crate::deploy::agent(store()?, &args),
         Command::Deploy(args) => crate::deploy::deploy(store()?, &args),
+        Command::Releases(args) if args.on.host.is_some() => {
+            let mut rest = vec!["releases".to_string()];
+            rest.extend(args.app.clone());
+            if args.image {
+                rest.push("--image".into());
+            }
+            if args.json {
+                rest.push("--json".into());
+            }
+            crate::hosts::run_there(&args.on, &rest)
+        }
         Command::Releases(args) => crate::deploy::releases(store()?, &args),
-        Command::Status { app } => crate::deploy::status(store()?, app.as_deref()),
+        Command::Status { app, on } if on.host.is_some() => {
+            let mut rest = vec!["status".to_string()];
+            rest.extend(app);
+            crate::hosts::run_there(&on, &rest)
+        }
+        Command::Status { app, .. } => crate::deploy::status(store()?, app.as_deref()),
         Command::Apps(AppsCommand::Destroy { app, volumes }) => {
             crate::deploy::apps_destroy(store()?, &app, volumes)
         }
         Command::Apps(AppsCommand::List { json }) => crate::deploy::apps_list(store()?, json),
         Command::Run(args) => crate::deploy::run(store()?, &args),
-        Command::Logs { app, follow } => crate::deploy::app_logs(store()?, &app, follow),
+        Command::Logs { app, follow, on } if on.host.is_some() => {
+            let mut rest = vec!["logs".to_string(), app];
+            if follow {
+                rest.push("--follow".into());
+            }
+            crate::hosts::run_there(&on, &rest)
+        }
+        Command::Logs { app, follow, .. } => crate::deploy::app_logs(store()?, &app, follow),
         Command::Ps { app, json } => {
             crate::deploy::machine(store()?, crate::cli::MachineCommand::List { app, json })
         }

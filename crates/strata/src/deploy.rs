@@ -444,7 +444,10 @@ pub fn app_logs(store: Store, app: &str, follow: bool) -> Result<()> {
 
 pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
     let file = project_file(&args.project);
-    let apps = load_apps(&file)?;
+    let apps = match &args.spec {
+        Some(text) => strata_deploy::app::parse_apps(text, std::path::Path::new("--spec"))?,
+        None => load_apps(&file)?,
+    };
     let app = match &args.app {
         Some(name) => apps.get(name).cloned().with_context(|| {
             format!(
@@ -537,6 +540,30 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
     println!("{release_ref}");
     if args.build_only {
         return Ok(());
+    }
+    // On hosts over SSH: the command line's, else the app's (a host's own deploy has none).
+    let hosts = if !args.hosts.is_empty() {
+        args.hosts.clone()
+    } else if args.spec.is_none() {
+        app.spec.hosts.clone()
+    } else {
+        Vec::new()
+    };
+    if !hosts.is_empty() {
+        let remote_image = if args.image.is_some() {
+            &local
+        } else {
+            &tagged
+        };
+        return crate::hosts::deploy_to_hosts(
+            &store,
+            args,
+            &app,
+            &file,
+            &local,
+            remote_image,
+            &hosts,
+        );
     }
     // 3. Machines, health, switch.
     let mut host = host(store)?;

@@ -1,14 +1,18 @@
 //! Hosts over SSH: `strata push|pull … ssh://…` / `--host`, and `strata serve --stdio`, the
 //! other end of them (see docs/hosts.md and [`strata_transfer::ssh`]).
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::process::Stdio;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use strata_store::Store;
 use strata_transfer::ssh::{ConnectOptions, HostSession, ServeOptions, SshHost};
 
-use crate::cli::{PullArgs, PushArgs};
+use strata_deploy::app::{App, Strategy};
+
+use crate::cli::{DeployArgs, HostArg, ProgressArg, PullArgs, PushArgs};
 use crate::cmd::human_size;
 
 /// At most this many hosts receive at once.
@@ -236,5 +240,204 @@ pub fn pull(store: &Store, args: &PullArgs) -> Result<()> {
     );
     println!("{}", report.name);
     println!("{}", report.descriptor.digest);
+    Ok(())
+}
+
+/// `strata releases|status|logs --host H …`: the same command run by the host's strata, its
+/// output streamed here; exits with its exit code.
+pub fn run_there(on: &HostArg, args: &[String]) -> Result<()> {
+    let Some(spec) = &on.host else {
+        bail!("no host given");
+    };
+    let host = resolve_host(spec, &on.project)?;
+    let session = HostSession::connect(&host, &connect_options())?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let status = session
+        .strata_command(&[], &args)
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("cannot run ssh for {}", host.name))?;
+    drop(session);
+    if !status.success() {
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
+/// The `[app.NAME]` table a host deploys: strata.toml's, without what only the client uses
+/// (`registry`: the image arrives over SSH; `hosts`, `strategy`), and with the proxy on every
+/// address unless the app says where (`listen`).
+fn app_spec_for_host(file: &Path, app: &str) -> Result<String> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let doc: toml::Table =
+        toml::from_str(&text).with_context(|| format!("cannot parse {}", file.display()))?;
+    let mut table = doc
+        .get("app")
+        .and_then(|a| a.get(app))
+        .and_then(toml::Value::as_table)
+        .cloned()
+        .with_context(|| format!("no [app.{app}] in {}", file.display()))?;
+    for key in ["registry", "hosts", "strategy"] {
+        table.remove(key);
+    }
+    let mut apps = toml::Table::new();
+    apps.insert(app.to_string(), toml::Value::Table(table));
+    let mut out = toml::Table::new();
+    out.insert("app".into(), toml::Value::Table(apps));
+    Ok(toml::to_string(&out)?)
+}
+
+/// `strata deploy APP` for hosts over SSH: ship the image each host lacks, then run the same
+/// deploy there (its agent, machines, health check, switch, releases), all hosts at once or
+/// one after another (`strategy = "rolling"`), each host's progress prefixed with its name.
+pub fn deploy_to_hosts(
+    store: &Store,
+    args: &DeployArgs,
+    app: &App,
+    file: &Path,
+    local: &str,
+    remote_image: &str,
+    host_names: &[String],
+) -> Result<()> {
+    let strategy = app.strategy()?;
+    let spec = app_spec_for_host(file, &app.name)?;
+    let hosts = host_names
+        .iter()
+        .map(|h| resolve_host(h, &args.project))
+        .collect::<Result<Vec<_>>>()?;
+    let json = matches!(args.progress, ProgressArg::Json);
+    let say = |host: &str, message: &str| {
+        if json {
+            eprintln!(
+                "{}",
+                serde_json::json!({"event": "deploy", "app": app.name, "host": host,
+                    "message": message})
+            );
+        } else {
+            eprintln!("{host}: {message}");
+        }
+    };
+    let one = |host: &SshHost| -> Result<()> {
+        let mut session = HostSession::connect(host, &connect_options())?;
+        let rep = session.push(store, local, remote_image, None)?;
+        say(
+            &host.name,
+            &format!(
+                "shipped {remote_image}: {} blob(s) sent ({}), {} already there",
+                rep.blobs_sent,
+                human_size(rep.bytes_sent),
+                rep.blobs_present
+            ),
+        );
+        let mut remote = vec![
+            "deploy",
+            app.name.as_str(),
+            "--spec",
+            spec.as_str(),
+            "--image",
+            remote_image,
+            "--progress",
+            "json",
+        ];
+        if args.detach {
+            remote.push("--detach");
+        }
+        let mut child = session
+            .strata_command(&[("STRATA_AGENT_LISTEN", "0.0.0.0")], &remote)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run ssh for {}", host.name))?;
+        let mut last_error = String::new();
+        if let Some(err) = child.stderr.take() {
+            for line in BufReader::new(err).lines() {
+                let line = line.unwrap_or_default();
+                let message = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v["message"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| line.clone());
+                if line.starts_with("error:") || !last_error.is_empty() {
+                    last_error.push_str(&line);
+                    last_error.push('\n');
+                }
+                say(&host.name, &strata_oci::printable(&message));
+            }
+        }
+        let status = child.wait()?;
+        drop(session);
+        if !status.success() {
+            bail!(
+                "the deploy on {} failed: {}",
+                host.name,
+                last_error
+                    .trim()
+                    .trim_start_matches("error: ")
+                    .lines()
+                    .next()
+                    .unwrap_or("(no message)")
+            );
+        }
+        Ok(())
+    };
+    match strategy {
+        Strategy::Rolling => {
+            for (i, host) in hosts.iter().enumerate() {
+                if let Err(e) = one(host) {
+                    let done: Vec<&str> = hosts[..i].iter().map(|h| h.name.as_str()).collect();
+                    let rest: Vec<&str> = hosts[i + 1..].iter().map(|h| h.name.as_str()).collect();
+                    bail!(
+                        "{e:#}\nthe rolling deploy of {} stopped at {} ({} of {}): {} keeps its \
+                         previous release; {}{}",
+                        app.name,
+                        host.name,
+                        i + 1,
+                        hosts.len(),
+                        host.name,
+                        if done.is_empty() {
+                            "no host runs the new release".to_string()
+                        } else {
+                            format!("{} run(s) the new release", done.join(", "))
+                        },
+                        if rest.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; {} not touched", rest.join(", "))
+                        }
+                    );
+                }
+            }
+        }
+        Strategy::Parallel => {
+            let failures: Vec<String> = std::thread::scope(|s| {
+                let mut failures = Vec::new();
+                for chunk in hosts.chunks(HOST_PARALLELISM) {
+                    let handles: Vec<_> = chunk.iter().map(|h| s.spawn(|| one(h))).collect();
+                    for (h, j) in chunk.iter().zip(handles) {
+                        match j.join() {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => failures.push(format!("{}: {e:#}", h.name)),
+                            Err(_) => {
+                                failures.push(format!("{}: the deploy thread panicked", h.name))
+                            }
+                        }
+                    }
+                }
+                failures
+            });
+            if !failures.is_empty() {
+                bail!(
+                    "the deploy of {} failed on {} of {} hosts:\n{}",
+                    app.name,
+                    failures.len(),
+                    hosts.len(),
+                    failures.join("\n")
+                );
+            }
+        }
+    }
+    let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+    eprintln!("{} is deployed on {}", app.name, names.join(", "));
     Ok(())
 }

@@ -126,8 +126,11 @@ impl TestHost {
             ),
         )
         .unwrap();
-        let sshd = Command::new("ip")
-            .args(["netns", "exec", &ns, "/usr/sbin/sshd", "-D", "-e", "-f"])
+        // nsenter, not `ip netns exec`: that also remounts /sys, hiding the cgroup mounts runc
+        // needs for machines; a real server has them.
+        let sshd = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .args(["/usr/sbin/sshd", "-D", "-e", "-f"])
             .arg(&cfg)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -191,6 +194,29 @@ impl TestHost {
 
 impl Drop for TestHost {
     fn drop(&mut self) {
+        // Machines deployed there (they run in namespaces of their own, so deleting the host's
+        // does not stop them), then its agent.
+        let in_ns = |args: &[&str]| {
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", self.ns))
+                .args([env!("CARGO_BIN_EXE_strata"), "--store"])
+                .arg(&self.store)
+                .args(args)
+                .output()
+        };
+        if self.store.join("strata").exists() {
+            if let Ok(out) = in_ns(&["machine", "list", "--json"]) {
+                for line in String::from_utf8_lossy(&out.stdout).lines() {
+                    if let Some(id) = serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|v| v["id"].as_str().map(String::from))
+                    {
+                        let _ = in_ns(&["machine", "destroy", &id]);
+                    }
+                }
+            }
+            let _ = in_ns(&["agent", "stop"]);
+        }
         let _ = self.sshd.kill();
         let _ = self.sshd.wait();
         // Deleting the namespace kills what still runs in it and removes the veth pair.
@@ -598,5 +624,160 @@ fn a_push_killed_on_either_side_resumes_and_resends_only_the_rest() {
         partial_bytes(&host.store),
         0,
         "the partial file became the blob"
+    );
+}
+
+/// Whether machines can run here (root, runc, tini-static, busybox); says loudly why not.
+fn can_run_machines() -> bool {
+    let ok = have("runc") && Path::new("/usr/bin/tini-static").exists();
+    if !ok {
+        eprintln!(
+            "\n!!!!! SKIPPED: deploying to SSH hosts needs runc and tini-static (CI installs them) !!!!!\n"
+        );
+    }
+    ok
+}
+
+/// One HTTP/1.0 GET of `path` at `addr:port`; the body, or why not.
+fn get(addr: &str, port: u16, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let sa: std::net::SocketAddr = format!("{addr}:{port}").parse().unwrap();
+    let mut s =
+        TcpStream::connect_timeout(&sa, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    if !out.starts_with("HTTP/1.0 200") && !out.starts_with("HTTP/1.1 200") {
+        return Err(out.lines().next().unwrap_or("empty answer").to_string());
+    }
+    Ok(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+#[test]
+fn rolling_deploy_to_two_hosts_drops_no_request_stops_at_a_failing_host_and_rolls_back() {
+    if !can_run() || !can_run_machines() {
+        return;
+    }
+    let lab = Lab::new();
+    let a = TestHost::start(&lab.env, &lab.keys);
+    let b = TestHost::start(&lab.env, &lab.keys);
+    import_busybox(&lab.env, "busybox:latest");
+    let port = 18_300 + (std::process::id() % 500) as u16;
+    let dir = lab.env.path("project");
+    fs::create_dir_all(dir.join("site")).unwrap();
+    fs::write(dir.join("site/index.html"), "v1\n").unwrap();
+    // The health check reads a file each host keeps in its volume: a host without it fails.
+    std::os::unix::fs::symlink("/data/ok.html", dir.join("site/ok.html")).unwrap();
+    fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("strata.toml"),
+        format!(
+            "[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
+             public_port = {port}\nkill_timeout = \"2s\"\nvolumes = [\"webdata:/data\"]\n\
+             hosts = [\"a\", \"b\"]\nstrategy = \"rolling\"\n\
+             health = {{ path = \"/ok.html\", interval = \"100ms\", timeout = \"1s\", deadline = \"4s\" }}\n\n{}{}",
+            a.toml("a"),
+            b.toml("b")
+        ),
+    )
+    .unwrap();
+    for h in [&a, &b] {
+        let vol = h.store.join("strata/volumes/webdata");
+        fs::create_dir_all(&vol).unwrap();
+        fs::write(vol.join("ok.html"), "ok\n").unwrap();
+    }
+    let p = dir.to_str().unwrap();
+
+    // v1 on both.
+    let (v1, err) = lab.ok(&["deploy", "web", "--project", p]);
+    let v1 = v1.trim().to_string();
+    assert!(err.contains("a: ") && err.contains("b: "), "{err}");
+    assert!(err.contains("web is deployed on a, b"), "{err}");
+    for h in [&a, &b] {
+        assert_eq!(get(&h.addr, port, "/").unwrap(), "v1\n");
+    }
+
+    // A client hits both hosts all through the next deploys.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loop_ = {
+        let stop = stop.clone();
+        let addrs = [a.addr.clone(), b.addr.clone()];
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            let started = Instant::now();
+            while !stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(120) {
+                for addr in &addrs {
+                    match get(addr, port, "/") {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(format!("{addr}: {e}")),
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (ok, failed)
+        })
+    };
+
+    // v2, rolling: both switch.
+    fs::write(dir.join("site/index.html"), "v2\n").unwrap();
+    lab.ok(&["deploy", "web", "--project", p]);
+    for h in [&a, &b] {
+        assert_eq!(get(&h.addr, port, "/").unwrap(), "v2\n");
+    }
+
+    // v3 with b's health file gone: a switches, b fails its check, the rollout stops there
+    // and b keeps serving v2.
+    fs::remove_file(b.store.join("strata/volumes/webdata/ok.html")).unwrap();
+    fs::write(dir.join("site/index.html"), "v3\n").unwrap();
+    let err = lab.fails(&["deploy", "web", "--project", p]);
+    assert!(
+        err.contains("stopped at b (2 of 2)") && err.contains("a run(s) the new release"),
+        "{err}"
+    );
+    assert_eq!(get(&a.addr, port, "/").unwrap(), "v3\n");
+    assert_eq!(get(&b.addr, port, "/").unwrap(), "v2\n");
+
+    // Roll every host back to v1 by its image.
+    fs::write(b.store.join("strata/volumes/webdata/ok.html"), "ok\n").unwrap();
+    lab.ok(&["deploy", "web", "--project", p, "--image", &v1]);
+    for h in [&a, &b] {
+        assert_eq!(get(&h.addr, port, "/").unwrap(), "v1\n");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (ok, failed) = loop_.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok > 20, "only {ok} requests made");
+
+    // Releases are recorded on each host, and readable from here.
+    let out = lab
+        .command(&["releases", "web", "--host", "b", "--project", p])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("v4") && text.contains("failed"), "{text}");
+    let out = lab
+        .command(&["status", "web", "--host", "a", "--project", p])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

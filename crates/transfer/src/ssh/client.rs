@@ -325,7 +325,7 @@ pub struct HostSession {
     /// The host's strata version.
     pub remote_version: String,
     // Dropped after the session (fields drop in order).
-    _mux: Mux,
+    mux: Mux,
 }
 
 impl std::fmt::Debug for HostSession {
@@ -375,7 +375,7 @@ impl HostSession {
                         output,
                         stderr,
                         remote_version: version,
-                        _mux: mux,
+                        mux,
                     });
                 }
                 Start::Install(why) if installed => {
@@ -491,6 +491,25 @@ impl HostSession {
     /// The host this session talks to.
     pub fn host(&self) -> &SshHost {
         &self.host
+    }
+
+    /// `strata [--store S] ARGS…` on the host, over this session's connection, with `env`
+    /// (`NAME=value`) set: the caller picks stdio and runs it. The host's strata is this
+    /// binary's version (checked when the session started).
+    pub fn strata_command(&self, env: &[(&str, &str)], args: &[&str]) -> Command {
+        let mut script = String::from("exec env");
+        for (k, v) in env {
+            script.push_str(&format!(" {}", shell_quote(&format!("{k}={v}"))));
+        }
+        script.push_str(&format!(" {}", shell_path(&self.host.strata)));
+        if let Some(s) = &self.host.store {
+            script.push_str(&format!(" --store {}", shell_path(s)));
+        }
+        for a in args {
+            script.push(' ');
+            script.push_str(&shell_quote(a));
+        }
+        self.mux.command(&script)
     }
 
     fn stderr_tail(&self) -> String {
