@@ -265,8 +265,7 @@ pub fn run_there(on: &HostArg, args: &[String]) -> Result<()> {
 }
 
 /// The `[app.NAME]` table a host deploys: strata.toml's, without what only the client uses
-/// (`registry`: the image arrives over SSH; `hosts`, `strategy`), and with the proxy on every
-/// address unless the app says where (`listen`).
+/// (`registry`: the image arrives over SSH; `hosts`, `strategy`).
 fn app_spec_for_host(file: &Path, app: &str) -> Result<String> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;

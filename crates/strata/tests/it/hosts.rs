@@ -458,6 +458,46 @@ fn pull_from_a_host_and_push_by_url_under_another_name() {
     let (_, err) = other.ok(&["pull", &url]);
     assert!(!err.contains("installing"), "installed once: {err}");
     other.ok(&["validate", "copy:2"]);
+
+    // A host that lies: its copy of the app's layer has other bytes than its digest says. A
+    // pull refuses the blob, names the host, and stores and names nothing.
+    let there = host.strata(&["inspect", "--json", "app:1"]);
+    let layer = serde_json::from_str::<serde_json::Value>(&there).unwrap()["manifest"]["layers"][1]
+        ["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let file = host
+        .store
+        .join("blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    let mut bytes = fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&file, &bytes).unwrap();
+    let third = Lab {
+        env: Env::new(),
+        keys: Keys {
+            dir: lab.keys.dir.clone(),
+        },
+    };
+    let err = third.fails(&["pull", "app:1", "--host", "h", "--project", p]);
+    assert!(err.contains("host `h`") && err.contains(&layer), "{err}");
+    assert!(
+        err.contains("mismatch") || err.contains("does not match"),
+        "{err}"
+    );
+    let images = third.strata(&["images", "-q"]);
+    assert!(!String::from_utf8_lossy(&images.stdout).contains("app"));
+    assert!(
+        !third
+            .env
+            .store()
+            .join("blobs/sha256")
+            .join(layer.trim_start_matches("sha256:"))
+            .exists(),
+        "the bad blob is not stored under the digest"
+    );
 }
 
 #[test]
