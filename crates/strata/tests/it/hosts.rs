@@ -546,6 +546,23 @@ fn unknown_hosts_refused_keys_and_missing_images_are_clear_errors() {
         "{err}"
     );
 
+    // strata missing there and no place to install it: said, with ssh's words.
+    let dir = lab.env.path("project-ro");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(
+        dir.join("strata.toml"),
+        format!(
+            "[host.ro]\nssh = \"root@{}\"\nstrata = \"/proc/strata-cannot-be-here\"\n",
+            host.addr
+        ),
+    )
+    .unwrap();
+    let err = lab.fails(&["push", "base:1", "--host", "ro", "--project", dir.to_str().unwrap()]);
+    assert!(
+        err.contains("host `ro`: cannot install strata at /proc/strata-cannot-be-here"),
+        "{err}"
+    );
+
     // An image the host does not have.
     let err = lab.fails(&["pull", "ghost:1", "--host", "h", "--project", p]);
     assert!(err.contains("host `h`: has no image `ghost:1`"), "{err}");
