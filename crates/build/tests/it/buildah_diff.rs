@@ -7,16 +7,15 @@
 //! buildah runs with `--storage-driver vfs --isolation chroot` and its own `--root`/`--runroot`
 //! in a temp dir, so it touches nothing of the machine's container storage.
 
-use crate::common;
-
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
 use strata_build::BuildOptions;
 use strata_oci::{ContainerConfig, Digest, ImageConfig};
+
+use crate::common::*;
 
 const BUILDAH: &str = "/usr/bin/buildah";
 const SKOPEO: &str = "/usr/bin/skopeo";

@@ -23,8 +23,6 @@
 //! `BKDIFF_ONLY=case,case` runs only those cases; `BKDIFF_VERBOSE=1` also prints, per case,
 //! both configs, strata's short text files and BuildKit's build output (with `--nocapture`).
 
-use crate::common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -32,10 +30,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use strata_build::{BuildOptions, CollectProgress, Event};
 use strata_oci::{ContainerConfig, Digest};
 use strata_store::Store;
+
+use crate::common::*;
 
 const DOCKER: &str = "/usr/bin/docker";
 const SKOPEO: &str = "/usr/bin/skopeo";

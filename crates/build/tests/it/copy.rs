@@ -1,12 +1,11 @@
 //! COPY/ADD and config steps (no container needed): destination semantics, metadata, the
 //! cache, and the pinned cache keys of a fixture.
 
-use crate::common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use common::*;
 use strata_build::BuildOptions;
+
+use crate::common::*;
 
 fn chmod(p: &std::path::Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -433,7 +432,7 @@ fn config_gets_default_path_port_ranges_author_and_unused_arg_warning() {
 #[test]
 fn destinations_resolve_through_the_image_symlinks() {
     let (_d, store) = store_with_busybox();
-    common::images::import_merged_usr(&store);
+    crate::common::images::import_merged_usr(&store);
     let ctx = tempfile::tempdir().unwrap();
     write_files(
         ctx.path(),

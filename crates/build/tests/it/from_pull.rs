@@ -2,16 +2,15 @@
 //! points at, through strata.lock: against strata's own registry, in process on 127.0.0.1:0.
 //! COPY-only Dockerfiles, so nothing here needs runc.
 
-use crate::common;
-
 use std::time::Duration;
 
-use common::{build_ok, busybox_tar, write_files};
 use strata_build::{BuildOptions, Event, Project, ProjectOptions};
 use strata_oci::{Digest, Reference};
 use strata_registry::ClientOptions;
 use strata_store::Store;
 use strata_transfer::{ImportOptions, PullOptions, PushOptions, import_tarball, push};
+
+use crate::common::{build_ok, busybox_tar, write_files};
 
 /// strata's registry on a background thread; stops when dropped.
 struct Registry {

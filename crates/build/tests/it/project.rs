@@ -1,13 +1,12 @@
 //! strata.toml projects: the Tilt base-image example, dependency order, lock file, errors.
 
-use crate::common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::*;
 use strata_build::{CollectProgress, Error, Event, Project, ProjectBuild, ProjectOptions};
 use strata_store::Store;
+
+use crate::common::*;
 
 fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();

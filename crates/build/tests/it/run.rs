@@ -1,11 +1,10 @@
 //! RUN steps in runc (root and runc needed; skipped loudly otherwise).
 
-use crate::common;
-
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
-use common::*;
 use strata_build::{BuildOptions, Error, NoProgress, build};
+
+use crate::common::*;
 
 #[test]
 fn run_copy_env_cmd_then_cached_then_incremental() {
@@ -378,7 +377,7 @@ fn heredocs_merged_usr_and_groups_behave_as_in_buildkit() {
     else {
         return;
     };
-    common::images::import_merged_usr(&store);
+    crate::common::images::import_merged_usr(&store);
     write_files(
         ctx.path(),
         &[

@@ -1,12 +1,11 @@
 //! The distribution API in anonymous mode: every endpoint's success and error paths.
 
-use crate::common;
-
-use common::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use strata_oci::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::*;
 
 const NONE: Creds = Creds::None;
 

@@ -1,12 +1,11 @@
 //! Multi-tenant mode: two orgs, users, API tokens, the bearer-token flow, cross-org refusals.
 
-use crate::common;
-
-use common::*;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use strata_oci::Digest;
 use strata_registry_server::{Admin, AuthMode, TokenScope};
+
+use crate::common::*;
 
 struct Setup {
     s: Server,

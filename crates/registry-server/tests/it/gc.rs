@@ -1,14 +1,13 @@
 //! Garbage collection keeps what tags, indexes, referrers and pins reach, and removes the rest.
 
-use crate::common;
-
 use std::time::Duration;
 
-use common::*;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use strata_oci::Digest;
 use strata_registry_server::{Admin, GcOptions};
+
+use crate::common::*;
 
 const NONE: Creds = Creds::None;
 

@@ -1,15 +1,14 @@
 //! The S3 backend against a real S3 server running here (`moto_server`, from PyPI:
 //! `pip install 'moto[server]'`). Without it on PATH the test says so and passes.
 
-use crate::common;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::*;
 use reqwest::{Method, StatusCode};
 use strata_oci::Digest;
 use strata_registry_server::{Admin, GcOptions, S3Config, StorageKind};
+
+use crate::common::*;
 
 struct Moto(Child);
 

@@ -2,16 +2,15 @@
 //! back, anonymously and with credentials through the token flow. Needs /usr/bin/skopeo (CI
 //! installs it); without it the tests say so and pass.
 
-use crate::common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
 use reqwest::{Method, StatusCode};
 use strata_oci::{Descriptor, Digest, Manifest, media_type};
 use strata_registry_server::{Admin, AuthMode, TokenScope};
 use strata_store::Store;
+
+use crate::common::*;
 
 const SKOPEO: &str = "/usr/bin/skopeo";
 

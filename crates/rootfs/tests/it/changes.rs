@@ -1,17 +1,16 @@
 //! Whiteouts and opaque directories over a lower layer; diff_dirs and overlay upper dirs
 //! turned into layers that reproduce the upper tree.
 
-use crate::common;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{RawTar, assert_same_tree, tree};
 use strata_rootfs::{
     Change, Compression, LayerOptions, LayerSource, apply_layer, changes_from_overlay_upper,
     diff_dirs, write_layer,
 };
+
+use crate::common::{RawTar, assert_same_tree, tree};
 
 fn w(root: &Path, p: &str, data: &[u8]) {
     let p = root.join(p);

@@ -1,15 +1,14 @@
 //! Hand-made hostile layers: each is refused or contained, and nothing outside the target
 //! changes.
 
-use crate::common;
-
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use common::{Node, RawTar, header, tree};
 use strata_rootfs::{Compression, Error, Refusal, apply_layer};
+
+use crate::common::{Node, RawTar, header, tree};
 
 /// A target directory with sentinels around it: a sibling dir with files, a file beside the
 /// target, and a unique absolute path in /tmp that hostile symlinks point at.
@@ -63,7 +62,7 @@ impl Arena {
 
     /// Nothing outside the target was created or changed.
     fn assert_contained(&self) {
-        common::assert_same_tree(&self.before, &self.outside_tree());
+        crate::common::assert_same_tree(&self.before, &self.outside_tree());
         assert!(
             !self.outside.exists(),
             "{} was created on the host",

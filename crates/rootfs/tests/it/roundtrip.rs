@@ -1,17 +1,16 @@
 //! Tree → layer → apply gives the same tree; layers are reproducible; GNU tar agrees with us.
 
-use crate::common;
-
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use common::{assert_same_tree, tree};
 use strata_oci::Digest;
 use strata_rootfs::{
     Compression, LayerOptions, LayerSource, MtimePolicy, apply_layer, decompress, write_layer,
 };
+
+use crate::common::{assert_same_tree, tree};
 
 /// A v2 `security.capability` value granting cap_net_bind_service (bit 10), effective.
 const CAP_NET_BIND: [u8; 20] = [1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];

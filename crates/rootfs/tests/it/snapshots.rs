@@ -1,20 +1,19 @@
 //! The snapshot cache: per-layer overlay dirs keyed by chain ID, atomic creation, diff_id
 //! checks; `materialize` equals an overlay mount of the cached lowerdirs.
 
-use crate::common;
-
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{assert_same_tree, tree};
 use strata_oci::{Descriptor, Digest, chain_id};
 use strata_rootfs::{
     Change, Compression, Error, LayerOptions, LayerRef, LayerSource, SnapshotCache, materialize,
     overlay_lowerdir, write_layer,
 };
+
+use crate::common::{assert_same_tree, tree};
 
 fn w(root: &Path, p: &str, data: &[u8]) {
     let p = root.join(p);

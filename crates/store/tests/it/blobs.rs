@@ -1,12 +1,11 @@
 //! Blob writes and reads: verification, idempotence, nothing left behind on refusal.
 
-use crate::common;
-
 use std::io::{Read, Write};
 
-use common::{files_under, temp_store};
 use strata_oci::{Algorithm, Descriptor, Digest};
 use strata_store::{Error, Store};
+
+use crate::common::{files_under, temp_store};
 
 #[test]
 fn bytes_round_trip_and_land_at_the_layout_path() {

@@ -1,13 +1,12 @@
 //! A writer killed mid-write (SIGKILL) leaves no partial blob and no stuck lock.
 
-use crate::common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::time::{Duration, SystemTime};
 
-use common::{CHILD_ROLE, files_under, spawn_self};
 use strata_oci::Descriptor;
 use strata_store::Store;
+
+use crate::common::{CHILD_ROLE, files_under, spawn_self};
 
 /// Yields `total` bytes in 64 KiB chunks, slowly, announcing on stdout once it is under way.
 struct SlowReader {

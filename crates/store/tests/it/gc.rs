@@ -1,10 +1,9 @@
 //! Garbage collection keeps everything reachable (refs, indexes, subjects, pins) and nothing else.
 
-use crate::common;
-
-use common::{files_under, put_small_image, temp_store};
 use strata_oci::{Descriptor, Digest, Index, Manifest, Platform, media_type};
 use strata_store::{Error, Store};
+
+use crate::common::{files_under, put_small_image, temp_store};
 
 fn all_blobs(store: &Store) -> Vec<Digest> {
     store

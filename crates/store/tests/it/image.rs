@@ -1,10 +1,9 @@
 //! Manifests and indexes in, images resolved to a platform out.
 
-use crate::common;
-
-use common::{put_small_image, temp_store};
 use strata_oci::{Descriptor, Digest, Index, Manifest, Platform, media_type};
 use strata_store::Error;
+
+use crate::common::{put_small_image, temp_store};
 
 #[test]
 fn image_resolves_a_manifest_ref() {

@@ -1,11 +1,9 @@
 //! The store is a real OCI image layout: skopeo and umoci read our images as they are.
 
-use crate::common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::{put_small_image, temp_store};
+use crate::common::{put_small_image, temp_store};
 
 fn tool(path: &str) -> Option<&Path> {
     let p = Path::new(path);

@@ -1,12 +1,11 @@
 //! The metadata database: pins, build cache index, snapshots, schema version.
 
-use crate::common;
-
 use std::path::Path;
 
-use common::temp_store;
 use strata_oci::Digest;
 use strata_store::{Error, Store};
+
+use crate::common::temp_store;
 
 #[test]
 fn db_is_wal_and_versioned() {

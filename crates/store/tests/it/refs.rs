@@ -1,13 +1,12 @@
 //! Refs in index.json: persistence, replacement, concurrent writers in threads and processes.
 
-use crate::common;
-
 use std::io::BufRead;
 use std::sync::Arc;
 
-use common::{CHILD_ROLE, spawn_self, temp_store};
 use strata_oci::{ANNOTATION_REF_NAME, Descriptor, media_type};
 use strata_store::{Error, Store};
+
+use crate::common::{CHILD_ROLE, spawn_self, temp_store};
 
 fn blob_desc(store: &Store, content: &[u8]) -> Descriptor {
     let (d, n) = store.put_blob_bytes(content, None).unwrap();
