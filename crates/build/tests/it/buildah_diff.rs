@@ -14,6 +14,7 @@ use std::process::Command;
 
 use strata_build::BuildOptions;
 use strata_oci::{ContainerConfig, Digest, ImageConfig};
+use strata_test_support::{can_run_containers, skip};
 
 use crate::common::*;
 
@@ -48,7 +49,7 @@ const BUILDAH_LEFTOVERS: &[(&str, &str)] = &[
 const BUILDAH_LABELS: &[&str] = &["io.buildah.version"];
 
 fn can_diff(test: &str) -> bool {
-    if !can_run(test) {
+    if !can_run_containers(test) {
         return false;
     }
     let missing: Vec<&str> = [BUILDAH, SKOPEO, "/usr/bin/umoci"]
@@ -56,10 +57,10 @@ fn can_diff(test: &str) -> bool {
         .filter(|p| !Path::new(p).exists())
         .collect();
     if !missing.is_empty() {
-        eprintln!(
-            "\n!!!!!!!!!! SKIPPED {test}: buildah differential test needs {missing:?} \
-             (apt-get install buildah skopeo umoci) !!!!!!!!!!\n"
-        );
+        skip(&format!(
+            "{test}: the buildah differential test needs {missing:?} \
+             (apt-get install buildah skopeo umoci)"
+        ));
         return false;
     }
     true

@@ -27,12 +27,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use strata_build::{BuildOptions, CollectProgress, Event};
 use strata_oci::{ContainerConfig, Digest};
 use strata_store::Store;
+use strata_test_support::{Dockerd, bounded, check, describe, is_root, on_path, skip};
 
 use crate::common::*;
 
@@ -155,17 +156,8 @@ fn mount_targets(dockerfile: &str) -> Vec<String> {
 
 /// Whether this machine can run the suite; says so loudly when it cannot.
 fn can_diff() -> bool {
-    let root = rustix::process::geteuid().is_root();
-    let on_path = |tool: &str| {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
     let mut missing: Vec<&str> = Vec::new();
-    if !root {
+    if !is_root() {
         missing.push("root");
     }
     for tool in ["dockerd", "runc", "timeout"] {
@@ -179,150 +171,13 @@ fn can_diff() -> bool {
         }
     }
     if !missing.is_empty() {
-        eprintln!(
-            "\n!!!!! SKIPPED buildkit_diff: the BuildKit differential suite needs {missing:?} \
-             (apt-get install docker.io runc skopeo umoci; run as root) !!!!!\n"
-        );
+        skip(&format!(
+            "buildkit_diff: the BuildKit differential suite needs {missing:?} \
+             (apt-get install docker.io runc skopeo umoci; run as root)"
+        ));
         return false;
     }
     true
-}
-
-/// `program` under coreutils `timeout`, so a hung tool fails the suite instead of hanging it.
-fn bounded(secs: u64, program: &str) -> Command {
-    let mut cmd = Command::new("timeout");
-    cmd.arg("--kill-after=5").arg(secs.to_string()).arg(program);
-    cmd
-}
-
-fn describe(cmd: &Command, out: &Output) -> String {
-    format!(
-        "{cmd:?} failed ({}; 124 means it timed out):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn check(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{}", describe(cmd, &out));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A private Docker engine; stopped (SIGTERM, then SIGKILL) and its mounts removed on drop.
-struct Dockerd {
-    child: Child,
-    host: String,
-    sock: PathBuf,
-    /// data/, exec/, the pid file, an empty daemon.json, the log and the CLI's config dir.
-    dir: tempfile::TempDir,
-}
-
-impl Dockerd {
-    fn start() -> Dockerd {
-        let sock = PathBuf::from(format!(
-            "/run/strata-buildkit-diff-{}.sock",
-            std::process::id()
-        ));
-        let _ = fs::remove_file(&sock);
-        let dir = tempfile::tempdir().unwrap();
-        let p = |rel: &str| dir.path().join(rel);
-        fs::create_dir_all(p("cli")).unwrap();
-        // An empty config file so a host /etc/docker/daemon.json cannot change the engine.
-        fs::write(p("daemon.json"), "{}").unwrap();
-        let log = fs::File::create(p("dockerd.log")).unwrap();
-        let child = Command::new("dockerd")
-            .arg("--iptables=false")
-            .arg("--bridge=none")
-            .arg("--config-file")
-            .arg(p("daemon.json"))
-            .arg("--host")
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--data-root")
-            .arg(p("data"))
-            .arg("--exec-root")
-            .arg(p("exec"))
-            .arg("--pidfile")
-            .arg(p("dockerd.pid"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut d = Dockerd {
-            child,
-            host: format!("unix://{}", sock.display()),
-            sock,
-            dir,
-        };
-        let start = Instant::now();
-        loop {
-            if let Some(status) = d.child.try_wait().unwrap() {
-                panic!("dockerd exited ({status}) at start:\n{}", d.log_tail());
-            }
-            let info = d
-                .cmd(10)
-                .args(["info", "--format", "{{.ServerVersion}}"])
-                .output();
-            if info.is_ok_and(|o| o.status.success()) {
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                panic!("dockerd not answering after 60 s:\n{}", d.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        eprintln!("dockerd up in {:?}", start.elapsed());
-        d
-    }
-
-    /// `docker` aimed at this engine (and a private CLI config dir, so no host credentials or
-    /// credential helpers are used), with a time limit.
-    fn cmd(&self, secs: u64) -> Command {
-        let mut cmd = bounded(secs, DOCKER);
-        cmd.env("DOCKER_HOST", &self.host)
-            .env("DOCKER_CONFIG", self.dir.path().join("cli"))
-            .env("DOCKER_BUILDKIT", "1");
-        cmd
-    }
-
-    fn log_tail(&self) -> String {
-        let log = fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let start = Instant::now();
-        while self.child.try_wait().ok().flatten().is_none() {
-            if start.elapsed() > Duration::from_secs(30) {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        // dockerd leaves its netns bind mount (and, after a crash, overlay mounts) under its
-        // roots; unmount them, deepest first, so the temp dir can be removed.
-        let root = self.dir.path().to_string_lossy().into_owned();
-        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-            .filter(|m| m.starts_with(&root))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-        let _ = fs::remove_file(&self.sock);
-    }
 }
 
 /// The most the whole suite may take (it takes about a minute): strata's builds run in this
@@ -339,8 +194,8 @@ impl Watchdog {
     fn start(d: &Dockerd, limit: Duration) -> Watchdog {
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = done.clone();
-        let pid = d.child.id();
-        let sock = d.sock.clone();
+        let pid = d.pid();
+        let sock = d.sock().to_path_buf();
         std::thread::spawn(move || {
             let start = Instant::now();
             while start.elapsed() < limit {
@@ -653,6 +508,7 @@ fn build_strata(store: &Store, case: &Case) -> Built {
 /// `docker build` of the case; its output (stdout and stderr) when it succeeds.
 fn docker_build(d: &Dockerd, case: &Case, dockerfile: Option<&Path>) -> Result<String, String> {
     let mut cmd = d.cmd(180);
+    cmd.env("DOCKER_BUILDKIT", "1");
     cmd.args(["build", "--network", "host", "-t", &tag_of(&case.name)]);
     if let Some(f) = dockerfile {
         cmd.arg("-f").arg(f);
@@ -942,7 +798,7 @@ fn buildkit_differential() {
 
     let work = tempfile::tempdir().unwrap();
     let store = Store::open(work.path().join("store")).unwrap();
-    let docker = Dockerd::start();
+    let docker = Dockerd::start(DOCKER);
     let _watchdog = Watchdog::start(&docker, Duration::from_secs(WHOLE_SUITE_SECS));
     make_bases(&store, &docker, work.path());
 

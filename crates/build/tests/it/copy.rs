@@ -606,7 +606,10 @@ fn tar_entry(b: &mut tar::Builder<Vec<u8>>, path: &str, link: &str) {
 #[test]
 fn lower_layer_symlinks_resolve_inside_the_image_never_onto_the_host() {
     if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIPPED: needs root to give the host directory an owner");
+        strata_test_support::skip(
+            "lower_layer_symlinks_resolve_inside_the_image_never_onto_the_host needs root to give \
+             the host directory an owner",
+        );
         return;
     }
     let (_d, store) = store_with_busybox();

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use strata_build::{CollectProgress, Error, Event, Project, ProjectBuild, ProjectOptions};
 use strata_store::Store;
+use strata_test_support::can_run_containers;
 
 use crate::common::*;
 
@@ -51,7 +52,7 @@ fn run_per_image(b: &ProjectBuild) -> BTreeMap<String, usize> {
 
 #[test]
 fn tilt_base_image_example_rebuilds_only_what_changed() {
-    if !can_run("tilt_base_image_example_rebuilds_only_what_changed") {
+    if !can_run_containers("tilt_base_image_example_rebuilds_only_what_changed") {
         return;
     }
     let (_d, store) = store_with_busybox();

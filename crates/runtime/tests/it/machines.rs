@@ -4,7 +4,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -18,7 +17,7 @@ use strata_runtime::{
 };
 
 fn skip(why: &str) -> Option<Lab> {
-    eprintln!("\n!!!!! SKIPPED: machine tests need {why} !!!!!\n");
+    strata_test_support::skip(&format!("machine tests need {why}"));
     None
 }
 
@@ -36,13 +35,7 @@ fn busybox() -> &'static Path {
         for d in ["bin", "etc", "home/app", "tmp"] {
             std::fs::create_dir_all(b.join(d)).unwrap();
         }
-        std::fs::copy("/bin/busybox", b.join("bin/busybox")).unwrap();
-        let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-        for applet in String::from_utf8(list.stdout).unwrap().lines() {
-            if applet != "busybox" {
-                symlink("busybox", b.join("bin").join(applet)).unwrap();
-            }
-        }
+        strata_test_support::install_busybox(&b.join("bin"));
         std::fs::write(
             b.join("etc/passwd"),
             "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",
@@ -825,14 +818,16 @@ fn a_machine_reaches_other_networks_through_the_hosts_nat() {
         return;
     };
     if Command::new("nft").arg("--version").output().is_err() {
-        eprintln!("\n!!!!! SKIPPED: the NAT test needs nft (apt-get install nftables) !!!!!\n");
+        strata_test_support::skip("the NAT test needs nft (apt-get install nftables)");
         return;
     }
     // A host firewall that drops forwarded traffic (what a Docker engine leaves behind) is
     // the host's policy: ensure_host_nat does not override it, so the test cannot pass there.
     let forward = Command::new("iptables").args(["-S", "FORWARD"]).output();
     if forward.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("-P FORWARD DROP")) {
-        eprintln!("\n!!!!! SKIPPED: the host's FORWARD policy is DROP (a Docker engine?) !!!!!\n");
+        strata_test_support::skip(
+            "the NAT test: the host's FORWARD policy is DROP (a Docker engine?)",
+        );
         return;
     }
     ensure_host_nat().unwrap();
@@ -893,7 +888,7 @@ fn exec_with_a_tty_gets_a_terminal() {
         return;
     };
     if Command::new("script").arg("--version").output().is_err() {
-        eprintln!("\n!!!!! SKIPPED: the tty test needs `script` (util-linux) !!!!!\n");
+        strata_test_support::skip("the tty test needs `script` (util-linux)");
         return;
     }
     let spec = lab.spec(0, "echo ready; exec sleep 1000");

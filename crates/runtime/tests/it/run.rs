@@ -1,7 +1,7 @@
 //! runc end to end: a busybox lower dir, overlay writes, users, networks, mounts, signals,
 //! parallel runs and cleanup. Needs root and runc; skips loudly without them.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt, symlink};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -11,17 +11,18 @@ use strata_runtime::{
     MountSpec, NetworkMode, Rootfs, RunResult, RunSpec, RuntimeConfig, UserSpec, cleanup_stale,
     resolve_user, run,
 };
+use strata_test_support::{install_busybox, skip};
 
 /// runc and root, or a loud reason why the test does nothing.
 fn runtime(state: &Path) -> Option<RuntimeConfig> {
     if !rustix::process::geteuid().is_root() {
-        eprintln!("\n!!!!! SKIPPED: runtime tests need root !!!!!\n");
+        skip("runtime tests need root");
         return None;
     }
     match RuntimeConfig::detect(state.to_path_buf()) {
         Ok(c) => Some(c),
         Err(e) => {
-            eprintln!("\n!!!!! SKIPPED: {e} !!!!!\n");
+            skip(&e.to_string());
             None
         }
     }
@@ -42,13 +43,7 @@ fn busybox() -> &'static Path {
         std::fs::create_dir_all(b.join("bin")).unwrap();
         std::fs::create_dir_all(b.join("etc")).unwrap();
         std::fs::create_dir_all(b.join("home/app")).unwrap();
-        std::fs::copy("/bin/busybox", b.join("bin/busybox")).unwrap();
-        let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-        for applet in String::from_utf8(list.stdout).unwrap().lines() {
-            if applet != "busybox" {
-                symlink("busybox", b.join("bin").join(applet)).unwrap();
-            }
-        }
+        install_busybox(&b.join("bin"));
         std::fs::write(
             b.join("etc/passwd"),
             "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",

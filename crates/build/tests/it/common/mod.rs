@@ -9,21 +9,7 @@ use std::process::Command;
 use strata_build::{BuildOptions, BuildOutcome, CollectProgress, Event, build};
 use strata_oci::{ImageConfig, validate_image};
 use strata_store::Store;
-
-/// Whether RUN tests can run here (root and runc). Prints a loud skip otherwise.
-pub fn can_run(test: &str) -> bool {
-    let root = rustix::process::geteuid().is_root();
-    let runc = ["/usr/sbin/runc", "/usr/bin/runc", "/usr/local/sbin/runc"]
-        .iter()
-        .any(|p| Path::new(p).exists());
-    if !(root && runc) {
-        eprintln!(
-            "\n!!!!!!!!!! SKIPPED {test}: needs root and runc (root={root}, runc={runc}) !!!!!!!!!!\n"
-        );
-        return false;
-    }
-    true
-}
+use strata_test_support::can_run_containers;
 
 /// A busybox root filesystem as a tar stream.
 pub fn busybox_tar() -> Vec<u8> {
@@ -50,13 +36,7 @@ pub fn busybox_rootfs_tar(bin: &str, links: &[(&str, &str)]) -> Vec<u8> {
         std::os::unix::fs::PermissionsExt::from_mode(0o1777),
     )
     .unwrap();
-    std::fs::copy("/bin/busybox", r.join(bin).join("busybox")).unwrap();
-    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-    for applet in String::from_utf8(list.stdout).unwrap().lines() {
-        if applet != "busybox" && !applet.is_empty() {
-            std::os::unix::fs::symlink("busybox", r.join(bin).join(applet)).unwrap();
-        }
-    }
+    strata_test_support::install_busybox(&r.join(bin));
     std::fs::write(
         r.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
@@ -87,7 +67,7 @@ pub fn store_with_busybox() -> (tempfile::TempDir, Store) {
 /// a store holding `busybox:latest` (with the directory that holds it) and an empty directory
 /// for the build context.
 pub fn run_lab(test: &str) -> Option<(tempfile::TempDir, Store, tempfile::TempDir)> {
-    if !can_run(test) {
+    if !can_run_containers(test) {
         return None;
     }
     let (dir, store) = store_with_busybox();
