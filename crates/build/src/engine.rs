@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use strata_dockerfile::{Dockerfile, IgnoreMatcher, Instruction};
+use strata_oci::sync::MutexExt;
 use strata_oci::{
     Compression, ContainerConfig, Descriptor, Digest, History, ImageConfig, Manifest, Platform,
     Reference, RootFs, media_type,
@@ -171,18 +172,12 @@ impl<'a> StoreResolver<'a> {
 
     /// The images resolved so far.
     pub fn used(&self) -> BTreeMap<String, Digest> {
-        match self.used.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.used.lock_ok().clone()
     }
 
     /// The pulls done so far.
     pub fn pulled(&self) -> Vec<PullReport> {
-        match self.pulled.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.pulled.lock_ok().clone()
     }
 
     /// `reference` from its registry, when pulling is on; `None` when it is off.
@@ -192,10 +187,7 @@ impl<'a> StoreResolver<'a> {
         };
         let report = pull_image(self.store, reference, opts, progress)?;
         let descriptor = report.descriptor.clone();
-        match self.pulled.lock() {
-            Ok(mut g) => g.push(report),
-            Err(p) => p.into_inner().push(report),
-        }
+        self.pulled.lock_ok().push(report);
         Ok(Some(descriptor))
     }
 
@@ -291,12 +283,9 @@ impl ImageResolver for StoreResolver<'_> {
         };
         let img = self.store.resolve_image(&local, desc, &host)?;
         let config = ImageConfig::from_slice(&img.config_bytes)?;
-        match self.used.lock() {
-            Ok(mut g) => g.insert(local.clone(), img.descriptor.digest.clone()),
-            Err(p) => p
-                .into_inner()
-                .insert(local.clone(), img.descriptor.digest.clone()),
-        };
+        self.used
+            .lock_ok()
+            .insert(local.clone(), img.descriptor.digest.clone());
         Ok(Some(ResolvedImage {
             name: local,
             descriptor: img.descriptor,
@@ -357,10 +346,7 @@ impl Ctx<'_> {
     }
 
     pub fn runtime(&self) -> Result<RuntimeConfig> {
-        let mut g = match self.runtime.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = self.runtime.lock_ok();
         if let Some(r) = g.as_ref() {
             return Ok(r.clone());
         }
@@ -378,10 +364,7 @@ impl Ctx<'_> {
         let (key, layers) = match from {
             FileSource::Context => return Ok(self.context.clone()),
             FileSource::Stage { index } => {
-                let stages = match self.stages.lock() {
-                    Ok(g) => g,
-                    Err(p) => p.into_inner(),
-                };
+                let stages = self.stages.lock_ok();
                 let st = stages.get(index).ok_or_else(|| Error::DependencyFailed {
                     stage: index.to_string(),
                 })?;
@@ -398,10 +381,7 @@ impl Ctx<'_> {
                 (img.descriptor.digest.to_string(), img.layers())
             }
         };
-        let mut map = match self.materialized.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut map = self.materialized.lock_ok();
         if let Some(t) = map.get(&key) {
             return Ok(t.path().join("rootfs"));
         }
@@ -531,10 +511,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
     let mut remaining: Vec<usize> = plan.order.clone();
     while !remaining.is_empty() {
         let done: Vec<usize> = {
-            let g = match ctx.stages.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let g = ctx.stages.lock_ok();
             g.keys().copied().collect()
         };
         let ready: Vec<usize> = remaining
@@ -575,19 +552,13 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
             record
                 .stages
                 .insert(plan.stages[*i].display_name(), r.inputs);
-            match ctx.stages.lock() {
-                Ok(mut g) => g.insert(*i, r.state),
-                Err(p) => p.into_inner().insert(*i, r.state),
-            };
+            ctx.stages.lock_ok().insert(*i, r.state);
         }
         remaining.retain(|i| !ready.contains(i));
     }
 
     let mut state = {
-        let g = match ctx.stages.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let g = ctx.stages.lock_ok();
         g.get(&plan.target)
             .cloned()
             .ok_or_else(|| Error::Usage("target stage was not built".into()))?
@@ -739,10 +710,7 @@ fn run_stage(
             )
         }
         Base::Stage(j) => {
-            let g = match ctx.stages.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let g = ctx.stages.lock_ok();
             let mut st = g.get(j).cloned().ok_or_else(|| Error::DependencyFailed {
                 stage: plan.stages[*j].display_name(),
             })?;
@@ -966,10 +934,7 @@ const WORKDIR_MKDIR: &str = "workdir-mkdir";
 fn stage_key_of(ctx: &Ctx<'_>, from: &FileSource) -> Option<String> {
     match from {
         FileSource::Stage { index } => {
-            let g = match ctx.stages.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let g = ctx.stages.lock_ok();
             g.get(index).map(|s| s.key.clone())
         }
         _ => None,

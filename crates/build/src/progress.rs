@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 use serde::Serialize;
+use strata_oci::sync::MutexExt;
 
 /// Which step an event is about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -86,19 +87,13 @@ pub struct CollectProgress {
 impl CollectProgress {
     /// A copy of the events so far.
     pub fn take(&self) -> Vec<Event> {
-        match self.events.lock() {
-            Ok(mut g) => std::mem::take(&mut *g),
-            Err(p) => std::mem::take(&mut *p.into_inner()),
-        }
+        std::mem::take(&mut *self.events.lock_ok())
     }
 }
 
 impl Progress for CollectProgress {
     fn event(&self, event: &Event) {
-        match self.events.lock() {
-            Ok(mut g) => g.push(event.clone()),
-            Err(p) => p.into_inner().push(event.clone()),
-        }
+        self.events.lock_ok().push(event.clone());
     }
 }
 
@@ -220,10 +215,7 @@ impl<W: Write + Send> Progress for PlainProgress<W> {
             return;
         }
         if let Some(line) = plain_line(event) {
-            let mut out = match self.out.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut out = self.out.lock_ok();
             // Progress output is best effort: a closed stderr must not fail the build.
             let _ = writeln!(out, "{line}");
             let _ = out.flush();
@@ -272,10 +264,7 @@ impl TtyProgress {
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<StepKey, Running>> {
-        match self.running.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        self.running.lock_ok()
     }
 
     /// Prints a finished line above the spinners (best effort, like all progress output).
@@ -460,10 +449,7 @@ impl<W> WriterTerm<W> {
     where
         W: Write,
     {
-        let mut out = match self.out.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut out = self.out.lock_ok();
         out.write_all(s.as_bytes())
     }
 }
@@ -519,10 +505,7 @@ impl<W: Write + Send> TermLike for WriterTerm<W> {
         self.write("\r\x1b[2K")
     }
     fn flush(&self) -> std::io::Result<()> {
-        let mut out = match self.out.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut out = self.out.lock_ok();
         out.flush()
     }
 }
@@ -546,10 +529,7 @@ impl<W: Write + Send> Progress for JsonProgress<W> {
         let Ok(line) = serde_json::to_string(event) else {
             return;
         };
-        let mut out = match self.out.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut out = self.out.lock_ok();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     }

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use strata_oci::sync::MutexExt;
 use strata_runtime::{
     MachineStatus, NetSpec, machine_cleanup, machine_destroy, machine_start, machine_status,
     machine_stop, prepare_network, process_alive, process_start_time, teardown_network,
@@ -490,11 +491,7 @@ impl Agent {
     }
 
     fn is_busy(&self, id: &str) -> bool {
-        self.busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .ids
-            .contains(id)
+        self.busy.lock_ok().ids.contains(id)
     }
 
     fn on_exit(&mut self, m: &Machine, code: Option<i32>) -> Result<()> {
@@ -625,11 +622,7 @@ impl Agent {
     fn spawn_stop(&mut self, m: &Machine) -> Result<()> {
         let spec = self.host.spec(m).ok();
         let was_child = m.pid.and_then(|p| self.children.remove(&p).map(|_| p));
-        self.busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .ids
-            .insert(m.id.clone());
+        self.busy.lock_ok().ids.insert(m.id.clone());
         let busy = self.busy.clone();
         let runtime = self.host.runtime.clone();
         let root = self.root.clone();
@@ -698,10 +691,7 @@ impl Agent {
             if let Err(e) = finish() {
                 warn!(machine = %m.id, "{e}");
             }
-            busy.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .ids
-                .remove(&m.id);
+            busy.lock_ok().ids.remove(&m.id);
         });
         Ok(())
     }

@@ -15,9 +15,10 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use strata_oci::sync::{MutexExt, RwLockExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -117,11 +118,8 @@ impl Proxy {
     pub fn set_backends(&self, backends: Vec<SocketAddr>) {
         let shared = &self.handle.shared;
         // Lock order: `active`, then `backends` (as in `Shared::claim`).
-        let _picks = shared.active.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut current = shared
-            .backends
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _picks = shared.active.lock_ok();
+        let mut current = shared.backends.write_ok();
         *current = Arc::new(backends);
     }
 
@@ -133,12 +131,7 @@ impl Proxy {
     /// How many client connections are forwarded to `backend` right now, whether or not it is
     /// still in the set: the deployer waits for this to reach 0 before stopping an old machine.
     pub fn active_connections(&self, backend: SocketAddr) -> usize {
-        let active = self
-            .handle
-            .shared
-            .active
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let active = self.handle.shared.active.lock_ok();
         active.get(&backend).copied().unwrap_or(0)
     }
 
@@ -147,12 +140,7 @@ impl Proxy {
     pub async fn shutdown(self) {
         // send_replace stores the value even when no receiver is left (the task ended).
         self.handle.stop.send_replace(true);
-        let task = self
-            .handle
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let task = self.handle.task.lock_ok().take();
         if let Some(task) = task {
             // The task ends by itself on the stop signal; a JoinError here means it panicked,
             // which has already been reported by the panic hook.
@@ -163,7 +151,7 @@ impl Proxy {
 
 impl Shared {
     fn current_backends(&self) -> Arc<Vec<SocketAddr>> {
-        Arc::clone(&self.backends.read().unwrap_or_else(PoisonError::into_inner))
+        Arc::clone(&self.backends.read_ok())
     }
 
     /// Counts a connection against `backend` of `set`, unless `set` is no longer the current
@@ -173,7 +161,7 @@ impl Shared {
         set: &Arc<Vec<SocketAddr>>,
         backend: SocketAddr,
     ) -> Option<ActiveGuard> {
-        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut active = self.active.lock_ok();
         if !Arc::ptr_eq(set, &self.current_backends()) {
             return None;
         }
@@ -243,11 +231,7 @@ struct ActiveGuard {
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        let mut active = self
-            .shared
-            .active
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut active = self.shared.active.lock_ok();
         if let Some(count) = active.get_mut(&self.backend) {
             *count = count.saturating_sub(1);
             if *count == 0 {

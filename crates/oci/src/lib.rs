@@ -1,5 +1,7 @@
 //! The OCI / Docker image model: digests, descriptors, manifests, configs, references and
 //! validation; no file or network I/O (blobs are read through [`BlobSource`]).
+//!
+//! Also home to [`sync`], the poison-tolerant lock helpers every strata crate shares.
 
 // Tests may unwrap: a panic is how they fail.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -12,6 +14,7 @@ mod error;
 pub mod media_type;
 mod printable;
 pub mod reference;
+pub mod sync;
 pub mod validate;
 
 pub use canonical::{to_canonical_json, try_to_canonical_json};

@@ -15,6 +15,7 @@ use axum::http::header::AUTHORIZATION;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
+use strata_oci::sync::MutexExt;
 
 use crate::error::{Error, IoContext, Result};
 use crate::meta::{MetaDb, Principal, TOKEN_PREFIX, TokenScope};
@@ -261,7 +262,7 @@ impl Auth {
         h.update(pass.as_bytes());
         let cache_key: [u8; 32] = h.finalize().into();
         let cached = {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let cache = self.cache.lock_ok();
             cache
                 .get(&cache_key)
                 .filter(|(_, _, at)| at.elapsed() < CACHE_TTL)
@@ -274,14 +275,14 @@ impl Auth {
                 return Ok(Some(p));
             }
             // Changed or gone: forget it and check the password again below.
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = self.cache.lock_ok();
             cache.remove(&cache_key);
         }
         let meta = self.meta.clone();
         let found =
             tokio::task::spawn_blocking(move || meta.check_password(&user, &pass)).await??;
         Ok(found.map(|(p, stored)| {
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = self.cache.lock_ok();
             cache.retain(|_, (_, _, at)| at.elapsed() < CACHE_TTL);
             cache.insert(cache_key, (p.clone(), stored, Instant::now()));
             p

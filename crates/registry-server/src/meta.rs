@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::Digest as _;
+use strata_oci::sync::MutexExt;
 
 use crate::error::{Error, Result};
 use crate::util;
@@ -168,7 +169,7 @@ impl MetaDb {
     ) -> Result<T> {
         // A poisoned lock only means another thread panicked mid-query; SQLite itself is
         // consistent (each statement is atomic), so keep going.
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = self.conn.lock_ok();
         f(&conn).map_err(|source| Error::Db {
             path: self.path.clone(),
             what,

@@ -28,6 +28,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
+use strata_oci::sync::MutexExt;
 use strata_oci::{Algorithm, Descriptor, Digest, Hasher, ManifestOrIndex};
 
 use crate::error::{Error, IoContext, Result};
@@ -414,7 +415,7 @@ impl Registry {
     }
 
     fn sessions_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, SessionRef)>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+        self.sessions.lock_ok()
     }
 
     /// The session `id` of `repo`, from memory or (after a restart) from disk.

@@ -9,6 +9,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{RequestBuilder, Response, StatusCode};
+use strata_oci::sync::MutexExt;
 use strata_oci::{Digest, Reference};
 
 use crate::challenge::{Challenge, parse_challenges};
@@ -370,7 +371,7 @@ impl Client {
 
     fn lock_auth(&self) -> std::sync::MutexGuard<'_, AuthState> {
         // A panic while holding the lock cannot leave the cache inconsistent (plain inserts).
-        self.auth.lock().unwrap_or_else(|p| p.into_inner())
+        self.auth.lock_ok()
     }
 
     fn credentials(&self) -> Result<Option<Credentials>> {

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use strata_oci::Digest;
+use strata_oci::sync::MutexExt;
 
 use crate::Store;
 use crate::error::{Error, Result};
@@ -128,7 +129,7 @@ impl Store {
     fn with_db<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
         // A panic while holding the lock cannot leave SQLite inconsistent (its own transactions
         // guard that), so a poisoned mutex is still usable.
-        let conn = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = self.db.lock_ok();
         f(&conn).map_err(|source| Error::Db {
             path: self.db_path(),
             source,

@@ -17,6 +17,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use strata_oci::sync::MutexExt;
 use strata_oci::{Descriptor, Digest, Index, Manifest, Platform, Reference, media_type};
 use strata_registry::{BlobData, BlobPush, Client, ClientOptions};
 use strata_store::Store;
@@ -211,22 +212,18 @@ fn parallel<T: Send, R: Send>(
         for _ in 0..n {
             s.spawn(|| {
                 while !failed.load(Ordering::SeqCst) {
-                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                    let next = queue.lock_ok().next();
                     let Some(item) = next else { break };
                     let r = work(item);
                     if r.is_err() {
                         failed.store(true, Ordering::SeqCst);
                     }
-                    results.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+                    results.lock_ok().push(r);
                 }
             });
         }
     });
-    results
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner())
-        .into_iter()
-        .collect()
+    results.into_inner_ok().into_iter().collect()
 }
 
 fn cache_key(registry: &str, digest: &Digest) -> String {

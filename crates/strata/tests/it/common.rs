@@ -76,21 +76,13 @@ impl Env {
     }
 }
 
-/// Where busybox-static puts its binary.
-pub const BUSYBOX: &str = "/bin/busybox";
-
 /// Whether an external tool is on PATH; prints a loud skip note when it is not.
 pub fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let found = strata_test_support::on_path(tool);
     if !found {
-        eprintln!(
-            "\n!!!!! SKIPPED: `{tool}` is not installed (CI installs it via .ci/run) !!!!!\n"
-        );
+        strata_test_support::skip(&format!(
+            "`{tool}` is not installed (CI installs it via .ci/run)"
+        ));
     }
     found
 }
@@ -99,14 +91,7 @@ pub fn have(tool: &str) -> bool {
 /// and a few entries that exercise modes and link kinds (a hardlink, a sticky /tmp, a setuid
 /// file, an empty dir).
 pub fn busybox_rootfs(root: &Path) {
-    fs::create_dir_all(root.join("bin")).unwrap();
-    fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
-    let list = Command::new(BUSYBOX).arg("--list").output().unwrap();
-    for applet in String::from_utf8(list.stdout).unwrap().lines() {
-        if applet != "busybox" && !root.join("bin").join(applet).exists() {
-            symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-    }
+    strata_test_support::install_busybox(&root.join("bin"));
     fs::create_dir_all(root.join("etc")).unwrap();
     fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
     fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();

@@ -11,18 +11,14 @@ use std::time::{Duration, Instant};
 use crate::common::{Env, free_port, have, import_busybox, interrupt_exits_130_within, wait_for};
 
 fn can_run_machines() -> bool {
-    let root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout == b"0\n");
-    let ok = root
+    let ok = strata_test_support::is_root()
         && have("runc")
         && have("ip")
         && Path::new("/usr/bin/tini-static").exists()
         && Path::new("/bin/busybox").exists();
     if !ok {
-        eprintln!(
-            "SKIPPED: machine tests need root, runc, ip, tini-static (apt-get install tini) and busybox-static"
+        strata_test_support::skip(
+            "machine tests need root, runc, ip, tini-static (apt-get install tini) and busybox-static",
         );
     }
     ok

@@ -7,56 +7,22 @@
 //! the host's own Docker, if any, is never touched.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Instant;
+
+use strata_test_support::{Dockerd, bounded, check, is_root, on_path, skip};
 
 use crate::common::*;
 
 /// Whether this machine can run the tests; says so loudly when it cannot.
 fn can_run_docker() -> bool {
-    let on_path = |tool: &str| {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
-    let root = fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        .unwrap_or(false);
-    let ok = on_path("dockerd") && on_path("docker") && root;
+    let ok = on_path("dockerd") && on_path("docker") && is_root();
     if !ok {
-        eprintln!(
-            "\n!!!!! SKIPPED: the Docker interop test needs dockerd and docker \
-             (apt-get install docker.io) and root !!!!!\n"
+        skip(
+            "the Docker interop test needs dockerd and docker (apt-get install docker.io) and root",
         );
     }
     ok
-}
-
-/// Runs `cmd` under coreutils `timeout` so a hung peer fails the test instead of hanging it.
-fn bounded(secs: u64, program: &str) -> Command {
-    let mut cmd = Command::new("timeout");
-    cmd.arg("--kill-after=5").arg(secs.to_string()).arg(program);
-    cmd
-}
-
-fn check(cmd: &mut Command) -> String {
-    let out: Output = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}; 124 means it timed out):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// `strata --store STORE ARGS…` with a time limit, asserting success; returns stdout.
@@ -70,132 +36,11 @@ fn strata(store: &Path, secs: u64, args: &[&str]) -> String {
     )
 }
 
-/// A private Docker engine; stopped (SIGTERM, then SIGKILL) and its mounts and directories
-/// removed on drop.
-struct Dockerd {
-    child: Child,
-    host: String,
-    sock: PathBuf,
-    /// data/, exec/, the pid file, an empty daemon.json, the log and the CLI's config dir.
-    dir: tempfile::TempDir,
-}
-
-impl Dockerd {
-    fn start() -> Dockerd {
-        static STARTED: AtomicUsize = AtomicUsize::new(0);
-        let n = STARTED.fetch_add(1, Ordering::SeqCst);
-        let sock = PathBuf::from(format!(
-            "/run/strata-test-docker-{}-{n}.sock",
-            std::process::id()
-        ));
-        let _ = fs::remove_file(&sock);
-        let dir = tempfile::tempdir().unwrap();
-        let p = |rel: &str| dir.path().join(rel);
-        fs::create_dir_all(p("cli")).unwrap();
-        // An empty config file so a host /etc/docker/daemon.json cannot change the engine.
-        fs::write(p("daemon.json"), "{}").unwrap();
-        let log = fs::File::create(p("dockerd.log")).unwrap();
-        let child = Command::new("dockerd")
-            .arg("--iptables=false")
-            .arg("--bridge=none")
-            .arg("--config-file")
-            .arg(p("daemon.json"))
-            .arg("--host")
-            .arg(format!("unix://{}", sock.display()))
-            .arg("--data-root")
-            .arg(p("data"))
-            .arg("--exec-root")
-            .arg(p("exec"))
-            .arg("--pidfile")
-            .arg(p("dockerd.pid"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut d = Dockerd {
-            child,
-            host: format!("unix://{}", sock.display()),
-            sock,
-            dir,
-        };
-        let start = Instant::now();
-        loop {
-            if let Some(status) = d.child.try_wait().unwrap() {
-                panic!("dockerd exited ({status}) at start:\n{}", d.log_tail());
-            }
-            let info = d
-                .cmd(10)
-                .args(["info", "--format", "{{.ServerVersion}}"])
-                .output();
-            if info.is_ok_and(|o| o.status.success()) {
-                break;
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                panic!("dockerd not answering after 60 s:\n{}", d.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        eprintln!("dockerd up in {:?}", start.elapsed());
-        d
-    }
-
-    /// `docker` aimed at this engine (and a private CLI config dir, so no host credentials or
-    /// credential helpers are used), with a time limit.
-    fn cmd(&self, secs: u64) -> Command {
-        let mut cmd = bounded(secs, "docker");
-        cmd.env("DOCKER_HOST", &self.host)
-            .env("DOCKER_CONFIG", self.dir.path().join("cli"));
-        cmd
-    }
-
-    /// `docker ARGS…`, asserting success; returns stdout.
-    fn ok(&self, secs: u64, args: &[&str]) -> String {
-        check(self.cmd(secs).args(args))
-    }
-
-    fn inspect(&self, image: &str) -> serde_json::Value {
-        let out = self.ok(30, &["image", "inspect", image]);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v[0].clone()
-    }
-
-    fn log_tail(&self) -> String {
-        let log = fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let start = Instant::now();
-        while self.child.try_wait().ok().flatten().is_none() {
-            if start.elapsed() > Duration::from_secs(30) {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        // dockerd leaves its netns bind mount (and, after a crash, overlay mounts) under its
-        // roots; unmount them, deepest first, so the temp dir can be removed.
-        let root = self.dir.path().to_string_lossy().into_owned();
-        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-            .filter(|m| m.starts_with(&root))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-        let _ = fs::remove_file(&self.sock);
-    }
+/// `docker image inspect IMAGE`, the one image's object.
+fn inspect(docker: &Dockerd, image: &str) -> serde_json::Value {
+    let out = docker.ok(30, &["image", "inspect", image]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0].clone()
 }
 
 fn strata_inspect(store: &Path, name: &str) -> serde_json::Value {
@@ -235,14 +80,14 @@ fn docker_loads_a_strata_save_archive_and_runs_it() {
         ],
     );
 
-    let docker = Dockerd::start();
+    let docker = Dockerd::start("docker");
     let out = docker.ok(120, &["load", "-i", tar.to_str().unwrap()]);
     assert!(
         out.contains("Loaded image: busybox:latest"),
         "docker load said: {out}"
     );
     // Docker's image id is the digest of the config it stored: the same bytes strata wrote.
-    let v = docker.inspect("busybox:latest");
+    let v = inspect(&docker, "busybox:latest");
     assert_eq!(v["Id"], config_digest, "{v:#}");
     assert_eq!(v["RootFS"]["Layers"], ours["config"]["rootfs"]["diff_ids"]);
     assert_eq!(v["Config"]["Cmd"], serde_json::json!(["sh"]));
@@ -297,9 +142,9 @@ fn docker_pulls_from_and_pushes_to_the_strata_registry() {
 
     // docker pulls it (loopback registries are plain HTTP to Docker by default): the same
     // manifest digest, the same config.
-    let docker = Dockerd::start();
+    let docker = Dockerd::start("docker");
     docker.ok(180, &["pull", &src]);
-    let v = docker.inspect(&src);
+    let v = inspect(&docker, &src);
     assert_eq!(
         v["RepoDigests"],
         serde_json::json!([format!("{host}/team/busybox@{pushed}")]),
@@ -331,7 +176,7 @@ fn docker_pulls_from_and_pushes_to_the_strata_registry() {
     assert_eq!(theirs["manifest"]["config"]["digest"], config_digest);
     strata(&fresh.store(), 60, &["validate", name]);
     // The digest docker reported for its push is what strata pulled.
-    let v = docker.inspect(&dest);
+    let v = inspect(&docker, &dest);
     let repo_digests = v["RepoDigests"].to_string();
     assert!(
         repo_digests.contains(&format!("{host}/team/other@{pulled_digest}")),

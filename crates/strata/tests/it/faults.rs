@@ -160,9 +160,7 @@ fn build_leftovers(store: &std::path::Path) -> Vec<String> {
 
 /// A store with `busybox` where RUN steps can run (root and runc), else the skip is said.
 fn build_lab(test: &str) -> Option<Env> {
-    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
-    if !(root && have("runc")) {
-        eprintln!("\n!!!!! SKIPPED {test}: needs root and runc !!!!!\n");
+    if !strata_test_support::can_run_containers(test) {
         return None;
     }
     let env = Env::new();

@@ -394,8 +394,7 @@ fn save_writes_through_links_pipes_and_devices_and_streams_to_stdout() {
             .is_fifo()
     );
 
-    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
-    if root {
+    if strata_test_support::is_root() {
         env.ok(&["save", "bb", "-o", "/dev/null"]);
         let md = std::fs::symlink_metadata("/dev/null").unwrap();
         assert!(md.file_type().is_char_device(), "/dev/null was replaced!");
@@ -415,11 +414,7 @@ fn a_relative_store_path_works_for_run_steps() {
         "FROM busybox\nRUN echo ran > /ran\n",
     )
     .unwrap();
-    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
-    if !(root && have("runc")) {
-        eprintln!(
-            "!!!!! SKIPPED a_relative_store_path_works_for_run_steps: needs root and runc !!!!!"
-        );
+    if !strata_test_support::can_run_containers("a_relative_store_path_works_for_run_steps") {
         return;
     }
     let out = Command::new(env!("CARGO_BIN_EXE_strata"))

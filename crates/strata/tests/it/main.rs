@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod architecture;
 mod common;
 mod deploy;
 mod docker;

@@ -32,15 +32,15 @@ fn using_strata_block() -> String {
 
 #[test]
 fn the_readme_using_strata_block_runs_top_to_bottom() {
-    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+    let root = strata_test_support::is_root();
     let missing: Vec<&str> = ["runc", "skopeo", "umoci", "curl", "ip"]
         .into_iter()
         .filter(|t| !have(t))
         .collect();
     if !root || !missing.is_empty() || !Path::new("/usr/bin/tini-static").exists() {
-        eprintln!(
-            "\n!!!!! SKIPPED the README block: needs root, tini-static and {missing:?} !!!!!\n"
-        );
+        strata_test_support::skip(&format!(
+            "the README block needs root, tini-static and {missing:?}"
+        ));
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
