@@ -557,7 +557,14 @@ fn unknown_hosts_refused_keys_and_missing_images_are_clear_errors() {
         ),
     )
     .unwrap();
-    let err = lab.fails(&["push", "base:1", "--host", "ro", "--project", dir.to_str().unwrap()]);
+    let err = lab.fails(&[
+        "push",
+        "base:1",
+        "--host",
+        "ro",
+        "--project",
+        dir.to_str().unwrap(),
+    ]);
     assert!(
         err.contains("host `ro`: cannot install strata at /proc/strata-cannot-be-here"),
         "{err}"

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
+use strata_oci::sync::MutexExt;
 use strata_oci::{Descriptor, Index, Manifest, Platform, media_type};
 use strata_store::Store;
 
@@ -419,7 +420,7 @@ impl HostSession {
                     if n == 0 {
                         break;
                     }
-                    let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut s = sink.lock_ok();
                     // Keep the last 64 KiB: enough for any error message.
                     if s.len() > 64 * 1024 {
                         s.drain(..32 * 1024);
@@ -436,9 +437,7 @@ impl HostSession {
         let said = |stderr: &Arc<Mutex<Vec<u8>>>| {
             // Give the stderr reader a moment to collect the last words.
             std::thread::sleep(std::time::Duration::from_millis(50));
-            tail(&String::from_utf8_lossy(
-                &stderr.lock().unwrap_or_else(|p| p.into_inner()),
-            ))
+            tail(&String::from_utf8_lossy(&stderr.lock_ok()))
         };
         match hello {
             Ok(Some(Reply::Hello {
@@ -514,9 +513,7 @@ impl HostSession {
 
     fn stderr_tail(&self) -> String {
         std::thread::sleep(std::time::Duration::from_millis(50));
-        tail(&String::from_utf8_lossy(
-            &self.stderr.lock().unwrap_or_else(|p| p.into_inner()),
-        ))
+        tail(&String::from_utf8_lossy(&self.stderr.lock_ok()))
     }
 
     /// An error for a broken stream: what failed, and what the host said on stderr.
