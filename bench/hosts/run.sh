@@ -43,10 +43,12 @@ cleanup() {
     done
     [ -f "$work/local-docker.pid" ] && kill "$(cat "$work/local-docker.pid")"
     [ -n "${reg_pid:-}" ] && kill "$reg_pid"
-    sleep 1
+    sleep 2
+    # dockerd leaves its data roots mounted.
+    grep -o " $work/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l
     rm -rf "$work"
 }
-trap cleanup EXIT
+trap cleanup EXIT INT TERM
 
 # --- the developer's side: the image, v1 (the hosts' current one) and v2 (the change) ---
 export STRATA_STORE=$work/store
@@ -163,7 +165,7 @@ done
 tx() { cat /sys/class/net/sbh$1/statistics/tx_bytes; }
 now() { date +%s%N; }
 reset_host() { # forget app:2 on host $1 (strata and docker); the base stays
-    $SSH 10.78.$1.2 "$strata rmi app:2 >/dev/null 2>&1; $strata gc >/dev/null 2>&1; docker rmi -f app:2 >/dev/null 2>&1; true"
+    $SSH 10.78.$1.2 "$strata rmi app:2 >/dev/null 2>&1; $strata rmi 10.78.$1.1:$reg_port/bench/app:2 >/dev/null 2>&1; $strata gc >/dev/null 2>&1; docker rmi -f app:2 >/dev/null 2>&1; true"
 }
 reset_registry() { # a registry holding app:1 only
     kill "$reg_pid"; wait "$reg_pid" 2>/dev/null || true
@@ -191,14 +193,20 @@ ship() { # $1 scenario, $2 tool, hosts...
         for h in "${hosts[@]}"; do args+=(--host "h$h"); done
         $S push app:2 "${args[@]}" --project "$toml" >/dev/null 2>&1 ;;
     docker)
-        for h in "${hosts[@]}"; do $LD save app:2 | $SSH 10.78.$h.2 docker load -q >/dev/null & done
-        wait ;;
+        pids=()
+        for h in "${hosts[@]}"; do
+            $LD save app:2 | $SSH 10.78.$h.2 docker load -q >/dev/null &
+            pids+=($!)
+        done
+        wait "${pids[@]}" ;;
     registry)
         $S push app:2 "127.0.0.1:$reg_port/bench/app:2" >/dev/null 2>&1
+        pids=()
         for h in "${hosts[@]}"; do
             $SSH 10.78.$h.2 "$strata pull --insecure 10.78.$h.1:$reg_port/bench/app:2" >/dev/null 2>&1 &
+            pids+=($!)
         done
-        wait ;;
+        wait "${pids[@]}" ;;
     esac
     t1=$(now)
     for h in "${hosts[@]}"; do bytes=$((bytes + $(tx "$h") - before[$h])); done

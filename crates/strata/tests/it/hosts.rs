@@ -845,3 +845,40 @@ fn rolling_deploy_to_two_hosts_drops_no_request_stops_at_a_failing_host_and_roll
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_host_without_space_fails_naming_it_and_names_nothing_half_shipped() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let host = TestHost::start(&lab.env, &lab.keys);
+    // The host's store on a 12 MB filesystem.
+    fs::create_dir_all(&host.store).unwrap();
+    sh(&format!(
+        "mount -t tmpfs -o size=12m tmpfs {}",
+        host.store.display()
+    ));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(host.store.clone());
+    let project = lab.project(&[("h", &host)]);
+    let p = project.to_str().unwrap();
+    import_busybox(&lab.env, "base:1");
+    lab.build_app("base:1", "big:1", 16_000_000, 4);
+    lab.ok(&["push", "base:1", "--host", "h", "--project", p]);
+
+    let err = lab.fails(&["push", "big:1", "--host", "h", "--project", p]);
+    assert!(err.contains("host `h`"), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    let images = host.strata(&["images", "-q"]);
+    assert!(
+        images.contains("base:1") && !images.contains("big"),
+        "{images}"
+    );
+    host.strata(&["validate", "base:1"]);
+}
