@@ -1,0 +1,282 @@
+//! Uploads: sessions, monolithic and chunked `PATCH`/`PUT`, status, cancel.
+
+use super::*;
+
+pub(super) fn upload_location(name: &str, id: &str) -> String {
+    format!("/v2/{name}/blobs/uploads/{id}")
+}
+
+/// The `Range` header of an upload: inclusive, and `0-0` for an empty one (as Docker's registry).
+pub(super) fn upload_range(offset: u64) -> String {
+    format!("0-{}", offset.saturating_sub(1))
+}
+
+pub(super) fn upload_response(status: StatusCode, name: &str, s: &Session) -> Response {
+    let mut r = empty(status);
+    set(&mut r, LOCATION, &upload_location(name, &s.id));
+    set(&mut r, RANGE, &upload_range(s.offset));
+    set(&mut r, DOCKER_UPLOAD_UUID, &s.id);
+    set(&mut r, UPLOAD_SESSION_ID, &s.id);
+    set(&mut r, CONTENT_LENGTH, "0");
+    r
+}
+
+pub(super) fn blob_created(name: &str, digest: &Digest) -> Response {
+    let mut r = empty(StatusCode::CREATED);
+    set(&mut r, LOCATION, &format!("/v2/{name}/blobs/{digest}"));
+    set(&mut r, DOCKER_CONTENT_DIGEST, &digest.to_string());
+    set(&mut r, CONTENT_LENGTH, "0");
+    r
+}
+
+pub(super) fn range_error(name: &str, s: &Session, why: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        Code::BlobUploadInvalid,
+        why,
+    )
+    .header(LOCATION, &upload_location(name, &s.id))
+    .header(RANGE, &upload_range(s.offset))
+    .header(UPLOAD_SESSION_ID, &s.id)
+    .header(DOCKER_UPLOAD_UUID, &s.id)
+}
+
+pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    header_str(headers, &CONTENT_LENGTH).and_then(|v| v.trim().parse().ok())
+}
+
+/// Check `Content-Range: <start>-<end>` against the session; the expected chunk length.
+pub(super) fn check_content_range(
+    headers: &HeaderMap,
+    name: &str,
+    s: &Session,
+) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(CONTENT_RANGE) else {
+        return Ok(None);
+    };
+    let v = v.to_str().unwrap_or_default().trim();
+    let v = v.strip_prefix("bytes ").unwrap_or(v);
+    let v = v.split('/').next().unwrap_or_default();
+    let parsed = v
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?)));
+    let Some((start, end)) = parsed.filter(|(a, b)| a <= b) else {
+        return Err(range_error(name, s, "invalid Content-Range"));
+    };
+    if start != s.offset {
+        return Err(range_error(
+            name,
+            s,
+            &format!("chunk starts at {start}, the upload is at {}", s.offset),
+        ));
+    }
+    let len = end - start + 1;
+    if let Some(cl) = content_length(headers)
+        && cl != len
+    {
+        return Err(range_error(
+            name,
+            s,
+            "Content-Range and Content-Length disagree",
+        ));
+    }
+    Ok(Some(len))
+}
+
+/// Append `body` to the session, mapping how it ended to an error when it did not complete.
+pub(super) async fn receive(
+    st: &AppState,
+    name: &str,
+    s: &mut Session,
+    body: &mut Option<Body>,
+    expect: Option<u64>,
+) -> Result<(), ApiError> {
+    let before = s.offset;
+    let end = st
+        .registry
+        .append(
+            s,
+            body.take().unwrap_or_default().into_data_stream(),
+            st.limits.max_blob_bytes,
+            st.limits.body_idle_timeout,
+        )
+        .await?;
+    match end {
+        AppendEnd::Complete => {}
+        AppendEnd::TooLarge => {
+            st.registry.discard(s).await;
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Code::SizeInvalid,
+                format!("blobs are limited to {} bytes", st.limits.max_blob_bytes),
+            ));
+        }
+        AppendEnd::Broken | AppendEnd::Idle => {
+            return Err(ApiError::code(
+                Code::BlobUploadInvalid,
+                format!(
+                    "request body ended early; the upload is at {} bytes",
+                    s.offset
+                ),
+            )
+            .header(LOCATION, &upload_location(name, &s.id))
+            .header(RANGE, &upload_range(s.offset)));
+        }
+    }
+    if let Some(want) = expect
+        && s.offset - before != want
+    {
+        return Err(ApiError::code(
+            Code::SizeInvalid,
+            format!("expected {want} bytes, received {}", s.offset - before),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) async fn start_upload(
+    st: &AppState,
+    headers: &HeaderMap,
+    name: &str,
+    q: &[(String, String)],
+    body: &mut Option<Body>,
+) -> ApiResult {
+    check_name(name)?;
+    let cred = st.gate(headers, Some(name), Action::Push).await?;
+    if let Some(m) = param(q, "mount") {
+        // Any failure to mount (bad arguments, no access to `from`, blob absent) falls back to a
+        // normal upload, as the spec asks; the answer never tells whether the blob exists
+        // elsewhere.
+        if let (Ok(digest), Some(from)) = (m.parse::<Digest>(), param(q, "from"))
+            && strata_oci::validate_repository_name(from).is_ok()
+            && (st.auth.is_none() || authorize(cred.as_ref(), from, Action::Pull).is_ok())
+            && st.registry.repo_blob_size(from, &digest).await?.is_some()
+        {
+            st.registry.link_blob(name, &digest).await?;
+            return Ok(blob_created(name, &digest));
+        }
+    }
+    let algorithm = match param(q, "digest-algorithm") {
+        None | Some("sha256") => Algorithm::Sha256,
+        Some("sha512") => Algorithm::Sha512,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                Code::Unsupported,
+                format!("digest algorithm `{other}` is not supported"),
+            )
+            .with_detail(json!({ "algorithm": other })));
+        }
+    };
+    if let Some(d) = param(q, "digest") {
+        // Monolithic upload in one POST.
+        let digest = parse_digest(d)?;
+        let session = st.registry.start_upload(name, digest.algorithm())?;
+        let mut s = session.lock().await;
+        let expect = content_length(headers);
+        if let Err(e) = receive(st, name, &mut s, body, expect).await {
+            st.registry.discard(&s).await;
+            return Err(e);
+        }
+        return finish_upload(st, name, &mut s, &digest).await;
+    }
+    let session = st.registry.start_upload(name, algorithm)?;
+    let s = session.lock().await;
+    Ok(upload_response(StatusCode::ACCEPTED, name, &s))
+}
+
+pub(super) async fn finish_upload(
+    st: &AppState,
+    name: &str,
+    s: &mut Session,
+    digest: &Digest,
+) -> ApiResult {
+    match st.registry.finish(s, digest).await? {
+        Ok(_) => Ok(blob_created(name, digest)),
+        Err(actual) => {
+            st.registry.discard(s).await;
+            Err(ApiError::code(
+                Code::DigestInvalid,
+                format!("content has digest {actual}, not {digest}"),
+            )
+            .with_detail(json!({ "digest": digest.to_string(), "actual": actual.to_string() })))
+        }
+    }
+}
+
+pub(super) async fn find_session(
+    st: &AppState,
+    name: &str,
+    id: &str,
+) -> Result<Arc<tokio::sync::Mutex<Session>>, ApiError> {
+    st.registry.session(name, id)?.ok_or_else(|| {
+        ApiError::code(Code::BlobUploadUnknown, "").with_detail(json!({ "session": id }))
+    })
+}
+
+pub(super) async fn patch_upload(
+    st: &AppState,
+    headers: &HeaderMap,
+    name: &str,
+    id: &str,
+    body: &mut Option<Body>,
+) -> ApiResult {
+    check_name(name)?;
+    st.gate(headers, Some(name), Action::Push).await?;
+    let session = find_session(st, name, id).await?;
+    let mut s = session.lock().await;
+    let expect = check_content_range(headers, name, &s)?;
+    receive(st, name, &mut s, body, expect).await?;
+    Ok(upload_response(StatusCode::ACCEPTED, name, &s))
+}
+
+pub(super) async fn put_upload(
+    st: &AppState,
+    headers: &HeaderMap,
+    name: &str,
+    id: &str,
+    q: &[(String, String)],
+    body: &mut Option<Body>,
+) -> ApiResult {
+    check_name(name)?;
+    st.gate(headers, Some(name), Action::Push).await?;
+    let session = find_session(st, name, id).await?;
+    let mut s = session.lock().await;
+    let Some(d) = param(q, "digest") else {
+        return Err(ApiError::code(
+            Code::DigestInvalid,
+            "the closing PUT needs ?digest=",
+        ));
+    };
+    let digest = parse_digest(d)?;
+    let expect = check_content_range(headers, name, &s)?;
+    receive(st, name, &mut s, body, expect).await?;
+    finish_upload(st, name, &mut s, &digest).await
+}
+
+pub(super) async fn upload_status(
+    st: &AppState,
+    headers: &HeaderMap,
+    name: &str,
+    id: &str,
+) -> ApiResult {
+    check_name(name)?;
+    st.gate(headers, Some(name), Action::Push).await?;
+    let session = find_session(st, name, id).await?;
+    let s = session.lock().await;
+    Ok(upload_response(StatusCode::NO_CONTENT, name, &s))
+}
+
+pub(super) async fn cancel_upload(
+    st: &AppState,
+    headers: &HeaderMap,
+    name: &str,
+    id: &str,
+) -> ApiResult {
+    check_name(name)?;
+    st.gate(headers, Some(name), Action::Push).await?;
+    let session = find_session(st, name, id).await?;
+    let s = session.lock().await;
+    st.registry.discard(&s).await;
+    Ok(empty(StatusCode::NO_CONTENT))
+}
