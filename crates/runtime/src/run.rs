@@ -1,7 +1,7 @@
 //! The runc driver: bundle directory, overlay mount, `runc run`, and cleanup.
 
 use std::ffi::{CString, OsStr};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
@@ -157,6 +157,7 @@ pub fn run(
         rootfs: PathBuf::new(),
         stubs: Vec::new(),
         child: None,
+        reaper: None,
         finished: false,
     };
     let owner = bundle.dir.join(OWNER_FILE);
@@ -184,7 +185,51 @@ struct Bundle<'a> {
     /// removed afterwards so they do not end up in a layer.
     stubs: Vec<PathBuf>,
     child: Option<Child>,
+    /// Kills the container if this process dies before [`Bundle::finish`]; see [`Reaper`].
+    reaper: Option<Reaper>,
     finished: bool,
+}
+
+/// A watchdog for one RUN container: `sh` in a process group of its own (a terminal's Ctrl-C
+/// does not reach it), reading a pipe whose write end only this process holds. When the pipe
+/// ends without the word `done` (this process died, even by `kill -9`), it kills and deletes
+/// the container, so no RUN outlives its build. [`Reaper::dismiss`] sends `done` once the
+/// container is gone. The mount and bundle a killed build leaves are reclaimed by the next
+/// command (`cleanup_stale_in`); the running process is what cannot wait.
+struct Reaper {
+    child: Child,
+}
+
+impl Reaper {
+    fn start(cfg: &RuntimeConfig, id: &str) -> Option<Reaper> {
+        use std::os::unix::process::CommandExt;
+        let script = r#"read word; [ "$word" = done ] && exit 0
+"$1" --root "$2" kill "$3" KILL 2>/dev/null
+"$1" --root "$2" delete --force "$3" 2>/dev/null
+exit 0"#;
+        Command::new("/bin/sh")
+            .arg("-c")
+            .arg(script)
+            .arg("strata-reaper")
+            .arg(&cfg.runc)
+            .arg(&cfg.state_root)
+            .arg(id)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .ok()
+            .map(|child| Reaper { child })
+    }
+
+    /// The container is gone: the watchdog exits without doing anything.
+    fn dismiss(mut self) {
+        if let Some(mut stdin) = self.child.stdin.take() {
+            let _ = stdin.write_all(b"done\n");
+        }
+        let _ = self.child.wait();
+    }
 }
 
 impl Bundle<'_> {
@@ -289,6 +334,8 @@ impl Bundle<'_> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let command = command_line(&cmd);
+        // Before the container exists, so that no instant of its life is unwatched.
+        self.reaper = Reaper::start(self.cfg, id);
         let mut child = cmd.spawn().map_err(|source| Error::Spawn {
             id: id.to_string(),
             command: command.clone(),
@@ -414,6 +461,9 @@ impl Bundle<'_> {
             let _ = child.wait();
         }
         keep(delete_container(self.cfg, self.id));
+        if let Some(r) = self.reaper.take() {
+            r.dismiss();
+        }
         for stub in self.stubs.iter().rev() {
             inroot::remove_if_empty_stub(&self.rootfs, stub);
         }

@@ -212,19 +212,35 @@ fn an_interrupted_build_cleans_up_its_run_step() {
     assert!(!env.ok(&["images", "-q"]).contains("slow:1"));
 }
 
-/// `kill -9` of a build mid-RUN cannot clean up; the next command does: `strata gc` removes
-/// the container (still running), its mount, its bundle and its temp dirs.
+/// `kill -9` of a build mid-RUN: the container dies with it (its watchdog kills it); the next
+/// command reclaims the rest: `strata gc` removes its mount, its bundle and its temp dirs.
 #[test]
 fn what_a_killed_build_left_is_reclaimed_by_gc() {
     let Some(env) = build_lab("what_a_killed_build_left_is_reclaimed_by_gc") else {
         return;
     };
     let mut child = build_in_a_long_run(&env);
+    let runc_list = || {
+        let out = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(env.store().join("strata/runtime"))
+            .args(["list", "-q"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_ne!(runc_list(), "", "the RUN container runs");
     child.kill().unwrap();
     child.wait().unwrap();
+    // The RUN does not outlive its build: its watchdog kills and deletes the container.
+    wait_for(
+        "the killed build's container to be gone",
+        Duration::from_secs(10),
+        || runc_list().is_empty(),
+    );
     assert!(
         !build_leftovers(&env.store()).is_empty(),
-        "kill -9 leaves the RUN behind"
+        "kill -9 leaves the mount and bundle behind"
     );
     let out = env.ok(&["gc"]);
     assert!(
