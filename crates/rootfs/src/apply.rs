@@ -140,6 +140,7 @@ pub fn apply_layer_with(
         target: target.to_path_buf(),
         opts: opts.clone(),
         layer_paths: HashSet::new(),
+        layer_inodes: HashSet::new(),
         dirs: Vec::new(),
         stats: Counters::default(),
         buf: vec![0u8; 256 * 1024],
@@ -308,6 +309,11 @@ struct Applier {
     /// Paths (lexical) that this layer created, and their ancestors: whiteouts and opaque
     /// markers only hide lower layers' content (OCI layer.md), never this layer's.
     layer_paths: HashSet<Vec<u8>>,
+    /// The files, symlinks and nodes this layer created, by (device, inode): a hard link must
+    /// name one of them, never a lower layer's file, in every tree strata makes (a snapshot
+    /// cannot link into another layer's directory, so `strata unpack`'s one tree refuses it
+    /// too).
+    layer_inodes: HashSet<(u64, u64)>,
     /// Directories whose mode and mtime are set at the end, when no child will change them.
     dirs: Vec<(Comps, u32, u64)>,
     stats: Counters,
@@ -662,6 +668,17 @@ impl Applier {
         };
         self.cache_stale = false;
         let result = self.create_in(meta, comps, parent.as_fd(), link_target, (uid, gid), tar);
+        if result.is_ok()
+            && matches!(
+                meta.kind,
+                Kind::File | Kind::Symlink | Kind::Char | Kind::Block | Kind::Fifo
+            )
+        {
+            let name: &[u8] = comps.last().map_or(&[][..], |n| n.as_slice());
+            if let Ok(st) = rustix::fs::statat(parent.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW) {
+                self.layer_inodes.insert((st.st_dev, st.st_ino));
+            }
+        }
         if !self.cache_stale {
             self.parent_cache = Some((parent_comps.to_vec(), parent));
         }
@@ -861,6 +878,9 @@ impl Applier {
         };
         if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
             return Err(Refusal::HardlinkToDir(shown).into());
+        }
+        if !self.layer_inodes.contains(&(st.st_dev, st.st_ino)) {
+            return Err(Refusal::HardlinkToLowerLayer(shown).into());
         }
         Ok((dir, name.clone(), st))
     }

@@ -99,6 +99,10 @@ pub enum Refusal {
     HardlinkTargetMissing(String),
     #[error("hard link target `{0}` is a directory")]
     HardlinkToDir(String),
+    #[error(
+        "hard link target `{0}` is a file of a lower layer: a hard link must name a file of its own layer"
+    )]
+    HardlinkToLowerLayer(String),
     #[error("hard link target is the root directory")]
     HardlinkToRoot,
     #[error("path component `{0}` is not a directory")]

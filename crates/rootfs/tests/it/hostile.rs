@@ -212,6 +212,32 @@ fn hardlinks_to_missing_or_outside_targets_are_refused() {
 }
 
 #[test]
+fn a_hardlink_to_a_lower_layers_file_is_refused_in_one_tree_too() {
+    // `strata unpack` applies every layer into one tree, where the lower file exists; the
+    // rule is the snapshots' (a link names a file of its own layer), so one image gives one
+    // tree everywhere.
+    let a = Arena::new();
+    a.apply(&RawTar::default().file("f", b"lower").end())
+        .unwrap();
+    let upper = RawTar::default()
+        .file("own", b"upper")
+        .hardlink("h", "f")
+        .end();
+    let (entry, reason) = refused(a.apply(&upper));
+    assert_eq!(entry, "h");
+    assert_eq!(reason, Refusal::HardlinkToLowerLayer("f".into()));
+    assert!(!a.target().join("h").exists());
+    // A link to the layer's own file (even one it replaced) is fine.
+    let upper = RawTar::default()
+        .file("f", b"replaced")
+        .hardlink("h", "f")
+        .end();
+    a.apply(&upper).unwrap();
+    assert_eq!(std::fs::read(a.target().join("h")).unwrap(), b"replaced");
+    a.assert_contained();
+}
+
+#[test]
 fn hardlinks_resolve_inside_the_target() {
     let a = Arena::new();
     let layer = RawTar::default()
