@@ -198,6 +198,9 @@ pub fn save_record(store: &Store, image: &str, record: &BuildRecord) -> Result<(
     Ok(())
 }
 
+/// The explanation of a step whose own inputs are the last build's.
+pub const EARLIER_STEP_CHANGED: &str = "an earlier step changed";
+
 /// Why `now` missed the cache, compared with the same step of the previous build.
 pub fn explain(prev: Option<&StepInputs>, now: &StepInputs) -> String {
     let Some(prev) = prev else {
@@ -257,7 +260,7 @@ pub fn explain(prev: Option<&StepInputs>, now: &StepInputs) -> String {
         if prev.key == now.key {
             "not in the cache (removed, or --no-cache)".to_string()
         } else {
-            "an earlier step changed".to_string()
+            EARLIER_STEP_CHANGED.to_string()
         }
     } else {
         reasons.join(", ")

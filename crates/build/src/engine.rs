@@ -1039,6 +1039,15 @@ fn run_stage(
             let prev = prev_steps.and_then(|p| p.get(i));
             let mut reason = cache::explain(prev, &inputs);
             if let Some(why) = why_not.take() {
+                // Past the first step, "an earlier step changed" hides the cause: the base.
+                if i > 0
+                    && let Some(old) = prev_steps
+                        .and_then(|p| p.first())
+                        .and_then(|s| s.base.as_ref())
+                    && reason == cache::EARLIER_STEP_CHANGED
+                {
+                    reason = format!("base image changed {old}→{base_desc}");
+                }
                 reason = format!("{reason}; not rebased onto the new base: {why}");
             }
             if ctx.opts.explain {
