@@ -3,14 +3,15 @@
 //!
 //! ```text
 //! meta-v1.db, table cache (key → JSON):
-//!   strata-build/1/step/<key hex>   → {"layer": Descriptor|null, "diff_id": Digest|null}
+//!   strata-build/1/step/<key hex>   → {"layer": Descriptor|null, "diff_id": Digest|null,
+//!                                      "made_with"?: {"paths": [..], "files": [..], "epoch": N}}
 //!   strata-build/1/explain/<image>  → {"stages": {"<stage>": [StepInputs, ...]}}
 //! key = sha256(canonical JSON {schema: "strata-build-cache/1", parent: <parent key>,
 //!              step: <typed expanded step>, files: <content hash>|null, origin: <key>|null})
 //! first parent = sha256(canonical JSON {schema, base: {...}, from_cache_version, platform})
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use strata_oci::{Descriptor, Digest};
@@ -92,6 +93,30 @@ pub struct CacheEntry {
     pub layer: Option<Descriptor>,
     /// Its diff_id.
     pub diff_id: Option<Digest>,
+    /// What the layer was made from besides the key's inputs, for a layer step that writes
+    /// its layer itself (COPY, ADD, WORKDIR); `None` for RUN, whose process may read any
+    /// file of the image, and for entries older strata versions wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub made_with: Option<MadeWith>,
+}
+
+/// What a COPY/ADD/WORKDIR layer depends on besides its key's inputs (the instruction and the
+/// content of the files it copies): the parts of the image below it that it read, and the
+/// mtime its files got. The same step on another base writes the same bytes when that base
+/// answers these paths and files the same (docs/rebase.md), which is what lets `strata build`
+/// move an image onto a new base without running its steps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MadeWith {
+    /// Paths looked up in the image below (`usr/local/bin`, relative to the root, no symlink
+    /// followed): the destination and its parents, each directory the copy placed, the links
+    /// resolved on the way.
+    #[serde(default)]
+    pub paths: BTreeSet<String>,
+    /// Files of the image below read whole (`etc/passwd` and `etc/group` to resolve a name).
+    #[serde(default)]
+    pub files: BTreeSet<String>,
+    /// The mtime given to the layer's files (`SOURCE_DATE_EPOCH`, else 0).
+    pub epoch: u64,
 }
 
 /// The entry for `key`, if present and its blob is still in the store.
@@ -138,6 +163,10 @@ pub struct StepInputs {
     /// The base (first step only): image digest, `scratch` or `stage <name> <key>`.
     #[serde(default)]
     pub base: Option<String>,
+    /// The base image's full manifest digest (first step of a stage `FROM` an image), so the
+    /// next build knows the base this one was made on (automatic rebase).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_digest: Option<String>,
     /// `from_cache_version` of the stage (first step of the first stage only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_cache_version: Option<String>,
@@ -168,6 +197,9 @@ pub fn save_record(store: &Store, image: &str, record: &BuildRecord) -> Result<(
     store.cache_put(&format!("{EXPLAIN_PREFIX}{image}"), &json)?;
     Ok(())
 }
+
+/// The explanation of a step whose own inputs are the last build's.
+pub const EARLIER_STEP_CHANGED: &str = "an earlier step changed";
 
 /// Why `now` missed the cache, compared with the same step of the previous build.
 pub fn explain(prev: Option<&StepInputs>, now: &StepInputs) -> String {
@@ -228,7 +260,7 @@ pub fn explain(prev: Option<&StepInputs>, now: &StepInputs) -> String {
         if prev.key == now.key {
             "not in the cache (removed, or --no-cache)".to_string()
         } else {
-            "an earlier step changed".to_string()
+            EARLIER_STEP_CHANGED.to_string()
         }
     } else {
         reasons.join(", ")

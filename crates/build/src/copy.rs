@@ -14,7 +14,7 @@ use crate::engine::{Ctx, StageState};
 use crate::error::{Error, Result, io_err};
 use crate::plan::{CopySource, CopyStep, FileSource};
 use crate::source::{self, Kind, Matched, Origin};
-use crate::view::ImageView;
+use crate::view::{ImageView, Reads};
 
 /// What a COPY/ADD reads, found before its cache key is computed.
 #[derive(Default)]
@@ -126,7 +126,7 @@ fn resolve_chown(spec: &str, view: &ImageView) -> Result<(u32, u32)> {
         (Some(uid), None) => Ok((uid, uid)),
         (Some(uid), Some(Some(gid))) => Ok((uid, gid)),
         _ => {
-            let user = strata_runtime::resolve_user(&view.top_first, spec)?;
+            let user = view.resolve_user(spec)?;
             Ok((user.uid, if g.is_some() { user.gid } else { user.uid }))
         }
     }
@@ -181,15 +181,19 @@ fn set_meta(path: &Path, mode: u32, uid: u32, gid: u32, symlink: bool) -> Result
     Ok(())
 }
 
-/// The image `state` has built so far, as its snapshot directories (empty for no layers).
+/// The image `state` has built so far, as its snapshot directories (empty for no layers),
+/// recording what the step asks of it (kept in the step's cache entry).
 fn image_view(ctx: &Ctx<'_>, state: &StageState) -> Result<ImageView> {
     if state.layers.is_empty() {
         return Ok(ImageView::default());
     }
-    Ok(ImageView {
-        top_first: ctx.snapshots_of(&state.layers)?.into_iter().rev().collect(),
-    })
+    Ok(ImageView::recording(
+        ctx.snapshots_of(&state.layers)?.into_iter().rev().collect(),
+    ))
 }
+
+/// A layer a step wrote (`None`: it wrote nothing), and what it read of the image below it.
+pub(crate) type Made = (Option<(Descriptor, Digest)>, Reads);
 
 impl<'a> Stage<'a> {
     /// An empty staging tree at `root` for a layer on top of `view`; directories it makes
@@ -338,7 +342,7 @@ pub(crate) fn copy_step(
     state: &StageState,
     step: &CopyStep,
     prepared: &mut Prepared,
-) -> Result<Option<(Descriptor, Digest)>> {
+) -> Result<Made> {
     let needs_view = !step.link
         || step
             .chown
@@ -439,7 +443,7 @@ pub(crate) fn copy_step(
         }
     }
     st.finish_parents()?;
-    write_staged(ctx, staging.path())
+    Ok((write_staged(ctx, staging.path())?, view.reads()))
 }
 
 /// Writes the staged tree at `staging` as a layer into the store; `None` when it is empty.
@@ -465,15 +469,11 @@ fn write_staged(ctx: &Ctx<'_>, staging: &Path) -> Result<Option<(Descriptor, Dig
 /// The layer `WORKDIR path` makes, as BuildKit does: the directory (resolved through the
 /// image's symlinks) and its missing parents, mode 0755, owned by the stage's `USER` when
 /// there is one; `None` when the image has the directory already.
-pub(crate) fn workdir_step(
-    ctx: &Ctx<'_>,
-    state: &StageState,
-    path: &str,
-) -> Result<Option<(Descriptor, Digest)>> {
+pub(crate) fn workdir_step(ctx: &Ctx<'_>, state: &StageState, path: &str) -> Result<Made> {
     let view = image_view(ctx, state)?;
     let dir = view.resolve(path).map_err(Error::Usage)?;
     if dir == "/" || view.is_dir(&dir) {
-        return Ok(None);
+        return Ok((None, view.reads()));
     }
     let mut prefix = String::new();
     for part in dir.split('/').filter(|p| !p.is_empty()) {
@@ -489,7 +489,7 @@ pub(crate) fn workdir_step(
     }
     let owner = match state.config.user.as_deref().filter(|u| !u.is_empty()) {
         Some(user) => {
-            let u = strata_runtime::resolve_user(&view.top_first, user)?;
+            let u = view.resolve_user(user)?;
             (u.uid, u.gid)
         }
         None => (0, 0),
@@ -498,7 +498,7 @@ pub(crate) fn workdir_step(
     let mut st = Stage::new(staging.path(), &view, owner);
     st.dir(&dir, 0o755, owner)?;
     st.finish_parents()?;
-    write_staged(ctx, staging.path())
+    Ok((write_staged(ctx, staging.path())?, view.reads()))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -17,11 +18,13 @@ use strata_runtime::RuntimeConfig;
 use strata_store::Store;
 use strata_transfer::{PullOptions, PullReport};
 
-use crate::cache::{self, BaseInput, BuildRecord, CacheEntry, StepInputs};
+use crate::autorebase::{self, Follow, LayerStep, Start};
+use crate::cache::{self, BaseInput, BuildRecord, CacheEntry, MadeWith, StepInputs};
 use crate::copy;
 use crate::error::{Error, Result, io_err};
 use crate::plan::{
-    Base, FileSource, ImageResolver, Plan, PlanOptions, ResolvedImage, RunMount, StepKind, plan,
+    Base, FileSource, ImageResolver, Plan, PlanOptions, ResolvedImage, RunMount, Step, StepKind,
+    plan,
 };
 use crate::progress::{Event, Progress, StepRef};
 use crate::run;
@@ -73,6 +76,9 @@ pub struct BuildOptions {
     pub compression: Compression,
     /// runc to use (default: found by [`RuntimeConfig::detect`]).
     pub runc: Option<PathBuf>,
+    /// Follow a moved base without running steps when that gives the image a rebuild would
+    /// (docs/rebase.md); strata.toml `rebase = false` turns it off.
+    pub rebase: bool,
 }
 
 impl BuildOptions {
@@ -98,6 +104,7 @@ impl BuildOptions {
             pull: PullOptions::default(),
             compression: Compression::Gzip,
             runc: None,
+            rebase: true,
         }
     }
 }
@@ -121,12 +128,17 @@ pub struct BuildOutcome {
     pub steps_run: usize,
     /// Steps answered by the cache.
     pub steps_cached: usize,
+    /// Bytes of the layer blobs written by the steps that ran (compressed sizes).
+    pub layer_bytes_written: u64,
     /// `(step text, reason)` for each step that missed.
     pub explanations: Vec<(String, String)>,
     /// External images the build read (`FROM`, `--from`), by local name.
     pub images_used: BTreeMap<String, Digest>,
     /// Images pulled from a registry because they were not in the store, in pull order.
     pub pulled: Vec<PullReport>,
+    /// `base@sha256:…` when the image was rebased onto a moved base: no step ran, every
+    /// layer is the last build's (docs/rebase.md).
+    pub rebased_onto: Option<String>,
 }
 
 static NOTHING_LOCKED: BTreeMap<String, Digest> = BTreeMap::new();
@@ -322,6 +334,10 @@ pub(crate) struct Ctx<'a> {
     pub run_mtime: MtimePolicy,
     pub multi_stage: bool,
     pub resolver: &'a StoreResolver<'a>,
+    /// Why this build does not follow a moved base (an opt-out), if it does not.
+    pub rebase_refusal: Option<String>,
+    /// Bytes of the layer blobs this build's steps wrote.
+    pub layer_bytes_written: AtomicU64,
     runtime: Mutex<Option<RuntimeConfig>>,
     materialized: Mutex<HashMap<String, Arc<tempfile::TempDir>>>,
     /// Final states of finished stages (for `--from` reads).
@@ -493,6 +509,8 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         run_mtime: MtimePolicy::from_source_date_epoch().unwrap_or(MtimePolicy::Keep),
         multi_stage: plan.order.len() > 1,
         resolver: &resolver,
+        rebase_refusal: rebase_refusal(opts, &plan),
+        layer_bytes_written: AtomicU64::new(0),
         runtime: Mutex::new(None),
         materialized: Mutex::new(HashMap::new()),
         stages: Mutex::new(BTreeMap::new()),
@@ -507,6 +525,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
     let mut record = BuildRecord::default();
     let mut counts = (0usize, 0usize);
     let mut explanations = Vec::new();
+    let mut rebased_onto = None;
 
     let mut remaining: Vec<usize> = plan.order.clone();
     while !remaining.is_empty() {
@@ -549,6 +568,9 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
             counts.0 += r.run;
             counts.1 += r.cached;
             explanations.extend(r.explanations);
+            if *i == plan.target {
+                rebased_onto = r.rebased_onto.clone();
+            }
             record
                 .stages
                 .insert(plan.stages[*i].display_name(), r.inputs);
@@ -625,6 +647,14 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
     if previous.as_ref() != Some(&record) {
         cache::save_record(store, &name, &record)?;
     }
+    // Rebased: the target stage followed its moved base and nothing ran anywhere.
+    let rebased_onto = rebased_onto.filter(|_| counts.0 == 0);
+    if let Some(onto) = &rebased_onto {
+        progress.event(&Event::Rebased {
+            image: name.clone(),
+            onto: onto.clone(),
+        });
+    }
     progress.event(&Event::ImageDone {
         image: name,
         digest: descriptor.digest.to_string(),
@@ -633,6 +663,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         duration: started.elapsed(),
         steps_run: counts.0,
         steps_cached: counts.1,
+        layer_bytes_written: ctx.layer_bytes_written.load(Ordering::Relaxed),
     });
     Ok(BuildOutcome {
         descriptor,
@@ -643,10 +674,35 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         deployment_tag,
         steps_run: counts.0,
         steps_cached: counts.1,
+        layer_bytes_written: ctx.layer_bytes_written.load(Ordering::Relaxed),
         explanations,
         images_used: resolver.used(),
         pulled: resolver.pulled(),
+        rebased_onto,
     })
+}
+
+/// Why a build does not follow a moved base: `--no-cache`, strata.toml `rebase = false`, or
+/// the label `rebase=false` (which `strata rebase` honours too).
+fn rebase_refusal(opts: &BuildOptions, plan: &Plan) -> Option<String> {
+    let label = crate::rebase::OPT_OUT_LABEL;
+    let labelled = opts.labels.get(label).map(String::as_str) == Some("false")
+        || plan
+            .stages
+            .get(plan.target)
+            .and_then(|s| s.final_config.labels.as_ref())
+            .and_then(|l| l.get(label))
+            .map(String::as_str)
+            == Some("false");
+    if opts.no_cache {
+        Some("--no-cache runs every step".into())
+    } else if !opts.rebase {
+        Some("automatic rebase is off for this image (`rebase = false`)".into())
+    } else if labelled {
+        Some(format!("the image carries the label `{label}=false`"))
+    } else {
+        None
+    }
 }
 
 struct StageRun {
@@ -655,6 +711,8 @@ struct StageRun {
     run: usize,
     cached: usize,
     explanations: Vec<(String, String)>,
+    /// `base@sha256:…` when the stage followed its moved base to the end.
+    rebased_onto: Option<String>,
 }
 
 fn short(d: &str) -> String {
@@ -738,6 +796,49 @@ fn run_stage(
         run: 0,
         cached: 0,
         explanations: Vec::new(),
+        rebased_onto: None,
+    };
+    // A moved base: follow the last build where that gives what a rebuild would.
+    let mut follow: Option<Box<Follow<'_>>> = None;
+    let mut why_not: Option<String> = None;
+    // Steps that missed the cache on the new base and were followed instead of run.
+    let mut followed_misses = 0usize;
+    let mut onto = None;
+    if let Base::Image(img) = &sp.base {
+        let base_text = format!(
+            "{}@{}",
+            repository_of(&img.name).unwrap_or_else(|_| img.name.clone()),
+            img.descriptor.digest
+        );
+        let start = autorebase::start(
+            ctx,
+            &img.descriptor.digest,
+            img.layers(),
+            &sp.steps,
+            prev_steps.map(Vec::as_slice),
+            ctx.rebase_refusal.as_deref(),
+            |old| {
+                cache::base_key(
+                    &BaseInput::Image {
+                        digest: old.to_string(),
+                    },
+                    fcv,
+                    &platform_text,
+                )
+            },
+        )?;
+        match start {
+            Start::Unmoved => {}
+            Start::Refused(why) => why_not = Some(why),
+            Start::Follow(f) => {
+                follow = Some(f);
+                onto = Some(base_text);
+            }
+        }
+    }
+    let base_digest = match &sp.base {
+        Base::Image(img) => Some(img.descriptor.digest.to_string()),
+        _ => None,
     };
     // Docker: ENTRYPOINT clears only a CMD inherited from the base, not one set in this stage.
     let mut cmd_set_here = false;
@@ -762,6 +863,7 @@ fn run_stage(
             instruction: String::from_utf8_lossy(&strata_oci::to_canonical_json(&step.kind))
                 .to_string(),
             base: (i == 0).then(|| base_desc.clone()),
+            base_digest: base_digest.clone().filter(|_| i == 0),
             from_cache_version: if i == 0 {
                 fcv.map(str::to_string)
             } else {
@@ -791,10 +893,28 @@ fn run_stage(
                 }
                 if mkdir {
                     let dir = state.config.working_dir.clone().unwrap_or_default();
-                    let hit = cached_or_made(ctx, &key, &step_ref, &mut state, &step.text, |st| {
-                        copy::workdir_step(ctx, st, &dir).map_err(wrap)
-                    })?;
-                    (key, hit)
+                    let layer = Layer {
+                        index: i,
+                        step,
+                        key: &key,
+                        step_ref: &step_ref,
+                    };
+                    let key_on =
+                        |p: &str| cache::step_key(p, &step.kind, None, Some(WORKDIR_MKDIR));
+                    let (hit, followed) = followed_or_made(
+                        ctx,
+                        &mut follow,
+                        &mut why_not,
+                        &layer,
+                        key_on,
+                        &mut state,
+                        |st| {
+                            let (layer, reads) = copy::workdir_step(ctx, st, &dir).map_err(wrap)?;
+                            Ok((layer, Some(made_with(ctx, reads))))
+                        },
+                    )?;
+                    followed_misses += usize::from(followed);
+                    (key, hit || followed)
                 } else {
                     state.history.push(History {
                         created: Some(ctx.created.clone()),
@@ -808,7 +928,23 @@ fn run_stage(
                     if !hit {
                         cache::put(ctx.store, &key, &CacheEntry::default())?;
                     }
-                    (key, hit)
+                    let followed = match follow.as_mut() {
+                        Some(f) => match f
+                            .config_step(i, step, |p| cache::step_key(p, &step.kind, None, None))
+                        {
+                            None => true,
+                            Some(why) => {
+                                follow = None;
+                                why_not = Some(why);
+                                false
+                            }
+                        },
+                        None => false,
+                    };
+                    if followed && !hit {
+                        followed_misses += 1;
+                    }
+                    (key, hit || followed)
                 }
             }
             StepKind::Copy(c) => {
@@ -821,10 +957,31 @@ fn run_stage(
                     prepared.files_hash.as_ref(),
                     origin_key.as_deref(),
                 );
-                let hit = cached_or_made(ctx, &key, &step_ref, &mut state, &step.text, |st| {
-                    copy::copy_step(ctx, st, c, &mut prepared).map_err(wrap)
-                })?;
-                (key, hit)
+                let layer = Layer {
+                    index: i,
+                    step,
+                    key: &key,
+                    step_ref: &step_ref,
+                };
+                let files_hash = prepared.files_hash.clone();
+                let key_on = |p: &str| {
+                    cache::step_key(p, &step.kind, files_hash.as_ref(), origin_key.as_deref())
+                };
+                let (hit, followed) = followed_or_made(
+                    ctx,
+                    &mut follow,
+                    &mut why_not,
+                    &layer,
+                    key_on,
+                    &mut state,
+                    |st| {
+                        let (layer, reads) =
+                            copy::copy_step(ctx, st, c, &mut prepared).map_err(wrap)?;
+                        Ok((layer, Some(made_with(ctx, reads))))
+                    },
+                )?;
+                followed_misses += usize::from(followed);
+                (key, hit || followed)
             }
             StepKind::Run(r) => {
                 inputs.args = r.args.clone();
@@ -857,9 +1014,18 @@ fn run_stage(
                 let files_hash =
                     (!extra.is_empty()).then(|| Digest::sha256(extra.join("\n").as_bytes()));
                 let key = cache::step_key(&state.key, &step.kind, files_hash.as_ref(), None);
-                let hit = cached_or_made(ctx, &key, &step_ref, &mut state, &step.text, |st| {
-                    run::run_step(ctx, st, step, r, &step_ref).map_err(wrap)
-                })?;
+                if let Some(f) = follow.take() {
+                    why_not = Some(f.run_step(step));
+                }
+                let found = lookup(ctx, &key)?;
+                let hit =
+                    cached_or_made(ctx, &key, found, &step_ref, &mut state, &step.text, |st| {
+                        // A process may read anything: no `MadeWith`, never followed.
+                        Ok((
+                            run::run_step(ctx, st, step, r, &step_ref).map_err(wrap)?,
+                            None,
+                        ))
+                    })?;
                 (key, hit)
             }
         };
@@ -871,7 +1037,19 @@ fn run_stage(
         } else {
             out.run += 1;
             let prev = prev_steps.and_then(|p| p.get(i));
-            let reason = cache::explain(prev, &inputs);
+            let mut reason = cache::explain(prev, &inputs);
+            if let Some(why) = why_not.take() {
+                // Past the first step, "an earlier step changed" hides the cause: the base.
+                if i > 0
+                    && let Some(old) = prev_steps
+                        .and_then(|p| p.first())
+                        .and_then(|s| s.base.as_ref())
+                    && reason == cache::EARLIER_STEP_CHANGED
+                {
+                    reason = format!("base image changed {old}→{base_desc}");
+                }
+                reason = format!("{reason}; not rebased onto the new base: {why}");
+            }
             if ctx.opts.explain {
                 ctx.progress.event(&Event::Explain {
                     step: step_ref.clone(),
@@ -887,8 +1065,70 @@ fn run_stage(
         out.inputs.push(inputs);
     }
     out.state = state;
+    if follow.is_some() && followed_misses > 0 {
+        out.rebased_onto = onto;
+    }
     Ok(out)
 }
+
+/// One COPY/ADD/WORKDIR step of a stage, for [`followed_or_made`].
+struct Layer<'s> {
+    index: usize,
+    step: &'s Step,
+    key: &'s str,
+    step_ref: &'s StepRef,
+}
+
+/// What a layer step read and the time its files got, kept in its cache entry.
+fn made_with(ctx: &Ctx<'_>, reads: crate::view::Reads) -> MadeWith {
+    MadeWith {
+        paths: reads.paths,
+        files: reads.files,
+        epoch: ctx.epoch,
+    }
+}
+
+/// A layer step on a stage that may be following its moved base: the last build's layer
+/// when [`Follow::layer_step`] says it is what the step would write (recorded under the new
+/// key too), else the cache or `make`, as [`cached_or_made`]. Returns (cache hit, followed).
+fn followed_or_made(
+    ctx: &Ctx<'_>,
+    follow: &mut Option<Box<Follow<'_>>>,
+    why_not: &mut Option<String>,
+    layer: &Layer<'_>,
+    key_on: impl Fn(&str) -> String,
+    state: &mut StageState,
+    make: impl FnOnce(&StageState) -> Result<Made>,
+) -> Result<(bool, bool)> {
+    let found = lookup(ctx, layer.key)?;
+    if let Some(f) = follow.as_mut() {
+        match f.layer_step(ctx, layer.index, layer.step, key_on, found.as_ref())? {
+            LayerStep::Reuse(entry) => {
+                cache::put(ctx.store, layer.key, &entry)?;
+                push_layer(ctx, state, &entry, &layer.step.text);
+                return Ok((false, true));
+            }
+            LayerStep::Continue => {}
+            LayerStep::Stop(why) => {
+                *follow = None;
+                *why_not = Some(why);
+            }
+        }
+    }
+    let hit = cached_or_made(
+        ctx,
+        layer.key,
+        found,
+        layer.step_ref,
+        state,
+        &layer.step.text,
+        make,
+    )?;
+    Ok((hit, false))
+}
+
+/// A layer a step made, and what it read of the image below (`None`: unknown, for RUN).
+type Made = (Option<(Descriptor, Digest)>, Option<MadeWith>);
 
 /// The `--build-arg`s no `ARG` of the build declares (before the first FROM or in a stage
 /// that is built), Docker's "not consumed" warning. The predefined proxy and platform
@@ -972,26 +1212,31 @@ fn base_annotations(plan: &Plan) -> Option<BTreeMap<String, String>> {
     None
 }
 
-/// A filesystem step: its cache entry for `key` when there is one, else the layer `make`
-/// writes on top of `state` (announced as started, then cached); the layer (or an empty
-/// history entry) is added to `state`. Returns whether it was a cache hit.
+/// A filesystem step: its cache entry `found` for `key` when there is one, else the layer
+/// `make` writes on top of `state` (announced as started, then cached); the layer (or an
+/// empty history entry) is added to `state`. Returns whether it was a cache hit.
 fn cached_or_made(
     ctx: &Ctx<'_>,
     key: &str,
+    found: Option<CacheEntry>,
     step: &StepRef,
     state: &mut StageState,
     text: &str,
-    make: impl FnOnce(&StageState) -> Result<Option<(Descriptor, Digest)>>,
+    make: impl FnOnce(&StageState) -> Result<Made>,
 ) -> Result<bool> {
-    let (entry, hit) = match lookup(ctx, key)? {
+    let (entry, hit) = match found {
         Some(e) => (e, true),
         None => {
             ctx.progress
                 .event(&Event::StepStarted { step: step.clone() });
-            let layer = make(state)?;
+            let (layer, made_with) = make(state)?;
+            if let Some((d, _)) = &layer {
+                ctx.layer_bytes_written.fetch_add(d.size, Ordering::Relaxed);
+            }
             let e = CacheEntry {
                 layer: layer.as_ref().map(|l| l.0.clone()),
                 diff_id: layer.map(|l| l.1),
+                made_with,
             };
             cache::put(ctx.store, key, &e)?;
             (e, false)

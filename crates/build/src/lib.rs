@@ -20,6 +20,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod autorebase;
 pub mod cache;
 pub mod config;
 mod copy;

@@ -46,6 +46,9 @@ pub enum Event {
     Explain { step: StepRef, reason: String },
     /// Something the user should know that does not stop the build.
     Warning { message: String },
+    /// The image followed its moved base without running a step: every layer is the last
+    /// build's, on the new base's layers (docs/rebase.md).
+    Rebased { image: String, onto: String },
     /// An image was built and stored.
     ImageDone {
         image: String,
@@ -56,6 +59,8 @@ pub enum Event {
         duration: Duration,
         steps_run: usize,
         steps_cached: usize,
+        /// Bytes of the layer blobs the steps that ran wrote (0 for a rebase).
+        layer_bytes_written: u64,
     },
 }
 
@@ -191,6 +196,10 @@ pub fn plain_line(event: &Event) -> Option<String> {
         Event::Output { step, line } => format!("{} | {line}", prefix(step)),
         Event::Explain { step, reason } => format!("{} missed: {reason}", prefix(step)),
         Event::Warning { message } => format!("warning: {message}"),
+        Event::Rebased { image, onto } => format!(
+            "rebased {} onto {onto} (no step ran)",
+            if image.is_empty() { "image" } else { image }
+        ),
         Event::ImageDone {
             image,
             digest,

@@ -13,6 +13,7 @@
 //! from = "busybox:1.36"           # replaces the first stage's FROM
 //! from_cache_version = "2"        # change it to rebuild the first stage from scratch
 //! labels = { team = "web" }       # added to the image config
+//! rebase = false                  # never follow a moved base without running the steps
 //! ```
 //!
 //! `strata.lock` (TOML, written next to strata.toml, meant to be committed):
@@ -72,10 +73,18 @@ pub struct ImageSpec {
     /// Labels added to the image.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Follow a moved base without running steps when that gives what a rebuild would
+    /// (default); `false` always rebuilds (docs/rebase.md).
+    #[serde(default = "yes")]
+    pub rebase: bool,
 }
 
 fn dot() -> PathBuf {
     PathBuf::from(".")
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// strata.toml's top level. Every table is named here, so a typo (`[[imgae]]`, `[ap.web]`)
@@ -384,6 +393,7 @@ impl Project {
         o.from_override = img.from.clone();
         o.from_cache_version = img.from_cache_version.clone();
         o.labels = img.labels.clone();
+        o.rebase = img.rebase;
         o.extra_ignore = img.ignore.clone();
         o.compression = opts.compression.unwrap_or(Compression::Gzip);
         o.runc = opts.runc.clone();

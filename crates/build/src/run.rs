@@ -52,9 +52,7 @@ pub(crate) fn run_step(
             .create(d)
             .map_err(io_err("creating directory", d))?;
     }
-    let view = ImageView {
-        top_first: lowers.iter().rev().cloned().collect(),
-    };
+    let view = ImageView::new(lowers.iter().rev().cloned().collect());
     let lowers = if lowers.is_empty() {
         vec![empty.clone()]
     } else {

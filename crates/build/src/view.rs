@@ -2,6 +2,8 @@
 //! snapshot directories (overlay form: whiteouts are 0/0 character devices, opaque
 //! directories carry `trusted.overlay.opaque=y`) without mounting anything.
 
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::fs::Metadata;
 use std::path::{Path, PathBuf};
 
@@ -13,13 +15,65 @@ fn components(path: &str) -> impl DoubleEndedIterator<Item = &str> {
     path.split('/').filter(|s| !s.is_empty() && *s != ".")
 }
 
+/// `rel` as `a/b/c`: no leading, trailing or doubled `/`, no `.` components.
+pub(crate) fn clean(rel: &str) -> String {
+    components(rel).collect::<Vec<_>>().join("/")
+}
+
 /// A stack of snapshot directories, top layer first.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ImageView {
     pub top_first: Vec<PathBuf>,
+    /// What was asked of the image, when the view records it (see [`ImageView::recording`]).
+    reads: Option<RefCell<Reads>>,
+}
+
+/// What a step asked of the image below it: every path looked up (symlink resolution
+/// included) and every file read whole. A layer step's output depends on the image only
+/// through these, so another image that answers them the same gives the same layer (the
+/// ground of automatic rebase, `crate::cache::MadeWith`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Reads {
+    pub paths: BTreeSet<String>,
+    pub files: BTreeSet<String>,
 }
 
 impl ImageView {
+    /// A view of `top_first` that answers without recording.
+    pub fn new(top_first: Vec<PathBuf>) -> Self {
+        ImageView {
+            top_first,
+            reads: None,
+        }
+    }
+
+    /// A view of `top_first` that records what it is asked ([`ImageView::reads`]).
+    pub fn recording(top_first: Vec<PathBuf>) -> Self {
+        ImageView {
+            top_first,
+            reads: Some(RefCell::default()),
+        }
+    }
+
+    /// What was asked so far (empty for a view that does not record).
+    pub fn reads(&self) -> Reads {
+        self.reads
+            .as_ref()
+            .map(|r| r.borrow().clone())
+            .unwrap_or_default()
+    }
+
+    /// `user` (`name`, `uid`, `name:group`…) resolved in the image's /etc/passwd and
+    /// /etc/group, recording that both files were read.
+    pub fn resolve_user(&self, user: &str) -> strata_runtime::Result<strata_runtime::UserSpec> {
+        if let Some(r) = &self.reads {
+            let mut r = r.borrow_mut();
+            r.files.insert("etc/passwd".into());
+            r.files.insert("etc/group".into());
+        }
+        strata_runtime::resolve_user(&self.top_first, user)
+    }
+
     /// The metadata of `rel` (a `/`-separated path relative to the root, no symlinks
     /// followed) as the merged image shows it, `None` when absent.
     pub fn lookup(&self, rel: &str) -> Option<Metadata> {
@@ -28,7 +82,10 @@ impl ImageView {
 
     /// Like [`lookup`](Self::lookup), with the path of the entry in its snapshot directory.
     /// Never follows a symlink, on the way or at the end (`strata_rootfs::lookup_in_layers`).
-    fn locate(&self, rel: &str) -> Option<(PathBuf, Metadata)> {
+    pub(crate) fn locate(&self, rel: &str) -> Option<(PathBuf, Metadata)> {
+        if let Some(r) = &self.reads {
+            r.borrow_mut().paths.insert(clean(rel));
+        }
         strata_rootfs::lookup_in_layers(&self.top_first, Path::new(rel))
     }
 
@@ -105,9 +162,7 @@ mod tests {
         symlink("loop1", base.join("loop2")).unwrap();
         std::fs::create_dir_all(top.join("opt")).unwrap();
         symlink("../../../usr", top.join("opt/up")).unwrap();
-        let view = ImageView {
-            top_first: vec![top, base],
-        };
+        let view = ImageView::new(vec![top, base]);
         (t, view)
     }
 

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use strata_build::{BuildOptions, Progress, ProgressMode, Project, ProjectOptions};
+use strata_build::{BuildOptions, BuildOutcome, Progress, ProgressMode, Project, ProjectOptions};
 use strata_oci::Compression;
 use strata_store::Store;
 
@@ -141,20 +141,28 @@ pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
     let built = project.build(store, &args.args, &opts, progress.as_ref())?;
     for name in &built.order {
         let o = &built.images[name];
-        let status = if o.steps_run == 0 {
-            "unchanged"
-        } else {
-            "built"
-        };
         println!(
-            "{name}\t{}\t{}\t{status} ({} run, {} cached)",
-            o.content_tag, o.descriptor.digest, o.steps_run, o.steps_cached
+            "{name}\t{}\t{}\t{} ({} run, {} cached)",
+            o.content_tag,
+            o.descriptor.digest,
+            status(o),
+            o.steps_run,
+            o.steps_cached
         );
     }
     for (base, digest) in &built.locked {
         eprintln!("Locked {base} at {digest} in strata.lock");
     }
     Ok(())
+}
+
+/// `built`, `rebased onto base@sha256:…` or `unchanged`.
+fn status(o: &BuildOutcome) -> String {
+    match &o.rebased_onto {
+        Some(onto) => format!("rebased onto {onto}"),
+        None if o.steps_run == 0 => "unchanged".into(),
+        None => "built".into(),
+    }
 }
 
 pub fn update(store: &Store, images: &[String], project: &Path) -> Result<()> {
@@ -208,11 +216,7 @@ pub fn build_for_deploy(
         let o = &built.images[name];
         eprintln!(
             "{name}: {} ({} run, {} cached)",
-            if o.steps_run == 0 {
-                "unchanged"
-            } else {
-                "built"
-            },
+            status(o),
             o.steps_run,
             o.steps_cached
         );

@@ -264,7 +264,16 @@ fn lock_keeps_the_pulled_digest_until_update() {
     assert_eq!(b.get_ref(&base).unwrap().unwrap().digest, v2);
     let fourth = project.build(&b, &[], &popts, &progress).unwrap();
     assert_eq!(fourth.images["app"].images_used[&base], v2);
-    assert_eq!(fourth.images["app"].steps_run, 1);
+    // A copy-only app follows the moved base: rebased, no step runs (docs/rebase.md).
+    assert_eq!(fourth.images["app"].steps_run, 0);
+    assert!(
+        fourth.images["app"]
+            .rebased_onto
+            .as_deref()
+            .is_some_and(|o| o.ends_with(&v2.to_string())),
+        "{:?}",
+        fourth.images["app"].rebased_onto
+    );
     assert_ne!(
         fourth.images["app"].descriptor,
         first.images["app"].descriptor

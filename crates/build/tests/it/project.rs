@@ -133,7 +133,8 @@ fn tilt_base_image_example_rebuilds_only_what_changed() {
             .contains("file `src/index.js` changed")
     );
 
-    // A dependency was added: the base rebuilds from its COPY, then the whole app (new base).
+    // A dependency was added: the base rebuilds from its COPY; the app's WORKDIR and COPY
+    // follow the new base (the last build's layers), its RUN and what follows run again.
     std::fs::write(
         dir.path().join("package/deps.txt"),
         "express\nlodash\nleft-pad\n",
@@ -142,10 +143,15 @@ fn tilt_base_image_example_rebuilds_only_what_changed() {
     let (both, _) = build_project(&store, &project, &opts);
     assert_eq!(
         run_per_image(&both),
-        BTreeMap::from([("tilt-app".into(), 4), ("tilt-base".into(), 3)])
+        BTreeMap::from([("tilt-app".into(), 2), ("tilt-base".into(), 3)])
     );
+    assert!(both.images["tilt-app"].rebased_onto.is_none());
     let app_why = &both.images["tilt-app"].explanations[0].1;
-    assert!(app_why.contains("base image changed"), "{app_why}");
+    assert!(
+        app_why.contains("base image changed")
+            && app_why.contains("not rebased onto the new base: `RUN ls"),
+        "{app_why}"
+    );
     assert!(
         both.images["tilt-base"].explanations[0]
             .1

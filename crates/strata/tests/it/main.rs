@@ -12,3 +12,4 @@ mod hosts;
 mod images;
 mod interop;
 mod readme;
+mod rebase;

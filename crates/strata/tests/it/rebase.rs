@@ -1,0 +1,367 @@
+//! Automatic rebase in `strata build`: an app whose steps do not depend on its base follows a
+//! moved base without running a step, and comes out as a clean build on the new base would;
+//! anything else is rebuilt, and `--explain` says why (docs/rebase.md).
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::Path;
+
+use crate::common::{Env, Registry, import_busybox};
+
+fn write(path: &Path, text: &str) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, text).unwrap();
+}
+
+fn inspect(env: &Env, name: &str) -> serde_json::Value {
+    serde_json::from_str(&env.ok(&["inspect", name, "--json"])).unwrap()
+}
+
+fn digest_of(v: &serde_json::Value, what: &str) -> String {
+    match what {
+        "manifest" => v["descriptor"]["digest"].as_str().unwrap().to_string(),
+        _ => v["manifest"]["config"]["digest"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    }
+}
+
+fn layers(v: &serde_json::Value) -> Vec<String> {
+    v["manifest"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn blob_names(env: &Env) -> BTreeSet<String> {
+    env.blob_files()
+        .into_iter()
+        .map(|(n, _)| format!("sha256:{n}"))
+        .collect()
+}
+
+/// A project: `base` FROM busybox (its version file and PATH set by `round`), `app` that
+/// only copies files and sets config, `optout` (strata.toml `rebase = false`) and
+/// `labelled` (`LABEL rebase=false`), both copy-only too.
+fn project(dir: &Path, round: u32) {
+    write(
+        &dir.join("strata.toml"),
+        r#"
+[[image]]
+name = "base"
+context = "base"
+
+[[image]]
+name = "app"
+context = "app"
+
+[[image]]
+name = "optout"
+context = "app"
+dockerfile = "app/optout.Dockerfile"
+rebase = false
+
+[[image]]
+name = "labelled"
+context = "app"
+dockerfile = "app/labelled.Dockerfile"
+"#,
+    );
+    write(
+        &dir.join("base/Dockerfile"),
+        &format!("FROM bb\nCOPY version /etc/version\nENV PATH=/base{round}/bin:/bin\n"),
+    );
+    write(&dir.join("base/version"), &format!("{round}\n"));
+    let app = "FROM base\nCOPY app.txt /app/\nCOPY --chown=root:root conf/ /etc/app/\n\
+               ENV APP=1\nWORKDIR /srv/app\nCMD [\"cat\", \"/app/app.txt\"]\n";
+    write(&dir.join("app/Dockerfile"), app);
+    write(&dir.join("app/optout.Dockerfile"), app);
+    write(
+        &dir.join("app/labelled.Dockerfile"),
+        &format!("{app}LABEL rebase=false\n"),
+    );
+    write(&dir.join("app/app.txt"), "app\n");
+    write(&dir.join("app/conf/app.conf"), "port = 8080\n");
+}
+
+/// `strata build` of the project in `dir`: stdout (one line per image) and stderr.
+fn build(env: &Env, dir: &Path, extra: &[&str]) -> (String, String) {
+    let mut args = vec!["build", "--project", dir.to_str().unwrap()];
+    args.extend(extra);
+    let out = env.strata(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn line<'a>(stdout: &'a str, image: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{image}\t")))
+        .unwrap_or_else(|| panic!("no line for {image}: {stdout}"))
+}
+
+/// The `image_done` event of `image` in JSON progress.
+fn image_done(stderr: &str, image: &str) -> serde_json::Value {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["event"] == "image_done" && e["image"] == image)
+        .unwrap_or_else(|| panic!("no image_done for {image}: {stderr}"))
+}
+
+/// The base moves: the copy-only app is rebased (no step runs, no layer blob is written, the
+/// manifest digest is the one a clean build on the new base gives, its own ENV kept and the
+/// new base's PATH taken), a following build changes nothing, the opt-outs are rebuilt and
+/// say why; a push of the rebased app uploads its config only.
+#[test]
+fn a_copy_only_app_follows_its_moved_base_like_a_clean_build() {
+    let env = Env::new();
+    import_busybox(&env, "bb");
+    let dir = env.path("proj");
+    project(&dir, 1);
+    let (out, _) = build(&env, &dir, &[]);
+    assert!(line(&out, "app").contains("built"), "{out}");
+
+    let registry = Registry::start(&env);
+    let remote = |repo: &str| format!("127.0.0.1:{}/team/{repo}", registry.port);
+    env.ok(&["push", "base", &remote("base:1")]);
+    env.ok(&["push", "app", &remote("app:1")]);
+    let old = inspect(&env, "app");
+
+    project(&dir, 2);
+    let before = blob_names(&env);
+    let (out, err) = build(&env, &dir, &["--explain", "--progress", "json"]);
+    let base = inspect(&env, "base");
+    let app = inspect(&env, "app");
+    let rebased = line(&out, "app");
+    assert!(
+        rebased.contains(&format!(
+            "rebased onto base@{} (0 run",
+            digest_of(&base, "manifest")
+        )),
+        "{out}"
+    );
+    assert!(
+        err.contains(r#""event":"rebased""#) && err.contains(r#""image":"app""#),
+        "{err}"
+    );
+    let done = image_done(&err, "app");
+    assert_eq!(done["steps_run"], 0, "{done}");
+    assert_eq!(done["layer_bytes_written"], 0, "{done}");
+
+    // No layer blob: what is new in the store is the base's and the two images' configs and
+    // manifests (optout and labelled rewrite the same layers they had).
+    let new: BTreeSet<String> = blob_names(&env).difference(&before).cloned().collect();
+    let mut allowed: BTreeSet<String> = layers(&base).into_iter().collect();
+    for img in ["base", "app", "optout", "labelled"] {
+        let v = inspect(&env, img);
+        allowed.insert(digest_of(&v, "manifest"));
+        allowed.insert(digest_of(&v, "config"));
+    }
+    assert!(
+        new.is_subset(&allowed),
+        "new blobs {new:?}, allowed {allowed:?}"
+    );
+    let own = &layers(&app)[layers(&base).len()..];
+    assert_eq!(own, &layers(&old)[layers(&old).len() - own.len()..]);
+    assert!(
+        own.iter().all(|l| before.contains(l)),
+        "the app's layers are the old ones"
+    );
+
+    // Config: the app's own settings kept, the inherited PATH from the new base.
+    let cfg = &app["config"]["config"];
+    let envs: Vec<&str> = cfg["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(envs.contains(&"PATH=/base2/bin:/bin"), "{envs:?}");
+    assert!(envs.contains(&"APP=1"), "{envs:?}");
+    assert_eq!(cfg["WorkingDir"], "/srv/app");
+    assert_eq!(
+        app["manifest"]["annotations"]["org.opencontainers.image.base.digest"],
+        digest_of(&base, "manifest")
+    );
+    env.ok(&["validate", "app"]);
+
+    // The opt-outs are rebuilt, and --explain says why.
+    for (img, why) in [
+        ("optout", "`rebase = false`"),
+        ("labelled", "label `rebase=false`"),
+    ] {
+        let l = line(&out, img);
+        assert!(l.contains("\tbuilt ("), "{l}");
+        assert!(
+            err.lines()
+                .any(|e| e.contains(r#""event":"explain""#) && e.contains(img) && e.contains(why)),
+            "{img}: {err}"
+        );
+    }
+
+    // Cache entries were recorded: the next build runs nothing and says unchanged.
+    let (again, _) = build(&env, &dir, &[]);
+    assert!(line(&again, "app").contains("unchanged (0 run"), "{again}");
+    assert_eq!(
+        digest_of(&inspect(&env, "app"), "manifest"),
+        digest_of(&app, "manifest")
+    );
+
+    // A clean build of the same project on the new base, in a fresh store (busybox moved
+    // over by save/load, so strata.lock's digest holds), gives the same manifest digest.
+    let fresh = Env::new();
+    let bb = env.path("bb.tar");
+    env.ok(&["save", "bb", "-o", bb.to_str().unwrap(), "--format", "oci"]);
+    fresh.ok(&["load", "-i", bb.to_str().unwrap()]);
+    let (clean, _) = build(&fresh, &dir, &[]);
+    assert!(line(&clean, "app").contains("\tbuilt ("), "{clean}");
+    assert_eq!(
+        digest_of(&inspect(&fresh, "app"), "manifest"),
+        digest_of(&app, "manifest"),
+        "rebased and clean builds differ"
+    );
+
+    // Push: the new base first, then the rebased app mounting its layer: the app's upload
+    // is its config (the manifest is not a blob), nothing else.
+    env.ok(&["push", "base", &remote("base:2")]);
+    let out = env.strata(&[
+        "push",
+        "app",
+        &remote("app:2"),
+        "--mount-from",
+        "team/base",
+        "--progress",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<serde_json::Value> = String::from_utf8(out.stderr)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e: &serde_json::Value| e["event"] == "blob")
+        .collect();
+    let uploaded: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["state"] == "done").collect();
+    assert_eq!(uploaded.len(), 1, "{events:?}");
+    assert_eq!(uploaded[0]["digest"], digest_of(&app, "config"));
+    let config_size = app["manifest"]["config"]["size"].as_u64().unwrap();
+    assert_eq!(uploaded[0]["total"].as_u64().unwrap(), config_size);
+    assert!(config_size < 4096, "{config_size}");
+}
+
+/// An app with a RUN step is rebuilt when its base moves, and `--explain` names the RUN.
+#[test]
+fn an_app_that_runs_a_command_is_rebuilt_and_explain_names_the_run() {
+    if !strata_test_support::can_run_containers("rebase of a RUN app") {
+        return;
+    }
+    let env = Env::new();
+    import_busybox(&env, "bb");
+    let dir = env.path("proj");
+    write(
+        &dir.join("strata.toml"),
+        "[[image]]\nname = \"base\"\ncontext = \"base\"\n\n[[image]]\nname = \"app\"\ncontext = \"app\"\n",
+    );
+    let base = |round: u32| {
+        write(
+            &dir.join("base/Dockerfile"),
+            "FROM bb\nCOPY version /etc/version\n",
+        );
+        write(&dir.join("base/version"), &format!("{round}\n"));
+    };
+    base(1);
+    write(
+        &dir.join("app/Dockerfile"),
+        "FROM base\nCOPY app.txt /app/\nRUN cat /etc/version /app/app.txt > /app/both\n",
+    );
+    write(&dir.join("app/app.txt"), "app\n");
+    build(&env, &dir, &[]);
+    base(2);
+    let (out, err) = build(&env, &dir, &["--explain", "--progress", "plain"]);
+    let l = line(&out, "app");
+    assert!(l.contains("\tbuilt (1 run"), "{out}");
+    assert!(!err.contains("rebased app"), "{err}");
+    let why = err
+        .lines()
+        .find(|e| e.contains("not rebased"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        why.contains("`RUN cat /etc/version /app/app.txt > /app/both`")
+            && why.contains("Dockerfile:3"),
+        "{why}"
+    );
+}
+
+/// `strata build -f -t`: a base that moved without touching what the app's COPY reads is
+/// followed; one that changed the mode of the directory the app copies into is not (the
+/// layer would record the new mode), and `--explain` names the path and the step.
+#[test]
+fn a_base_that_changed_what_a_copy_reads_is_rebuilt_and_explain_names_the_path() {
+    let env = Env::new();
+    let root = env.path("rootfs");
+    crate::common::busybox_rootfs(&root);
+    let import = || {
+        crate::common::tar_dir(&root, &env.path("base.tar"));
+        env.ok(&["import", env.path("base.tar").to_str().unwrap(), "base"]);
+    };
+    import();
+    let ctx = env.path("ctx");
+    write(
+        &ctx.join("Dockerfile"),
+        "FROM base\nCOPY app.txt /srv/app/\n",
+    );
+    write(&ctx.join("app.txt"), "app\n");
+    let build = || {
+        let out = env.strata(&[
+            "build",
+            "-t",
+            "app",
+            "--explain",
+            "--progress",
+            "plain",
+            ctx.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    };
+    build();
+
+    fs::write(root.join("etc/motd"), "a new base\n").unwrap();
+    import();
+    let err = build();
+    assert!(err.contains("rebased app onto base@sha256:"), "{err}");
+
+    fs::create_dir_all(root.join("srv/app")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(root.join("srv/app"), fs::Permissions::from_mode(0o750)).unwrap();
+    import();
+    let err = build();
+    assert!(!err.contains("rebased app"), "{err}");
+    assert!(
+        err.contains("not rebased onto the new base: `/srv` differs")
+            && err.contains("`COPY app.txt /srv/app/`"),
+        "{err}"
+    );
+    let v = inspect(&env, "app");
+    let diff_ids = v["config"]["rootfs"]["diff_ids"].as_array().unwrap();
+    assert_eq!(diff_ids.len(), 2);
+}
