@@ -267,3 +267,22 @@ impl Drop for Registry {
         let _ = self.child.wait();
     }
 }
+
+/// One HTTP/1.0 GET of `path` at `addr:port`: the body of a 200 answer, or why not.
+pub fn http_get(addr: &str, port: u16, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let sa: SocketAddr = format!("{addr}:{port}")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let mut s =
+        TcpStream::connect_timeout(&sa, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    if !out.starts_with("HTTP/1.0 200") && !out.starts_with("HTTP/1.1 200") {
+        return Err(out.lines().next().unwrap_or("empty answer").to_string());
+    }
+    Ok(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}

@@ -1,7 +1,6 @@
 //! `strata deploy`, `machine`, `agent`, `releases` end to end: real runc machines behind the
 //! agent's proxy, real HTTP. Needs root, runc, tini-static and busybox (CI installs them).
 
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
@@ -36,16 +35,7 @@ fn machine_env() -> Option<Env> {
 
 /// One HTTP/1.0 GET; the body, or why not.
 fn get(port: u16) -> Result<String, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-        .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    if !out.starts_with("HTTP/1.0 200") && !out.starts_with("HTTP/1.1 200") {
-        return Err(out.lines().next().unwrap_or("empty answer").to_string());
-    }
-    Ok(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+    crate::common::http_get("127.0.0.1", port, "/")
 }
 
 /// Destroys whatever the test started and stops its agent, even when the test fails.

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::{Env, have, import_busybox, wait_for};
+use crate::common::{Env, have, http_get, import_busybox, wait_for};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -248,6 +248,16 @@ impl Lab {
         Lab { env, keys }
     }
 
+    /// Another developer's side (a fresh store) with the same ssh keys.
+    fn sharing_keys(&self) -> Lab {
+        Lab {
+            env: Env::new(),
+            keys: Keys {
+                dir: self.keys.dir.clone(),
+            },
+        }
+    }
+
     fn project(&self, hosts: &[(&str, &TestHost)]) -> PathBuf {
         let dir = self.env.path("project");
         fs::create_dir_all(&dir).unwrap();
@@ -416,12 +426,7 @@ fn pull_from_a_host_and_push_by_url_under_another_name() {
     lab.ok(&["push", "app:1", "--host", "h", "--project", p]);
 
     // A fresh store pulls it back: same digest, valid, and a pull of what is here moves nothing.
-    let other = Lab {
-        env: Env::new(),
-        keys: Keys {
-            dir: lab.keys.dir.clone(),
-        },
-    };
+    let other = lab.sharing_keys();
     let (out, err) = other.ok(&["pull", "app:1", "--host", "h", "--project", p]);
     let want = lab.ok(&["inspect", "--json", "app:1"]).0;
     let want = serde_json::from_str::<serde_json::Value>(&want).unwrap()["descriptor"]["digest"]
@@ -475,12 +480,7 @@ fn pull_from_a_host_and_push_by_url_under_another_name() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     fs::write(&file, &bytes).unwrap();
-    let third = Lab {
-        env: Env::new(),
-        keys: Keys {
-            dir: lab.keys.dir.clone(),
-        },
-    };
+    let third = lab.sharing_keys();
     let err = third.fails(&["pull", "app:1", "--host", "h", "--project", p]);
     assert!(err.contains("host `h`") && err.contains(&layer), "{err}");
     assert!(
@@ -702,23 +702,6 @@ fn can_run_machines() -> bool {
     ok
 }
 
-/// One HTTP/1.0 GET of `path` at `addr:port`; the body, or why not.
-fn get(addr: &str, port: u16, path: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let sa: std::net::SocketAddr = format!("{addr}:{port}").parse().unwrap();
-    let mut s =
-        TcpStream::connect_timeout(&sa, Duration::from_secs(2)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    if !out.starts_with("HTTP/1.0 200") && !out.starts_with("HTTP/1.1 200") {
-        return Err(out.lines().next().unwrap_or("empty answer").to_string());
-    }
-    Ok(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
-}
-
 #[test]
 fn rolling_deploy_to_two_hosts_drops_no_request_stops_at_a_failing_host_and_rolls_back() {
     if !can_run() || !can_run_machines() {
@@ -764,7 +747,7 @@ fn rolling_deploy_to_two_hosts_drops_no_request_stops_at_a_failing_host_and_roll
     assert!(err.contains("a: ") && err.contains("b: "), "{err}");
     assert!(err.contains("web is deployed on a, b"), "{err}");
     for h in [&a, &b] {
-        assert_eq!(get(&h.addr, port, "/").unwrap(), "v1\n");
+        assert_eq!(http_get(&h.addr, port, "/").unwrap(), "v1\n");
     }
 
     // A client hits both hosts all through the next deploys.
@@ -777,7 +760,7 @@ fn rolling_deploy_to_two_hosts_drops_no_request_stops_at_a_failing_host_and_roll
             let started = Instant::now();
             while !stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(120) {
                 for addr in &addrs {
-                    match get(addr, port, "/") {
+                    match http_get(addr, port, "/") {
                         Ok(_) => ok += 1,
                         Err(e) => failed.push(format!("{addr}: {e}")),
                     }
@@ -792,7 +775,7 @@ fn rolling_deploy_to_two_hosts_drops_no_request_stops_at_a_failing_host_and_roll
     fs::write(dir.join("site/index.html"), "v2\n").unwrap();
     lab.ok(&["deploy", "web", "--project", p]);
     for h in [&a, &b] {
-        assert_eq!(get(&h.addr, port, "/").unwrap(), "v2\n");
+        assert_eq!(http_get(&h.addr, port, "/").unwrap(), "v2\n");
     }
 
     // v3 with b's health file gone: a switches, b fails its check, the rollout stops there
@@ -804,14 +787,14 @@ fn rolling_deploy_to_two_hosts_drops_no_request_stops_at_a_failing_host_and_roll
         err.contains("stopped at b (2 of 2)") && err.contains("a run(s) the new release"),
         "{err}"
     );
-    assert_eq!(get(&a.addr, port, "/").unwrap(), "v3\n");
-    assert_eq!(get(&b.addr, port, "/").unwrap(), "v2\n");
+    assert_eq!(http_get(&a.addr, port, "/").unwrap(), "v3\n");
+    assert_eq!(http_get(&b.addr, port, "/").unwrap(), "v2\n");
 
     // Roll every host back to v1 by its image.
     fs::write(b.store.join("strata/volumes/webdata/ok.html"), "ok\n").unwrap();
     lab.ok(&["deploy", "web", "--project", p, "--image", &v1]);
     for h in [&a, &b] {
-        assert_eq!(get(&h.addr, port, "/").unwrap(), "v1\n");
+        assert_eq!(http_get(&h.addr, port, "/").unwrap(), "v1\n");
     }
     stop.store(true, Ordering::SeqCst);
     let (ok, failed) = loop_.join().unwrap();
