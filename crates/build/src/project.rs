@@ -261,11 +261,13 @@ impl Project {
         self.images.iter().find(|i| i.name == name)
     }
 
-    fn context_of(&self, img: &ImageSpec) -> PathBuf {
+    /// The build context directory of `img`.
+    pub fn context_of(&self, img: &ImageSpec) -> PathBuf {
         self.root.join(&img.context)
     }
 
-    fn dockerfile_of(&self, img: &ImageSpec) -> PathBuf {
+    /// The Dockerfile of `img`.
+    pub fn dockerfile_of(&self, img: &ImageSpec) -> PathBuf {
         match &img.dockerfile {
             Some(d) => self.root.join(d),
             None => self.context_of(img).join("Dockerfile"),

@@ -58,6 +58,46 @@ pub struct AppSpec {
     /// after another, each gated on its health check).
     #[serde(default)]
     pub strategy: Option<String>,
+    /// What `strata dev` does with a change instead of rebuilding (docs/dev.md).
+    #[serde(default)]
+    pub live_update: Option<LiveUpdate>,
+}
+
+/// `live_update = { sync = [...], run = [...], restart = "none", fall_back_on = [...] }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveUpdate {
+    /// Context paths written straight into the running machines.
+    #[serde(default)]
+    pub sync: Vec<SyncRule>,
+    /// Commands run in each machine after a sync, when a changed path matches a trigger.
+    #[serde(default)]
+    pub run: Vec<RunRule>,
+    /// `none` (default): the app picks changes up itself.
+    #[serde(default)]
+    pub restart: Option<String>,
+    /// Context patterns (`.dockerignore` syntax) whose change means a rebuild and redeploy.
+    #[serde(default)]
+    pub fall_back_on: Vec<String>,
+}
+
+/// `{ src = "site", dest = "/www" }`: the context path `src` (a file or directory) is `dest` in
+/// the machines.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRule {
+    pub src: String,
+    pub dest: String,
+}
+
+/// `{ cmd = "npm install", trigger = ["package.json"] }`: `sh -c CMD` in each machine after a
+/// sync that changed a path matching a trigger (`.dockerignore` syntax; none: every sync).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRule {
+    pub cmd: String,
+    #[serde(default)]
+    pub trigger: Vec<String>,
 }
 
 /// How a deploy to several hosts proceeds.
@@ -350,6 +390,33 @@ fn apps_of(file: AppsFile, strata_toml: &Path) -> Result<BTreeMap<String, App>> 
         app.volumes()?;
         app.kill_timeout()?;
         app.strategy()?;
+        if let Some(lu) = &app.spec.live_update {
+            match lu.restart.as_deref() {
+                None | Some("none") => {}
+                Some("process") => {
+                    return Err(Error::Config(format!(
+                        "app `{}`: live_update restart = \"process\" is not supported yet: use \"none\" \
+                         (the app reloads what changed itself), or leave the path out of `sync` so \
+                         a change rebuilds and redeploys",
+                        app.name
+                    )));
+                }
+                Some(other) => {
+                    return Err(Error::Config(format!(
+                        "app `{}`: live_update restart `{other}`: expected none",
+                        app.name
+                    )));
+                }
+            }
+            for r in &lu.sync {
+                if !r.dest.starts_with('/') {
+                    return Err(Error::Config(format!(
+                        "app `{}`: live_update sync dest `{}` must be an absolute path",
+                        app.name, r.dest
+                    )));
+                }
+            }
+        }
         apps.insert(app.name.clone(), app);
     }
     Ok(apps)

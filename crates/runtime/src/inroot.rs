@@ -195,3 +195,89 @@ mod tests {
         assert!(!remove_if_empty_stub(root, Path::new("a")));
     }
 }
+
+/// What [`sync_in_root`] does at one container path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncOp {
+    /// Make it a copy of this host file, with this mode (written beside, then renamed over).
+    File { from: PathBuf, mode: u32 },
+    /// Make it a directory with this mode (kept if one is there).
+    Dir { mode: u32 },
+    /// Make it a symlink to `target`.
+    Symlink { target: PathBuf },
+    /// Remove it (and what is below it) if it is there.
+    Remove,
+}
+
+/// Apply `op` at `container_path` inside the root filesystem `root`, from the host, as a live
+/// update does: the path's directories resolve inside `root` (a symlink there is followed as
+/// the container would, never out of `root`), missing parents are made (0755, root), and the
+/// last component itself is never followed. Owned by root, as a `COPY` without `--chown`.
+pub fn sync_in_root(root: &Path, container_path: &str, op: &SyncOp) -> io::Result<()> {
+    let mut names = clean(container_path);
+    let Some(name) = names.pop_back() else {
+        return Err(io::Error::other("cannot replace the root directory"));
+    };
+    let parent: PathBuf = names.iter().collect();
+    let parent = format!("/{}", parent.display());
+    let dir = match op {
+        SyncOp::Remove => {
+            let r = resolve(root, &parent, false)?;
+            if !r.missing.is_empty() {
+                return Ok(());
+            }
+            root.join(r.existing)
+        }
+        _ => root.join(resolve(root, &parent, true)?.existing),
+    };
+    let target = dir.join(&name);
+    let existing = std::fs::symlink_metadata(&target).ok();
+    let remove_existing = |keep_dir: bool| -> io::Result<()> {
+        match &existing {
+            Some(m) if m.is_dir() && !m.file_type().is_symlink() => {
+                if keep_dir {
+                    Ok(())
+                } else {
+                    std::fs::remove_dir_all(&target)
+                }
+            }
+            Some(_) => std::fs::remove_file(&target),
+            None => Ok(()),
+        }
+    };
+    match op {
+        SyncOp::Remove => remove_existing(false),
+        SyncOp::Dir { mode } => {
+            remove_existing(true)?;
+            if !std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+                std::fs::create_dir(&target)?;
+            }
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(*mode & 0o7777))
+        }
+        SyncOp::Symlink { target: to } => {
+            remove_existing(false)?;
+            std::os::unix::fs::symlink(to, &target)
+        }
+        SyncOp::File { from, mode } => {
+            let mut tmp_name = name.clone();
+            tmp_name.push(format!(".strata-sync-{}", std::process::id()));
+            let tmp = dir.join(tmp_name);
+            let _ = std::fs::remove_file(&tmp);
+            // O_EXCL: never through something the machine put at that name meanwhile.
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)?;
+            io::copy(&mut std::fs::File::open(from)?, &mut out)?;
+            drop(out);
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(*mode & 0o7777))?;
+            if existing
+                .as_ref()
+                .is_some_and(|m| m.is_dir() && !m.file_type().is_symlink())
+            {
+                std::fs::remove_dir_all(&target)?;
+            }
+            std::fs::rename(&tmp, &target)
+        }
+    }
+}

@@ -81,6 +81,10 @@ pub enum Command {
     /// Deploy an app of strata.toml: build what changed, push, start new machines, wait until
     /// healthy, switch traffic, stop the old ones.
     Deploy(DeployArgs),
+    /// Deploy an app, then keep its machines current while you edit: changes its
+    /// `live_update` rules cover are written into the running machines at once; any other
+    /// change rebuilds and redeploys (until Ctrl-C).
+    Dev(DevArgs),
     /// An app's releases (`--image` for their images and digests).
     Releases(ReleasesArgs),
     /// The agent, apps, their current release and machines.
@@ -571,6 +575,18 @@ pub struct DeployArgs {
     /// deploy over SSH sends the host.
     #[arg(long, hide = true)]
     pub spec: Option<String>,
+    /// Progress output.
+    #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
+    pub progress: ProgressArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// The app (`[app.NAME]` of strata.toml); optional when there is one.
+    pub app: Option<String>,
+    /// The project file or its directory.
+    #[arg(long, default_value = ".")]
+    pub project: PathBuf,
     /// Progress output.
     #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
     pub progress: ProgressArg,

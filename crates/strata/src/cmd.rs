@@ -41,6 +41,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Machine(command) => crate::deploy::machine(store()?, command),
         Command::Agent(args) => crate::deploy::agent(store()?, &args),
         Command::Deploy(args) => crate::deploy::deploy(store()?, &args),
+        Command::Dev(args) => crate::dev::dev(store()?.root(), &args),
         Command::Releases(args) if args.on.host.is_some() => {
             let mut rest = vec!["releases".to_string()];
             rest.extend(args.app.clone());

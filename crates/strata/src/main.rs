@@ -4,6 +4,7 @@ mod build;
 mod cli;
 mod cmd;
 mod deploy;
+mod dev;
 mod hosts;
 mod registry;
 
@@ -111,7 +112,10 @@ fn writes_listing(command: &cli::Command) -> bool {
 fn cleans_up_on_interrupt(command: &cli::Command) -> bool {
     matches!(
         command,
-        cli::Command::Build(_) | cli::Command::Deploy(_) | cli::Command::Run(_)
+        cli::Command::Build(_)
+            | cli::Command::Deploy(_)
+            | cli::Command::Run(_)
+            | cli::Command::Dev(_)
     )
 }
 

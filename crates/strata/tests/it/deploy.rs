@@ -24,7 +24,7 @@ fn can_run_machines() -> bool {
 }
 
 /// A store with `busybox:latest`, when this host can run machines (else the skip is said).
-fn machine_env() -> Option<Env> {
+pub(crate) fn machine_env() -> Option<Env> {
     if !can_run_machines() {
         return None;
     }
@@ -39,7 +39,7 @@ fn get(port: u16) -> Result<String, String> {
 }
 
 /// Destroys whatever the test started and stops its agent, even when the test fails.
-struct Cleanup<'a>(&'a Env);
+pub(crate) struct Cleanup<'a>(pub &'a Env);
 
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {

@@ -6,6 +6,7 @@
 mod architecture;
 mod common;
 mod deploy;
+mod dev;
 mod docker;
 mod faults;
 mod hosts;

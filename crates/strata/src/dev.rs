@@ -1,0 +1,345 @@
+//! `strata dev`: deploy an app, then keep its running machines current as its build context
+//! changes: a change its `live_update` rules cover is written straight into the machines'
+//! root filesystems from this host (no helper, shell or tar in the image); any other change
+//! rebuilds and redeploys (docs/dev.md).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use strata_deploy::app::{App, LiveUpdate, load_apps};
+use strata_deploy::deploy::project_file;
+use strata_deploy::host::Host;
+use strata_dockerfile::ignore::IgnoreMatcher;
+use strata_runtime::{SyncOp, sync_in_root};
+use strata_store::Store;
+
+use crate::cli::{DeployArgs, DevArgs, ProgressArg};
+
+/// How long the context must stay quiet before a batch of changes is acted on: editors write a
+/// file in several steps (a temp file, a rename, a chmod); 30 ms covers them without the
+/// 200–500 ms other tools wait.
+const QUIET: Duration = Duration::from_millis(30);
+
+/// `strata dev [APP]`.
+pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
+    let file = project_file(&args.project);
+    let apps = load_apps(&file)?;
+    let app = match &args.app {
+        Some(n) => apps
+            .get(n)
+            .cloned()
+            .with_context(|| format!("no app `{n}` in {}", file.display()))?,
+        None if apps.len() == 1 => apps.values().next().cloned().context("no app")?,
+        None => bail!(
+            "which app? {} declares {}",
+            file.display(),
+            apps.keys().cloned().collect::<Vec<_>>().join(", ")
+        ),
+    };
+    let project = strata_build::Project::load(&file)?;
+    let Some(image) = project.image(&app.spec.image).cloned() else {
+        bail!(
+            "app `{}`: its image `{}` is not an [[image]] of {}: strata dev watches a build \
+             context, so the app must be built from strata.toml",
+            app.name,
+            app.spec.image,
+            file.display()
+        );
+    };
+    let context = project.context_of(&image);
+    let dockerfile = project.dockerfile_of(&image);
+    let mut ignore_text = String::new();
+    if let Some(p) = strata_dockerfile::ignore::find_ignore_file(&context, Some(&dockerfile)) {
+        ignore_text = std::fs::read_to_string(&p).unwrap_or_default();
+    }
+    for pat in &image.ignore {
+        ignore_text.push('\n');
+        ignore_text.push_str(pat);
+    }
+    let ignore = IgnoreMatcher::parse(".dockerignore", &ignore_text)?;
+    let say = Say {
+        json: matches!(args.progress, ProgressArg::Json),
+        app: app.name.clone(),
+    };
+
+    let deploy_args = DeployArgs {
+        app: Some(app.name.clone()),
+        project: args.project.clone(),
+        build_only: false,
+        push: false,
+        image: None,
+        image_label: None,
+        insecure: false,
+        detach: true,
+        hosts: Vec::new(),
+        spec: None,
+        progress: args.progress,
+    };
+    redeploy(store_root, &deploy_args)?;
+
+    let (tx, rx) = mpsc::channel();
+    let mut watcher = notify::recommended_watcher(move |ev| {
+        let _ = tx.send(ev);
+    })
+    .context("cannot watch the build context")?;
+    use notify::Watcher;
+    watcher
+        .watch(&context, notify::RecursiveMode::Recursive)
+        .with_context(|| format!("cannot watch {}", context.display()))?;
+    say.line(
+        "watching",
+        &format!(
+            "watching {} for {} (Ctrl-C to stop)",
+            context.display(),
+            app.name
+        ),
+    );
+    loop {
+        if strata_runtime::interrupt::requested() {
+            return Ok(());
+        }
+        let first = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(ev) => ev,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the file watcher stopped"),
+        };
+        let started = Instant::now();
+        let mut changed = BTreeSet::new();
+        collect(&context, first, &mut changed);
+        // Until the context is quiet for QUIET.
+        while let Ok(ev) = rx.recv_timeout(QUIET) {
+            collect(&context, ev, &mut changed);
+        }
+        let changed: Vec<String> = changed
+            .into_iter()
+            .filter(|rel| !ignore.matches(rel))
+            .collect();
+        if changed.is_empty() {
+            continue;
+        }
+        match plan(&app, &changed) {
+            Some(syncs) => match live_update(store_root, &app, &context, &syncs, &changed) {
+                Ok(machines) => say.line(
+                    "synced",
+                    &format!(
+                        "synced {} to {machines} machine(s) in {} ms{}",
+                        describe(&syncs),
+                        started.elapsed().as_millis(),
+                        ran_note(&app, &changed)
+                    ),
+                ),
+                Err(e) => {
+                    say.line(
+                        "fallback",
+                        &format!("live update failed ({e:#}); rebuilding and redeploying"),
+                    );
+                    full(store_root, &deploy_args, &say, &changed, started);
+                }
+            },
+            None => full(store_root, &deploy_args, &say, &changed, started),
+        }
+    }
+}
+
+/// Progress lines: plain, or `{"event":"dev","app",…,"action",…,"message",…}`.
+struct Say {
+    json: bool,
+    app: String,
+}
+
+impl Say {
+    fn line(&self, action: &str, message: &str) {
+        if self.json {
+            eprintln!(
+                "{}",
+                serde_json::json!({"event": "dev", "app": self.app, "action": action,
+                    "message": message})
+            );
+        } else {
+            eprintln!("{message}");
+        }
+    }
+}
+
+fn redeploy(store_root: &Path, args: &DeployArgs) -> Result<()> {
+    let store = Store::open(store_root)?;
+    crate::deploy::deploy(store, args)
+}
+
+fn full(store_root: &Path, args: &DeployArgs, say: &Say, changed: &[String], started: Instant) {
+    let what = changed
+        .iter()
+        .take(3)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    match redeploy(store_root, args) {
+        Ok(()) => say.line(
+            "redeployed",
+            &format!(
+                "rebuilt and redeployed in {:.1} s (changed: {what}{})",
+                started.elapsed().as_secs_f64(),
+                if changed.len() > 3 { ", …" } else { "" }
+            ),
+        ),
+        Err(e) => say.line(
+            "failed",
+            &format!("rebuild failed ({e:#}); still watching, the running release is kept"),
+        ),
+    }
+}
+
+/// Context-relative paths of a watcher event.
+fn collect(context: &Path, ev: notify::Result<notify::Event>, out: &mut BTreeSet<String>) {
+    let Ok(ev) = ev else { return };
+    if matches!(ev.kind, notify::EventKind::Access(_)) {
+        return;
+    }
+    for p in ev.paths {
+        if let Ok(rel) = p.strip_prefix(context) {
+            let rel = rel.to_string_lossy().into_owned();
+            if !rel.is_empty() {
+                out.insert(rel);
+            }
+        }
+    }
+}
+
+/// (context path, machine path) for every changed path, when the app's `live_update` covers
+/// them all; `None` means rebuild.
+fn plan(app: &App, changed: &[String]) -> Option<Vec<(String, String)>> {
+    let lu: &LiveUpdate = app.spec.live_update.as_ref()?;
+    let fall_back =
+        IgnoreMatcher::parse("fall_back_on", &lu.fall_back_on.join("\n")).unwrap_or_default();
+    let mut out = Vec::new();
+    for rel in changed {
+        if !lu.fall_back_on.is_empty() && fall_back.matches(rel) {
+            return None;
+        }
+        let dest = lu.sync.iter().find_map(|r| {
+            let src = strata_dockerfile::ignore::clean_path(&r.src);
+            let src = src.trim_start_matches('/');
+            if src.is_empty() || src == "." {
+                return Some(format!("{}/{rel}", r.dest.trim_end_matches('/')));
+            }
+            if rel == src {
+                return Some(r.dest.clone());
+            }
+            rel.strip_prefix(src)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .map(|rest| format!("{}/{rest}", r.dest.trim_end_matches('/')))
+        })?;
+        out.push((rel.clone(), dest));
+    }
+    Some(out)
+}
+
+/// Write the changes into every running machine of the app; then the `run` rules. Returns how
+/// many machines were updated.
+fn live_update(
+    store_root: &Path,
+    app: &App,
+    context: &Path,
+    syncs: &[(String, String)],
+    changed: &[String],
+) -> Result<usize> {
+    let host = Host::open(Store::open(store_root)?)?;
+    let machines: Vec<_> = host
+        .state
+        .machines()?
+        .into_iter()
+        .filter(|m| m.app.as_deref() == Some(app.name.as_str()) && m.state == "running")
+        .collect();
+    if machines.is_empty() {
+        bail!("no machine of {} is running", app.name);
+    }
+    let ops: Vec<(String, SyncOp)> = syncs
+        .iter()
+        .map(|(rel, dest)| Ok((dest.clone(), op_for(&context.join(rel))?)))
+        .collect::<Result<_>>()?;
+    for m in &machines {
+        let root = host.machine_dir(&m.id).join("rootfs");
+        for (dest, op) in &ops {
+            sync_in_root(&root, dest, op)
+                .with_context(|| format!("cannot write {dest} in machine {}", m.id))?;
+        }
+    }
+    if let Some(lu) = &app.spec.live_update {
+        for rule in &lu.run {
+            let matcher =
+                IgnoreMatcher::parse("trigger", &rule.trigger.join("\n")).unwrap_or_default();
+            if !rule.trigger.is_empty() && !changed.iter().any(|c| matcher.matches(c)) {
+                continue;
+            }
+            for m in &machines {
+                let code = strata_runtime::machine_exec(
+                    &host.runtime,
+                    &m.id,
+                    &["sh".to_string(), "-c".to_string(), rule.cmd.clone()],
+                    &m.config.env,
+                    false,
+                )?;
+                if code != 0 {
+                    bail!("`{}` exited {code} in machine {}", rule.cmd, m.id);
+                }
+            }
+        }
+    }
+    Ok(machines.len())
+}
+
+/// What a context path is now: a file, directory or symlink to copy, or gone.
+fn op_for(path: &PathBuf) -> Result<SyncOp> {
+    use std::os::unix::fs::PermissionsExt;
+    Ok(match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => SyncOp::Remove,
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        Ok(m) if m.file_type().is_symlink() => SyncOp::Symlink {
+            target: std::fs::read_link(path)?,
+        },
+        Ok(m) if m.is_dir() => SyncOp::Dir {
+            mode: m.permissions().mode(),
+        },
+        Ok(m) => SyncOp::File {
+            from: path.clone(),
+            mode: m.permissions().mode(),
+        },
+    })
+}
+
+fn describe(syncs: &[(String, String)]) -> String {
+    let mut s: Vec<String> = syncs
+        .iter()
+        .take(3)
+        .map(|(rel, dest)| format!("{rel} → {dest}"))
+        .collect();
+    if syncs.len() > 3 {
+        s.push(format!("and {} more", syncs.len() - 3));
+    }
+    s.join(", ")
+}
+
+fn ran_note(app: &App, changed: &[String]) -> String {
+    let Some(lu) = &app.spec.live_update else {
+        return String::new();
+    };
+    let ran: Vec<&str> = lu
+        .run
+        .iter()
+        .filter(|r| {
+            r.trigger.is_empty() || {
+                let m = IgnoreMatcher::parse("trigger", &r.trigger.join("\n")).unwrap_or_default();
+                changed.iter().any(|c| m.matches(c))
+            }
+        })
+        .map(|r| r.cmd.as_str())
+        .collect();
+    if ran.is_empty() {
+        String::new()
+    } else {
+        format!("; ran {}", ran.join(", "))
+    }
+}

@@ -1,0 +1,142 @@
+//! `strata dev` end to end: a real machine behind the agent's proxy, real files edited in the
+//! build context, real HTTP.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use crate::common::{http_get, wait_for};
+use crate::deploy::{Cleanup, machine_env};
+
+fn machine_ids(env: &crate::common::Env) -> Vec<String> {
+    env.ok(&["machine", "list", "--app", "web", "--json"])
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["state"] == "running")
+        .filter_map(|v| v["id"].as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn dev_syncs_edits_into_the_running_machine_and_rebuilds_what_it_cannot_sync() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let port = 18_900 + (std::process::id() % 500) as u16;
+    let dir = env.path("proj");
+    std::fs::create_dir_all(dir.join("site")).unwrap();
+    std::fs::write(dir.join("site/index.html"), "v1\n").unwrap();
+    std::fs::write(dir.join("site/old.html"), "old\n").unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("strata.toml"),
+        format!(
+            "[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
+             public_port = {port}\nkill_timeout = \"2s\"\n\
+             health = {{ path = \"/\", interval = \"100ms\", timeout = \"1s\", deadline = \"5s\" }}\n\
+             live_update = {{ sync = [{{ src = \"site\", dest = \"/www\" }}], \
+             run = [{{ cmd = \"echo ran > /www/ran.txt\", trigger = [\"site/trigger.txt\"] }}] }}\n"
+        ),
+    )
+    .unwrap();
+    let log = env.path("dev.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(env.store())
+        .args(["dev", "web", "--project"])
+        .arg(&dir)
+        .args(["--progress", "plain"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for(
+        "strata dev to deploy and watch",
+        Duration::from_secs(60),
+        || said().contains("watching"),
+    );
+    let get = |path: &str| http_get("127.0.0.1", port, path);
+    assert_eq!(get("/").unwrap(), "v1\n");
+    let first = machine_ids(&env);
+    assert_eq!(first.len(), 1, "{}", said());
+
+    // An edit under `sync`: in the running machine at once, no new machine.
+    let t = Instant::now();
+    std::fs::write(dir.join("site/index.html"), "v2\n").unwrap();
+    wait_for("the edit to show", Duration::from_secs(10), || {
+        get("/").is_ok_and(|b| b == "v2\n")
+    });
+    eprintln!("edit → served in {:?}", t.elapsed());
+    assert_eq!(machine_ids(&env), first, "synced, not redeployed");
+    assert!(
+        said().contains("synced site/index.html → /www/index.html to 1 machine(s)"),
+        "{}",
+        said()
+    );
+
+    // New directories and files, and deletes.
+    std::fs::create_dir_all(dir.join("site/new")).unwrap();
+    std::fs::write(dir.join("site/new/deep.html"), "deep\n").unwrap();
+    std::fs::remove_file(dir.join("site/old.html")).unwrap();
+    wait_for(
+        "the new file and the delete",
+        Duration::from_secs(10),
+        || get("/new/deep.html").is_ok_and(|b| b == "deep\n") && get("/old.html").is_err(),
+    );
+
+    // A `run` rule fires on its trigger.
+    std::fs::write(dir.join("site/trigger.txt"), "go\n").unwrap();
+    wait_for("the run rule", Duration::from_secs(10), || {
+        get("/ran.txt").is_ok_and(|b| b == "ran\n")
+    });
+    assert_eq!(machine_ids(&env), first);
+
+    // A change outside `sync` (the Dockerfile): rebuilt and redeployed, a new machine, and
+    // the image now carries the edits.
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox\nENV CHANGED=1\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    wait_for("the redeploy", Duration::from_secs(60), || {
+        said().contains("rebuilt and redeployed")
+    });
+    wait_for("the new machine", Duration::from_secs(30), || {
+        let ids = machine_ids(&env);
+        ids.len() == 1 && ids != first
+    });
+    assert_eq!(get("/").unwrap(), "v2\n");
+    assert_eq!(get("/new/deep.html").unwrap(), "deep\n");
+
+    // Ctrl-C ends the loop; the app keeps running.
+    rustix_kill(child.id());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "strata dev did not stop: {}",
+            said()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}: {}", said());
+    assert_eq!(get("/").unwrap(), "v2\n");
+    let mut rest = String::new();
+    let _ = std::fs::File::open(&log).unwrap().read_to_string(&mut rest);
+    assert!(!rest.contains("error:"), "{rest}");
+}
+
+fn rustix_kill(pid: u32) {
+    std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+}
