@@ -4,7 +4,7 @@
 //! rebuilds and redeploys (docs/dev.md).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -256,10 +256,17 @@ fn live_update(
     if machines.is_empty() {
         bail!("no machine of {} is running", app.name);
     }
-    let ops: Vec<(String, SyncOp)> = syncs
-        .iter()
-        .map(|(rel, dest)| Ok((dest.clone(), op_for(&context.join(rel))?)))
-        .collect::<Result<_>>()?;
+    let mut ops: Vec<(String, SyncOp)> = Vec::new();
+    for (rel, dest) in syncs {
+        let op = op_for(&context.join(rel))?;
+        let is_dir = matches!(op, SyncOp::Dir { .. });
+        ops.push((dest.clone(), op));
+        if is_dir {
+            // A new directory's contents may have been written before the watcher saw the
+            // directory (inotify watches a new directory only once it exists): send them all.
+            subtree(&context.join(rel), dest, &mut ops)?;
+        }
+    }
     for m in &machines {
         let root = host.machine_dir(&m.id).join("rootfs");
         for (dest, op) in &ops {
@@ -291,8 +298,32 @@ fn live_update(
     Ok(machines.len())
 }
 
+/// Every entry below the local directory `dir`, as ops at `dest`/… (parents first).
+fn subtree(dir: &Path, dest: &str, ops: &mut Vec<(String, SyncOp)>) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let path = e.path();
+        let d = format!(
+            "{}/{}",
+            dest.trim_end_matches('/'),
+            e.file_name().to_string_lossy()
+        );
+        let op = op_for(&path)?;
+        let is_dir = matches!(op, SyncOp::Dir { .. });
+        ops.push((d.clone(), op));
+        if is_dir {
+            subtree(&path, &d, ops)?;
+        }
+    }
+    Ok(())
+}
+
 /// What a context path is now: a file, directory or symlink to copy, or gone.
-fn op_for(path: &PathBuf) -> Result<SyncOp> {
+fn op_for(path: &Path) -> Result<SyncOp> {
     use std::os::unix::fs::PermissionsExt;
     Ok(match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => SyncOp::Remove,
@@ -304,7 +335,7 @@ fn op_for(path: &PathBuf) -> Result<SyncOp> {
             mode: m.permissions().mode(),
         },
         Ok(m) => SyncOp::File {
-            from: path.clone(),
+            from: path.to_path_buf(),
             mode: m.permissions().mode(),
         },
     })

@@ -140,3 +140,178 @@ fn rustix_kill(pid: u32) {
         .status()
         .unwrap();
 }
+
+/// path → (type, mode, content or link target) of every entry below `root`.
+fn tree(root: &std::path::Path) -> std::collections::BTreeMap<String, (char, u32, Vec<u8>)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let mode = m.permissions().mode() & 0o7777;
+            if m.file_type().is_symlink() {
+                let t = std::fs::read_link(&p).unwrap();
+                out.insert(rel, ('l', 0, t.to_string_lossy().as_bytes().to_vec()));
+            } else if m.is_dir() {
+                out.insert(rel, ('d', mode, Vec::new()));
+                todo.push(p);
+            } else {
+                out.insert(rel, ('f', mode, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn after_a_thousand_random_edits_the_machine_holds_the_local_tree() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let port = 19_400 + (std::process::id() % 500) as u16;
+    let dir = env.path("proj");
+    let site = dir.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("index.html"), "v1\n").unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("strata.toml"),
+        format!(
+            "[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
+             public_port = {port}\nkill_timeout = \"2s\"\n\
+             live_update = {{ sync = [{{ src = \"site\", dest = \"/www\" }}] }}\n"
+        ),
+    )
+    .unwrap();
+    let log = env.path("dev.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(env.store())
+        .args(["dev", "web", "--project"])
+        .arg(&dir)
+        .args(["--progress", "plain"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for(
+        "strata dev to deploy and watch",
+        Duration::from_secs(60),
+        || said().contains("watching"),
+    );
+    let id = machine_ids(&env).pop().unwrap();
+    let remote = env
+        .store()
+        .join("strata/machines")
+        .join(&id)
+        .join("rootfs/www");
+
+    // Random edits: create, modify, delete, rename, chmod, symlink, nested directories.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id());
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for i in 0..1000 {
+        let dirs: Vec<std::path::PathBuf> = std::iter::once(site.clone())
+            .chain(
+                tree(&site)
+                    .into_iter()
+                    .filter(|(_, (t, _, _))| *t == 'd')
+                    .map(|(p, _)| site.join(p)),
+            )
+            .collect();
+        let files: Vec<std::path::PathBuf> = tree(&site)
+            .into_iter()
+            .filter(|(_, (t, _, _))| *t != 'd')
+            .map(|(p, _)| site.join(p))
+            .collect();
+        let d = &dirs[next(dirs.len() as u64) as usize];
+        let name = format!("n{}", next(40));
+        match next(8) {
+            0 | 1 => {
+                let _ = std::fs::write(d.join(&name), format!("{i} {}\n", next(1000)));
+            }
+            2 if !files.is_empty() => {
+                let f = &files[next(files.len() as u64) as usize];
+                let _ = std::fs::remove_file(f);
+            }
+            3 if !files.is_empty() => {
+                let f = &files[next(files.len() as u64) as usize];
+                let _ = std::fs::rename(f, d.join(&name));
+            }
+            4 if !files.is_empty() => {
+                let f = &files[next(files.len() as u64) as usize];
+                if !std::fs::symlink_metadata(f)
+                    .unwrap()
+                    .file_type()
+                    .is_symlink()
+                {
+                    let mode = [0o600, 0o644, 0o755, 0o640][next(4) as usize];
+                    let _ = std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode));
+                }
+            }
+            5 => {
+                let _ = std::os::unix::fs::symlink(format!("t{}", next(9)), d.join(&name));
+            }
+            6 => {
+                let _ = std::fs::create_dir_all(d.join(&name).join(format!("s{}", next(3))));
+            }
+            _ if dirs.len() > 1 && next(4) == 0 => {
+                let _ = std::fs::remove_dir_all(&dirs[1 + next(dirs.len() as u64 - 1) as usize]);
+            }
+            _ => {
+                let _ = std::fs::write(d.join(&name), b"x");
+            }
+        }
+        if i % 97 == 0 {
+            // Let some batches go through mid-way.
+            std::thread::sleep(Duration::from_millis(60));
+        }
+    }
+    let local = tree(&site);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let there = tree(&remote);
+        if there == local {
+            break;
+        }
+        if Instant::now() > deadline {
+            let only_here: Vec<_> = local.keys().filter(|k| !there.contains_key(*k)).collect();
+            let only_there: Vec<_> = there.keys().filter(|k| !local.contains_key(*k)).collect();
+            let differ: Vec<_> = local
+                .iter()
+                .filter(|(k, v)| there.get(*k).is_some_and(|t| t != *v))
+                .map(|(k, _)| k)
+                .collect();
+            panic!(
+                "trees differ: only local {only_here:?}, only in the machine {only_there:?}, \
+                 differ {differ:?}\n{}",
+                said()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        local.len() > 20,
+        "the edits made a tree ({} entries)",
+        local.len()
+    );
+    assert_eq!(machine_ids(&env), vec![id], "synced, never redeployed");
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
