@@ -222,7 +222,12 @@ pub fn sync_in_root(root: &Path, container_path: &str, op: &SyncOp) -> io::Resul
     let parent = format!("/{}", parent.display());
     let dir = match op {
         SyncOp::Remove => {
-            let r = resolve(root, &parent, false)?;
+            let r = match resolve(root, &parent, false) {
+                Ok(r) => r,
+                // A parent is a file now: nothing is below it to remove.
+                Err(e) if e.kind() == io::ErrorKind::NotADirectory => return Ok(()),
+                Err(e) => return Err(e),
+            };
             if !r.missing.is_empty() {
                 return Ok(());
             }

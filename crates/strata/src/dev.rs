@@ -270,8 +270,18 @@ fn live_update(
     for m in &machines {
         let root = host.machine_dir(&m.id).join("rootfs");
         for (dest, op) in &ops {
-            sync_in_root(&root, dest, op)
-                .with_context(|| format!("cannot write {dest} in machine {}", m.id))?;
+            let r = match sync_in_root(&root, dest, op) {
+                // The file went away while it was copied: it is gone here too (its removal
+                // is another event, acted on in the next batch).
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        && matches!(op, SyncOp::File { .. }) =>
+                {
+                    sync_in_root(&root, dest, &SyncOp::Remove)
+                }
+                r => r,
+            };
+            r.with_context(|| format!("cannot write {dest} in machine {}", m.id))?;
         }
     }
     if let Some(lu) = &app.spec.live_update {
@@ -300,10 +310,12 @@ fn live_update(
 
 /// Every entry below the local directory `dir`, as ops at `dest`/… (parents first).
 fn subtree(dir: &Path, dest: &str, ops: &mut Vec<(String, SyncOp)>) -> Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read {}", dir.display()))?
-        .filter_map(|e| e.ok())
-        .collect();
+    let mut entries: Vec<_> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.filter_map(|e| e.ok()).collect(),
+        // Removed meanwhile: its removal is the next batch's.
+        Err(e) if gone(&e) => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+    };
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let path = e.path();
@@ -322,14 +334,26 @@ fn subtree(dir: &Path, dest: &str, ops: &mut Vec<(String, SyncOp)>) -> Result<()
     Ok(())
 }
 
+/// Whether an error says the path is not there (anymore): removed, or a parent is no longer a
+/// directory. The context changes while it is read; such a path is synced as removed, and the
+/// event of what replaced it comes in the next batch.
+fn gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
+}
+
 /// What a context path is now: a file, directory or symlink to copy, or gone.
 fn op_for(path: &Path) -> Result<SyncOp> {
     use std::os::unix::fs::PermissionsExt;
     Ok(match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => SyncOp::Remove,
+        Err(e) if gone(&e) => SyncOp::Remove,
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        Ok(m) if m.file_type().is_symlink() => SyncOp::Symlink {
-            target: std::fs::read_link(path)?,
+        Ok(m) if m.file_type().is_symlink() => match std::fs::read_link(path) {
+            Ok(target) => SyncOp::Symlink { target },
+            Err(e) if gone(&e) => SyncOp::Remove,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         },
         Ok(m) if m.is_dir() => SyncOp::Dir {
             mode: m.permissions().mode(),

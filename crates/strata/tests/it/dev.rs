@@ -147,19 +147,28 @@ fn tree(root: &std::path::Path) -> std::collections::BTreeMap<String, (char, u32
     let mut out = std::collections::BTreeMap::new();
     let mut todo = vec![root.to_path_buf()];
     while let Some(dir) = todo.pop() {
-        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        // The machine's tree may change while it is read (a sync in flight): what vanishes
+        // is left out, and the caller compares again.
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
             let p = e.path();
             let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            let m = std::fs::symlink_metadata(&p).unwrap();
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
             let mode = m.permissions().mode() & 0o7777;
             if m.file_type().is_symlink() {
-                let t = std::fs::read_link(&p).unwrap();
+                let Ok(t) = std::fs::read_link(&p) else {
+                    continue;
+                };
                 out.insert(rel, ('l', 0, t.to_string_lossy().as_bytes().to_vec()));
             } else if m.is_dir() {
                 out.insert(rel, ('d', mode, Vec::new()));
                 todo.push(p);
-            } else {
-                out.insert(rel, ('f', mode, std::fs::read(&p).unwrap()));
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                out.insert(rel, ('f', mode, bytes));
             }
         }
     }
