@@ -50,16 +50,28 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
         );
     };
     let context = project.context_of(&image);
-    let dockerfile = project.dockerfile_of(&image);
-    let mut ignore_text = String::new();
-    if let Some(p) = strata_dockerfile::ignore::find_ignore_file(&context, Some(&dockerfile)) {
-        ignore_text = std::fs::read_to_string(&p).unwrap_or_default();
+    let ignore = ignore_of(&project, &image)?;
+    // The project images the app's image is built on (its bases, transitively): a change in
+    // their contexts rebuilds them and the app.
+    let mut bases: Vec<(String, std::path::PathBuf, IgnoreMatcher)> = Vec::new();
+    let mut todo: Vec<String> = project
+        .deps
+        .get(&image.name)
+        .map(|d| d.iter().cloned().collect())
+        .unwrap_or_default();
+    while let Some(name) = todo.pop() {
+        if bases.iter().any(|(n, _, _)| *n == name) {
+            continue;
+        }
+        if let Some(spec) = project.image(&name) {
+            bases.push((
+                name.clone(),
+                project.context_of(spec),
+                ignore_of(&project, spec)?,
+            ));
+            todo.extend(project.deps.get(&name).into_iter().flatten().cloned());
+        }
     }
-    for pat in &image.ignore {
-        ignore_text.push('\n');
-        ignore_text.push_str(pat);
-    }
-    let ignore = IgnoreMatcher::parse(".dockerignore", &ignore_text)?;
     let say = Say {
         json: matches!(args.progress, ProgressArg::Json),
         app: app.name.clone(),
@@ -86,9 +98,11 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
     })
     .context("cannot watch the build context")?;
     use notify::Watcher;
-    watcher
-        .watch(&context, notify::RecursiveMode::Recursive)
-        .with_context(|| format!("cannot watch {}", context.display()))?;
+    for dir in std::iter::once(&context).chain(bases.iter().map(|(_, c, _)| c)) {
+        watcher
+            .watch(dir, notify::RecursiveMode::Recursive)
+            .with_context(|| format!("cannot watch {}", dir.display()))?;
+    }
     say.line(
         "watching",
         &format!(
@@ -107,15 +121,27 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
             Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the file watcher stopped"),
         };
         let started = Instant::now();
-        let mut changed = BTreeSet::new();
-        collect(&context, first, &mut changed);
-        // Until the context is quiet for QUIET.
+        let mut raw = BTreeSet::new();
+        collect(first, &mut raw);
+        // Until the contexts are quiet for QUIET.
         while let Ok(ev) = rx.recv_timeout(QUIET) {
-            collect(&context, ev, &mut changed);
+            collect(ev, &mut raw);
         }
-        let changed: Vec<String> = changed
-            .into_iter()
-            .filter(|rel| !ignore.matches(rel))
+        let base_change = raw.iter().find_map(|p| {
+            bases.iter().find_map(|(name, ctx, ign)| {
+                let rel = p.strip_prefix(ctx).ok()?.to_string_lossy().into_owned();
+                (!rel.is_empty() && !ign.matches(&rel)).then(|| format!("{rel} (base {name})"))
+            })
+        });
+        if let Some(what) = base_change {
+            full(store_root, &deploy_args, &say, &[what], started);
+            continue;
+        }
+        let changed: Vec<String> = raw
+            .iter()
+            .filter_map(|p| p.strip_prefix(&context).ok())
+            .map(|rel| rel.to_string_lossy().into_owned())
+            .filter(|rel| !rel.is_empty() && !ignore.matches(rel))
             .collect();
         if changed.is_empty() {
             continue;
@@ -192,20 +218,32 @@ fn full(store_root: &Path, args: &DeployArgs, say: &Say, changed: &[String], sta
     }
 }
 
-/// Context-relative paths of a watcher event.
-fn collect(context: &Path, ev: notify::Result<notify::Event>, out: &mut BTreeSet<String>) {
+/// The paths of a watcher event.
+fn collect(ev: notify::Result<notify::Event>, out: &mut BTreeSet<std::path::PathBuf>) {
     let Ok(ev) = ev else { return };
     if matches!(ev.kind, notify::EventKind::Access(_)) {
         return;
     }
-    for p in ev.paths {
-        if let Ok(rel) = p.strip_prefix(context) {
-            let rel = rel.to_string_lossy().into_owned();
-            if !rel.is_empty() {
-                out.insert(rel);
-            }
-        }
+    out.extend(ev.paths);
+}
+
+/// What the build of `spec` leaves out of its context: its `.dockerignore` and its `ignore`
+/// patterns in strata.toml.
+fn ignore_of(
+    project: &strata_build::Project,
+    spec: &strata_build::ImageSpec,
+) -> Result<IgnoreMatcher> {
+    let context = project.context_of(spec);
+    let dockerfile = project.dockerfile_of(spec);
+    let mut text = String::new();
+    if let Some(p) = strata_dockerfile::ignore::find_ignore_file(&context, Some(&dockerfile)) {
+        text = std::fs::read_to_string(&p).unwrap_or_default();
     }
+    for pat in &spec.ignore {
+        text.push('\n');
+        text.push_str(pat);
+    }
+    Ok(IgnoreMatcher::parse(".dockerignore", &text)?)
 }
 
 /// (context path, machine path) for every changed path, when the app's `live_update` covers

@@ -27,15 +27,24 @@ fn dev_syncs_edits_into_the_running_machine_and_rebuilds_what_it_cannot_sync() {
     std::fs::create_dir_all(dir.join("site")).unwrap();
     std::fs::write(dir.join("site/index.html"), "v1\n").unwrap();
     std::fs::write(dir.join("site/old.html"), "old\n").unwrap();
+    // A project base with a context of its own: its changes rebuild it and the app.
+    std::fs::create_dir_all(dir.join("basectx")).unwrap();
+    std::fs::write(dir.join("basectx/base.txt"), "b1\n").unwrap();
+    std::fs::write(
+        dir.join("base.Dockerfile"),
+        "FROM busybox\nCOPY base.txt /www/base.txt\n",
+    )
+    .unwrap();
     std::fs::write(
         dir.join("Dockerfile"),
-        "FROM busybox\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+        "FROM base\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
     )
     .unwrap();
     std::fs::write(
         dir.join("strata.toml"),
         format!(
-            "[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
+            "[[image]]\nname = \"base\"\ncontext = \"basectx\"\ndockerfile = \"base.Dockerfile\"\n\n\
+             [[image]]\nname = \"web\"\nignore = [\"basectx\", \"*.Dockerfile\"]\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
              public_port = {port}\nkill_timeout = \"2s\"\n\
              health = {{ path = \"/\", interval = \"100ms\", timeout = \"1s\", deadline = \"5s\" }}\n\
              live_update = {{ sync = [{{ src = \"site\", dest = \"/www\" }}], \
@@ -100,7 +109,7 @@ fn dev_syncs_edits_into_the_running_machine_and_rebuilds_what_it_cannot_sync() {
     // the image now carries the edits.
     std::fs::write(
         dir.join("Dockerfile"),
-        "FROM busybox\nENV CHANGED=1\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+        "FROM base\nENV CHANGED=1\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
     )
     .unwrap();
     wait_for("the redeploy", Duration::from_secs(60), || {
@@ -112,6 +121,16 @@ fn dev_syncs_edits_into_the_running_machine_and_rebuilds_what_it_cannot_sync() {
     });
     assert_eq!(get("/").unwrap(), "v2\n");
     assert_eq!(get("/new/deep.html").unwrap(), "deep\n");
+    assert_eq!(get("/base.txt").unwrap(), "b1\n");
+
+    // A change in the base's context: the base and the app are rebuilt and redeployed.
+    std::fs::write(dir.join("basectx/base.txt"), "b2\n").unwrap();
+    wait_for(
+        "the base's change to be deployed",
+        Duration::from_secs(60),
+        || get("/base.txt").is_ok_and(|b| b == "b2\n"),
+    );
+    assert!(said().contains("(base base)"), "{}", said());
 
     // Ctrl-C ends the loop; the app keeps running.
     rustix_kill(child.id());
