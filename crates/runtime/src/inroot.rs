@@ -267,22 +267,32 @@ pub fn sync_in_root(root: &Path, container_path: &str, op: &SyncOp) -> io::Resul
             let mut tmp_name = name.clone();
             tmp_name.push(format!(".strata-sync-{}", std::process::id()));
             let tmp = dir.join(tmp_name);
+            // The source first: when it is gone, nothing is made here.
+            let mut src = std::fs::File::open(from)?;
             let _ = std::fs::remove_file(&tmp);
             // O_EXCL: never through something the machine put at that name meanwhile.
             let mut out = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&tmp)?;
-            io::copy(&mut std::fs::File::open(from)?, &mut out)?;
-            drop(out);
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(*mode & 0o7777))?;
-            if existing
-                .as_ref()
-                .is_some_and(|m| m.is_dir() && !m.file_type().is_symlink())
-            {
-                std::fs::remove_dir_all(&target)?;
+            let written = io::copy(&mut src, &mut out)
+                .and_then(|_| {
+                    drop(out);
+                    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(*mode & 0o7777))
+                })
+                .and_then(|()| {
+                    if existing
+                        .as_ref()
+                        .is_some_and(|m| m.is_dir() && !m.file_type().is_symlink())
+                    {
+                        std::fs::remove_dir_all(&target)?;
+                    }
+                    std::fs::rename(&tmp, &target)
+                });
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
             }
-            std::fs::rename(&tmp, &target)
+            written
         }
     }
 }

@@ -49,7 +49,9 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
             file.display()
         );
     };
-    let context = project.context_of(&image);
+    // Absolute: the watcher reports absolute paths, which are matched against it.
+    let absolute = |p: std::path::PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
+    let context = absolute(project.context_of(&image));
     let ignore = ignore_of(&project, &image)?;
     // The project images the app's image is built on (its bases, transitively): a change in
     // their contexts rebuilds them and the app.
@@ -66,7 +68,7 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
         if let Some(spec) = project.image(&name) {
             bases.push((
                 name.clone(),
-                project.context_of(spec),
+                absolute(project.context_of(spec)),
                 ignore_of(&project, spec)?,
             ));
             todo.extend(project.deps.get(&name).into_iter().flatten().cloned());
@@ -127,6 +129,7 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
         while let Ok(ev) = rx.recv_timeout(QUIET) {
             collect(ev, &mut raw);
         }
+        tracing::debug!(paths = ?raw, "context events");
         let base_change = raw.iter().find_map(|p| {
             bases.iter().find_map(|(name, ctx, ign)| {
                 let rel = p.strip_prefix(ctx).ok()?.to_string_lossy().into_owned();

@@ -56,8 +56,9 @@ fn dev_syncs_edits_into_the_running_machine_and_rebuilds_what_it_cannot_sync() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
         .arg("--store")
         .arg(env.store())
-        .args(["dev", "web", "--project"])
-        .arg(&dir)
+        // A relative project path, as `strata dev` is mostly run (`--project .`).
+        .current_dir(&dir)
+        .args(["dev", "web", "--project", "."])
         .args(["--progress", "plain"])
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
