@@ -16,6 +16,29 @@ fn machine_ids(env: &crate::common::Env) -> Vec<String> {
         .collect()
 }
 
+/// `strata dev web --project .` in `dir`, its stderr to a log; returns once it watches.
+fn start_dev(
+    env: &crate::common::Env,
+    dir: &std::path::Path,
+) -> (std::process::Child, std::path::PathBuf) {
+    let log = env.path("dev.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(env.store())
+        .current_dir(dir)
+        .args(["dev", "web", "--project", ".", "--progress", "plain"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "strata dev to deploy and watch",
+        Duration::from_secs(60),
+        || std::fs::read_to_string(&log).is_ok_and(|s| s.contains("watching")),
+    );
+    (child, log)
+}
+
 #[test]
 fn dev_syncs_edits_into_the_running_machine_and_rebuilds_what_it_cannot_sync() {
     let Some(env) = machine_env() else {
@@ -52,24 +75,9 @@ fn dev_syncs_edits_into_the_running_machine_and_rebuilds_what_it_cannot_sync() {
         ),
     )
     .unwrap();
-    let log = env.path("dev.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .arg("--store")
-        .arg(env.store())
-        // A relative project path, as `strata dev` is mostly run (`--project .`).
-        .current_dir(&dir)
-        .args(["dev", "web", "--project", "."])
-        .args(["--progress", "plain"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    // A relative project path, as `strata dev` is mostly run (`--project .`).
+    let (mut child, log) = start_dev(&env, &dir);
     let said = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_for(
-        "strata dev to deploy and watch",
-        Duration::from_secs(60),
-        || said().contains("watching"),
-    );
     let get = |path: &str| http_get("127.0.0.1", port, path);
     assert_eq!(get("/").unwrap(), "v1\n");
     let first = machine_ids(&env);
@@ -221,23 +229,8 @@ fn after_a_thousand_random_edits_the_machine_holds_the_local_tree() {
         ),
     )
     .unwrap();
-    let log = env.path("dev.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
-        .arg("--store")
-        .arg(env.store())
-        .args(["dev", "web", "--project"])
-        .arg(&dir)
-        .args(["--progress", "plain"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut child, log) = start_dev(&env, &dir);
     let said = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_for(
-        "strata dev to deploy and watch",
-        Duration::from_secs(60),
-        || said().contains("watching"),
-    );
     let id = machine_ids(&env).pop().unwrap();
     let remote = env
         .store()
@@ -339,6 +332,55 @@ fn after_a_thousand_random_edits_the_machine_holds_the_local_tree() {
         local.len()
     );
     assert_eq!(machine_ids(&env), vec![id], "synced, never redeployed");
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+/// A `FROM scratch` image holding one static binary and running as `USER 65534`: no shell,
+/// no tar, no root in the machine, and edits still land (written from the host).
+#[test]
+fn dev_syncs_into_a_scratch_image_running_as_nobody() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let port = 19_900 + (std::process::id() % 500) as u16;
+    let dir = env.path("proj");
+    std::fs::create_dir_all(dir.join("site")).unwrap();
+    std::fs::write(dir.join("site/index.html"), "s1\n").unwrap();
+    std::fs::copy("/bin/busybox", dir.join("busybox")).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY site/ /www/\nUSER 65534\n\
+         CMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("strata.toml"),
+        format!(
+            "[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
+             public_port = {port}\nkill_timeout = \"2s\"\n\
+             live_update = {{ sync = [{{ src = \"site\", dest = \"/www\" }}] }}\n"
+        ),
+    )
+    .unwrap();
+    let (mut child, log) = start_dev(&env, &dir);
+    let get = |path: &str| http_get("127.0.0.1", port, path);
+    assert_eq!(get("/").unwrap(), "s1\n");
+    let first = machine_ids(&env);
+    std::fs::write(dir.join("site/index.html"), "s2\n").unwrap();
+    std::fs::create_dir_all(dir.join("site/sub")).unwrap();
+    std::fs::write(dir.join("site/sub/page.html"), "sub\n").unwrap();
+    wait_for(
+        "the edits in a scratch machine",
+        Duration::from_secs(10),
+        || get("/").is_ok_and(|b| b == "s2\n") && get("/sub/page.html").is_ok_and(|b| b == "sub\n"),
+    );
+    assert_eq!(machine_ids(&env), first, "synced, not redeployed");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(!said.contains("live update failed"), "{said}");
     let _ = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();
