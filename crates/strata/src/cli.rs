@@ -74,8 +74,17 @@ pub enum Command {
     /// Check every digest, size and diff_id of an image.
     Validate { image: String },
     /// Machines: images running on this host (detached, own network, ephemeral root).
-    #[command(subcommand)]
-    Machine(MachineCommand),
+    Machine {
+        /// Run the machine command on this host over SSH: a `[host.NAME]` of strata.toml or
+        /// `ssh://user@address`.
+        #[arg(long, global = true)]
+        host: Option<String>,
+        /// The project file (or its directory) that defines `[host.NAME]`.
+        #[arg(long, global = true, default_value = ".")]
+        project: PathBuf,
+        #[command(subcommand)]
+        command: MachineCommand,
+    },
     /// The host agent: keeps machines running, owns the app ports (started on demand).
     Agent(AgentArgs),
     /// Deploy an app of strata.toml: build what changed, push, start new machines, wait until
@@ -95,8 +104,17 @@ pub enum Command {
         on: HostArg,
     },
     /// Apps deployed on this host.
-    #[command(subcommand)]
-    Apps(AppsCommand),
+    Apps {
+        /// Run the apps command on this host over SSH: a `[host.NAME]` of strata.toml or
+        /// `ssh://user@address`.
+        #[arg(long, global = true)]
+        host: Option<String>,
+        /// The project file (or its directory) that defines `[host.NAME]`.
+        #[arg(long, global = true, default_value = ".")]
+        project: PathBuf,
+        #[command(subcommand)]
+        command: AppsCommand,
+    },
     /// Run a command in a new machine, attached, and remove the machine when it exits (like
     /// `docker run --rm`); exits with the command's code.
     Run(MachineRunArgs),

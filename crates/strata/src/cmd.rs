@@ -38,7 +38,23 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Registry(command) => crate::registry::registry(cli.store.clone(), command),
         Command::Validate { image } => validate(&store()?, &image),
         Command::Unpack { image, dir } => unpack(&store()?, &image, &dir),
-        Command::Machine(command) => crate::deploy::machine(store()?, command),
+        Command::Machine {
+            host: Some(host),
+            project,
+            ..
+        }
+        | Command::Apps {
+            host: Some(host),
+            project,
+            ..
+        } => crate::hosts::run_there(
+            &cli::HostArg {
+                host: Some(host),
+                project,
+            },
+            &crate::hosts::argv_for_host(),
+        ),
+        Command::Machine { command, .. } => crate::deploy::machine(store()?, command),
         Command::Agent(args) => crate::deploy::agent(store()?, &args),
         Command::Deploy(args) => crate::deploy::deploy(store()?, &args),
         Command::Dev(args) => crate::dev::dev(store()?.root(), &args),
@@ -60,10 +76,14 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::hosts::run_there(&on, &rest)
         }
         Command::Status { app, .. } => crate::deploy::status(store()?, app.as_deref()),
-        Command::Apps(AppsCommand::Destroy { app, volumes }) => {
-            crate::deploy::apps_destroy(store()?, &app, volumes)
-        }
-        Command::Apps(AppsCommand::List { json }) => crate::deploy::apps_list(store()?, json),
+        Command::Apps {
+            command: AppsCommand::Destroy { app, volumes },
+            ..
+        } => crate::deploy::apps_destroy(store()?, &app, volumes),
+        Command::Apps {
+            command: AppsCommand::List { json },
+            ..
+        } => crate::deploy::apps_list(store()?, json),
         Command::Run(args) => crate::deploy::run(store()?, &args),
         Command::Logs { app, follow, on } if on.host.is_some() => {
             let mut rest = vec!["logs".to_string(), app];

@@ -264,6 +264,27 @@ pub fn run_there(on: &HostArg, args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// This command line for the host: the arguments after `strata`, less the ones that only mean
+/// something here (`--host`, `--project`, `--store`, with their values).
+pub fn argv_for_host() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if ["--host", "--project", "--store"].contains(&a.as_str()) {
+            args.next();
+            continue;
+        }
+        if ["--host=", "--project=", "--store="]
+            .iter()
+            .any(|p| a.starts_with(p))
+        {
+            continue;
+        }
+        out.push(a);
+    }
+    out
+}
+
 /// The `[app.NAME]` table a host deploys: strata.toml's, without what only the client uses
 /// (`registry`: the image arrives over SSH; `hosts`, `strategy`).
 fn app_spec_for_host(file: &Path, app: &str) -> Result<String> {

@@ -103,7 +103,10 @@ fn writes_listing(command: &cli::Command) -> bool {
             | C::Status { .. }
             | C::Validate { .. }
             | C::Save(_)
-            | C::Machine(M::List { .. } | M::Logs { .. })
+            | C::Machine {
+                command: M::List { .. } | M::Logs { .. },
+                ..
+            }
     )
 }
 

@@ -827,6 +827,35 @@ fn rolling_deploy_to_two_hosts_drops_no_request_stops_at_a_failing_host_and_roll
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Machine and app commands there: the host's machines, not this machine's.
+    let out = lab
+        .command(&["machine", "list", "--json", "--host", "a", "--project", p])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        rows.iter()
+            .any(|r| r["app"] == "web" && r["state"] == "running"),
+        "{rows:?}"
+    );
+    let out = lab
+        .command(&["apps", "--host", "b", "--project", p, "list"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("web"), "{text}");
+    assert!(
+        lab.ok(&["machine", "list", "--json"]).0.trim().is_empty(),
+        "none here"
+    );
 }
 
 #[test]
