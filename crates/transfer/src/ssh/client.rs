@@ -434,11 +434,6 @@ impl HostSession {
         };
         let mut output = BufReader::with_capacity(STREAM_BUFFER, output);
         let hello = read_frame::<Reply>(&mut output);
-        let said = |stderr: &Arc<Mutex<Vec<u8>>>| {
-            // Give the stderr reader a moment to collect the last words.
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            tail(&String::from_utf8_lossy(&stderr.lock_ok()))
-        };
         match hello {
             Ok(Some(Reply::Hello {
                 protocol,
@@ -468,7 +463,7 @@ impl HostSession {
             Ok(None) | Err(_) => {
                 drop(input);
                 let status = child.wait().ok().and_then(|s| s.code());
-                let said = said(&stderr);
+                let said = last_words(&stderr);
                 match (status, hello) {
                     (Some(NO_STRATA), _) => Ok(Start::Install(said)),
                     (Some(255), _) => Err(host.err(format!("ssh failed: {said}"))),
@@ -511,16 +506,11 @@ impl HostSession {
         self.mux.command(&script)
     }
 
-    fn stderr_tail(&self) -> String {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        tail(&String::from_utf8_lossy(&self.stderr.lock_ok()))
-    }
-
     /// An error for a broken stream: what failed, and what the host said on stderr.
     fn lost(&self, doing: &str, e: &io::Error) -> Error {
         self.host.err(format!(
             "connection lost while {doing} ({e}); the host said: {}",
-            self.stderr_tail()
+            last_words(&self.stderr)
         ))
     }
 
@@ -554,10 +544,7 @@ impl HostSession {
     }
 
     fn unexpected(&self, reply: &Reply) -> Error {
-        match reply {
-            Reply::Error { message } => self.host.err(strata_oci::printable(message).into_owned()),
-            other => self.host.err(format!("unexpected answer: {other:?}")),
-        }
+        self.host.err(describe(reply))
     }
 
     /// Push the store's image `local` to the host as `remote_name`, sending only the blobs it
@@ -637,7 +624,7 @@ impl HostSession {
                     d.digest,
                     strata_oci::printable(message)
                 )),
-                other => failures.push(format!("unexpected answer {other:?}")),
+                other => failures.push(describe(other)),
             }
         }
         if !failures.is_empty() {
@@ -803,7 +790,7 @@ impl HostSession {
                         )));
                     }
                     Ok(Some(other)) => {
-                        return Err(host.err(format!("unexpected answer {other:?}")));
+                        return Err(host.err(describe(&other)));
                     }
                     Ok(None) => {
                         return Err(host.err("connection lost while fetching blobs"));
@@ -883,11 +870,19 @@ impl Drop for HostSession {
     }
 }
 
+/// What a reply that is not the expected one says: the host's error, or the reply itself.
 fn describe(reply: &Reply) -> String {
     match reply {
         Reply::Error { message } => strata_oci::printable(message).into_owned(),
         other => format!("unexpected answer {other:?}"),
     }
+}
+
+/// The last lines the host's side wrote on stderr, after a moment for the reader thread to
+/// collect them.
+fn last_words(stderr: &Mutex<Vec<u8>>) -> String {
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    tail(&String::from_utf8_lossy(&stderr.lock_ok()))
 }
 
 /// Write each `put` and its bytes, then the tag. On failure: what was being done, and why.
