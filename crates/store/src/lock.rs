@@ -39,14 +39,18 @@ impl FileLock {
             LockMode::Shared => FlockOperation::LockShared,
             LockMode::Exclusive => FlockOperation::LockExclusive,
         };
-        loop {
-            match flock(&file, op) {
-                Ok(()) => break,
-                // A signal handler interrupted the wait; keep waiting.
-                Err(Errno::INTR) => continue,
-                Err(e) => return Err(std::io::Error::from(e)).ctx("lock", path),
-            }
-        }
+        flock_retrying(&file, op).ctx("lock", path)?;
         Ok(FileLock { _file: file })
+    }
+}
+
+/// `flock(2)` on `file`, waiting again when a signal handler interrupts the wait.
+pub(crate) fn flock_retrying(file: &File, op: FlockOperation) -> std::io::Result<()> {
+    loop {
+        match flock(file, op) {
+            Ok(()) => return Ok(()),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
 }

@@ -14,11 +14,11 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use rustix::fs::{FlockOperation, flock};
-use rustix::io::Errno;
+use rustix::fs::FlockOperation;
 use strata_oci::{Digest, Hasher};
 
 use crate::error::{Error, IoContext, Result};
+use crate::lock::flock_retrying;
 use crate::{Store, fsync_parent};
 
 /// Partial files untouched for this long are abandoned: gc removes them.
@@ -57,7 +57,7 @@ impl Store {
             .truncate(false)
             .open(&path)
             .ctx("open", &path)?;
-        lock(&file, FlockOperation::LockExclusive).ctx("lock", &path)?;
+        flock_retrying(&file, FlockOperation::LockExclusive).ctx("lock", &path)?;
         let mut hasher = digest.algorithm().hasher();
         let mut len = file.metadata().ctx("stat", &path)?.len();
         if len > size {
@@ -120,7 +120,7 @@ impl Store {
                 continue;
             };
             // Held by a writer right now: not abandoned, however old its last write.
-            if lock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+            if flock_retrying(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
                 continue;
             }
             if !dry_run {
@@ -130,16 +130,6 @@ impl Store {
             bytes += meta.len();
         }
         Ok((count, bytes))
-    }
-}
-
-fn lock(file: &File, op: FlockOperation) -> io::Result<()> {
-    loop {
-        match flock(file, op) {
-            Ok(()) => return Ok(()),
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
     }
 }
 
