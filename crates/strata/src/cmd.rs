@@ -59,21 +59,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Deploy(args) => crate::deploy::deploy(store()?, &args),
         Command::Dev(args) => crate::dev::dev(store()?.root(), &args),
         Command::Releases(args) if args.on.host.is_some() => {
-            let mut rest = vec!["releases".to_string()];
-            rest.extend(args.app.clone());
-            if args.image {
-                rest.push("--image".into());
-            }
-            if args.json {
-                rest.push("--json".into());
-            }
-            crate::hosts::run_there(&args.on, &rest)
+            crate::hosts::run_there(&args.on, &crate::hosts::argv_for_host())
         }
         Command::Releases(args) => crate::deploy::releases(store()?, &args),
-        Command::Status { app, on } if on.host.is_some() => {
-            let mut rest = vec!["status".to_string()];
-            rest.extend(app);
-            crate::hosts::run_there(&on, &rest)
+        Command::Status { on, .. } if on.host.is_some() => {
+            crate::hosts::run_there(&on, &crate::hosts::argv_for_host())
         }
         Command::Status { app, .. } => crate::deploy::status(store()?, app.as_deref()),
         Command::Apps {
@@ -85,12 +75,8 @@ pub fn run(cli: Cli) -> Result<()> {
             ..
         } => crate::deploy::apps_list(store()?, json),
         Command::Run(args) => crate::deploy::run(store()?, &args),
-        Command::Logs { app, follow, on } if on.host.is_some() => {
-            let mut rest = vec!["logs".to_string(), app];
-            if follow {
-                rest.push("--follow".into());
-            }
-            crate::hosts::run_there(&on, &rest)
+        Command::Logs { on, .. } if on.host.is_some() => {
+            crate::hosts::run_there(&on, &crate::hosts::argv_for_host())
         }
         Command::Logs { app, follow, .. } => crate::deploy::app_logs(store()?, &app, follow),
         Command::Ps { app, json } => {

@@ -53,6 +53,26 @@ pub fn serve(store: &Store) -> Result<()> {
     Ok(())
 }
 
+/// `work` on every host, [`HOST_PARALLELISM`] at a time; each host's name and result, in order.
+fn on_hosts<T: Send>(
+    hosts: &[SshHost],
+    work: impl Fn(&SshHost) -> Result<T> + Sync,
+) -> Vec<(String, Result<T>)> {
+    std::thread::scope(|s| {
+        let mut done = Vec::new();
+        for chunk in hosts.chunks(HOST_PARALLELISM) {
+            let handles: Vec<_> = chunk.iter().map(|h| s.spawn(|| work(h))).collect();
+            for (h, j) in chunk.iter().zip(handles) {
+                let r = j
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the thread for it panicked")));
+                done.push((h.name.clone(), r));
+            }
+        }
+        done
+    })
+}
+
 /// A host named on the command line: `ssh://…`, or a `[host.NAME]` of the project's
 /// strata.toml.
 pub fn resolve_host(spec: &str, project: &Path) -> Result<SshHost> {
@@ -63,11 +83,7 @@ pub fn resolve_host(spec: &str, project: &Path) -> Result<SshHost> {
         }
         return Ok(host);
     }
-    let file = if project.is_dir() {
-        project.join("strata.toml")
-    } else {
-        project.to_path_buf()
-    };
+    let file = strata_deploy::deploy::project_file(project);
     if !file.is_file() {
         bail!(
             "unknown host `{spec}`: there is no {} to define it\n\
@@ -134,45 +150,14 @@ pub fn push(store: &Store, args: &PushArgs) -> Result<()> {
     let remote_name = remote_name.unwrap_or_else(|| args.image.clone());
     let opts = connect_options();
     let several = hosts.len() > 1;
-    let results: Vec<(String, Result<strata_transfer::ssh::ShipReport>)> =
-        std::thread::scope(|s| {
-            let mut done = Vec::new();
-            for chunk in hosts.chunks(HOST_PARALLELISM) {
-                let handles: Vec<_> = chunk
-                    .iter()
-                    .map(|host| {
-                        let opts = opts.clone();
-                        let remote_name = &remote_name;
-                        s.spawn(move || {
-                            let label = several.then(|| host.name.clone());
-                            let progress =
-                                crate::registry::blob_progress_for(args.progress, "sent", label);
-                            let r = (|| {
-                                let mut session = HostSession::connect(host, &opts)?;
-                                let report = session.push(
-                                    store,
-                                    &args.image,
-                                    remote_name,
-                                    Some(progress.as_ref()),
-                                )?;
-                                session.close()?;
-                                Ok::<_, anyhow::Error>(report)
-                            })();
-                            (host.name.clone(), r)
-                        })
-                    })
-                    .collect();
-                for h in handles {
-                    done.push(h.join().unwrap_or_else(|_| {
-                        (
-                            String::new(),
-                            Err(anyhow::anyhow!("a push thread panicked")),
-                        )
-                    }));
-                }
-            }
-            done
-        });
+    let results = on_hosts(&hosts, |host| {
+        let label = several.then(|| host.name.clone());
+        let progress = crate::registry::blob_progress_for(args.progress, "sent", label);
+        let mut session = HostSession::connect(host, &opts)?;
+        let report = session.push(store, &args.image, &remote_name, Some(progress.as_ref()))?;
+        session.close()?;
+        Ok(report)
+    });
     let mut failed = Vec::new();
     for (host, r) in results {
         match r {
@@ -430,22 +415,10 @@ pub fn deploy_to_hosts(
             }
         }
         Strategy::Parallel => {
-            let failures: Vec<String> = std::thread::scope(|s| {
-                let mut failures = Vec::new();
-                for chunk in hosts.chunks(HOST_PARALLELISM) {
-                    let handles: Vec<_> = chunk.iter().map(|h| s.spawn(|| one(h))).collect();
-                    for (h, j) in chunk.iter().zip(handles) {
-                        match j.join() {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => failures.push(format!("{}: {e:#}", h.name)),
-                            Err(_) => {
-                                failures.push(format!("{}: the deploy thread panicked", h.name))
-                            }
-                        }
-                    }
-                }
-                failures
-            });
+            let failures: Vec<String> = on_hosts(&hosts, one)
+                .into_iter()
+                .filter_map(|(name, r)| r.err().map(|e| format!("{name}: {e:#}")))
+                .collect();
             if !failures.is_empty() {
                 bail!(
                     "the deploy of {} failed on {} of {} hosts:\n{}",
