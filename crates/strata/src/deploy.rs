@@ -442,25 +442,21 @@ pub fn app_logs(store: Store, app: &str, follow: bool) -> Result<()> {
     }
 }
 
-pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
-    let file = project_file(&args.project);
-    let apps = match &args.spec {
-        Some(text) => strata_deploy::app::parse_apps(text, std::path::Path::new("--spec"))?,
-        None => load_apps(&file)?,
-    };
-    let app = match &args.app {
+/// The app `name` of strata.toml (`file`), or its only app when no name is given.
+pub(crate) fn pick_app(
+    apps: &std::collections::BTreeMap<String, strata_deploy::app::App>,
+    name: Option<&str>,
+    file: &std::path::Path,
+) -> Result<strata_deploy::app::App> {
+    match name {
         Some(name) => apps.get(name).cloned().with_context(|| {
             format!(
                 "no app `{name}` in {} (apps: {})",
                 file.display(),
                 apps.keys().cloned().collect::<Vec<_>>().join(", ")
             )
-        })?,
-        None if apps.len() == 1 => apps
-            .values()
-            .next()
-            .cloned()
-            .unwrap_or_else(|| unreachable!()),
+        }),
+        None if apps.len() == 1 => apps.values().next().cloned().context("no app"),
         None => bail!(
             "which app? {} declares {}",
             file.display(),
@@ -470,7 +466,16 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
                 apps.keys().cloned().collect::<Vec<_>>().join(", ")
             }
         ),
+    }
+}
+
+pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
+    let file = project_file(&args.project);
+    let apps = match &args.spec {
+        Some(text) => strata_deploy::app::parse_apps(text, std::path::Path::new("--spec"))?,
+        None => load_apps(&file)?,
     };
+    let app = pick_app(&apps, args.app.as_deref(), &file)?;
     let label = args
         .image_label
         .clone()

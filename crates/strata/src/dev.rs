@@ -27,18 +27,7 @@ const QUIET: Duration = Duration::from_millis(30);
 pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
     let file = project_file(&args.project);
     let apps = load_apps(&file)?;
-    let app = match &args.app {
-        Some(n) => apps
-            .get(n)
-            .cloned()
-            .with_context(|| format!("no app `{n}` in {}", file.display()))?,
-        None if apps.len() == 1 => apps.values().next().cloned().context("no app")?,
-        None => bail!(
-            "which app? {} declares {}",
-            file.display(),
-            apps.keys().cloned().collect::<Vec<_>>().join(", ")
-        ),
-    };
+    let app = crate::deploy::pick_app(&apps, args.app.as_deref(), &file)?;
     let project = strata_build::Project::load(&file)?;
     let Some(image) = project.image(&app.spec.image).cloned() else {
         bail!(
@@ -151,13 +140,17 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
         }
         match plan(&app, &changed) {
             Some(syncs) => match live_update(store_root, &app, &context, &syncs, &changed) {
-                Ok(machines) => say.line(
+                Ok((machines, ran)) => say.line(
                     "synced",
                     &format!(
                         "synced {} to {machines} machine(s) in {} ms{}",
                         describe(&syncs),
                         started.elapsed().as_millis(),
-                        ran_note(&app, &changed)
+                        if ran.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; ran {}", ran.join(", "))
+                        }
                     ),
                 ),
                 Err(e) => {
@@ -279,14 +272,14 @@ fn plan(app: &App, changed: &[String]) -> Option<Vec<(String, String)>> {
 }
 
 /// Write the changes into every running machine of the app; then the `run` rules. Returns how
-/// many machines were updated.
+/// many machines were updated and the commands that ran.
 fn live_update(
     store_root: &Path,
     app: &App,
     context: &Path,
     syncs: &[(String, String)],
     changed: &[String],
-) -> Result<usize> {
+) -> Result<(usize, Vec<String>)> {
     let host = Host::open(Store::open(store_root)?)?;
     let machines: Vec<_> = host
         .state
@@ -325,6 +318,7 @@ fn live_update(
             r.with_context(|| format!("cannot write {dest} in machine {}", m.id))?;
         }
     }
+    let mut ran = Vec::new();
     if let Some(lu) = &app.spec.live_update {
         for rule in &lu.run {
             let matcher =
@@ -344,9 +338,10 @@ fn live_update(
                     bail!("`{}` exited {code} in machine {}", rule.cmd, m.id);
                 }
             }
+            ran.push(rule.cmd.clone());
         }
     }
-    Ok(machines.len())
+    Ok((machines.len(), ran))
 }
 
 /// Every entry below the local directory `dir`, as ops at `dest`/… (parents first).
@@ -416,26 +411,4 @@ fn describe(syncs: &[(String, String)]) -> String {
         s.push(format!("and {} more", syncs.len() - 3));
     }
     s.join(", ")
-}
-
-fn ran_note(app: &App, changed: &[String]) -> String {
-    let Some(lu) = &app.spec.live_update else {
-        return String::new();
-    };
-    let ran: Vec<&str> = lu
-        .run
-        .iter()
-        .filter(|r| {
-            r.trigger.is_empty() || {
-                let m = IgnoreMatcher::parse("trigger", &r.trigger.join("\n")).unwrap_or_default();
-                changed.iter().any(|c| m.matches(c))
-            }
-        })
-        .map(|r| r.cmd.as_str())
-        .collect();
-    if ran.is_empty() {
-        String::new()
-    } else {
-        format!("; ran {}", ran.join(", "))
-    }
 }
