@@ -41,8 +41,5 @@ pub use engine::{
 };
 pub use error::{Error, Result};
 pub use plan::{Plan, PlanOptions, Step, StepKind, plan};
-pub use progress::{
-    CollectProgress, Event, JsonProgress, NoProgress, PlainProgress, Progress, ProgressMode,
-    StepRef, plain_line, renderer,
-};
+pub use progress::{CollectProgress, Event, NoProgress, Progress, StepRef};
 pub use project::{ImageSpec, LockFile, LockUpdate, Project, ProjectBuild, ProjectOptions};

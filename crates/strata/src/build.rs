@@ -1,15 +1,15 @@
 //! `strata build` and `strata update`: flags → the build engine's options, outcome → stdout.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use strata_build::{BuildOptions, BuildOutcome, Progress, ProgressMode, Project, ProjectOptions};
+use strata_build::{BuildOptions, BuildOutcome, Project, ProjectOptions};
 use strata_oci::Compression;
 use strata_store::Store;
 
-use crate::cli::{BuildArgs, CompressionArg, ProgressArg};
+use crate::cli::{BuildArgs, CompressionArg};
+use crate::output::Output;
 
 impl From<CompressionArg> for Compression {
     fn from(c: CompressionArg) -> Compression {
@@ -19,18 +19,6 @@ impl From<CompressionArg> for Compression {
             CompressionArg::None => Compression::None,
         }
     }
-}
-
-fn progress(mode: ProgressArg) -> Box<dyn Progress> {
-    let mode = match mode {
-        ProgressArg::Plain => ProgressMode::Plain,
-        ProgressArg::Json => ProgressMode::Json,
-        ProgressArg::Tty => ProgressMode::Tty,
-        ProgressArg::Auto if std::io::stderr().is_terminal() => ProgressMode::Tty,
-        ProgressArg::Auto => ProgressMode::Plain,
-    };
-    // Progress goes to stderr; stdout carries results (image names and digests).
-    strata_build::renderer(mode, std::io::stderr())
 }
 
 fn parse_build_args(raw: &[String]) -> Result<BTreeMap<String, String>> {
@@ -90,7 +78,7 @@ fn dockerfile_mode(args: &BuildArgs) -> bool {
 pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
     check_platform(args.platform.as_deref())?;
     let secrets = parse_secrets(&args.secrets)?;
-    let progress = progress(args.progress);
+    let progress = Output::new(args.progress);
     if dockerfile_mode(args) {
         let context = match args.args.as_slice() {
             [c] => PathBuf::from(c),
@@ -107,7 +95,7 @@ pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
         opts.secrets = secrets;
         opts.deployment_tag = args.deployment_tag;
         opts.compression = args.compression.into();
-        let outcome = strata_build::build(store, &opts, progress.as_ref())
+        let outcome = strata_build::build(store, &opts, &progress)
             .with_context(|| format!("build of `{}` failed", context.display()))?;
         // Every name the image got (`-t` names, its content tag, a deployment tag), once
         // each, then its digest.
@@ -138,7 +126,7 @@ pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
         compression: Some(args.compression.into()),
         ..ProjectOptions::default()
     };
-    let built = project.build(store, &args.args, &opts, progress.as_ref())?;
+    let built = project.build(store, &args.args, &opts, &progress)?;
     for name in &built.order {
         let o = &built.images[name];
         println!(
@@ -194,7 +182,7 @@ pub fn build_for_deploy(
     store: &Store,
     project_path: &Path,
     image: &str,
-    progress_mode: ProgressArg,
+    out: &Output,
 ) -> Result<String> {
     let project = Project::load(project_path)?;
     if !project.images.iter().any(|i| i.name == image) {
@@ -203,23 +191,16 @@ pub fn build_for_deploy(
         })?;
         return Ok(image.to_string());
     }
-    let progress = progress(progress_mode);
-    let built = project.build(
-        store,
-        &[image.to_string()],
-        &ProjectOptions::default(),
-        progress.as_ref(),
-    )?;
-    // In JSON mode the build's own `image_done` events say this.
-    let summaries = !matches!(progress_mode, ProgressArg::Json);
-    for name in built.order.iter().filter(|_| summaries) {
+    let built = project.build(store, &[image.to_string()], &ProjectOptions::default(), out)?;
+    for name in &built.order {
         let o = &built.images[name];
-        eprintln!(
+        // In JSON the build's own `image_done` events say this.
+        out.text(&format!(
             "{name}: {} ({} run, {} cached)",
             status(o),
             o.steps_run,
             o.steps_cached
-        );
+        ));
     }
     let outcome = built
         .images

@@ -18,6 +18,7 @@ use strata_oci::Reference;
 use strata_store::Store;
 
 use crate::cli::{AgentArgs, AgentCommand, DeployArgs, MachineCommand, ReleasesArgs};
+use crate::output::Output;
 
 /// Starts the agent if needed and tells it to look at the DB now.
 fn ensure_agent(root: &std::path::Path, exe: &std::path::Path) -> Result<u32> {
@@ -470,6 +471,11 @@ pub(crate) fn pick_app(
 }
 
 pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
+    deploy_with(store, args, &Output::new(args.progress))
+}
+
+/// [`deploy`], reporting to `out` (`strata dev` shows its deploys in its own stream).
+pub fn deploy_with(store: Store, args: &DeployArgs, out: &Output) -> Result<()> {
     let file = project_file(&args.project);
     let apps = match &args.spec {
         Some(text) => strata_deploy::app::parse_apps(text, std::path::Path::new("--spec"))?,
@@ -481,30 +487,17 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| format!("deployment-{}", ulid::Ulid::generate()));
     // Every line of the deploy goes to stderr in the mode `--progress` asks for: with `json`,
-    // one object per line, `{"event":"deploy","app":…,"message":…}`, like the build's events.
-    let json = matches!(args.progress, crate::cli::ProgressArg::Json);
-    let app_name = app.name.clone();
-    let say = move |message: &str| {
-        if json {
-            eprintln!(
-                "{}",
-                serde_json::json!({"event": "deploy", "app": app_name, "message": message})
-            );
-        } else {
-            eprintln!("{message}");
-        }
-    };
+    // one event per line (docs/cli.md), the build's and the push's too.
+    let say = |message: &str| out.deploy(&app.name, message);
     // 1. The image: given, or built from the project.
     let local = match &args.image {
         Some(r) if find_image(&store, r).is_ok() => r.clone(),
         Some(r) => {
             let reference = Reference::parse(r)?;
             say(&format!("pulling {r}"));
-            crate::registry::pull_ref(&store, &reference, args.insecure)?
+            crate::registry::pull_ref(&store, &reference, args.insecure, out)?
         }
-        None => {
-            crate::build::build_for_deploy(&store, &args.project, &app.spec.image, args.progress)?
-        }
+        None => crate::build::build_for_deploy(&store, &args.project, &app.spec.image, out)?,
     };
     let desc = find_image(&store, &local)
         .with_context(|| format!("image `{local}` is not in the store"))?
@@ -531,14 +524,8 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
         };
         let dest_text = format!("{}/{}:{label}", registry.trim_end_matches('/'), app.name);
         let dest = Reference::parse(&dest_text)?;
-        let report =
-            crate::registry::push_ref(&store, &local, &dest, args.insecure, args.progress)?;
-        say(&format!(
-            "pushed {dest_text}: {} blob(s) uploaded ({}), {} already there",
-            report.blobs_uploaded,
-            crate::cmd::human_size(report.bytes_uploaded),
-            report.blobs_skipped + report.blobs_mounted
-        ));
+        let report = crate::registry::push_ref(&store, &local, &dest, args.insecure, out)?;
+        out.note(&crate::registry::pushed_note(&report));
         crate::registry::pin_in_embedded_registry(&store, &dest, &desc.digest, &app.name);
         release_ref = dest_text;
     }
@@ -563,8 +550,8 @@ pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
         return crate::hosts::deploy_to_hosts(
             &store,
             args,
+            out,
             &app,
-            &file,
             &local,
             remote_image,
             &hosts,

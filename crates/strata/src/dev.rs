@@ -16,7 +16,8 @@ use strata_dockerfile::ignore::IgnoreMatcher;
 use strata_runtime::{SyncOp, sync_in_root};
 use strata_store::Store;
 
-use crate::cli::{DeployArgs, DevArgs, ProgressArg};
+use crate::cli::{DeployArgs, DevArgs};
+use crate::output::{Note, Output};
 
 /// How long the context must stay quiet before a batch of changes is acted on: editors write a
 /// file in several steps (a temp file, a rename, a chmod); 30 ms covers them without the
@@ -64,7 +65,7 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
         }
     }
     let say = Say {
-        json: matches!(args.progress, ProgressArg::Json),
+        out: Output::new(args.progress),
         app: app.name.clone(),
     };
 
@@ -81,7 +82,7 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
         spec: None,
         progress: args.progress,
     };
-    redeploy(store_root, &deploy_args)?;
+    redeploy(store_root, &deploy_args, &say.out)?;
 
     let (tx, rx) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |ev| {
@@ -166,29 +167,25 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
     }
 }
 
-/// Progress lines: plain, or `{"event":"dev","app",…,"action",…,"message",…}`.
+/// What the loop reports: `dev` events (docs/cli.md), the deploys' own events between them.
 struct Say {
-    json: bool,
+    out: Output,
     app: String,
 }
 
 impl Say {
     fn line(&self, action: &str, message: &str) {
-        if self.json {
-            eprintln!(
-                "{}",
-                serde_json::json!({"event": "dev", "app": self.app, "action": action,
-                    "message": message})
-            );
-        } else {
-            eprintln!("{message}");
-        }
+        self.out.note(&Note::Dev {
+            app: self.app.clone(),
+            action: action.to_string(),
+            message: message.to_string(),
+        });
     }
 }
 
-fn redeploy(store_root: &Path, args: &DeployArgs) -> Result<()> {
+fn redeploy(store_root: &Path, args: &DeployArgs, out: &Output) -> Result<()> {
     let store = Store::open(store_root)?;
-    crate::deploy::deploy(store, args)
+    crate::deploy::deploy_with(store, args, out)
 }
 
 fn full(store_root: &Path, args: &DeployArgs, say: &Say, changed: &[String], started: Instant) {
@@ -198,7 +195,7 @@ fn full(store_root: &Path, args: &DeployArgs, say: &Say, changed: &[String], sta
         .cloned()
         .collect::<Vec<_>>()
         .join(", ");
-    match redeploy(store_root, args) {
+    match redeploy(store_root, args, &say.out) {
         Ok(()) => say.line(
             "redeployed",
             &format!(

@@ -13,7 +13,7 @@ use strata_transfer::ssh::{ConnectOptions, HostSession, ServeOptions, SshHost};
 use strata_deploy::app::{App, Strategy};
 
 use crate::cli::{DeployArgs, HostArg, ProgressArg, PullArgs, PushArgs};
-use crate::cmd::human_size;
+use crate::output::{Note, Output};
 
 /// At most this many hosts receive at once.
 const HOST_PARALLELISM: usize = 8;
@@ -123,11 +123,16 @@ pub fn resolve_host(spec: &str, project: &Path) -> Result<SshHost> {
 
 /// How to reach hosts: this binary's version, and this binary to install where strata is
 /// missing or older.
-pub fn connect_options() -> ConnectOptions {
+pub fn connect_options(out: &Output) -> ConnectOptions {
+    let out = out.clone();
     ConnectOptions {
         version: crate::cmd::version(),
         exe: strata_transfer::ssh::current_exe(),
-        notice: Some(Arc::new(|msg: &str| eprintln!("{msg}"))),
+        notice: Some(Arc::new(move |msg: &str| {
+            out.note(&Note::Info {
+                message: msg.to_string(),
+            })
+        })),
     }
 }
 
@@ -148,11 +153,15 @@ pub fn push(store: &Store, args: &PushArgs) -> Result<()> {
         hosts.push(resolve_host(h, &args.project)?);
     }
     let remote_name = remote_name.unwrap_or_else(|| args.image.clone());
-    let opts = connect_options();
+    let out = Output::new(args.progress);
+    let opts = connect_options(&out);
     let several = hosts.len() > 1;
     let results = on_hosts(&hosts, |host| {
-        let label = several.then(|| host.name.clone());
-        let progress = crate::registry::blob_progress_for(args.progress, "sent", label);
+        let progress = if several {
+            out.for_host(&host.name).blob_progress("sent")
+        } else {
+            out.blob_progress("sent")
+        };
         let mut session = HostSession::connect(host, &opts)?;
         let report = session.push(store, &args.image, &remote_name, Some(progress.as_ref()))?;
         session.close()?;
@@ -162,18 +171,7 @@ pub fn push(store: &Store, args: &PushArgs) -> Result<()> {
     for (host, r) in results {
         match r {
             Ok(rep) => {
-                eprintln!(
-                    "Pushed {} to {host}: {} sent ({}{}), {} already there",
-                    rep.name,
-                    rep.blobs_sent,
-                    human_size(rep.bytes_sent),
-                    if rep.resumed > 0 {
-                        format!(", {} resumed", rep.resumed)
-                    } else {
-                        String::new()
-                    },
-                    rep.blobs_present
-                );
+                out.for_host(&host).note(&shipped_note(&rep));
                 println!("{host} {}@{}", rep.name, rep.descriptor.digest);
             }
             Err(e) => failed.push(format!("{e:#}")),
@@ -208,21 +206,20 @@ pub fn pull(store: &Store, args: &PullArgs) -> Result<()> {
     };
     let local = strata_transfer::local_name(&name)?;
     let before = store.get_ref(&local)?;
-    let progress = crate::registry::blob_progress_for(args.progress, "fetched", None);
-    let mut session = HostSession::connect(&host, &connect_options())?;
+    let out = Output::new(args.progress);
+    let progress = out.blob_progress("fetched");
+    let mut session = HostSession::connect(&host, &connect_options(&out))?;
     let report = session
         .pull(store, &name, &local, Some(progress.as_ref()))
         .with_context(|| format!("cannot pull `{name}` from {}", host.name))?;
     session.close()?;
     crate::cmd::unpack_or_unname(store, &report.name, before)?;
-    eprintln!(
-        "Pulled {} from {}: {} fetched ({}), {} already here",
-        report.name,
-        host.name,
-        report.blobs_fetched,
-        human_size(report.bytes_fetched),
-        report.blobs_present
-    );
+    out.for_host(&host.name).note(&Note::Pulled {
+        image: report.name.clone(),
+        fetched: report.blobs_fetched,
+        bytes: report.bytes_fetched,
+        present: report.blobs_present,
+    });
     println!("{}", report.name);
     println!("{}", report.descriptor.digest);
     Ok(())
@@ -235,7 +232,7 @@ pub fn run_there(on: &HostArg, args: &[String]) -> Result<()> {
         bail!("no host given");
     };
     let host = resolve_host(spec, &on.project)?;
-    let session = HostSession::connect(&host, &connect_options())?;
+    let session = HostSession::connect(&host, &connect_options(&Output::new(ProgressArg::Auto)))?;
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let status = session
         .strata_command(&[], &args)
@@ -299,42 +296,26 @@ fn app_spec_for_host(file: &Path, app: &str) -> Result<String> {
 pub fn deploy_to_hosts(
     store: &Store,
     args: &DeployArgs,
+    out: &Output,
     app: &App,
-    file: &Path,
     local: &str,
     remote_image: &str,
     host_names: &[String],
 ) -> Result<()> {
     let strategy = app.strategy()?;
-    let spec = app_spec_for_host(file, &app.name)?;
+    let spec = app_spec_for_host(
+        &strata_deploy::deploy::project_file(&args.project),
+        &app.name,
+    )?;
     let hosts = host_names
         .iter()
         .map(|h| resolve_host(h, &args.project))
         .collect::<Result<Vec<_>>>()?;
-    let json = matches!(args.progress, ProgressArg::Json);
-    let say = |host: &str, message: &str| {
-        if json {
-            eprintln!(
-                "{}",
-                serde_json::json!({"event": "deploy", "app": app.name, "host": host,
-                    "message": message})
-            );
-        } else {
-            eprintln!("{host}: {message}");
-        }
-    };
     let one = |host: &SshHost| -> Result<()> {
-        let mut session = HostSession::connect(host, &connect_options())?;
+        let out = out.for_host(&host.name);
+        let mut session = HostSession::connect(host, &connect_options(&out))?;
         let rep = session.push(store, local, remote_image, None)?;
-        say(
-            &host.name,
-            &format!(
-                "shipped {remote_image}: {} blob(s) sent ({}), {} already there",
-                rep.blobs_sent,
-                human_size(rep.bytes_sent),
-                rep.blobs_present
-            ),
-        );
+        out.note(&shipped_note(&rep));
         let mut remote = vec![
             "deploy",
             app.name.as_str(),
@@ -359,15 +340,15 @@ pub fn deploy_to_hosts(
         if let Some(err) = child.stderr.take() {
             for line in BufReader::new(err).lines() {
                 let line = line.unwrap_or_default();
-                let message = serde_json::from_str::<serde_json::Value>(&line)
-                    .ok()
-                    .and_then(|v| v["message"].as_str().map(str::to_string))
-                    .unwrap_or_else(|| line.clone());
                 if line.starts_with("error:") || !last_error.is_empty() {
                     last_error.push_str(&line);
                     last_error.push('\n');
                 }
-                say(&host.name, &strata_oci::printable(&message));
+                // The host's events, named by host here; anything else (its error) as text.
+                match serde_json::from_str::<Note>(&line) {
+                    Ok(note) => out.note(&note),
+                    Err(_) => out.deploy(&app.name, &strata_oci::printable(&line)),
+                }
             }
         }
         let status = child.wait()?;
@@ -431,6 +412,21 @@ pub fn deploy_to_hosts(
         }
     }
     let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
-    eprintln!("{} is deployed on {}", app.name, names.join(", "));
+    out.deploy(
+        &app.name,
+        &format!("{} is deployed on {}", app.name, names.join(", ")),
+    );
     Ok(())
+}
+
+/// The event of an image shipped to a host (the host is the output's).
+fn shipped_note(rep: &strata_transfer::ssh::ShipReport) -> Note {
+    Note::Pushed {
+        image: rep.name.clone(),
+        sent: rep.blobs_sent,
+        bytes: rep.bytes_sent,
+        mounted: 0,
+        present: rep.blobs_present,
+        resumed: rep.resumed,
+    }
 }

@@ -1,4 +1,5 @@
 //! The `strata` command: parses flags, runs one command, prints the error chain on failure.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod build;
 mod cli;
@@ -6,6 +7,7 @@ mod cmd;
 mod deploy;
 mod dev;
 mod hosts;
+mod output;
 mod registry;
 
 use std::process::ExitCode;

@@ -1,24 +1,22 @@
 //! `strata login|pull|push` (the distribution client) and `strata registry …` (the embedded
 //! registry server and its admin commands).
 
-use std::collections::HashMap;
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use strata_oci::{Digest, Reference};
 use strata_registry::{ClientOptions, DockerConfig};
 use strata_registry_server::{Admin, AuthMode, S3Config, ServerConfig, StorageKind, TokenScope};
 use strata_store::Store;
-use strata_transfer::{BlobProgress, BlobState, PullOptions, PushOptions};
+use strata_transfer::{PullOptions, PushOptions};
 
 use crate::cli::{
-    AuthArg, LoginArgs, OrgCommand, ProgressArg, PullArgs, PushArgs, RegistryCommand,
-    RegistryRootArg, RegistryServeArgs, TokenCommand, UserCommand,
+    AuthArg, LoginArgs, OrgCommand, PullArgs, PushArgs, RegistryCommand, RegistryRootArg,
+    RegistryServeArgs, TokenCommand, UserCommand,
 };
 use crate::cmd::human_size;
+use crate::output::{Note, Output};
 
 /// Client options for `--insecure`, with the timeout from `STRATA_REGISTRY_TIMEOUT` (checked
 /// here, so a malformed value is an error rather than the default).
@@ -30,75 +28,6 @@ fn client_options(insecure: bool) -> Result<ClientOptions> {
         insecure,
         timeout,
         ..ClientOptions::default()
-    })
-}
-
-/// A progress callback: a bar per blob on a terminal, a line per finished blob otherwise.
-fn blob_progress(mode: ProgressArg, verb: &'static str) -> Arc<strata_transfer::ProgressFn> {
-    blob_progress_for(mode, verb, None)
-}
-
-/// [`blob_progress`] for one of several destinations (a host): every line and bar names it,
-/// and JSON events carry it as `host`.
-pub(crate) fn blob_progress_for(
-    mode: ProgressArg,
-    verb: &'static str,
-    host: Option<String>,
-) -> Arc<strata_transfer::ProgressFn> {
-    let label = host.as_ref().map_or(String::new(), |h| format!("{h}: "));
-    let tty = match mode {
-        ProgressArg::Auto => std::io::stderr().is_terminal(),
-        ProgressArg::Tty => true,
-        ProgressArg::Plain | ProgressArg::Json => false,
-    };
-    let json = matches!(mode, ProgressArg::Json);
-    let multi = MultiProgress::new();
-    let bars: Mutex<HashMap<Digest, ProgressBar>> = Mutex::new(HashMap::new());
-    Arc::new(move |p: &BlobProgress| {
-        if json {
-            let state = format!("{:?}", p.state).to_lowercase();
-            if !matches!(p.state, BlobState::Transferring) {
-                let mut event = serde_json::json!({"event": "blob",
-                    "digest": p.digest.to_string(), "state": state, "done": p.done,
-                    "total": p.total});
-                if let Some(h) = &host {
-                    event["host"] = serde_json::json!(h);
-                }
-                eprintln!("{event}");
-            }
-            return;
-        }
-        if !tty {
-            let what = match p.state {
-                BlobState::Skipped => "exists",
-                BlobState::Mounted => "mounted",
-                BlobState::Done => verb,
-                _ => return,
-            };
-            eprintln!(
-                "{label}{}: {what} ({})",
-                p.digest.short(),
-                human_size(p.total)
-            );
-            return;
-        }
-        let Ok(mut bars) = bars.lock() else { return };
-        let bar = bars.entry(p.digest.clone()).or_insert_with(|| {
-            let b = multi.add(ProgressBar::new(p.total));
-            b.set_style(
-                ProgressStyle::with_template("{prefix} {bar:30} {bytes}/{total_bytes} {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            b.set_prefix(format!("{label}{}", p.digest.short()));
-            b
-        });
-        bar.set_position(p.done);
-        match p.state {
-            BlobState::Skipped => bar.finish_with_message("exists"),
-            BlobState::Mounted => bar.finish_with_message("mounted"),
-            BlobState::Done => bar.finish_with_message(verb),
-            _ => {}
-        }
     })
 }
 
@@ -138,9 +67,10 @@ pub fn pull(store: &Store, args: &PullArgs) -> Result<()> {
 /// something else (`strata run`, `machine run`), whose stdout is the machine's.
 pub fn pull_image(store: &Store, args: &PullArgs) -> Result<strata_transfer::PullReport> {
     let src = Reference::parse(&args.image)?;
+    let out = Output::new(args.progress);
     let opts = PullOptions {
         client: client_options(args.insecure)?,
-        progress: Some(blob_progress(args.progress, "pulled")),
+        progress: Some(out.blob_progress("pulled")),
         ..PullOptions::default()
     };
     // What the name was before, to put back if the pulled image cannot be unpacked.
@@ -153,13 +83,12 @@ pub fn pull_image(store: &Store, args: &PullArgs) -> Result<strata_transfer::Pul
         .with_context(|| format!("cannot pull `{}`", args.image))?;
     let before = before.filter(|_| local.as_deref() == Some(report.name.as_str()));
     crate::cmd::unpack_or_unname(store, &report.name, before)?;
-    eprintln!(
-        "Pulled {}: {} blobs fetched ({}), {} already here",
-        report.name,
-        report.blobs_fetched,
-        human_size(report.bytes_downloaded),
-        report.blobs_present
-    );
+    out.note(&Note::Pulled {
+        image: report.name.clone(),
+        fetched: report.blobs_fetched,
+        bytes: report.bytes_downloaded,
+        present: report.blobs_present,
+    });
     Ok(report)
 }
 
@@ -173,22 +102,16 @@ pub fn push(store: &Store, args: &PushArgs) -> Result<()> {
         );
     }
     let dest = Reference::parse(dest_text)?;
+    let out = Output::new(args.progress);
     let opts = PushOptions {
         client: client_options(args.insecure)?,
         mount_from: args.mount_from.clone(),
-        progress: Some(blob_progress(args.progress, "pushed")),
+        progress: Some(out.blob_progress("pushed")),
         ..PushOptions::default()
     };
     let report = strata_transfer::push(store, &args.image, &dest, &opts)
         .with_context(|| format!("cannot push `{}` to `{dest_text}`", args.image))?;
-    eprintln!(
-        "Pushed {}: {} uploaded ({}), {} mounted, {} already there",
-        report.reference,
-        report.blobs_uploaded,
-        human_size(report.bytes_uploaded),
-        report.blobs_mounted,
-        report.blobs_skipped
-    );
+    out.note(&pushed_note(&report));
     println!("{}", report.reference);
     Ok(())
 }
@@ -425,10 +348,10 @@ pub fn registry(store: Option<PathBuf>, command: RegistryCommand) -> Result<()> 
 }
 
 /// Pulls `src` for `strata deploy --image`; returns its local name.
-pub fn pull_ref(store: &Store, src: &Reference, insecure: bool) -> Result<String> {
+pub fn pull_ref(store: &Store, src: &Reference, insecure: bool, out: &Output) -> Result<String> {
     let opts = PullOptions {
         client: client_options(insecure)?,
-        progress: Some(blob_progress(ProgressArg::Plain, "pulled")),
+        progress: Some(out.blob_progress("pulled")),
         ..PullOptions::default()
     };
     let report =
@@ -442,15 +365,27 @@ pub fn push_ref(
     local: &str,
     dest: &Reference,
     insecure: bool,
-    progress: ProgressArg,
+    out: &Output,
 ) -> Result<strata_transfer::PushReport> {
     let opts = PushOptions {
         client: client_options(insecure)?,
-        progress: Some(blob_progress(progress, "pushed")),
+        progress: Some(out.blob_progress("pushed")),
         ..PushOptions::default()
     };
     strata_transfer::push(store, local, dest, &opts)
         .with_context(|| format!("cannot push `{local}` to `{dest}`"))
+}
+
+/// The event of a push to a registry.
+pub fn pushed_note(report: &strata_transfer::PushReport) -> Note {
+    Note::Pushed {
+        image: report.reference.to_string(),
+        sent: report.blobs_uploaded,
+        bytes: report.bytes_uploaded,
+        mounted: report.blobs_mounted,
+        present: report.blobs_skipped,
+        resumed: 0,
+    }
 }
 
 /// A release pushed to the embedded registry served from this store (`<store>/registry`, the

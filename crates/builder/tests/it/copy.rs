@@ -303,12 +303,12 @@ fn add_url_with_checksum_is_cached_without_download() {
     assert_eq!(second.descriptor, first.descriptor);
     // Only the URL without checksum was fetched again (its content is its key).
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst) - before, 1);
-    let lines: Vec<String> = events.iter().filter_map(strata_build::plain_line).collect();
     assert!(
-        lines
+        events
             .iter()
-            .any(|l| l.starts_with("[1/2] ADD --checksum") && l.ends_with(" CACHED")),
-        "{lines:?}"
+            .any(|e| matches!(e, strata_build::Event::StepCached { step }
+            if step.index == 1 && step.text.starts_with("ADD --checksum"))),
+        "{events:?}"
     );
 
     // A wrong checksum is refused.

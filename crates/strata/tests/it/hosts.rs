@@ -372,7 +372,16 @@ fn push_sends_only_what_the_host_lacks_and_nothing_the_second_time() {
 
     // Then the app: only its own layer, config and manifest cross the wire.
     let before = host.tx_bytes();
-    let (_, err) = lab.ok(&["push", "app:1", "--host", "web1", "--project", p]);
+    let (_, err) = lab.ok(&[
+        "push",
+        "app:1",
+        "--host",
+        "web1",
+        "--project",
+        p,
+        "--progress",
+        "json",
+    ]);
     let sent = host.tx_bytes() - before;
     let manifest = lab.ok(&["inspect", "--json", "app:1"]).0;
     let manifest_size = serde_json::from_str::<serde_json::Value>(&manifest).unwrap()["descriptor"]
@@ -380,8 +389,20 @@ fn push_sends_only_what_the_host_lacks_and_nothing_the_second_time() {
         .as_u64()
         .unwrap();
     let missing = lab.own_blob_bytes("app:1", "base:1") + manifest_size;
-    assert!(
-        err.contains("3 sent") && err.contains("1 already there"),
+    // `--progress json`: events only, the summary naming the host.
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    let summary = events.last().unwrap();
+    assert_eq!(
+        (&summary["event"], &summary["host"]),
+        (&serde_json::json!("pushed"), &serde_json::json!("web1")),
+        "{err}"
+    );
+    assert_eq!(
+        (&summary["sent"], &summary["present"]),
+        (&3.into(), &1.into()),
         "{err}"
     );
     assert!(
@@ -402,10 +423,21 @@ fn push_sends_only_what_the_host_lacks_and_nothing_the_second_time() {
     // Again: no blob moves, only the handshake and one `have`.
     let before = host.tx_bytes();
     let t = Instant::now();
-    let (_, err) = lab.ok(&["push", "app:1", "--host", "web1", "--project", p]);
+    let (_, err) = lab.ok(&[
+        "push",
+        "app:1",
+        "--host",
+        "web1",
+        "--project",
+        p,
+        "--progress",
+        "json",
+    ]);
     let sent = host.tx_bytes() - before;
-    assert!(
-        err.contains("0 sent") && err.contains("4 already there"),
+    let summary: serde_json::Value = serde_json::from_str(err.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (&summary["sent"], &summary["present"]),
+        (&0.into(), &4.into()),
         "{err}"
     );
     assert!(sent < 64 * 1024, "a no-op push sent {sent} bytes");

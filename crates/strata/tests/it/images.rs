@@ -728,3 +728,51 @@ fn human_output_snapshots() {
         insta::assert_snapshot!("build_plain_cached", build(&env));
     });
 }
+
+/// `--progress json` prints one event per line and nothing else on stderr, for push and pull
+/// as for builds and deploys (docs/cli.md's schema): each blob's end, then the summary.
+#[test]
+fn push_and_pull_report_json_events_only() {
+    let env = Env::new();
+    let digest = import_busybox(&env, "bb:1");
+    let registry = Registry::start(&env);
+    let dest = format!("127.0.0.1:{}/team/bb:1", registry.port);
+    let events = |args: &[&str], store: &std::path::Path| -> Vec<serde_json::Value> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--store")
+            .arg(store)
+            .args(args)
+            .args(["--progress", "json"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+            .collect()
+    };
+    let pushed = events(&["push", "bb:1", &dest], &env.store());
+    let kind = |e: &serde_json::Value| e["event"].as_str().unwrap_or_default().to_string();
+    let done_blobs = pushed
+        .iter()
+        .filter(|e| kind(e) == "blob" && e["state"] == "done")
+        .count();
+    // busybox: one layer and the config; the manifest is not a blob event.
+    assert_eq!(done_blobs, 2, "{pushed:?}");
+    let summary = pushed.last().unwrap();
+    assert_eq!(kind(summary), "pushed", "{pushed:?}");
+    assert_eq!(summary["sent"], 2);
+    assert_eq!(summary["present"], 0);
+    assert!(
+        summary["image"].as_str().unwrap().contains("/team/bb"),
+        "{summary}"
+    );
+
+    let other = Env::new();
+    let pulled = events(&["pull", &dest], &other.store());
+    let summary = pulled.last().unwrap();
+    assert_eq!(kind(summary), "pulled", "{pulled:?}");
+    assert_eq!(summary["fetched"], 2);
+    assert!(summary.get("host").is_none());
+    assert!(other.ok(&["inspect", &dest]).contains(&digest[7..19]));
+}
