@@ -61,7 +61,7 @@ pub enum Error {
         source: strata_store::Error,
     },
     /// No such machine.
-    #[error("no machine `{0}`")]
+    #[error("no machine `{0}` (see `strata machine list`)")]
     UnknownMachine(String),
     /// The agent could not be started, reached or stopped.
     #[error("agent: {0}")]

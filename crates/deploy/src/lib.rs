@@ -4,7 +4,8 @@
 //! image into a machine and a machine into the runtime's spec; [`agent`] is the per-store
 //! supervisor that makes the DB true (starts, restarts, stops machines, owns host ports via
 //! [`proxy`]); [`deploy`] makes a release (new machines → [`health`] → switch → drain old);
-//! [`app`] reads `[app.NAME]` from strata.toml.
+//! [`machines`] are the single-machine operations (start, stop, destroy, logs) the CLI
+//! asks for; [`app`] reads `[app.NAME]` from strata.toml.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -13,6 +14,7 @@ pub mod app;
 pub mod deploy;
 pub mod health;
 pub mod host;
+pub mod machines;
 pub mod proxy;
 pub mod state;
 

@@ -1,31 +1,21 @@
 //! `strata agent`, `strata machine …`, `strata deploy`, `strata releases`, `strata status`,
 //! `strata apps destroy`: thin glue over strata-deploy.
 
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use strata_deploy::agent::{AgentOptions, agent_pid, poke, run_agent, stop_agent};
 use strata_deploy::app::{load_apps, parse_duration, parse_volume};
-use strata_deploy::deploy::{
-    DeployOptions, deploy_image, destroy_app, poll, project_file, wait_running,
-};
+use strata_deploy::deploy::{DeployOptions, deploy_image, destroy_app, project_file};
 use strata_deploy::host::{Host, MachineOptions, find_image, parse_signal};
+use strata_deploy::machines;
 use strata_deploy::state::{Desired, Machine, RestartPolicy};
 use strata_oci::Reference;
 use strata_store::Store;
 
 use crate::cli::{AgentArgs, AgentCommand, DeployArgs, MachineCommand, ReleasesArgs};
 use crate::output::Output;
-
-/// Starts the agent if needed and tells it to look at the DB now.
-fn ensure_agent(root: &std::path::Path, exe: &std::path::Path) -> Result<u32> {
-    let pid = strata_deploy::agent::ensure_agent(root, exe)?;
-    poke(root);
-    Ok(pid)
-}
 
 fn exe() -> Result<PathBuf> {
     std::env::current_exe().context("cannot find the strata binary to start the agent")
@@ -61,12 +51,6 @@ pub fn agent(store: Store, args: &AgentArgs) -> Result<()> {
 
 fn host(store: Store) -> Result<Host> {
     Host::open(store).context("cannot open the machine state")
-}
-
-fn find(host: &Host, id: &str) -> Result<Machine> {
-    host.state
-        .machine(id)?
-        .with_context(|| format!("no machine `{id}` (see `strata machine list`)"))
 }
 
 fn parse_port(p: &str) -> Result<(u16, u16)> {
@@ -130,12 +114,8 @@ fn start_machine(
     if let Some(s) = &a.stop_signal {
         opts.stop_signal = Some(parse_signal(s).with_context(|| format!("unknown signal `{s}`"))?);
     }
-    // A taken port fails the run before anything is made (`deploy` checks the same).
-    for (h, _) in &opts.ports {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], *h));
-        strata_deploy::deploy::check_port(host, "", addr)
-            .with_context(|| format!("cannot publish port {h}"))?;
-    }
+    // A taken port fails the run before anything is pulled or made.
+    machines::check_ports(host, &opts)?;
     if strata_deploy::host::find_image(&host.store, &a.image).is_err() {
         let pull = crate::cli::PullArgs {
             image: a.image.clone(),
@@ -147,19 +127,7 @@ fn start_machine(
         crate::registry::pull_image(&host.store, &pull)
             .with_context(|| format!("`{}` is not in the store and cannot be pulled", a.image))?;
     }
-    let m = host.create_machine(&a.image, &opts)?;
-    for (h, c) in &opts.ports {
-        let backend = std::net::SocketAddr::new(IpAddr::V4(Host::machine_addr(&m)), *c);
-        if let Err(e) = host
-            .state
-            .set_route(*h, &format!("machine:{}", m.id), &[backend])
-        {
-            host.state.set_desired(&m.id, Desired::Destroyed)?;
-            return Err(e.into());
-        }
-    }
-    ensure_agent(host.store.root(), &exe()?)?;
-    let m = wait_running(host, &m.id, Duration::from_secs(60))?;
+    let m = machines::run_machine(host, &a.image, &opts, &exe()?)?;
     Ok((m, opts.ports))
 }
 
@@ -204,56 +172,31 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
             Ok(())
         }
         MachineCommand::Start { id } => {
-            let m = find(&host, &id)?;
-            host.state.set_desired(&m.id, Desired::Running)?;
-            ensure_agent(host.store.root(), &exe()?)?;
-            wait_running(&host, &m.id, Duration::from_secs(60))?;
-            println!("{}", m.id);
+            println!("{}", machines::start(&host, &id, &exe()?)?.id);
             Ok(())
         }
         MachineCommand::Stop { id } => {
-            let m = find(&host, &id)?;
-            host.state.set_desired(&m.id, Desired::Stopped)?;
-            ensure_agent(host.store.root(), &exe()?)?;
-            wait_stopped(&host, &m)?;
-            println!("{}", m.id);
+            println!("{}", machines::stop(&host, &id, &exe()?)?.id);
             Ok(())
         }
         MachineCommand::Restart { id } => {
-            let m = find(&host, &id)?;
-            host.state.set_desired(&m.id, Desired::Stopped)?;
-            ensure_agent(host.store.root(), &exe()?)?;
-            wait_stopped(&host, &m)?;
-            host.state.set_desired(&m.id, Desired::Running)?;
-            poke(host.store.root());
-            wait_running(&host, &m.id, Duration::from_secs(60))?;
-            println!("{}", m.id);
+            println!("{}", machines::restart(&host, &id, &exe()?)?.id);
             Ok(())
         }
         MachineCommand::Destroy { ids } => {
             for id in ids {
-                let m = find(&host, &id)?;
-                host.state.set_desired(&m.id, Desired::Destroyed)?;
-                ensure_agent(host.store.root(), &exe()?)?;
-                let timeout = stop_timeout(&m);
-                if poll(timeout, || {
-                    Ok(host.state.machine(&m.id)?.is_none().then_some(()))
-                })?
-                .is_none()
-                {
-                    bail!(
-                        "machine {} was not destroyed within {} s",
-                        m.id,
-                        timeout.as_secs()
-                    );
-                }
-                println!("{}", m.id);
+                println!("{}", machines::destroy(&host, &id, &exe()?)?.id);
             }
             Ok(())
         }
         MachineCommand::Logs { id, follow } => {
-            let m = find(&host, &id)?;
-            logs(&host, &m.id, follow)
+            let m = machines::find(&host, &id)?;
+            Ok(machines::copy_log(
+                &host,
+                &m.id,
+                follow,
+                &mut std::io::stdout().lock(),
+            )?)
         }
         MachineCommand::Exec {
             id,
@@ -261,7 +204,7 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
             env,
             command,
         } => {
-            let m = find(&host, &id)?;
+            let m = machines::find(&host, &id)?;
             if m.state != "running" {
                 bail!("machine {} is {}, not running", m.id, m.state);
             }
@@ -277,87 +220,20 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
     }
 }
 
-/// How long a stop may take: the machine's kill timeout plus slack for the agent.
-fn stop_timeout(m: &Machine) -> Duration {
-    Duration::from_millis(m.config.kill_timeout_ms) + Duration::from_secs(30)
-}
-
-/// Waits until the agent reports `m` stopped (not running).
-fn wait_stopped(host: &Host, m: &Machine) -> Result<()> {
-    let timeout = stop_timeout(m);
-    let stopped = poll(timeout, || {
-        let now = host.state.machine(&m.id)?;
-        Ok(now.is_none_or(|now| now.state != "running").then_some(()))
-    })?;
-    if stopped.is_none() {
-        bail!(
-            "machine {} is still running after {} s",
-            m.id,
-            timeout.as_secs()
-        );
-    }
-    Ok(())
-}
-
-fn logs(host: &Host, id: &str, follow: bool) -> Result<()> {
-    let path = host.log_path(id);
-    let mut out = std::io::stdout().lock();
-    let mut pos = 0u64;
-    let mut seen_running = false;
-    loop {
-        // Like `docker logs -f`: the output ends when the machine's process does (it ran and
-        // stopped, or it is not meant to run), after what it wrote last is printed.
-        let ended = match host.state.machine(id)? {
-            None => true,
-            Some(m) if m.state == "running" => {
-                seen_running = true;
-                false
-            }
-            Some(m) => seen_running || m.desired != Desired::Running,
-        };
-        match std::fs::File::open(&path) {
-            Ok(mut f) => {
-                let len = f.metadata()?.len();
-                // Rotated (copytruncate): start again from the beginning of the new file.
-                if len < pos {
-                    pos = 0;
-                }
-                f.seek(SeekFrom::Start(pos))?;
-                let mut buf = Vec::new();
-                f.read_to_end(&mut buf)?;
-                pos += buf.len() as u64;
-                out.write_all(&buf)?;
-                out.flush()?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        }
-        if !follow || ended || strata_runtime::interrupt::requested() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// `strata run`: a machine attached to the terminal's output and removed when its command
 /// exits (`docker run --rm`); strata exits with the command's code. Ctrl-C removes it too.
 pub fn run(store: Store, a: &crate::cli::MachineRunArgs) -> Result<()> {
     let mut host = host(store)?;
     let (m, _) = start_machine(&mut host, a)?;
-    let followed = logs(&host, &m.id, true);
+    let followed = machines::copy_log(&host, &m.id, true, &mut std::io::stdout().lock());
     let code = host.state.machine(&m.id)?.and_then(|now| now.exit_code);
     host.state.set_desired(&m.id, Desired::Destroyed)?;
     poke(host.store.root());
-    let timeout = stop_timeout(&m);
-    if poll(timeout, || {
-        Ok(host.state.machine(&m.id)?.is_none().then_some(()))
-    })?
-    .is_none()
-    {
+    if !machines::wait_gone(&host, &m)? {
         eprintln!(
             "warning: machine {} was not removed within {} s",
             m.id,
-            timeout.as_secs()
+            machines::stop_timeout(&m).as_secs()
         );
     }
     followed?;
@@ -375,72 +251,12 @@ pub fn run(store: Store, a: &crate::cli::MachineRunArgs) -> Result<()> {
 /// with its machine id; `-f` follows until every one of them has ended.
 pub fn app_logs(store: Store, app: &str, follow: bool) -> Result<()> {
     let host = host(store)?;
-    let machines: Vec<Machine> = host
-        .state
-        .app_machines(app)?
-        .into_iter()
-        .filter(|m| m.desired != Desired::Destroyed)
-        .collect();
-    if machines.is_empty() {
-        bail!("app `{app}` has no machines on this host (see `strata apps list`)");
-    }
-    struct Followed {
-        id: String,
-        pos: u64,
-        partial: Vec<u8>,
-        seen_running: bool,
-        ended: bool,
-    }
-    let mut all: Vec<Followed> = machines
-        .into_iter()
-        .map(|m| Followed {
-            id: m.id,
-            pos: 0,
-            partial: Vec::new(),
-            seen_running: false,
-            ended: false,
-        })
-        .collect();
-    let mut out = std::io::stdout().lock();
-    loop {
-        for f in all.iter_mut().filter(|f| !f.ended) {
-            let ended = match host.state.machine(&f.id)? {
-                None => true,
-                Some(m) if m.state == "running" => {
-                    f.seen_running = true;
-                    false
-                }
-                Some(m) => f.seen_running || m.desired != Desired::Running,
-            };
-            if let Ok(mut file) = std::fs::File::open(host.log_path(&f.id)) {
-                if file.metadata()?.len() < f.pos {
-                    f.pos = 0;
-                }
-                file.seek(SeekFrom::Start(f.pos))?;
-                let mut buf = Vec::new();
-                file.read_to_end(&mut buf)?;
-                f.pos += buf.len() as u64;
-                f.partial.extend_from_slice(&buf);
-                let short = &f.id[..f.id.len().min(12)];
-                while let Some(nl) = f.partial.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = f.partial.drain(..=nl).collect();
-                    write!(out, "{short} | ")?;
-                    out.write_all(&line)?;
-                }
-                if (ended || !follow) && !f.partial.is_empty() {
-                    write!(out, "{short} | ")?;
-                    out.write_all(&std::mem::take(&mut f.partial))?;
-                    writeln!(out)?;
-                }
-                out.flush()?;
-            }
-            f.ended = ended || !follow;
-        }
-        if all.iter().all(|f| f.ended) || strata_runtime::interrupt::requested() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    Ok(machines::copy_app_logs(
+        &host,
+        app,
+        follow,
+        &mut std::io::stdout().lock(),
+    )?)
 }
 
 /// The app `name` of strata.toml (`file`), or its only app when no name is given.
@@ -767,7 +583,7 @@ pub fn apps_destroy(store: Store, app: &str, volumes: bool) -> Result<()> {
     {
         bail!("no app `{app}` on this host: it has no release, machine or release name here");
     }
-    ensure_agent(host.store.root(), &exe()?)?;
+    machines::wake_agent(&host, &exe()?)?;
     let destroyed = destroy_app(&host, app, volumes)?;
     let registry_pins = crate::registry::unpin_app_in_embedded_registry(&host.store, app);
     eprintln!(
