@@ -364,6 +364,33 @@ fn parse_file(text: &str, strata_toml: &Path) -> Result<AppsFile> {
     Ok(file)
 }
 
+/// The app `name` of `apps` (read from `origin`, which errors name), or the only app when
+/// no name is given.
+pub fn pick_app(apps: &BTreeMap<String, App>, name: Option<&str>, origin: &Path) -> Result<App> {
+    let names = || apps.keys().cloned().collect::<Vec<_>>().join(", ");
+    match name {
+        Some(name) => apps.get(name).cloned().ok_or_else(|| {
+            Error::Config(format!(
+                "no app `{name}` in {} (apps: {})",
+                origin.display(),
+                names()
+            ))
+        }),
+        None => match apps.values().next() {
+            Some(only) if apps.len() == 1 => Ok(only.clone()),
+            _ => Err(Error::Config(format!(
+                "which app? {} declares {}",
+                origin.display(),
+                if apps.is_empty() {
+                    "none (add an [app.NAME] table)".to_string()
+                } else {
+                    names()
+                }
+            ))),
+        },
+    }
+}
+
 /// The apps of a strata.toml, by name.
 pub fn load_apps(strata_toml: &Path) -> Result<BTreeMap<String, App>> {
     apps_of(read_file(strata_toml)?, strata_toml)

@@ -84,6 +84,14 @@ pub enum Error {
         /// Why, and which release still serves.
         reason: String,
     },
+    /// What the caller did for a deploy (a build, a pull, a push) failed.
+    #[error("{what}")]
+    External {
+        /// What was tried.
+        what: String,
+        /// Its error, whole.
+        source: crate::pipeline::External,
+    },
     /// An image config could not be read.
     #[error(transparent)]
     Oci(#[from] strata_oci::Error),

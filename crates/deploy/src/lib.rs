@@ -15,6 +15,7 @@ pub mod deploy;
 pub mod health;
 pub mod host;
 pub mod machines;
+pub mod pipeline;
 pub mod proxy;
 pub mod state;
 

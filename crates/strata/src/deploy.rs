@@ -6,11 +6,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use strata_deploy::agent::{AgentOptions, agent_pid, poke, run_agent, stop_agent};
-use strata_deploy::app::{load_apps, parse_duration, parse_volume};
-use strata_deploy::deploy::{DeployOptions, deploy_image, destroy_app, project_file};
-use strata_deploy::host::{Host, MachineOptions, find_image, parse_signal};
-use strata_deploy::machines;
+use strata_deploy::app::{load_apps, parse_duration, parse_volume, pick_app};
+use strata_deploy::deploy::{DeployOptions, destroy_app, project_file};
+use strata_deploy::host::{Host, MachineOptions, parse_signal};
 use strata_deploy::state::{Desired, Machine, RestartPolicy};
+use strata_deploy::{machines, pipeline};
 use strata_oci::Reference;
 use strata_store::Store;
 
@@ -259,33 +259,6 @@ pub fn app_logs(store: Store, app: &str, follow: bool) -> Result<()> {
     )?)
 }
 
-/// The app `name` of strata.toml (`file`), or its only app when no name is given.
-pub(crate) fn pick_app(
-    apps: &std::collections::BTreeMap<String, strata_deploy::app::App>,
-    name: Option<&str>,
-    file: &std::path::Path,
-) -> Result<strata_deploy::app::App> {
-    match name {
-        Some(name) => apps.get(name).cloned().with_context(|| {
-            format!(
-                "no app `{name}` in {} (apps: {})",
-                file.display(),
-                apps.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
-        }),
-        None if apps.len() == 1 => apps.values().next().cloned().context("no app"),
-        None => bail!(
-            "which app? {} declares {}",
-            file.display(),
-            if apps.is_empty() {
-                "none (add an [app.NAME] table)".to_string()
-            } else {
-                apps.keys().cloned().collect::<Vec<_>>().join(", ")
-            }
-        ),
-    }
-}
-
 pub fn deploy(store: Store, args: &DeployArgs) -> Result<()> {
     deploy_with(store, args, &Output::new(args.progress))
 }
@@ -298,54 +271,22 @@ pub fn deploy_with(store: Store, args: &DeployArgs, out: &Output) -> Result<()> 
         None => load_apps(&file)?,
     };
     let app = pick_app(&apps, args.app.as_deref(), &file)?;
-    let label = args
-        .image_label
-        .clone()
-        .unwrap_or_else(|| format!("deployment-{}", ulid::Ulid::generate()));
     // Every line of the deploy goes to stderr in the mode `--progress` asks for: with `json`,
     // one event per line (docs/cli.md), the build's and the push's too.
-    let say = |message: &str| out.deploy(&app.name, message);
-    // 1. The image: given, or built from the project.
-    let local = match &args.image {
-        Some(r) if find_image(&store, r).is_ok() => r.clone(),
-        Some(r) => {
-            let reference = Reference::parse(r)?;
-            say(&format!("pulling {r}"));
-            crate::registry::pull_ref(&store, &reference, args.insecure, out)?
-        }
-        None => crate::build::build_for_deploy(&store, &args.project, &app.spec.image, out)?,
+    let mut say = |message: &str| out.deploy(&app.name, message);
+    let parts = DeployParts {
+        project: &args.project,
+        insecure: args.insecure,
+        out,
     };
-    let desc = find_image(&store, &local)
-        .with_context(|| format!("image `{local}` is not in the store"))?
-        .descriptor;
-    let tagged = format!("{}:{label}", app.name);
-    if args.image.is_none() {
-        let name = strata_transfer::local_name(&tagged)?;
-        // Recorded first: `apps destroy` removes the names deploys made.
-        strata_deploy::state::State::open(store.root())?.add_app_tag(&app.name, &name)?;
-        store.set_ref(&name, desc.clone())?;
-    }
-    // 2. Push.
-    let mut release_ref = if args.image.is_some() {
-        local.clone()
-    } else {
-        tagged.clone()
+    let req = pipeline::Request {
+        image: args.image.clone(),
+        label: args.image_label.clone(),
+        push: args.push,
     };
-    if args.push || app.spec.registry.is_some() {
-        let Some(registry) = &app.spec.registry else {
-            bail!(
-                "--push needs `registry = \"host[:port]/org\"` in [app.{}]",
-                app.name
-            );
-        };
-        let dest_text = format!("{}/{}:{label}", registry.trim_end_matches('/'), app.name);
-        let dest = Reference::parse(&dest_text)?;
-        let report = crate::registry::push_ref(&store, &local, &dest, args.insecure, out)?;
-        out.note(&crate::registry::pushed_note(&report));
-        crate::registry::pin_in_embedded_registry(&store, &dest, &desc.digest, &app.name);
-        release_ref = dest_text;
-    }
-    println!("{release_ref}");
+    // 1. The image: given, pulled or built; 2. pushed where the app publishes.
+    let prepared = pipeline::prepare(&store, &app, &req, &parts, &parts, &mut say)?;
+    println!("{}", prepared.release_ref);
     if args.build_only {
         return Ok(());
     }
@@ -358,17 +299,13 @@ pub fn deploy_with(store: Store, args: &DeployArgs, out: &Output) -> Result<()> 
         Vec::new()
     };
     if !hosts.is_empty() {
-        let remote_image = if args.image.is_some() {
-            &local
-        } else {
-            &tagged
-        };
+        let remote_image = prepared.tagged.as_deref().unwrap_or(&prepared.local);
         return crate::hosts::deploy_to_hosts(
             &store,
             args,
             out,
             &app,
-            &local,
+            &prepared.local,
             remote_image,
             &hosts,
         );
@@ -380,43 +317,57 @@ pub fn deploy_with(store: Store, args: &DeployArgs, out: &Output) -> Result<()> 
         listen: IpAddr::from([127, 0, 0, 1]),
         wait_for_old: !args.detach,
     };
-    let report =
-        deploy_image(&mut host, &app, &local, &opts, &mut |line| say(line)).map(|mut r| {
-            if !r.unchanged {
-                r.release.image = release_ref.clone();
-            }
-            r
-        })?;
-    if report.unchanged {
-        // The active release keeps its image reference and machines.
-        say(&format!(
-            "{} v{} is unchanged{}",
-            app.name,
-            report.release.version,
-            report
-                .public
-                .map(|a| format!(" and serves http://{a}/"))
-                .unwrap_or_default()
-        ));
-        return Ok(());
-    }
-    host.state
-        .set_release_image(&app.name, report.release.version, &release_ref)?;
-    // Releases that aged out of keep_releases lost their store pin; their registry pin goes too.
-    crate::registry::unpin_aged_releases_in_embedded_registry(&host.store, &app.name);
-    match report.public {
-        Some(addr) => say(&format!(
-            "{} v{} is live: http://{addr}/",
-            app.name, report.release.version
-        )),
-        None => say(&format!(
-            "{} v{} is running ({} machine(s), no port)",
-            app.name,
-            report.release.version,
-            report.machines.len()
-        )),
-    }
+    pipeline::release_here(&mut host, &app, &prepared, &opts, &parts, &mut say)?;
     Ok(())
+}
+
+/// Where `strata deploy` gets and publishes images: the build engine, the registry client.
+struct DeployParts<'a> {
+    project: &'a std::path::Path,
+    insecure: bool,
+    out: &'a Output,
+}
+
+impl pipeline::ImageSource for DeployParts<'_> {
+    fn build(&self, store: &Store, image: &str) -> Result<String, pipeline::External> {
+        Ok(crate::build::build_for_deploy(
+            store,
+            self.project,
+            image,
+            self.out,
+        )?)
+    }
+
+    fn pull(&self, store: &Store, reference: &str) -> Result<String, pipeline::External> {
+        let reference = Reference::parse(reference)?;
+        Ok(crate::registry::pull_ref(
+            store,
+            &reference,
+            self.insecure,
+            self.out,
+        )?)
+    }
+}
+
+impl pipeline::Publisher for DeployParts<'_> {
+    fn publish(
+        &self,
+        store: &Store,
+        local: &str,
+        dest: &str,
+        digest: &strata_oci::Digest,
+        app: &str,
+    ) -> Result<(), pipeline::External> {
+        let dest = Reference::parse(dest)?;
+        let report = crate::registry::push_ref(store, local, &dest, self.insecure, self.out)?;
+        self.out.note(&crate::registry::pushed_note(&report));
+        crate::registry::pin_in_embedded_registry(store, &dest, digest, app);
+        Ok(())
+    }
+
+    fn release_aged(&self, store: &Store, app: &str) {
+        crate::registry::unpin_aged_releases_in_embedded_registry(store, app);
+    }
 }
 
 pub fn releases(store: Store, args: &ReleasesArgs) -> Result<()> {

@@ -28,7 +28,7 @@ const QUIET: Duration = Duration::from_millis(30);
 pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
     let file = project_file(&args.project);
     let apps = load_apps(&file)?;
-    let app = crate::deploy::pick_app(&apps, args.app.as_deref(), &file)?;
+    let app = strata_deploy::app::pick_app(&apps, args.app.as_deref(), &file)?;
     let project = strata_build::Project::load(&file)?;
     let Some(image) = project.image(&app.spec.image).cloned() else {
         bail!(
