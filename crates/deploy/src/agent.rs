@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::error::{Error, Result};
 use crate::host::Host;
 use crate::proxy::Proxy;
-use crate::state::{Desired, Machine, State};
+use crate::state::{Desired, Machine, MachineState, State};
 
 /// How the agent behaves.
 #[derive(Debug, Clone)]
@@ -331,7 +331,7 @@ impl Agent {
     /// Machines that were running when the last agent stopped: runc still knows them.
     fn adopt(&mut self) -> Result<()> {
         for m in self.host.state.machines()? {
-            if m.state != "running" {
+            if m.state != MachineState::Running {
                 continue;
             }
             match machine_status(&self.host.runtime, &m.id)? {
@@ -340,9 +340,13 @@ impl Agent {
                     if let Some(start) = process_start_time(pid) {
                         self.adopted.insert(m.id.clone(), (pid, start));
                     }
-                    self.host
-                        .state
-                        .set_observed(&m.id, "running", Some(pid), None, None)?;
+                    self.host.state.set_observed(
+                        &m.id,
+                        MachineState::Running,
+                        Some(pid),
+                        None,
+                        None,
+                    )?;
                 }
                 _ => self.on_exit(&m, None)?,
             }
@@ -377,7 +381,7 @@ impl Agent {
         let adopted_running: Vec<&Machine> = machines
             .iter()
             .filter(|m| {
-                m.state == "running"
+                m.state == MachineState::Running
                     && !exits.contains_key(&m.id)
                     && !m.pid.is_some_and(|p| self.children.contains_key(&p))
             })
@@ -424,9 +428,13 @@ impl Agent {
             }
             if let Err(e) = self.reconcile(m) {
                 warn!(machine = %m.id, "{e}");
-                self.host
-                    .state
-                    .set_observed(&m.id, "failed", None, None, Some(&e.to_string()))?;
+                self.host.state.set_observed(
+                    &m.id,
+                    MachineState::Failed,
+                    None,
+                    None,
+                    Some(&e.to_string()),
+                )?;
                 if m.desired == Desired::Running {
                     self.host.state.give_up(&m.id)?;
                 }
@@ -503,7 +511,7 @@ impl Agent {
         }
         self.host
             .state
-            .set_observed(&m.id, "exited", None, code, None)?;
+            .set_observed(&m.id, MachineState::Exited, None, code, None)?;
         if m.desired == Desired::Running {
             if m.config.restart.restarts_after(code, m.restarts) {
                 self.host.state.bump_restarts(&m.id)?;
@@ -522,7 +530,7 @@ impl Agent {
     fn reconcile(&mut self, m: &Machine) -> Result<()> {
         match m.desired {
             Desired::Running => {
-                if m.state == "running" {
+                if m.state == MachineState::Running {
                     return Ok(());
                 }
                 if self
@@ -549,7 +557,7 @@ impl Agent {
                 let t_spec = t0.elapsed();
                 // A stopped container left by a crash would make `runc run` refuse the id; a
                 // machine never started has none (and its start is what users wait for).
-                if m.state != "created" {
+                if m.state != MachineState::Created {
                     machine_cleanup(&self.host.runtime, &spec)?;
                 }
                 let t_cleanup = t0.elapsed();
@@ -558,15 +566,19 @@ impl Agent {
                 debug!(machine = %m.id, ?t_spec, ?t_cleanup, total = ?t0.elapsed(), "start timings");
                 info!(machine = %m.id, pid, "started");
                 self.children.insert(pid, m.id.clone());
-                self.host
-                    .state
-                    .set_observed(&m.id, "running", Some(pid), None, None)?;
+                self.host.state.set_observed(
+                    &m.id,
+                    MachineState::Running,
+                    Some(pid),
+                    None,
+                    None,
+                )?;
             }
             Desired::Stopped | Desired::Destroyed => {
-                if m.state == "running" && !self.drained(m) {
+                if m.state == MachineState::Running && !self.drained(m) {
                     return Ok(());
                 }
-                if m.state == "running" || m.desired == Desired::Destroyed {
+                if m.state == MachineState::Running || m.desired == Desired::Destroyed {
                     self.spawn_stop(m)?;
                 }
             }
@@ -631,7 +643,7 @@ impl Agent {
             let result = (|| -> Result<Option<i32>> {
                 let mut code = None;
                 if let Some(spec) = &spec {
-                    if m.state == "running" {
+                    if m.state == MachineState::Running {
                         let outcome = machine_stop(
                             &runtime,
                             spec,
@@ -666,9 +678,7 @@ impl Agent {
                 let state = crate::state::State::open(&root)?;
                 match &result {
                     Ok(code) if m.desired == Desired::Destroyed => {
-                        if let Ok(d) = m.digest.parse() {
-                            let _ = store.unpin(&d, &format!("machine:{}", m.id));
-                        }
+                        let _ = store.unpin(&m.digest, &format!("machine:{}", m.id));
                         for (host_port, _) in &m.config.ports {
                             if state
                                 .route(*host_port)?
@@ -681,10 +691,16 @@ impl Agent {
                         state.delete_machine(&m.id)?;
                         info!(machine = %m.id, "destroyed");
                     }
-                    Ok(code) => state.set_observed(&m.id, "stopped", None, *code, None)?,
-                    Err(e) => {
-                        state.set_observed(&m.id, "failed", None, None, Some(&e.to_string()))?
+                    Ok(code) => {
+                        state.set_observed(&m.id, MachineState::Stopped, None, *code, None)?
                     }
+                    Err(e) => state.set_observed(
+                        &m.id,
+                        MachineState::Failed,
+                        None,
+                        None,
+                        Some(&e.to_string()),
+                    )?,
                 }
                 Ok(())
             };

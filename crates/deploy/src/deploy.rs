@@ -12,7 +12,7 @@ use crate::app::App;
 use crate::error::{Error, Result};
 use crate::health::wait_healthy_unless;
 use crate::host::{Host, MachineOptions, tail_lines};
-use crate::state::{Desired, Machine, Release};
+use crate::state::{Desired, Machine, MachineState, Release, ReleaseStatus};
 
 /// What [`deploy_image`] did.
 #[derive(Debug, Clone)]
@@ -188,9 +188,7 @@ pub fn deploy_image(
         return Ok(report);
     }
     crate::agent::ensure_agent(host.store.root(), &opts.exe)?;
-    let release = host
-        .state
-        .begin_release(&app.name, image, &digest.to_string())?;
+    let release = host.state.begin_release(&app.name, image, &digest)?;
     let v = release.version;
     host.store
         .pin(&digest, &release_pin(&app.name, v))
@@ -264,7 +262,7 @@ pub fn deploy_image(
     if let Err(e) = outcome {
         let reason = e.to_string();
         host.state
-            .set_release_status(&app.name, v, "failed", Some(&reason))?;
+            .set_release_status(&app.name, v, ReleaseStatus::Failed, Some(&reason))?;
         for m in &new {
             host.state.set_desired(&m.id, Desired::Destroyed)?;
         }
@@ -274,7 +272,7 @@ pub fn deploy_image(
             .state
             .releases(Some(&app.name))?
             .into_iter()
-            .find(|r| r.status == "active")
+            .find(|r| r.status == ReleaseStatus::Active)
             .map_or("no earlier release serves the app".to_string(), |r| {
                 format!("v{} keeps serving", r.version)
             });
@@ -307,8 +305,12 @@ pub fn deploy_image(
                 host.state.set_desired(&m.id, Desired::Destroyed)?;
             }
             crate::agent::poke(host.store.root());
-            host.state
-                .set_release_status(&app.name, v, "failed", Some(&e.to_string()))?;
+            host.state.set_release_status(
+                &app.name,
+                v,
+                ReleaseStatus::Failed,
+                Some(&e.to_string()),
+            )?;
             let _ = host.store.unpin(&digest, &release_pin(&app.name, v));
             return Err(Error::ReleaseFailed {
                 app: app.name.clone(),
@@ -326,13 +328,13 @@ pub fn deploy_image(
         }
     }
     for r in host.state.releases(Some(&app.name))? {
-        if r.version != v && r.status == "active" {
+        if r.version != v && r.status == ReleaseStatus::Active {
             host.state
-                .set_release_status(&app.name, r.version, "superseded", None)?;
+                .set_release_status(&app.name, r.version, ReleaseStatus::Superseded, None)?;
         }
     }
     host.state
-        .set_release_status(&app.name, v, "active", None)?;
+        .set_release_status(&app.name, v, ReleaseStatus::Active, None)?;
     unpin_old_releases(host, app)?;
     match port {
         Some(port) => log(&format!(
@@ -358,7 +360,7 @@ pub fn deploy_image(
     }
     Ok(DeployReport {
         release: Release {
-            status: "active".into(),
+            status: ReleaseStatus::Active,
             ..release
         },
         machines: new_ids,
@@ -382,11 +384,11 @@ fn unchanged(
         .state
         .releases(Some(&app.name))?
         .into_iter()
-        .find(|r| r.status == "active")
+        .find(|r| r.status == ReleaseStatus::Active)
     else {
         return Ok(None);
     };
-    if active.digest != digest.to_string() {
+    if active.digest != *digest {
         return Ok(None);
     }
     let (_, planned) = host.machine_config(image, &machine_opts_for(active.version)?)?;
@@ -400,7 +402,7 @@ fn unchanged(
         && machines.iter().all(|m| {
             m.release == Some(active.version)
                 && m.desired == Desired::Running
-                && m.state == "running"
+                && m.state == MachineState::Running
                 && m.config == planned
         });
     if !all_running {
@@ -468,12 +470,12 @@ fn unpin_old_releases(host: &Host, app: &App) -> Result<()> {
     let releases = host.state.releases(Some(&app.name))?;
     for r in releases
         .iter()
-        .filter(|r| r.status != "failed")
+        .filter(|r| r.status != ReleaseStatus::Failed)
         .skip(keep.max(1))
     {
-        if let Ok(d) = r.digest.parse() {
-            let _ = host.store.unpin(&d, &release_pin(&app.name, r.version));
-        }
+        let _ = host
+            .store
+            .unpin(&r.digest, &release_pin(&app.name, r.version));
     }
     Ok(())
 }
@@ -508,9 +510,7 @@ pub fn destroy_app(host: &Host, name: &str, volumes: bool) -> Result<Destroyed> 
         }
     }
     for r in host.state.releases(Some(name))? {
-        if let Ok(d) = r.digest.parse() {
-            let _ = host.store.unpin(&d, &release_pin(name, r.version));
-        }
+        let _ = host.store.unpin(&r.digest, &release_pin(name, r.version));
     }
     host.state.delete_releases(name)?;
     crate::agent::poke(host.store.root());

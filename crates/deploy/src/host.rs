@@ -191,13 +191,13 @@ impl Host {
             None => (None, None),
         };
         self.state
-            .create_machine(&id, app, release, image, &digest.to_string(), &mconfig)
+            .create_machine(&id, app, release, image, &digest, &mconfig)
     }
 
     /// The runtime's description of a machine: its image's snapshots unpacked (cached per
     /// chain ID, shared with builds), its user resolved from the image's own passwd/group.
     pub fn spec(&self, m: &Machine) -> Result<MachineSpec> {
-        let img = find_image(&self.store, &m.digest)?;
+        let img = find_image(&self.store, &m.digest.to_string())?;
         let config = ImageConfig::from_slice(&img.config_bytes)?;
         if img.manifest.layers.len() != config.rootfs.diff_ids.len() {
             return Err(Error::Config(format!(

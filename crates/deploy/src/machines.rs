@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::agent::{ensure_agent, poke};
 use crate::deploy::{check_port, poll, wait_running};
 use crate::host::{Host, MachineOptions};
-use crate::state::{Desired, Machine};
+use crate::state::{Desired, Machine, MachineState};
 use crate::{Error, Result};
 
 /// How long a machine may take to start.
@@ -114,7 +114,9 @@ pub fn wait_stopped(host: &Host, m: &Machine) -> Result<()> {
     let timeout = stop_timeout(m);
     let stopped = poll(timeout, || {
         let now = host.state.machine(&m.id)?;
-        Ok(now.is_none_or(|now| now.state != "running").then_some(()))
+        Ok(now
+            .is_none_or(|now| now.state != MachineState::Running)
+            .then_some(()))
     })?;
     match stopped {
         Some(()) => Ok(()),
@@ -138,7 +140,7 @@ pub fn wait_gone(host: &Host, m: &Machine) -> Result<bool> {
 fn ended(host: &Host, id: &str, seen_running: &mut bool) -> Result<bool> {
     Ok(match host.state.machine(id)? {
         None => true,
-        Some(m) if m.state == "running" => {
+        Some(m) if m.state == MachineState::Running => {
             *seen_running = true;
             false
         }

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
+use strata_oci::Digest;
 
 use crate::error::{Error, Result};
 
@@ -154,7 +155,7 @@ pub struct Machine {
     /// The image reference it was created from.
     pub image: String,
     /// The manifest digest it runs.
-    pub digest: String,
+    pub digest: Digest,
     /// How to run it.
     pub config: MachineConfig,
     /// Its network slot (see `strata_runtime::NetSpec`).
@@ -162,7 +163,7 @@ pub struct Machine {
     /// What the user wants.
     pub desired: Desired,
     /// What the agent last saw.
-    pub state: String,
+    pub state: MachineState,
     /// Host pid of its PID 1 while running.
     pub pid: Option<u32>,
     /// Exit code of the last run.
@@ -206,6 +207,102 @@ impl Desired {
     }
 }
 
+/// Text columns that hold one of a few words: written as the word, read back strictly (a
+/// word this version does not know is an error naming it, not a guess).
+macro_rules! word_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $word:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)*
+        }
+
+        impl $name {
+            /// Its word, as stored and printed.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $word,)*
+                }
+            }
+
+            /// The value of `word`.
+            pub fn parse(word: &str) -> Option<$name> {
+                match word {
+                    $($word => Some($name::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl rusqlite::types::ToSql for $name {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+
+        impl rusqlite::types::FromSql for $name {
+            fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+                let word = v.as_str()?;
+                $name::parse(word).ok_or_else(|| {
+                    rusqlite::types::FromSqlError::Other(
+                        format!(concat!("unknown ", stringify!($name), " `{}`"), word).into(),
+                    )
+                })
+            }
+        }
+    };
+}
+
+word_enum! {
+    /// What the agent last saw of a machine.
+    MachineState {
+        /// Made, never started.
+        Created = "created",
+        /// Its process runs.
+        Running = "running",
+        /// Its process ended by itself (exit code in `exit_code`).
+        Exited = "exited",
+        /// Stopped on request.
+        Stopped = "stopped",
+        /// It could not be started or stopped (why in `error`).
+        Failed = "failed",
+    }
+}
+
+word_enum! {
+    /// Where a release is in its life.
+    ReleaseStatus {
+        /// Its machines are being made and checked.
+        Deploying = "deploying",
+        /// It serves the app.
+        Active = "active",
+        /// A later release took over.
+        Superseded = "superseded",
+        /// It never served (why in `reason`).
+        Failed = "failed",
+    }
+}
+
+/// A digest column, read strictly.
+fn digest_column(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Digest> {
+    let text: String = r.get(i)?;
+    text.parse().map_err(|e: strata_oci::Error| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
 /// One row of `releases`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Release {
@@ -216,9 +313,8 @@ pub struct Release {
     /// Image reference deployed.
     pub image: String,
     /// Its manifest digest.
-    pub digest: String,
-    /// `deploying`, `active`, `superseded`, `failed`.
-    pub status: String,
+    pub digest: Digest,
+    pub status: ReleaseStatus,
     /// Why it failed.
     pub reason: Option<String>,
     /// Unix seconds.
@@ -527,7 +623,7 @@ impl State {
         app: Option<&str>,
         release: Option<u32>,
         image: &str,
-        digest: &str,
+        digest: &Digest,
         config: &MachineConfig,
     ) -> Result<Machine> {
         let config_json =
@@ -567,7 +663,16 @@ impl State {
             "INSERT INTO machines (id, app, release, image, digest, config, net_index, desired, \
              state, restarts, created, updated) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'running', \
              'created', 0, ?8, ?8)",
-            params![id, app, release, image, digest, config_json, net_index, t],
+            params![
+                id,
+                app,
+                release,
+                image,
+                digest.to_string(),
+                config_json,
+                net_index,
+                t
+            ],
         )
         .map_err(db)?;
         tx.commit().map_err(db)?;
@@ -586,7 +691,7 @@ impl State {
             app: r.get(1)?,
             release: r.get(2)?,
             image: r.get(3)?,
-            digest: r.get(4)?,
+            digest: digest_column(r, 4)?,
             config,
             net_index: r.get(6)?,
             desired: Desired::parse(&desired),
@@ -658,7 +763,7 @@ impl State {
     pub fn set_observed(
         &self,
         id: &str,
-        state: &str,
+        state: MachineState,
         pid: Option<u32>,
         exit_code: Option<i32>,
         error: Option<&str>,
@@ -709,7 +814,7 @@ impl State {
     }
 
     /// Starts a new release of `app` (status `deploying`), numbered after the last one.
-    pub fn begin_release(&mut self, app: &str, image: &str, digest: &str) -> Result<Release> {
+    pub fn begin_release(&mut self, app: &str, image: &str, digest: &Digest) -> Result<Release> {
         let db = db_err(&self.path);
         let created = now();
         let tx = self
@@ -725,8 +830,15 @@ impl State {
             .map_err(db)?;
         tx.execute(
             "INSERT INTO releases (app, version, image, digest, status, created) \
-             VALUES (?1, ?2, ?3, ?4, 'deploying', ?5)",
-            params![app, version, image, digest, created],
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                app,
+                version,
+                image,
+                digest.to_string(),
+                ReleaseStatus::Deploying,
+                created
+            ],
         )
         .map_err(db)?;
         tx.commit().map_err(db)?;
@@ -734,8 +846,8 @@ impl State {
             app: app.to_string(),
             version,
             image: image.to_string(),
-            digest: digest.to_string(),
-            status: "deploying".into(),
+            digest: digest.clone(),
+            status: ReleaseStatus::Deploying,
             reason: None,
             created,
         })
@@ -746,7 +858,7 @@ impl State {
         &self,
         app: &str,
         version: u32,
-        status: &str,
+        status: ReleaseStatus,
         reason: Option<&str>,
     ) -> Result<()> {
         self.db(self.conn.execute(
@@ -776,7 +888,7 @@ impl State {
                 app: r.get(0)?,
                 version: r.get(1)?,
                 image: r.get(2)?,
-                digest: r.get(3)?,
+                digest: digest_column(r, 3)?,
                 status: r.get(4)?,
                 reason: r.get(5)?,
                 created: r.get(6)?,
@@ -916,19 +1028,72 @@ mod tests {
         (dir, claims, s)
     }
 
+    /// States, statuses and digests read back as written; a word this version does not know
+    /// (a newer strata wrote it, or a hand edit) is an error naming it, never a guess.
+    #[test]
+    fn states_and_digests_round_trip_and_unknown_words_are_errors() {
+        let (_dir, _claims, mut s) = fixture();
+        let d = Digest::sha256(b"image");
+        let m = s
+            .create_machine(
+                "m",
+                Some("web"),
+                Some(1),
+                "web:1",
+                &d,
+                &MachineConfig::default(),
+            )
+            .unwrap();
+        assert_eq!((m.state, &m.digest), (MachineState::Created, &d));
+        s.set_observed("m", MachineState::Exited, None, Some(3), None)
+            .unwrap();
+        let m = s.machine("m").unwrap().unwrap();
+        assert_eq!((m.state, m.exit_code), (MachineState::Exited, Some(3)));
+        let r = s.begin_release("web", "web:1", &d).unwrap();
+        assert_eq!(r.status, ReleaseStatus::Deploying);
+        s.set_release_status("web", 1, ReleaseStatus::Active, None)
+            .unwrap();
+        let back = &s.releases(Some("web")).unwrap()[0];
+        assert_eq!((back.status, &back.digest), (ReleaseStatus::Active, &d));
+        assert_eq!(
+            serde_json::to_value(back).unwrap()["status"],
+            serde_json::json!("active")
+        );
+
+        s.conn
+            .execute("UPDATE machines SET state = 'hibernating'", [])
+            .unwrap();
+        let err = s.machine("m").unwrap_err().to_string();
+        assert!(err.contains("unknown MachineState `hibernating`"), "{err}");
+        s.conn
+            .execute("UPDATE releases SET digest = 'sha256:nothex'", [])
+            .unwrap();
+        assert!(s.releases(Some("web")).is_err());
+    }
+
     #[test]
     fn machines_get_distinct_lowest_free_slots_and_releases_count_up() {
         let (dir, claims, mut s) = fixture();
         let c = MachineConfig::default();
-        let a = s.create_machine("a", None, None, "i", "d", &c).unwrap();
-        let b = s.create_machine("b", None, None, "i", "d", &c).unwrap();
-        let c3 = s.create_machine("c", None, None, "i", "d", &c).unwrap();
+        let a = s
+            .create_machine("a", None, None, "i", &Digest::sha256(b"d"), &c)
+            .unwrap();
+        let b = s
+            .create_machine("b", None, None, "i", &Digest::sha256(b"d"), &c)
+            .unwrap();
+        let c3 = s
+            .create_machine("c", None, None, "i", &Digest::sha256(b"d"), &c)
+            .unwrap();
         assert_eq!((a.net_index, b.net_index, c3.net_index), (0, 1, 2));
         s.delete_machine("b").unwrap();
-        let d = s.create_machine("d", None, None, "i", "d", &c).unwrap();
+        let d = s
+            .create_machine("d", None, None, "i", &Digest::sha256(b"d"), &c)
+            .unwrap();
         assert_eq!(d.net_index, 1);
         s.delete_machine("a").unwrap();
-        let e = s.create_machine("e", None, None, "i", "d", &c).unwrap();
+        let e = s
+            .create_machine("e", None, None, "i", &Digest::sha256(b"d"), &c)
+            .unwrap();
         assert_eq!(e.net_index, 0);
         // Opening again (another process) sees the same rows and does not re-migrate.
         let again = State::open(dir.path()).unwrap();
@@ -937,7 +1102,9 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(other.path().join("strata")).unwrap();
         let mut o = State::open_with_claims(other.path(), claims).unwrap();
-        let x = o.create_machine("x", None, None, "i", "d", &c).unwrap();
+        let x = o
+            .create_machine("x", None, None, "i", &Digest::sha256(b"d"), &c)
+            .unwrap();
         assert_eq!(x.net_index, 3);
 
         // The agent giving up on a machine never undoes a destroy asked for meanwhile.
@@ -947,10 +1114,14 @@ mod tests {
         s.give_up("d").unwrap();
         assert_eq!(s.machine("d").unwrap().unwrap().desired, Desired::Stopped);
 
-        let r1 = s.begin_release("web", "web:1", "sha256:1").unwrap();
-        let r2 = s.begin_release("web", "web:2", "sha256:2").unwrap();
+        let r1 = s
+            .begin_release("web", "web:1", &Digest::sha256(b"1"))
+            .unwrap();
+        let r2 = s
+            .begin_release("web", "web:2", &Digest::sha256(b"2"))
+            .unwrap();
         assert_eq!((r1.version, r2.version), (1, 2));
-        s.set_release_status("web", 1, "failed", Some("unhealthy"))
+        s.set_release_status("web", 1, ReleaseStatus::Failed, Some("unhealthy"))
             .unwrap();
         let rs = s.releases(Some("web")).unwrap();
         assert_eq!(rs[0].version, 2);
@@ -968,17 +1139,23 @@ mod tests {
     fn spare_slots_go_to_new_machines_only_once_made() {
         let (_dir, claims, mut s) = fixture();
         let c = MachineConfig::default();
-        let a = s.create_machine("a", None, None, "i", "d", &c).unwrap();
+        let a = s
+            .create_machine("a", None, None, "i", &Digest::sha256(b"d"), &c)
+            .unwrap();
         assert_eq!(a.net_index, 0);
         let (one, two) = (s.claim_spare().unwrap(), s.claim_spare().unwrap());
         assert_eq!((one, two), (1, 2));
         assert_eq!(s.spare_count().unwrap(), 2);
         // Being made: not handed out, and its claim is not taken over as stale.
-        let b = s.create_machine("b", None, None, "i", "d", &c).unwrap();
+        let b = s
+            .create_machine("b", None, None, "i", &Digest::sha256(b"d"), &c)
+            .unwrap();
         assert_eq!(b.net_index, 3);
         // Made: the next machine takes it, and the claim names the machine.
         s.spare_ready(two).unwrap();
-        let d = s.create_machine("d", None, None, "i", "d", &c).unwrap();
+        let d = s
+            .create_machine("d", None, None, "i", &Digest::sha256(b"d"), &c)
+            .unwrap();
         assert_eq!(d.net_index, 2);
         assert_eq!(s.spare_count().unwrap(), 1);
         let owner = std::fs::read_to_string(claims.join("2")).unwrap();
@@ -991,7 +1168,9 @@ mod tests {
         s.release_spare(1);
         assert!(!claims.join("1").exists());
         assert!(claims.join("2").exists());
-        let e = s.create_machine("e", None, None, "i", "d", &c).unwrap();
+        let e = s
+            .create_machine("e", None, None, "i", &Digest::sha256(b"d"), &c)
+            .unwrap();
         assert_eq!(e.net_index, 1);
         // A spare that could not be made is forgotten and its slot freed.
         let f = s.claim_spare().unwrap();

@@ -9,7 +9,7 @@ use strata_deploy::agent::{AgentOptions, agent_pid, poke, run_agent, stop_agent}
 use strata_deploy::app::{load_apps, parse_duration, parse_volume, pick_app};
 use strata_deploy::deploy::{DeployOptions, destroy_app, project_file};
 use strata_deploy::host::{Host, MachineOptions, parse_signal};
-use strata_deploy::state::{Desired, Machine, RestartPolicy};
+use strata_deploy::state::{Desired, Machine, MachineState, ReleaseStatus, RestartPolicy};
 use strata_deploy::{machines, pipeline};
 use strata_oci::Reference;
 use strata_store::Store;
@@ -205,7 +205,7 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
             command,
         } => {
             let m = machines::find(&host, &id)?;
-            if m.state != "running" {
+            if m.state != MachineState::Running {
                 bail!("machine {} is {}, not running", m.id, m.state);
             }
             let mut full_env = m.config.env.clone();
@@ -452,7 +452,9 @@ pub fn status(store: Store, app: Option<&str>) -> Result<()> {
         bail!("no app `{a}` has been deployed on this host");
     }
     for a in apps {
-        let current = releases.iter().find(|r| r.app == a && r.status == "active");
+        let current = releases
+            .iter()
+            .find(|r| r.app == a && r.status == ReleaseStatus::Active);
         let route = host
             .state
             .routes()?
@@ -495,10 +497,15 @@ pub fn apps_list(store: Store, json: bool) -> Result<()> {
         println!("NAME\tRELEASE\tSTATUS\tMACHINES\tPUBLIC\tIMAGE");
     }
     for a in names {
-        let active = releases.iter().find(|r| r.app == a && r.status == "active");
+        let active = releases
+            .iter()
+            .find(|r| r.app == a && r.status == ReleaseStatus::Active);
         let newest = releases.iter().find(|r| r.app == a);
         let machines = host.state.app_machines(&a)?;
-        let running = machines.iter().filter(|m| m.state == "running").count();
+        let running = machines
+            .iter()
+            .filter(|m| m.state == MachineState::Running)
+            .count();
         let public = routes
             .iter()
             .find(|r| r.owner == format!("app:{a}"))
@@ -506,7 +513,7 @@ pub fn apps_list(store: Store, json: bool) -> Result<()> {
         if json {
             let v = serde_json::json!({
                 "name": a, "release": active.map(|r| r.version),
-                "status": newest.map(|r| r.status.clone()), "machines": machines.len(),
+                "status": newest.map(|r| r.status), "machines": machines.len(),
                 "running": running, "public": public, "image": active.map(|r| r.image.clone()),
             });
             println!("{v}");

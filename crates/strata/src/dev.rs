@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use strata_deploy::app::{App, LiveUpdate, load_apps};
 use strata_deploy::deploy::project_file;
 use strata_deploy::host::Host;
+use strata_deploy::state::MachineState;
 use strata_dockerfile::ignore::IgnoreMatcher;
 use strata_runtime::{SyncOp, sync_in_root};
 use strata_store::Store;
@@ -282,7 +283,7 @@ fn live_update(
         .state
         .machines()?
         .into_iter()
-        .filter(|m| m.app.as_deref() == Some(app.name.as_str()) && m.state == "running")
+        .filter(|m| m.app.as_deref() == Some(app.name.as_str()) && m.state == MachineState::Running)
         .collect();
     if machines.is_empty() {
         bail!("no machine of {} is running", app.name);
