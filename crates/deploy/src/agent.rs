@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 
 use strata_oci::sync::MutexExt;
 use strata_runtime::{
-    MachineStatus, NetSpec, machine_cleanup, machine_destroy, machine_start, machine_status,
-    machine_stop, prepare_network, process_alive, process_start_time, teardown_network,
+    MachineStatus, NetSpec, prepare_network, process_alive, process_start_time, teardown_network,
 };
 use strata_store::Store;
 use tracing::{debug, info, warn};
@@ -334,7 +333,7 @@ impl Agent {
             if m.state != MachineState::Running {
                 continue;
             }
-            match machine_status(&self.host.runtime, &m.id)? {
+            match self.host.driver.status(&m.id)? {
                 MachineStatus::Running { pid } => {
                     info!(machine = %m.id, pid, "adopted");
                     if let Some(start) = process_start_time(pid) {
@@ -393,7 +392,7 @@ impl Agent {
             let alive = match self.adopted.get(&m.id) {
                 Some((pid, start)) if m.pid == Some(*pid) => process_alive(*pid, start),
                 // Not seen at adoption (or its pid changed): ask runc, once.
-                _ => match machine_status(&self.host.runtime, &m.id)? {
+                _ => match self.host.driver.status(&m.id)? {
                     MachineStatus::Running { pid } => {
                         if let Some(start) = process_start_time(pid) {
                             self.adopted.insert(m.id.clone(), (pid, start));
@@ -505,7 +504,7 @@ impl Agent {
     fn on_exit(&mut self, m: &Machine, code: Option<i32>) -> Result<()> {
         info!(machine = %m.id, ?code, "exited");
         if let Ok(spec) = self.host.spec(m)
-            && let Err(e) = machine_cleanup(&self.host.runtime, &spec)
+            && let Err(e) = self.host.driver.cleanup(&spec)
         {
             warn!(machine = %m.id, "cleanup: {e}");
         }
@@ -558,10 +557,10 @@ impl Agent {
                 // A stopped container left by a crash would make `runc run` refuse the id; a
                 // machine never started has none (and its start is what users wait for).
                 if m.state != MachineState::Created {
-                    machine_cleanup(&self.host.runtime, &spec)?;
+                    self.host.driver.cleanup(&spec)?;
                 }
                 let t_cleanup = t0.elapsed();
-                let pid = machine_start(&self.host.runtime, &spec)?;
+                let pid = self.host.driver.start(&spec)?;
                 drop(session);
                 debug!(machine = %m.id, ?t_spec, ?t_cleanup, total = ?t0.elapsed(), "start timings");
                 info!(machine = %m.id, pid, "started");
@@ -636,7 +635,7 @@ impl Agent {
         let was_child = m.pid.and_then(|p| self.children.remove(&p).map(|_| p));
         self.busy.lock_ok().ids.insert(m.id.clone());
         let busy = self.busy.clone();
-        let runtime = self.host.runtime.clone();
+        let driver = self.host.driver.clone();
         let root = self.root.clone();
         let m = m.clone();
         std::thread::spawn(move || {
@@ -644,8 +643,7 @@ impl Agent {
                 let mut code = None;
                 if let Some(spec) = &spec {
                     if m.state == MachineState::Running {
-                        let outcome = machine_stop(
-                            &runtime,
+                        let outcome = driver.stop(
                             spec,
                             m.config.stop_signal,
                             Duration::from_millis(m.config.kill_timeout_ms),
@@ -663,9 +661,9 @@ impl Agent {
                         code = exit_code(s);
                     }
                     if m.desired == Desired::Destroyed {
-                        machine_destroy(&runtime, spec)?;
+                        driver.destroy(spec)?;
                     } else {
-                        machine_cleanup(&runtime, spec)?;
+                        driver.cleanup(spec)?;
                     }
                 }
                 Ok(code)
@@ -823,6 +821,148 @@ pub fn rotate(log: &Path, keep: u32) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{MachineConfig, RestartPolicy};
+    use strata_runtime::{MachineDriver, MachineSpec, StopOutcome};
+
+    /// A runtime that only counts what it was asked (a fake for the agent's own logic; the
+    /// real runc path is tested end to end with machines).
+    #[derive(Debug, Default)]
+    struct Counting {
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl MachineDriver for Counting {
+        fn start(&self, spec: &MachineSpec) -> strata_runtime::Result<u32> {
+            self.calls.lock_ok().push(format!("start {}", spec.id));
+            Ok(1)
+        }
+        fn status(&self, _: &str) -> strata_runtime::Result<MachineStatus> {
+            Ok(MachineStatus::Missing)
+        }
+        fn stop(
+            &self,
+            _: &MachineSpec,
+            _: i32,
+            _: Duration,
+        ) -> strata_runtime::Result<StopOutcome> {
+            Ok(StopOutcome::NotRunning)
+        }
+        fn exec(
+            &self,
+            _: &str,
+            _: &[String],
+            _: &[String],
+            _: bool,
+        ) -> strata_runtime::Result<i32> {
+            Ok(0)
+        }
+        fn cleanup(&self, _: &MachineSpec) -> strata_runtime::Result<()> {
+            Ok(())
+        }
+        fn destroy(&self, _: &MachineSpec) -> strata_runtime::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// An agent over a store in `dir` whose machines `Counting` runs: no root, no runc.
+    fn agent(dir: &Path) -> Agent {
+        let store = Store::open(dir).unwrap();
+        let state =
+            crate::state::State::open_with_claims(store.root(), dir.join("claims")).unwrap();
+        let host = Host::with_driver(store, state, Arc::new(Counting::default()));
+        Agent {
+            root: dir.to_path_buf(),
+            host,
+            opts: AgentOptions::default(),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap(),
+            children: HashMap::new(),
+            adopted: HashMap::new(),
+            proxies: HashMap::new(),
+            busy: Arc::default(),
+            not_before: HashMap::new(),
+            draining: HashMap::new(),
+            spare_maker: None,
+            spare_retry: None,
+        }
+    }
+
+    /// The restart policy as the agent applies it when a machine exits: Docker's rules, a
+    /// backoff that doubles, and a machine that used its restarts up is stopped, not retried.
+    #[test]
+    fn exits_restart_by_policy_with_backoff_then_give_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = agent(dir.path());
+        let digest = strata_oci::Digest::sha256(b"image");
+        let config = |restart| MachineConfig {
+            restart,
+            ..MachineConfig::default()
+        };
+        let on_failure = a
+            .host
+            .state
+            .create_machine(
+                "flaky",
+                None,
+                None,
+                "img",
+                &digest,
+                &config(RestartPolicy::OnFailure { max: 2 }),
+            )
+            .unwrap();
+        let clean = a
+            .host
+            .state
+            .create_machine(
+                "done",
+                None,
+                None,
+                "img",
+                &digest,
+                &config(RestartPolicy::OnFailure { max: 2 }),
+            )
+            .unwrap();
+        let always = a
+            .host
+            .state
+            .create_machine(
+                "daemon",
+                None,
+                None,
+                "img",
+                &digest,
+                &config(RestartPolicy::Always),
+            )
+            .unwrap();
+        let now = |a: &Agent, id: &str| a.host.state.machine(id).unwrap().unwrap();
+
+        // Exit 1 twice: restarted each time, later each time.
+        let mut waits = Vec::new();
+        for round in 1..=2 {
+            let before = Instant::now();
+            let m = now(&a, "flaky");
+            a.on_exit(&m, Some(1)).unwrap();
+            let m = now(&a, "flaky");
+            assert_eq!((m.desired, m.restarts), (Desired::Running, round));
+            assert_eq!((m.state, m.exit_code), (MachineState::Exited, Some(1)));
+            waits.push(a.not_before["flaky"] - before);
+        }
+        assert!(waits[1] > waits[0], "backoff does not grow: {waits:?}");
+        // A third failure is one too many: stopped, its count kept for `machine list`.
+        let m = now(&a, "flaky");
+        a.on_exit(&m, Some(1)).unwrap();
+        let m = now(&a, "flaky");
+        assert_eq!((m.desired, m.restarts), (Desired::Stopped, 2));
+        assert_eq!(on_failure.id, m.id);
+
+        // on-failure: a clean exit is not restarted; always: any exit is.
+        a.on_exit(&clean, Some(0)).unwrap();
+        assert_eq!(now(&a, "done").desired, Desired::Stopped);
+        a.on_exit(&always, Some(0)).unwrap();
+        let m = now(&a, "daemon");
+        assert_eq!((m.desired, m.restarts), (Desired::Running, 1));
+    }
 
     #[test]
     fn rotation_keeps_n_files_and_empties_the_log_in_place() {

@@ -3,9 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
 use strata_oci::{Digest, ImageConfig};
 use strata_rootfs::{LayerRef, SnapshotCache};
-use strata_runtime::{MachineSpec, NetSpec, RuntimeConfig, VolumeMount};
+
+use strata_runtime::{MachineDriver, MachineSpec, NetSpec, Runc, RuntimeConfig, VolumeMount};
 use strata_store::Store;
 
 use crate::error::{Error, Result};
@@ -38,15 +40,15 @@ pub struct MachineOptions {
     pub stop_signal: Option<i32>,
 }
 
-/// The store, the state DB and runc, together.
+/// The store, the state DB and the machine runtime, together.
 #[derive(Debug)]
 pub struct Host {
     /// The content store.
     pub store: Store,
     /// Machines, releases, routes.
     pub state: State,
-    /// runc and its state root.
-    pub runtime: RuntimeConfig,
+    /// What starts, stops and removes machines (runc, unless [`Host::with_driver`] says).
+    pub driver: Arc<dyn MachineDriver>,
 }
 
 /// Maps a signal name (`SIGTERM`, `TERM`) or number to its number.
@@ -73,12 +75,17 @@ impl Host {
     /// Opens the host view of a store; runc is found as for build steps.
     pub fn open(store: Store) -> Result<Host> {
         let state = State::open(store.root())?;
-        let runtime = RuntimeConfig::detect(store.root().join("strata/runc"))?;
-        Ok(Host {
+        let config = RuntimeConfig::detect(store.root().join("strata/runc"))?;
+        Ok(Host::with_driver(store, state, Arc::new(Runc { config })))
+    }
+
+    /// The host view of a store whose machines `driver` runs.
+    pub fn with_driver(store: Store, state: State, driver: Arc<dyn MachineDriver>) -> Host {
+        Host {
             store,
             state,
-            runtime,
-        })
+            driver,
+        }
     }
 
     /// `<store>/strata/machines/<id>`: the machine's private directory (upper, bundle, log).

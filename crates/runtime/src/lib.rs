@@ -8,12 +8,13 @@
 //! [`resolve_user`] turns Docker's `USER` string into ids from the image's own files.
 //! [`cleanup_stale`] removes what a killed parent process left behind.
 //!
-//! A *machine* ([`machine_start`] and friends) is an image booted detached the way Fly boots
-//! one: tini as PID 1, its own network namespace reachable from the host ([`net`]), an
+//! A *machine* ([`MachineDriver`], runc's in [`Runc`]) is an image booted detached the way
+//! Fly boots one: tini as PID 1, its own network namespace reachable from the host ([`net`]), an
 //! ephemeral overlay root and persistent volumes; see `docs/machines.md`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod driver;
 mod error;
 mod inroot;
 pub mod interrupt;
@@ -26,6 +27,7 @@ mod user;
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
+pub use driver::{MachineDriver, Runc};
 pub use error::{Error, Result};
 pub use inroot::{SyncOp, sync_in_root};
 pub use machine::{

@@ -210,8 +210,7 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
             }
             let mut full_env = m.config.env.clone();
             full_env.extend(env);
-            let code =
-                strata_runtime::machine_exec(&host.runtime, &m.id, &command, &full_env, tty)?;
+            let code = host.driver.exec(&m.id, &command, &full_env, tty)?;
             if code != 0 {
                 std::process::exit(code);
             }

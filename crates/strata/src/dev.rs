@@ -325,8 +325,7 @@ fn live_update(
                 continue;
             }
             for m in &machines {
-                let code = strata_runtime::machine_exec(
-                    &host.runtime,
+                let code = host.driver.exec(
                     &m.id,
                     &["sh".to_string(), "-c".to_string(), rule.cmd.clone()],
                     &m.config.env,
