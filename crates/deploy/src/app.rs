@@ -73,7 +73,8 @@ pub struct LiveUpdate {
     /// Commands run in each machine after a sync, when a changed path matches a trigger.
     #[serde(default)]
     pub run: Vec<RunRule>,
-    /// `none` (default): the app picks changes up itself.
+    /// `none` (default): the app picks changes up itself; `process`: its machines restart
+    /// after a sync (same machine, address and routes; synced files kept).
     #[serde(default)]
     pub restart: Option<String>,
     /// Context patterns (`.dockerignore` syntax) whose change means a rebuild and redeploy.
@@ -419,18 +420,10 @@ fn apps_of(file: AppsFile, strata_toml: &Path) -> Result<BTreeMap<String, App>> 
         app.strategy()?;
         if let Some(lu) = &app.spec.live_update {
             match lu.restart.as_deref() {
-                None | Some("none") => {}
-                Some("process") => {
-                    return Err(Error::Config(format!(
-                        "app `{}`: live_update restart = \"process\" is not supported yet: use \"none\" \
-                         (the app reloads what changed itself), or leave the path out of `sync` so \
-                         a change rebuilds and redeploys",
-                        app.name
-                    )));
-                }
+                None | Some("none" | "process") => {}
                 Some(other) => {
                     return Err(Error::Config(format!(
-                        "app `{}`: live_update restart `{other}`: expected none",
+                        "app `{}`: live_update restart `{other}`: expected \"none\" or \"process\"",
                         app.name
                     )));
                 }

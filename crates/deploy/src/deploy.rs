@@ -537,6 +537,18 @@ pub fn destroy_app(host: &Host, name: &str, volumes: bool) -> Result<Destroyed> 
         }
     }
     host.state.delete_app_tags(name)?;
+    // What `strata dev` synced into the app's machines.
+    let dev = host.dev_dir(name);
+    match std::fs::remove_dir_all(&dev) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::Io {
+                op: "cannot remove",
+                path: dev,
+                source: e,
+            });
+        }
+        _ => {}
+    }
     destroyed.snapshots = host
         .store
         .prune_snapshots(false)

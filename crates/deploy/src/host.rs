@@ -221,6 +221,10 @@ impl Host {
                 .open_descriptor(d)
                 .map_err(|e| std::io::Error::other(e.to_string()))
         })?;
+        let mut lowers = lowers;
+        if let Some(dev) = self.dev_layer(m).filter(|d| d.is_dir()) {
+            lowers.push(dev);
+        }
         let top_first: Vec<PathBuf> = lowers.iter().rev().cloned().collect();
         let user = strata_runtime::resolve_user(&top_first, &m.config.user)?;
         let volumes = m
@@ -246,6 +250,23 @@ impl Host {
             init: strata_runtime::find_init()?,
             log: self.log_path(&m.id),
         })
+    }
+
+    /// `<store>/strata/dev/<app>`: the dev layers of an app (`strata dev`).
+    pub fn dev_dir(&self, app: &str) -> PathBuf {
+        self.store.root().join("strata/dev").join(app)
+    }
+
+    /// The dev layer of machine `m`'s app and image, `<store>/strata/dev/<app>/<alg>-<hex>`:
+    /// what `strata dev` synced into machines of that image, laid over the image's layers when
+    /// one starts (docs/dev.md). Keyed by the image, so a rebuilt image, which has the changes
+    /// itself, starts clean. None for a machine of no app.
+    pub fn dev_layer(&self, m: &Machine) -> Option<PathBuf> {
+        let app = m.app.as_deref()?;
+        Some(
+            self.dev_dir(app)
+                .join(m.digest.to_string().replace(':', "-")),
+        )
     }
 
     /// The address the host reaches a machine at.

@@ -296,3 +296,127 @@ pub fn sync_in_root(root: &Path, container_path: &str, op: &SyncOp) -> io::Resul
         }
     }
 }
+
+/// An overlay whiteout (a 0/0 character device): hides the name in the layers below.
+fn is_whiteout(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    m.file_type().is_char_device() && m.rdev() == 0
+}
+
+/// Makes `path` a whiteout.
+fn make_whiteout(path: &Path) -> io::Result<()> {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::empty(),
+        0,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Makes `path` (missing, or a whiteout) a directory that hides what the layers below have
+/// there (an overlay opaque directory), with `mode`.
+fn make_opaque_dir(path: &Path, mode: u32) -> io::Result<()> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        std::fs::remove_file(path)?;
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(path)?;
+    rustix::fs::lsetxattr(
+        path,
+        "trusted.overlay.opaque",
+        b"y",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .map_err(io::Error::from)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))
+}
+
+/// Records a live update in a *dev layer*: an overlay layer directory that a machine's root is
+/// built with when it starts next, above the image's layers, so synced files outlive restarts
+/// of the process and of the machine.
+///
+/// `merged` is the running machine's root, where `op` was already applied: the path's
+/// directories resolve there (symlinks followed as the container follows them), so the layer
+/// holds the real path, and directories the layer gets for it take their mode and owner from
+/// there (a layer's directory decides the merged directory's attributes). `below` are the
+/// image's layers: a removed path that one of them has becomes a whiteout, and a directory
+/// made where the layer had a whiteout hides what they have under it (opaque).
+pub fn record_in_layer(
+    layer: &Path,
+    merged: &Path,
+    below: &[PathBuf],
+    container_path: &str,
+    op: &SyncOp,
+) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut names = clean(container_path);
+    let Some(name) = names.pop_back() else {
+        return Err(io::Error::other("cannot replace the root directory"));
+    };
+    let parent: PathBuf = names.iter().collect();
+    let r = match resolve(merged, &format!("/{}", parent.display()), false) {
+        Ok(r) => r,
+        Err(e) if e.kind() == io::ErrorKind::NotADirectory => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !r.missing.is_empty() {
+        // The parent is gone in the machine: its removal was recorded with it.
+        return Ok(());
+    }
+    // The parent's directories in the layer, as the machine has them.
+    let mut rel = PathBuf::new();
+    for c in r.existing.components() {
+        rel.push(c);
+        let here = layer.join(&rel);
+        let seen = merged.join(&rel);
+        match std::fs::symlink_metadata(&here) {
+            Ok(m) if m.is_dir() => continue,
+            Ok(m) if is_whiteout(&m) => make_opaque_dir(&here, 0o755)?,
+            Ok(_) => {
+                std::fs::remove_file(&here)?;
+                std::fs::DirBuilder::new().mode(0o700).create(&here)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new().mode(0o700).create(&here)?;
+            }
+            Err(e) => return Err(e),
+        }
+        let m = std::fs::metadata(&seen)?;
+        rustix::fs::chown(
+            &here,
+            Some(rustix::process::Uid::from_raw(m.uid())),
+            Some(rustix::process::Gid::from_raw(m.gid())),
+        )
+        .map_err(io::Error::from)?;
+        std::fs::set_permissions(&here, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+    }
+    let rel_target = r.existing.join(&name);
+    let target = layer.join(&rel_target);
+    let in_layer = format!("/{}", rel_target.display());
+    let existing = std::fs::symlink_metadata(&target).ok();
+    match op {
+        SyncOp::Remove => {
+            if existing.as_ref().is_some_and(is_whiteout) {
+                return Ok(());
+            }
+            sync_in_root(layer, &in_layer, &SyncOp::Remove)?;
+            if below
+                .iter()
+                .any(|l| std::fs::symlink_metadata(l.join(&rel_target)).is_ok())
+            {
+                make_whiteout(&target)?;
+            }
+            Ok(())
+        }
+        SyncOp::Dir { mode } if existing.as_ref().is_some_and(is_whiteout) => {
+            make_opaque_dir(&target, *mode)
+        }
+        _ => {
+            if existing.as_ref().is_some_and(is_whiteout) {
+                std::fs::remove_file(&target)?;
+            }
+            sync_in_root(layer, &in_layer, op)
+        }
+    }
+}

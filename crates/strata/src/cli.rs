@@ -605,6 +605,10 @@ pub struct DevArgs {
     /// The project file or its directory.
     #[arg(long, default_value = ".")]
     pub project: PathBuf,
+    /// Drop what `strata dev` synced into the app's machines and restart them on their
+    /// deployed image as it was built, then exit.
+    #[arg(long)]
+    pub reset: bool,
     /// Progress output.
     #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
     pub progress: ProgressArg,

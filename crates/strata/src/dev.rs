@@ -30,6 +30,9 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
     let file = project_file(&args.project);
     let apps = load_apps(&file)?;
     let app = strata_deploy::app::pick_app(&apps, args.app.as_deref(), &file)?;
+    if args.reset {
+        return reset(store_root, &app.name, &Output::new(args.progress));
+    }
     let project = strata_build::Project::load(&file)?;
     let Some(image) = project.image(&app.spec.image).cloned() else {
         bail!(
@@ -197,19 +200,46 @@ fn full(store_root: &Path, args: &DeployArgs, say: &Say, changed: &[String], sta
         .collect::<Vec<_>>()
         .join(", ");
     match redeploy(store_root, args, &say.out) {
-        Ok(()) => say.line(
-            "redeployed",
-            &format!(
-                "rebuilt and redeployed in {:.1} s (changed: {what}{})",
-                started.elapsed().as_secs_f64(),
-                if changed.len() > 3 { ", …" } else { "" }
-            ),
-        ),
+        Ok(()) => {
+            if let Err(e) = prune_dev_layers(store_root, &say.app) {
+                tracing::warn!("dev layers of {}: {e:#}", say.app);
+            }
+            say.line(
+                "redeployed",
+                &format!(
+                    "rebuilt and redeployed in {:.1} s (changed: {what}{})",
+                    started.elapsed().as_secs_f64(),
+                    if changed.len() > 3 { ", …" } else { "" }
+                ),
+            )
+        }
         Err(e) => say.line(
             "failed",
             &format!("rebuild failed ({e:#}); still watching, the running release is kept"),
         ),
     }
+}
+
+/// Removes the dev layers of images no machine of `app` runs any more (a rebuilt image has
+/// the changes itself).
+fn prune_dev_layers(store_root: &Path, app: &str) -> Result<()> {
+    let host = Host::open(Store::open(store_root)?)?;
+    let used: BTreeSet<std::path::PathBuf> = host
+        .state
+        .app_machines(app)?
+        .iter()
+        .filter_map(|m| host.dev_layer(m))
+        .collect();
+    let Ok(entries) = std::fs::read_dir(host.dev_dir(app)) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        if !used.contains(&e.path()) {
+            std::fs::remove_dir_all(e.path())
+                .with_context(|| format!("cannot remove {}", e.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// The paths of a watcher event.
@@ -299,6 +329,8 @@ fn live_update(
             subtree(&context.join(rel), dest, &mut ops)?;
         }
     }
+    // Each image's dev layer is written once, after the first of its machines got the ops.
+    let mut recorded: BTreeSet<String> = BTreeSet::new();
     for m in &machines {
         let root = host.machine_dir(&m.id).join("rootfs");
         for (dest, op) in &ops {
@@ -311,9 +343,17 @@ fn live_update(
                 {
                     sync_in_root(&root, dest, &SyncOp::Remove)
                 }
+                // A parent was a file when this batch looked at it and is a directory now:
+                // that change is the next batch's, which sends the directory whole.
+                Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Ok(()),
                 r => r,
             };
             r.with_context(|| format!("cannot write {dest} in machine {}", m.id))?;
+        }
+        if let Some(layer) = host.dev_layer(m)
+            && recorded.insert(m.digest.to_string())
+        {
+            record(&host, m, &layer, &root, &ops)?;
         }
     }
     let mut ran = Vec::new();
@@ -337,8 +377,83 @@ fn live_update(
             }
             ran.push(rule.cmd.clone());
         }
+        if lu.restart.as_deref() == Some("process") {
+            // The same machines, addresses and routes; the dev layer keeps what was synced.
+            let exe = std::env::current_exe().context("cannot find the strata binary")?;
+            for m in &machines {
+                strata_deploy::machines::restart(&host, &m.id, &exe)?;
+            }
+            ran.push("restart".into());
+        }
     }
     Ok((machines.len(), ran))
+}
+
+/// `strata dev --reset APP`: the app's dev layers removed, its running machines restarted
+/// on their image as built.
+fn reset(store_root: &Path, app: &str, out: &Output) -> Result<()> {
+    let host = Host::open(Store::open(store_root)?)?;
+    let dir = host.dev_dir(app);
+    match std::fs::remove_dir_all(&dir) {
+        Err(e) if !gone(&e) => {
+            return Err(e).with_context(|| format!("cannot remove {}", dir.display()));
+        }
+        _ => {}
+    }
+    let exe = std::env::current_exe().context("cannot find the strata binary")?;
+    let mut restarted = 0;
+    for m in host.state.app_machines(app)? {
+        if m.state == MachineState::Running {
+            strata_deploy::machines::restart(&host, &m.id, &exe)?;
+            restarted += 1;
+        }
+    }
+    out.note(&Note::Dev {
+        app: app.to_string(),
+        action: "reset".into(),
+        message: format!(
+            "{app}: dev changes dropped, {restarted} machine(s) restarted on the deployed image"
+        ),
+    });
+    Ok(())
+}
+
+/// Writes `ops` (already applied in machine `m`, whose root is `merged`) into the dev layer of
+/// `m`'s image, so a restart of the process or the machine keeps them.
+fn record(
+    host: &Host,
+    m: &strata_deploy::state::Machine,
+    layer: &Path,
+    merged: &Path,
+    ops: &[(String, SyncOp)],
+) -> Result<()> {
+    // The image's layers, below the dev layer: only a removal needs them (for a whiteout).
+    let below: Vec<std::path::PathBuf> = if ops.iter().any(|(_, op)| matches!(op, SyncOp::Remove)) {
+        host.spec(m)?
+            .lowers
+            .into_iter()
+            .filter(|l| l != layer)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if !layer.is_dir() {
+        let tmp = layer.with_extension("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)
+            .and_then(|()| std::fs::rename(&tmp, layer))
+            .with_context(|| format!("cannot make the dev layer {}", layer.display()))?;
+    }
+    for (dest, op) in ops {
+        match strata_runtime::record_in_layer(layer, merged, &below, dest, op) {
+            // Gone from the context while it was copied: its removal comes next.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotADirectory
+                    || (gone(&e) && matches!(op, SyncOp::File { .. })) => {}
+            r => r.with_context(|| format!("cannot keep {dest} in {}", layer.display()))?,
+        }
+    }
+    Ok(())
 }
 
 /// Every entry below the local directory `dir`, as ops at `dest`/… (parents first).

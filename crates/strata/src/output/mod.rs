@@ -95,7 +95,7 @@ pub enum Note {
     /// `strata dev`: a change was synced, ran a command, or rebuilt and redeployed.
     Dev {
         app: String,
-        /// `watching`, `synced`, `fallback`, `redeployed` or `failed`.
+        /// `watching`, `synced`, `fallback`, `redeployed`, `failed` or `reset`.
         action: String,
         message: String,
     },

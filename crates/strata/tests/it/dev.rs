@@ -331,11 +331,28 @@ fn after_a_thousand_random_edits_the_machine_holds_the_local_tree() {
         "the edits made a tree ({} entries)",
         local.len()
     );
-    assert_eq!(machine_ids(&env), vec![id], "synced, never redeployed");
+    assert_eq!(
+        machine_ids(&env),
+        vec![id.clone()],
+        "synced, never redeployed"
+    );
     let _ = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();
     let _ = child.wait();
+    // Restarted, the machine's root is built again from the image and the dev layer: the
+    // same tree (whiteouts hide what the image had, opaque directories what it had below).
+    env.ok(&["machine", "restart", &id]);
+    let there = tree(&remote);
+    let differ: Vec<_> = local
+        .keys()
+        .chain(there.keys())
+        .filter(|k| local.get(*k) != there.get(*k))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "after a restart, these differ: {differ:?}"
+    );
 }
 
 /// A `FROM scratch` image holding one static binary and running as `USER 65534`: no shell,
@@ -385,4 +402,92 @@ fn dev_syncs_into_a_scratch_image_running_as_nobody() {
         .args(["-INT", &child.id().to_string()])
         .status();
     let _ = child.wait();
+}
+
+/// `restart = "process"`: a sync restarts the app's machines in place (same machine and
+/// address), and what was synced outlives that restart and a `machine restart` (it is kept in
+/// a dev layer, deletes as whiteouts); `strata dev --reset` drops it all.
+#[test]
+fn synced_files_outlive_restarts_and_reset_drops_them() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let port = 19_400 + (std::process::id() % 500) as u16;
+    let dir = env.path("proj");
+    std::fs::create_dir_all(dir.join("site/sub")).unwrap();
+    std::fs::write(dir.join("site/index.html"), "v1\n").unwrap();
+    std::fs::write(dir.join("site/sub/old.html"), "old\n").unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("strata.toml"),
+        format!(
+            "[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
+             public_port = {port}\nkill_timeout = \"2s\"\n\
+             health = {{ path = \"/\", interval = \"100ms\", timeout = \"1s\", deadline = \"5s\" }}\n\
+             live_update = {{ sync = [{{ src = \"site\", dest = \"/www\" }}], restart = \"process\" }}\n"
+        ),
+    )
+    .unwrap();
+    let (mut child, log) = start_dev(&env, &dir);
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    let get = |path: &str| http_get("127.0.0.1", port, path);
+    let first = machine_ids(&env);
+    assert_eq!(first.len(), 1, "{}", said());
+    let machine = |id: &str| -> serde_json::Value {
+        env.ok(&["machine", "list", "--json"])
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["id"] == id)
+            .unwrap()
+    };
+    let before = machine(&first[0]);
+
+    // An edit and a delete: synced, then the machine's process restarted in place.
+    std::fs::write(dir.join("site/index.html"), "v2\n").unwrap();
+    std::fs::remove_file(dir.join("site/sub/old.html")).unwrap();
+    wait_for("the sync and restart", Duration::from_secs(20), || {
+        said().contains("; ran restart")
+    });
+    wait_for("the edit to be served", Duration::from_secs(20), || {
+        get("/").is_ok_and(|b| b == "v2\n")
+    });
+    assert!(get("/sub/old.html").is_err());
+    let after = machine(&first[0]);
+    assert_eq!(machine_ids(&env), first, "the same machine: {}", said());
+    assert_eq!(after["address"], before["address"]);
+    assert_ne!(after["pid"], before["pid"], "its process was restarted");
+
+    // A restart of the machine itself keeps them too.
+    rustix_kill(child.id());
+    let _ = child.wait();
+    env.ok(&["machine", "restart", &first[0]]);
+    wait_for("the restarted machine", Duration::from_secs(20), || {
+        get("/").is_ok_and(|b| b == "v2\n")
+    });
+    assert!(get("/sub/old.html").is_err(), "a synced delete came back");
+
+    // --reset: the image as built again.
+    let out = env.strata(&[
+        "dev",
+        "web",
+        "--project",
+        dir.to_str().unwrap(),
+        "--reset",
+        "--progress",
+        "plain",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the built files back", Duration::from_secs(20), || {
+        get("/").is_ok_and(|b| b == "v1\n") && get("/sub/old.html").is_ok_and(|b| b == "old\n")
+    });
+    assert_eq!(machine_ids(&env), first);
 }
