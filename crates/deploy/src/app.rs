@@ -58,6 +58,10 @@ pub struct AppSpec {
     /// after another, each gated on its health check).
     #[serde(default)]
     pub strategy: Option<String>,
+    /// With `strategy = "rolling"`: hosts deployed at once, each batch gated on their health
+    /// checks (default 1).
+    #[serde(default)]
+    pub parallelism: Option<u32>,
     /// What `strata dev` does with a change instead of rebuilding (docs/dev.md).
     #[serde(default)]
     pub live_update: Option<LiveUpdate>,
@@ -106,8 +110,12 @@ pub struct RunRule {
 pub enum Strategy {
     /// Every host at once.
     Parallel,
-    /// One host after another; the first that fails stops the rollout.
-    Rolling,
+    /// `parallelism` hosts at a time, one batch after another; a batch with a failed host
+    /// stops the rollout.
+    Rolling {
+        /// Hosts at once (at least 1).
+        parallelism: usize,
+    },
 }
 
 /// `health = { type = "http", path = "/", interval = "1s", timeout = "2s", grace = "0s" }`.
@@ -178,13 +186,29 @@ impl App {
 
     /// How its hosts are deployed (`strategy`).
     pub fn strategy(&self) -> Result<Strategy> {
-        match self.spec.strategy.as_deref() {
-            None | Some("parallel") => Ok(Strategy::Parallel),
-            Some("rolling") => Ok(Strategy::Rolling),
-            Some(other) => Err(Error::Config(format!(
-                "app `{}`: strategy `{other}`: expected parallel or rolling",
+        let strategy = match self.spec.strategy.as_deref() {
+            None | Some("parallel") => Strategy::Parallel,
+            Some("rolling") => Strategy::Rolling {
+                parallelism: self.spec.parallelism.unwrap_or(1) as usize,
+            },
+            Some(other) => {
+                return Err(Error::Config(format!(
+                    "app `{}`: strategy `{other}`: expected parallel or rolling",
+                    self.name
+                )));
+            }
+        };
+        match (self.spec.parallelism, strategy) {
+            (Some(0), _) => Err(Error::Config(format!(
+                "app `{}`: parallelism = 0: at least one host must be deployed at a time",
                 self.name
             ))),
+            (Some(_), Strategy::Parallel) => Err(Error::Config(format!(
+                "app `{}`: parallelism applies to strategy = \"rolling\" (parallel deploys \
+                 every host at once)",
+                self.name
+            ))),
+            _ => Ok(strategy),
         }
     }
 
@@ -460,6 +484,33 @@ mod tests {
         assert!(parse_volume("data:relative").is_err());
         assert!(parse_volume("../x:/y").is_err());
         assert!(parse_volume("x:/a/../b").is_err());
+    }
+
+    #[test]
+    fn rolling_takes_a_parallelism_and_nothing_else_does() {
+        let app = |extra: &str| {
+            parse_apps(
+                &format!("[app.web]\nimage = \"web\"\n{extra}"),
+                Path::new("strata.toml"),
+            )
+            .map(|apps| apps["web"].clone())
+        };
+        assert_eq!(app("").unwrap().strategy().unwrap(), Strategy::Parallel);
+        assert_eq!(
+            app("strategy = \"rolling\"\n").unwrap().strategy().unwrap(),
+            Strategy::Rolling { parallelism: 1 }
+        );
+        assert_eq!(
+            app("strategy = \"rolling\"\nparallelism = 3\n")
+                .unwrap()
+                .strategy()
+                .unwrap(),
+            Strategy::Rolling { parallelism: 3 }
+        );
+        let err = app("strategy = \"rolling\"\nparallelism = 0\n").unwrap_err();
+        assert!(err.to_string().contains("parallelism = 0"), "{err}");
+        let err = app("parallelism = 2\n").unwrap_err();
+        assert!(err.to_string().contains("rolling"), "{err}");
     }
 
     #[test]

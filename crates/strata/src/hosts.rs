@@ -280,7 +280,7 @@ fn app_spec_for_host(file: &Path, app: &str) -> Result<String> {
         .and_then(toml::Value::as_table)
         .cloned()
         .with_context(|| format!("no [app.{app}] in {}", file.display()))?;
-    for key in ["registry", "hosts", "strategy"] {
+    for key in ["registry", "hosts", "strategy", "parallelism"] {
         table.remove(key);
     }
     let mut apps = toml::Table::new();
@@ -368,31 +368,58 @@ pub fn deploy_to_hosts(
         Ok(())
     };
     match strategy {
-        Strategy::Rolling => {
-            for (i, host) in hosts.iter().enumerate() {
-                if let Err(e) = one(host) {
-                    let done: Vec<&str> = hosts[..i].iter().map(|h| h.name.as_str()).collect();
-                    let rest: Vec<&str> = hosts[i + 1..].iter().map(|h| h.name.as_str()).collect();
-                    bail!(
-                        "{e:#}\nthe rolling deploy of {} stopped at {} ({} of {}): {} keeps its \
-                         previous release; {}{}",
-                        app.name,
-                        host.name,
-                        i + 1,
-                        hosts.len(),
-                        host.name,
-                        if done.is_empty() {
-                            "no host runs the new release".to_string()
-                        } else {
-                            format!("{} run(s) the new release", done.join(", "))
-                        },
-                        if rest.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; {} not touched", rest.join(", "))
-                        }
-                    );
+        Strategy::Rolling { parallelism } => {
+            let batches: Vec<&[SshHost]> = hosts.chunks(parallelism.max(1)).collect();
+            for (i, batch) in batches.iter().enumerate() {
+                let results = on_hosts(batch, one);
+                let failed: Vec<String> = results
+                    .iter()
+                    .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{name}: {e:#}")))
+                    .collect();
+                if failed.is_empty() {
+                    continue;
                 }
+                let failed_names: Vec<&str> = results
+                    .iter()
+                    .filter(|(_, r)| r.is_err())
+                    .map(|(n, _)| n.as_str())
+                    .collect();
+                let done: Vec<&str> = batches[..i]
+                    .iter()
+                    .flat_map(|b| b.iter())
+                    .map(|h| h.name.as_str())
+                    .chain(
+                        results
+                            .iter()
+                            .filter(|(_, r)| r.is_ok())
+                            .map(|(n, _)| n.as_str()),
+                    )
+                    .collect();
+                let rest: Vec<&str> = batches[i + 1..]
+                    .iter()
+                    .flat_map(|b| b.iter())
+                    .map(|h| h.name.as_str())
+                    .collect();
+                bail!(
+                    "{}\nthe rolling deploy of {} stopped at {} (batch {} of {}): {} keep(s) its \
+                     previous release; {}{}",
+                    failed.join("\n"),
+                    app.name,
+                    failed_names.join(", "),
+                    i + 1,
+                    batches.len(),
+                    failed_names.join(", "),
+                    if done.is_empty() {
+                        "no host runs the new release".to_string()
+                    } else {
+                        format!("{} run(s) the new release", done.join(", "))
+                    },
+                    if rest.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {} not touched", rest.join(", "))
+                    }
+                );
             }
         }
         Strategy::Parallel => {

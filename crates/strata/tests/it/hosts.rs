@@ -803,12 +803,24 @@ fn rolling_deploy_to_two_hosts_drops_no_request_stops_at_a_failing_host_and_roll
         })
     };
 
-    // v2, rolling: both switch.
+    // Which host each event of a `--progress json` deploy was about, in order.
+    let hosts_in_order = |err: &str| -> Vec<String> {
+        err.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|e| e["host"].as_str().map(String::from))
+            .collect()
+    };
+
+    // v2, rolling one at a time: both switch, b only once a is done.
     fs::write(dir.join("site/index.html"), "v2\n").unwrap();
-    lab.ok(&["deploy", "web", "--project", p]);
+    let (_, err) = lab.ok(&["deploy", "web", "--project", p, "--progress", "json"]);
     for h in [&a, &b] {
         assert_eq!(http_get(&h.addr, port, "/").unwrap(), "v2\n");
     }
+    let order = hosts_in_order(&err);
+    let last_a = order.iter().rposition(|h| h == "a").unwrap();
+    let first_b = order.iter().position(|h| h == "b").unwrap();
+    assert!(last_a < first_b, "b started before a was done: {order:?}");
 
     // v3 with b's health file gone: a switches, b fails its check, the rollout stops there
     // and b keeps serving v2.
@@ -816,18 +828,45 @@ fn rolling_deploy_to_two_hosts_drops_no_request_stops_at_a_failing_host_and_roll
     fs::write(dir.join("site/index.html"), "v3\n").unwrap();
     let err = lab.fails(&["deploy", "web", "--project", p]);
     assert!(
-        err.contains("stopped at b (2 of 2)") && err.contains("a run(s) the new release"),
+        err.contains("stopped at b (batch 2 of 2)") && err.contains("a run(s) the new release"),
         "{err}"
     );
     assert_eq!(http_get(&a.addr, port, "/").unwrap(), "v3\n");
     assert_eq!(http_get(&b.addr, port, "/").unwrap(), "v2\n");
 
-    // Roll every host back to v1 by its image.
+    // Roll every host back to v1 by its image, both hosts at once (`parallelism = 2`).
     fs::write(b.store.join("strata/volumes/webdata/ok.html"), "ok\n").unwrap();
-    lab.ok(&["deploy", "web", "--project", p, "--image", &v1]);
+    let toml = fs::read_to_string(dir.join("strata.toml")).unwrap();
+    fs::write(
+        dir.join("strata.toml"),
+        toml.replace(
+            "strategy = \"rolling\"\n",
+            "strategy = \"rolling\"\nparallelism = 2\n",
+        ),
+    )
+    .unwrap();
+    let (_, err) = lab.ok(&[
+        "deploy",
+        "web",
+        "--project",
+        p,
+        "--image",
+        &v1,
+        "--progress",
+        "json",
+    ]);
     for h in [&a, &b] {
         assert_eq!(http_get(&h.addr, port, "/").unwrap(), "v1\n");
     }
+    let order = hosts_in_order(&err);
+    let last_a = order.iter().rposition(|h| h == "a").unwrap();
+    let first_b = order.iter().position(|h| h == "b").unwrap();
+    let last_b = order.iter().rposition(|h| h == "b").unwrap();
+    let first_a = order.iter().position(|h| h == "a").unwrap();
+    assert!(
+        first_b < last_a && first_a < last_b,
+        "the hosts were not deployed together: {order:?}"
+    );
     stop.store(true, Ordering::SeqCst);
     let (ok, failed) = loop_.join().unwrap();
     assert!(
