@@ -3,7 +3,9 @@
 # 200). Each round changes the base (a new /etc/version), then times `strata build` of the
 # whole project twice, interleaved, in two stores that start alike:
 #   auto:  the apps follow the moved base (automatic rebase, docs/rebase.md);
-#   full:  the same project with `rebase = false` on every app, so each app's steps run.
+#   full:  the same project with `rebase = false` on every app, so each app's steps run;
+#   all:   only the base is built (`strata build --project P base`), then
+#          `strata rebase --all --onto base` moves every app in one pass.
 # Both also rebuild the base itself (one COPY); a third row times a no-op build of the same
 # project (nothing changed), the floor. Prints per-round times, the medians, and the
 # layer bytes the app builds wrote (from `--progress json`'s image_done events).
@@ -54,7 +56,7 @@ done
 cp -a "$proj" "$work/proj-full"
 sed -i 's/^context = "apps\/\(.*\)"$/context = "apps\/\1"\nrebase = false/' "$work/proj-full/strata.toml"
 
-for mode in auto full; do
+for mode in auto full all; do
     p=$proj
     [ "$mode" = full ] && p=$work/proj-full
     "$strata" --store "$work/store-$mode" import "$work/rootfs.tar" busybox >/dev/null 2>&1
@@ -66,6 +68,10 @@ cat >"$work/build.sh" <<EOF
 # \$1: auto|full. The base moves first (outside the timing: hyperfine's --prepare).
 p=$proj
 [ "\$1" = full ] && p=$work/proj-full
+if [ "\$1" = all ]; then
+    "$strata" --store "$work/store-all" build --project "\$p" base --progress json >/dev/null 2>"$work/last-all.json"
+    exec "$strata" --store "$work/store-all" rebase --all --onto base >/dev/null 2>>"$work/last-all.json"
+fi
 exec "$strata" --store "$work/store-\$1" build --project "\$p" --progress json >/dev/null 2>"$work/last-\$1.json"
 EOF
 chmod +x "$work/build.sh"
@@ -75,6 +81,9 @@ bytes() { # layer bytes the app builds wrote, and how many apps said `rebased`
 import json, sys
 written = rebased = apps = 0
 for line in open(sys.argv[1]):
+    if line.startswith("Rebased "):  # `rebase --all`'s summary
+        rebased += int(line.split()[1])
+        continue
     try:
         e = json.loads(line)
     except ValueError:
@@ -90,7 +99,7 @@ EOF
 
 : >"$work/times"
 for r in $(seq 1 "$rounds"); do
-    for mode in auto full; do
+    for mode in auto full all; do
         p=$proj
         [ "$mode" = full ] && p=$work/proj-full
         hyperfine --runs 1 --style none \

@@ -15,38 +15,61 @@ impl Store {
     /// Point `name` at `desc` (replacing what it pointed at). The blob must be in the store with
     /// the descriptor's size. Safe against concurrent writers in any process.
     pub fn set_ref(&self, name: &str, desc: Descriptor) -> Result<()> {
-        validate_ref_name(name)?;
-        let on_disk = self.blob_size(&desc.digest)?;
-        if on_disk != desc.size {
-            return Err(Error::SizeMismatch {
-                digest: desc.digest,
-                expected: desc.size,
-                actual: on_disk,
-            });
-        }
-        let mut entry = desc;
-        entry
-            .annotations
-            .get_or_insert_with(BTreeMap::new)
-            .insert(ANNOTATION_REF_NAME.to_string(), name.to_string());
-        self.update_index(|index| {
-            match index
-                .manifests
-                .iter_mut()
-                .find(|d| d.ref_name() == Some(name))
-            {
-                Some(slot) => *slot = entry,
-                None => index.manifests.push(entry),
+        self.set_refs(vec![(name.to_string(), desc)])
+    }
+
+    /// [`Store::set_ref`] for many names at once: one rewrite of `index.json` (a batch that
+    /// names hundreds of images costs one write, not hundreds). All or none are set.
+    pub fn set_refs(&self, refs: Vec<(String, Descriptor)>) -> Result<()> {
+        let mut entries = Vec::with_capacity(refs.len());
+        for (name, desc) in refs {
+            validate_ref_name(&name)?;
+            let on_disk = self.blob_size(&desc.digest)?;
+            if on_disk != desc.size {
+                return Err(Error::SizeMismatch {
+                    digest: desc.digest,
+                    expected: desc.size,
+                    actual: on_disk,
+                });
             }
-            // Another tool may have left duplicates of this name; the first one now wins, drop
-            // the rest so the name is unambiguous for every reader.
-            let mut seen = false;
+            let mut entry = desc;
+            entry
+                .annotations
+                .get_or_insert_with(BTreeMap::new)
+                .insert(ANNOTATION_REF_NAME.to_string(), name.clone());
+            entries.push((name, entry));
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.update_index(|index| {
+            let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+            // Another tool may have left duplicates of a name; the first one wins, the rest go,
+            // so the name is unambiguous for every reader.
+            let mut i = 0;
             index.manifests.retain(|d| {
-                if d.ref_name() != Some(name) {
-                    return true;
+                let keep = match d.ref_name() {
+                    Some(n) if at.contains_key(n) => false,
+                    Some(n) => {
+                        at.insert(n.to_string(), i);
+                        true
+                    }
+                    None => true,
+                };
+                if keep {
+                    i += 1;
                 }
-                !std::mem::replace(&mut seen, true)
+                keep
             });
+            for (name, entry) in entries {
+                match at.get(&name) {
+                    Some(&slot) => index.manifests[slot] = entry,
+                    None => {
+                        at.insert(name, index.manifests.len());
+                        index.manifests.push(entry);
+                    }
+                }
+            }
             Ok(true)
         })
     }

@@ -132,16 +132,30 @@ pub enum Command {
     /// image inherited in its config (PATH, CMD, labels, ...) comes from the new base.
     Rebase {
         /// The image to rebase.
-        image: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        image: Option<String>,
         /// The new base.
         #[arg(long)]
         onto: String,
         /// The base the image was built on (default: the base its manifest records).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "all")]
         old_base: Option<String>,
         /// Name the result (default: the image's own name moves to it).
-        #[arg(short, long)]
+        #[arg(short, long, conflicts_with = "all")]
         tag: Option<String>,
+        /// Every image of the store built on an older image of the new base's repository.
+        #[arg(long)]
+        all: bool,
+        /// With --all: push each rebased image that names a registry back there (its layers are
+        /// there already: only its config and manifest move).
+        #[arg(long, requires = "all")]
+        push: bool,
+        /// Allow plain HTTP and unverified TLS for --push.
+        #[arg(long, requires = "push")]
+        insecure: bool,
+        /// Progress output (--push).
+        #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
+        progress: ProgressArg,
     },
     /// Machines on this host, like `docker ps` (`strata machine list`).
     Ps {

@@ -84,13 +84,22 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::History { image, json } => history(&store()?, &image, json),
         Command::Rebase {
+            all: true,
+            onto,
+            push,
+            insecure,
+            progress,
+            ..
+        } => rebase_all(&store()?, &onto, push, insecure, progress),
+        Command::Rebase {
             image,
             onto,
             old_base,
             tag,
+            ..
         } => rebase(
             &store()?,
-            &image,
+            image.as_deref().unwrap_or_default(),
             &onto,
             old_base.as_deref(),
             tag.as_deref(),
@@ -156,6 +165,113 @@ hint: name the base it was built on with                      --old-base"
         rebased.base_layers, rebased.own_layers
     );
     println!("{}", rebased.descriptor.digest);
+    Ok(())
+}
+
+/// `strata rebase --all --onto BASE [--push]`: every image of the store whose recorded base
+/// is another image of BASE's repository, moved onto BASE in one pass (one `index.json` write);
+/// with `--push`, each one that names a registry pushed back (config and manifest only).
+fn rebase_all(
+    store: &Store,
+    onto: &str,
+    push: bool,
+    insecure: bool,
+    progress: cli::ProgressArg,
+) -> Result<()> {
+    let new_name = local_name(onto)?;
+    let new = store
+        .image(&new_name)
+        .with_context(|| format!("no new base `{new_name}` in the store"))?;
+    let repository = |name: &str| {
+        strata_oci::Reference::parse_local(name)
+            .map(|r| (r.registry().map(str::to_string), r.repository().to_string()))
+            .ok()
+    };
+    let want = repository(&new_name);
+    let (mut moved, mut current, mut refused) = (Vec::new(), 0usize, Vec::new());
+    for (name, _) in store.list_refs()? {
+        // A content tag (`app:strata-<key>`) names what a build made from its inputs: it
+        // keeps naming that build.
+        let content_tag = strata_oci::Reference::parse_local(&name)
+            .is_ok_and(|r| r.tag().is_some_and(|t| t.starts_with("strata-")));
+        if content_tag {
+            continue;
+        }
+        let Ok(img) = store.image(&name) else {
+            continue;
+        };
+        let recorded_name = img
+            .manifest
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(strata_build::rebase::BASE_NAME));
+        let Some(old_digest) = strata_build::rebase::recorded_base(&img) else {
+            continue;
+        };
+        if recorded_name.and_then(|n| repository(n)) != want || name == new_name {
+            continue;
+        }
+        if old_digest == new.descriptor.digest {
+            current += 1;
+            continue;
+        }
+        let result = store
+            .image(&old_digest.to_string())
+            .with_context(|| format!("its old base {old_digest} is not in the store"))
+            .and_then(|old| {
+                Ok(strata_build::rebase::rebase(
+                    store, &name, &img, &old, &new_name, &new,
+                )?)
+            });
+        match result {
+            Ok(r) => moved.push((name, r)),
+            Err(e) => refused.push(format!("{name}: {e:#}")),
+        }
+    }
+    store.set_refs(
+        moved
+            .iter()
+            .map(|(n, r)| (n.clone(), r.descriptor.clone()))
+            .collect(),
+    )?;
+    for (name, r) in &moved {
+        println!("{name}\t{}", r.descriptor.digest);
+    }
+    eprintln!(
+        "Rebased {} image(s) onto {new_name}, no layer written; {current} already on it{}",
+        moved.len(),
+        if refused.is_empty() {
+            String::new()
+        } else {
+            format!("; {} refused", refused.len())
+        }
+    );
+    let mut failed = refused;
+    if push {
+        let out = crate::output::Output::new(progress);
+        for (name, _) in &moved {
+            // Only names with a registry host: a local name (`app:1`) stays local.
+            let names_registry =
+                strata_oci::Reference::parse_local(name).is_ok_and(|r| r.registry().is_some());
+            let Ok(dest) = strata_oci::Reference::parse(name) else {
+                continue;
+            };
+            if !names_registry {
+                continue;
+            }
+            match crate::registry::push_ref(store, name, &dest, insecure, &out) {
+                Ok(report) => out.note(&crate::registry::pushed_note(&report)),
+                Err(e) => failed.push(format!("{name}: {e:#}")),
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} image(s) not rebased or not pushed:\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
+    }
     Ok(())
 }
 

@@ -365,3 +365,119 @@ fn a_base_that_changed_what_a_copy_reads_is_rebuilt_and_explain_names_the_path()
     let diff_ids = v["config"]["rootfs"]["diff_ids"].as_array().unwrap();
     assert_eq!(diff_ids.len(), 2);
 }
+
+/// `strata rebase --all --onto base:2 --push`: every image built on another `base` is moved
+/// in one pass (an image on another base is left alone), each is a valid image on the new
+/// base's layers with its own layer kept, and the push sends each app's config and nothing
+/// else of it (the new base's layers are mounted or already there).
+#[test]
+fn rebase_all_moves_every_app_of_the_base_and_pushes_only_configs() {
+    let env = Env::new();
+    import_busybox(&env, "bb");
+    let registry = Registry::start(&env);
+    let remote = |name: &str| format!("127.0.0.1:{}/team/{name}", registry.port);
+    let dir = env.path("ctx");
+    write(&dir.join("v"), "1\n");
+    write(
+        &dir.join("base.Dockerfile"),
+        "FROM bb\nCOPY v /etc/base-version\n",
+    );
+    let build = |file: &str, tag: &str| {
+        env.ok(&[
+            "build",
+            "-f",
+            dir.join(file).to_str().unwrap(),
+            "-t",
+            tag,
+            dir.to_str().unwrap(),
+        ]);
+    };
+    build("base.Dockerfile", "base:1");
+    write(&dir.join("app.txt"), "app\n");
+    write(
+        &dir.join("app.Dockerfile"),
+        "FROM base:1\nCOPY app.txt /app/\n",
+    );
+    write(
+        &dir.join("other.Dockerfile"),
+        "FROM bb\nCOPY app.txt /app/\n",
+    );
+    let apps: Vec<String> = (1..=3).map(|i| remote(&format!("app{i}:1"))).collect();
+    for a in &apps {
+        build("app.Dockerfile", a);
+        env.ok(&["push", a]);
+    }
+    build("other.Dockerfile", "other:1");
+    let other_before = digest_of(&inspect(&env, "other:1"), "manifest");
+    write(&dir.join("v"), "2\n");
+    build("base.Dockerfile", "base:2");
+    env.ok(&["push", "base:2", &remote("base:2")]);
+
+    let out = env.strata(&[
+        "rebase",
+        "--all",
+        "--onto",
+        "base:2",
+        "--push",
+        "--progress",
+        "json",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    assert!(
+        stderr.contains("Rebased 3 image(s) onto base:2"),
+        "{stderr}"
+    );
+    let base2 = layers(&inspect(&env, "base:2"));
+    for a in &apps {
+        let v = inspect(&env, a);
+        let l = layers(&v);
+        assert_eq!(l[..base2.len()], base2[..], "{a} is not on base:2's layers");
+        assert_eq!(l.len(), base2.len() + 1, "{a} keeps its own layer");
+        env.ok(&["validate", a]);
+    }
+    assert_eq!(
+        digest_of(&inspect(&env, "other:1"), "manifest"),
+        other_before,
+        "an image on another base moved"
+    );
+    // One push per app, each uploading its config only.
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let pushed = events.iter().filter(|e| e["event"] == "pushed").count();
+    assert_eq!(pushed, 3, "{stderr}");
+    let uploaded: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["event"] == "blob" && e["state"] == "done")
+        .collect();
+    // (The three apps have one config: uploaded once, then mounted.)
+    let configs: BTreeSet<String> = apps
+        .iter()
+        .map(|a| digest_of(&inspect(&env, a), "config"))
+        .collect();
+    assert!(!uploaded.is_empty());
+    for u in uploaded {
+        assert!(
+            configs.contains(u["digest"].as_str().unwrap()),
+            "not a config was uploaded: {u}"
+        );
+    }
+
+    // Again: nothing to move.
+    let out = env.strata(&["rebase", "--all", "--onto", "base:2"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("Rebased 0 image(s) onto base:2, no layer written; 3 already on it"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A name and --all at once is a usage error.
+    let out = env.strata(&["rebase", "app", "--all", "--onto", "base:2"]);
+    assert!(!out.status.success());
+}
