@@ -79,6 +79,8 @@ pub struct BuildOptions {
     /// Follow a moved base without running steps when that gives the image a rebuild would
     /// (docs/rebase.md); strata.toml `rebase = false` turns it off.
     pub rebase: bool,
+    /// A build cache in a registry (`--cache-from`, `--cache-to`; docs/cache.md).
+    pub shared_cache: Option<std::sync::Arc<crate::shared_cache::SharedCache>>,
 }
 
 impl BuildOptions {
@@ -105,6 +107,7 @@ impl BuildOptions {
             compression: Compression::Gzip,
             runc: None,
             rebase: true,
+            shared_cache: None,
         }
     }
 }
@@ -1050,6 +1053,14 @@ fn run_stage(
                 }
                 reason = format!("{reason}; not rebased onto the new base: {why}");
             }
+            if let Some(shared) = ctx.opts.shared_cache.as_ref().filter(|s| s.imports())
+                && !ctx.opts.no_cache
+            {
+                reason = format!(
+                    "{reason}; not in this store's cache nor in {}",
+                    shared.reference()
+                );
+            }
             if ctx.opts.explain {
                 ctx.progress.event(&Event::Explain {
                     step: step_ref.clone(),
@@ -1182,10 +1193,19 @@ fn stage_key_of(ctx: &Ctx<'_>, from: &FileSource) -> Option<String> {
 }
 
 fn lookup(ctx: &Ctx<'_>, key: &str) -> Result<Option<CacheEntry>> {
+    if let Some(shared) = &ctx.opts.shared_cache {
+        shared.saw(key);
+    }
     if ctx.opts.no_cache {
         return Ok(None);
     }
-    cache::get(ctx.store, key)
+    match cache::get(ctx.store, key)? {
+        Some(e) => Ok(Some(e)),
+        None => match &ctx.opts.shared_cache {
+            Some(shared) => shared.lookup(ctx.store, key),
+            None => Ok(None),
+        },
+    }
 }
 
 /// The OCI base-image annotations of the image `plan` builds: the image its target stage

@@ -115,6 +115,11 @@ pub enum Error {
     #[error("cache entry `{key}`: {message}")]
     Cache { key: String, message: String },
 
+    /// The build cache in a registry (`--cache-from`, `--cache-to`) could not be read or
+    /// written.
+    #[error("build cache {reference}: {message}")]
+    SharedCache { reference: String, message: String },
+
     /// `strata.toml` or `strata.lock` is invalid.
     #[error("{path}{}: {message}", line.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
     Project {

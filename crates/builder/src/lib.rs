@@ -32,6 +32,7 @@ mod progress;
 mod project;
 pub mod rebase;
 mod run;
+pub mod shared_cache;
 mod source;
 mod view;
 
@@ -42,4 +43,6 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use plan::{Plan, PlanOptions, Step, StepKind, plan};
 pub use progress::{CollectProgress, Event, NoProgress, Progress, StepRef};
-pub use project::{ImageSpec, LockFile, LockUpdate, Project, ProjectBuild, ProjectOptions};
+pub use project::{
+    CacheSection, ImageSpec, LockFile, LockUpdate, Project, ProjectBuild, ProjectOptions,
+};

@@ -102,6 +102,17 @@ struct ProjectFile {
     #[serde(default)]
     #[allow(dead_code)]
     host: Option<toml::Value>,
+    /// `[cache]`: the build cache shared through a registry.
+    #[serde(default)]
+    cache: Option<CacheSection>,
+}
+
+/// `[cache] registry = "host[:port]/org/repo"` (docs/cache.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    /// Where builds of this project read and write their step cache.
+    pub registry: Option<String>,
 }
 
 /// `strata.lock`: the digest each external base resolved to.
@@ -127,6 +138,8 @@ pub struct Project {
     pub deps: BTreeMap<String, BTreeSet<String>>,
     /// Image → external images it reads (local names).
     pub externals: BTreeMap<String, BTreeSet<String>>,
+    /// `[cache]`.
+    pub cache: CacheSection,
 }
 
 /// Options of [`Project::build`].
@@ -146,6 +159,8 @@ pub struct ProjectOptions {
     pub runc: Option<PathBuf>,
     /// How bases missing from the store are pulled.
     pub pull: PullOptions,
+    /// A build cache in a registry for every image (docs/cache.md).
+    pub shared_cache: Option<std::sync::Arc<crate::shared_cache::SharedCache>>,
 }
 
 /// What [`Project::build`] did.
@@ -229,6 +244,7 @@ impl Project {
             images: file.image,
             deps: BTreeMap::new(),
             externals: BTreeMap::new(),
+            cache: file.cache.unwrap_or_default(),
         };
         for img in project.images.clone() {
             let df_path = project.dockerfile_of(&img);
@@ -400,6 +416,7 @@ impl Project {
         o.compression = opts.compression.unwrap_or(Compression::Gzip);
         o.runc = opts.runc.clone();
         o.pull = opts.pull.clone();
+        o.shared_cache = opts.shared_cache.clone();
         for dep in self.deps.get(&img.name).into_iter().flatten() {
             if let (Some(out), Some(l)) = (built.get(dep), local(dep)) {
                 o.pinned.insert(l, out.descriptor.clone());

@@ -328,6 +328,10 @@ struct AppsFile {
     #[serde(default)]
     #[allow(dead_code)]
     image: Option<toml::Value>,
+    /// `[cache]`: read by the build (strata-build's `Project`).
+    #[serde(default)]
+    #[allow(dead_code)]
+    cache: Option<toml::Value>,
 }
 
 /// A `[host.NAME]` table: a server reached over SSH (see docs/hosts.md).

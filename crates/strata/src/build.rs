@@ -4,12 +4,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use std::sync::Arc;
+
+use strata_build::shared_cache::SharedCache;
 use strata_build::{BuildOptions, BuildOutcome, Project, ProjectOptions};
 use strata_oci::Compression;
 use strata_store::Store;
+use strata_transfer::cache::RegistryCache;
 
 use crate::cli::{BuildArgs, CompressionArg};
-use crate::output::Output;
+use crate::output::{Note, Output};
 
 impl From<CompressionArg> for Compression {
     fn from(c: CompressionArg) -> Compression {
@@ -95,8 +99,10 @@ pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
         opts.secrets = secrets;
         opts.deployment_tag = args.deployment_tag;
         opts.compression = args.compression.into();
+        opts.shared_cache = shared_cache(args, None)?;
         let outcome = strata_build::build(store, &opts, &progress)
             .with_context(|| format!("build of `{}` failed", context.display()))?;
+        export_cache(store, opts.shared_cache.as_deref(), &progress)?;
         // Every name the image got (`-t` names, its content tag, a deployment tag), once
         // each, then its digest.
         let mut names: Vec<&String> = outcome.tags.iter().collect();
@@ -124,9 +130,11 @@ pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
         deployment_tag: args.deployment_tag,
         secrets,
         compression: Some(args.compression.into()),
+        shared_cache: shared_cache(args, project.cache.registry.as_deref())?,
         ..ProjectOptions::default()
     };
     let built = project.build(store, &args.args, &opts, &progress)?;
+    export_cache(store, opts.shared_cache.as_deref(), &progress)?;
     for name in &built.order {
         let o = &built.images[name];
         println!(
@@ -141,6 +149,57 @@ pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
     for (base, digest) in &built.locked {
         eprintln!("Locked {base} at {digest} in strata.lock");
     }
+    Ok(())
+}
+
+/// The build cache in a registry: `--cache-from`/`--cache-to`, else strata.toml's
+/// `[cache] registry` (`project_registry`), read and written.
+fn shared_cache(
+    args: &BuildArgs,
+    project_registry: Option<&str>,
+) -> Result<Option<Arc<SharedCache>>> {
+    let (reference, import, export) = match (&args.cache_from, &args.cache_to) {
+        (Some(from), Some(to)) if from != to => bail!(
+            "--cache-from {from} and --cache-to {to}: one build cache per build for now; name              the same repository in both"
+        ),
+        (Some(r), to) => (r.as_str(), true, to.is_some()),
+        (None, Some(r)) => (r.as_str(), false, true),
+        (None, None) => match project_registry {
+            Some(r) => (r, true, true),
+            None => return Ok(None),
+        },
+    };
+    let parsed = strata_oci::Reference::parse(reference)
+        .with_context(|| format!("build cache `{reference}`"))?;
+    let remote = RegistryCache::open(&parsed, crate::registry::client_options(false)?)?;
+    Ok(Some(Arc::new(SharedCache::new(remote, import, export))))
+}
+
+/// Writes the build's cache entries to the registry cache, if it is written to, and says what
+/// the cache did.
+pub(crate) fn export_cache(store: &Store, cache: Option<&SharedCache>, out: &Output) -> Result<()> {
+    let Some(cache) = cache else { return Ok(()) };
+    let stats = cache.stats();
+    let exported = cache
+        .export(store)
+        .with_context(|| format!("cannot export the build cache to {}", cache.reference()))?;
+    out.note(&Note::Info {
+        message: format!(
+            "build cache {}: {} step(s) found there ({} fetched){}{}",
+            cache.reference(),
+            stats.hits,
+            crate::cmd::human_size(stats.bytes_fetched),
+            if stats.gone > 0 {
+                format!(", {} whose layer was gone", stats.gone)
+            } else {
+                String::new()
+            },
+            match exported {
+                Some(n) => format!("; {n} entries exported"),
+                None => String::new(),
+            }
+        ),
+    });
     Ok(())
 }
 
@@ -191,7 +250,22 @@ pub fn build_for_deploy(
         })?;
         return Ok(image.to_string());
     }
-    let built = project.build(store, &[image.to_string()], &ProjectOptions::default(), out)?;
+    // strata.toml's `[cache] registry`, read and written, as `strata build` does.
+    let shared = match &project.cache.registry {
+        Some(r) => {
+            let parsed =
+                strata_oci::Reference::parse(r).with_context(|| format!("build cache `{r}`"))?;
+            let remote = RegistryCache::open(&parsed, crate::registry::client_options(false)?)?;
+            Some(Arc::new(SharedCache::new(remote, true, true)))
+        }
+        None => None,
+    };
+    let opts = ProjectOptions {
+        shared_cache: shared.clone(),
+        ..ProjectOptions::default()
+    };
+    let built = project.build(store, &[image.to_string()], &opts, out)?;
+    export_cache(store, shared.as_deref(), out)?;
     for name in &built.order {
         let o = &built.images[name];
         // In JSON the build's own `image_done` events say this.

@@ -285,6 +285,14 @@ pub struct BuildArgs {
     /// For each step that runs, say which input changed since the last build.
     #[arg(long)]
     pub explain: bool,
+    /// Look steps up in this build cache in a registry (`host[:port]/org/repo[:tag]`) when
+    /// this store lacks them (docs/cache.md). Default: strata.toml's `[cache] registry`.
+    #[arg(long, value_name = "REF")]
+    pub cache_from: Option<String>,
+    /// Export the cache entries of every step of the build there (docs/cache.md). Default:
+    /// strata.toml's `[cache] registry`.
+    #[arg(long, value_name = "REF")]
+    pub cache_to: Option<String>,
     /// Secret for `RUN --mount=type=secret`: `id=NAME,src=PATH`.
     #[arg(long = "secret", value_name = "id=ID,src=PATH")]
     pub secrets: Vec<String>,

@@ -20,7 +20,7 @@ use crate::output::{Note, Output};
 
 /// Client options for `--insecure`, with the timeout from `STRATA_REGISTRY_TIMEOUT` (checked
 /// here, so a malformed value is an error rather than the default).
-fn client_options(insecure: bool) -> Result<ClientOptions> {
+pub(crate) fn client_options(insecure: bool) -> Result<ClientOptions> {
     let timeout = strata_registry::timeout_from_env()
         .map_err(anyhow::Error::msg)?
         .unwrap_or(strata_registry::DEFAULT_TIMEOUT);

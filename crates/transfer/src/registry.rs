@@ -295,11 +295,24 @@ pub fn push(
     opts: &PushOptions,
 ) -> Result<PushReport> {
     let name = local_name(local)?;
-    let registry = remote_registry(dest)?.to_string();
-    let repo = dest.repository().to_string();
     let desc = store
         .find_ref(&name)?
         .ok_or_else(|| strata_store::Error::RefNotFound { name: name.clone() })?;
+    push_descriptor(store, &name, desc, dest, opts)
+}
+
+/// [`push`] of the manifest or index `desc` of the store (`name` says what it is in errors),
+/// named or not: what a build cache's manifest is pushed with.
+pub fn push_descriptor(
+    store: &Store,
+    name: &str,
+    desc: Descriptor,
+    dest: &Reference,
+    opts: &PushOptions,
+) -> Result<PushReport> {
+    let name = name.to_string();
+    let registry = remote_registry(dest)?.to_string();
+    let repo = dest.repository().to_string();
     let top_bytes = store.read_descriptor(&desc)?;
 
     // What to push: one manifest, or every child of an index and then the index.
@@ -341,6 +354,7 @@ pub fn push(
     }
 
     let mut blobs: Vec<Descriptor> = Vec::new();
+    let mut elsewhere: Vec<Descriptor> = Vec::new();
     let mut seen = BTreeSet::new();
     for d in children
         .iter()
@@ -348,19 +362,30 @@ pub fn push(
         .flat_map(|m| &m.blobs)
     {
         if seen.insert(d.digest.clone()) {
-            if !store.has_blob(&d.digest) {
-                return Err(strata_store::Error::BlobNotFound {
-                    digest: d.digest.clone(),
-                }
-                .into());
+            if store.has_blob(&d.digest) {
+                blobs.push(d.clone());
+            } else {
+                elsewhere.push(d.clone());
             }
-            blobs.push(d.clone());
         }
     }
 
     let rt = runtime(dest)?;
     let to_err = registry_error(dest);
     let client = Client::new(&registry, opts.client.clone()).map_err(&to_err)?;
+    // A blob this store lacks may already be in the destination (a build cache's export names
+    // layers other builders pushed); anything else missing is an error before any upload.
+    for d in &elsewhere {
+        let there = rt
+            .block_on(client.head_blob(&repo, &d.digest))
+            .map_err(&to_err)?;
+        if there.is_none() {
+            return Err(strata_store::Error::BlobNotFound {
+                digest: d.digest.clone(),
+            }
+            .into());
+        }
+    }
     let bytes_uploaded = AtomicU64::new(0);
     let outcomes = parallel(blobs, opts.parallelism, |d: Descriptor| {
         let report = |done: u64, state: BlobState| {

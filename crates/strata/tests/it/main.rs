@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod architecture;
+mod cache;
 mod common;
 mod deploy;
 mod dev;

@@ -1,0 +1,211 @@
+//! The build cache shared through a registry (docs/cache.md), against the embedded registry:
+//! a fresh store builds nothing that was built before, a changed file reruns only its steps,
+//! two builders export at once, and an entry whose layer is gone is a miss.
+
+use std::path::{Path, PathBuf};
+
+use crate::common::{Env, Registry, import_busybox};
+
+/// A project of a base (`FROM bb`, a RUN) and an app on it (COPY, RUN, ENV): four steps.
+fn project(dir: &Path, cache: &str) {
+    let write = |rel: &str, text: &str| {
+        let p = dir.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    write(
+        "strata.toml",
+        &format!(
+            "[cache]\nregistry = \"{cache}\"\n\n[[image]]\nname = \"base\"\ncontext = \"base\"\n\n\
+             [[image]]\nname = \"app\"\ncontext = \"app\"\n"
+        ),
+    );
+    write(
+        "base/Dockerfile",
+        "FROM bb\nRUN echo base > /base.txt && date +%s%N > /base-built-at\n",
+    );
+    write(
+        "app/Dockerfile",
+        "FROM base\nCOPY src/ /app/\nRUN cat /app/*.txt > /app/all && date +%s%N > /app/built-at\nENV APP=1\n",
+    );
+    write("app/src/a.txt", "a\n");
+    write("app/src/b.txt", "b\n");
+}
+
+/// `strata build` of the project with `--progress json`: (steps run, steps cached, stderr).
+fn build(env: &Env, dir: &Path, extra: &[&str]) -> (usize, usize, String) {
+    let mut args = vec![
+        "build",
+        "--project",
+        dir.to_str().unwrap(),
+        "--progress",
+        "json",
+    ];
+    args.extend(extra);
+    let out = env.strata(&args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    let (mut run, mut cached) = (0, 0);
+    for e in err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "image_done")
+    {
+        run += e["steps_run"].as_u64().unwrap() as usize;
+        cached += e["steps_cached"].as_u64().unwrap() as usize;
+    }
+    (run, cached, err)
+}
+
+fn digest(env: &Env, name: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", name, "--json"])).unwrap();
+    v["descriptor"]["digest"].as_str().unwrap().to_string()
+}
+
+/// A fresh store with the same `bb` (by digest: saved and loaded) and a copy of the project.
+fn fresh(first: &Env, from: &Path) -> (Env, PathBuf) {
+    let env = Env::new();
+    let tar = env.path("bb.tar");
+    first.ok(&["save", "bb", "-o", tar.to_str().unwrap()]);
+    env.ok(&["load", "-i", tar.to_str().unwrap()]);
+    let dir = env.path("proj");
+    copy_tree(from, &dir);
+    (env, dir)
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_fresh_store_builds_nothing_the_registry_cache_has() {
+    if !strata_test_support::can_run_containers(
+        "a_fresh_store_builds_nothing_the_registry_cache_has",
+    ) {
+        return;
+    }
+    let first = Env::new();
+    import_busybox(&first, "bb");
+    let registry = Registry::start(&first);
+    let cache = format!("127.0.0.1:{}/team/cache", registry.port);
+    let dir = first.path("proj");
+    project(&dir, &cache);
+
+    // The first build runs everything and exports.
+    let (run, _, err) = build(&first, &dir, &[]);
+    assert_eq!(run, 4, "{err}");
+    assert!(err.contains("entries exported"), "{err}");
+
+    // A fresh store: every step from the cache, the same images, no RUN ran again.
+    let (second, dir2) = fresh(&first, &dir);
+    let (run, cached, err) = build(&second, &dir2, &[]);
+    assert_eq!((run, cached), (0, 4), "{err}");
+    for img in ["base", "app"] {
+        assert_eq!(digest(&second, img), digest(&first, img), "{img} differs");
+    }
+    second.ok(&["validate", "app"]);
+
+    // One app file changed, in another fresh store: only the app's COPY and what follows run.
+    let (third, dir3) = fresh(&first, &dir);
+    std::fs::write(dir3.join("app/src/b.txt"), "b2\n").unwrap();
+    let (run, cached, err) = build(&third, &dir3, &["--explain"]);
+    assert_eq!((run, cached), (3, 1), "{err}");
+    assert!(
+        err.contains("not in this store's cache nor in 127.0.0.1:"),
+        "--explain says where it looked: {err}"
+    );
+    // That export added the new steps: the second store now gets them from the cache too.
+    std::fs::write(dir2.join("app/src/b.txt"), "b2\n").unwrap();
+    let (run, _, err) = build(&second, &dir2, &[]);
+    assert_eq!(run, 0, "{err}");
+    assert_eq!(digest(&second, "app"), digest(&third, "app"));
+}
+
+/// Two builders export to the same cache at once: both succeed, and the cache they leave is
+/// whole (one of them wins the tag; a fresh store then gets that one's steps).
+#[test]
+fn two_builders_export_at_once_and_the_cache_stays_whole() {
+    if !strata_test_support::can_run_containers(
+        "two_builders_export_at_once_and_the_cache_stays_whole",
+    ) {
+        return;
+    }
+    let env = Env::new();
+    import_busybox(&env, "bb");
+    let registry = Registry::start(&env);
+    let cache = format!("127.0.0.1:{}/team/cache", registry.port);
+    let dir = env.path("proj");
+    project(&dir, &cache);
+    let (a, dir_a) = fresh(&env, &dir);
+    let (b, dir_b) = fresh(&env, &dir);
+    std::fs::write(dir_b.join("app/src/a.txt"), "other\n").unwrap();
+    std::thread::scope(|s| {
+        let one = s.spawn(|| build(&a, &dir_a, &[]));
+        let two = s.spawn(|| build(&b, &dir_b, &[]));
+        one.join().unwrap();
+        two.join().unwrap();
+    });
+    let (c, dir_c) = fresh(&env, &dir);
+    let (run, cached, err) = build(&c, &dir_c, &[]);
+    // The base's steps are in either export; the app's are there when A's export won.
+    assert!(cached >= 1 && run + cached == 4, "{err}");
+    c.ok(&["validate", "app"]);
+}
+
+/// An entry whose layer the registry lost is a miss (the step runs), not an error.
+#[test]
+fn an_entry_whose_layer_is_gone_is_a_miss() {
+    if !strata_test_support::can_run_containers("an_entry_whose_layer_is_gone_is_a_miss") {
+        return;
+    }
+    let env = Env::new();
+    import_busybox(&env, "bb");
+    let registry = Registry::start(&env);
+    let cache = format!("127.0.0.1:{}/team/cache", registry.port);
+    let dir = env.path("proj");
+    project(&dir, &cache);
+    build(&env, &dir, &[]);
+    // The app's RUN layer, deleted from the registry's storage.
+    let v: serde_json::Value =
+        serde_json::from_str(&env.ok(&["inspect", "app", "--json"])).unwrap();
+    let layers = v["manifest"]["layers"].as_array().unwrap();
+    let run_layer = layers.last().unwrap()["digest"].as_str().unwrap();
+    let hex = run_layer.trim_start_matches("sha256:");
+    let removed = remove_named(&env.path("registry"), hex);
+    assert!(
+        removed > 0,
+        "the layer {hex} was not in the registry's storage"
+    );
+
+    let (other, dir2) = fresh(&env, &dir);
+    let (run, cached, err) = build(&other, &dir2, &[]);
+    assert_eq!((run, cached), (1, 3), "{err}");
+    assert!(err.contains("whose layer was gone"), "{err}");
+}
+
+/// Removes every file named `name` below `dir`; how many.
+fn remove_named(dir: &Path, name: &str) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            n += remove_named(&p, name);
+        } else if e.file_name().to_string_lossy() == name
+            || p.parent()
+                .is_some_and(|d| d.file_name().is_some_and(|f| f == name))
+        {
+            std::fs::remove_file(&p).unwrap();
+            n += 1;
+        }
+    }
+    n
+}
