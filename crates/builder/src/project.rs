@@ -43,77 +43,7 @@ use crate::error::{Error, Result};
 use crate::plan::with_platform_args;
 use crate::progress::{NoProgress, Progress};
 
-/// One `[[image]]` of strata.toml.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ImageSpec {
-    /// The image's name in the store.
-    pub name: String,
-    /// Build context, relative to strata.toml.
-    #[serde(default = "dot")]
-    pub context: PathBuf,
-    /// Dockerfile, relative to strata.toml (default `<context>/Dockerfile`).
-    #[serde(default)]
-    pub dockerfile: Option<PathBuf>,
-    /// Build arguments.
-    #[serde(default)]
-    pub build_args: BTreeMap<String, String>,
-    /// Target stage.
-    #[serde(default)]
-    pub target: Option<String>,
-    /// Extra ignore patterns.
-    #[serde(default)]
-    pub ignore: Vec<String>,
-    /// Replaces the first stage's `FROM`.
-    #[serde(default)]
-    pub from: Option<String>,
-    /// Part of the first stage's base cache key.
-    #[serde(default)]
-    pub from_cache_version: Option<String>,
-    /// Labels added to the image.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Follow a moved base without running steps when that gives what a rebuild would
-    /// (default); `false` always rebuilds (docs/rebase.md).
-    #[serde(default = "yes")]
-    pub rebase: bool,
-}
-
-fn dot() -> PathBuf {
-    PathBuf::from(".")
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// strata.toml's top level. Every table is named here, so a typo (`[[imgae]]`, `[ap.web]`)
-/// is an error at its line instead of a silently dropped image or app.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ProjectFile {
-    #[serde(default)]
-    image: Vec<ImageSpec>,
-    /// `[app.NAME]`: read by `strata deploy` (strata-deploy's `load_apps`).
-    #[serde(default)]
-    #[allow(dead_code)]
-    app: Option<toml::Value>,
-    /// `[host.NAME]`: read by strata-deploy's `load_hosts`.
-    #[serde(default)]
-    #[allow(dead_code)]
-    host: Option<toml::Value>,
-    /// `[cache]`: the build cache shared through a registry.
-    #[serde(default)]
-    cache: Option<CacheSection>,
-}
-
-/// `[cache] registry = "host[:port]/org/repo"` (docs/cache.md).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CacheSection {
-    /// Where builds of this project read and write their step cache.
-    pub registry: Option<String>,
-}
+pub use strata_project::{CacheSection, ImageSpec};
 
 /// `strata.lock`: the digest each external base resolved to.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -187,13 +117,6 @@ pub struct LockUpdate {
     pub affected: Vec<String>,
 }
 
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    (line, col)
-}
-
 fn local(name: &str) -> Option<String> {
     Reference::parse_local(name).ok().map(|r| r.to_string())
 }
@@ -212,10 +135,10 @@ impl Project {
             line: None,
             message: format!("cannot read: {e}\nhint: create strata.toml with [[image]] entries"),
         })?;
-        let file: ProjectFile = toml::from_str(&text).map_err(|e| Error::Project {
-            path: path.clone(),
-            line: e.span().map(|s| line_col(&text, s.start)),
-            message: e.message().to_string(),
+        let file = strata_project::StrataToml::parse(&text, &path).map_err(|e| Error::Project {
+            path: e.path,
+            line: e.at,
+            message: e.message,
         })?;
         let root = path
             .parent()
@@ -244,7 +167,7 @@ impl Project {
             images: file.image,
             deps: BTreeMap::new(),
             externals: BTreeMap::new(),
-            cache: file.cache.unwrap_or_default(),
+            cache: file.cache,
         };
         for img in project.images.clone() {
             let df_path = project.dockerfile_of(&img);
@@ -316,7 +239,7 @@ impl Project {
         };
         toml::from_str(&text).map_err(|e| Error::Project {
             path: p.clone(),
-            line: e.span().map(|s| line_col(&text, s.start)),
+            line: e.span().map(|s| strata_project::line_col(&text, s.start)),
             message: e.message().to_string(),
         })
     }

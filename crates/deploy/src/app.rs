@@ -4,106 +4,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::error::{Error, Result};
 use crate::health::{Check, HealthConfig};
 use crate::state::RestartPolicy;
 
-/// One app as written in strata.toml.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AppSpec {
-    /// An image of the project (`[[image]] name`), built on deploy; or any image reference in
-    /// the store.
-    pub image: String,
-    /// The port the app listens on inside its machines. None for a worker (or a base app that
-    /// only sleeps): no public port, no route; its machines are healthy once running.
-    #[serde(default)]
-    pub port: Option<u16>,
-    /// The host port the agent's proxy serves it on (default: `port`).
-    #[serde(default)]
-    pub public_port: Option<u16>,
-    /// Address the proxy listens on (default 127.0.0.1).
-    #[serde(default)]
-    pub listen: Option<std::net::IpAddr>,
-    /// Extra environment.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Named volumes, `NAME:/path`.
-    #[serde(default)]
-    pub volumes: Vec<String>,
-    /// Health check; without one a machine is healthy once its port accepts connections.
-    #[serde(default)]
-    pub health: Option<HealthSpec>,
-    /// `no`, `always` (default), `on-failure[:N]`.
-    #[serde(default)]
-    pub restart: Option<String>,
-    /// Machines per release (default 1).
-    #[serde(default)]
-    pub count: Option<u32>,
-    /// Push each release here (`host[:port]/org`), as `<registry>/<app>:deployment-<ULID>`.
-    #[serde(default)]
-    pub registry: Option<String>,
-    /// Time between the stop signal and SIGKILL (default 10s).
-    #[serde(default)]
-    pub kill_timeout: Option<String>,
-    /// How many earlier releases keep their images pinned for rollback (default 3).
-    #[serde(default)]
-    pub keep_releases: Option<u32>,
-    /// Deploy on these `[host.NAME]`s over SSH instead of this machine.
-    #[serde(default)]
-    pub hosts: Vec<String>,
-    /// How several hosts are deployed: `parallel` (default; all at once) or `rolling` (one
-    /// after another, each gated on its health check).
-    #[serde(default)]
-    pub strategy: Option<String>,
-    /// With `strategy = "rolling"`: hosts deployed at once, each batch gated on their health
-    /// checks (default 1).
-    #[serde(default)]
-    pub parallelism: Option<u32>,
-    /// What `strata dev` does with a change instead of rebuilding (docs/dev.md).
-    #[serde(default)]
-    pub live_update: Option<LiveUpdate>,
-}
-
-/// `live_update = { sync = [...], run = [...], restart = "none", fall_back_on = [...] }`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LiveUpdate {
-    /// Context paths written straight into the running machines.
-    #[serde(default)]
-    pub sync: Vec<SyncRule>,
-    /// Commands run in each machine after a sync, when a changed path matches a trigger.
-    #[serde(default)]
-    pub run: Vec<RunRule>,
-    /// `none` (default): the app picks changes up itself; `process`: its machines restart
-    /// after a sync (same machine, address and routes; synced files kept).
-    #[serde(default)]
-    pub restart: Option<String>,
-    /// Context patterns (`.dockerignore` syntax) whose change means a rebuild and redeploy.
-    #[serde(default)]
-    pub fall_back_on: Vec<String>,
-}
-
-/// `{ src = "site", dest = "/www" }`: the context path `src` (a file or directory) is `dest` in
-/// the machines.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SyncRule {
-    pub src: String,
-    pub dest: String,
-}
-
-/// `{ cmd = "npm install", trigger = ["package.json"] }`: `sh -c CMD` in each machine after a
-/// sync that changed a path matching a trigger (`.dockerignore` syntax; none: every sync).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RunRule {
-    pub cmd: String,
-    #[serde(default)]
-    pub trigger: Vec<String>,
-}
+use strata_project::StrataToml;
+pub use strata_project::{AppSpec, HealthSpec, HostEntry, LiveUpdate, RunRule, SyncRule};
 
 /// How a deploy to several hosts proceeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,33 +22,6 @@ pub enum Strategy {
         /// Hosts at once (at least 1).
         parallelism: usize,
     },
-}
-
-/// `health = { type = "http", path = "/", interval = "1s", timeout = "2s", grace = "0s" }`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthSpec {
-    /// `http` (default when `path` is set) or `tcp`.
-    #[serde(default, rename = "type")]
-    pub kind: Option<String>,
-    /// HTTP path.
-    #[serde(default)]
-    pub path: Option<String>,
-    /// Port to check (default: the app's port).
-    #[serde(default)]
-    pub port: Option<u16>,
-    /// Between attempts (default 1s).
-    #[serde(default)]
-    pub interval: Option<String>,
-    /// Per attempt (default 2s).
-    #[serde(default)]
-    pub timeout: Option<String>,
-    /// Before the first attempt (default 0s).
-    #[serde(default)]
-    pub grace: Option<String>,
-    /// Give up after (default 60s).
-    #[serde(default)]
-    pub deadline: Option<String>,
 }
 
 /// An app with its name and defaults applied.
@@ -316,40 +195,6 @@ pub fn parse_volume(v: &str) -> Result<(String, String)> {
     Ok((name.to_string(), path.to_string()))
 }
 
-/// strata.toml's top level as `deploy` reads it: every table is named, so a typo is an
-/// error at its line (the `[[image]]` entries are strata-build's).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AppsFile {
-    #[serde(default)]
-    app: BTreeMap<String, AppSpec>,
-    #[serde(default)]
-    host: BTreeMap<String, HostEntry>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    image: Option<toml::Value>,
-    /// `[cache]`: read by the build (strata-build's `Project`).
-    #[serde(default)]
-    #[allow(dead_code)]
-    cache: Option<toml::Value>,
-}
-
-/// A `[host.NAME]` table: a server reached over SSH (see docs/hosts.md).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HostEntry {
-    /// `user@address[:port]`, as `ssh` takes it.
-    pub ssh: String,
-    /// A private key file (`ssh -i`); default: what ssh would use (agent, ~/.ssh/config).
-    pub identity: Option<std::path::PathBuf>,
-    /// The store on the host (default: strata's default there, `$STRATA_STORE` or
-    /// `/var/lib/strata` for root).
-    pub store: Option<String>,
-    /// strata's path on the host (default `~/.strata/bin/strata`; installed there when
-    /// missing or of another version).
-    pub strata: Option<String>,
-}
-
 /// The hosts of a strata.toml, by name.
 pub fn load_hosts(strata_toml: &Path) -> Result<BTreeMap<String, HostEntry>> {
     let file = read_file(strata_toml)?;
@@ -371,7 +216,7 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
-fn read_file(strata_toml: &Path) -> Result<AppsFile> {
+fn read_file(strata_toml: &Path) -> Result<StrataToml> {
     let text = std::fs::read_to_string(strata_toml).map_err(|source| Error::Io {
         op: "read",
         path: strata_toml.to_path_buf(),
@@ -380,17 +225,8 @@ fn read_file(strata_toml: &Path) -> Result<AppsFile> {
     parse_file(&text, strata_toml)
 }
 
-fn parse_file(text: &str, strata_toml: &Path) -> Result<AppsFile> {
-    let file: AppsFile = toml::from_str(text).map_err(|e| {
-        let at = e.span().map_or(String::new(), |s| {
-            let before = &text[..s.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!(":{line}:{col}")
-        });
-        Error::Config(format!("{}{at}: {}", strata_toml.display(), e.message()))
-    })?;
-    Ok(file)
+fn parse_file(text: &str, strata_toml: &Path) -> Result<StrataToml> {
+    StrataToml::parse(text, strata_toml).map_err(|e| Error::Config(e.to_string()))
 }
 
 /// The app `name` of `apps` (read from `origin`, which errors name), or the only app when
@@ -431,7 +267,7 @@ pub fn parse_apps(text: &str, origin: &Path) -> Result<BTreeMap<String, App>> {
     apps_of(parse_file(text, origin)?, origin)
 }
 
-fn apps_of(file: AppsFile, strata_toml: &Path) -> Result<BTreeMap<String, App>> {
+fn apps_of(file: StrataToml, strata_toml: &Path) -> Result<BTreeMap<String, App>> {
     let mut apps = BTreeMap::new();
     for (name, spec) in file.app {
         if !valid_name(&name) {
