@@ -5,6 +5,8 @@
 //! dropped image or app. The crates that act on the tables (strata-build, strata-deploy) check
 //! the values.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
