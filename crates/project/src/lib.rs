@@ -285,12 +285,18 @@ mod tests {
         assert_eq!(ok.cache.registry.as_deref(), Some("r:5000/t/c"));
 
         let e = err("[[image]]\nname = \"a\"\n\n[[imgae]]\nname = \"b\"\n");
-        assert!(e.starts_with("strata.toml:4:") && e.contains("imgae"), "{e}");
+        assert!(
+            e.starts_with("strata.toml:4:") && e.contains("imgae"),
+            "{e}"
+        );
         let e = err("[[image]]\nname = \"web\"\n\n[ap.web]\nimage = \"web\"\n");
         assert!(e.starts_with("strata.toml:4:") && e.contains("ap"), "{e}");
         let e = err("[app.web]\nimage = \"web\"\nprot = 8080\n");
         assert!(e.starts_with("strata.toml:3:") && e.contains("prot"), "{e}");
         let e = err("[cache]\nregistyr = \"x\"\n");
-        assert!(e.starts_with("strata.toml:2:") && e.contains("registyr"), "{e}");
+        assert!(
+            e.starts_with("strata.toml:2:") && e.contains("registyr"),
+            "{e}"
+        );
     }
 }

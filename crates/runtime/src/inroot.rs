@@ -410,13 +410,56 @@ pub fn record_in_layer(
             Ok(())
         }
         SyncOp::Dir { mode } if existing.as_ref().is_some_and(is_whiteout) => {
-            make_opaque_dir(&target, *mode)
+            make_opaque_dir(&target, *mode)?;
+            same_owner(&merged.join(&rel_target), &target)
         }
         _ => {
             if existing.as_ref().is_some_and(is_whiteout) {
                 std::fs::remove_file(&target)?;
             }
-            sync_in_root(layer, &in_layer, op)
+            sync_in_root(layer, &in_layer, op)?;
+            same_owner(&merged.join(&rel_target), &target)
         }
     }
+}
+
+/// Gives `to` the owner `from` has (neither followed if a symlink); nothing if `from` is gone.
+fn same_owner(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::symlink_metadata(from) else {
+        return Ok(());
+    };
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        to,
+        Some(rustix::process::Uid::from_raw(m.uid())),
+        Some(rustix::process::Gid::from_raw(m.gid())),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Gives `container_path` inside `root` (its directories resolved there, the last component not
+/// followed) the owner `uid:gid`, as a `COPY --chown` would have.
+pub fn chown_in_root(root: &Path, container_path: &str, uid: u32, gid: u32) -> io::Result<()> {
+    let mut names = clean(container_path);
+    let Some(name) = names.pop_back() else {
+        return Err(io::Error::other("cannot change the root directory's owner"));
+    };
+    let parent: PathBuf = names.iter().collect();
+    let r = resolve(root, &format!("/{}", parent.display()), false)?;
+    if !r.missing.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("`{container_path}` is not in the root filesystem"),
+        ));
+    }
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        root.join(r.existing).join(name),
+        Some(rustix::process::Uid::from_raw(uid)),
+        Some(rustix::process::Gid::from_raw(gid)),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(io::Error::from)
 }

@@ -29,7 +29,7 @@ use std::path::PathBuf;
 
 pub use driver::{MachineDriver, Runc};
 pub use error::{Error, Result};
-pub use inroot::{SyncOp, record_in_layer, sync_in_root};
+pub use inroot::{SyncOp, chown_in_root, record_in_layer, sync_in_root};
 pub use machine::{
     DEFAULT_INIT, INIT_PATH, MachineSpec, MachineStatus, StopOutcome, VolumeMount, container_id,
     find_init, machine_cleanup, machine_destroy, machine_exec, machine_start, machine_status,

@@ -3,7 +3,7 @@
 //! root filesystems from this host (no helper, shell or tar in the image); any other change
 //! rebuilds and redeploys (docs/dev.md).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -87,6 +87,11 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
         progress: args.progress,
     };
     redeploy(store_root, &deploy_args, &say.out)?;
+    // Synced files get the owner the build gives them (`COPY --chown`).
+    let chowns = match &app.spec.live_update {
+        Some(lu) => sync_chowns(store_root, &project, &image, lu)?,
+        None => Vec::new(),
+    };
 
     let (tx, rx) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |ev| {
@@ -144,7 +149,8 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
             continue;
         }
         match plan(&app, &changed) {
-            Some(syncs) => match live_update(store_root, &app, &context, &syncs, &changed) {
+            Some(syncs) => match live_update(store_root, &app, &context, &syncs, &chowns, &changed)
+            {
                 Ok((machines, ran)) => say.line(
                     "synced",
                     &format!(
@@ -272,7 +278,7 @@ fn ignore_of(
 
 /// (context path, machine path) for every changed path, when the app's `live_update` covers
 /// them all; `None` means rebuild.
-fn plan(app: &App, changed: &[String]) -> Option<Vec<(String, String)>> {
+fn plan(app: &App, changed: &[String]) -> Option<Vec<(String, String, usize)>> {
     let lu: &LiveUpdate = app.spec.live_update.as_ref()?;
     let fall_back =
         IgnoreMatcher::parse("fall_back_on", &lu.fall_back_on.join("\n")).unwrap_or_default();
@@ -281,20 +287,20 @@ fn plan(app: &App, changed: &[String]) -> Option<Vec<(String, String)>> {
         if !lu.fall_back_on.is_empty() && fall_back.matches(rel) {
             return None;
         }
-        let dest = lu.sync.iter().find_map(|r| {
+        let (rule, dest) = lu.sync.iter().enumerate().find_map(|(i, r)| {
             let src = strata_dockerfile::ignore::clean_path(&r.src);
             let src = src.trim_start_matches('/');
             if src.is_empty() || src == "." {
-                return Some(format!("{}/{rel}", r.dest.trim_end_matches('/')));
+                return Some((i, format!("{}/{rel}", r.dest.trim_end_matches('/'))));
             }
             if rel == src {
-                return Some(r.dest.clone());
+                return Some((i, r.dest.clone()));
             }
             rel.strip_prefix(src)
                 .and_then(|rest| rest.strip_prefix('/'))
-                .map(|rest| format!("{}/{rest}", r.dest.trim_end_matches('/')))
+                .map(|rest| (i, format!("{}/{rest}", r.dest.trim_end_matches('/'))))
         })?;
-        out.push((rel.clone(), dest));
+        out.push((rel.clone(), dest, rule));
     }
     Some(out)
 }
@@ -305,7 +311,8 @@ fn live_update(
     store_root: &Path,
     app: &App,
     context: &Path,
-    syncs: &[(String, String)],
+    syncs: &[(String, String, usize)],
+    chowns: &[Option<String>],
     changed: &[String],
 ) -> Result<(usize, Vec<String>)> {
     let host = Host::open(Store::open(store_root)?)?;
@@ -319,7 +326,9 @@ fn live_update(
         bail!("no machine of {} is running", app.name);
     }
     let mut ops: Vec<(String, SyncOp)> = Vec::new();
-    for (rel, dest) in syncs {
+    // Per op, the `--chown` of the COPY its rule's destination came from.
+    let mut owners: Vec<Option<&str>> = Vec::new();
+    for (rel, dest, rule) in syncs {
         let op = op_for(&context.join(rel))?;
         let is_dir = matches!(op, SyncOp::Dir { .. });
         ops.push((dest.clone(), op));
@@ -328,12 +337,14 @@ fn live_update(
             // directory (inotify watches a new directory only once it exists): send them all.
             subtree(&context.join(rel), dest, &mut ops)?;
         }
+        owners.resize(ops.len(), chowns.get(*rule).and_then(|c| c.as_deref()));
     }
     // Each image's dev layer is written once, after the first of its machines got the ops.
     let mut recorded: BTreeSet<String> = BTreeSet::new();
     for m in &machines {
         let root = host.machine_dir(&m.id).join("rootfs");
-        for (dest, op) in &ops {
+        let mut ids: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+        for ((dest, op), owner) in ops.iter().zip(&owners) {
             let r = match sync_in_root(&root, dest, op) {
                 // The file went away while it was copied: it is gone here too (its removal
                 // is another event, acted on in the next batch).
@@ -349,6 +360,21 @@ fn live_update(
                 r => r,
             };
             r.with_context(|| format!("cannot write {dest} in machine {}", m.id))?;
+            if let (Some(spec), false) = (owner, matches!(op, SyncOp::Remove)) {
+                let (uid, gid) = match ids.get(spec) {
+                    Some(v) => *v,
+                    None => {
+                        let v = chown_ids(spec, &root).with_context(|| {
+                            format!("--chown={spec} of the COPY to {dest} in machine {}", m.id)
+                        })?;
+                        *ids.entry(spec).or_insert(v)
+                    }
+                };
+                match strata_runtime::chown_in_root(&root, dest, uid, gid) {
+                    Err(e) if gone(&e) => {}
+                    r => r.with_context(|| format!("cannot chown {dest} in machine {}", m.id))?,
+                }
+            }
         }
         if let Some(layer) = host.dev_layer(m)
             && recorded.insert(m.digest.to_string())
@@ -418,6 +444,77 @@ fn reset(store_root: &Path, app: &str, out: &Output) -> Result<()> {
     Ok(())
 }
 
+/// The owner `COPY --chown=SPEC` gives, names looked up in the machine's root `root` the way
+/// the build resolves them: `UID[:GID]` as numbers, a name without a group takes the user's
+/// id as its group id too.
+fn chown_ids(spec: &str, root: &Path) -> Result<(u32, u32)> {
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let num = |s: &str| s.parse::<u32>().ok();
+    Ok(match (num(u), g.map(num)) {
+        (Some(uid), None) => (uid, uid),
+        (Some(uid), Some(Some(gid))) => (uid, gid),
+        _ => {
+            let user = strata_runtime::resolve_user(&[root.to_path_buf()], spec)?;
+            (user.uid, if g.is_some() { user.gid } else { user.uid })
+        }
+    })
+}
+
+/// Per sync rule of `lu`, the `--chown` of the COPY from the build context in the image's
+/// target stage that last wrote the rule's destination or a directory above it (`None`: root,
+/// as a COPY without `--chown` gives).
+fn sync_chowns(
+    store_root: &Path,
+    project: &strata_build::Project,
+    image: &strata_build::ImageSpec,
+    lu: &LiveUpdate,
+) -> Result<Vec<Option<String>>> {
+    let store = Store::open(store_root)?;
+    let df = strata_dockerfile::Dockerfile::from_file(&project.dockerfile_of(image))?;
+    let args = strata_build::plan::with_platform_args(&image.build_args);
+    let pinned = BTreeMap::new();
+    let resolver = strata_build::StoreResolver::new(&store, &pinned);
+    let plan = strata_build::plan(
+        &df,
+        &strata_build::PlanOptions {
+            build_args: &args,
+            target: image.target.as_deref(),
+            from_override: image.from.as_deref(),
+            images: &resolver,
+        },
+    )?;
+    let Some(stage) = plan.stages.iter().find(|s| s.index == plan.target) else {
+        return Ok(vec![None; lu.sync.len()]);
+    };
+    let under = |dest: &str, dir: &str| {
+        dest == dir || dir == "/" || dest.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
+    };
+    Ok(lu
+        .sync
+        .iter()
+        .map(|rule| {
+            let dest = rule.dest.trim_end_matches('/');
+            stage
+                .steps
+                .iter()
+                .rev()
+                .find_map(|st| match &st.kind {
+                    strata_build::StepKind::Copy(c)
+                        if matches!(c.from, strata_build::plan::FileSource::Context)
+                            && under(dest, c.dest.trim_end_matches('/')) =>
+                    {
+                        Some(c.chown.clone())
+                    }
+                    _ => None,
+                })
+                .flatten()
+        })
+        .collect())
+}
+
 /// Writes `ops` (already applied in machine `m`, whose root is `merged`) into the dev layer of
 /// `m`'s image, so a restart of the process or the machine keeps them.
 fn record(
@@ -428,14 +525,13 @@ fn record(
     ops: &[(String, SyncOp)],
 ) -> Result<()> {
     // The image's layers, below the dev layer: only a removal needs them (for a whiteout).
-    let below: Vec<std::path::PathBuf> = if ops.iter().any(|(_, op)| matches!(op, SyncOp::Remove)) {
-        host.spec(m)?
-            .lowers
-            .into_iter()
-            .filter(|l| l != layer)
-            .collect()
-    } else {
-        Vec::new()
+    let mut below: Option<Vec<std::path::PathBuf>> = None;
+    let mut below = || -> Result<Vec<std::path::PathBuf>> {
+        if below.is_none() {
+            let lowers = host.spec(m)?.lowers;
+            below = Some(lowers.into_iter().filter(|l| l != layer).collect());
+        }
+        Ok(below.clone().unwrap_or_default())
     };
     if !layer.is_dir() {
         let tmp = layer.with_extension("tmp");
@@ -445,13 +541,21 @@ fn record(
             .with_context(|| format!("cannot make the dev layer {}", layer.display()))?;
     }
     for (dest, op) in ops {
-        match strata_runtime::record_in_layer(layer, merged, &below, dest, op) {
-            // Gone from the context while it was copied: its removal comes next.
-            Err(e)
-                if e.kind() == std::io::ErrorKind::NotADirectory
-                    || (gone(&e) && matches!(op, SyncOp::File { .. })) => {}
-            r => r.with_context(|| format!("cannot keep {dest} in {}", layer.display()))?,
-        }
+        let under = match op {
+            SyncOp::Remove => below()?,
+            _ => Vec::new(),
+        };
+        let r = match strata_runtime::record_in_layer(layer, merged, &under, dest, op) {
+            // Gone from the context while it was copied: gone from the machine too (see
+            // `live_update`), so from the layer as well.
+            Err(e) if gone(&e) && matches!(op, SyncOp::File { .. }) => {
+                strata_runtime::record_in_layer(layer, merged, &below()?, dest, &SyncOp::Remove)
+            }
+            // A parent turned into a directory meanwhile: the next batch's.
+            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Ok(()),
+            r => r,
+        };
+        r.with_context(|| format!("cannot keep {dest} in {}", layer.display()))?;
     }
     Ok(())
 }
@@ -513,11 +617,11 @@ fn op_for(path: &Path) -> Result<SyncOp> {
     })
 }
 
-fn describe(syncs: &[(String, String)]) -> String {
+fn describe(syncs: &[(String, String, usize)]) -> String {
     let mut s: Vec<String> = syncs
         .iter()
         .take(3)
-        .map(|(rel, dest)| format!("{rel} → {dest}"))
+        .map(|(rel, dest, _)| format!("{rel} → {dest}"))
         .collect();
     if syncs.len() > 3 {
         s.push(format!("and {} more", syncs.len() - 3));
