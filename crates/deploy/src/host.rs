@@ -269,6 +269,26 @@ impl Host {
         )
     }
 
+    /// Removes the dev layers of `app` but the one of image `keep`: a new release's machines
+    /// start from its image as built (a rolled-back image too, without what was synced into
+    /// it before).
+    pub fn prune_dev_layers(&self, app: &str, keep: &strata_oci::Digest) -> Result<()> {
+        let keep = self.dev_dir(app).join(keep.to_string().replace(':', "-"));
+        let Ok(entries) = std::fs::read_dir(self.dev_dir(app)) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            if e.path() != keep {
+                std::fs::remove_dir_all(e.path()).map_err(|source| Error::Io {
+                    op: "cannot remove",
+                    path: e.path(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// The address the host reaches a machine at.
     pub fn machine_addr(m: &Machine) -> std::net::Ipv4Addr {
         NetSpec { index: m.net_index }.machine_addr()

@@ -158,6 +158,8 @@ pub fn release_here(
         .set_release_image(&app.name, report.release.version, &prepared.release_ref)?;
     // Releases that aged out of keep_releases lost their store pin; their registry pin goes too.
     publisher.release_aged(&host.store, &app.name);
+    // What `strata dev` synced into earlier releases' machines is not this release's.
+    host.prune_dev_layers(&app.name, &report.release.digest)?;
     match report.public {
         Some(addr) => say(&format!(
             "{} v{} is live: http://{addr}/",

@@ -68,6 +68,15 @@ pub enum Command {
     /// Speak strata's host protocol on stdin/stdout: what `strata push|pull ssh://…` runs on
     /// the host through SSH (see docs/hosts.md).
     Serve(ServeArgs),
+    /// Applies `strata dev --host`'s stream of file operations here (run by it over SSH).
+    #[command(hide = true)]
+    DevApply {
+        /// The app.
+        app: String,
+        /// The app's strata.toml table.
+        #[arg(long)]
+        spec: String,
+    },
     /// The embedded multi-tenant OCI registry.
     #[command(subcommand)]
     Registry(RegistryCommand),
@@ -631,6 +640,10 @@ pub struct DevArgs {
     /// deployed image as it was built, then exit.
     #[arg(long)]
     pub reset: bool,
+    /// Deploy to this host over SSH and keep its machines current there: a `[host.NAME]` of
+    /// strata.toml or `ssh://user@address[:port]` (docs/dev.md).
+    #[arg(long)]
+    pub host: Option<String>,
     /// Progress output.
     #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
     pub progress: ProgressArg,

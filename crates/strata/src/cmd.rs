@@ -58,6 +58,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Agent(args) => crate::deploy::agent(store()?, &args),
         Command::Deploy(args) => crate::deploy::deploy(store()?, &args),
         Command::Dev(args) => crate::dev::dev(store()?.root(), &args),
+        Command::DevApply { app, spec } => crate::dev::dev_apply(store()?.root(), &app, &spec),
         Command::Releases(args) if args.on.host.is_some() => {
             crate::hosts::run_there(&args.on, &crate::hosts::argv_for_host())
         }

@@ -17,6 +17,8 @@ use strata_dockerfile::ignore::IgnoreMatcher;
 use strata_runtime::{SyncOp, sync_in_root};
 use strata_store::Store;
 
+use serde::{Deserialize, Serialize};
+
 use crate::cli::{DeployArgs, DevArgs};
 use crate::output::{Note, Output};
 
@@ -72,6 +74,18 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
         out: Output::new(args.progress),
         app: app.name.clone(),
     };
+    // Where the machines are: `--host`, else the app's only host, else this one.
+    let host = match (&args.host, app.spec.hosts.as_slice()) {
+        (Some(h), _) => Some(h.clone()),
+        (None, []) => None,
+        (None, [one]) => Some(one.clone()),
+        (None, many) => bail!(
+            "app `{}` deploys to {} hosts ({}); strata dev keeps one current: name it with --host",
+            app.name,
+            many.len(),
+            many.join(", ")
+        ),
+    };
 
     let deploy_args = DeployArgs {
         app: Some(app.name.clone()),
@@ -82,11 +96,20 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
         image_label: None,
         insecure: false,
         detach: true,
-        hosts: Vec::new(),
+        hosts: host.iter().cloned().collect(),
         spec: None,
         progress: args.progress,
     };
     redeploy(store_root, &deploy_args, &say.out)?;
+    let mut target = match &host {
+        Some(h) => Target::There(Box::new(Remote::open(
+            h,
+            &args.project,
+            &app.name,
+            &say.out,
+        )?)),
+        None => Target::Here,
+    };
     // Synced files get the owner the build gives them (`COPY --chown`).
     let chowns = match &app.spec.live_update {
         Some(lu) => sync_chowns(store_root, &project, &image, lu)?,
@@ -149,7 +172,8 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
             continue;
         }
         match plan(&app, &changed) {
-            Some(syncs) => match live_update(store_root, &app, &context, &syncs, &chowns, &changed)
+            Some(syncs) => match collect_ops(&context, &syncs, &chowns)
+                .and_then(|ops| target.apply(store_root, &app, &ops, &changed))
             {
                 Ok((machines, ran)) => say.line(
                     "synced",
@@ -206,46 +230,19 @@ fn full(store_root: &Path, args: &DeployArgs, say: &Say, changed: &[String], sta
         .collect::<Vec<_>>()
         .join(", ");
     match redeploy(store_root, args, &say.out) {
-        Ok(()) => {
-            if let Err(e) = prune_dev_layers(store_root, &say.app) {
-                tracing::warn!("dev layers of {}: {e:#}", say.app);
-            }
-            say.line(
-                "redeployed",
-                &format!(
-                    "rebuilt and redeployed in {:.1} s (changed: {what}{})",
-                    started.elapsed().as_secs_f64(),
-                    if changed.len() > 3 { ", …" } else { "" }
-                ),
-            )
-        }
+        Ok(()) => say.line(
+            "redeployed",
+            &format!(
+                "rebuilt and redeployed in {:.1} s (changed: {what}{})",
+                started.elapsed().as_secs_f64(),
+                if changed.len() > 3 { ", …" } else { "" }
+            ),
+        ),
         Err(e) => say.line(
             "failed",
             &format!("rebuild failed ({e:#}); still watching, the running release is kept"),
         ),
     }
-}
-
-/// Removes the dev layers of images no machine of `app` runs any more (a rebuilt image has
-/// the changes itself).
-fn prune_dev_layers(store_root: &Path, app: &str) -> Result<()> {
-    let host = Host::open(Store::open(store_root)?)?;
-    let used: BTreeSet<std::path::PathBuf> = host
-        .state
-        .app_machines(app)?
-        .iter()
-        .filter_map(|m| host.dev_layer(m))
-        .collect();
-    let Ok(entries) = std::fs::read_dir(host.dev_dir(app)) else {
-        return Ok(());
-    };
-    for e in entries.flatten() {
-        if !used.contains(&e.path()) {
-            std::fs::remove_dir_all(e.path())
-                .with_context(|| format!("cannot remove {}", e.path().display()))?;
-        }
-    }
-    Ok(())
 }
 
 /// The paths of a watcher event.
@@ -305,14 +302,305 @@ fn plan(app: &App, changed: &[String]) -> Option<Vec<(String, String, usize)>> {
     Some(out)
 }
 
-/// Write the changes into every running machine of the app; then the `run` rules. Returns how
-/// many machines were updated and the commands that ran.
-fn live_update(
-    store_root: &Path,
-    app: &App,
+/// Where the app's machines are: this host, or a host over SSH (`strata dev --host`).
+enum Target {
+    Here,
+    There(Box<Remote>),
+}
+
+impl Target {
+    fn apply(
+        &mut self,
+        store_root: &Path,
+        app: &App,
+        ops: &[Op],
+        changed: &[String],
+    ) -> Result<(usize, Vec<String>)> {
+        match self {
+            Target::Here => apply_ops(store_root, app, ops, changed),
+            Target::There(remote) => remote.apply(ops, changed),
+        }
+    }
+}
+
+/// One frame of the stream `strata dev --host` sends to `strata dev-apply` on the host: a
+/// JSON line, followed for a file by its bytes. `commit` ends a batch; the host answers it
+/// with one [`Applied`] line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Frame {
+    File {
+        dest: String,
+        mode: u32,
+        size: u64,
+        owner: Option<String>,
+    },
+    Dir {
+        dest: String,
+        mode: u32,
+        owner: Option<String>,
+    },
+    Symlink {
+        dest: String,
+        target: std::path::PathBuf,
+        owner: Option<String>,
+    },
+    Remove {
+        dest: String,
+    },
+    Commit {
+        changed: Vec<String>,
+    },
+}
+
+/// The host's answer to a batch.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Applied {
+    machines: usize,
+    ran: Vec<String>,
+    error: Option<String>,
+}
+
+/// `strata dev-apply` on a host over SSH, kept running for the loop.
+struct Remote {
+    name: String,
+    child: std::process::Child,
+    input: std::io::BufWriter<std::process::ChildStdin>,
+    output: std::io::BufReader<std::process::ChildStdout>,
+    // Keeps the multiplexed connection the command runs on.
+    _session: strata_transfer::ssh::HostSession,
+}
+
+impl Remote {
+    fn open(spec: &str, project: &Path, app: &str, out: &Output) -> Result<Remote> {
+        use std::process::Stdio;
+        let host = crate::hosts::resolve_host(spec, project)?;
+        let session = strata_transfer::ssh::HostSession::connect(
+            &host,
+            &crate::hosts::connect_options(&out.for_host(&host.name)),
+        )?;
+        let app_spec = crate::hosts::app_spec_for_host(&project_file(project), app)?;
+        let mut child = session
+            .strata_command(&[], &["dev-apply", app, "--spec", &app_spec])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot run ssh for {}", host.name))?;
+        let (Some(input), Some(output)) = (child.stdin.take(), child.stdout.take()) else {
+            bail!("no pipes to ssh for {}", host.name);
+        };
+        Ok(Remote {
+            name: host.name.clone(),
+            child,
+            input: std::io::BufWriter::new(input),
+            output: std::io::BufReader::new(output),
+            _session: session,
+        })
+    }
+
+    fn apply(&mut self, ops: &[Op], changed: &[String]) -> Result<(usize, Vec<String>)> {
+        use std::io::{BufRead, Write};
+        let name = self.name.clone();
+        let lost = |e: std::io::Error| anyhow::anyhow!("the dev connection to {name} broke: {e}");
+        for Op { dest, op, owner } in ops {
+            let dest = dest.clone();
+            let owner = owner.clone();
+            let (frame, bytes) = match op {
+                SyncOp::File { from, mode } => match std::fs::read(from) {
+                    Ok(b) => (
+                        Frame::File {
+                            dest,
+                            mode: *mode,
+                            size: b.len() as u64,
+                            owner,
+                        },
+                        b,
+                    ),
+                    // Gone while it was read: gone there too (as on this host).
+                    Err(e) if gone(&e) => (Frame::Remove { dest }, Vec::new()),
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot read {}", from.display()));
+                    }
+                },
+                SyncOp::Dir { mode } => (
+                    Frame::Dir {
+                        dest,
+                        mode: *mode,
+                        owner,
+                    },
+                    Vec::new(),
+                ),
+                SyncOp::Symlink { target } => (
+                    Frame::Symlink {
+                        dest,
+                        target: target.clone(),
+                        owner,
+                    },
+                    Vec::new(),
+                ),
+                SyncOp::Remove => (Frame::Remove { dest }, Vec::new()),
+            };
+            writeln!(self.input, "{}", serde_json::to_string(&frame)?).map_err(lost)?;
+            self.input.write_all(&bytes).map_err(lost)?;
+        }
+        let commit = Frame::Commit {
+            changed: changed.to_vec(),
+        };
+        writeln!(self.input, "{}", serde_json::to_string(&commit)?).map_err(lost)?;
+        self.input.flush().map_err(lost)?;
+        let mut line = String::new();
+        if self.output.read_line(&mut line).map_err(lost)? == 0 {
+            let status = self.child.try_wait().ok().flatten();
+            bail!("strata on {name} ended the dev connection ({status:?})");
+        }
+        let applied: Applied =
+            serde_json::from_str(&line).with_context(|| format!("{name} answered {line:?}"))?;
+        match applied.error {
+            Some(e) => bail!("on {name}: {e}"),
+            None => Ok((applied.machines, applied.ran)),
+        }
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `strata dev-apply APP --spec TOML` (run by `strata dev --host` over SSH): applies the
+/// batches of file operations read on stdin to the app's machines here, answering each batch
+/// on stdout, until stdin ends.
+pub fn dev_apply(store_root: &Path, app: &str, spec: &str) -> Result<()> {
+    use std::io::{BufRead, Read, Write};
+    let apps = strata_deploy::app::parse_apps(spec, Path::new("--spec"))?;
+    let app = strata_deploy::app::pick_app(&apps, Some(app), Path::new("--spec"))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("dev-apply-")
+        .tempdir_in(store_root.join("strata"))
+        .context("cannot make a temporary directory in the store")?;
+    let mut input = std::io::BufReader::new(std::io::stdin().lock());
+    let mut out = std::io::stdout().lock();
+    let mut ops: Vec<Op> = Vec::new();
+    let mut n = 0u64;
+    loop {
+        let mut line = String::new();
+        if input.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let frame: Frame =
+            serde_json::from_str(&line).with_context(|| format!("bad frame {line:?}"))?;
+        match frame {
+            Frame::File {
+                dest,
+                mode,
+                size,
+                owner,
+            } => {
+                n += 1;
+                let path = tmp.path().join(n.to_string());
+                let mut f = std::fs::File::create(&path)?;
+                let copied = std::io::copy(&mut (&mut input).take(size), &mut f)?;
+                if copied != size {
+                    bail!("the stream ended inside {dest}");
+                }
+                ops.push(Op {
+                    dest,
+                    op: SyncOp::File { from: path, mode },
+                    owner,
+                });
+            }
+            Frame::Dir { dest, mode, owner } => ops.push(Op {
+                dest,
+                op: SyncOp::Dir { mode },
+                owner,
+            }),
+            Frame::Symlink {
+                dest,
+                target,
+                owner,
+            } => ops.push(Op {
+                dest,
+                op: SyncOp::Symlink { target },
+                owner,
+            }),
+            Frame::Remove { dest } => ops.push(Op {
+                dest,
+                op: SyncOp::Remove,
+                owner: None,
+            }),
+            Frame::Commit { changed } => {
+                let applied = match apply_ops(store_root, &app, &ops, &changed) {
+                    Ok((machines, ran)) => Applied {
+                        machines,
+                        ran,
+                        error: None,
+                    },
+                    Err(e) => Applied {
+                        error: Some(format!("{e:#}")),
+                        ..Applied::default()
+                    },
+                };
+                for op in ops.drain(..) {
+                    if let SyncOp::File { from, .. } = op.op {
+                        let _ = std::fs::remove_file(from);
+                    }
+                }
+                writeln!(out, "{}", serde_json::to_string(&applied)?)?;
+                out.flush()?;
+            }
+        }
+    }
+}
+
+/// One change to write into the machines: an op at `dest`, and the `--chown` of the COPY its
+/// sync rule's destination came from.
+struct Op {
+    dest: String,
+    op: SyncOp,
+    owner: Option<String>,
+}
+
+/// The ops for `syncs` (context path, machine path, rule), read from the context now.
+fn collect_ops(
     context: &Path,
     syncs: &[(String, String, usize)],
     chowns: &[Option<String>],
+) -> Result<Vec<Op>> {
+    let mut ops: Vec<Op> = Vec::new();
+    for (rel, dest, rule) in syncs {
+        let owner = chowns.get(*rule).cloned().flatten();
+        let op = op_for(&context.join(rel))?;
+        let is_dir = matches!(op, SyncOp::Dir { .. });
+        ops.push(Op {
+            dest: dest.clone(),
+            op,
+            owner: owner.clone(),
+        });
+        if is_dir {
+            // A new directory's contents may have been written before the watcher saw the
+            // directory (inotify watches a new directory only once it exists): send them all.
+            let mut below = Vec::new();
+            subtree(&context.join(rel), dest, &mut below)?;
+            ops.extend(below.into_iter().map(|(dest, op)| Op {
+                dest,
+                op,
+                owner: owner.clone(),
+            }));
+        }
+    }
+    Ok(ops)
+}
+
+/// Writes `ops` into every running machine of the app (and the dev layer of its image), then
+/// runs the `run` rules `changed` triggers and restarts the machines if the app says so.
+/// Returns how many machines were updated and what ran.
+fn apply_ops(
+    store_root: &Path,
+    app: &App,
+    ops: &[Op],
     changed: &[String],
 ) -> Result<(usize, Vec<String>)> {
     let host = Host::open(Store::open(store_root)?)?;
@@ -325,26 +613,12 @@ fn live_update(
     if machines.is_empty() {
         bail!("no machine of {} is running", app.name);
     }
-    let mut ops: Vec<(String, SyncOp)> = Vec::new();
-    // Per op, the `--chown` of the COPY its rule's destination came from.
-    let mut owners: Vec<Option<&str>> = Vec::new();
-    for (rel, dest, rule) in syncs {
-        let op = op_for(&context.join(rel))?;
-        let is_dir = matches!(op, SyncOp::Dir { .. });
-        ops.push((dest.clone(), op));
-        if is_dir {
-            // A new directory's contents may have been written before the watcher saw the
-            // directory (inotify watches a new directory only once it exists): send them all.
-            subtree(&context.join(rel), dest, &mut ops)?;
-        }
-        owners.resize(ops.len(), chowns.get(*rule).and_then(|c| c.as_deref()));
-    }
     // Each image's dev layer is written once, after the first of its machines got the ops.
     let mut recorded: BTreeSet<String> = BTreeSet::new();
     for m in &machines {
         let root = host.machine_dir(&m.id).join("rootfs");
         let mut ids: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
-        for ((dest, op), owner) in ops.iter().zip(&owners) {
+        for Op { dest, op, owner } in ops {
             let r = match sync_in_root(&root, dest, op) {
                 // The file went away while it was copied: it is gone here too (its removal
                 // is another event, acted on in the next batch).
@@ -360,7 +634,7 @@ fn live_update(
                 r => r,
             };
             r.with_context(|| format!("cannot write {dest} in machine {}", m.id))?;
-            if let (Some(spec), false) = (owner, matches!(op, SyncOp::Remove)) {
+            if let (Some(spec), false) = (owner.as_deref(), matches!(op, SyncOp::Remove)) {
                 let (uid, gid) = match ids.get(spec) {
                     Some(v) => *v,
                     None => {
@@ -379,7 +653,7 @@ fn live_update(
         if let Some(layer) = host.dev_layer(m)
             && recorded.insert(m.digest.to_string())
         {
-            record(&host, m, &layer, &root, &ops)?;
+            record(&host, m, &layer, &root, ops)?;
         }
     }
     let mut ran = Vec::new();
@@ -522,7 +796,7 @@ fn record(
     m: &strata_deploy::state::Machine,
     layer: &Path,
     merged: &Path,
-    ops: &[(String, SyncOp)],
+    ops: &[Op],
 ) -> Result<()> {
     // The image's layers, below the dev layer: only a removal needs them (for a whiteout).
     let mut below: Option<Vec<std::path::PathBuf>> = None;
@@ -540,7 +814,7 @@ fn record(
             .and_then(|()| std::fs::rename(&tmp, layer))
             .with_context(|| format!("cannot make the dev layer {}", layer.display()))?;
     }
-    for (dest, op) in ops {
+    for Op { dest, op, .. } in ops {
         let under = match op {
             SyncOp::Remove => below()?,
             _ => Vec::new(),

@@ -269,7 +269,7 @@ pub fn argv_for_host() -> Vec<String> {
 
 /// The `[app.NAME]` table a host deploys: strata.toml's, without what only the client uses
 /// (`registry`: the image arrives over SSH; `hosts`, `strategy`).
-fn app_spec_for_host(file: &Path, app: &str) -> Result<String> {
+pub(crate) fn app_spec_for_host(file: &Path, app: &str) -> Result<String> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let doc: toml::Table =

@@ -965,3 +965,122 @@ fn a_host_without_space_fails_naming_it_and_names_nothing_half_shipped() {
     );
     host.strata(&["validate", "base:1"]);
 }
+
+/// `strata dev --host`: the app is deployed on the host, a synced edit lands in the host's
+/// running machine (no new machine), a Dockerfile change rebuilds here and redeploys there.
+#[test]
+fn dev_against_a_host_syncs_edits_there_and_redeploys_there() {
+    if !can_run() || !can_run_machines() {
+        return;
+    }
+    let lab = Lab::new();
+    let h = TestHost::start(&lab.env, &lab.keys);
+    import_busybox(&lab.env, "busybox:latest");
+    let port = 18_400 + (std::process::id() % 500) as u16;
+    let dir = lab.env.path("project");
+    fs::create_dir_all(dir.join("site")).unwrap();
+    fs::write(dir.join("site/index.html"), "v1\n").unwrap();
+    fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("strata.toml"),
+        format!(
+            "[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
+             public_port = {port}\nkill_timeout = \"2s\"\n\
+             live_update = {{ sync = [{{ src = \"site\", dest = \"/www\" }}] }}\n\n{}",
+            h.toml("h")
+        ),
+    )
+    .unwrap();
+    let log = lab.env.path("dev.log");
+    let mut child = lab
+        .command(&[
+            "dev",
+            "web",
+            "--host",
+            "h",
+            "--project",
+            dir.to_str().unwrap(),
+            "--progress",
+            "plain",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let said = || fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !said().contains("watching") {
+        let exited = child.try_wait().unwrap();
+        assert!(
+            exited.is_none() && Instant::now() < deadline,
+            "strata dev did not start ({exited:?}):\n{}",
+            said()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let machines = || -> Vec<String> {
+        h.strata(&["machine", "list", "--app", "web", "--json"])
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["state"] == "running")
+            .filter_map(|v| v["id"].as_str().map(String::from))
+            .collect()
+    };
+    let get = || http_get(&h.addr, port, "/");
+    assert_eq!(get().unwrap(), "v1\n");
+    let first = machines();
+    assert_eq!(first.len(), 1);
+
+    // A synced edit: in the host's machine, the same machine.
+    fs::write(dir.join("site/index.html"), "v2\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get().ok().as_deref() != Some("v2\n") {
+        assert!(
+            Instant::now() < deadline,
+            "the edit did not land:\n{}",
+            said()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        said().contains("synced site/index.html → /www/index.html to 1 machine(s)"),
+        "{}",
+        said()
+    );
+    assert_eq!(machines(), first, "synced, not redeployed");
+
+    // A change the rules do not cover: rebuilt here, shipped and redeployed there.
+    fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox\nENV CHANGED=1\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !said().contains("rebuilt and redeployed") {
+        assert!(Instant::now() < deadline, "no redeploy:\n{}", said());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = machines();
+        if now.len() == 1 && now != first {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new machine on the host: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(get().unwrap(), "v2\n");
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {}", said());
+    h.strata(&["apps", "destroy", "web"]);
+}
