@@ -14,7 +14,6 @@ use strata_oci::{
     Reference, RootFs, media_type,
 };
 use strata_rootfs::{LayerRef, MtimePolicy, SnapshotCache};
-use strata_runtime::RuntimeConfig;
 use strata_store::Store;
 use strata_transfer::{PullOptions, PullReport};
 
@@ -74,13 +73,15 @@ pub struct BuildOptions {
     pub pull: PullOptions,
     /// Layer compression.
     pub compression: Compression,
-    /// runc to use (default: found by [`RuntimeConfig::detect`]).
+    /// runc to use (default: found by [`strata_runtime::RuntimeConfig::detect`]).
     pub runc: Option<PathBuf>,
     /// Follow a moved base without running steps when that gives the image a rebuild would
     /// (docs/rebase.md); strata.toml `rebase = false` turns it off.
     pub rebase: bool,
     /// A build cache in a registry (`--cache-from`, `--cache-to`; docs/cache.md).
     pub shared_cache: Option<std::sync::Arc<crate::shared_cache::SharedCache>>,
+    /// What runs RUN steps (default: runc, as [`crate::executor::Runc`]).
+    pub executor: Option<Arc<dyn crate::executor::Executor>>,
 }
 
 impl BuildOptions {
@@ -108,6 +109,7 @@ impl BuildOptions {
             runc: None,
             rebase: true,
             shared_cache: None,
+            executor: None,
         }
     }
 }
@@ -341,7 +343,8 @@ pub(crate) struct Ctx<'a> {
     pub rebase_refusal: Option<String>,
     /// Bytes of the layer blobs this build's steps wrote.
     pub layer_bytes_written: AtomicU64,
-    runtime: Mutex<Option<RuntimeConfig>>,
+    /// What runs RUN steps: the options' executor, else runc.
+    pub executor: Arc<dyn crate::executor::Executor>,
     materialized: Mutex<HashMap<String, Arc<tempfile::TempDir>>>,
     /// Final states of finished stages (for `--from` reads).
     pub stages: Mutex<BTreeMap<usize, StageState>>,
@@ -362,20 +365,6 @@ impl Ctx<'_> {
     /// The snapshot directories of `layers`, bottom first (unpacked on first use).
     pub fn snapshots_of(&self, layers: &[LayerRef]) -> Result<Vec<PathBuf>> {
         Ok(self.snapshots.ensure(layers, |d| self.open_blob(d))?)
-    }
-
-    pub fn runtime(&self) -> Result<RuntimeConfig> {
-        let mut g = self.runtime.lock_ok();
-        if let Some(r) = g.as_ref() {
-            return Ok(r.clone());
-        }
-        let state_root = self.store.root().join("strata/runtime");
-        let mut cfg = RuntimeConfig::detect(state_root)?;
-        if let Some(r) = &self.opts.runc {
-            cfg.runc = r.clone();
-        }
-        *g = Some(cfg.clone());
-        Ok(cfg)
     }
 
     /// A flattened rootfs of a stage or image, for `COPY --from` and bind mounts.
@@ -514,7 +503,13 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         resolver: &resolver,
         rebase_refusal: rebase_refusal(opts, &plan),
         layer_bytes_written: AtomicU64::new(0),
-        runtime: Mutex::new(None),
+        executor: match &opts.executor {
+            Some(e) => e.clone(),
+            None => Arc::new(crate::executor::Runc::new(
+                store.root().join("strata/runtime"),
+                opts.runc.clone(),
+            )),
+        },
         materialized: Mutex::new(HashMap::new()),
         stages: Mutex::new(BTreeMap::new()),
     };

@@ -26,6 +26,7 @@ pub mod config;
 mod copy;
 mod engine;
 mod error;
+pub mod executor;
 mod glob;
 pub mod plan;
 mod progress;

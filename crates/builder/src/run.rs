@@ -118,7 +118,6 @@ pub(crate) fn run_step(
         .map(|t| rel(t))
         .filter(|p| view.lookup(p).is_none())
         .collect();
-    let runtime = ctx.runtime()?;
     let mut tail: VecDeque<String> = VecDeque::new();
     let mut partial: Vec<u8> = Vec::new();
     let emit = |line: &[u8], tail: &mut VecDeque<String>| {
@@ -135,7 +134,7 @@ pub(crate) fn run_step(
         });
     };
     let run_started = Instant::now();
-    let result = strata_runtime::run(&runtime, &spec, &mut |chunk: &[u8]| {
+    let result = ctx.executor.run(&spec, &mut |chunk: &[u8]| {
         partial.extend_from_slice(chunk);
         while let Some(i) = partial.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = partial.drain(..=i).collect();
