@@ -68,7 +68,7 @@ pub(crate) fn prepare(ctx: &Ctx<'_>, step: &CopyStep) -> Result<Prepared> {
         }
     }
     if !all.is_empty() || !url_hashes.is_empty() {
-        let (h, files) = source::hash_matches(&all, false)?;
+        let (h, files) = source::hash_matches(&all, false, Some(&ctx.stat_cache))?;
         p.files.extend(files);
         let mut parts = vec![h.to_string()];
         parts.extend(url_hashes);

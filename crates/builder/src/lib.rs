@@ -33,6 +33,7 @@ mod project;
 pub mod rebase;
 mod run;
 mod source;
+mod statcache;
 mod view;
 
 pub use config::{ConfigChange, apply_changes, apply_instruction};

@@ -6,6 +6,7 @@ use std::fs::Metadata;
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use serde::Serialize;
 use strata_dockerfile::{IgnoreMatcher, clean_path};
@@ -13,6 +14,7 @@ use strata_oci::{Digest, Hasher};
 
 use crate::error::{Error, Result, io_err};
 use crate::glob;
+use crate::statcache::{FileStat, StatCache};
 
 /// A directory files are read from: the context (with its ignore rules) or a stage's rootfs.
 pub(crate) struct Origin<'a> {
@@ -53,6 +55,8 @@ pub(crate) struct Entry {
     pub gid: u32,
     /// (device, inode) of a regular file with more than one name.
     pub link_id: Option<(u64, u64)>,
+    /// A regular file's stat, and a time before it was taken (for the stat cache).
+    pub stat: Option<(FileStat, SystemTime)>,
 }
 
 /// One source path or glob match.
@@ -66,7 +70,7 @@ pub(crate) struct Matched {
     pub entries: Vec<Entry>,
 }
 
-fn entry(rel: String, path: PathBuf, md: &Metadata) -> Entry {
+fn entry(rel: String, path: PathBuf, md: &Metadata, stat_time: SystemTime) -> Entry {
     let ft = md.file_type();
     let kind = if ft.is_dir() {
         Kind::Dir
@@ -90,6 +94,7 @@ fn entry(rel: String, path: PathBuf, md: &Metadata) -> Entry {
     Entry {
         rel,
         path,
+        stat: ft.is_file().then(|| (FileStat::of(md), stat_time)),
         kind,
         link_id,
         mode: md.mode() & 0o7777,
@@ -210,6 +215,8 @@ pub(crate) fn select(
         vec![rel.to_string()]
     };
     let mut out = Vec::new();
+    // Before any stat of this walk: the stat cache's trust rule compares file times with it.
+    let stat_time = SystemTime::now();
     for cand in candidates {
         let Some(resolved) = resolve_in_root(origin.root, &cand)? else {
             continue;
@@ -222,9 +229,9 @@ pub(crate) fn select(
         if exclude.is_some_and(|m| cand != "." && m.is_excluded(&cand, md.is_dir())) {
             continue;
         }
-        let mut entries = vec![entry(String::new(), path.clone(), &md)];
+        let mut entries = vec![entry(String::new(), path.clone(), &md, stat_time)];
         if md.is_dir() {
-            walk(origin, &cand, &path, "", exclude, &mut entries)?;
+            walk(origin, &cand, &path, "", exclude, stat_time, &mut entries)?;
         }
         out.push(Matched {
             rel: cand,
@@ -247,6 +254,7 @@ fn walk(
     dir: &Path,
     rel: &str,
     exclude: Option<&IgnoreMatcher>,
+    stat_time: SystemTime,
     out: &mut Vec<Entry>,
 ) -> Result<()> {
     let mut names = Vec::new();
@@ -272,10 +280,10 @@ fn walk(
         let keep = !origin.ignore.is_some_and(|m| m.matches(&origin_rel))
             && !exclude.is_some_and(|m| m.matches(&sub_rel));
         if keep || is_dir {
-            out.push(entry(sub_rel.clone(), path.clone(), &md));
+            out.push(entry(sub_rel.clone(), path.clone(), &md, stat_time));
         }
         if is_dir {
-            walk(origin, match_rel, &path, &sub_rel, exclude, out)?;
+            walk(origin, match_rel, &path, &sub_rel, exclude, stat_time, out)?;
         }
     }
     Ok(())
@@ -314,10 +322,12 @@ pub(crate) fn hash_file(path: &Path) -> Result<Digest> {
 /// The content hash of exactly these matches: path, type, mode, owner (when it ends up in
 /// the layer), size, content digest and link target of every entry. mtimes are not part of
 /// it: copied files get a fixed mtime in the layer. Returns the digest and, per source path,
-/// a short digest for explanations.
+/// a short digest for explanations. With a `cache` (the context's), a file whose stat it has
+/// recorded is not read.
 pub(crate) fn hash_matches(
     matches: &[Matched],
     keep_owner: bool,
+    cache: Option<&StatCache>,
 ) -> Result<(Digest, BTreeMap<String, String>)> {
     let mut records = Vec::new();
     let mut per_file = BTreeMap::new();
@@ -337,7 +347,13 @@ pub(crate) fn hash_matches(
             let path = &paths[i];
             i += 1;
             let (kind, size, sha, link) = match &e.kind {
-                Kind::File { size } => ("file", *size, Some(hash_file(&e.path)?.to_string()), None),
+                Kind::File { size } => {
+                    let digest = match (cache, &e.stat) {
+                        (Some(c), Some((stat, at))) => c.digest(&e.path, stat, *at, hash_file)?,
+                        _ => hash_file(&e.path)?,
+                    };
+                    ("file", *size, Some(digest.to_string()), None)
+                }
                 Kind::Dir => ("dir", 0, None, None),
                 Kind::Symlink { target } => (
                     "symlink",
@@ -413,14 +429,14 @@ mod tests {
         let m = select(&origin, "src/link", None).unwrap();
         assert_eq!(m[0].entries[0].kind, Kind::File { size: 1 });
 
-        let (h1, files) = hash_matches(&select(&origin, ".", None).unwrap(), false).unwrap();
+        let (h1, files) = hash_matches(&select(&origin, ".", None).unwrap(), false, None).unwrap();
         assert!(files.contains_key("src/x.go"), "{files:?}");
         assert!(!files.contains_key("src/secret.key"));
         std::fs::write(r.join("src/secret.key"), "changed").unwrap();
-        let (h2, _) = hash_matches(&select(&origin, ".", None).unwrap(), false).unwrap();
+        let (h2, _) = hash_matches(&select(&origin, ".", None).unwrap(), false, None).unwrap();
         assert_eq!(h1, h2, "ignored files are not part of the hash");
         std::fs::write(r.join("src/x.go"), "changed").unwrap();
-        let (h3, _) = hash_matches(&select(&origin, ".", None).unwrap(), false).unwrap();
+        let (h3, _) = hash_matches(&select(&origin, ".", None).unwrap(), false, None).unwrap();
         assert_ne!(h1, h3);
     }
 }

@@ -17,6 +17,8 @@
 //!     ├── snapshots/<hex>   unpacked layer chains by chain ID; gc removes unreachable ones
 //!     ├── tmp/              in-flight writes; stale entries (> 1 hour) removed by gc and open
 //!     ├── partial/<alg>-<hex>  resumable blob writes (hosts over SSH); gc removes day-old ones
+//!     ├── context-stats/<hex>  per build context (sha256 of its absolute path): the builder's
+//!     │                        stat cache (path → size, times, inode, mode → content digest)
 //!     └── locks/
 //!         ├── index.lock    exclusive while index.json is read-modified-written
 //!         └── gc.lock       shared by write sessions, exclusive while gc runs
@@ -36,6 +38,7 @@
 //!   from before the first put until after the ref or pin is set.
 
 mod blob;
+mod context_stats;
 mod error;
 mod gc;
 mod image;
