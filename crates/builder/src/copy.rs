@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use strata_dockerfile::IgnoreMatcher;
 use strata_oci::{Descriptor, Digest};
-use strata_rootfs::{LayerOptions, LayerSource, MtimePolicy, write_layer};
+use strata_rootfs::{HostFile, LayerOptions, LayerSource, MtimePolicy, write_layer};
 
 use crate::engine::{Ctx, StageState};
 use crate::error::{Error, Result, io_err};
@@ -161,6 +161,12 @@ struct Stage<'a> {
     created: std::collections::BTreeSet<String>,
     /// Where the first name of a multiply linked source file was placed, by (dev, inode).
     links: BTreeMap<(u64, u64), String>,
+    /// Regular files the layer reads where they are (not copied into `root`), by layer path
+    /// (no leading `/`). `root` has their parent directories.
+    in_place: BTreeMap<Vec<u8>, HostFile>,
+    /// Whether files may be read in place (not when an archive is unpacked into the tree,
+    /// which may write where a recorded file is).
+    in_place_ok: bool,
 }
 
 fn set_meta(path: &Path, mode: u32, uid: u32, gid: u32, symlink: bool) -> Result<()> {
@@ -206,6 +212,28 @@ impl<'a> Stage<'a> {
             explicit: Default::default(),
             created: Default::default(),
             links: Default::default(),
+            in_place: Default::default(),
+            in_place_ok: true,
+        }
+    }
+
+    /// Forgets files to be read in place at `abs` or under it (something else goes there).
+    fn forget_in_place(&mut self, abs: &str) {
+        let key = abs.trim_start_matches('/').as_bytes();
+        if self.in_place.is_empty() {
+            return;
+        }
+        self.in_place.remove(key);
+        let mut under = key.to_vec();
+        under.push(b'/');
+        let doomed: Vec<Vec<u8>> = self
+            .in_place
+            .range(under.clone()..)
+            .take_while(|(k, _)| k.starts_with(&under))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in doomed {
+            self.in_place.remove(&k);
         }
     }
 
@@ -220,6 +248,10 @@ impl<'a> Stage<'a> {
         for part in &parts[..parts.len().saturating_sub(1)] {
             prefix.push('/');
             prefix.push_str(part);
+            if !self.in_place.is_empty() {
+                self.in_place
+                    .remove(prefix.trim_start_matches('/').as_bytes());
+            }
             let p = self.host(&prefix);
             match std::fs::symlink_metadata(&p) {
                 Ok(md) if md.is_dir() => continue,
@@ -234,6 +266,9 @@ impl<'a> Stage<'a> {
 
     fn dir(&mut self, abs: &str, mode: u32, owner: (u32, u32)) -> Result<()> {
         self.parents(abs)?;
+        if !self.in_place.is_empty() {
+            self.in_place.remove(abs.trim_start_matches('/').as_bytes());
+        }
         let p = self.host(abs);
         match std::fs::symlink_metadata(&p) {
             Ok(md) if md.is_dir() => {}
@@ -250,6 +285,7 @@ impl<'a> Stage<'a> {
 
     fn clear(&mut self, abs: &str) -> Result<PathBuf> {
         self.parents(abs)?;
+        self.forget_in_place(abs);
         let p = self.host(abs);
         match std::fs::symlink_metadata(&p) {
             Ok(md) if md.is_dir() => std::fs::remove_dir_all(&p).map_err(io_err("removing", &p))?,
@@ -263,6 +299,34 @@ impl<'a> Stage<'a> {
         let p = self.clear(abs)?;
         std::fs::copy(src, &p).map_err(io_err("copying", src))?;
         set_meta(&p, mode, owner.0, owner.1, false)
+    }
+
+    /// Like [`Self::file_from`], but the layer reads `src` where it is (no copy), when that
+    /// gives the same entry.
+    fn file_in_place(&mut self, abs: &str, src: &Path, mode: u32, owner: (u32, u32)) -> Result<()> {
+        if !self.in_place_ok || abs.trim_start_matches('/').is_empty() {
+            return self.file_from(abs, src, mode, owner);
+        }
+        self.clear(abs)?;
+        // What a staged copy would be owned by: chown works only for root.
+        let (uid, gid) = if rustix::process::geteuid().is_root() {
+            owner
+        } else {
+            (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            )
+        };
+        self.in_place.insert(
+            abs.trim_start_matches('/').as_bytes().to_vec(),
+            HostFile {
+                path: src.to_path_buf(),
+                mode,
+                uid,
+                gid,
+            },
+        );
+        Ok(())
     }
 
     fn file_bytes(&mut self, abs: &str, bytes: &[u8], mode: u32, owner: (u32, u32)) -> Result<()> {
@@ -360,6 +424,8 @@ pub(crate) fn copy_step(
     let owner = chown.unwrap_or((0, 0));
     let staging = ctx.tempdir("copy-")?;
     let mut st = Stage::new(staging.path(), &view, owner);
+    let unpack = step.add && step.unpack != Some(false);
+    st.in_place_ok = !unpack;
     let exclude = exclude_matcher(step)?;
     let origin_root = match &step.from {
         FileSource::Context => ctx.context.clone(),
@@ -375,7 +441,6 @@ pub(crate) fn copy_step(
         view.resolve(&step.dest).map_err(Error::Usage)?
     };
     let dest_dir_like = step.dest_is_dir || view.is_dir(&dest);
-    let unpack = step.add && step.unpack != Some(false);
 
     for (i, s) in step.sources.iter().enumerate() {
         match s {
@@ -443,15 +508,24 @@ pub(crate) fn copy_step(
         }
     }
     st.finish_parents()?;
-    Ok((write_staged(ctx, staging.path())?, view.reads()))
+    Ok((
+        write_staged(ctx, staging.path(), &st.in_place)?,
+        view.reads(),
+    ))
 }
 
-/// Writes the staged tree at `staging` as a layer into the store; `None` when it is empty.
-fn write_staged(ctx: &Ctx<'_>, staging: &Path) -> Result<Option<(Descriptor, Digest)>> {
-    if std::fs::read_dir(staging)
-        .map_err(io_err("reading directory", staging))?
-        .next()
-        .is_none()
+/// Writes the staged tree at `staging`, with `in_place` files read where they are, as a layer
+/// into the store; `None` when it is empty.
+fn write_staged(
+    ctx: &Ctx<'_>,
+    staging: &Path,
+    in_place: &BTreeMap<Vec<u8>, HostFile>,
+) -> Result<Option<(Descriptor, Digest)>> {
+    if in_place.is_empty()
+        && std::fs::read_dir(staging)
+            .map_err(io_err("reading directory", staging))?
+            .next()
+            .is_none()
     {
         return Ok(None);
     }
@@ -461,7 +535,11 @@ fn write_staged(ctx: &Ctx<'_>, staging: &Path) -> Result<Option<(Descriptor, Dig
         ..LayerOptions::default()
     };
     let mut writer = ctx.store.blob_writer()?;
-    let info = write_layer(LayerSource::Dir(staging), &opts, &mut writer)?;
+    let source = LayerSource::Staged {
+        root: staging,
+        files: in_place,
+    };
+    let info = write_layer(source, &opts, &mut writer)?;
     writer.commit(Some((&info.digest, Some(info.size))))?;
     Ok(Some((info.descriptor(), info.diff_id)))
 }
@@ -498,7 +576,10 @@ pub(crate) fn workdir_step(ctx: &Ctx<'_>, state: &StageState, path: &str) -> Res
     let mut st = Stage::new(staging.path(), &view, owner);
     st.dir(&dir, 0o755, owner)?;
     st.finish_parents()?;
-    Ok((write_staged(ctx, staging.path())?, view.reads()))
+    Ok((
+        write_staged(ctx, staging.path(), &BTreeMap::new())?,
+        view.reads(),
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -555,6 +636,9 @@ fn place(
             }
             Kind::File { .. } => match e.link_id.and_then(|id| st.links.get(&id).cloned()) {
                 Some(first) => st.hard_link(&abs, &first)?,
+                // A file with other names is copied: its later names become hard links to
+                // the staged copy.
+                None if e.link_id.is_none() => st.file_in_place(&abs, &e.path, mode, owner)?,
                 None => {
                     st.file_from(&abs, &e.path, mode, owner)?;
                     if let Some(id) = e.link_id {

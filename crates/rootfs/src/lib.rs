@@ -32,5 +32,6 @@ pub use recompress::{recompress_tar, sniff_compression};
 pub use snapshot::{LayerRef, SnapshotCache, materialize, overlay_lowerdir, sync_filesystem};
 pub use strata_oci::Compression;
 pub use write::{
-    LayerInfo, LayerOptions, LayerSource, MtimePolicy, OPAQUE_MARKER, WHITEOUT_PREFIX, write_layer,
+    HostFile, LayerInfo, LayerOptions, LayerSource, MtimePolicy, OPAQUE_MARKER, WHITEOUT_PREFIX,
+    write_layer,
 };
