@@ -260,15 +260,16 @@ fn walk(
     let mut names = Vec::new();
     for e in std::fs::read_dir(dir).map_err(io_err("reading directory", dir))? {
         let e = e.map_err(io_err("reading directory", dir))?;
-        names.push(e.file_name());
+        names.push((e.file_name(), e));
     }
-    names.sort();
-    for name in names {
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, dirent) in names {
         let name = name.to_string_lossy().to_string();
         let sub_rel = join(rel, &name);
         let origin_rel = join(match_rel, &sub_rel);
         let path = dir.join(&name);
-        let md = std::fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
+        // Relative to the open directory (fstatat), not a walk of the whole path per file.
+        let md = dirent.metadata().map_err(io_err("stat", &path))?;
         let is_dir = md.is_dir();
         if ignored(origin, &origin_rel, is_dir) {
             continue;
@@ -372,25 +373,99 @@ pub(crate) fn hash_matches(
                 sha256: sha,
                 link,
             };
+            let one = rec.canonical_json();
             if kind != "dir" {
-                let one = strata_oci::to_canonical_json(&rec);
                 per_file.insert(path.clone(), Digest::sha256(&one).hex()[..16].to_string());
             }
-            records.push(strata_oci::to_canonical_json(&rec));
+            records.push(one);
         }
     }
-    let all = strata_oci::to_canonical_json(
-        &records
-            .iter()
-            .map(|r| String::from_utf8_lossy(r).to_string())
-            .collect::<Vec<_>>(),
-    );
+    // The canonical JSON of the records as an array of strings, written directly (the same
+    // bytes as `to_canonical_json(&Vec<String>)`, a test checks, without a `Value` tree of
+    // every record).
+    let mut all = Vec::with_capacity(records.iter().map(|r| r.len() + 8).sum::<usize>() + 2);
+    all.push(b'[');
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            all.push(b',');
+        }
+        json_string(&mut all, &String::from_utf8_lossy(r));
+    }
+    all.push(b']');
     Ok((Digest::sha256(&all), per_file))
+}
+
+/// `s` as a JSON string, escaped as serde_json (and so canonical JSON) writes it.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+impl EntryRecord<'_> {
+    /// The canonical JSON of the record (keys sorted, no spaces), written directly: it is
+    /// computed for every file of every COPY, and a test pins it to `to_canonical_json`.
+    fn canonical_json(&self) -> Vec<u8> {
+        use std::io::Write;
+        let mut out = Vec::with_capacity(160 + self.path.len());
+        out.extend_from_slice(b"{\"kind\":");
+        json_string(&mut out, self.kind);
+        if let Some(link) = &self.link {
+            out.extend_from_slice(b",\"link\":");
+            json_string(&mut out, link);
+        }
+        let _ = write!(out, ",\"mode\":{}", self.mode);
+        if let Some((uid, gid)) = self.owner {
+            let _ = write!(out, ",\"owner\":[{uid},{gid}]");
+        }
+        out.extend_from_slice(b",\"path\":");
+        json_string(&mut out, self.path);
+        if let Some(sha) = &self.sha256 {
+            out.extend_from_slice(b",\"sha256\":");
+            json_string(&mut out, sha);
+        }
+        let _ = write!(out, ",\"size\":{}}}", self.size);
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_are_written_as_canonical_json() {
+        for (owner, sha, link) in [
+            (None, None, None),
+            (Some((0, 0)), Some("sha256:ab".to_string()), None),
+            (
+                Some((1000, 50)),
+                None,
+                Some("../a \"b\"\\\n\u{7f}é".to_string()),
+            ),
+        ] {
+            let rec = EntryRecord {
+                path: "dir/\"q\"\\ \t\u{1}ü",
+                kind: "file",
+                mode: 0o4755,
+                owner,
+                size: u64::MAX,
+                sha256: sha,
+                link,
+            };
+            let want = strata_oci::to_canonical_json(&rec);
+            assert_eq!(
+                String::from_utf8_lossy(&rec.canonical_json()),
+                String::from_utf8_lossy(&want)
+            );
+            let records = vec![String::from_utf8_lossy(&want).to_string(), "x".into()];
+            let mut all = vec![b'['];
+            json_string(&mut all, &records[0]);
+            all.push(b',');
+            json_string(&mut all, &records[1]);
+            all.push(b']');
+            assert_eq!(all, strata_oci::to_canonical_json(&records));
+        }
+    }
 
     #[test]
     fn globs_ignore_and_exclude_select_the_right_files() {
