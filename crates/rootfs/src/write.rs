@@ -10,10 +10,11 @@ use std::path::{Component, Path};
 
 use strata_oci::{Compression, Descriptor, Digest, HashingWriter};
 
-use crate::compress::{DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL, Encoder};
+use crate::compress::{DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL, Encoder, GzMemberCache};
 use crate::diff::Change;
 use crate::error::{Error, Result};
 use crate::fsmeta::read_xattrs;
+use crate::pargz::GzMember;
 use crate::tarfmt::{self, Kind, Meta};
 
 /// Name prefix that marks a whiteout (OCI image spec, layer.md "Whiteouts").
@@ -73,6 +74,9 @@ pub struct LayerOptions {
     pub owner: Option<(u32, u32)>,
     /// Record extended attributes (default true).
     pub xattrs: bool,
+    /// gzip members of earlier layers to reuse (see [`crate::MemberCache`]); the blob is the
+    /// same bytes with or without it.
+    pub gzip_members: Option<GzMemberCache>,
 }
 
 impl Default for LayerOptions {
@@ -84,6 +88,7 @@ impl Default for LayerOptions {
             mtime: MtimePolicy::Keep,
             owner: None,
             xattrs: true,
+            gzip_members: None,
         }
     }
 }
@@ -114,6 +119,8 @@ pub struct LayerInfo {
     pub media_type: &'static str,
     /// The compression used.
     pub compression: Compression,
+    /// Where each gzip member is in the blob and what it holds (empty unless gzip).
+    pub gzip_members: Vec<GzMember>,
 }
 
 impl LayerInfo {
@@ -237,8 +244,14 @@ pub(crate) struct LayerStream<W: Write> {
 impl<W: Write> LayerStream<W> {
     pub(crate) fn new(sink: W, opts: &LayerOptions) -> Result<Self> {
         let blob = HashingWriter::new(BufWriter::with_capacity(256 * 1024, sink));
-        let encoder = Encoder::new(blob, opts.compression, opts.gzip_level, opts.zstd_level)
-            .map_err(Error::Sink)?;
+        let encoder = Encoder::new(
+            blob,
+            opts.compression,
+            opts.gzip_level,
+            opts.zstd_level,
+            opts.gzip_members.as_ref(),
+        )
+        .map_err(Error::Sink)?;
         Ok(LayerStream {
             tar: HashingWriter::new(encoder),
         })
@@ -247,7 +260,7 @@ impl<W: Write> LayerStream<W> {
     /// Flush the compressor and the sink; the layer's digests and sizes.
     pub(crate) fn finish(self, opts: &LayerOptions) -> Result<LayerInfo> {
         let (encoder, diff_id, uncompressed_size) = self.tar.finish();
-        let blob = encoder.finish().map_err(Error::Sink)?;
+        let (blob, gzip_members) = encoder.finish().map_err(Error::Sink)?;
         let (mut sink, digest, size) = blob.finish();
         sink.flush().map_err(Error::Sink)?;
         Ok(LayerInfo {
@@ -257,6 +270,7 @@ impl<W: Write> LayerStream<W> {
             uncompressed_size,
             media_type: opts.compression.oci_layer_media_type(),
             compression: opts.compression,
+            gzip_members,
         })
     }
 }

@@ -13,7 +13,8 @@
 //! │   ├── sha256/<hex>      content, named by its digest, never modified in place
 //! │   └── sha512/<hex>
 //! └── strata/               everything that is ours, not OCI
-//!     ├── meta-v1.db        SQLite (WAL): pins, build cache index, snapshots
+//!     ├── meta-v1.db        SQLite (WAL): pins, build cache index, snapshots, named blob
+//!     │                     ranges (`range:<key>` → blob, offset, length: gzip members)
 //!     ├── snapshots/<hex>   unpacked layer chains by chain ID; gc removes unreachable ones
 //!     ├── tmp/              in-flight writes; stale entries (> 1 hour) removed by gc and open
 //!     ├── partial/<alg>-<hex>  resumable blob writes (hosts over SSH); gc removes day-old ones
@@ -46,6 +47,7 @@ mod lock;
 mod meta;
 mod owner;
 mod partial;
+mod ranges;
 mod refs;
 
 use std::fs;
@@ -62,6 +64,7 @@ pub use image::Image;
 pub use meta::{Pin, Snapshot};
 pub use owner::temp_prefix;
 pub use partial::{PARTIAL_MAX_AGE, PartialBlob};
+pub use ranges::{BlobRange, BlobRanges};
 pub use strata_oci::{Descriptor, Digest};
 
 use error::IoContext;
