@@ -325,28 +325,21 @@ pub(crate) fn hash_file(path: &Path) -> Result<Digest> {
 /// it: copied files get a fixed mtime in the layer. Returns the digest and, per source path,
 /// a short digest for explanations. With a `cache` (the context's), a file whose stat it has
 /// recorded is not read.
-pub(crate) fn hash_matches(
-    matches: &[Matched],
+pub(crate) fn hash_matches<'m>(
+    matches: impl IntoIterator<Item = &'m Matched>,
     keep_owner: bool,
     cache: Option<&StatCache>,
 ) -> Result<(Digest, BTreeMap<String, String>)> {
     let mut records = Vec::new();
-    let mut per_file = BTreeMap::new();
-    let mut paths = Vec::new();
+    // Collected, then sorted once: cheaper than a tree insert per file.
+    let mut per_file = Vec::new();
     for m in matches {
         for e in &m.entries {
-            paths.push(if e.rel.is_empty() {
+            let path = &if e.rel.is_empty() {
                 m.rel.clone()
             } else {
                 join(&m.rel, &e.rel)
-            });
-        }
-    }
-    let mut i = 0;
-    for m in matches {
-        for e in &m.entries {
-            let path = &paths[i];
-            i += 1;
+            };
             let (kind, size, sha, link) = match &e.kind {
                 Kind::File { size } => {
                     let digest = match (cache, &e.stat) {
@@ -375,7 +368,7 @@ pub(crate) fn hash_matches(
             };
             let one = rec.canonical_json();
             if kind != "dir" {
-                per_file.insert(path.clone(), Digest::sha256(&one).hex()[..16].to_string());
+                per_file.push((path.clone(), Digest::sha256(&one).hex()[..16].to_string()));
             }
             records.push(one);
         }
@@ -392,7 +385,7 @@ pub(crate) fn hash_matches(
         json_string(&mut all, &String::from_utf8_lossy(r));
     }
     all.push(b']');
-    Ok((Digest::sha256(&all), per_file))
+    Ok((Digest::sha256(&all), per_file.into_iter().collect()))
 }
 
 /// `s` as a JSON string, escaped as serde_json (and so canonical JSON) writes it.

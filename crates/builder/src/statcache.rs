@@ -79,10 +79,16 @@ pub(crate) struct StatCache {
 
 #[derive(Default)]
 struct State {
-    entries: HashMap<Vec<u8>, (FileStat, Digest)>,
-    /// Paths looked up this build.
-    seen: std::collections::HashSet<Vec<u8>>,
+    entries: HashMap<Vec<u8>, Recorded>,
     changed: bool,
+}
+
+#[derive(Debug)]
+struct Recorded {
+    stat: FileStat,
+    digest: Digest,
+    /// Looked up this build.
+    seen: bool,
 }
 
 impl StatCache {
@@ -117,19 +123,17 @@ impl StatCache {
     /// may copy them).
     pub(crate) fn save(&self, store: &Store) -> Result<()> {
         let mut st = self.state.lock_ok();
-        let State {
-            entries,
-            seen,
-            changed,
-        } = &mut *st;
+        let State { entries, changed } = &mut *st;
         let before = entries.len();
-        entries.retain(|rel, _| {
-            seen.contains(rel)
+        entries.retain(|rel, r| {
+            r.seen
                 || std::fs::symlink_metadata(self.root.join(std::ffi::OsStr::from_bytes(rel)))
                     .is_ok()
         });
         // The next build starts here (tests run several on one cache).
-        seen.clear();
+        for r in entries.values_mut() {
+            r.seen = false;
+        }
         if !*changed && entries.len() == before {
             return Ok(());
         }
@@ -156,7 +160,7 @@ impl StatCache {
         let rel = path
             .strip_prefix(&self.root)
             .ok()
-            .map(|r| r.as_os_str().as_bytes().to_vec())
+            .map(|r| r.as_os_str().as_bytes())
             // A newline would end the entry's line in the file.
             .filter(|r| !r.contains(&b'\n'));
         let Some(rel) = rel else {
@@ -165,12 +169,11 @@ impl StatCache {
         };
         {
             let mut st = self.state.lock_ok();
-            if let Some((stat, d)) = st.entries.get(&rel)
-                && stat == md
+            if let Some(r) = st.entries.get_mut(rel)
+                && r.stat == *md
             {
-                let d = d.clone();
-                st.seen.insert(rel);
-                return Ok(d);
+                r.seen = true;
+                return Ok(r.digest.clone());
             }
         }
         self.read.fetch_add(1, Ordering::Relaxed);
@@ -182,22 +185,32 @@ impl StatCache {
         let trusted = md.mtime.max(md.ctime) + (self.margin.as_nanos() as i128) <= stat_ns;
         let mut st = self.state.lock_ok();
         if trusted {
-            st.entries.insert(rel.clone(), (*md, d.clone()));
+            let r = Recorded {
+                stat: *md,
+                digest: d.clone(),
+                seen: true,
+            };
+            st.entries.insert(rel.to_vec(), r);
             st.changed = true;
-        } else if st.entries.remove(&rel).is_some() {
+        } else if st.entries.remove(rel).is_some() {
             st.changed = true;
         }
-        st.seen.insert(rel);
         Ok(d)
     }
 }
 
-fn serialize(entries: &HashMap<Vec<u8>, (FileStat, Digest)>) -> Vec<u8> {
+fn serialize(entries: &HashMap<Vec<u8>, Recorded>) -> Vec<u8> {
     let mut sorted: Vec<_> = entries.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let mut out = format!("{HEADER} {}\n", sorted.len()).into_bytes();
     let split = |t: i128| (t.div_euclid(1_000_000_000), t.rem_euclid(1_000_000_000));
-    for (rel, (s, d)) in sorted {
+    for (
+        rel,
+        Recorded {
+            stat: s, digest: d, ..
+        },
+    ) in sorted
+    {
         let (ms, mn) = split(s.mtime);
         let (cs, cn) = split(s.ctime);
         out.extend_from_slice(
@@ -218,7 +231,7 @@ fn serialize(entries: &HashMap<Vec<u8>, (FileStat, Digest)>) -> Vec<u8> {
 }
 
 /// The entries of a cache file; `None` unless all of it parses.
-fn parse(bytes: &[u8]) -> Option<HashMap<Vec<u8>, (FileStat, Digest)>> {
+fn parse(bytes: &[u8]) -> Option<HashMap<Vec<u8>, Recorded>> {
     let mut lines = bytes.split(|b| *b == b'\n');
     let header = std::str::from_utf8(lines.next()?).ok()?;
     let count: usize = header.strip_prefix(HEADER)?.trim().parse().ok()?;
@@ -250,7 +263,8 @@ fn parse(bytes: &[u8]) -> Option<HashMap<Vec<u8>, (FileStat, Digest)>> {
             ino,
             mode,
         };
-        entries.insert(rel, (stat, digest));
+        let seen = false;
+        entries.insert(rel, Recorded { stat, digest, seen });
     }
     // The file ends right after the last entry's newline.
     (lines.next() == Some(&b""[..]) && lines.next().is_none()).then_some(entries)
@@ -267,6 +281,11 @@ mod tests {
     #[test]
     fn the_file_format_round_trips_and_a_torn_file_is_ignored() {
         let mut e = HashMap::new();
+        let rec = |stat, digest| Recorded {
+            stat,
+            digest,
+            seen: false,
+        };
         let s = FileStat {
             size: 3,
             mtime: -1_500_000_000,
@@ -275,15 +294,18 @@ mod tests {
             ino: 77,
             mode: 0o100644,
         };
-        e.insert(b"dir/a file".to_vec(), (s, Digest::sha256(b"x")));
-        e.insert(b"b".to_vec(), (s, Digest::sha256(b"y")));
+        e.insert(b"dir/a file".to_vec(), rec(s, Digest::sha256(b"x")));
+        e.insert(b"b".to_vec(), rec(s, Digest::sha256(b"y")));
         let bytes = serialize(&e);
-        assert_eq!(parse(&bytes), Some(e));
-        assert_eq!(parse(&bytes[..bytes.len() - 1]), None, "no final newline");
+        assert_eq!(serialize(&parse(&bytes).unwrap()), bytes);
+        assert!(
+            parse(&bytes[..bytes.len() - 1]).is_none(),
+            "no final newline"
+        );
         let cut = bytes.iter().rposition(|b| *b == b'\n').unwrap();
         let prev = bytes[..cut].iter().rposition(|b| *b == b'\n').unwrap();
-        assert_eq!(parse(&bytes[..=prev]), None, "an entry missing");
-        assert_eq!(parse(b"strata-context-stats v9 0\n"), None);
+        assert!(parse(&bytes[..=prev]).is_none(), "an entry missing");
+        assert!(parse(b"strata-context-stats v9 0\n").is_none());
     }
 
     #[test]
