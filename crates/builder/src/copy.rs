@@ -74,7 +74,9 @@ pub(crate) fn prepare(ctx: &Ctx<'_>, step: &CopyStep) -> Result<Prepared> {
     if !all.is_empty() || !url_hashes.is_empty() {
         let matched = all.iter().flat_map(|(_, m)| m.iter());
         let (h, files) = source::hash_matches(matched, false, Some(&ctx.stat_cache))?;
-        p.files.extend(files);
+        // Moved, not merged entry by entry: it is one per copied file.
+        let urls = std::mem::replace(&mut p.files, files);
+        p.files.extend(urls);
         let mut parts = vec![h.to_string()];
         parts.extend(url_hashes);
         p.files_hash = Some(Digest::sha256(parts.join("\n").as_bytes()));
