@@ -1,11 +1,13 @@
 //! Block-parallel gzip: the input is cut into blocks at content-defined boundaries (a gear
-//! rolling hash, as FastCDC cuts: 64 KiB to 1 MiB, about 256 KiB on average), each block is
+//! rolling hash, as FastCDC cuts: 64 KiB to 1 MiB, about 320 KiB on average), each block is
 //! compressed on a worker thread by libdeflate into a gzip member of its own, and the members
 //! are written in order. Boundaries that depend on the bytes, not on offsets, make an edit in
 //! the middle of a layer change only the members around it: with a [`MemberCache`] (members
 //! of earlier layers by the sha256 of their uncompressed bytes) a one-file change in a large
 //! COPY compresses about that file. A cached member is used only after it decompresses to
-//! exactly the block, so the blob is the same bytes with or without the cache. A gzip file is a series of members (RFC 1952 §2.2; bgzip and `pigz --independent`
+//! exactly the block, so the blob is the same bytes with or without the cache.
+//!
+//! A gzip file is a series of members (RFC 1952 §2.2; bgzip and `pigz --independent`
 //! write such files) and every reader of layers decodes them: Go's `gzip.Reader` (Docker,
 //! containerd, skopeo, umoci), zlib's `gzread`, flate2's `MultiGzDecoder`. Tar reading and
 //! hashing stay on the caller's thread, so a 1 GB layer commits in about its size divided by
@@ -75,19 +77,20 @@ pub struct GzMember {
     pub len: u64,
 }
 
-/// A finished member: the sha256 of its input, and its bytes.
-type Block = io::Result<(Digest, Vec<u8>)>;
+/// A finished member: the sha256 of its input (only with a cache: nothing else needs it),
+/// and its bytes.
+type Block = io::Result<(Option<Digest>, Vec<u8>)>;
 
 /// What makes members: a compressor, and the cache with what checks its answers.
 struct Maker {
     c: Compressor,
     d: Option<Decompressor>,
     level: u32,
-    cache: Option<std::sync::Arc<dyn MemberCache>>,
+    cache: Option<Arc<dyn MemberCache>>,
 }
 
 impl Maker {
-    fn new(level: CompressionLvl, cache: Option<std::sync::Arc<dyn MemberCache>>) -> Maker {
+    fn new(level: CompressionLvl, cache: Option<Arc<dyn MemberCache>>) -> Maker {
         Maker {
             c: Compressor::new(level),
             d: None,
@@ -99,17 +102,20 @@ impl Maker {
     /// The member for `input`: the cache's when it decompresses to exactly `input` (the
     /// member's CRC-32 and size are checked too), else compressed here.
     fn member(&mut self, input: &[u8]) -> Block {
+        let Some(cache) = &self.cache else {
+            return Ok((None, gzip_member(&mut self.c, input)?));
+        };
         let key = Digest::sha256(input);
-        if let Some(member) = self.cache.as_ref().and_then(|c| c.get(&key, self.level)) {
+        if let Some(member) = cache.get(&key, self.level) {
             let d = self.d.get_or_insert_with(Decompressor::new);
             let mut out = vec![0u8; input.len()];
             if matches!(d.gzip_decompress(&member, &mut out), Ok(n) if n == input.len())
                 && out == input
             {
-                return Ok((key, member));
+                return Ok((Some(key), member));
             }
         }
-        Ok((key, gzip_member(&mut self.c, input)?))
+        Ok((Some(key), gzip_member(&mut self.c, input)?))
     }
 }
 
@@ -124,11 +130,7 @@ struct Pool {
 }
 
 impl Pool {
-    fn start(
-        threads: usize,
-        level: CompressionLvl,
-        cache: Option<std::sync::Arc<dyn MemberCache>>,
-    ) -> Pool {
+    fn start(threads: usize, level: CompressionLvl, cache: Option<Arc<dyn MemberCache>>) -> Pool {
         let (tx, rx) = sync_channel::<Job>(threads);
         let rx = Arc::new(Mutex::new(rx));
         let workers = (0..threads)
@@ -188,7 +190,7 @@ pub(crate) struct ParGzEncoder<W: Write> {
     members: u64,
     pool: Option<Pool>,
     in_flight: VecDeque<Receiver<Block>>,
-    cache: Option<std::sync::Arc<dyn MemberCache>>,
+    cache: Option<Arc<dyn MemberCache>>,
     /// Bytes written to the sink so far.
     written: u64,
     written_members: Vec<GzMember>,
@@ -222,7 +224,7 @@ impl<W: Write> ParGzEncoder<W> {
     }
 
     /// Takes members from `cache` when it has them (checked before use).
-    pub(crate) fn with_cache(mut self, cache: std::sync::Arc<dyn MemberCache>) -> Self {
+    pub(crate) fn with_cache(mut self, cache: Arc<dyn MemberCache>) -> Self {
         self.cache = Some(cache);
         self
     }
@@ -261,18 +263,20 @@ impl<W: Write> ParGzEncoder<W> {
                 .recv()
                 .map_err(|_| io::Error::other("a gzip worker thread died"))??;
             self.sink.write_all(&out)?;
-            self.written_members.push(GzMember {
-                key,
-                offset: self.written,
-                len: out.len() as u64,
-            });
+            if let Some(key) = key {
+                self.written_members.push(GzMember {
+                    key,
+                    offset: self.written,
+                    len: out.len() as u64,
+                });
+            }
             self.written += out.len() as u64;
         }
         Ok(())
     }
 
-    /// Compresses what is left and returns the sink and where each member went. Empty input
-    /// still gives one (empty) member: a valid gzip file.
+    /// Compresses what is left and returns the sink and where each member went (with a
+    /// cache; else none). Empty input still gives one (empty) member: a valid gzip file.
     pub(crate) fn finish(mut self) -> io::Result<(W, Vec<GzMember>)> {
         if !self.pending.is_empty() || self.members == 0 {
             let last = std::mem::take(&mut self.pending);
@@ -367,7 +371,7 @@ mod tests {
         data: &[u8],
         threads: usize,
         split: usize,
-        cache: Option<std::sync::Arc<dyn MemberCache>>,
+        cache: Option<Arc<dyn MemberCache>>,
     ) -> (Vec<u8>, Vec<GzMember>) {
         let mut e = ParGzEncoder::with_threads(Vec::new(), 6, threads).unwrap();
         if let Some(c) = cache {
@@ -425,12 +429,13 @@ mod tests {
     #[test]
     fn an_insertion_changes_only_the_members_around_it() {
         let data = sample(12 * BLOCK);
-        let (_, before) = gz_members(&data, 2, 65536, None);
-        let (_, after) = gz_members(
-            &edited(&data, 6 * BLOCK + 123, b"new line\n"),
-            2,
-            65536,
-            None,
+        let empty = || -> Option<Arc<dyn MemberCache>> { Some(Arc::new(MapCache::default())) };
+        let (_, before) = gz_members(&data, 2, 65536, empty());
+        let next = edited(&data, 6 * BLOCK + 123, b"new line\n");
+        let (_, after) = gz_members(&next, 2, 65536, empty());
+        assert!(
+            gz_members(&next, 2, 65536, None).1.is_empty(),
+            "no cache, no keys"
         );
         assert!(before.len() > 12, "{} members", before.len());
         let old: std::collections::HashSet<_> = before.iter().map(|m| &m.key).collect();
@@ -451,9 +456,11 @@ mod tests {
     #[test]
     fn cached_members_give_the_same_blob_and_a_lying_cache_is_not_believed() {
         let data = sample(10 * BLOCK + 777);
-        let (blob, members) = gz_members(&data, 2, 65536, None);
+        let empty = || -> Option<Arc<dyn MemberCache>> { Some(Arc::new(MapCache::default())) };
+        let (blob, members) = gz_members(&data, 2, 65536, empty());
         let next = edited(&data, 3 * BLOCK, b"changed");
-        let (want, want_members) = gz_members(&next, 2, 65536, None);
+        let (want, want_members) = gz_members(&next, 2, 65536, empty());
+        assert_eq!(gz_members(&next, 2, 65536, None).0, want);
 
         let cache = std::sync::Arc::new(MapCache::default());
         cache.learn(&blob, &members);

@@ -119,7 +119,8 @@ pub struct LayerInfo {
     pub media_type: &'static str,
     /// The compression used.
     pub compression: Compression,
-    /// Where each gzip member is in the blob and what it holds (empty unless gzip).
+    /// Where each gzip member is in the blob and what it holds (empty unless gzip with
+    /// [`LayerOptions::gzip_members`]).
     pub gzip_members: Vec<GzMember>,
 }
 
