@@ -6,22 +6,126 @@
 # JSON results to $OUT (default bench/build/out/).
 #
 #   bench/build/run.sh [RUNS]        # RUNS per scenario, default 10 (cold: RUNS/2)
+#   bench/build/run.sh contexts [RUNS] [SIZES]   # big build contexts vs BuildKit (see below)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
 runs=${1:-10}
+[ "$runs" = contexts ] && runs=0 # the contexts benchmark takes its own arguments
 cold_runs=$(( runs / 2 > 3 ? runs / 2 : 3 ))
 out=${OUT:-$repo/bench/build/out}
 mkdir -p "$out"
 
-for t in buildah hyperfine runc; do
-    command -v "$t" >/dev/null || { echo "needs $t (apt-get install $t)" >&2; exit 1; }
-done
 target=${CARGO_TARGET_DIR:-$repo/target}
 strata=${STRATA:-$target/release/strata}
 if [ ! -x "$strata" ]; then
     cargo build --release -q -p strata
 fi
+
+# --- Build contexts of 1k / 10k / 50k files: strata vs BuildKit ---------------------------------
+# `bench/build/run.sh contexts [RUNS] [SIZES]`: a context of N files (100 per directory, 1–8 KiB
+# each, text-like) built by `FROM scratch` + `COPY . /app/`, by strata and by BuildKit
+# (DOCKER_BUILDKIT=1, the docker.io client /usr/bin/docker, a private dockerd). Interleaved runs,
+# medians and per-pair ratios, the load before each size. Scenarios: no-op rebuild, one file
+# changed (a line appended), and a `find -printf` stat of the tree as the floor.
+# Needs root, dockerd, /usr/bin/docker, python3. Default: 7 runs, sizes 1000 10000 50000.
+contexts_bench() {
+    local runs=${1:-7} sizes=${2:-"1000 10000 50000"}
+    local docker=${DOCKER_CLIENT:-/usr/bin/docker}
+    for t in dockerd "$docker" python3; do
+        command -v "$t" >/dev/null || { echo "needs $t" >&2; exit 1; }
+    done
+    local work
+    work=/tmp/strata-bench-ctx-$$
+    mkdir -m 700 "$work"
+    mkdir -p "$work/docker-data" "$work/docker-exec"
+    dockerd --iptables=false --bridge=none --host "unix://$work/docker.sock" \
+        --data-root "$work/docker-data" --exec-root "$work/docker-exec" \
+        --pidfile "$work/docker.pid" >"$work/dockerd.log" 2>&1 &
+    # shellcheck disable=SC2064
+    trap "kill \$(cat $work/docker.pid 2>/dev/null) 2>/dev/null || true; sleep 2; \
+        grep -o ' $work[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount 2>/dev/null || true; \
+        rm -rf $work || true" EXIT
+    local D="$docker -H unix://$work/docker.sock"
+    for _ in $(seq 300); do $D info >/dev/null 2>&1 && break; sleep 0.2; done
+    local S="$strata --store $work/store"
+    ms() { local a b; a=$(date +%s%N); "$@" >/dev/null 2>&1 || { echo "failed: $*" >&2; exit 1; }; b=$(date +%s%N); echo $(( (b - a) / 1000000 )); }
+    : >"$work/times.tsv"
+    for n in $sizes; do
+        local ctx=$work/ctx-$n
+        python3 - "$ctx" "$n" <<'PY'
+import os, random, sys
+root, n = sys.argv[1], int(sys.argv[2])
+rnd = random.Random(n)
+words = [("%x" % rnd.getrandbits(32)) for _ in range(4096)]
+for i in range(n):
+    d = os.path.join(root, "d%03d" % (i // 100 // 100), "d%03d" % (i // 100 % 100))
+    os.makedirs(d, exist_ok=True)
+    size = rnd.randint(1024, 8192)
+    text, length = [], 0
+    while length < size:
+        w = rnd.choice(words); text.append(w); length += len(w) + 1
+    open(os.path.join(d, "f%05d.txt" % i), "w").write(" ".join(text)[:size] + "\n")
+open(os.path.join(root, "Dockerfile"), "w").write("FROM scratch\nCOPY . /app/\n")
+PY
+        local victim
+        victim=$(find "$ctx" -name '*.txt' | sort | sed -n "$(( n / 2 ))p")
+        local sb="$S build -t ctx$n $ctx --progress plain"
+        local db="env DOCKER_BUILDKIT=1 $D build -q -t ctx$n $ctx"
+        echo "==> $n files ($(du -sh "$ctx" | cut -f1)); load: $(cut -d' ' -f1-3 /proc/loadavg)"
+        echo "    strata:   $sb"
+        echo "    buildkit: $db"
+        echo "    stat:     find $ctx -printf '%s %T@ %C@ %i %m %p\\n'"
+        echo "cold $n strata $(ms $sb)" >>"$work/times.tsv"
+        echo "cold $n buildkit $(ms $db)" >>"$work/times.tsv"
+        sleep 2 # the files' times must be older than the stat cache's trust margin
+        $sb >/dev/null 2>&1; $db >/dev/null 2>&1
+        for i in $(seq "$runs"); do
+            # Interleaved, the first tool alternating.
+            local order="strata buildkit"; [ $(( i % 2 )) = 0 ] && order="buildkit strata"
+            for tool in $order; do
+                if [ "$tool" = strata ]; then cmd=$sb; else cmd=$db; fi
+                echo "noop $n $tool $(ms $cmd)" >>"$work/times.tsv"
+            done
+            echo "noop $n find $(ms find "$ctx" -printf '%s %T@ %C@ %i %m %p\n')" >>"$work/times.tsv"
+            for tool in $order; do
+                if [ "$tool" = strata ]; then cmd=$sb; else cmd=$db; fi
+                echo "// $tool $i $RANDOM" >>"$victim"
+                echo "onefile $n $tool $(ms $cmd)" >>"$work/times.tsv"
+            done
+        done
+        $D rmi -f "ctx$n" >/dev/null 2>&1 || true
+        $D builder prune -af >/dev/null 2>&1 || true
+    done
+    python3 - "$work/times.tsv" <<'PY'
+import statistics, sys, collections
+rows = [l.split() for l in open(sys.argv[1])]
+t = collections.defaultdict(list)
+for scen, n, tool, ms in rows:
+    t[(scen, int(n), tool)].append(int(ms))
+print("\n| scenario | files | strata median | BuildKit median | strata / BuildKit (median of per-pair ratios) | find -printf median | strata / find |")
+print("|---|---|---|---|---|---|---|")
+for scen in ["cold", "noop", "onefile"]:
+    for n in sorted({k[1] for k in t}):
+        s, b = t.get((scen, n, "strata")), t.get((scen, n, "buildkit"))
+        if not s or not b:
+            continue
+        ratio = statistics.median(x / y for x, y in zip(s, b))
+        f = t.get((scen, n, "find"))
+        fm = f"{statistics.median(f)} ms" if f else "-"
+        fr = f"{statistics.median(s) / statistics.median(f):.1f}x" if f else "-"
+        print(f"| {scen} | {n} | {statistics.median(s)} ms | {statistics.median(b)} ms | {ratio:.3f} | {fm} | {fr} |")
+PY
+}
+
+if [ "${1:-}" = contexts ]; then
+    contexts_bench "${2:-}" "${3:-}"
+    exit 0
+fi
+
+for t in buildah hyperfine runc; do
+    command -v "$t" >/dev/null || { echo "needs $t (apt-get install $t)" >&2; exit 1; }
+done
 
 # Lowercase only: buildah names an image pulled from `oci:DIR:TAG` after DIR, and image names
 # must be lowercase (mktemp's XXXXXX has capitals: "repository name must be lowercase").

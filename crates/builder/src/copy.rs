@@ -6,9 +6,15 @@ use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
 use strata_dockerfile::IgnoreMatcher;
 use strata_oci::{Descriptor, Digest};
-use strata_rootfs::{LayerOptions, LayerSource, MtimePolicy, write_layer};
+
+use strata_rootfs::{
+    GzMemberCache, HostFile, LayerOptions, LayerSource, MEMBER_SCHEME, MemberCache, MtimePolicy,
+    write_layer,
+};
+use strata_store::{BlobRange, BlobRanges};
 
 use crate::engine::{Ctx, StageState};
 use crate::error::{Error, Result, io_err};
@@ -43,7 +49,7 @@ pub(crate) fn exclude_matcher(step: &CopyStep) -> Result<Option<IgnoreMatcher>> 
 pub(crate) fn prepare(ctx: &Ctx<'_>, step: &CopyStep) -> Result<Prepared> {
     let mut p = Prepared::default();
     let exclude = exclude_matcher(step)?;
-    let mut all: Vec<Matched> = Vec::new();
+    let mut all: Vec<(usize, Vec<Matched>)> = Vec::new();
     let mut url_hashes = Vec::new();
     for (i, s) in step.sources.iter().enumerate() {
         match s {
@@ -53,9 +59,7 @@ pub(crate) fn prepare(ctx: &Ctx<'_>, step: &CopyStep) -> Result<Prepared> {
                     ignore: Some(&ctx.ignore),
                     describe: "the build context".to_string(),
                 };
-                let m = source::select(&origin, path, exclude.as_ref())?;
-                all.extend(m.iter().cloned());
-                p.matches.insert(i, m);
+                all.push((i, source::select(&origin, path, exclude.as_ref())?));
             }
             CopySource::Url { url } if step.checksum.is_none() => {
                 let f = download(ctx, url, None)?;
@@ -68,12 +72,16 @@ pub(crate) fn prepare(ctx: &Ctx<'_>, step: &CopyStep) -> Result<Prepared> {
         }
     }
     if !all.is_empty() || !url_hashes.is_empty() {
-        let (h, files) = source::hash_matches(&all, false)?;
-        p.files.extend(files);
+        let matched = all.iter().flat_map(|(_, m)| m.iter());
+        let (h, files) = source::hash_matches(matched, false, Some(&ctx.stat_cache))?;
+        // Moved, not merged entry by entry: it is one per copied file.
+        let urls = std::mem::replace(&mut p.files, files);
+        p.files.extend(urls);
         let mut parts = vec![h.to_string()];
         parts.extend(url_hashes);
         p.files_hash = Some(Digest::sha256(parts.join("\n").as_bytes()));
     }
+    p.matches.extend(all);
     Ok(p)
 }
 
@@ -161,6 +169,20 @@ struct Stage<'a> {
     created: std::collections::BTreeSet<String>,
     /// Where the first name of a multiply linked source file was placed, by (dev, inode).
     links: BTreeMap<(u64, u64), String>,
+    /// Regular files the layer reads where they are (not copied into `root`), by layer path
+    /// (no leading `/`). `root` has their parent directories.
+    in_place: BTreeMap<Vec<u8>, HostFile>,
+    /// Whether files may be read in place (not when an archive is unpacked into the tree,
+    /// which may write where a recorded file is).
+    in_place_ok: bool,
+    /// Directories known to be in `root`, and other entries placed there, so placing a file
+    /// needs no stat of its parents or of itself. Not kept once an archive is unpacked into
+    /// the tree (`untracked`): then every path is looked at.
+    dirs: std::collections::HashSet<String>,
+    placed: std::collections::HashSet<String>,
+    untracked: bool,
+    /// Who a staged copy belongs to when chown is not possible (not root).
+    euid: Option<(u32, u32)>,
 }
 
 fn set_meta(path: &Path, mode: u32, uid: u32, gid: u32, symlink: bool) -> Result<()> {
@@ -206,6 +228,44 @@ impl<'a> Stage<'a> {
             explicit: Default::default(),
             created: Default::default(),
             links: Default::default(),
+            in_place: Default::default(),
+            in_place_ok: true,
+            dirs: Default::default(),
+            placed: Default::default(),
+            untracked: false,
+            euid: (!rustix::process::geteuid().is_root()).then(|| {
+                (
+                    rustix::process::geteuid().as_raw(),
+                    rustix::process::getegid().as_raw(),
+                )
+            }),
+        }
+    }
+
+    /// Forgets what it knew of `abs` and everything under it (removed from the tree).
+    fn forget_tree(&mut self, abs: &str) {
+        let under = format!("{abs}/");
+        self.dirs.retain(|d| d != abs && !d.starts_with(&under));
+        self.placed.retain(|d| d != abs && !d.starts_with(&under));
+    }
+
+    /// Forgets files to be read in place at `abs` or under it (something else goes there).
+    fn forget_in_place(&mut self, abs: &str) {
+        let key = abs.trim_start_matches('/').as_bytes();
+        if self.in_place.is_empty() {
+            return;
+        }
+        self.in_place.remove(key);
+        let mut under = key.to_vec();
+        under.push(b'/');
+        let doomed: Vec<Vec<u8>> = self
+            .in_place
+            .range(under.clone()..)
+            .take_while(|(k, _)| k.starts_with(&under))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in doomed {
+            self.in_place.remove(&k);
         }
     }
 
@@ -220,13 +280,31 @@ impl<'a> Stage<'a> {
         for part in &parts[..parts.len().saturating_sub(1)] {
             prefix.push('/');
             prefix.push_str(part);
+            if !self.untracked && self.dirs.contains(&prefix) {
+                continue;
+            }
+            if !self.in_place.is_empty() {
+                self.in_place
+                    .remove(prefix.trim_start_matches('/').as_bytes());
+            }
             let p = self.host(&prefix);
-            match std::fs::symlink_metadata(&p) {
-                Ok(md) if md.is_dir() => continue,
-                Ok(_) => std::fs::remove_file(&p).map_err(io_err("removing", &p))?,
-                Err(_) => {}
+            let known_absent =
+                !self.untracked && !self.placed.contains(&prefix) && !self.dirs.contains(&prefix);
+            if !known_absent {
+                match std::fs::symlink_metadata(&p) {
+                    Ok(md) if md.is_dir() => {
+                        self.dirs.insert(prefix.clone());
+                        continue;
+                    }
+                    Ok(_) => {
+                        std::fs::remove_file(&p).map_err(io_err("removing", &p))?;
+                        self.placed.remove(&prefix);
+                    }
+                    Err(_) => {}
+                }
             }
             std::fs::create_dir(&p).map_err(io_err("creating directory", &p))?;
+            self.dirs.insert(prefix.clone());
             self.created.insert(prefix.clone());
         }
         Ok(())
@@ -234,6 +312,9 @@ impl<'a> Stage<'a> {
 
     fn dir(&mut self, abs: &str, mode: u32, owner: (u32, u32)) -> Result<()> {
         self.parents(abs)?;
+        if !self.in_place.is_empty() {
+            self.in_place.remove(abs.trim_start_matches('/').as_bytes());
+        }
         let p = self.host(abs);
         match std::fs::symlink_metadata(&p) {
             Ok(md) if md.is_dir() => {}
@@ -243,31 +324,63 @@ impl<'a> Stage<'a> {
             }
             Err(_) => std::fs::create_dir(&p).map_err(io_err("creating directory", &p))?,
         }
+        self.placed.remove(abs);
+        self.dirs.insert(abs.to_string());
         self.created.remove(abs);
         self.explicit.insert(abs.to_string());
         set_meta(&p, mode, owner.0, owner.1, false)
     }
 
+    /// Makes room for a non-directory at `abs`: its parents exist, nothing is there. The
+    /// caller places something there next (and records it in `placed`, unless in place).
     fn clear(&mut self, abs: &str) -> Result<PathBuf> {
         self.parents(abs)?;
+        self.forget_in_place(abs);
         let p = self.host(abs);
+        if !self.untracked && !self.placed.contains(abs) && !self.dirs.contains(abs) {
+            return Ok(p);
+        }
         match std::fs::symlink_metadata(&p) {
             Ok(md) if md.is_dir() => std::fs::remove_dir_all(&p).map_err(io_err("removing", &p))?,
             Ok(_) => std::fs::remove_file(&p).map_err(io_err("removing", &p))?,
             Err(_) => {}
         }
+        self.forget_tree(abs);
         Ok(p)
     }
 
     fn file_from(&mut self, abs: &str, src: &Path, mode: u32, owner: (u32, u32)) -> Result<()> {
         let p = self.clear(abs)?;
         std::fs::copy(src, &p).map_err(io_err("copying", src))?;
+        self.placed.insert(abs.to_string());
         set_meta(&p, mode, owner.0, owner.1, false)
+    }
+
+    /// Like [`Self::file_from`], but the layer reads `src` where it is (no copy), when that
+    /// gives the same entry.
+    fn file_in_place(&mut self, abs: &str, src: &Path, mode: u32, owner: (u32, u32)) -> Result<()> {
+        if !self.in_place_ok || abs.trim_start_matches('/').is_empty() {
+            return self.file_from(abs, src, mode, owner);
+        }
+        self.clear(abs)?;
+        // What a staged copy would be owned by: chown works only for root.
+        let (uid, gid) = self.euid.unwrap_or(owner);
+        self.in_place.insert(
+            abs.trim_start_matches('/').as_bytes().to_vec(),
+            HostFile {
+                path: src.to_path_buf(),
+                mode,
+                uid,
+                gid,
+            },
+        );
+        Ok(())
     }
 
     fn file_bytes(&mut self, abs: &str, bytes: &[u8], mode: u32, owner: (u32, u32)) -> Result<()> {
         let p = self.clear(abs)?;
         std::fs::write(&p, bytes).map_err(io_err("writing", &p))?;
+        self.placed.insert(abs.to_string());
         set_meta(&p, mode, owner.0, owner.1, false)
     }
 
@@ -275,12 +388,15 @@ impl<'a> Stage<'a> {
     fn hard_link(&mut self, abs: &str, first: &str) -> Result<()> {
         let p = self.clear(abs)?;
         let first = self.host(first);
-        std::fs::hard_link(&first, &p).map_err(io_err("linking", &p))
+        std::fs::hard_link(&first, &p).map_err(io_err("linking", &p))?;
+        self.placed.insert(abs.to_string());
+        Ok(())
     }
 
     fn symlink(&mut self, abs: &str, target: &Path, owner: (u32, u32)) -> Result<()> {
         let p = self.clear(abs)?;
         std::os::unix::fs::symlink(target, &p).map_err(io_err("creating symlink", &p))?;
+        self.placed.insert(abs.to_string());
         set_meta(&p, 0, owner.0, owner.1, true)
     }
 
@@ -360,6 +476,8 @@ pub(crate) fn copy_step(
     let owner = chown.unwrap_or((0, 0));
     let staging = ctx.tempdir("copy-")?;
     let mut st = Stage::new(staging.path(), &view, owner);
+    let unpack = step.add && step.unpack != Some(false);
+    st.in_place_ok = !unpack;
     let exclude = exclude_matcher(step)?;
     let origin_root = match &step.from {
         FileSource::Context => ctx.context.clone(),
@@ -375,7 +493,6 @@ pub(crate) fn copy_step(
         view.resolve(&step.dest).map_err(Error::Usage)?
     };
     let dest_dir_like = step.dest_is_dir || view.is_dir(&dest);
-    let unpack = step.add && step.unpack != Some(false);
 
     for (i, s) in step.sources.iter().enumerate() {
         match s {
@@ -443,27 +560,80 @@ pub(crate) fn copy_step(
         }
     }
     st.finish_parents()?;
-    Ok((write_staged(ctx, staging.path())?, view.reads()))
+    Ok((
+        write_staged(ctx, staging.path(), &st.in_place)?,
+        view.reads(),
+    ))
 }
 
-/// Writes the staged tree at `staging` as a layer into the store; `None` when it is empty.
-fn write_staged(ctx: &Ctx<'_>, staging: &Path) -> Result<Option<(Descriptor, Digest)>> {
-    if std::fs::read_dir(staging)
-        .map_err(io_err("reading directory", staging))?
-        .next()
-        .is_none()
+/// Writes the staged tree at `staging`, with `in_place` files read where they are, as a layer
+/// into the store; `None` when it is empty.
+fn write_staged(
+    ctx: &Ctx<'_>,
+    staging: &Path,
+    in_place: &BTreeMap<Vec<u8>, HostFile>,
+) -> Result<Option<(Descriptor, Digest)>> {
+    if in_place.is_empty()
+        && std::fs::read_dir(staging)
+            .map_err(io_err("reading directory", staging))?
+            .next()
+            .is_none()
     {
         return Ok(None);
     }
-    let opts = LayerOptions {
+    let mut opts = LayerOptions {
         compression: ctx.opts.compression,
         mtime: MtimePolicy::Set(ctx.epoch),
         ..LayerOptions::default()
     };
+    // gzip members of earlier COPY layers: a layer that changed a little is compressed a
+    // little. Without the index (an error opening it) the layer is only slower, not other.
+    let ranges = match opts.compression {
+        strata_oci::Compression::Gzip => ctx.store.blob_ranges().ok(),
+        _ => None,
+    };
+    if let Some(r) = ranges {
+        opts.gzip_members = Some(GzMemberCache(Arc::new(StoreMembers(r))));
+    }
     let mut writer = ctx.store.blob_writer()?;
-    let info = write_layer(LayerSource::Dir(staging), &opts, &mut writer)?;
+    let source = LayerSource::Staged {
+        root: staging,
+        files: in_place,
+    };
+    let info = write_layer(source, &opts, &mut writer)?;
     writer.commit(Some((&info.digest, Some(info.size))))?;
+    if !info.gzip_members.is_empty() {
+        let ranges: Vec<BlobRange> = info
+            .gzip_members
+            .iter()
+            .map(|m| BlobRange {
+                key: member_key(&m.key, opts.gzip_level),
+                blob: info.digest.clone(),
+                offset: m.offset,
+                len: m.len,
+            })
+            .collect();
+        if let Err(e) = ctx.store.put_blob_ranges(&ranges) {
+            ctx.progress.event(&crate::progress::Event::Warning {
+                message: format!("cannot record the gzip members of {}: {e}", info.digest),
+            });
+        }
+    }
     Ok(Some((info.descriptor(), info.diff_id)))
+}
+
+/// The store's named blob ranges as a gzip member cache.
+struct StoreMembers(BlobRanges);
+
+impl MemberCache for StoreMembers {
+    fn get(&self, key: &Digest, level: u32) -> Option<Vec<u8>> {
+        self.0.get(&member_key(key, level))
+    }
+}
+
+/// `gzm1:<level>:<sha256 hex of the member's uncompressed bytes>`.
+fn member_key(key: &Digest, level: u32) -> String {
+    format!("{MEMBER_SCHEME}:{level}:{}", key.hex())
 }
 
 /// The layer `WORKDIR path` makes, as BuildKit does: the directory (resolved through the
@@ -498,7 +668,10 @@ pub(crate) fn workdir_step(ctx: &Ctx<'_>, state: &StageState, path: &str) -> Res
     let mut st = Stage::new(staging.path(), &view, owner);
     st.dir(&dir, 0o755, owner)?;
     st.finish_parents()?;
-    Ok((write_staged(ctx, staging.path())?, view.reads()))
+    Ok((
+        write_staged(ctx, staging.path(), &BTreeMap::new())?,
+        view.reads(),
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -548,6 +721,7 @@ fn place(
                 let (mode, owner) = st.dir_meta(&dir_abs);
                 st.dir(&dir_abs, mode, owner)?;
                 let host = st.host(&dir_abs);
+                st.untracked = true;
                 extract(&e.path, &host)?;
                 // The archive's own `./` entry must not change the destination directory
                 // (BuildKit keeps it as the image has it, or as it made it).
@@ -555,6 +729,9 @@ fn place(
             }
             Kind::File { .. } => match e.link_id.and_then(|id| st.links.get(&id).cloned()) {
                 Some(first) => st.hard_link(&abs, &first)?,
+                // A file with other names is copied: its later names become hard links to
+                // the staged copy.
+                None if e.link_id.is_none() => st.file_in_place(&abs, &e.path, mode, owner)?,
                 None => {
                     st.file_from(&abs, &e.path, mode, owner)?;
                     if let Some(id) = e.link_id {

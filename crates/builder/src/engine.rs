@@ -28,6 +28,7 @@ use crate::plan::{
 use crate::progress::{Event, Progress, StepRef};
 use crate::run;
 use crate::source::{self, Origin};
+use crate::statcache::StatCache;
 
 /// Everything a single build needs besides the store.
 #[derive(Debug, Clone)]
@@ -144,6 +145,8 @@ pub struct BuildOutcome {
     /// `base@sha256:…` when the image was rebased onto a moved base: no step ran, every
     /// layer is the last build's (docs/rebase.md).
     pub rebased_onto: Option<String>,
+    /// Context files read to hash them (the others' digests came from the stat cache).
+    pub context_files_read: usize,
 }
 
 static NOTHING_LOCKED: BTreeMap<String, Digest> = BTreeMap::new();
@@ -333,6 +336,8 @@ pub(crate) struct Ctx<'a> {
     pub tmp_root: PathBuf,
     pub context: PathBuf,
     pub ignore: IgnoreMatcher,
+    /// What the context's files hashed to, by stat (kept in the store between builds).
+    pub stat_cache: StatCache,
     pub image_name: String,
     pub epoch: u64,
     pub created: String,
@@ -493,6 +498,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         progress,
         snapshots: SnapshotCache::new(store.snapshots_dir())?,
         tmp_root,
+        stat_cache: StatCache::load(store, &context)?,
         context,
         ignore,
         image_name: name.clone(),
@@ -645,6 +651,12 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
     if previous.as_ref() != Some(&record) {
         cache::save_record(store, &name, &record)?;
     }
+    // A cache: failing to keep it costs the next build a read of the files, nothing more.
+    if let Err(e) = ctx.stat_cache.save(store) {
+        progress.event(&Event::Warning {
+            message: format!("cannot save the build context's stat cache: {e}"),
+        });
+    }
     // Rebased: the target stage followed its moved base and nothing ran anywhere.
     let rebased_onto = rebased_onto.filter(|_| counts.0 == 0);
     if let Some(onto) = &rebased_onto {
@@ -677,6 +689,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         images_used: resolver.used(),
         pulled: resolver.pulled(),
         rebased_onto,
+        context_files_read: ctx.stat_cache.files_read(),
     })
 }
 
@@ -997,7 +1010,8 @@ fn run_stage(
                                 let matches =
                                     source::select(&origin, source, None).map_err(wrap)?;
                                 let (h, files) =
-                                    source::hash_matches(&matches, false).map_err(wrap)?;
+                                    source::hash_matches(&matches, false, Some(&ctx.stat_cache))
+                                        .map_err(wrap)?;
                                 inputs.files.extend(files);
                                 extra.push(h.to_string());
                             }

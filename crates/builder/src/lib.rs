@@ -35,6 +35,7 @@ pub mod rebase;
 mod run;
 pub mod shared_cache;
 mod source;
+mod statcache;
 mod view;
 
 pub use config::{ConfigChange, apply_changes, apply_instruction};

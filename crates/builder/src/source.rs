@@ -6,6 +6,7 @@ use std::fs::Metadata;
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use serde::Serialize;
 use strata_dockerfile::{IgnoreMatcher, clean_path};
@@ -13,6 +14,7 @@ use strata_oci::{Digest, Hasher};
 
 use crate::error::{Error, Result, io_err};
 use crate::glob;
+use crate::statcache::{FileStat, StatCache};
 
 /// A directory files are read from: the context (with its ignore rules) or a stage's rootfs.
 pub(crate) struct Origin<'a> {
@@ -53,6 +55,8 @@ pub(crate) struct Entry {
     pub gid: u32,
     /// (device, inode) of a regular file with more than one name.
     pub link_id: Option<(u64, u64)>,
+    /// A regular file's stat, and a time before it was taken (for the stat cache).
+    pub stat: Option<(FileStat, SystemTime)>,
 }
 
 /// One source path or glob match.
@@ -66,7 +70,7 @@ pub(crate) struct Matched {
     pub entries: Vec<Entry>,
 }
 
-fn entry(rel: String, path: PathBuf, md: &Metadata) -> Entry {
+fn entry(rel: String, path: PathBuf, md: &Metadata, stat_time: SystemTime) -> Entry {
     let ft = md.file_type();
     let kind = if ft.is_dir() {
         Kind::Dir
@@ -90,6 +94,7 @@ fn entry(rel: String, path: PathBuf, md: &Metadata) -> Entry {
     Entry {
         rel,
         path,
+        stat: ft.is_file().then(|| (FileStat::of(md), stat_time)),
         kind,
         link_id,
         mode: md.mode() & 0o7777,
@@ -210,6 +215,8 @@ pub(crate) fn select(
         vec![rel.to_string()]
     };
     let mut out = Vec::new();
+    // Before any stat of this walk: the stat cache's trust rule compares file times with it.
+    let stat_time = SystemTime::now();
     for cand in candidates {
         let Some(resolved) = resolve_in_root(origin.root, &cand)? else {
             continue;
@@ -222,9 +229,9 @@ pub(crate) fn select(
         if exclude.is_some_and(|m| cand != "." && m.is_excluded(&cand, md.is_dir())) {
             continue;
         }
-        let mut entries = vec![entry(String::new(), path.clone(), &md)];
+        let mut entries = vec![entry(String::new(), path.clone(), &md, stat_time)];
         if md.is_dir() {
-            walk(origin, &cand, &path, "", exclude, &mut entries)?;
+            walk(origin, &cand, &path, "", exclude, stat_time, &mut entries)?;
         }
         out.push(Matched {
             rel: cand,
@@ -247,20 +254,22 @@ fn walk(
     dir: &Path,
     rel: &str,
     exclude: Option<&IgnoreMatcher>,
+    stat_time: SystemTime,
     out: &mut Vec<Entry>,
 ) -> Result<()> {
     let mut names = Vec::new();
     for e in std::fs::read_dir(dir).map_err(io_err("reading directory", dir))? {
         let e = e.map_err(io_err("reading directory", dir))?;
-        names.push(e.file_name());
+        names.push((e.file_name(), e));
     }
-    names.sort();
-    for name in names {
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, dirent) in names {
         let name = name.to_string_lossy().to_string();
         let sub_rel = join(rel, &name);
         let origin_rel = join(match_rel, &sub_rel);
         let path = dir.join(&name);
-        let md = std::fs::symlink_metadata(&path).map_err(io_err("stat", &path))?;
+        // Relative to the open directory (fstatat), not a walk of the whole path per file.
+        let md = dirent.metadata().map_err(io_err("stat", &path))?;
         let is_dir = md.is_dir();
         if ignored(origin, &origin_rel, is_dir) {
             continue;
@@ -272,10 +281,10 @@ fn walk(
         let keep = !origin.ignore.is_some_and(|m| m.matches(&origin_rel))
             && !exclude.is_some_and(|m| m.matches(&sub_rel));
         if keep || is_dir {
-            out.push(entry(sub_rel.clone(), path.clone(), &md));
+            out.push(entry(sub_rel.clone(), path.clone(), &md, stat_time));
         }
         if is_dir {
-            walk(origin, match_rel, &path, &sub_rel, exclude, out)?;
+            walk(origin, match_rel, &path, &sub_rel, exclude, stat_time, out)?;
         }
     }
     Ok(())
@@ -314,30 +323,31 @@ pub(crate) fn hash_file(path: &Path) -> Result<Digest> {
 /// The content hash of exactly these matches: path, type, mode, owner (when it ends up in
 /// the layer), size, content digest and link target of every entry. mtimes are not part of
 /// it: copied files get a fixed mtime in the layer. Returns the digest and, per source path,
-/// a short digest for explanations.
-pub(crate) fn hash_matches(
-    matches: &[Matched],
+/// a short digest for explanations. With a `cache` (the context's), a file whose stat it has
+/// recorded is not read.
+pub(crate) fn hash_matches<'m>(
+    matches: impl IntoIterator<Item = &'m Matched>,
     keep_owner: bool,
+    cache: Option<&StatCache>,
 ) -> Result<(Digest, BTreeMap<String, String>)> {
     let mut records = Vec::new();
-    let mut per_file = BTreeMap::new();
-    let mut paths = Vec::new();
+    // Collected, then sorted once: cheaper than a tree insert per file.
+    let mut per_file = Vec::new();
     for m in matches {
         for e in &m.entries {
-            paths.push(if e.rel.is_empty() {
+            let path = &if e.rel.is_empty() {
                 m.rel.clone()
             } else {
                 join(&m.rel, &e.rel)
-            });
-        }
-    }
-    let mut i = 0;
-    for m in matches {
-        for e in &m.entries {
-            let path = &paths[i];
-            i += 1;
+            };
             let (kind, size, sha, link) = match &e.kind {
-                Kind::File { size } => ("file", *size, Some(hash_file(&e.path)?.to_string()), None),
+                Kind::File { size } => {
+                    let digest = match (cache, &e.stat) {
+                        (Some(c), Some((stat, at))) => c.digest(&e.path, stat, *at, hash_file)?,
+                        _ => hash_file(&e.path)?,
+                    };
+                    ("file", *size, Some(digest.to_string()), None)
+                }
                 Kind::Dir => ("dir", 0, None, None),
                 Kind::Symlink { target } => (
                     "symlink",
@@ -356,25 +366,99 @@ pub(crate) fn hash_matches(
                 sha256: sha,
                 link,
             };
+            let one = rec.canonical_json();
             if kind != "dir" {
-                let one = strata_oci::to_canonical_json(&rec);
-                per_file.insert(path.clone(), Digest::sha256(&one).hex()[..16].to_string());
+                per_file.push((path.clone(), Digest::sha256(&one).hex()[..16].to_string()));
             }
-            records.push(strata_oci::to_canonical_json(&rec));
+            records.push(one);
         }
     }
-    let all = strata_oci::to_canonical_json(
-        &records
-            .iter()
-            .map(|r| String::from_utf8_lossy(r).to_string())
-            .collect::<Vec<_>>(),
-    );
-    Ok((Digest::sha256(&all), per_file))
+    // The canonical JSON of the records as an array of strings, written directly (the same
+    // bytes as `to_canonical_json(&Vec<String>)`, a test checks, without a `Value` tree of
+    // every record).
+    let mut all = Vec::with_capacity(records.iter().map(|r| r.len() + 8).sum::<usize>() + 2);
+    all.push(b'[');
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            all.push(b',');
+        }
+        json_string(&mut all, &String::from_utf8_lossy(r));
+    }
+    all.push(b']');
+    Ok((Digest::sha256(&all), per_file.into_iter().collect()))
+}
+
+/// `s` as a JSON string, escaped as serde_json (and so canonical JSON) writes it.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+impl EntryRecord<'_> {
+    /// The canonical JSON of the record (keys sorted, no spaces), written directly: it is
+    /// computed for every file of every COPY, and a test pins it to `to_canonical_json`.
+    fn canonical_json(&self) -> Vec<u8> {
+        use std::io::Write;
+        let mut out = Vec::with_capacity(160 + self.path.len());
+        out.extend_from_slice(b"{\"kind\":");
+        json_string(&mut out, self.kind);
+        if let Some(link) = &self.link {
+            out.extend_from_slice(b",\"link\":");
+            json_string(&mut out, link);
+        }
+        let _ = write!(out, ",\"mode\":{}", self.mode);
+        if let Some((uid, gid)) = self.owner {
+            let _ = write!(out, ",\"owner\":[{uid},{gid}]");
+        }
+        out.extend_from_slice(b",\"path\":");
+        json_string(&mut out, self.path);
+        if let Some(sha) = &self.sha256 {
+            out.extend_from_slice(b",\"sha256\":");
+            json_string(&mut out, sha);
+        }
+        let _ = write!(out, ",\"size\":{}}}", self.size);
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_are_written_as_canonical_json() {
+        for (owner, sha, link) in [
+            (None, None, None),
+            (Some((0, 0)), Some("sha256:ab".to_string()), None),
+            (
+                Some((1000, 50)),
+                None,
+                Some("../a \"b\"\\\n\u{7f}é".to_string()),
+            ),
+        ] {
+            let rec = EntryRecord {
+                path: "dir/\"q\"\\ \t\u{1}ü",
+                kind: "file",
+                mode: 0o4755,
+                owner,
+                size: u64::MAX,
+                sha256: sha,
+                link,
+            };
+            let want = strata_oci::to_canonical_json(&rec);
+            assert_eq!(
+                String::from_utf8_lossy(&rec.canonical_json()),
+                String::from_utf8_lossy(&want)
+            );
+            let records = vec![String::from_utf8_lossy(&want).to_string(), "x".into()];
+            let mut all = vec![b'['];
+            json_string(&mut all, &records[0]);
+            all.push(b',');
+            json_string(&mut all, &records[1]);
+            all.push(b']');
+            assert_eq!(all, strata_oci::to_canonical_json(&records));
+        }
+    }
 
     #[test]
     fn globs_ignore_and_exclude_select_the_right_files() {
@@ -413,14 +497,14 @@ mod tests {
         let m = select(&origin, "src/link", None).unwrap();
         assert_eq!(m[0].entries[0].kind, Kind::File { size: 1 });
 
-        let (h1, files) = hash_matches(&select(&origin, ".", None).unwrap(), false).unwrap();
+        let (h1, files) = hash_matches(&select(&origin, ".", None).unwrap(), false, None).unwrap();
         assert!(files.contains_key("src/x.go"), "{files:?}");
         assert!(!files.contains_key("src/secret.key"));
         std::fs::write(r.join("src/secret.key"), "changed").unwrap();
-        let (h2, _) = hash_matches(&select(&origin, ".", None).unwrap(), false).unwrap();
+        let (h2, _) = hash_matches(&select(&origin, ".", None).unwrap(), false, None).unwrap();
         assert_eq!(h1, h2, "ignored files are not part of the hash");
         std::fs::write(r.join("src/x.go"), "changed").unwrap();
-        let (h3, _) = hash_matches(&select(&origin, ".", None).unwrap(), false).unwrap();
+        let (h3, _) = hash_matches(&select(&origin, ".", None).unwrap(), false, None).unwrap();
         assert_ne!(h1, h3);
     }
 }

@@ -4,7 +4,18 @@ use std::io::{self, Read, Write};
 
 use strata_oci::{Compression, Digest, Hasher};
 
-use crate::pargz::ParGzEncoder;
+use crate::pargz::{GzMember, MemberCache, ParGzEncoder};
+
+/// A [`MemberCache`] for [`crate::LayerOptions`]: gzip layers take the members it has instead
+/// of compressing them again.
+#[derive(Clone)]
+pub struct GzMemberCache(pub std::sync::Arc<dyn MemberCache>);
+
+impl std::fmt::Debug for GzMemberCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GzMemberCache")
+    }
+}
 
 /// Default gzip level. Level 6 is what `gzip`, Go's `compress/gzip` (Docker, containerd) and
 /// BuildKit use, so our blobs are the size the ecosystem expects: layers are written once and
@@ -50,11 +61,18 @@ impl<W: Write> Encoder<W> {
         compression: Compression,
         gzip_level: u32,
         zstd_level: i32,
+        members: Option<&GzMemberCache>,
     ) -> io::Result<Self> {
         let codec = match compression {
             Compression::None => Codec::None(w),
             // Blocks deflated in parallel; the bytes depend only on the input and the level.
-            Compression::Gzip => Codec::Gzip(ParGzEncoder::new(w, gzip_level)?),
+            Compression::Gzip => {
+                let e = ParGzEncoder::new(w, gzip_level)?;
+                Codec::Gzip(match members {
+                    Some(c) => e.with_cache(std::sync::Arc::clone(&c.0)),
+                    None => e,
+                })
+            }
             Compression::Zstd => Codec::Zstd(zstd::stream::write::Encoder::new(w, zstd_level)?),
         };
         Ok(Encoder {
@@ -63,14 +81,15 @@ impl<W: Write> Encoder<W> {
         })
     }
 
-    pub(crate) fn finish(mut self) -> io::Result<W> {
+    /// The sink, and where each gzip member went (none for other compressions).
+    pub(crate) fn finish(mut self) -> io::Result<(W, Vec<GzMember>)> {
         if !self.pending.is_empty() {
             self.codec.write_all(&self.pending)?;
         }
         match self.codec {
-            Codec::None(w) => Ok(w),
+            Codec::None(w) => Ok((w, Vec::new())),
             Codec::Gzip(e) => e.finish(),
-            Codec::Zstd(e) => e.finish(),
+            Codec::Zstd(e) => Ok((e.finish()?, Vec::new())),
         }
     }
 }

@@ -24,13 +24,15 @@ mod write;
 pub use apply::{
     ApplyOptions, ApplyStats, MAX_PATH_BYTES, WhiteoutMode, apply_layer, apply_layer_with,
 };
-pub use compress::{DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL, decompress};
+pub use compress::{DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL, GzMemberCache, decompress};
 pub use diff::{Change, changes_from_overlay_upper, diff_dirs};
 pub use error::{Error, Refusal, Result};
 pub use layers::lookup_in_layers;
+pub use pargz::{GzMember, MEMBER_SCHEME, MemberCache};
 pub use recompress::{recompress_tar, sniff_compression};
 pub use snapshot::{LayerRef, SnapshotCache, materialize, overlay_lowerdir, sync_filesystem};
 pub use strata_oci::Compression;
 pub use write::{
-    LayerInfo, LayerOptions, LayerSource, MtimePolicy, OPAQUE_MARKER, WHITEOUT_PREFIX, write_layer,
+    HostFile, LayerInfo, LayerOptions, LayerSource, MtimePolicy, OPAQUE_MARKER, WHITEOUT_PREFIX,
+    write_layer,
 };

@@ -10,10 +10,11 @@ use std::path::{Component, Path};
 
 use strata_oci::{Compression, Descriptor, Digest, HashingWriter};
 
-use crate::compress::{DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL, Encoder};
+use crate::compress::{DEFAULT_GZIP_LEVEL, DEFAULT_ZSTD_LEVEL, Encoder, GzMemberCache};
 use crate::diff::Change;
 use crate::error::{Error, Result};
 use crate::fsmeta::read_xattrs;
+use crate::pargz::GzMember;
 use crate::tarfmt::{self, Kind, Meta};
 
 /// Name prefix that marks a whiteout (OCI image spec, layer.md "Whiteouts").
@@ -73,6 +74,9 @@ pub struct LayerOptions {
     pub owner: Option<(u32, u32)>,
     /// Record extended attributes (default true).
     pub xattrs: bool,
+    /// gzip members of earlier layers to reuse (see [`crate::MemberCache`]); the blob is the
+    /// same bytes with or without it.
+    pub gzip_members: Option<GzMemberCache>,
 }
 
 impl Default for LayerOptions {
@@ -84,6 +88,7 @@ impl Default for LayerOptions {
             mtime: MtimePolicy::Keep,
             owner: None,
             xattrs: true,
+            gzip_members: None,
         }
     }
 }
@@ -114,6 +119,9 @@ pub struct LayerInfo {
     pub media_type: &'static str,
     /// The compression used.
     pub compression: Compression,
+    /// Where each gzip member is in the blob and what it holds (empty unless gzip with
+    /// [`LayerOptions::gzip_members`]).
+    pub gzip_members: Vec<GzMember>,
 }
 
 impl LayerInfo {
@@ -134,13 +142,34 @@ pub enum LayerSource<'a> {
         root: &'a Path,
         changes: &'a [Change],
     },
+    /// Every entry under `root`, and regular files read where they are instead of from a
+    /// copy under `root`, by their path in the layer (relative, `/`-separated bytes).
+    /// `root` holds their parent directories.
+    Staged {
+        root: &'a Path,
+        files: &'a BTreeMap<Vec<u8>, HostFile>,
+    },
 }
 
-enum Item {
+/// A regular file written into a layer from wherever it is, with the metadata the layer
+/// records for it (no xattrs, as a copy made with `std::fs::copy` has none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFile {
+    /// Where it is read from (a final symlink is refused).
+    pub path: std::path::PathBuf,
+    /// Permission bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+enum Item<'a> {
     /// Read this path (relative to the source root) from disk.
     Disk,
     /// An empty whiteout file.
     Whiteout,
+    /// A regular file read where it is.
+    Host(&'a HostFile),
 }
 
 /// Writes a layer from `source` into `sink` and returns its digests and sizes, computed
@@ -161,6 +190,15 @@ pub fn write_layer(
             (root, plan)
         }
         LayerSource::Changes { root, changes } => (root, plan_changes(changes)?),
+        LayerSource::Staged { root, files } => {
+            let mut plan = BTreeMap::new();
+            walk(root, &mut Vec::new(), &mut plan)?;
+            for (name, file) in files {
+                change_name(Path::new(std::ffi::OsStr::from_bytes(name)))?;
+                plan.insert(name.clone(), Item::Host(file));
+            }
+            (root, plan)
+        }
     };
 
     let mut tar = LayerStream::new(sink, opts)?;
@@ -190,6 +228,7 @@ pub fn write_layer(
                 let path = root.join(std::ffi::OsStr::from_bytes(name));
                 write_disk_entry(&mut tar, &path, name, opts, &mut links, &mut buf)?;
             }
+            Item::Host(file) => write_host_file(&mut tar, file, name, opts, &mut buf)?,
         }
     }
     tarfmt::write_end(&mut tar).map_err(Error::Sink)?;
@@ -206,8 +245,14 @@ pub(crate) struct LayerStream<W: Write> {
 impl<W: Write> LayerStream<W> {
     pub(crate) fn new(sink: W, opts: &LayerOptions) -> Result<Self> {
         let blob = HashingWriter::new(BufWriter::with_capacity(256 * 1024, sink));
-        let encoder = Encoder::new(blob, opts.compression, opts.gzip_level, opts.zstd_level)
-            .map_err(Error::Sink)?;
+        let encoder = Encoder::new(
+            blob,
+            opts.compression,
+            opts.gzip_level,
+            opts.zstd_level,
+            opts.gzip_members.as_ref(),
+        )
+        .map_err(Error::Sink)?;
         Ok(LayerStream {
             tar: HashingWriter::new(encoder),
         })
@@ -216,7 +261,7 @@ impl<W: Write> LayerStream<W> {
     /// Flush the compressor and the sink; the layer's digests and sizes.
     pub(crate) fn finish(self, opts: &LayerOptions) -> Result<LayerInfo> {
         let (encoder, diff_id, uncompressed_size) = self.tar.finish();
-        let blob = encoder.finish().map_err(Error::Sink)?;
+        let (blob, gzip_members) = encoder.finish().map_err(Error::Sink)?;
         let (mut sink, digest, size) = blob.finish();
         sink.flush().map_err(Error::Sink)?;
         Ok(LayerInfo {
@@ -226,6 +271,7 @@ impl<W: Write> LayerStream<W> {
             uncompressed_size,
             media_type: opts.compression.oci_layer_media_type(),
             compression: opts.compression,
+            gzip_members,
         })
     }
 }
@@ -253,7 +299,7 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Err
 }
 
 /// Collects every path under `root/rel` (relative names) into `plan`.
-fn walk(root: &Path, rel: &mut Vec<u8>, plan: &mut BTreeMap<Vec<u8>, Item>) -> Result<()> {
+fn walk(root: &Path, rel: &mut Vec<u8>, plan: &mut BTreeMap<Vec<u8>, Item<'_>>) -> Result<()> {
     let dir = root.join(std::ffi::OsStr::from_bytes(rel));
     for entry in std::fs::read_dir(&dir).map_err(io_err("reading directory", &dir))? {
         let entry = entry.map_err(io_err("reading directory", &dir))?;
@@ -312,7 +358,7 @@ fn change_name(path: &Path) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn plan_changes(changes: &[Change]) -> Result<BTreeMap<Vec<u8>, Item>> {
+fn plan_changes(changes: &[Change]) -> Result<BTreeMap<Vec<u8>, Item<'static>>> {
     let mut plan = BTreeMap::new();
     let mut deleted = Vec::new();
     for change in changes {
@@ -423,6 +469,51 @@ fn write_disk_entry(
     tarfmt::write_header(tar, &meta).map_err(Error::Sink)
 }
 
+/// A [`HostFile`]: opened once, its size and mtime taken from the open file.
+fn write_host_file(
+    tar: &mut impl Write,
+    file: &HostFile,
+    name: &[u8],
+    opts: &LayerOptions,
+    buf: &mut [u8],
+) -> Result<()> {
+    let path = &file.path;
+    let f = open_nofollow(path)?;
+    let md = f.metadata().map_err(io_err("stat", path))?;
+    if !md.is_file() {
+        return Err(Error::InvalidChange {
+            path: path.clone(),
+            reason: "a file to copy is no longer a regular file",
+        });
+    }
+    let (uid, gid) = opts.owner.unwrap_or((file.uid, file.gid));
+    let meta = Meta {
+        path: name.to_vec(),
+        link: Vec::new(),
+        kind: Kind::File,
+        mode: file.mode & 0o7777,
+        uid: u64::from(uid),
+        gid: u64::from(gid),
+        mtime: opts.mtime.apply(md.mtime()),
+        size: md.len(),
+        major: 0,
+        minor: 0,
+        xattrs: Vec::new(),
+        offset: 0,
+    };
+    copy_file_data(tar, f, path, &meta, &md, buf)
+}
+
+// O_NOFOLLOW: the path was a regular file when we looked; if it was swapped for a symlink
+// since, fail instead of archiving whatever it points to.
+fn open_nofollow(path: &Path) -> Result<File> {
+    File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io_err("opening", path))
+}
+
 fn write_file(
     tar: &mut impl Write,
     path: &Path,
@@ -430,13 +521,20 @@ fn write_file(
     md: &Metadata,
     buf: &mut [u8],
 ) -> Result<()> {
-    // O_NOFOLLOW: the path was a regular file when we looked; if it was swapped for a symlink
-    // since, fail instead of archiving whatever it points to.
-    let mut file = File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(io_err("opening", path))?;
+    let file = open_nofollow(path)?;
+    copy_file_data(tar, file, path, meta, md, buf)
+}
+
+/// The header of `meta`, then exactly `meta.size` bytes of `file` and the padding; a file
+/// that shrank or grew meanwhile is an error, never a cut or padded entry.
+fn copy_file_data(
+    tar: &mut impl Write,
+    mut file: File,
+    path: &Path,
+    meta: &Meta,
+    md: &Metadata,
+    buf: &mut [u8],
+) -> Result<()> {
     tarfmt::write_header(tar, meta).map_err(Error::Sink)?;
     let changed = || Error::FileChanged {
         path: path.to_path_buf(),

@@ -13,10 +13,13 @@
 //! │   ├── sha256/<hex>      content, named by its digest, never modified in place
 //! │   └── sha512/<hex>
 //! └── strata/               everything that is ours, not OCI
-//!     ├── meta-v1.db        SQLite (WAL): pins, build cache index, snapshots
+//!     ├── meta-v1.db        SQLite (WAL): pins, build cache index, snapshots, named blob
+//!     │                     ranges (`range:<key>` → blob, offset, length: gzip members)
 //!     ├── snapshots/<hex>   unpacked layer chains by chain ID; gc removes unreachable ones
 //!     ├── tmp/              in-flight writes; stale entries (> 1 hour) removed by gc and open
 //!     ├── partial/<alg>-<hex>  resumable blob writes (hosts over SSH); gc removes day-old ones
+//!     ├── context-stats/<hex>  per build context (sha256 of its absolute path): the builder's
+//!     │                        stat cache (path → size, times, inode, mode → content digest)
 //!     └── locks/
 //!         ├── index.lock    exclusive while index.json is read-modified-written
 //!         └── gc.lock       shared by write sessions, exclusive while gc runs
@@ -36,6 +39,7 @@
 //!   from before the first put until after the ref or pin is set.
 
 mod blob;
+mod context_stats;
 mod error;
 mod gc;
 mod image;
@@ -43,6 +47,7 @@ mod lock;
 mod meta;
 mod owner;
 mod partial;
+mod ranges;
 mod refs;
 
 use std::fs;
@@ -59,6 +64,7 @@ pub use image::Image;
 pub use meta::{Pin, Snapshot};
 pub use owner::temp_prefix;
 pub use partial::{PARTIAL_MAX_AGE, PartialBlob};
+pub use ranges::{BlobRange, BlobRanges};
 pub use strata_oci::{Descriptor, Digest};
 
 use error::IoContext;

@@ -5,6 +5,7 @@
 mod buildah_diff;
 mod buildkit_diff;
 mod common;
+mod context;
 mod copy;
 mod from_pull;
 mod project;

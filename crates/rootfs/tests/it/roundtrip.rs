@@ -294,3 +294,71 @@ fn gnu_tar_reads_our_layers_and_we_read_gnu_tars() {
     apply_layer(file, Compression::None, dst.path()).unwrap();
     assert_same_tree(&want, &tree(dst.path(), true));
 }
+
+/// Files read where they are (`LayerSource::Staged`) give the very layer their copies in the
+/// staging tree would: same bytes, same digests.
+#[test]
+fn files_read_in_place_give_the_layer_of_their_staged_copies() {
+    let host = tempfile::tempdir().unwrap();
+    let copied = tempfile::tempdir().unwrap();
+    let staged = tempfile::tempdir().unwrap();
+    let uid = rustix::process::geteuid().as_raw();
+    let gid = rustix::process::getegid().as_raw();
+    let mut files = std::collections::BTreeMap::new();
+    for (i, (name, mode)) in [
+        ("app/a.txt", 0o644),
+        ("app/sub/run.sh", 0o755),
+        ("top", 0o600),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let src = host.path().join(format!("src{i}"));
+        std::fs::write(&src, vec![b'x' + i as u8; 700 * (i + 1)]).unwrap();
+        let dst = copied.path().join(name);
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(&src, &dst).unwrap();
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode)).unwrap();
+        if let Some(parent) = Path::new(name)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(staged.path().join(parent)).unwrap();
+        }
+        files.insert(
+            name.as_bytes().to_vec(),
+            strata_rootfs::HostFile {
+                path: src,
+                mode,
+                uid,
+                gid,
+            },
+        );
+    }
+    for dir in ["app", "app/sub"] {
+        for root in [copied.path(), staged.path()] {
+            std::fs::set_permissions(root.join(dir), std::fs::Permissions::from_mode(0o755))
+                .unwrap();
+        }
+    }
+    let opts = LayerOptions {
+        mtime: MtimePolicy::Set(0),
+        ..LayerOptions::default()
+    };
+    let (want, want_blob) = write(copied.path(), &opts);
+    let mut blob = Vec::new();
+    let source = LayerSource::Staged {
+        root: staged.path(),
+        files: &files,
+    };
+    let got = write_layer(source, &opts, &mut blob).unwrap();
+    assert_eq!(got, want);
+    assert_eq!(blob, want_blob);
+
+    // A file swapped for a symlink since it was recorded is refused, never followed.
+    let victim = host.path().join("src0");
+    std::fs::remove_file(&victim).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", &victim).unwrap();
+    let err = write_layer(source, &opts, &mut Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("src0"), "{err}");
+}

@@ -1,0 +1,477 @@
+//! The stat cache of a build context: path → (size, mtime, ctime, device, inode, mode) →
+//! content digest, kept in the store between builds, so a file whose stat is unchanged is never
+//! read again to compute a `COPY`'s cache key.
+//!
+//! Trust rule (git's "racily clean" problem): an entry is recorded only when the file's mtime
+//! and ctime are at least [`MARGIN`] older than the moment its stat was taken. Any later write
+//! sets ctime to a later time (users can set mtime, never ctime), so the recorded stat can no
+//! longer match, even for a same-size edit within the same second on a filesystem with coarse
+//! timestamps. A rename gives the new path another entry (or none) and a delete drops it; both
+//! change a `COPY`'s key anyway, since paths are part of it.
+//!
+//! On-disk format (one file per context, see `strata_store::Store::context_stats`):
+//!
+//! ```text
+//! strata-context-stats v1 <entries>
+//! <sha256 hex> <size> <mtime s>.<ns> <ctime s>.<ns> <dev> <ino> <st_mode> <path relative to the context>
+//! ...
+//! ```
+//!
+//! A file that does not parse whole (another version, a torn write) is ignored: the cost is
+//! reading the files once more.
+
+use std::collections::HashMap;
+use std::fs::Metadata;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use strata_oci::Digest;
+use strata_oci::sync::MutexExt;
+use strata_store::Store;
+
+use crate::error::Result;
+
+/// How much older than the stat a file's mtime and ctime must be for its digest to be
+/// recorded: well above any filesystem's timestamp granularity (1 s at worst, ext3/HFS+).
+pub(crate) const MARGIN: Duration = Duration::from_secs(2);
+
+const HEADER: &str = "strata-context-stats v1";
+
+/// What the cache compares: a file is taken as unchanged when all of it is equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileStat {
+    pub size: u64,
+    /// Nanoseconds since the epoch.
+    pub mtime: i128,
+    pub ctime: i128,
+    pub dev: u64,
+    pub ino: u64,
+    /// `st_mode`: type and permission bits.
+    pub mode: u32,
+}
+
+impl FileStat {
+    pub(crate) fn of(md: &Metadata) -> FileStat {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        FileStat {
+            size: md.len(),
+            mtime: ns(md.mtime(), md.mtime_nsec()),
+            ctime: ns(md.ctime(), md.ctime_nsec()),
+            dev: md.dev(),
+            ino: md.ino(),
+            mode: md.mode(),
+        }
+    }
+}
+
+/// One context's cache, shared by the steps of a build.
+pub(crate) struct StatCache {
+    root: PathBuf,
+    margin: Duration,
+    state: Mutex<State>,
+    /// Files read to hash them this build (the rest came from the cache).
+    read: AtomicUsize,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<Vec<u8>, Recorded>,
+    changed: bool,
+}
+
+#[derive(Debug)]
+struct Recorded {
+    stat: FileStat,
+    digest: Digest,
+    /// Looked up this build.
+    seen: bool,
+}
+
+impl StatCache {
+    /// An empty cache for the context at `root` (absolute).
+    pub(crate) fn new(root: &Path, margin: Duration) -> StatCache {
+        StatCache {
+            root: root.to_path_buf(),
+            margin,
+            state: Mutex::new(State::default()),
+            read: AtomicUsize::new(0),
+        }
+    }
+
+    /// The cache `store` holds for the context at `root`; an empty one when there is none or
+    /// it does not parse.
+    pub(crate) fn load(store: &Store, root: &Path) -> Result<StatCache> {
+        StatCache::load_with(store, root, MARGIN)
+    }
+
+    fn load_with(store: &Store, root: &Path, margin: Duration) -> Result<StatCache> {
+        let cache = StatCache::new(root, margin);
+        if let Some(bytes) = store.context_stats(root)?
+            && let Some(entries) = parse(&bytes)
+        {
+            cache.state.lock_ok().entries = entries;
+        }
+        Ok(cache)
+    }
+
+    /// Writes the cache back when this build changed it. Entries of paths this build did not
+    /// look at are kept while the path still exists (another Dockerfile on the same context
+    /// may copy them).
+    pub(crate) fn save(&self, store: &Store) -> Result<()> {
+        let mut st = self.state.lock_ok();
+        let State { entries, changed } = &mut *st;
+        let before = entries.len();
+        entries.retain(|rel, r| {
+            r.seen
+                || std::fs::symlink_metadata(self.root.join(std::ffi::OsStr::from_bytes(rel)))
+                    .is_ok()
+        });
+        // The next build starts here (tests run several on one cache).
+        for r in entries.values_mut() {
+            r.seen = false;
+        }
+        if !*changed && entries.len() == before {
+            return Ok(());
+        }
+        store.put_context_stats(&self.root, &serialize(entries))?;
+        *changed = false;
+        Ok(())
+    }
+
+    /// How many files were read to hash them since this cache was made.
+    pub(crate) fn files_read(&self) -> usize {
+        self.read.load(Ordering::Relaxed)
+    }
+
+    /// The sha256 of the file at `path` whose metadata `md` was taken at `stat_time`: from the
+    /// cache when the stat matches the recorded one, else read (and recorded when it is old
+    /// enough to be trusted, see the module docs).
+    pub(crate) fn digest(
+        &self,
+        path: &Path,
+        md: &FileStat,
+        stat_time: SystemTime,
+        hash: impl FnOnce(&Path) -> Result<Digest>,
+    ) -> Result<Digest> {
+        let rel = path
+            .strip_prefix(&self.root)
+            .ok()
+            .map(|r| r.as_os_str().as_bytes())
+            // A newline would end the entry's line in the file.
+            .filter(|r| !r.contains(&b'\n'));
+        let Some(rel) = rel else {
+            self.read.fetch_add(1, Ordering::Relaxed);
+            return hash(path);
+        };
+        {
+            let mut st = self.state.lock_ok();
+            if let Some(r) = st.entries.get_mut(rel)
+                && r.stat == *md
+            {
+                r.seen = true;
+                return Ok(r.digest.clone());
+            }
+        }
+        self.read.fetch_add(1, Ordering::Relaxed);
+        let d = hash(path)?;
+        let stat_ns = stat_time
+            .duration_since(UNIX_EPOCH)
+            .map(|t| t.as_nanos() as i128)
+            .unwrap_or(0);
+        let trusted = md.mtime.max(md.ctime) + (self.margin.as_nanos() as i128) <= stat_ns;
+        let mut st = self.state.lock_ok();
+        if trusted {
+            let r = Recorded {
+                stat: *md,
+                digest: d.clone(),
+                seen: true,
+            };
+            st.entries.insert(rel.to_vec(), r);
+            st.changed = true;
+        } else if st.entries.remove(rel).is_some() {
+            st.changed = true;
+        }
+        Ok(d)
+    }
+}
+
+fn serialize(entries: &HashMap<Vec<u8>, Recorded>) -> Vec<u8> {
+    let mut sorted: Vec<_> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut out = format!("{HEADER} {}\n", sorted.len()).into_bytes();
+    let split = |t: i128| (t.div_euclid(1_000_000_000), t.rem_euclid(1_000_000_000));
+    for (
+        rel,
+        Recorded {
+            stat: s, digest: d, ..
+        },
+    ) in sorted
+    {
+        let (ms, mn) = split(s.mtime);
+        let (cs, cn) = split(s.ctime);
+        out.extend_from_slice(
+            format!(
+                "{} {} {ms}.{mn:09} {cs}.{cn:09} {} {} {} ",
+                d.hex(),
+                s.size,
+                s.dev,
+                s.ino,
+                s.mode
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(rel);
+        out.push(b'\n');
+    }
+    out
+}
+
+/// The entries of a cache file; `None` unless all of it parses.
+fn parse(bytes: &[u8]) -> Option<HashMap<Vec<u8>, Recorded>> {
+    let mut lines = bytes.split(|b| *b == b'\n');
+    let header = std::str::from_utf8(lines.next()?).ok()?;
+    let count: usize = header.strip_prefix(HEADER)?.trim().parse().ok()?;
+    let mut entries = HashMap::with_capacity(count);
+    for _ in 0..count {
+        let line = lines.next()?;
+        let mut f = line.splitn(8, |b| *b == b' ');
+        let mut field = || std::str::from_utf8(f.next()?).ok();
+        let digest: Digest = format!("sha256:{}", field()?).parse().ok()?;
+        let size = field()?.parse().ok()?;
+        let time = |t: &str| -> Option<i128> {
+            let (s, n) = t.split_once('.')?;
+            Some(s.parse::<i128>().ok()? * 1_000_000_000 + n.parse::<i128>().ok()?)
+        };
+        let mtime = time(field()?)?;
+        let ctime = time(field()?)?;
+        let dev = field()?.parse().ok()?;
+        let ino = field()?.parse().ok()?;
+        let mode = field()?.parse().ok()?;
+        let rel = f.next()?.to_vec();
+        if rel.is_empty() {
+            return None;
+        }
+        let stat = FileStat {
+            size,
+            mtime,
+            ctime,
+            dev,
+            ino,
+            mode,
+        };
+        let seen = false;
+        entries.insert(rel, Recorded { stat, digest, seen });
+    }
+    // The file ends right after the last entry's newline.
+    (lines.next() == Some(&b""[..]) && lines.next().is_none()).then_some(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(p: &Path) -> FileStat {
+        FileStat::of(&std::fs::symlink_metadata(p).unwrap())
+    }
+
+    #[test]
+    fn the_file_format_round_trips_and_a_torn_file_is_ignored() {
+        let mut e = HashMap::new();
+        let rec = |stat, digest| Recorded {
+            stat,
+            digest,
+            seen: false,
+        };
+        let s = FileStat {
+            size: 3,
+            mtime: -1_500_000_000,
+            ctime: 1_700_000_000_123_456_789,
+            dev: 2049,
+            ino: 77,
+            mode: 0o100644,
+        };
+        e.insert(b"dir/a file".to_vec(), rec(s, Digest::sha256(b"x")));
+        e.insert(b"b".to_vec(), rec(s, Digest::sha256(b"y")));
+        let bytes = serialize(&e);
+        assert_eq!(serialize(&parse(&bytes).unwrap()), bytes);
+        assert!(
+            parse(&bytes[..bytes.len() - 1]).is_none(),
+            "no final newline"
+        );
+        let cut = bytes.iter().rposition(|b| *b == b'\n').unwrap();
+        let prev = bytes[..cut].iter().rposition(|b| *b == b'\n').unwrap();
+        assert!(parse(&bytes[..=prev]).is_none(), "an entry missing");
+        assert!(parse(b"strata-context-stats v9 0\n").is_none());
+    }
+
+    #[test]
+    fn an_entry_is_trusted_only_when_its_times_are_old_enough() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        std::fs::write(&f, "aaaa").unwrap();
+        let cache = StatCache::new(d.path(), MARGIN);
+        let hash = |p: &Path| crate::source::hash_file(p);
+        // Just written: read, and not recorded.
+        cache
+            .digest(&f, &stat(&f), SystemTime::now(), hash)
+            .unwrap();
+        cache
+            .digest(&f, &stat(&f), SystemTime::now(), hash)
+            .unwrap();
+        assert_eq!(cache.files_read(), 2);
+        // Seen from far enough in the future, it is recorded, then served from the cache.
+        let later = SystemTime::now() + MARGIN + Duration::from_secs(1);
+        let first = cache.digest(&f, &stat(&f), later, hash).unwrap();
+        assert_eq!(cache.digest(&f, &stat(&f), later, hash).unwrap(), first);
+        assert_eq!(cache.files_read(), 3);
+    }
+}
+
+/// The stat cache as `COPY` uses it: through `source::select` and `source::hash_matches`.
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+    use crate::source::{Origin, hash_matches, select};
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Long enough above the timestamp granularity of the filesystems tests run on (ns on
+    /// ext4, xfs, btrfs and tmpfs, advancing with the kernel's coarse clock, a few ms).
+    const TEST_MARGIN: Duration = Duration::from_millis(300);
+
+    fn key(root: &Path, cache: &StatCache) -> Digest {
+        let origin = Origin {
+            root,
+            ignore: None,
+            describe: "ctx".into(),
+        };
+        hash_matches(&select(&origin, ".", None).unwrap(), false, Some(cache))
+            .unwrap()
+            .0
+    }
+
+    fn settle() {
+        std::thread::sleep(TEST_MARGIN + Duration::from_millis(100));
+    }
+
+    #[test]
+    fn the_key_changes_exactly_when_the_copied_files_do() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir(r.join("sub")).unwrap();
+        std::fs::write(r.join("a.txt"), "hello").unwrap();
+        std::fs::write(r.join("b.txt"), "world").unwrap();
+        std::fs::write(r.join("sub/c.txt"), "c").unwrap();
+        settle();
+        let cache = StatCache::new(r, TEST_MARGIN);
+        let k0 = key(r, &cache);
+        assert_eq!(cache.files_read(), 3);
+        assert_eq!(key(r, &cache), k0);
+        assert_eq!(cache.files_read(), 3, "unchanged files are not read again");
+        // The cache itself does not change what the key is.
+        let (plain, _) = hash_matches(
+            &select(
+                &Origin {
+                    root: r,
+                    ignore: None,
+                    describe: "ctx".into(),
+                },
+                ".",
+                None,
+            )
+            .unwrap(),
+            false,
+            None,
+        )
+        .unwrap();
+        assert_eq!(plain, k0);
+
+        // Kept in the store and loaded by the next build: still nothing read.
+        let sd = tempfile::tempdir().unwrap();
+        let store = Store::open(sd.path()).unwrap();
+        cache.save(&store).unwrap();
+        let cache = StatCache::load_with(&store, r, TEST_MARGIN).unwrap();
+        assert_eq!(key(r, &cache), k0);
+        assert_eq!(cache.files_read(), 0);
+
+        // A same-size edit within the same second, the mtime put back as it was: only ctime
+        // tells, and the key changes.
+        let a = r.join("a.txt");
+        let mtime = std::fs::metadata(&a).unwrap().modified().unwrap();
+        std::fs::write(&a, "HELLO").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&a)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert_eq!(std::fs::metadata(&a).unwrap().modified().unwrap(), mtime);
+        let k1 = key(r, &cache);
+        assert_ne!(k1, k0);
+        assert_eq!(cache.files_read(), 1);
+        // Edited back right away (not yet trusted): read again, the first key again.
+        std::fs::write(&a, "hello").unwrap();
+        assert_eq!(key(r, &cache), k0);
+        assert_eq!(cache.files_read(), 2);
+
+        // A touch (new mtime, same bytes): read again, same key.
+        settle();
+        let b = r.join("b.txt");
+        std::fs::File::options()
+            .write(true)
+            .open(&b)
+            .unwrap()
+            .set_modified(SystemTime::now())
+            .unwrap();
+        assert_eq!(key(r, &cache), k0);
+        assert_eq!(
+            cache.files_read(),
+            4,
+            "a.txt (now recorded) and b.txt (too recent)"
+        );
+        settle();
+        assert_eq!(key(r, &cache), k0);
+        assert_eq!(
+            cache.files_read(),
+            5,
+            "b.txt, now old enough to be recorded"
+        );
+        assert_eq!(key(r, &cache), k0);
+        assert_eq!(cache.files_read(), 5);
+
+        // A mode change.
+        std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let k_mode = key(r, &cache);
+        assert_ne!(k_mode, k0);
+        std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        // A rename: same bytes under another name.
+        std::fs::rename(r.join("sub/c.txt"), r.join("sub/d.txt")).unwrap();
+        let k_renamed = key(r, &cache);
+        assert_ne!(k_renamed, k0);
+        assert_ne!(k_renamed, k_mode);
+        std::fs::rename(r.join("sub/d.txt"), r.join("sub/c.txt")).unwrap();
+        assert_eq!(key(r, &cache), k0, "renamed back");
+
+        // A delete, in a build of its own.
+        cache.save(&store).unwrap();
+        std::fs::remove_file(&b).unwrap();
+        let k_deleted = key(r, &cache);
+        assert_ne!(k_deleted, k0);
+        // Saving drops the deleted file's entry.
+        cache.save(&store).unwrap();
+        let saved = store.context_stats(r).unwrap().unwrap();
+        let entries = parse(&saved).unwrap();
+        assert!(!entries.contains_key(&b"b.txt"[..]), "{entries:?}");
+        settle();
+        assert_eq!(key(r, &cache), k_deleted);
+        cache.save(&store).unwrap();
+        let saved = store.context_stats(r).unwrap().unwrap();
+        let mut names: Vec<_> = parse(&saved).unwrap().into_keys().collect();
+        names.sort();
+        assert_eq!(names, [&b"a.txt"[..], &b"sub/c.txt"[..]]);
+    }
+}

@@ -1,0 +1,140 @@
+//! Big build contexts: the stat cache spares reading unchanged files, a one-file change
+//! reuses the gzip members of the last layer, and that layer is an ordinary gzip blob that
+//! tar, skopeo and Docker read, with the same digest as one compressed from scratch.
+
+use std::path::Path;
+use std::process::Command;
+
+use strata_build::BuildOptions;
+use strata_oci::{Digest, Manifest};
+use strata_store::Store;
+use strata_test_support::{Dockerd, check, is_root, on_path, skip};
+
+use crate::common::*;
+
+/// `n` text files of 4–12 KiB (different words per file, so the layer does not shrink to
+/// nothing), 50 per directory, and a Dockerfile copying them all.
+fn big_context(dir: &Path, n: usize) {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..n {
+        let path = dir.join(format!("d{:02}/f{i:04}.txt", i / 50));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let size = 4096 + (next() % 8192) as usize;
+        let mut text = String::with_capacity(size + 16);
+        while text.len() < size {
+            text.push_str(&format!("{:x} ", next() % 100_000));
+        }
+        std::fs::write(path, text).unwrap();
+    }
+    std::fs::write(dir.join("Dockerfile"), "FROM scratch\nCOPY . /app/\n").unwrap();
+}
+
+fn layer_of(store: &Store, manifest: &Digest) -> Digest {
+    let m = Manifest::from_slice(&store.read_blob(manifest).unwrap()).unwrap();
+    assert_eq!(m.layers.len(), 1);
+    m.layers[0].digest.clone()
+}
+
+fn build_tagged(store: &Store, ctx: &Path) -> strata_build::BuildOutcome {
+    let mut opts = BuildOptions::new(ctx);
+    opts.tags = vec!["big:latest".into()];
+    build_ok(store, &opts).0
+}
+
+#[test]
+fn a_one_file_change_reuses_members_and_the_layer_reads_everywhere() {
+    let ctx = tempfile::tempdir().unwrap();
+    big_context(ctx.path(), 600);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("a")).unwrap();
+    // Older than the stat cache's margin, so the first build records every file.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let first = build_tagged(&store, ctx.path());
+    assert_eq!(
+        first.context_files_read, 601,
+        "600 files and the Dockerfile"
+    );
+    let noop = build_tagged(&store, ctx.path());
+    assert_eq!(noop.steps_run, 0);
+    assert_eq!(noop.context_files_read, 0, "a no-op build reads no file");
+    let old_layer = layer_of(&store, &first.descriptor.digest);
+
+    let changed = ctx.path().join("d06/f0300.txt");
+    let mut text = std::fs::read_to_string(&changed).unwrap();
+    text.insert_str(100, "a line inserted in the middle of the layer\n");
+    std::fs::write(&changed, &text).unwrap();
+    let second = build_tagged(&store, ctx.path());
+    assert_eq!(second.steps_run, 1);
+    assert_eq!(
+        second.context_files_read, 1,
+        "only the changed file is read for the key"
+    );
+    let layer = layer_of(&store, &second.descriptor.digest);
+    assert_ne!(layer, old_layer);
+
+    // The same context built in a store without any members: the same blob.
+    let fresh = Store::open(dir.path().join("b")).unwrap();
+    let again = build_tagged(&fresh, ctx.path());
+    assert_eq!(layer_of(&fresh, &again.descriptor.digest), layer);
+    assert_eq!(again.descriptor, second.descriptor);
+
+    // GNU tar reads the multi-member blob and finds the change.
+    let blob = store.blob_path(&layer);
+    let listing = check(Command::new("tar").arg("-tzf").arg(&blob));
+    assert_eq!(listing.lines().filter(|l| l.ends_with(".txt")).count(), 600);
+    let out = tempfile::tempdir().unwrap();
+    check(
+        Command::new("tar")
+            .arg("-xzf")
+            .arg(&blob)
+            .arg("-C")
+            .arg(out.path()),
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("app/d06/f0300.txt")).unwrap(),
+        text
+    );
+
+    // skopeo copies it out of the store (verifying every digest) and decompresses it.
+    if on_path("skopeo") {
+        let dest = tempfile::tempdir().unwrap();
+        check(
+            Command::new("skopeo")
+                .args(["copy", "--dest-decompress"])
+                .arg(format!("oci:{}:big:latest", store.root().display()))
+                .arg(format!("dir:{}", dest.path().display())),
+        );
+    } else {
+        skip("context: skopeo is not installed (apt-get install skopeo)");
+    }
+
+    // Docker loads it (checking each layer's diff_id against its decompressed bytes).
+    if !(is_root() && on_path("dockerd") && Path::new("/usr/bin/docker").exists()) {
+        skip(
+            "context: docker load needs root, dockerd and /usr/bin/docker (apt-get install docker.io)",
+        );
+        return;
+    }
+    let archive = dir.path().join("big.tar");
+    strata_transfer::save_archive(
+        &store,
+        &["big:latest".to_string()],
+        strata_transfer::ArchiveFormat::Docker,
+        &archive,
+    )
+    .unwrap();
+    let docker = Dockerd::start("/usr/bin/docker");
+    docker.ok(120, &["load", "-i", archive.to_str().unwrap()]);
+    let ids = docker.ok(
+        30,
+        &["image", "inspect", "-f", "{{.RootFS.Layers}}", "big:latest"],
+    );
+    let diff_id = config_of(&store, &second).diff_ids()[0].to_string();
+    assert!(ids.contains(&diff_id), "{ids} lacks {diff_id}");
+}
