@@ -23,15 +23,18 @@
 mod autorebase;
 pub mod cache;
 pub mod config;
+mod context;
 mod copy;
 mod engine;
 mod error;
 pub mod executor;
 mod glob;
+mod options;
 pub mod plan;
 mod progress;
 mod project;
 pub mod rebase;
+mod resolve;
 mod run;
 pub mod shared_cache;
 mod source;
