@@ -52,6 +52,8 @@ for i in $(seq -w 1 "$apps"); do
     printf 'FROM base\nCOPY . /app/\nENV APP=%s\nWORKDIR /app\nCMD ["/app/run.sh"]\n' "$i" >"$d/Dockerfile"
     printf '\n[[image]]\nname = "app-%s"\ncontext = "apps/%s"\n' "$i" "$i" >>"$proj/strata.toml"
 done
+# The `rebase --all` copy (its own strata.lock: each store imports busybox anew).
+cp -a "$proj" "$work/proj-all"
 # The full-rebuild copy: the same files, every app with `rebase = false`.
 cp -a "$proj" "$work/proj-full"
 sed -i 's/^context = "apps\/\(.*\)"$/context = "apps\/\1"\nrebase = false/' "$work/proj-full/strata.toml"
@@ -59,6 +61,7 @@ sed -i 's/^context = "apps\/\(.*\)"$/context = "apps\/\1"\nrebase = false/' "$wo
 for mode in auto full all; do
     p=$proj
     [ "$mode" = full ] && p=$work/proj-full
+    [ "$mode" = all ] && p=$work/proj-all
     "$strata" --store "$work/store-$mode" import "$work/rootfs.tar" busybox >/dev/null 2>&1
     "$strata" --store "$work/store-$mode" build --project "$p" --progress plain >/dev/null 2>&1
 done
@@ -68,6 +71,7 @@ cat >"$work/build.sh" <<EOF
 # \$1: auto|full. The base moves first (outside the timing: hyperfine's --prepare).
 p=$proj
 [ "\$1" = full ] && p=$work/proj-full
+[ "\$1" = all ] && p=$work/proj-all
 if [ "\$1" = all ]; then
     "$strata" --store "$work/store-all" build --project "\$p" base --progress json >/dev/null 2>"$work/last-all.json"
     exec "$strata" --store "$work/store-all" rebase --all --onto base >/dev/null 2>>"$work/last-all.json"
@@ -102,6 +106,7 @@ for r in $(seq 1 "$rounds"); do
     for mode in auto full all; do
         p=$proj
         [ "$mode" = full ] && p=$work/proj-full
+        [ "$mode" = all ] && p=$work/proj-all
         hyperfine --runs 1 --style none \
             --prepare "echo $r >$p/base/version" \
             --export-json "$work/h.json" "$work/build.sh $mode" >/dev/null
