@@ -899,42 +899,15 @@ mod tests {
             restart,
             ..MachineConfig::default()
         };
-        let on_failure = a
-            .host
-            .state
-            .create_machine(
-                "flaky",
-                None,
-                None,
-                "img",
-                &digest,
-                &config(RestartPolicy::OnFailure { max: 2 }),
-            )
-            .unwrap();
-        let clean = a
-            .host
-            .state
-            .create_machine(
-                "done",
-                None,
-                None,
-                "img",
-                &digest,
-                &config(RestartPolicy::OnFailure { max: 2 }),
-            )
-            .unwrap();
-        let always = a
-            .host
-            .state
-            .create_machine(
-                "daemon",
-                None,
-                None,
-                "img",
-                &digest,
-                &config(RestartPolicy::Always),
-            )
-            .unwrap();
+        let mut make = |id: &str, restart| {
+            a.host
+                .state
+                .create_machine(id, None, None, "img", &digest, &config(restart))
+                .unwrap()
+        };
+        let on_failure = make("flaky", RestartPolicy::OnFailure { max: 2 });
+        let clean = make("done", RestartPolicy::OnFailure { max: 2 });
+        let always = make("daemon", RestartPolicy::Always);
         let now = |a: &Agent, id: &str| a.host.state.machine(id).unwrap().unwrap();
 
         // Exit 1 twice: restarted each time, later each time.

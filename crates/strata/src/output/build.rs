@@ -368,15 +368,7 @@ impl<W: Write + Send> TermLike for WriterTerm<W> {
 mod tests {
     use super::*;
 
-    fn step(i: usize, text: &str) -> StepRef {
-        StepRef {
-            image: String::new(),
-            stage: None,
-            index: i,
-            total: 4,
-            text: text.into(),
-        }
-    }
+    use super::super::tests::step;
 
     #[test]
     fn plain_lines_look_like_docker() {

@@ -400,7 +400,8 @@ mod tests {
         }
     }
 
-    fn step(i: usize, text: &str) -> StepRef {
+    /// Step `i` of 4 of an unnamed image.
+    pub(super) fn step(i: usize, text: &str) -> StepRef {
         StepRef {
             image: String::new(),
             stage: None,
