@@ -264,13 +264,15 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
     } else {
         None
     };
+    // A no-op rebuild rewrites nothing: index.json and the record are only written when they
+    // change, and every name in one write.
+    let mut moved = Vec::new();
     for t in &tags {
-        // A no-op rebuild rewrites nothing: index.json and the record are only written when
-        // they change.
         if store.get_ref(t)?.as_ref() != Some(&descriptor) {
-            store.set_ref(t, descriptor.clone())?;
+            moved.push((t.clone(), descriptor.clone()));
         }
     }
+    store.set_refs(moved)?;
     if previous.as_ref() != Some(&record) {
         cache::save_record(store, &name, &record)?;
     }
