@@ -8,9 +8,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use strata_dockerfile::{Dockerfile, IgnoreMatcher, Instruction};
 use strata_oci::sync::MutexExt;
-use strata_oci::{
-    Descriptor, Digest, History, ImageConfig, Manifest, Platform, Reference, RootFs, media_type,
-};
+use strata_oci::{Descriptor, Digest, History, ImageConfig, Platform, Reference, RootFs};
 use strata_rootfs::{LayerRef, MtimePolicy, SnapshotCache};
 use strata_store::Store;
 
@@ -239,18 +237,12 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         history: Some(state.history.clone()),
         ..ImageConfig::default()
     };
-    let config_bytes = config.to_canonical_json()?;
-    let (config_digest, config_size) = store.put_blob_bytes(&config_bytes, None)?;
-    let manifest = Manifest {
-        schema_version: 2,
-        media_type: Some(media_type::OCI_MANIFEST.to_string()),
-        artifact_type: None,
-        config: Descriptor::new(media_type::OCI_CONFIG, config_digest.clone(), config_size),
-        layers: state.layers.iter().map(|l| l.descriptor.clone()).collect(),
-        subject: None,
-        annotations: base_annotations(&plan),
-    };
-    let descriptor = store.put_manifest(&manifest)?;
+    let (descriptor, config_desc) = store.put_image(
+        &config,
+        state.layers.iter().map(|l| l.descriptor.clone()).collect(),
+        base_annotations(&plan),
+    )?;
+    let config_digest = config_desc.digest;
     let content_tag = format!("{name}:strata-{}", &state.key[..16]);
     let mut tags = Vec::new();
     for t in &opts.tags {

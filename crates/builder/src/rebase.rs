@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use strata_oci::{ContainerConfig, Descriptor, Digest, History, ImageConfig, Manifest, media_type};
+use strata_oci::{ContainerConfig, Descriptor, Digest, History, ImageConfig};
 use strata_store::{Image, Store};
 
 use crate::error::{Error, Result};
@@ -126,30 +126,23 @@ pub fn rebase(
     if out.author == old.author {
         out.author = new.author.clone();
     }
-    let config_bytes = out.to_canonical_json()?;
-    let (config_digest, config_size) = store.put_blob_bytes(&config_bytes, None)?;
     let mut annotations = image.manifest.annotations.clone().unwrap_or_default();
     annotations.insert(BASE_NAME.to_string(), new_base_name.to_string());
     annotations.insert(
         BASE_DIGEST.to_string(),
         new_base.descriptor.digest.to_string(),
     );
-    let manifest = Manifest {
-        schema_version: 2,
-        media_type: Some(media_type::OCI_MANIFEST.to_string()),
-        artifact_type: None,
-        config: Descriptor::new(media_type::OCI_CONFIG, config_digest, config_size),
-        layers: new_base
+    let (descriptor, _) = store.put_image(
+        &out,
+        new_base
             .manifest
             .layers
             .iter()
             .chain(own_layers)
             .cloned()
             .collect(),
-        subject: None,
-        annotations: Some(annotations),
-    };
-    let descriptor = store.put_manifest(&manifest)?;
+        Some(annotations),
+    )?;
     Ok(Rebased {
         descriptor,
         base_layers: new_base.manifest.layers.len(),

@@ -72,6 +72,9 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// An image model value could not be serialized (a config made here).
+    #[error(transparent)]
+    Oci(#[from] strata_oci::Error),
 
     /// No ref with this name.
     #[error("no image named `{name}` in the store")]

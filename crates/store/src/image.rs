@@ -35,6 +35,30 @@ impl Store {
         self.put_manifest_bytes(&to_json(manifest)?, &mt)
     }
 
+    /// Store an image made here: `config` as canonical JSON, then an OCI manifest of it and
+    /// `layers` (already in the store) with `annotations`; returns the manifest's descriptor
+    /// and the config's. What a build, a rebase and an import all end with.
+    pub fn put_image(
+        &self,
+        config: &strata_oci::ImageConfig,
+        layers: Vec<Descriptor>,
+        annotations: Option<std::collections::BTreeMap<String, String>>,
+    ) -> Result<(Descriptor, Descriptor)> {
+        let bytes = config.to_canonical_json()?;
+        let (digest, size) = self.put_blob_bytes(&bytes, None)?;
+        let config = Descriptor::new(media_type::OCI_CONFIG, digest, size);
+        let manifest = self.put_manifest(&Manifest {
+            schema_version: 2,
+            media_type: Some(media_type::OCI_MANIFEST.to_string()),
+            artifact_type: None,
+            config: config.clone(),
+            layers,
+            subject: None,
+            annotations,
+        })?;
+        Ok((manifest, config))
+    }
+
     /// Store an index (serialized by us); returns its descriptor.
     pub fn put_index(&self, index: &Index) -> Result<Descriptor> {
         let mt = index

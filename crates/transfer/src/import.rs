@@ -4,8 +4,7 @@ use std::io::Read;
 use std::time::SystemTime;
 
 use strata_oci::{
-    Compression, ContainerConfig, Descriptor, History, ImageConfig, Manifest, Platform, Reference,
-    RootFs, media_type,
+    Compression, ContainerConfig, Descriptor, History, ImageConfig, Platform, Reference, RootFs,
 };
 use strata_rootfs::{LayerInfo, LayerOptions, recompress_tar};
 use strata_store::Store;
@@ -107,18 +106,7 @@ pub fn import_tarball(
         }]),
         ..ImageConfig::default()
     };
-    let config_bytes = config.to_canonical_json()?;
-    let (config_digest, config_size) = store.put_blob_bytes(&config_bytes, None)?;
-    let manifest = Manifest {
-        schema_version: 2,
-        media_type: Some(media_type::OCI_MANIFEST.to_string()),
-        artifact_type: None,
-        config: Descriptor::new(media_type::OCI_CONFIG, config_digest, config_size),
-        layers: vec![layer.descriptor()],
-        subject: None,
-        annotations: None,
-    };
-    let descriptor = store.put_manifest(&manifest)?;
+    let (descriptor, _) = store.put_image(&config, vec![layer.descriptor()], None)?;
     store.set_ref(&name, descriptor.clone())?;
     Ok(Imported {
         name,
