@@ -71,9 +71,14 @@ struct Lease {
     lost: Arc<AtomicBool>,
 }
 
-pub(crate) async fn run(registry: &Registry, grace: Duration, dry_run: bool) -> Result<GcReport> {
+pub(crate) async fn run(
+    registry: &Registry,
+    grace: Duration,
+    upload_grace: Duration,
+    dry_run: bool,
+) -> Result<GcReport> {
     if dry_run {
-        return collect(registry, grace, None).await;
+        return collect(registry, grace, upload_grace, None).await;
     }
     let meta = registry.meta.clone();
     let holder = format!("gc-{}-{}", std::process::id(), util::random_hex(6));
@@ -96,7 +101,7 @@ pub(crate) async fn run(registry: &Registry, grace: Duration, dry_run: bool) -> 
         mark_start_ms,
         lost,
     };
-    let result = collect(registry, grace, Some(&lease)).await;
+    let result = collect(registry, grace, upload_grace, Some(&lease)).await;
     renewer.abort();
     let released = meta.gc_release(&holder).await;
     let report = result?;
@@ -163,7 +168,12 @@ async fn mark(
     Ok((marked_manifests, marked_blobs))
 }
 
-async fn collect(registry: &Registry, grace: Duration, lease: Option<&Lease>) -> Result<GcReport> {
+async fn collect(
+    registry: &Registry,
+    grace: Duration,
+    upload_grace: Duration,
+    lease: Option<&Lease>,
+) -> Result<GcReport> {
     let dry_run = lease.is_none();
     let backend = &registry.backend;
     let now = SystemTime::now();
@@ -345,6 +355,6 @@ async fn collect(registry: &Registry, grace: Duration, lease: Option<&Lease>) ->
         registry.meta.gc_clear_deleting(&marked_deleting).await?;
         registry.meta.trim_touches(lease.mark_start_ms).await?;
     }
-    report.uploads_removed = registry.clean_uploads(grace, dry_run).await?;
+    report.uploads_removed = registry.clean_uploads(upload_grace, dry_run).await?;
     Ok(report)
 }

@@ -182,6 +182,8 @@ pub struct GcOptions {
     /// Manifests, links and blobs younger than this are kept (a push may be in progress), and
     /// uploads older than this are removed.
     pub grace: Duration,
+    /// Uploads untouched for longer than this are removed; `None`: [`GcOptions::grace`].
+    pub upload_grace: Option<Duration>,
 }
 
 /// Administration of a registry, for the CLI: orgs, users, tokens, pins, gc. Safe to use while
@@ -311,6 +313,7 @@ impl Admin {
         self.gc_with(GcOptions {
             dry_run,
             grace: self.config.upload_timeout,
+            upload_grace: None,
         })
         .await
     }
@@ -320,7 +323,10 @@ impl Admin {
     pub async fn gc_with(&self, opts: GcOptions) -> Result<GcReport> {
         let registry = self.registry.clone();
         self.handle
-            .spawn(async move { gc::run(&registry, opts.grace, opts.dry_run).await })
+            .spawn(async move {
+                let uploads = opts.upload_grace.unwrap_or(opts.grace);
+                gc::run(&registry, opts.grace, uploads, opts.dry_run).await
+            })
             .await?
     }
 }
