@@ -14,3 +14,4 @@ mod images;
 mod interop;
 mod readme;
 mod rebase;
+mod registry_cli;
