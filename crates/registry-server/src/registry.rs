@@ -138,6 +138,16 @@ pub(crate) struct Session {
     algorithm: Algorithm,
     /// Object names under `_uploads/<id>/`, in order.
     parts: Vec<String>,
+    /// The whole upload, received by the closing request on this replica and not stored as a
+    /// part: the spooled file and its digest, put straight into place by `finish`.
+    local: Option<(PathBuf, Digest)>,
+}
+
+impl Session {
+    /// Whether the upload's bytes are a local file of this request, not stored parts.
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
 }
 
 /// How a request body ended while being appended to an upload.
@@ -161,7 +171,7 @@ pub(crate) struct Registry {
     spool: PathBuf,
     /// Upload id → (offset, hash of the bytes up to it), for uploads whose bytes all came
     /// through this process; another replica (or a restart) recomputes it from the parts.
-    hashers: Mutex<HashMap<String, (u64, Hasher)>>,
+    hashers: Mutex<HashMap<String, (u64, Hasher, std::time::Instant)>>,
 }
 
 /// The object holding part `part` of upload `id`.
@@ -395,15 +405,17 @@ impl Registry {
         self.meta
             .upload_create(&id, repo, algorithm.as_str())
             .await?;
-        self.hashers
-            .lock_ok()
-            .insert(id.clone(), (0, algorithm.hasher()));
+        self.hashers.lock_ok().insert(
+            id.clone(),
+            (0, algorithm.hasher(), std::time::Instant::now()),
+        );
         Ok(Session {
             id,
             repo: repo.to_string(),
             offset: 0,
             algorithm,
             parts: Vec::new(),
+            local: None,
         })
     }
 
@@ -429,19 +441,23 @@ impl Registry {
             offset: row.size,
             algorithm,
             parts: row.parts,
+            local: None,
         }))
     }
 
     /// Append a request body to the upload: the body is spooled to a local file, then stored as
     /// the upload's next part and recorded only if the upload is still where this request found
     /// it. Bytes that arrived before a broken connection are kept so the client can resume from
-    /// the offset (on any replica).
+    /// the offset (on any replica). `last`: the closing request of an upload that has no part
+    /// yet, whose complete body is the whole blob, keeps it local for `finish` (no part, no
+    /// copy in object storage).
     pub async fn append<S, E>(
         &self,
         s: &mut Session,
         mut body: S,
         max_total: u64,
         idle: Duration,
+        last: bool,
     ) -> Result<AppendEnd>
     where
         S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
@@ -453,7 +469,9 @@ impl Registry {
         let mut hasher = {
             let mut map = self.hashers.lock_ok();
             match map.remove(&s.id) {
-                Some((at, h)) if at == s.offset => Some(h),
+                Some((at, h, _)) if at == s.offset => Some(h),
+                // Nothing received yet: nothing to have missed.
+                _ if s.offset == 0 => Some(s.algorithm.hasher()),
                 _ => None,
             }
         };
@@ -527,9 +545,20 @@ impl Registry {
         if len == 0 {
             let _ = std::fs::remove_file(&path);
             if let Some(h) = hasher {
-                self.hashers.lock_ok().insert(s.id.clone(), (s.offset, h));
+                self.hashers
+                    .lock_ok()
+                    .insert(s.id.clone(), (s.offset, h, std::time::Instant::now()));
             }
             return Ok(end);
+        }
+        // The hash covers every byte of the upload only if nothing was lost writing.
+        let hasher = hasher.filter(|_| len == total - s.offset);
+        if last && end == AppendEnd::Complete && s.offset == 0 && s.parts.is_empty() {
+            if let Some(h) = hasher {
+                s.offset = len;
+                s.local = Some((path, h.finish()));
+                return Ok(end);
+            }
         }
         let part = format!("{:016x}-{}", s.offset, util::random_hex(4));
         let key = part_key(&s.id, &part);
@@ -545,8 +574,10 @@ impl Registry {
         }
         s.offset = to;
         s.parts.push(part);
-        if let Some(h) = hasher.filter(|_| len == total - (to - len)) {
-            self.hashers.lock_ok().insert(s.id.clone(), (to, h));
+        if let Some(h) = hasher {
+            self.hashers
+                .lock_ok()
+                .insert(s.id.clone(), (to, h, std::time::Instant::now()));
         }
         Ok(end)
     }
@@ -554,13 +585,25 @@ impl Registry {
     /// Verify the upload against `expected` and move it into blob storage, linked to the
     /// session's repository. `Ok(Err(actual))` when the content has another digest.
     pub async fn finish(&self, s: &mut Session, expected: &Digest) -> Result<Result<u64, Digest>> {
-        let size = s.offset;
-        let bkey = blob_key(expected);
+        if let Some((path, actual)) = s.local.take() {
+            // Hashed with the session's algorithm: another one is asked for, hash the file.
+            let actual = if actual.algorithm() == expected.algorithm() {
+                actual
+            } else {
+                let (p, alg) = (path.clone(), expected.algorithm());
+                tokio::task::spawn_blocking(move || hash_file(&p, alg)).await??
+            };
+            if &actual != expected {
+                let _ = std::fs::remove_file(&path);
+                return Ok(Err(actual));
+            }
+            return self.store_verified(s, expected, Some(path)).await;
+        }
         let known = {
             let map = self.hashers.lock_ok();
             map.get(&s.id)
-                .filter(|(at, _)| *at == s.offset && s.algorithm == expected.algorithm())
-                .map(|(_, h)| h.clone())
+                .filter(|(at, _, _)| *at == s.offset && s.algorithm == expected.algorithm())
+                .map(|(_, h, _)| h.clone())
         };
         // Where the verified bytes are: the one part (or none) when every byte came through
         // here (its digest was hashed as it arrived), else a local file the parts were joined
@@ -587,6 +630,19 @@ impl Registry {
                 }
             }
         };
+        self.store_verified(s, expected, joined).await
+    }
+
+    /// Put the verified upload (the local file `joined`, else its one part or none) into
+    /// place, link it to the session's repository and forget the session.
+    async fn store_verified(
+        &self,
+        s: &mut Session,
+        expected: &Digest,
+        joined: Option<PathBuf>,
+    ) -> Result<Result<u64, Digest>> {
+        let size = s.offset;
+        let bkey = blob_key(expected);
         let used = match self.meta.protect(std::slice::from_ref(expected)).await {
             Ok(u) => u,
             Err(e) => {
@@ -673,6 +729,9 @@ impl Registry {
     /// Forget the session and delete its parts.
     pub async fn discard(&self, s: &Session) -> Result<()> {
         self.hashers.lock_ok().remove(&s.id);
+        if let Some((path, _)) = &s.local {
+            let _ = std::fs::remove_file(path);
+        }
         let parts = self.meta.upload_delete(&s.id).await?.unwrap_or_default();
         for p in parts {
             self.backend.delete(&part_key(&s.id, &p)).await?;
@@ -682,6 +741,12 @@ impl Registry {
 
     /// Remove uploads untouched for longer than `max_age`; returns their ids.
     pub async fn clean_uploads(&self, max_age: Duration, dry_run: bool) -> Result<Vec<String>> {
+        if !dry_run {
+            // Hashes of uploads another replica finished, cancelled or cleaned up.
+            self.hashers
+                .lock_ok()
+                .retain(|_, (_, _, touched)| touched.elapsed() <= max_age);
+        }
         let stale = self.meta.uploads_stale(max_age).await?;
         let mut ids = Vec::with_capacity(stale.len());
         for (id, _) in stale {
@@ -697,6 +762,20 @@ impl Registry {
             ids.push(id);
         }
         Ok(ids)
+    }
+}
+
+fn hash_file(path: &Path, alg: Algorithm) -> Result<Digest> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).at("open", path)?;
+    let mut h = alg.hasher();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).at("read", path)?;
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        h.update(&buf[..n]);
     }
 }
 

@@ -90,6 +90,7 @@ pub(super) async fn receive(
     s: &mut Session,
     body: &mut Option<Body>,
     expect: Option<u64>,
+    last: bool,
 ) -> Result<(), ApiError> {
     let before = s.offset;
     let end = st
@@ -99,6 +100,7 @@ pub(super) async fn receive(
             body.take().unwrap_or_default().into_data_stream(),
             st.limits.max_blob_bytes,
             st.limits.body_idle_timeout,
+            last,
         )
         .await?;
     match end {
@@ -133,6 +135,10 @@ pub(super) async fn receive(
     if let Some(want) = expect
         && s.offset - before != want
     {
+        if s.is_local() {
+            // The closing request's body was never stored: the upload cannot go on.
+            st.registry.discard(s).await?;
+        }
         return Err(ApiError::code(
             Code::SizeInvalid,
             format!("expected {want} bytes, received {}", s.offset - before),
@@ -192,7 +198,7 @@ pub(super) async fn start_upload(
         let digest = parse_digest(d)?;
         let mut s = st.registry.start_upload(name, digest.algorithm()).await?;
         let expect = content_length(headers);
-        if let Err(e) = receive(st, name, &mut s, body, expect).await {
+        if let Err(e) = receive(st, name, &mut s, body, expect, true).await {
             st.registry.discard(&s).await?;
             return Err(e);
         }
@@ -238,7 +244,7 @@ pub(super) async fn patch_upload(
     st.gate(headers, Some(name), Action::Push).await?;
     let mut s = find_session(st, name, id).await?;
     let expect = check_content_range(headers, name, &s)?;
-    receive(st, name, &mut s, body, expect).await?;
+    receive(st, name, &mut s, body, expect, false).await?;
     Ok(upload_response(StatusCode::ACCEPTED, name, &s))
 }
 
@@ -261,7 +267,7 @@ pub(super) async fn put_upload(
     };
     let digest = parse_digest(d)?;
     let expect = check_content_range(headers, name, &s)?;
-    receive(st, name, &mut s, body, expect).await?;
+    receive(st, name, &mut s, body, expect, true).await?;
     finish_upload(st, name, &mut s, &digest).await
 }
 
