@@ -29,9 +29,15 @@ done
 
 rm -rf "$B"; mkdir -p "$B"
 PIDS=()
+PG_PID=
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  rm -rf "$B"
+  # Newest first: the registries hold connections to PostgreSQL, which SIGINT stops at once.
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    local sig=TERM
+    [ "${PIDS[i]}" = "$PG_PID" ] && sig=INT
+    kill -"$sig" "${PIDS[i]}" 2>/dev/null || true; wait "${PIDS[i]}" 2>/dev/null || true
+  done
+  [ -n "${KEEP:-}" ] || rm -rf "$B"
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -57,8 +63,9 @@ if [ "$(id -u)" = 0 ]; then
 fi
 "${AS[@]}" "$PGBIN/initdb" -D "$B/pg" -U postgres -A trust --no-sync >/dev/null
 "${AS[@]}" "$PGBIN/postgres" -D "$B/pg" -k "$B" -h 127.0.0.1 -p "$PP" >"$B/pg.log" 2>&1 &
+PG_PID=$!
 PIDS+=($!)
-for _ in $(seq 200); do "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PP" && break; sleep 0.05; done
+for _ in $(seq 200); do "$PGBIN/pg_isready" -q -U postgres -h 127.0.0.1 -p "$PP" && break; sleep 0.05; done
 
 # The registries.
 s3() {
@@ -81,7 +88,8 @@ storage:
   cache: {blobdescriptor: inmemory}
 http: {addr: "127.0.0.1:$DP"}
 YML
-docker-registry serve "$B/docker.yml" >"$B/docker.log" 2>&1 &
+# Its AWS SDK refuses a custom CA bundle over plain HTTP: none is needed here.
+env -u AWS_CA_BUNDLE docker-registry serve "$B/docker.yml" >"$B/docker.log" 2>&1 &
 PIDS+=($!)
 for p in "$SPG" "$SSQ" "$DP"; do wait_port "$p" v2/; done
 
@@ -114,7 +122,7 @@ manifest_rps() { # port GET|HEAD -> req/s
   [ "$2" = HEAD ] && flag="-I"
   for _ in $(seq "$REQS"); do echo "url = \"http://127.0.0.1:$1/v2/bench/app/manifests/v1\""; echo "output = /dev/null"; done >"$cfg"
   t0=$(now)
-  curl -sfZ --parallel-max 32 $flag -H "Accept: $MANIFEST_TYPE" -K "$cfg"
+  curl -sfZ --no-progress-meter --parallel-max 32 $flag -H "Accept: $MANIFEST_TYPE" -K "$cfg"
   t1=$(now)
   echo "$REQS / ($t1 - $t0)" | bc -l
 }

@@ -172,6 +172,8 @@ pub(crate) struct Registry {
     /// Upload id → (offset, hash of the bytes up to it), for uploads whose bytes all came
     /// through this process; another replica (or a restart) recomputes it from the parts.
     hashers: Mutex<HashMap<String, (u64, Hasher, std::time::Instant)>>,
+    /// Manifest bytes by digest (immutable), with their total size; see `cache_manifest`.
+    manifest_cache: Mutex<(usize, HashMap<Digest, Bytes>)>,
 }
 
 /// The object holding part `part` of upload `id`.
@@ -212,6 +214,7 @@ impl Registry {
             meta,
             spool,
             hashers: Mutex::new(HashMap::new()),
+            manifest_cache: Mutex::new((0, HashMap::new())),
         })
     }
 
@@ -291,14 +294,40 @@ impl Registry {
         let Some(mt) = self.backend.get(&manifest_key(repo, d)).await? else {
             return Ok(None);
         };
-        let Some(bytes) = self.backend.get(&blob_key(d)).await? else {
-            return Ok(None);
+        let cached = self.manifest_cache.lock_ok().1.get(d).cloned();
+        let bytes = match cached {
+            Some(b) => b,
+            None => {
+                let Some(bytes) = self.backend.get(&blob_key(d)).await? else {
+                    return Ok(None);
+                };
+                self.cache_manifest(d, &bytes);
+                bytes
+            }
         };
         Ok(Some(StoredManifest {
             digest: d.clone(),
             media_type: String::from_utf8_lossy(&mt).into_owned(),
             bytes,
         }))
+    }
+
+    /// Keep a manifest's bytes in memory: content under its digest never changes, so only the
+    /// repository's entry (and the tag) are read from storage on the next request. Checked
+    /// against the digest first; the cache is emptied when it would pass its bound.
+    fn cache_manifest(&self, d: &Digest, bytes: &Bytes) {
+        const MAX_ONE: usize = 4 << 20;
+        const MAX_ALL: usize = 64 << 20;
+        if bytes.len() > MAX_ONE || Digest::of(d.algorithm(), bytes) != *d {
+            return;
+        }
+        let mut cache = self.manifest_cache.lock_ok();
+        if cache.0 + bytes.len() > MAX_ALL {
+            *cache = (0, HashMap::new());
+        }
+        if cache.1.insert(d.clone(), bytes.clone()).is_none() {
+            cache.0 += bytes.len();
+        }
     }
 
     /// Store a validated manifest (its references already checked) and point `tags` at it.
@@ -553,12 +582,15 @@ impl Registry {
         }
         // The hash covers every byte of the upload only if nothing was lost writing.
         let hasher = hasher.filter(|_| len == total - s.offset);
-        if last && end == AppendEnd::Complete && s.offset == 0 && s.parts.is_empty() {
-            if let Some(h) = hasher {
-                s.offset = len;
-                s.local = Some((path, h.finish()));
-                return Ok(end);
-            }
+        if last
+            && end == AppendEnd::Complete
+            && s.offset == 0
+            && s.parts.is_empty()
+            && let Some(h) = &hasher
+        {
+            s.offset = len;
+            s.local = Some((path, h.clone().finish()));
+            return Ok(end);
         }
         let part = format!("{:016x}-{}", s.offset, util::random_hex(4));
         let key = part_key(&s.id, &part);
