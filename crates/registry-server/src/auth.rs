@@ -18,7 +18,7 @@ use sha2::Digest as _;
 use strata_oci::sync::MutexExt;
 
 use crate::error::{Error, IoContext, Result};
-use crate::meta::{MetaDb, Principal, TOKEN_PREFIX, TokenScope};
+use crate::meta::{Meta, Principal, TOKEN_PREFIX, TokenScope};
 use crate::util;
 
 /// The `service` our tokens are issued for.
@@ -93,7 +93,7 @@ pub(crate) enum Refusal {
 }
 
 pub(crate) struct Auth {
-    meta: Arc<MetaDb>,
+    meta: Arc<Meta>,
     key: Vec<u8>,
     token_ttl: Duration,
     /// Argon2 is deliberately slow; a push makes dozens of requests with the same Basic
@@ -185,7 +185,7 @@ pub(crate) fn org_of(repo: &str) -> &str {
 }
 
 impl Auth {
-    pub fn new(meta: Arc<MetaDb>, key: Vec<u8>, token_ttl: Duration) -> Auth {
+    pub fn new(meta: Arc<Meta>, key: Vec<u8>, token_ttl: Duration) -> Auth {
         Auth {
             meta,
             key,
@@ -225,9 +225,7 @@ impl Auth {
         } else if scheme.eq_ignore_ascii_case("bearer") {
             if rest.starts_with(TOKEN_PREFIX) {
                 // An API token used directly as a bearer token.
-                let meta = self.meta.clone();
-                let token = rest.to_string();
-                let p = tokio::task::spawn_blocking(move || meta.check_token(&token)).await??;
+                let p = self.meta.check_token(rest).await?;
                 return Ok(p.map(|p| Some(Credential::Direct(p))).ok_or(()));
             }
             let cred = match self.verify_jwt(rest) {
@@ -236,10 +234,7 @@ impl Auth {
             };
             // A token from `/token` outlives nothing it was issued for: its API token revoked
             // (or its user gone), it is refused at once, not when it expires.
-            let meta = self.meta.clone();
-            let principal = cred.principal().clone();
-            let alive =
-                tokio::task::spawn_blocking(move || meta.principal_alive(&principal)).await??;
+            let alive = self.meta.principal_alive(cred.principal()).await?;
             Ok(if alive { Ok(Some(cred)) } else { Err(()) })
         } else {
             Ok(Err(()))
@@ -251,10 +246,9 @@ impl Auth {
         user: String,
         pass: String,
     ) -> Result<Option<Principal>> {
-        let meta = self.meta.clone();
         if pass.starts_with(TOKEN_PREFIX) {
             // Looked up on every request, so a revoked token stops working at once.
-            return tokio::task::spawn_blocking(move || meta.check_token(&pass)).await?;
+            return self.meta.check_token(&pass).await;
         }
         let mut h = sha2::Sha256::new();
         h.update(user.as_bytes());
@@ -269,8 +263,7 @@ impl Auth {
                 .map(|(p, stored, _)| (p.clone(), stored.clone()))
         };
         if let Some((p, stored)) = cached {
-            let name = user.clone();
-            let now = tokio::task::spawn_blocking(move || meta.user_hash(&name)).await??;
+            let now = self.meta.user_hash(&user).await?;
             if now.is_some_and(|(org, hash)| org == p.org && hash == stored) {
                 return Ok(Some(p));
             }
@@ -278,9 +271,7 @@ impl Auth {
             let mut cache = self.cache.lock_ok();
             cache.remove(&cache_key);
         }
-        let meta = self.meta.clone();
-        let found =
-            tokio::task::spawn_blocking(move || meta.check_password(&user, &pass)).await??;
+        let found = self.meta.check_password(&user, &pass).await?;
         Ok(found.map(|(p, stored)| {
             let mut cache = self.cache.lock_ok();
             cache.retain(|_, (_, _, at)| at.elapsed() < CACHE_TTL);

@@ -11,9 +11,33 @@ pub enum StorageKind {
     /// Under [`ServerConfig::root`] (the default).
     #[default]
     Filesystem,
-    /// In an S3-compatible bucket; uploads in progress, the metadata database and the token key
-    /// still live under [`ServerConfig::root`].
+    /// In an S3-compatible bucket (uploads in progress too); the SQLite database (unless
+    /// [`MetaKind::Postgres`]), spooled request bodies and the token key live under
+    /// [`ServerConfig::root`].
     S3(S3Config),
+}
+
+/// Where orgs, users, tokens, pins, upload sessions and gc's coordination are kept.
+#[derive(Clone, Default)]
+pub enum MetaKind {
+    /// `<root>/registry-v1.db`, for one server (the default).
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database shared by any number of replicas over the same object storage.
+    Postgres {
+        /// `postgres://user:password@host:port/database`.
+        url: String,
+    },
+}
+
+impl std::fmt::Debug for MetaKind {
+    // The URL may hold a password: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetaKind::Sqlite => f.write_str("Sqlite"),
+            MetaKind::Postgres { .. } => f.write_str("Postgres { url: <hidden> }"),
+        }
+    }
 }
 
 /// Who may do what.
@@ -64,11 +88,14 @@ impl Default for Limits {
 /// Everything [`crate::serve`] needs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Filesystem storage (with [`StorageKind::Filesystem`]), uploads in progress, the metadata
-    /// database (`registry-v1.db`) and the token signing key (`token.key`).
+    /// Filesystem storage (with [`StorageKind::Filesystem`]), the SQLite metadata database
+    /// (`registry-v1.db`), request bodies being received (`tmp/`) and the token signing key
+    /// (`token.key`; replicas need the same one: copy it, or keep `root` on shared storage).
     pub root: PathBuf,
     /// Where blobs, manifests and tags go.
     pub storage: StorageKind,
+    /// Where orgs, users, tokens, pins and upload sessions go.
+    pub meta: MetaKind,
     /// Anonymous (local use) or per-org access.
     pub auth: AuthMode,
     /// Request limits and timeouts.
@@ -90,6 +117,7 @@ impl ServerConfig {
         ServerConfig {
             root: root.into(),
             storage: StorageKind::Filesystem,
+            meta: MetaKind::Sqlite,
             auth: AuthMode::Anonymous,
             limits: Limits::default(),
             upload_timeout: Duration::from_secs(24 * 3600),

@@ -40,6 +40,32 @@ pub enum Error {
         source: rusqlite::Error,
     },
 
+    #[error("PostgreSQL metadata database: {what}: {source}")]
+    Postgres {
+        what: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    #[error("PostgreSQL metadata database: no connection: {0}")]
+    PgPool(String),
+
+    #[error("invalid `[postgres] url`: {0}")]
+    PgConfig(String),
+
+    #[error(
+        "another gc is running (lease held by `{holder}`); hint: wait for it, or for its lease to expire"
+    )]
+    GcBusy { holder: String },
+
+    #[error(
+        "gc lost its lease in the metadata database (too slow or disconnected); nothing more was deleted"
+    )]
+    GcLeaseLost,
+
+    #[error("gc is deleting `{digest}` and did not finish within {secs} s")]
+    GcStuck { digest: String, secs: u64 },
+
     #[error("invalid storage key `{key}`: {reason}")]
     BadKey { key: String, reason: &'static str },
 
@@ -287,7 +313,7 @@ fn short_reason(e: &Error) -> &'static str {
     match e {
         Error::Io { .. } => "storage I/O failed",
         Error::ObjectStore { .. } | Error::S3Config { .. } => "object storage failed",
-        Error::Db { .. } => "metadata database failed",
+        Error::Db { .. } | Error::Postgres { .. } | Error::PgPool(_) => "metadata database failed",
         Error::Corrupt { .. } => "stored metadata is corrupt",
         _ => "unexpected failure",
     }

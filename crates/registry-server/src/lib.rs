@@ -7,14 +7,19 @@
 //!
 //! ```text
 //! <root>/
-//! ├── registry-v1.db        SQLite (WAL): orgs, users (argon2 hashes), API tokens (sha256), pins
-//! ├── token.key             HS256 key for bearer tokens (0600, made on first start)
-//! ├── uploads/<id>/         uploads in progress: data, info.json
-//! ├── tmp/                  in-flight writes (filesystem storage)
+//! ├── registry-v1.db        SQLite (WAL): orgs, users (argon2 hashes), API tokens (sha256), pins,
+//! │                         upload sessions, gc's lease (all in PostgreSQL with `[postgres]`)
+//! ├── token.key             HS256 key for bearer tokens (0600, made on first start; in the
+//! │                         database with PostgreSQL, so replicas share it)
+//! ├── tmp/                  request bodies being received; in-flight writes (filesystem storage)
 //! ├── blobs/<alg>/<hex>     ┐
 //! ├── repos/<name>/…        │ filesystem storage; the same keys in S3
-//! └── catalog/<name>/_repo  ┘ (see the `registry` module for the key layout)
+//! ├── catalog/<name>/_repo  │ (see the `registry` module for the key layout)
+//! └── _uploads/<id>/<part>  ┘
 //! ```
+//!
+//! Replicas: any number of servers over one S3 bucket and one PostgreSQL database serve one
+//! registry; no request depends on which replica served the one before (see docs/registry.md).
 
 // Tests may unwrap: a panic is how they fail.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -34,7 +39,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use config::{AuthMode, Limits, S3Config, ServerConfig, StorageKind};
+pub use config::{AuthMode, Limits, MetaKind, S3Config, ServerConfig, StorageKind};
 pub use error::{Error, Result};
 pub use gc::GcReport;
 pub use meta::{Pin, TokenInfo, TokenScope};
@@ -42,23 +47,24 @@ pub use storage::{Backend, ByteStream, FsBackend, ObjectInfo, S3Backend};
 pub use strata_oci::Digest;
 
 use error::IoContext;
-use meta::MetaDb;
+use meta::Meta;
 use registry::Registry;
 
 struct Parts {
-    meta: Arc<MetaDb>,
+    meta: Arc<Meta>,
     registry: Arc<Registry>,
 }
 
-fn open_parts(config: &ServerConfig) -> Result<Parts> {
+async fn open_parts(config: &ServerConfig) -> Result<Parts> {
     std::fs::create_dir_all(&config.root).at("create", &config.root)?;
     let backend: Arc<dyn Backend> = match &config.storage {
         StorageKind::Filesystem => Arc::new(FsBackend::open(&config.root)?),
         StorageKind::S3(s3) => Arc::new(S3Backend::open(s3)?),
     };
+    let meta = Arc::new(Meta::open(&config.meta, &config.root).await?);
     Ok(Parts {
-        meta: Arc::new(MetaDb::open(&config.root)?),
-        registry: Arc::new(Registry::new(backend, &config.root)?),
+        registry: Arc::new(Registry::new(backend, meta.clone(), &config.root)?),
+        meta,
     })
 }
 
@@ -73,12 +79,12 @@ pub async fn serve_with_shutdown(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let parts = open_parts(&config)?;
+    let parts = open_parts(&config).await?;
     let auth = match config.auth {
         AuthMode::Anonymous => None,
         AuthMode::Orgs => Some(Arc::new(auth::Auth::new(
             parts.meta.clone(),
-            auth::load_or_create_key(&config.root)?,
+            parts.meta.token_key(&config.root).await?,
             config.token_ttl,
         ))),
     };
@@ -176,14 +182,30 @@ pub struct GcOptions {
     /// Manifests, links and blobs younger than this are kept (a push may be in progress), and
     /// uploads older than this are removed.
     pub grace: Duration,
+    /// Uploads untouched for longer than this are removed; `None`: [`GcOptions::grace`].
+    pub upload_grace: Option<Duration>,
 }
 
-/// Administration of a registry root, for the CLI: orgs, users, tokens, pins, gc. Safe to use
-/// while a server runs on the same root.
+/// Administration of a registry, for the CLI: orgs, users, tokens, pins, gc. Safe to use while
+/// servers run on the same storage and database (gc included: see the `gc` module).
+///
+/// Its methods are synchronous and work from any thread, inside an async runtime or not: the
+/// work runs on a small runtime of the `Admin`'s own, where its database connections live.
 pub struct Admin {
     config: ServerConfig,
-    meta: Arc<MetaDb>,
+    meta: Arc<Meta>,
     registry: Arc<Registry>,
+    handle: tokio::runtime::Handle,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Admin {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which an async caller may not: let it wind down alone.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Admin {
@@ -192,62 +214,98 @@ impl Admin {
         Admin::with_config(&ServerConfig::new(root.as_ref()))
     }
 
-    /// Open the registry `config` describes (e.g. with S3 storage).
+    /// Open the registry `config` describes (e.g. with S3 storage and PostgreSQL).
     pub fn with_config(config: &ServerConfig) -> Result<Admin> {
-        let parts = open_parts(config)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("registry-admin")
+            .enable_all()
+            .build()
+            .at("start a runtime for", &config.root)?;
+        let handle = rt.handle().clone();
+        let cfg = config.clone();
+        let parts = on_thread(&handle, async move { open_parts(&cfg).await });
+        let parts = match parts {
+            Ok(p) => p,
+            Err(e) => {
+                rt.shutdown_background();
+                return Err(e);
+            }
+        };
         Ok(Admin {
             config: config.clone(),
             meta: parts.meta,
             registry: parts.registry,
+            handle,
+            rt: Some(rt),
         })
+    }
+
+    fn block<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        on_thread(&self.handle, fut)
     }
 
     /// Create an org; it owns every repository named `<org>/...`.
     pub fn create_org(&self, name: &str) -> Result<()> {
-        self.meta.create_org(name)
+        let (meta, name) = (self.meta.clone(), name.to_string());
+        self.block(async move { meta.create_org(&name).await })
     }
 
     /// All orgs, sorted.
     pub fn orgs(&self) -> Result<Vec<String>> {
-        self.meta.orgs()
+        let meta = self.meta.clone();
+        self.block(async move { meta.orgs().await })
     }
 
     /// Create a user of `org` (push and pull on the org's repositories); the password is stored
     /// as an argon2 hash. User names are unique across orgs.
     pub fn create_user(&self, org: &str, name: &str, password: &str) -> Result<()> {
-        self.meta.create_user(org, name, password)
+        let meta = self.meta.clone();
+        let (org, name, password) = (org.to_string(), name.to_string(), password.to_string());
+        self.block(async move { meta.create_user(&org, &name, &password).await })
     }
 
     /// Create an API token for `org`. The returned secret is shown once and stored only as a
     /// hash; use it as the password with any user name (`docker login -u <org>`), or as a
     /// bearer token.
     pub fn create_token(&self, org: &str, scope: TokenScope) -> Result<String> {
-        self.meta.create_token(org, scope)
+        let (meta, org) = (self.meta.clone(), org.to_string());
+        self.block(async move { meta.create_token(&org, scope).await })
     }
 
     /// API tokens (ids, not secrets), of one org or all.
     pub fn tokens(&self, org: Option<&str>) -> Result<Vec<TokenInfo>> {
-        self.meta.tokens(org)
+        let (meta, org) = (self.meta.clone(), org.map(str::to_string));
+        self.block(async move { meta.tokens(org.as_deref()).await })
     }
 
     /// Revoke the token with this id; `false` when there was none.
     pub fn revoke_token(&self, id: &str) -> Result<bool> {
-        self.meta.revoke_token(id)
+        let (meta, id) = (self.meta.clone(), id.to_string());
+        self.block(async move { meta.revoke_token(&id).await })
     }
 
     /// Keep `repo@digest` (and all it references) through gc until unpinned by `holder`.
     pub fn pin(&self, repo: &str, digest: &Digest, holder: &str) -> Result<()> {
-        self.meta.pin(repo, digest, holder)
+        let meta = self.meta.clone();
+        let (repo, digest, holder) = (repo.to_string(), digest.clone(), holder.to_string());
+        self.block(async move { meta.pin(&repo, &digest, &holder).await })
     }
 
     /// Remove a pin; `false` when there was none.
     pub fn unpin(&self, repo: &str, digest: &Digest, holder: &str) -> Result<bool> {
-        self.meta.unpin(repo, digest, holder)
+        let meta = self.meta.clone();
+        let (repo, digest, holder) = (repo.to_string(), digest.clone(), holder.to_string());
+        self.block(async move { meta.unpin(&repo, &digest, &holder).await })
     }
 
     /// All pins.
     pub fn pins(&self) -> Result<Vec<Pin>> {
-        self.meta.pins()
+        let meta = self.meta.clone();
+        self.block(async move { meta.pins().await })
     }
 
     /// Mark and sweep with the configured upload timeout as the grace period.
@@ -255,13 +313,31 @@ impl Admin {
         self.gc_with(GcOptions {
             dry_run,
             grace: self.config.upload_timeout,
+            upload_grace: None,
         })
         .await
     }
 
-    /// Mark and sweep (see the `gc` module docs for what is kept).
+    /// Mark and sweep (see the `gc` module docs for what is kept, and how it runs beside
+    /// pushes and other replicas). `Err(GcBusy)` while another gc runs.
     pub async fn gc_with(&self, opts: GcOptions) -> Result<GcReport> {
-        let pins = self.meta.pins()?;
-        gc::run(&self.registry, &pins, opts.grace, opts.dry_run).await
+        let registry = self.registry.clone();
+        self.handle
+            .spawn(async move {
+                let uploads = opts.upload_grace.unwrap_or(opts.grace);
+                gc::run(&registry, opts.grace, uploads, opts.dry_run).await
+            })
+            .await?
     }
+}
+
+/// Run `fut` on `handle`'s runtime and wait for it on a thread of its own, which works whether
+/// or not the caller is inside an async runtime.
+fn on_thread<T: Send + 'static>(
+    handle: &tokio::runtime::Handle,
+    fut: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    let task = handle.spawn(fut);
+    std::thread::scope(|s| s.spawn(|| handle.block_on(task)).join())
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?
 }

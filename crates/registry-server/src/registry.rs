@@ -15,23 +15,29 @@
 //! Repository path components never start with `_`, so `repos/a/b/_tags` cannot collide with a
 //! repository named `a/b/_tags`; tags never start with `.`, digests are hex.
 //!
-//! Uploads always live under `<root>/uploads/<id>/` (`data` and `info.json`), also when blobs go
-//! to S3: a chunked upload spans requests and its bytes are hashed as they arrive.
+//! ```text
+//! _uploads/<id>/<offset>-<rand>                      one request's bytes of an upload
+//! ```
+//!
+//! An upload session (repository, size, its parts in order) lives in the metadata store, so a
+//! chunked upload may go to a different replica with every request; each request's body is
+//! spooled to local disk, then stored as the next part. The closing `PUT` moves a lone part
+//! into place (its digest was hashed as it arrived) or joins the parts, hashing them.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
-use serde::{Deserialize, Serialize};
 use strata_oci::sync::MutexExt;
 use strata_oci::{Algorithm, Descriptor, Digest, Hasher, ManifestOrIndex};
 
 use crate::error::{Error, IoContext, Result};
+use crate::meta::Meta;
 use crate::storage::{Backend, ByteStream};
 use crate::util;
 
@@ -123,29 +129,24 @@ pub(crate) struct StoredManifest {
     pub bytes: Bytes,
 }
 
-#[derive(Serialize, Deserialize)]
-struct UploadInfo {
-    repo: String,
-    algorithm: String,
-    created: u64,
-}
-
-/// An upload in progress.
+/// An upload in progress, as read from the metadata store at the start of a request.
 pub(crate) struct Session {
     pub id: String,
     pub repo: String,
-    dir: PathBuf,
-    /// Bytes received so far (the size of `data`).
+    /// Bytes received so far (the total size of `parts`).
     pub offset: u64,
-    /// Hash of `data` so far; `None` after a restart or a failed write (then recomputed at the
-    /// end from the file).
-    hasher: Option<Hasher>,
     algorithm: Algorithm,
+    /// Object names under `_uploads/<id>/`, in order.
+    parts: Vec<String>,
+    /// The whole upload, received by the closing request on this replica and not stored as a
+    /// part: the spooled file and its digest, put straight into place by `finish`.
+    local: Option<(PathBuf, Digest)>,
 }
 
 impl Session {
-    fn data(&self) -> PathBuf {
-        self.dir.join("data")
+    /// Whether the upload's bytes are a local file of this request, not stored parts.
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
     }
 }
 
@@ -159,15 +160,25 @@ pub(crate) enum AppendEnd {
     Idle,
     /// The upload would exceed the blob size limit; nothing past the limit was written.
     TooLarge,
+    /// Another request (maybe on another replica) appended first; this body was dropped.
+    Moved,
 }
-
-pub(crate) type SessionRef = Arc<tokio::sync::Mutex<Session>>;
 
 pub(crate) struct Registry {
     pub backend: Arc<dyn Backend>,
-    uploads: PathBuf,
-    /// id → (repository, session)
-    sessions: Mutex<HashMap<String, (String, SessionRef)>>,
+    pub meta: Arc<Meta>,
+    /// Request bodies being received, before they become an upload's part.
+    spool: PathBuf,
+    /// Upload id → (offset, hash of the bytes up to it), for uploads whose bytes all came
+    /// through this process; another replica (or a restart) recomputes it from the parts.
+    hashers: Mutex<HashMap<String, (u64, Hasher, std::time::Instant)>>,
+    /// Manifest bytes by digest (immutable), with their total size; see `cache_manifest`.
+    manifest_cache: Mutex<(usize, HashMap<Digest, Bytes>)>,
+}
+
+/// The object holding part `part` of upload `id`.
+fn part_key(id: &str, part: &str) -> String {
+    format!("_uploads/{id}/{part}")
 }
 
 fn is_upload_id(id: &str) -> bool {
@@ -194,13 +205,16 @@ fn new_upload_id() -> String {
 }
 
 impl Registry {
-    pub fn new(backend: Arc<dyn Backend>, root: &Path) -> Result<Registry> {
-        let uploads = root.join("uploads");
-        std::fs::create_dir_all(&uploads).at("create", &uploads)?;
+    pub fn new(backend: Arc<dyn Backend>, meta: Arc<Meta>, root: &Path) -> Result<Registry> {
+        let spool = root.join("tmp");
+        std::fs::create_dir_all(&spool).at("create", &spool)?;
+        crate::storage::remove_stale_temp_files(&spool);
         Ok(Registry {
             backend,
-            uploads,
-            sessions: Mutex::new(HashMap::new()),
+            meta,
+            spool,
+            hashers: Mutex::new(HashMap::new()),
+            manifest_cache: Mutex::new((0, HashMap::new())),
         })
     }
 
@@ -280,14 +294,40 @@ impl Registry {
         let Some(mt) = self.backend.get(&manifest_key(repo, d)).await? else {
             return Ok(None);
         };
-        let Some(bytes) = self.backend.get(&blob_key(d)).await? else {
-            return Ok(None);
+        let cached = self.manifest_cache.lock_ok().1.get(d).cloned();
+        let bytes = match cached {
+            Some(b) => b,
+            None => {
+                let Some(bytes) = self.backend.get(&blob_key(d)).await? else {
+                    return Ok(None);
+                };
+                self.cache_manifest(d, &bytes);
+                bytes
+            }
         };
         Ok(Some(StoredManifest {
             digest: d.clone(),
             media_type: String::from_utf8_lossy(&mt).into_owned(),
             bytes,
         }))
+    }
+
+    /// Keep a manifest's bytes in memory: content under its digest never changes, so only the
+    /// repository's entry (and the tag) are read from storage on the next request. Checked
+    /// against the digest first; the cache is emptied when it would pass its bound.
+    fn cache_manifest(&self, d: &Digest, bytes: &Bytes) {
+        const MAX_ONE: usize = 4 << 20;
+        const MAX_ALL: usize = 64 << 20;
+        if bytes.len() > MAX_ONE || Digest::of(d.algorithm(), bytes) != *d {
+            return;
+        }
+        let mut cache = self.manifest_cache.lock_ok();
+        if cache.0 + bytes.len() > MAX_ALL {
+            *cache = (0, HashMap::new());
+        }
+        if cache.1.insert(d.clone(), bytes.clone()).is_none() {
+            cache.0 += bytes.len();
+        }
     }
 
     /// Store a validated manifest (its references already checked) and point `tags` at it.
@@ -388,112 +428,92 @@ impl Registry {
 
     // ---- uploads ----
 
-    pub fn start_upload(&self, repo: &str, algorithm: Algorithm) -> Result<SessionRef> {
+    /// A new upload session, recorded in the metadata store so any replica can continue it.
+    pub async fn start_upload(&self, repo: &str, algorithm: Algorithm) -> Result<Session> {
         let id = new_upload_id();
-        let dir = self.uploads.join(&id);
-        std::fs::create_dir(&dir).at("create", &dir)?;
-        std::fs::File::create(dir.join("data")).at("create", dir.join("data"))?;
-        let info = UploadInfo {
+        self.meta
+            .upload_create(&id, repo, algorithm.as_str())
+            .await?;
+        self.hashers.lock_ok().insert(
+            id.clone(),
+            (0, algorithm.hasher(), std::time::Instant::now()),
+        );
+        Ok(Session {
+            id,
             repo: repo.to_string(),
-            algorithm: algorithm.as_str().to_string(),
-            created: util::unix_now(),
-        };
-        let info_path = dir.join("info.json");
-        std::fs::write(&info_path, serde_json::to_vec(&info).unwrap_or_default())
-            .at("write", &info_path)?;
-        let s = Arc::new(tokio::sync::Mutex::new(Session {
-            id: id.clone(),
-            repo: repo.to_string(),
-            dir,
             offset: 0,
-            hasher: Some(algorithm.hasher()),
             algorithm,
-        }));
-        self.sessions_map()
-            .insert(id, (repo.to_string(), s.clone()));
-        Ok(s)
+            parts: Vec::new(),
+            local: None,
+        })
     }
 
-    fn sessions_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, SessionRef)>> {
-        self.sessions.lock_ok()
-    }
-
-    /// The session `id` of `repo`, from memory or (after a restart) from disk.
-    pub fn session(&self, repo: &str, id: &str) -> Result<Option<SessionRef>> {
+    /// The session `id` of `repo`, as the metadata store has it now.
+    pub async fn session(&self, repo: &str, id: &str) -> Result<Option<Session>> {
         if !is_upload_id(id) {
             return Ok(None);
         }
-        let dir = self.uploads.join(id);
-        let known = self.sessions_map().get(id).cloned();
-        if let Some((r, s)) = known {
-            // Another process (gc, the cleaner of another server) may have removed it.
-            if dir.join("info.json").exists() {
-                return Ok((r == repo).then_some(s));
-            }
-            self.sessions_map().remove(id);
+        let Some(row) = self.meta.upload(id).await? else {
+            self.hashers.lock_ok().remove(id);
             return Ok(None);
-        }
-        let info_path = dir.join("info.json");
-        let info: UploadInfo = match std::fs::read(&info_path) {
-            Ok(b) => match serde_json::from_slice(&b) {
-                Ok(i) => i,
-                Err(_) => return Ok(None),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).at("read", &info_path),
         };
-        if info.repo != repo {
+        if row.repo != repo {
             return Ok(None);
         }
-        let algorithm = match info.algorithm.as_str() {
+        let algorithm = match row.algorithm.as_str() {
             "sha512" => Algorithm::Sha512,
             _ => Algorithm::Sha256,
         };
-        let data = dir.join("data");
-        let offset = match std::fs::metadata(&data) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).at("stat", &data),
-        };
-        let s = Arc::new(tokio::sync::Mutex::new(Session {
+        Ok(Some(Session {
             id: id.to_string(),
-            repo: info.repo.clone(),
-            dir,
-            offset,
-            hasher: None,
+            repo: row.repo,
+            offset: row.size,
             algorithm,
-        }));
-        // Another request may have loaded it meanwhile: keep one.
-        let mut map = self.sessions_map();
-        Ok(Some(
-            map.entry(id.to_string())
-                .or_insert((info.repo, s))
-                .1
-                .clone(),
-        ))
+            parts: row.parts,
+            local: None,
+        }))
     }
 
-    /// Append a request body to the upload. Bytes that arrived before a broken connection are
-    /// kept so the client can resume from the offset.
+    /// Append a request body to the upload: the body is spooled to a local file, then stored as
+    /// the upload's next part and recorded only if the upload is still where this request found
+    /// it. Bytes that arrived before a broken connection are kept so the client can resume from
+    /// the offset (on any replica). `last`: the closing request of an upload that has no part
+    /// yet, whose complete body is the whole blob, keeps it local for `finish` (no part, no
+    /// copy in object storage).
     pub async fn append<S, E>(
         &self,
         s: &mut Session,
         mut body: S,
         max_total: u64,
         idle: Duration,
+        last: bool,
     ) -> Result<AppendEnd>
     where
         S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
     {
-        let path = s.data();
+        let path = self
+            .spool
+            .join(format!("upload-{}-{}", s.id, util::random_hex(8)));
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
-        let mut hasher = s.hasher.take();
+        let mut hasher = {
+            let mut map = self.hashers.lock_ok();
+            match map.remove(&s.id) {
+                Some((at, h, _)) if at == s.offset => Some(h),
+                // Nothing received yet: nothing to have missed.
+                _ if s.offset == 0 => Some(s.algorithm.hasher()),
+                _ => None,
+            }
+        };
         let wpath = path.clone();
         // Hashing and writing run on a blocking thread so the socket keeps being read meanwhile.
         let writer = tokio::task::spawn_blocking(move || {
-            let mut f = match std::fs::OpenOptions::new().append(true).open(&wpath) {
+            let mut f = match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&wpath)
+            {
                 Ok(f) => f,
-                Err(e) => return (hasher, Err(e)),
+                Err(e) => return (None, Err(e)),
             };
             while let Some(chunk) = rx.blocking_recv() {
                 if let Err(e) = f.write_all(&chunk) {
@@ -543,95 +563,242 @@ impl Registry {
         }
         drop(tx);
         let (hasher, res) = writer.await?;
-        // The file is the truth: after a failed write the hash state cannot be trusted.
-        let len = std::fs::metadata(&path).at("stat", &path)?.len();
-        s.hasher = if res.is_ok() && len == total {
-            hasher
-        } else {
-            None
+        let written = std::fs::metadata(&path).map(|m| m.len());
+        let len = match (res, written) {
+            (Ok(()), Ok(len)) => len,
+            (Err(e), _) | (Ok(()), Err(e)) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e).at("write", &path);
+            }
         };
-        s.offset = len;
-        res.at("write", &path)?;
+        if len == 0 {
+            let _ = std::fs::remove_file(&path);
+            if let Some(h) = hasher {
+                self.hashers
+                    .lock_ok()
+                    .insert(s.id.clone(), (s.offset, h, std::time::Instant::now()));
+            }
+            return Ok(end);
+        }
+        // The hash covers every byte of the upload only if nothing was lost writing.
+        let hasher = hasher.filter(|_| len == total - s.offset);
+        if last
+            && end == AppendEnd::Complete
+            && s.offset == 0
+            && s.parts.is_empty()
+            && let Some(h) = &hasher
+        {
+            s.offset = len;
+            s.local = Some((path, h.clone().finish()));
+            return Ok(end);
+        }
+        let part = format!("{:016x}-{}", s.offset, util::random_hex(4));
+        let key = part_key(&s.id, &part);
+        if let Err(e) = self.backend.put_file(&key, &path, len).await {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        let to = s.offset + len;
+        if !self.meta.upload_advance(&s.id, s.offset, to, &part).await? {
+            // Lost the race (or the upload was cancelled): this part is nobody's.
+            self.backend.delete(&key).await?;
+            return Ok(AppendEnd::Moved);
+        }
+        s.offset = to;
+        s.parts.push(part);
+        if let Some(h) = hasher {
+            self.hashers
+                .lock_ok()
+                .insert(s.id.clone(), (to, h, std::time::Instant::now()));
+        }
         Ok(end)
     }
 
     /// Verify the upload against `expected` and move it into blob storage, linked to the
     /// session's repository. `Ok(Err(actual))` when the content has another digest.
     pub async fn finish(&self, s: &mut Session, expected: &Digest) -> Result<Result<u64, Digest>> {
-        let path = s.data();
-        let actual = match s.hasher.clone() {
-            Some(h) if s.algorithm == expected.algorithm() => h.finish(),
-            _ => {
-                let alg = expected.algorithm();
-                let p = path.clone();
+        if let Some((path, actual)) = s.local.take() {
+            // Hashed with the session's algorithm: another one is asked for, hash the file.
+            let actual = if actual.algorithm() == expected.algorithm() {
+                actual
+            } else {
+                let (p, alg) = (path.clone(), expected.algorithm());
                 tokio::task::spawn_blocking(move || hash_file(&p, alg)).await??
+            };
+            if &actual != expected {
+                let _ = std::fs::remove_file(&path);
+                return Ok(Err(actual));
+            }
+            return self.store_verified(s, expected, Some(path)).await;
+        }
+        let known = {
+            let map = self.hashers.lock_ok();
+            map.get(&s.id)
+                .filter(|(at, _, _)| *at == s.offset && s.algorithm == expected.algorithm())
+                .map(|(_, h, _)| h.clone())
+        };
+        // Where the verified bytes are: the one part (or none) when every byte came through
+        // here (its digest was hashed as it arrived), else a local file the parts were joined
+        // into, hashing them.
+        let joined = match (known, s.parts.len()) {
+            (Some(h), n) if n <= 1 => {
+                let actual = h.finish();
+                if &actual != expected {
+                    return Ok(Err(actual));
+                }
+                None
+            }
+            _ => {
+                let path = self
+                    .spool
+                    .join(format!("join-{}-{}", s.id, util::random_hex(8)));
+                let actual = self.join_parts(s, &path, expected.algorithm()).await;
+                match actual {
+                    Ok(d) if &d == expected => Some(path),
+                    other => {
+                        let _ = std::fs::remove_file(&path);
+                        return other.map(Err);
+                    }
+                }
             }
         };
-        if &actual != expected {
-            return Ok(Err(actual));
-        }
+        self.store_verified(s, expected, joined).await
+    }
+
+    /// Put the verified upload (the local file `joined`, else its one part or none) into
+    /// place, link it to the session's repository and forget the session.
+    async fn store_verified(
+        &self,
+        s: &mut Session,
+        expected: &Digest,
+        joined: Option<PathBuf>,
+    ) -> Result<Result<u64, Digest>> {
         let size = s.offset;
         let bkey = blob_key(expected);
-        // A concurrent push of the same blob may have landed first; same digest, same bytes.
-        if self.backend.head(&bkey).await?.map(|i| i.size) != Some(size) {
-            self.backend.put_file(&bkey, &path, size).await?;
+        let used = match self.meta.protect(std::slice::from_ref(expected)).await {
+            Ok(u) => u,
+            Err(e) => {
+                if let Some(path) = &joined {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e);
+            }
+        };
+        let stored = self.store_upload(s, &bkey, joined.as_deref()).await;
+        if let Some(path) = &joined {
+            let _ = std::fs::remove_file(path);
         }
-        self.link_blob(&s.repo, expected).await?;
-        self.discard(s).await;
+        let linked = match stored {
+            Ok(()) => self.link_blob(&s.repo, expected).await,
+            Err(e) => Err(e),
+        };
+        self.meta.done(used).await?;
+        linked?;
+        self.discard(s).await?;
         Ok(Ok(size))
     }
 
-    /// Forget the session and delete its files.
-    pub async fn discard(&self, s: &Session) {
-        self.sessions_map().remove(&s.id);
-        let dir = s.dir.clone();
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
-    }
-
-    /// Remove uploads created longer than `max_age` ago; returns their ids.
-    pub async fn clean_uploads(&self, max_age: Duration, dry_run: bool) -> Result<Vec<String>> {
-        let uploads = self.uploads.clone();
-        let stale: Vec<String> = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
-            let mut out = Vec::new();
-            let now = SystemTime::now();
-            for entry in std::fs::read_dir(&uploads).at("list", &uploads)? {
-                let entry = entry.at("list", &uploads)?;
-                let Ok(id) = entry.file_name().into_string() else {
-                    continue;
-                };
-                let info = entry.path().join("info.json");
-                let created = std::fs::read(&info)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<UploadInfo>(&b).ok())
-                    .map(|i| SystemTime::UNIX_EPOCH + Duration::from_secs(i.created))
-                    .or_else(|| entry.metadata().ok()?.modified().ok());
-                // The last write counts too: a slow chunked upload that is still moving is alive.
-                let touched = std::fs::metadata(entry.path().join("data"))
-                    .ok()
-                    .and_then(|m| m.modified().ok());
-                let last = match (created, touched) {
-                    (Some(a), Some(b)) => a.max(b),
-                    (a, b) => a.or(b).unwrap_or(SystemTime::UNIX_EPOCH),
-                };
-                if now.duration_since(last).unwrap_or(Duration::ZERO) > max_age {
-                    out.push(id);
+    /// Put the upload's verified bytes at `bkey` unless an equal blob is there (a concurrent
+    /// push of the same blob may have landed first; same digest, same bytes).
+    async fn store_upload(&self, s: &Session, bkey: &str, joined: Option<&Path>) -> Result<()> {
+        let size = s.offset;
+        if self.backend.head(bkey).await?.map(|i| i.size) == Some(size) {
+            return Ok(());
+        }
+        match (joined, s.parts.first()) {
+            (Some(path), _) => self.backend.put_file(bkey, path, size).await,
+            (None, None) => self.backend.put(bkey, Bytes::new()).await,
+            (None, Some(p)) => {
+                let moved = self.backend.rename(&part_key(&s.id, p), bkey).await;
+                // A concurrent closing PUT of this session may have moved it first.
+                if moved.is_err() && self.backend.head(bkey).await?.map(|i| i.size) == Some(size) {
+                    return Ok(());
                 }
-            }
-            Ok(out)
-        })
-        .await??;
-        if !dry_run {
-            for id in &stale {
-                self.sessions_map().remove(id);
-                let dir = self.uploads.join(id);
-                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+                moved
             }
         }
-        Ok(stale)
+    }
+
+    /// Copy the session's parts, in order, into the new file `path`; their digest.
+    async fn join_parts(&self, s: &Session, path: &Path, alg: Algorithm) -> Result<Digest> {
+        use tokio::io::AsyncWriteExt;
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .await
+            .at("create", path)?;
+        let mut h = alg.hasher();
+        let mut total = 0u64;
+        for p in &s.parts {
+            let key = part_key(&s.id, p);
+            let Some(info) = self.backend.head(&key).await? else {
+                return Err(Error::Corrupt {
+                    what: "upload part",
+                    key,
+                    reason: "missing".to_string(),
+                });
+            };
+            let mut stream = self.backend.get_range(&key, 0..info.size).await?;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.at("read", &key)?;
+                h.update(&chunk);
+                total += chunk.len() as u64;
+                file.write_all(&chunk).await.at("write", path)?;
+            }
+        }
+        if total != s.offset {
+            return Err(Error::Corrupt {
+                what: "upload",
+                key: format!("_uploads/{}", s.id),
+                reason: format!("parts hold {total} bytes, the session {}", s.offset),
+            });
+        }
+        file.flush().await.at("write", path)?;
+        Ok(h.finish())
+    }
+
+    /// Forget the session and delete its parts.
+    pub async fn discard(&self, s: &Session) -> Result<()> {
+        self.hashers.lock_ok().remove(&s.id);
+        if let Some((path, _)) = &s.local {
+            let _ = std::fs::remove_file(path);
+        }
+        let parts = self.meta.upload_delete(&s.id).await?.unwrap_or_default();
+        for p in parts {
+            self.backend.delete(&part_key(&s.id, &p)).await?;
+        }
+        Ok(())
+    }
+
+    /// Remove uploads untouched for longer than `max_age`; returns their ids.
+    pub async fn clean_uploads(&self, max_age: Duration, dry_run: bool) -> Result<Vec<String>> {
+        if !dry_run {
+            // Hashes of uploads another replica finished, cancelled or cleaned up.
+            self.hashers
+                .lock_ok()
+                .retain(|_, (_, _, touched)| touched.elapsed() <= max_age);
+        }
+        let stale = self.meta.uploads_stale(max_age).await?;
+        let mut ids = Vec::with_capacity(stale.len());
+        for (id, _) in stale {
+            if !dry_run {
+                self.hashers.lock_ok().remove(&id);
+                // Parts as recorded when deleted: a request that appended meanwhile is covered.
+                if let Some(parts) = self.meta.upload_delete(&id).await? {
+                    for p in parts {
+                        self.backend.delete(&part_key(&id, &p)).await?;
+                    }
+                }
+            }
+            ids.push(id);
+        }
+        Ok(ids)
     }
 }
 
 fn hash_file(path: &Path, alg: Algorithm) -> Result<Digest> {
+    use std::io::Read;
     let mut f = std::fs::File::open(path).at("open", path)?;
     let mut h = alg.hasher();
     let mut buf = vec![0u8; 1 << 20];

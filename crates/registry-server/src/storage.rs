@@ -45,6 +45,9 @@ pub trait Backend: Send + Sync + 'static {
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<ByteStream>;
     /// Size and time of the object, or `None` when absent.
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>>;
+    /// Move the object at `from` to `to`, replacing what is there (S3: a server-side copy,
+    /// then a delete).
+    async fn rename(&self, from: &str, to: &str) -> Result<()>;
     /// Remove the object; `false` when there was none.
     async fn delete(&self, key: &str) -> Result<bool>;
     /// Every object whose key starts with `prefix` (which ends with `/`), at any depth.
@@ -86,20 +89,7 @@ impl FsBackend {
     pub fn open(root: &Path) -> Result<FsBackend> {
         let tmp = root.join("tmp");
         std::fs::create_dir_all(&tmp).at("create", &tmp)?;
-        if let Ok(entries) = std::fs::read_dir(&tmp) {
-            let hour = std::time::Duration::from_secs(3600);
-            for e in entries.flatten() {
-                let stale = e
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age > hour);
-                if stale {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
+        remove_stale_temp_files(&tmp);
         Ok(FsBackend {
             root: root.to_path_buf(),
             tmp,
@@ -119,6 +109,25 @@ impl FsBackend {
             std::process::id(),
             crate::util::random_hex(8)
         ))
+    }
+}
+
+/// Remove files older than an hour from `dir`: temporary files left by a crash mid-write.
+pub(crate) fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let hour = std::time::Duration::from_secs(3600);
+    for e in entries.flatten() {
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > hour);
+        if stale {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
@@ -246,20 +255,23 @@ impl Backend for FsBackend {
         .await
     }
 
+    async fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let (src, dest) = (self.path(from)?, self.path(to)?);
+        let root = self.root.clone();
+        blocking(move || {
+            rename_durably(&src, &dest)?;
+            remove_empty_parents(&src, &root);
+            Ok(())
+        })
+        .await
+    }
+
     async fn delete(&self, key: &str) -> Result<bool> {
         let path = self.path(key)?;
         let root = self.root.clone();
         blocking(move || match std::fs::remove_file(&path) {
             Ok(()) => {
-                // Empty directories left behind are removed so listings stay cheap; failure just
-                // means something else lives there.
-                let mut dir = path.parent();
-                while let Some(d) = dir {
-                    if d == root || std::fs::remove_dir(d).is_err() {
-                        break;
-                    }
-                    dir = d.parent();
-                }
+                remove_empty_parents(&path, &root);
                 Ok(true)
             }
             Err(e) if is_absent(&e) => Ok(false),
@@ -300,6 +312,18 @@ impl Backend for FsBackend {
             Ok(out)
         })
         .await
+    }
+}
+
+/// Empty directories left behind by a removed file are removed so listings stay cheap; failure
+/// just means something else lives there.
+fn remove_empty_parents(path: &Path, root: &Path) {
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if d == root || std::fs::remove_dir(d).is_err() {
+            break;
+        }
+        dir = d.parent();
     }
 }
 
@@ -457,6 +481,14 @@ impl Backend for S3Backend {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(os_err("head", key)(e)),
         }
+    }
+
+    async fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let (src, dest) = (Self::path(from)?, Self::path(to)?);
+        self.store
+            .rename(&src, &dest)
+            .await
+            .map_err(os_err("rename", from))
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {

@@ -428,8 +428,12 @@ pub enum RegistryCommand {
 #[derive(Debug, Clone, clap::Args)]
 pub struct RegistryRootArg {
     /// The registry's data directory (default: <store>/registry).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     pub root: Option<std::path::PathBuf>,
+    /// A TOML file with the server's settings, `[s3]` storage and a `[postgres]` database (see
+    /// docs/registry.md); admin commands given the file act on the same registry as `serve`.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub config: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -442,9 +446,6 @@ pub struct RegistryServeArgs {
     /// `anonymous` (everything allowed; local use) or `orgs` (users and tokens per org).
     #[arg(long, value_enum, default_value_t = AuthArg::Anonymous)]
     pub auth: AuthArg,
-    /// A TOML file with the same settings plus `[s3]` storage (see docs/registry.md).
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]

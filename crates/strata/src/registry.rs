@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use strata_oci::{Digest, Reference};
 use strata_registry::{ClientOptions, DockerConfig};
-use strata_registry_server::{Admin, AuthMode, S3Config, ServerConfig, StorageKind, TokenScope};
+use strata_registry_server::{
+    Admin, AuthMode, MetaKind, S3Config, ServerConfig, StorageKind, TokenScope,
+};
 use strata_store::Store;
 use strata_transfer::{PullOptions, PushOptions};
 
@@ -136,6 +138,14 @@ struct ServeFile {
     max_connections: Option<usize>,
     send_idle_timeout_secs: Option<u64>,
     s3: Option<S3File>,
+    postgres: Option<PostgresFile>,
+}
+
+/// `[postgres]`: the shared metadata database of replicas.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostgresFile {
+    url: String,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -155,11 +165,13 @@ fn default_region() -> String {
     "us-east-1".to_string()
 }
 
-fn serve_config(
+/// The registry `root` (with its `--config FILE`, if any) names: what `serve` serves and the
+/// admin commands act on. The file's `addr`, when set.
+fn registry_config(
     store: Option<PathBuf>,
-    args: &RegistryServeArgs,
-) -> Result<(String, ServerConfig)> {
-    let file: ServeFile = match &args.config {
+    root_arg: &RegistryRootArg,
+) -> Result<(ServerConfig, Option<String>)> {
+    let file: ServeFile = match &root_arg.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read `{}`", path.display()))?;
@@ -167,19 +179,14 @@ fn serve_config(
         }
         None => ServeFile::default(),
     };
-    let root = match (&args.root.root, &file.root) {
+    let root = match (&root_arg.root, &file.root) {
         (Some(r), _) | (None, Some(r)) => r.clone(),
-        (None, None) => registry_root(store, &args.root)?,
+        (None, None) => registry_root(store, root_arg)?,
     };
     let mut config = ServerConfig::new(root);
-    // Flags win over the file, except the defaults the flags always have.
-    let auth = match (args.auth, file.auth) {
-        (AuthArg::Anonymous, Some(a)) => a,
-        (a, _) => a,
-    };
-    config.auth = match auth {
-        AuthArg::Anonymous => AuthMode::Anonymous,
-        AuthArg::Orgs => AuthMode::Orgs,
+    config.auth = match file.auth {
+        Some(AuthArg::Orgs) => AuthMode::Orgs,
+        _ => AuthMode::Anonymous,
     };
     config.public_url = file.public_url;
     if let Some(secs) = file.upload_timeout_secs {
@@ -192,7 +199,8 @@ fn serve_config(
         if max == 0 {
             bail!(
                 "`{}`: `max_connections` must be at least 1",
-                args.config
+                root_arg
+                    .config
                     .as_deref()
                     .unwrap_or(std::path::Path::new(""))
                     .display()
@@ -213,12 +221,43 @@ fn serve_config(
             allow_http: s3.allow_http,
         });
     }
+    if let Some(pg) = file.postgres {
+        if !pg.url.starts_with("postgres://") && !pg.url.starts_with("postgresql://") {
+            bail!(
+                "`{}`: `[postgres] url` must start with `postgres://`",
+                root_arg
+                    .config
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display()
+            );
+        }
+        config.meta = MetaKind::Postgres { url: pg.url };
+    }
+    Ok((config, file.addr))
+}
+
+fn serve_config(
+    store: Option<PathBuf>,
+    args: &RegistryServeArgs,
+) -> Result<(String, ServerConfig)> {
+    let (mut config, file_addr) = registry_config(store, &args.root)?;
+    // Flags win over the file, except the defaults the flags always have.
+    if args.auth == AuthArg::Orgs {
+        config.auth = AuthMode::Orgs;
+    }
     let addr = if args.addr == "127.0.0.1:5000" {
-        file.addr.unwrap_or_else(|| args.addr.clone())
+        file_addr.unwrap_or_else(|| args.addr.clone())
     } else {
         args.addr.clone()
     };
     Ok((addr, config))
+}
+
+/// The admin side of the registry `root` names (its `--config FILE` included).
+fn open_admin(store: Option<PathBuf>, root: &RegistryRootArg) -> Result<Admin> {
+    let (config, _) = registry_config(store, root)?;
+    Ok(Admin::with_config(&config)?)
 }
 
 pub fn registry(store: Option<PathBuf>, command: RegistryCommand) -> Result<()> {
@@ -250,7 +289,7 @@ pub fn registry(store: Option<PathBuf>, command: RegistryCommand) -> Result<()> 
             })
         }
         RegistryCommand::Org { command, root } => {
-            let admin = Admin::open(registry_root(store, &root)?)?;
+            let admin = open_admin(store, &root)?;
             match command {
                 OrgCommand::Create { name } => {
                     admin.create_org(&name)?;
@@ -265,7 +304,7 @@ pub fn registry(store: Option<PathBuf>, command: RegistryCommand) -> Result<()> 
             Ok(())
         }
         RegistryCommand::User { command, root } => {
-            let admin = Admin::open(registry_root(store, &root)?)?;
+            let admin = open_admin(store, &root)?;
             match command {
                 UserCommand::Create {
                     name,
@@ -290,7 +329,7 @@ pub fn registry(store: Option<PathBuf>, command: RegistryCommand) -> Result<()> 
             Ok(())
         }
         RegistryCommand::Token { command, root } => {
-            let admin = Admin::open(registry_root(store, &root)?)?;
+            let admin = open_admin(store, &root)?;
             match command {
                 TokenCommand::Create { org, scope } => {
                     let Some(scope) = TokenScope::parse(&scope) else {
@@ -324,7 +363,7 @@ pub fn registry(store: Option<PathBuf>, command: RegistryCommand) -> Result<()> 
             Ok(())
         }
         RegistryCommand::Gc { dry_run, root } => {
-            let admin = Admin::open(registry_root(store, &root)?)?;
+            let admin = open_admin(store, &root)?;
             let report = rt.block_on(admin.gc(dry_run))?;
             let verb = if dry_run { "Would delete" } else { "Deleted" };
             for (repo, d) in &report.manifests_removed {

@@ -1,16 +1,19 @@
 //! Helpers the workspace's test suites share: loud skips, root and tool checks, a busybox root
-//! filesystem, a private Docker engine, peer tools under a time limit. A dev-dependency only.
+//! filesystem, a private Docker engine, a private PostgreSQL cluster, peer tools under a time
+//! limit. A dev-dependency only.
 
 // Helpers of tests fail the way tests do: by panicking.
 #![allow(clippy::unwrap_used)]
 
 mod docker;
+mod postgres;
 
 use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::process::{Command, Output};
 
 pub use docker::Dockerd;
+pub use postgres::Postgres;
 
 /// Says loudly on stderr that a test did not run and why (`what`: the test or suite and what it
 /// lacks), so that a skip never passes for a success in a log.

@@ -153,10 +153,28 @@ pub(super) async fn put_manifest(
             Digest::sha256(&bytes)
         }
     };
-    check_references(st, name, &parsed).await?;
-    st.registry
-        .put_manifest(name, &parsed, bytes, &media_type, &digest, &tags)
-        .await?;
+    // Used before they are looked at: a gc running now either keeps them or is done with them
+    // (see the `gc` module).
+    let mut used = vec![digest.clone()];
+    match &parsed {
+        ManifestOrIndex::Manifest(m) => used.extend(
+            std::iter::once(&m.config)
+                .chain(&m.layers)
+                .map(|d| d.digest.clone()),
+        ),
+        ManifestOrIndex::Index(i) => used.extend(i.manifests.iter().map(|d| d.digest.clone())),
+    }
+    let used = st.registry.meta.protect(&used).await?;
+    let stored = match check_references(st, name, &parsed).await {
+        Ok(()) => st
+            .registry
+            .put_manifest(name, &parsed, bytes, &media_type, &digest, &tags)
+            .await
+            .map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    st.registry.meta.done(used).await?;
+    stored?;
     let mut resp = empty(StatusCode::CREATED);
     set(
         &mut resp,

@@ -90,6 +90,7 @@ pub(super) async fn receive(
     s: &mut Session,
     body: &mut Option<Body>,
     expect: Option<u64>,
+    last: bool,
 ) -> Result<(), ApiError> {
     let before = s.offset;
     let end = st
@@ -99,16 +100,24 @@ pub(super) async fn receive(
             body.take().unwrap_or_default().into_data_stream(),
             st.limits.max_blob_bytes,
             st.limits.body_idle_timeout,
+            last,
         )
         .await?;
     match end {
         AppendEnd::Complete => {}
         AppendEnd::TooLarge => {
-            st.registry.discard(s).await;
+            st.registry.discard(s).await?;
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 Code::SizeInvalid,
                 format!("blobs are limited to {} bytes", st.limits.max_blob_bytes),
+            ));
+        }
+        AppendEnd::Moved => {
+            return Err(range_error(
+                name,
+                s,
+                "another request appended to this upload first; ask for its status and resume",
             ));
         }
         AppendEnd::Broken | AppendEnd::Idle => {
@@ -126,6 +135,10 @@ pub(super) async fn receive(
     if let Some(want) = expect
         && s.offset - before != want
     {
+        if s.is_local() {
+            // The closing request's body was never stored: the upload cannot go on.
+            st.registry.discard(s).await?;
+        }
         return Err(ApiError::code(
             Code::SizeInvalid,
             format!("expected {want} bytes, received {}", s.offset - before),
@@ -150,10 +163,22 @@ pub(super) async fn start_upload(
         if let (Ok(digest), Some(from)) = (m.parse::<Digest>(), param(q, "from"))
             && strata_oci::validate_repository_name(from).is_ok()
             && (st.auth.is_none() || authorize(cred.as_ref(), from, Action::Pull).is_ok())
-            && st.registry.repo_blob_size(from, &digest).await?.is_some()
         {
-            st.registry.link_blob(name, &digest).await?;
-            return Ok(blob_created(name, &digest));
+            // Used before it is looked at: a gc running now either keeps it or is done with it.
+            let used = st
+                .registry
+                .meta
+                .protect(std::slice::from_ref(&digest))
+                .await?;
+            let mounted = match st.registry.repo_blob_size(from, &digest).await {
+                Ok(Some(_)) => st.registry.link_blob(name, &digest).await.map(|()| true),
+                Ok(None) => Ok(false),
+                Err(e) => Err(e),
+            };
+            st.registry.meta.done(used).await?;
+            if mounted? {
+                return Ok(blob_created(name, &digest));
+            }
         }
     }
     let algorithm = match param(q, "digest-algorithm") {
@@ -171,17 +196,15 @@ pub(super) async fn start_upload(
     if let Some(d) = param(q, "digest") {
         // Monolithic upload in one POST.
         let digest = parse_digest(d)?;
-        let session = st.registry.start_upload(name, digest.algorithm())?;
-        let mut s = session.lock().await;
+        let mut s = st.registry.start_upload(name, digest.algorithm()).await?;
         let expect = content_length(headers);
-        if let Err(e) = receive(st, name, &mut s, body, expect).await {
-            st.registry.discard(&s).await;
+        if let Err(e) = receive(st, name, &mut s, body, expect, true).await {
+            st.registry.discard(&s).await?;
             return Err(e);
         }
         return finish_upload(st, name, &mut s, &digest).await;
     }
-    let session = st.registry.start_upload(name, algorithm)?;
-    let s = session.lock().await;
+    let s = st.registry.start_upload(name, algorithm).await?;
     Ok(upload_response(StatusCode::ACCEPTED, name, &s))
 }
 
@@ -194,7 +217,7 @@ pub(super) async fn finish_upload(
     match st.registry.finish(s, digest).await? {
         Ok(_) => Ok(blob_created(name, digest)),
         Err(actual) => {
-            st.registry.discard(s).await;
+            st.registry.discard(s).await?;
             Err(ApiError::code(
                 Code::DigestInvalid,
                 format!("content has digest {actual}, not {digest}"),
@@ -204,12 +227,8 @@ pub(super) async fn finish_upload(
     }
 }
 
-pub(super) async fn find_session(
-    st: &AppState,
-    name: &str,
-    id: &str,
-) -> Result<Arc<tokio::sync::Mutex<Session>>, ApiError> {
-    st.registry.session(name, id)?.ok_or_else(|| {
+pub(super) async fn find_session(st: &AppState, name: &str, id: &str) -> Result<Session, ApiError> {
+    st.registry.session(name, id).await?.ok_or_else(|| {
         ApiError::code(Code::BlobUploadUnknown, "").with_detail(json!({ "session": id }))
     })
 }
@@ -223,10 +242,9 @@ pub(super) async fn patch_upload(
 ) -> ApiResult {
     check_name(name)?;
     st.gate(headers, Some(name), Action::Push).await?;
-    let session = find_session(st, name, id).await?;
-    let mut s = session.lock().await;
+    let mut s = find_session(st, name, id).await?;
     let expect = check_content_range(headers, name, &s)?;
-    receive(st, name, &mut s, body, expect).await?;
+    receive(st, name, &mut s, body, expect, false).await?;
     Ok(upload_response(StatusCode::ACCEPTED, name, &s))
 }
 
@@ -240,8 +258,7 @@ pub(super) async fn put_upload(
 ) -> ApiResult {
     check_name(name)?;
     st.gate(headers, Some(name), Action::Push).await?;
-    let session = find_session(st, name, id).await?;
-    let mut s = session.lock().await;
+    let mut s = find_session(st, name, id).await?;
     let Some(d) = param(q, "digest") else {
         return Err(ApiError::code(
             Code::DigestInvalid,
@@ -250,7 +267,7 @@ pub(super) async fn put_upload(
     };
     let digest = parse_digest(d)?;
     let expect = check_content_range(headers, name, &s)?;
-    receive(st, name, &mut s, body, expect).await?;
+    receive(st, name, &mut s, body, expect, true).await?;
     finish_upload(st, name, &mut s, &digest).await
 }
 
@@ -262,8 +279,7 @@ pub(super) async fn upload_status(
 ) -> ApiResult {
     check_name(name)?;
     st.gate(headers, Some(name), Action::Push).await?;
-    let session = find_session(st, name, id).await?;
-    let s = session.lock().await;
+    let s = find_session(st, name, id).await?;
     Ok(upload_response(StatusCode::NO_CONTENT, name, &s))
 }
 
@@ -275,8 +291,7 @@ pub(super) async fn cancel_upload(
 ) -> ApiResult {
     check_name(name)?;
     st.gate(headers, Some(name), Action::Push).await?;
-    let session = find_session(st, name, id).await?;
-    let s = session.lock().await;
-    st.registry.discard(&s).await;
+    let s = find_session(st, name, id).await?;
+    st.registry.discard(&s).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }

@@ -118,6 +118,7 @@ async fn gc_keeps_reachable_content_and_removes_the_rest() {
     let now = GcOptions {
         dry_run: true,
         grace: Duration::ZERO,
+        upload_grace: None,
     };
     let dry = admin.gc_with(now.clone()).await.unwrap();
     assert!(dry.dry_run);
@@ -249,6 +250,7 @@ async fn a_blob_shared_with_a_live_repository_survives() {
         .gc_with(GcOptions {
             dry_run: false,
             grace: Duration::ZERO,
+            upload_grace: None,
         })
         .await
         .unwrap();

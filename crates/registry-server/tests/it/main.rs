@@ -6,5 +6,7 @@ mod api;
 mod auth;
 mod common;
 mod gc;
+mod meta;
+mod replicas;
 mod s3;
 mod skopeo;

@@ -10,7 +10,7 @@ use strata_registry_server::{Admin, GcOptions, S3Config, StorageKind};
 
 use crate::common::*;
 
-struct Moto(Child);
+pub struct Moto(Child);
 
 impl Drop for Moto {
     fn drop(&mut self) {
@@ -19,7 +19,7 @@ impl Drop for Moto {
     }
 }
 
-async fn start_moto() -> Option<(Moto, u16)> {
+pub async fn start_moto() -> Option<(Moto, u16)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -155,6 +155,7 @@ async fn registry_on_s3_pushes_pulls_and_collects() {
         .gc_with(GcOptions {
             dry_run: false,
             grace: Duration::ZERO,
+            upload_grace: None,
         })
         .await
         .unwrap();

@@ -15,3 +15,4 @@ mod images;
 mod interop;
 mod readme;
 mod rebase;
+mod registry_cli;

@@ -17,6 +17,9 @@ pub struct Server {
     _tmp: Option<tempfile::TempDir>,
     pub http: reqwest::Client,
     pub config: ServerConfig,
+    /// Other replicas' base URLs: when set, every request goes to the next server in turn.
+    pub others: Vec<String>,
+    turn: std::sync::atomic::AtomicUsize,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -62,6 +65,8 @@ pub async fn start_at(root: &std::path::Path, configure: impl FnOnce(&mut Server
             .build()
             .unwrap(),
         config,
+        others: Vec::new(),
+        turn: std::sync::atomic::AtomicUsize::new(0),
         stop: Some(tx),
         task,
     }
@@ -77,7 +82,17 @@ pub enum Creds {
 
 impl Server {
     pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        if self.others.is_empty() {
+            return format!("{}{path}", self.base);
+        }
+        let n =
+            self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (1 + self.others.len());
+        let base = if n == 0 {
+            &self.base
+        } else {
+            &self.others[n - 1]
+        };
+        format!("{base}{path}")
     }
 
     pub fn req(&self, method: Method, path: &str, creds: &Creds) -> reqwest::RequestBuilder {
