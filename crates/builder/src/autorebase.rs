@@ -27,7 +27,7 @@ use strata_rootfs::LayerRef;
 
 use crate::cache::{self, CacheEntry, MadeWith, StepInputs};
 use crate::config::ConfigChange;
-use crate::engine::Ctx;
+use crate::context::Ctx;
 use crate::error::Result;
 use crate::plan::{Step, StepKind};
 use crate::view::{ImageView, clean};
@@ -119,7 +119,7 @@ fn image_layers(ctx: &Ctx<'_>, digest: &str) -> Result<Option<Vec<LayerRef>>> {
     let Ok(d) = digest.parse::<Digest>() else {
         return Ok(None);
     };
-    let Some(desc) = crate::engine::descriptor_for_digest(ctx.store, &d)? else {
+    let Some(desc) = crate::resolve::descriptor_for_digest(ctx.store, &d)? else {
         return Ok(None);
     };
     let img = ctx.store.resolve_image(digest, desc, &Platform::host())?;

@@ -16,7 +16,7 @@ use strata_rootfs::{
 };
 use strata_store::{BlobRange, BlobRanges};
 
-use crate::engine::{Ctx, StageState};
+use crate::context::{Ctx, StageState};
 use crate::error::{Error, Result, io_err};
 use crate::plan::{CopySource, CopyStep, FileSource};
 use crate::source::{self, Kind, Matched, Origin};

@@ -13,7 +13,7 @@ use strata_rootfs::{
 };
 use strata_runtime::{MountSpec, Rootfs, RunSpec, UserSpec};
 
-use crate::engine::{Ctx, StageState};
+use crate::context::{Ctx, StageState};
 use crate::error::{Error, Result, io_err};
 use crate::plan::{CacheSharing, FileSource, NetworkMode, RunMount, RunStep, Step};
 use crate::progress::{Event, StepRef};
