@@ -80,7 +80,8 @@ fn dev_syncs_edits_into_the_running_machine_and_rebuilds_what_it_cannot_sync() {
              public_port = {port}\nkill_timeout = \"2s\"\n\
              health = {{ path = \"/\", interval = \"100ms\", timeout = \"1s\", deadline = \"5s\" }}\n\
              live_update = {{ sync = [{{ src = \"site\", dest = \"/www\" }}], \
-             run = [{{ cmd = \"echo ran > /www/ran.txt\", trigger = [\"site/trigger.txt\"] }}] }}\n"
+             run = [{{ cmd = \"echo ran > /www/ran.txt\", trigger = [\"site/trigger.txt\"] }}], \
+             fall_back_on = [\"site/version.txt\"] }}\n"
         ),
     )
     .unwrap();
@@ -149,6 +150,24 @@ fn dev_syncs_edits_into_the_running_machine_and_rebuilds_what_it_cannot_sync() {
         || get("/base.txt").is_ok_and(|b| b == "b2\n"),
     );
     assert!(said().contains("(base base)"), "{}", said());
+
+    // A path under `sync` that `fall_back_on` names: rebuilt and redeployed, not synced.
+    let before = machine_ids(&env);
+    let redeploys = said().matches("rebuilt and redeployed").count();
+    std::fs::write(dir.join("site/version.txt"), "2\n").unwrap();
+    wait_for("the fall_back_on redeploy", Duration::from_secs(60), || {
+        said().matches("rebuilt and redeployed").count() > redeploys
+    });
+    wait_for("its new machine", Duration::from_secs(30), || {
+        let ids = machine_ids(&env);
+        ids.len() == 1 && ids != before
+    });
+    assert_eq!(get("/version.txt").unwrap(), "2\n");
+    assert!(
+        !said().contains("version.txt → "),
+        "it was synced: {}",
+        said()
+    );
 
     // Ctrl-C ends the loop; the app keeps running.
     rustix_kill(child.id());
