@@ -14,9 +14,11 @@ pub mod app;
 pub mod deploy;
 pub mod health;
 pub mod host;
+pub mod live;
 pub mod machines;
 pub mod pipeline;
 pub mod proxy;
+pub mod rollout;
 pub mod state;
 
 mod error;

@@ -12,12 +12,12 @@ use anyhow::{Context, Result, bail};
 use strata_deploy::app::{App, LiveUpdate, load_apps};
 use strata_deploy::deploy::project_file;
 use strata_deploy::host::Host;
-use strata_deploy::state::MachineState;
 use strata_dockerfile::ignore::IgnoreMatcher;
-use strata_runtime::{SyncOp, sync_in_root};
+use strata_runtime::SyncOp;
 use strata_store::Store;
 
 use serde::{Deserialize, Serialize};
+use strata_deploy::live::LiveOp as Op;
 
 use crate::cli::{DeployArgs, DevArgs};
 use crate::output::{Note, Output};
@@ -555,14 +555,6 @@ pub fn dev_apply(store_root: &Path, app: &str, spec: &str) -> Result<()> {
     }
 }
 
-/// One change to write into the machines: an op at `dest`, and the `--chown` of the COPY its
-/// sync rule's destination came from.
-struct Op {
-    dest: String,
-    op: SyncOp,
-    owner: Option<String>,
-}
-
 /// The ops for `syncs` (context path, machine path, rule), read from the context now.
 fn collect_ops(
     context: &Path,
@@ -594,8 +586,8 @@ fn collect_ops(
     Ok(ops)
 }
 
-/// Writes `ops` into every running machine of the app (and the dev layer of its image), then
-/// runs the `run` rules `changed` triggers and restarts the machines if the app says so.
+/// Writes `ops` into every running machine of the app here (and the dev layer of its image),
+/// then runs the `run` rules `changed` triggers and restarts the machines if the app says so.
 /// Returns how many machines were updated and what ran.
 fn apply_ops(
     store_root: &Path,
@@ -604,110 +596,29 @@ fn apply_ops(
     changed: &[String],
 ) -> Result<(usize, Vec<String>)> {
     let host = Host::open(Store::open(store_root)?)?;
-    let machines: Vec<_> = host
-        .state
-        .machines()?
-        .into_iter()
-        .filter(|m| m.app.as_deref() == Some(app.name.as_str()) && m.state == MachineState::Running)
-        .collect();
-    if machines.is_empty() {
-        bail!("no machine of {} is running", app.name);
-    }
-    // Each image's dev layer is written once, after the first of its machines got the ops.
-    let mut recorded: BTreeSet<String> = BTreeSet::new();
-    for m in &machines {
-        let root = host.machine_dir(&m.id).join("rootfs");
-        let mut ids: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
-        for Op { dest, op, owner } in ops {
-            let r = match sync_in_root(&root, dest, op) {
-                // The file went away while it was copied: it is gone here too (its removal
-                // is another event, acted on in the next batch).
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::NotFound
-                        && matches!(op, SyncOp::File { .. }) =>
-                {
-                    sync_in_root(&root, dest, &SyncOp::Remove)
-                }
-                // A parent was a file when this batch looked at it and is a directory now:
-                // that change is the next batch's, which sends the directory whole.
-                Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Ok(()),
-                r => r,
-            };
-            r.with_context(|| format!("cannot write {dest} in machine {}", m.id))?;
-            if let (Some(spec), false) = (owner.as_deref(), matches!(op, SyncOp::Remove)) {
-                let (uid, gid) = match ids.get(spec) {
-                    Some(v) => *v,
-                    None => {
-                        let v = chown_ids(spec, &root).with_context(|| {
-                            format!("--chown={spec} of the COPY to {dest} in machine {}", m.id)
-                        })?;
-                        *ids.entry(spec).or_insert(v)
-                    }
-                };
-                match strata_runtime::chown_in_root(&root, dest, uid, gid) {
-                    Err(e) if gone(&e) => {}
-                    r => r.with_context(|| format!("cannot chown {dest} in machine {}", m.id))?,
-                }
-            }
-        }
-        if let Some(layer) = host.dev_layer(m)
-            && recorded.insert(m.digest.to_string())
-        {
-            record(&host, m, &layer, &root, ops)?;
-        }
-    }
-    let mut ran = Vec::new();
+    let mut commands = Vec::new();
+    let mut restart = false;
     if let Some(lu) = &app.spec.live_update {
         for rule in &lu.run {
             let matcher =
                 IgnoreMatcher::parse("trigger", &rule.trigger.join("\n")).unwrap_or_default();
-            if !rule.trigger.is_empty() && !changed.iter().any(|c| matcher.matches(c)) {
-                continue;
+            if rule.trigger.is_empty() || changed.iter().any(|c| matcher.matches(c)) {
+                commands.push(rule.cmd.clone());
             }
-            for m in &machines {
-                let code = host.driver.exec(
-                    &m.id,
-                    &["sh".to_string(), "-c".to_string(), rule.cmd.clone()],
-                    &m.config.env,
-                    false,
-                )?;
-                if code != 0 {
-                    bail!("`{}` exited {code} in machine {}", rule.cmd, m.id);
-                }
-            }
-            ran.push(rule.cmd.clone());
         }
-        if lu.restart.as_deref() == Some("process") {
-            // The same machines, addresses and routes; the dev layer keeps what was synced.
-            let exe = std::env::current_exe().context("cannot find the strata binary")?;
-            for m in &machines {
-                strata_deploy::machines::restart(&host, &m.id, &exe)?;
-            }
-            ran.push("restart".into());
-        }
+        restart = lu.restart.as_deref() == Some("process");
     }
-    Ok((machines.len(), ran))
+    let exe = std::env::current_exe().context("cannot find the strata binary")?;
+    let applied = strata_deploy::live::apply(&host, &app.name, ops, &commands, restart, &exe)?;
+    Ok((applied.machines, applied.ran))
 }
 
 /// `strata dev --reset APP`: the app's dev layers removed, its running machines restarted
 /// on their image as built.
 fn reset(store_root: &Path, app: &str, out: &Output) -> Result<()> {
     let host = Host::open(Store::open(store_root)?)?;
-    let dir = host.dev_dir(app);
-    match std::fs::remove_dir_all(&dir) {
-        Err(e) if !gone(&e) => {
-            return Err(e).with_context(|| format!("cannot remove {}", dir.display()));
-        }
-        _ => {}
-    }
     let exe = std::env::current_exe().context("cannot find the strata binary")?;
-    let mut restarted = 0;
-    for m in host.state.app_machines(app)? {
-        if m.state == MachineState::Running {
-            strata_deploy::machines::restart(&host, &m.id, &exe)?;
-            restarted += 1;
-        }
-    }
+    let restarted = strata_deploy::live::reset(&host, app, &exe)?;
     out.note(&Note::Dev {
         app: app.to_string(),
         action: "reset".into(),
@@ -716,25 +627,6 @@ fn reset(store_root: &Path, app: &str, out: &Output) -> Result<()> {
         ),
     });
     Ok(())
-}
-
-/// The owner `COPY --chown=SPEC` gives, names looked up in the machine's root `root` the way
-/// the build resolves them: `UID[:GID]` as numbers, a name without a group takes the user's
-/// id as its group id too.
-fn chown_ids(spec: &str, root: &Path) -> Result<(u32, u32)> {
-    let (u, g) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (spec, None),
-    };
-    let num = |s: &str| s.parse::<u32>().ok();
-    Ok(match (num(u), g.map(num)) {
-        (Some(uid), None) => (uid, uid),
-        (Some(uid), Some(Some(gid))) => (uid, gid),
-        _ => {
-            let user = strata_runtime::resolve_user(&[root.to_path_buf()], spec)?;
-            (user.uid, if g.is_some() { user.gid } else { user.uid })
-        }
-    })
 }
 
 /// Per sync rule of `lu`, the `--chown` of the COPY from the build context in the image's
@@ -787,51 +679,6 @@ fn sync_chowns(
                 .flatten()
         })
         .collect())
-}
-
-/// Writes `ops` (already applied in machine `m`, whose root is `merged`) into the dev layer of
-/// `m`'s image, so a restart of the process or the machine keeps them.
-fn record(
-    host: &Host,
-    m: &strata_deploy::state::Machine,
-    layer: &Path,
-    merged: &Path,
-    ops: &[Op],
-) -> Result<()> {
-    // The image's layers, below the dev layer: only a removal needs them (for a whiteout).
-    let mut below: Option<Vec<std::path::PathBuf>> = None;
-    let mut below = || -> Result<Vec<std::path::PathBuf>> {
-        if below.is_none() {
-            let lowers = host.spec(m)?.lowers;
-            below = Some(lowers.into_iter().filter(|l| l != layer).collect());
-        }
-        Ok(below.clone().unwrap_or_default())
-    };
-    if !layer.is_dir() {
-        let tmp = layer.with_extension("tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)
-            .and_then(|()| std::fs::rename(&tmp, layer))
-            .with_context(|| format!("cannot make the dev layer {}", layer.display()))?;
-    }
-    for Op { dest, op, .. } in ops {
-        let under = match op {
-            SyncOp::Remove => below()?,
-            _ => Vec::new(),
-        };
-        let r = match strata_runtime::record_in_layer(layer, merged, &under, dest, op) {
-            // Gone from the context while it was copied: gone from the machine too (see
-            // `live_update`), so from the layer as well.
-            Err(e) if gone(&e) && matches!(op, SyncOp::File { .. }) => {
-                strata_runtime::record_in_layer(layer, merged, &below()?, dest, &SyncOp::Remove)
-            }
-            // A parent turned into a directory meanwhile: the next batch's.
-            Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Ok(()),
-            r => r,
-        };
-        r.with_context(|| format!("cannot keep {dest} in {}", layer.display()))?;
-    }
-    Ok(())
 }
 
 /// Every entry below the local directory `dir`, as ops at `dest`/… (parents first).

@@ -10,13 +10,10 @@ use anyhow::{Context, Result, bail};
 use strata_store::Store;
 use strata_transfer::ssh::{ConnectOptions, HostSession, ServeOptions, SshHost};
 
-use strata_deploy::app::{App, Strategy};
+use strata_deploy::app::App;
 
 use crate::cli::{DeployArgs, HostArg, ProgressArg, PullArgs, PushArgs};
 use crate::output::{Note, Output};
-
-/// At most this many hosts receive at once.
-const HOST_PARALLELISM: usize = 8;
 
 impl PushArgs {
     /// Whether this push goes to hosts over SSH rather than a registry.
@@ -53,24 +50,20 @@ pub fn serve(store: &Store) -> Result<()> {
     Ok(())
 }
 
-/// `work` on every host, [`HOST_PARALLELISM`] at a time; each host's name and result, in order.
+/// `work` on every host, several at a time; each host's name and result, in order.
 fn on_hosts<T: Send>(
     hosts: &[SshHost],
     work: impl Fn(&SshHost) -> Result<T> + Sync,
 ) -> Vec<(String, Result<T>)> {
-    std::thread::scope(|s| {
-        let mut done = Vec::new();
-        for chunk in hosts.chunks(HOST_PARALLELISM) {
-            let handles: Vec<_> = chunk.iter().map(|h| s.spawn(|| work(h))).collect();
-            for (h, j) in chunk.iter().zip(handles) {
-                let r = j
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the thread for it panicked")));
-                done.push((h.name.clone(), r));
-            }
-        }
-        done
-    })
+    let results =
+        strata_deploy::rollout::on_each(hosts, strata_deploy::rollout::MAX_AT_ONCE, |h| {
+            work(h).map_err(|e| format!("{e:#}"))
+        });
+    hosts
+        .iter()
+        .zip(results)
+        .map(|(h, r)| (h.name.clone(), r.map_err(anyhow::Error::msg)))
+        .collect()
 }
 
 /// A host named on the command line: `ssh://…`, or a `[host.NAME]` of the project's
@@ -367,77 +360,13 @@ pub fn deploy_to_hosts(
         }
         Ok(())
     };
-    match strategy {
-        Strategy::Rolling { parallelism } => {
-            let batches: Vec<&[SshHost]> = hosts.chunks(parallelism.max(1)).collect();
-            for (i, batch) in batches.iter().enumerate() {
-                let results = on_hosts(batch, one);
-                let failed: Vec<String> = results
-                    .iter()
-                    .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{name}: {e:#}")))
-                    .collect();
-                if failed.is_empty() {
-                    continue;
-                }
-                let failed_names: Vec<&str> = results
-                    .iter()
-                    .filter(|(_, r)| r.is_err())
-                    .map(|(n, _)| n.as_str())
-                    .collect();
-                let done: Vec<&str> = batches[..i]
-                    .iter()
-                    .flat_map(|b| b.iter())
-                    .map(|h| h.name.as_str())
-                    .chain(
-                        results
-                            .iter()
-                            .filter(|(_, r)| r.is_ok())
-                            .map(|(n, _)| n.as_str()),
-                    )
-                    .collect();
-                let rest: Vec<&str> = batches[i + 1..]
-                    .iter()
-                    .flat_map(|b| b.iter())
-                    .map(|h| h.name.as_str())
-                    .collect();
-                bail!(
-                    "{}\nthe rolling deploy of {} stopped at {} (batch {} of {}): {} keep(s) its \
-                     previous release; {}{}",
-                    failed.join("\n"),
-                    app.name,
-                    failed_names.join(", "),
-                    i + 1,
-                    batches.len(),
-                    failed_names.join(", "),
-                    if done.is_empty() {
-                        "no host runs the new release".to_string()
-                    } else {
-                        format!("{} run(s) the new release", done.join(", "))
-                    },
-                    if rest.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; {} not touched", rest.join(", "))
-                    }
-                );
-            }
-        }
-        Strategy::Parallel => {
-            let failures: Vec<String> = on_hosts(&hosts, one)
-                .into_iter()
-                .filter_map(|(name, r)| r.err().map(|e| format!("{name}: {e:#}")))
-                .collect();
-            if !failures.is_empty() {
-                bail!(
-                    "the deploy of {} failed on {} of {} hosts:\n{}",
-                    app.name,
-                    failures.len(),
-                    hosts.len(),
-                    failures.join("\n")
-                );
-            }
-        }
-    }
+    strata_deploy::rollout::roll_out(
+        &app.name,
+        &hosts,
+        |h| h.name.clone(),
+        strategy,
+        |h| one(h).map_err(|e| format!("{e:#}")),
+    )?;
     let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
     out.deploy(
         &app.name,
