@@ -756,6 +756,20 @@ fn an_app_without_a_port_deploys_and_redeploys() {
         env.ok(&["apps", "list"])
             .contains("worker\tv2\tactive\t1/1\t-\t")
     );
+    // The human output of releases and status, as snapshots (times, ids, addresses and
+    // release names filtered out): a change to it is deliberate.
+    let mut settings = insta::Settings::clone_current();
+    settings.add_filter(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", "[time]");
+    settings.add_filter(r"deployment-[0-9A-Z]{26}", "deployment-[ulid]");
+    settings.add_filter(r"sha256:[0-9a-f]{64}", "sha256:[digest]");
+    settings.add_filter(r"\b10\.89\.\d+\.\d+\b", "[address]");
+    settings.add_filter(r"pid \d+", "pid [pid]");
+    settings.add_filter(r"strata-[0-9a-f]{16}", "strata-[key]");
+    settings.add_filter(r"(?m)^(\s*)[0-9a-z]{12}\t", "$1[id]\t");
+    settings.bind(|| {
+        insta::assert_snapshot!("releases", env.ok(&["releases", "worker"]));
+        insta::assert_snapshot!("status", env.ok(&["status", "worker"]));
+    });
 }
 
 /// `strata run` is `docker run --rm`: attached output, the command's exit code, the machine
