@@ -25,12 +25,12 @@ struct Exported {
     entries: BTreeMap<String, CacheEntry>,
 }
 
-/// A registry cache a build reads from and/or writes to.
+/// The registry caches a build reads from (`--cache-from`) and writes to (`--cache-to`): the
+/// same repository, two, or only one of them.
 pub struct SharedCache {
-    remote: RegistryCache,
-    import: bool,
-    export: bool,
-    /// The entries read at the first lookup (`None` until then).
+    from: Option<RegistryCache>,
+    to: Option<RegistryCache>,
+    /// The entries of `from`, read at the first lookup (`None` until then).
     read: Mutex<Option<BTreeMap<String, CacheEntry>>>,
     /// Every key this build looked up, in order (exported when they have an entry).
     keys: Mutex<Vec<String>>,
@@ -50,21 +50,20 @@ pub struct SharedStats {
 
 impl std::fmt::Debug for SharedCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = |c: &Option<RegistryCache>| c.as_ref().map(|c| c.reference().to_string());
         f.debug_struct("SharedCache")
-            .field("reference", &self.remote.reference().to_string())
-            .field("import", &self.import)
-            .field("export", &self.export)
+            .field("from", &name(&self.from))
+            .field("to", &name(&self.to))
             .finish()
     }
 }
 
 impl SharedCache {
-    /// A cache at `remote`, read from (`import`) and/or written to (`export`).
-    pub fn new(remote: RegistryCache, import: bool, export: bool) -> SharedCache {
+    /// Steps looked up in `from` and exported to `to`.
+    pub fn new(from: Option<RegistryCache>, to: Option<RegistryCache>) -> SharedCache {
         SharedCache {
-            remote,
-            import,
-            export,
+            from,
+            to,
             read: Mutex::new(None),
             keys: Mutex::new(Vec::new()),
             stats: Mutex::new(SharedStats::default()),
@@ -73,12 +72,21 @@ impl SharedCache {
 
     /// Whether builds look steps up there.
     pub fn imports(&self) -> bool {
-        self.import
+        self.from.is_some()
     }
 
-    /// Where it is.
+    /// Where steps are looked up (else where they are exported), for messages.
     pub fn reference(&self) -> String {
-        self.remote.reference().to_string()
+        self.from
+            .as_ref()
+            .or(self.to.as_ref())
+            .map(|c| c.reference().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Where the build's entries are exported, if anywhere.
+    pub fn export_reference(&self) -> Option<String> {
+        self.to.as_ref().map(|c| c.reference().to_string())
     }
 
     /// What it did so far.
@@ -91,25 +99,17 @@ impl SharedCache {
         if let Some(e) = &*read {
             return Ok(e.clone());
         }
-        let entries = match self.remote.read().map_err(|e| Error::SharedCache {
-            reference: self.reference(),
-            message: e.to_string(),
-        })? {
-            None => BTreeMap::new(),
-            // Another version's export reads as empty: its entries are misses, not errors.
-            Some(snap) => serde_json::from_slice::<Exported>(&snap.entries)
-                .ok()
-                .filter(|e| e.schema == SCHEMA)
-                .map(|e| e.entries)
-                .unwrap_or_default(),
+        let Some(from) = &self.from else {
+            return Ok(BTreeMap::new());
         };
+        let entries = read_entries(from)?;
         *read = Some(entries.clone());
         Ok(entries)
     }
 
     /// Notes that the build went through step `key` (for the export).
     pub(crate) fn saw(&self, key: &str) {
-        if self.export {
+        if self.to.is_some() {
             self.keys.lock_ok().push(key.to_string());
         }
     }
@@ -118,20 +118,17 @@ impl SharedCache {
     /// and the entry recorded there, so the step is a hit from now on. `None` when the
     /// registry has no entry, or the entry's layer is gone from it.
     pub(crate) fn lookup(&self, store: &Store, key: &str) -> Result<Option<CacheEntry>> {
-        if !self.import {
+        let Some(from) = &self.from else {
             return Ok(None);
-        }
+        };
         let Some(entry) = self.entries()?.get(key).cloned() else {
             return Ok(None);
         };
         if let Some(layer) = &entry.layer {
-            let fetched = self
-                .remote
-                .fetch(store, layer)
-                .map_err(|e| Error::SharedCache {
-                    reference: self.reference(),
-                    message: e.to_string(),
-                })?;
+            let fetched = from.fetch(store, layer).map_err(|e| Error::SharedCache {
+                reference: self.reference(),
+                message: e.to_string(),
+            })?;
             let Some(bytes) = fetched else {
                 self.stats.lock_ok().gone += 1;
                 return Ok(None);
@@ -147,17 +144,17 @@ impl SharedCache {
     /// already holds from other builds), pushing the layers it lacks. Returns how many entries
     /// the export holds, or `None` when this cache is not written to.
     pub fn export(&self, store: &Store) -> Result<Option<usize>> {
-        if !self.export {
+        let Some(to) = &self.to else {
             return Ok(None);
-        }
+        };
+        let reference = to.reference().to_string();
         let err = |e: strata_transfer::Error| Error::SharedCache {
-            reference: self.reference(),
+            reference: reference.clone(),
             message: e.to_string(),
         };
-        // What others exported meanwhile, read again: the newest wins the tag; entries of
-        // ours are added to it.
-        *self.read.lock_ok() = None;
-        let mut entries = self.entries()?;
+        // What the cache holds now (others may have exported meanwhile), read again: the
+        // newest wins the tag; entries of ours are added to it.
+        let mut entries = read_entries(to)?;
         let keys: Vec<String> = self.keys.lock_ok().clone();
         for key in keys {
             if let Some(e) = cache::get(store, &key)? {
@@ -179,10 +176,24 @@ impl SharedCache {
             entries,
         })
         .map_err(|e| Error::SharedCache {
-            reference: self.reference(),
+            reference: reference.clone(),
             message: e.to_string(),
         })?;
-        self.remote.write(store, &body, layers, None).map_err(err)?;
+        to.write(store, &body, layers, None).map_err(err)?;
         Ok(Some(count))
     }
+}
+
+/// The entries of `cache`'s latest export (none when it has none, or when it is another
+/// version's: its entries are misses, not errors).
+fn read_entries(cache: &RegistryCache) -> Result<BTreeMap<String, CacheEntry>> {
+    let snapshot = cache.read().map_err(|e| Error::SharedCache {
+        reference: cache.reference().to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(snapshot
+        .and_then(|snap| serde_json::from_slice::<Exported>(&snap.entries).ok())
+        .filter(|e| e.schema == SCHEMA)
+        .map(|e| e.entries)
+        .unwrap_or_default())
 }

@@ -158,21 +158,23 @@ fn shared_cache(
     args: &BuildArgs,
     project_registry: Option<&str>,
 ) -> Result<Option<Arc<SharedCache>>> {
-    let (reference, import, export) = match (&args.cache_from, &args.cache_to) {
-        (Some(from), Some(to)) if from != to => bail!(
-            "--cache-from {from} and --cache-to {to}: one build cache per build for now; name              the same repository in both"
-        ),
-        (Some(r), to) => (r.as_str(), true, to.is_some()),
-        (None, Some(r)) => (r.as_str(), false, true),
-        (None, None) => match project_registry {
-            Some(r) => (r, true, true),
-            None => return Ok(None),
-        },
+    let open = |reference: &str| -> Result<RegistryCache> {
+        let parsed = strata_oci::Reference::parse(reference)
+            .with_context(|| format!("build cache `{reference}`"))?;
+        Ok(RegistryCache::open(
+            &parsed,
+            crate::registry::client_options(false)?,
+        )?)
     };
-    let parsed = strata_oci::Reference::parse(reference)
-        .with_context(|| format!("build cache `{reference}`"))?;
-    let remote = RegistryCache::open(&parsed, crate::registry::client_options(false)?)?;
-    Ok(Some(Arc::new(SharedCache::new(remote, import, export))))
+    let (from, to) = match (&args.cache_from, &args.cache_to, project_registry) {
+        (None, None, None) => return Ok(None),
+        (None, None, Some(r)) => (Some(r.to_string()), Some(r.to_string())),
+        (from, to, _) => (from.clone(), to.clone()),
+    };
+    Ok(Some(Arc::new(SharedCache::new(
+        from.as_deref().map(open).transpose()?,
+        to.as_deref().map(open).transpose()?,
+    ))))
 }
 
 /// Writes the build's cache entries to the registry cache, if it is written to, and says what
@@ -180,9 +182,12 @@ fn shared_cache(
 pub(crate) fn export_cache(store: &Store, cache: Option<&SharedCache>, out: &Output) -> Result<()> {
     let Some(cache) = cache else { return Ok(()) };
     let stats = cache.stats();
-    let exported = cache
-        .export(store)
-        .with_context(|| format!("cannot export the build cache to {}", cache.reference()))?;
+    let exported = cache.export(store).with_context(|| {
+        format!(
+            "cannot export the build cache to {}",
+            cache.export_reference().unwrap_or_default()
+        )
+    })?;
     out.note(&Note::Info {
         message: format!(
             "build cache {}: {} step(s) found there ({} fetched){}{}",
@@ -194,9 +199,12 @@ pub(crate) fn export_cache(store: &Store, cache: Option<&SharedCache>, out: &Out
             } else {
                 String::new()
             },
-            match exported {
-                Some(n) => format!("; {n} entries exported"),
-                None => String::new(),
+            match (exported, cache.export_reference()) {
+                (Some(n), Some(to)) if to != cache.reference() => {
+                    format!("; {n} entries exported to {to}")
+                }
+                (Some(n), _) => format!("; {n} entries exported"),
+                _ => String::new(),
             }
         ),
     });
@@ -255,8 +263,10 @@ pub fn build_for_deploy(
         Some(r) => {
             let parsed =
                 strata_oci::Reference::parse(r).with_context(|| format!("build cache `{r}`"))?;
-            let remote = RegistryCache::open(&parsed, crate::registry::client_options(false)?)?;
-            Some(Arc::new(SharedCache::new(remote, true, true)))
+            let client = crate::registry::client_options(false)?;
+            let from = RegistryCache::open(&parsed, client.clone())?;
+            let to = RegistryCache::open(&parsed, client)?;
+            Some(Arc::new(SharedCache::new(Some(from), Some(to))))
         }
         None => None,
     };

@@ -128,6 +128,21 @@ fn a_fresh_store_builds_nothing_the_registry_cache_has() {
     let (run, _, err) = build(&second, &dir2, &[]);
     assert_eq!(run, 0, "{err}");
     assert_eq!(digest(&second, "app"), digest(&third, "app"));
+
+    // Read from one repository and written to another: the other has what the build used.
+    let other = format!("127.0.0.1:{}/team/cache2", registry.port);
+    let (fourth, dir4) = fresh(&first, &dir);
+    let (run, _, err) = build(
+        &fourth,
+        &dir4,
+        &["--cache-from", &cache, "--cache-to", &other],
+    );
+    assert_eq!(run, 0, "{err}");
+    assert!(err.contains("4 entries exported to 127.0.0.1:"), "{err}");
+    let (fifth, dir5) = fresh(&first, &dir);
+    let (run, cached, err) = build(&fifth, &dir5, &["--cache-from", &other]);
+    assert_eq!((run, cached), (0, 4), "{err}");
+    assert_eq!(digest(&fifth, "app"), digest(&first, "app"));
 }
 
 /// Two builders export to the same cache at once: both succeed, and the cache they leave is
