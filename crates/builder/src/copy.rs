@@ -122,24 +122,6 @@ fn download(ctx: &Ctx<'_>, url: &str, checksum: Option<&str>) -> Result<tempfile
     Ok(f)
 }
 
-/// `--chown` → uid/gid, names resolved in the target image. A user without group uses the
-/// uid as gid, as Docker documents.
-fn resolve_chown(spec: &str, view: &ImageView) -> Result<(u32, u32)> {
-    let (u, g) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (spec, None),
-    };
-    let num = |s: &str| s.parse::<u32>().ok();
-    match (num(u), g.map(num)) {
-        (Some(uid), None) => Ok((uid, uid)),
-        (Some(uid), Some(Some(gid))) => Ok((uid, gid)),
-        _ => {
-            let user = view.resolve_user(spec)?;
-            Ok((user.uid, if g.is_some() { user.gid } else { user.uid }))
-        }
-    }
-}
-
 fn join_dest(dest: &str, rel: &str) -> String {
     let d = dest.trim_end_matches('/');
     if rel.is_empty() || rel == "." {
@@ -470,7 +452,7 @@ pub(crate) fn copy_step(
         ImageView::default()
     };
     let chown = match &step.chown {
-        Some(c) => Some(resolve_chown(c, &view)?),
+        Some(c) => Some(strata_runtime::chown_ids(c, |s| view.resolve_user(s))?),
         None => None,
     };
     let owner = chown.unwrap_or((0, 0));

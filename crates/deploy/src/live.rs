@@ -88,7 +88,10 @@ pub fn apply(
                 let (uid, gid) = match ids.get(spec) {
                     Some(v) => *v,
                     None => {
-                        let v = chown_ids(spec, &root).map_err(|e| {
+                        let v = strata_runtime::chown_ids(spec, |s| {
+                            strata_runtime::resolve_user(std::slice::from_ref(&root), s)
+                        })
+                        .map_err(|e| {
                             Error::Config(format!(
                                 "--chown={spec} of the COPY to {dest} in machine {}: {e}",
                                 m.id
@@ -158,25 +161,6 @@ pub fn reset(host: &Host, app: &str, exe: &Path) -> Result<usize> {
         }
     }
     Ok(restarted)
-}
-
-/// The owner `COPY --chown=SPEC` gives, names looked up in the machine's root `root` the way
-/// the build resolves them: `UID[:GID]` as numbers, a name without a group takes the user's
-/// id as its group id too.
-fn chown_ids(spec: &str, root: &Path) -> Result<(u32, u32)> {
-    let (u, g) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (spec, None),
-    };
-    let num = |s: &str| s.parse::<u32>().ok();
-    Ok(match (num(u), g.map(num)) {
-        (Some(uid), None) => (uid, uid),
-        (Some(uid), Some(Some(gid))) => (uid, gid),
-        _ => {
-            let user = strata_runtime::resolve_user(&[root.to_path_buf()], spec)?;
-            (user.uid, if g.is_some() { user.gid } else { user.uid })
-        }
-    })
 }
 
 /// Writes `ops` (already applied in machine `m`, whose root is `merged`) into the dev layer of

@@ -37,7 +37,7 @@ pub use machine::{
 };
 pub use net::{NetSpec, ensure_host_nat, prepare_network, teardown_network};
 pub use run::{cleanup_stale, cleanup_stale_in, kill, run};
-pub use user::resolve_user;
+pub use user::{chown_ids, resolve_user};
 
 /// Where runc is and where it keeps its state.
 #[derive(Debug, Clone, PartialEq, Eq)]

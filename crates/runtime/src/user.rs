@@ -5,6 +5,26 @@ use std::path::{Path, PathBuf};
 use crate::UserSpec;
 use crate::error::{Error, Result};
 
+/// The owner `COPY --chown=SPEC` gives: `UID[:GID]` as numbers, without a lookup; names
+/// looked up by `resolve` (in the image's passwd and group files); a user without a group
+/// takes the uid as gid, as Docker documents. The build and `strata dev`'s synced files both
+/// use this rule.
+pub fn chown_ids(spec: &str, resolve: impl FnOnce(&str) -> Result<UserSpec>) -> Result<(u32, u32)> {
+    let (u, g) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let num = |s: &str| s.parse::<u32>().ok();
+    Ok(match (num(u), g.map(num)) {
+        (Some(uid), None) => (uid, uid),
+        (Some(uid), Some(Some(gid))) => (uid, gid),
+        _ => {
+            let user = resolve(spec)?;
+            (user.uid, if g.is_some() { user.gid } else { user.uid })
+        }
+    })
+}
+
 /// Resolves Docker's `USER` string (`name`, `uid`, `name:group`, `uid:gid`, or empty for root)
 /// against `/etc/passwd` and `/etc/group` of an image, looked up through `layers_top_first`:
 /// the first layer directory with an entry at `etc/passwd` (resp. `etc/group`) supplies it.
@@ -165,6 +185,34 @@ fn resolve_user_in(passwd: Option<&str>, group: Option<&str>, user: &str) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chown_ids_take_numbers_as_they_are_and_names_from_the_lookup() {
+        let lookup = |name: &str| -> Result<UserSpec> {
+            assert_eq!(
+                name.split(':').next(),
+                Some("app"),
+                "only names are looked up"
+            );
+            Ok(UserSpec {
+                uid: 1000,
+                gid: 2000,
+                additional_gids: Vec::new(),
+            })
+        };
+        assert_eq!(chown_ids("7", lookup).unwrap(), (7, 7));
+        assert_eq!(chown_ids("7:8", lookup).unwrap(), (7, 8));
+        // A user without a group takes the uid as gid; with one, the lookup's group.
+        assert_eq!(chown_ids("app", lookup).unwrap(), (1000, 1000));
+        assert_eq!(chown_ids("app:app", lookup).unwrap(), (1000, 2000));
+        let unknown = |u: &str| {
+            Err(Error::User {
+                user: u.into(),
+                reason: "no such user".into(),
+            })
+        };
+        assert!(chown_ids("nobody", unknown).is_err());
+    }
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
                           # comment\n\
