@@ -156,81 +156,65 @@ impl Output {
 
     /// Shows one event of the commands around builds.
     pub fn note(&self, note: &Note) {
-        match self.inner.mode {
-            Mode::Json => self.json_line(note),
-            Mode::Plain | Mode::Tty => match self.summary(note) {
-                // Summaries name their host themselves.
-                Some(line) => self.raw_line(&line),
-                None => self.line(&match note {
-                    Note::Deploy { message, .. }
-                    | Note::Dev { message, .. }
-                    | Note::Info { message } => message.clone(),
-                    Note::Blob {
-                        digest,
-                        state,
-                        total,
-                        ..
-                    } => format!("{}: {state} ({})", short(digest), human_size(*total)),
-                    Note::Pushed { .. } | Note::Pulled { .. } => unreachable!("a summary"),
-                }),
-            },
+        if self.inner.mode == Mode::Json {
+            return self.json_line(note);
         }
-    }
-
-    /// The line of a push or pull: `Pushed web:1: 2 uploaded (3 MB), 0 mounted, 1 already
-    /// there` to a registry, `Pushed web:1 to web1: 2 sent (3 MB), 1 already there` to a host.
-    fn summary(&self, note: &Note) -> Option<String> {
-        Some(match (note, &self.host) {
-            (
-                Note::Pushed {
-                    image,
-                    sent,
-                    bytes,
-                    mounted,
-                    present,
-                    ..
-                },
-                None,
-            ) => format!(
-                "Pushed {image}: {sent} uploaded ({}), {mounted} mounted, {present} already there",
-                human_size(*bytes)
-            ),
-            (
-                Note::Pushed {
-                    image,
-                    sent,
-                    bytes,
-                    present,
-                    resumed,
-                    ..
-                },
-                Some(host),
-            ) => format!(
-                "Pushed {image} to {host}: {sent} sent ({}{}), {present} already there",
-                human_size(*bytes),
-                if *resumed > 0 {
-                    format!(", {resumed} resumed")
-                } else {
-                    String::new()
-                }
-            ),
-            (
-                Note::Pulled {
-                    image,
-                    fetched,
-                    bytes,
-                    present,
-                },
-                host,
-            ) => format!(
-                "Pulled {image}{}: {fetched} {}fetched ({}), {present} already here",
-                host.as_ref()
-                    .map_or(String::new(), |h| format!(" from {h}")),
-                if host.is_none() { "blobs " } else { "" },
-                human_size(*bytes)
-            ),
-            _ => return None,
-        })
+        match note {
+            Note::Deploy { message, .. } | Note::Dev { message, .. } | Note::Info { message } => {
+                self.line(message)
+            }
+            Note::Blob {
+                digest,
+                state,
+                total,
+                ..
+            } => self.line(&format!(
+                "{}: {state} ({})",
+                short(digest),
+                human_size(*total)
+            )),
+            // The summaries of a push or pull name their host themselves:
+            // `Pushed web:1: 2 uploaded (3 MB), 0 mounted, 1 already there` to a registry,
+            // `Pushed web:1 to web1: 2 sent (3 MB), 1 already there` to a host.
+            Note::Pushed {
+                image,
+                sent,
+                bytes,
+                mounted,
+                present,
+                resumed,
+            } => self.raw_line(&match &self.host {
+                None => format!(
+                    "Pushed {image}: {sent} uploaded ({}), {mounted} mounted, {present} already \
+                     there",
+                    human_size(*bytes)
+                ),
+                Some(host) => format!(
+                    "Pushed {image} to {host}: {sent} sent ({}{}), {present} already there",
+                    human_size(*bytes),
+                    if *resumed > 0 {
+                        format!(", {resumed} resumed")
+                    } else {
+                        String::new()
+                    }
+                ),
+            }),
+            Note::Pulled {
+                image,
+                fetched,
+                bytes,
+                present,
+            } => self.raw_line(&match &self.host {
+                None => format!(
+                    "Pulled {image}: {fetched} blobs fetched ({}), {present} already here",
+                    human_size(*bytes)
+                ),
+                Some(host) => format!(
+                    "Pulled {image} from {host}: {fetched} fetched ({}), {present} already here",
+                    human_size(*bytes)
+                ),
+            }),
+        }
     }
 
     /// A deploy's message for `app`.
