@@ -262,7 +262,7 @@ fn rebase_all(
             }
             match crate::registry::push_ref(store, name, &dest, insecure, &out) {
                 Ok(report) => out.note(&crate::registry::pushed_note(&report)),
-                Err(e) => failed.push(format!("{name}: {e:#}")),
+                Err(e) => failed.push(format!("{name}: cannot push to `{dest}`: {e:#}")),
             }
         }
     }

@@ -386,19 +386,19 @@ pub fn registry(store: Option<PathBuf>, command: RegistryCommand) -> Result<()> 
     }
 }
 
-/// Pulls `src` for `strata deploy --image`; returns its local name.
+/// Pulls `src` for `strata deploy --image`; returns its local name. (The deploy names what
+/// failed: no context here.)
 pub fn pull_ref(store: &Store, src: &Reference, insecure: bool, out: &Output) -> Result<String> {
     let opts = PullOptions {
         client: client_options(insecure)?,
         progress: Some(out.blob_progress("pulled")),
         ..PullOptions::default()
     };
-    let report =
-        strata_transfer::pull(store, src, &opts).with_context(|| format!("cannot pull `{src}`"))?;
-    Ok(report.name)
+    Ok(strata_transfer::pull(store, src, &opts)?.name)
 }
 
-/// Pushes a local image for `strata deploy`.
+/// Pushes a local image for `strata deploy` and `rebase --all --push`. (The caller names what
+/// failed: no context here.)
 pub fn push_ref(
     store: &Store,
     local: &str,
@@ -411,8 +411,7 @@ pub fn push_ref(
         progress: Some(out.blob_progress("pushed")),
         ..PushOptions::default()
     };
-    strata_transfer::push(store, local, dest, &opts)
-        .with_context(|| format!("cannot push `{local}` to `{dest}`"))
+    Ok(strata_transfer::push(store, local, dest, &opts)?)
 }
 
 /// The event of a push to a registry.
