@@ -273,8 +273,8 @@ fn ignore_of(
     Ok(IgnoreMatcher::parse(".dockerignore", &text)?)
 }
 
-/// (context path, machine path) for every changed path, when the app's `live_update` covers
-/// them all; `None` means rebuild.
+/// (context path, machine path, index of its `sync` rule) for every changed path, when the
+/// app's `live_update` covers them all; `None` means rebuild.
 fn plan(app: &App, changed: &[String]) -> Option<Vec<(String, String, usize)>> {
     let lu: &LiveUpdate = app.spec.live_update.as_ref()?;
     let fall_back =
@@ -574,13 +574,7 @@ fn collect_ops(
         if is_dir {
             // A new directory's contents may have been written before the watcher saw the
             // directory (inotify watches a new directory only once it exists): send them all.
-            let mut below = Vec::new();
-            subtree(&context.join(rel), dest, &mut below)?;
-            ops.extend(below.into_iter().map(|(dest, op)| Op {
-                dest,
-                op,
-                owner: owner.clone(),
-            }));
+            subtree(&context.join(rel), dest, &owner, &mut ops)?;
         }
     }
     Ok(ops)
@@ -655,8 +649,9 @@ fn sync_chowns(
     let Some(stage) = plan.stages.iter().find(|s| s.index == plan.target) else {
         return Ok(vec![None; lu.sync.len()]);
     };
+    // Both without a trailing `/` (`/` itself is the empty string, above every path).
     let under = |dest: &str, dir: &str| {
-        dest == dir || dir == "/" || dest.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
+        dest == dir || dest.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
     };
     Ok(lu
         .sync
@@ -681,8 +676,9 @@ fn sync_chowns(
         .collect())
 }
 
-/// Every entry below the local directory `dir`, as ops at `dest`/… (parents first).
-fn subtree(dir: &Path, dest: &str, ops: &mut Vec<(String, SyncOp)>) -> Result<()> {
+/// Every entry below the local directory `dir`, as ops at `dest`/… (parents first), owned by
+/// `owner`'s `--chown` like the directory.
+fn subtree(dir: &Path, dest: &str, owner: &Option<String>, ops: &mut Vec<Op>) -> Result<()> {
     let mut entries: Vec<_> = match std::fs::read_dir(dir) {
         Ok(rd) => rd.filter_map(|e| e.ok()).collect(),
         // Removed meanwhile: its removal is the next batch's.
@@ -699,9 +695,13 @@ fn subtree(dir: &Path, dest: &str, ops: &mut Vec<(String, SyncOp)>) -> Result<()
         );
         let op = op_for(&path)?;
         let is_dir = matches!(op, SyncOp::Dir { .. });
-        ops.push((d.clone(), op));
+        ops.push(Op {
+            dest: d.clone(),
+            op,
+            owner: owner.clone(),
+        });
         if is_dir {
-            subtree(&path, &d, ops)?;
+            subtree(&path, &d, owner, ops)?;
         }
     }
     Ok(())
