@@ -280,21 +280,7 @@ pub fn run_agent(store: Store, opts: AgentOptions) -> Result<()> {
     }
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .map_err(io("write", &pid_path))?;
-    let host = Host::open(store)?;
-    let mut agent = Agent {
-        root: root.clone(),
-        host,
-        opts,
-        rt,
-        children: HashMap::new(),
-        adopted: HashMap::new(),
-        proxies: HashMap::new(),
-        busy: Arc::default(),
-        not_before: HashMap::new(),
-        draining: HashMap::new(),
-        spare_maker: None,
-        spare_retry: None,
-    };
+    let mut agent = Agent::new(root.clone(), Host::open(store)?, opts, rt);
     info!(store = %root.display(), "agent started");
     // Spares a killed agent left (some perhaps half made) are not trusted: made again later.
     agent.drop_spares();
@@ -327,6 +313,24 @@ pub fn run_agent(store: Store, opts: AgentOptions) -> Result<()> {
 }
 
 impl Agent {
+    /// An agent of the store at `root` (seen through `host`) that has done nothing yet.
+    fn new(root: PathBuf, host: Host, opts: AgentOptions, rt: tokio::runtime::Runtime) -> Agent {
+        Agent {
+            root,
+            host,
+            opts,
+            rt,
+            children: HashMap::new(),
+            adopted: HashMap::new(),
+            proxies: HashMap::new(),
+            busy: Arc::default(),
+            not_before: HashMap::new(),
+            draining: HashMap::new(),
+            spare_maker: None,
+            spare_retry: None,
+        }
+    }
+
     /// Machines that were running when the last agent stopped: runc still knows them.
     fn adopt(&mut self) -> Result<()> {
         for m in self.host.state.machines()? {
@@ -870,22 +874,10 @@ mod tests {
         let state =
             crate::state::State::open_with_claims(store.root(), dir.join("claims")).unwrap();
         let host = Host::with_driver(store, state, Arc::new(Counting::default()));
-        Agent {
-            root: dir.to_path_buf(),
-            host,
-            opts: AgentOptions::default(),
-            rt: tokio::runtime::Builder::new_current_thread()
-                .build()
-                .unwrap(),
-            children: HashMap::new(),
-            adopted: HashMap::new(),
-            proxies: HashMap::new(),
-            busy: Arc::default(),
-            not_before: HashMap::new(),
-            draining: HashMap::new(),
-            spare_maker: None,
-            spare_retry: None,
-        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        Agent::new(dir.to_path_buf(), host, AgentOptions::default(), rt)
     }
 
     /// The restart policy as the agent applies it when a machine exits: Docker's rules, a
