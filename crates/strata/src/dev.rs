@@ -477,9 +477,11 @@ pub fn dev_apply(store_root: &Path, app: &str, spec: &str) -> Result<()> {
     use std::io::{BufRead, Read, Write};
     let apps = strata_deploy::app::parse_apps(spec, Path::new("--spec"))?;
     let app = strata_deploy::app::pick_app(&apps, Some(app), Path::new("--spec"))?;
+    // In the store's temp directory, named for this process: a `strata gc` sweeps it if the
+    // process is killed before it removes it.
     let tmp = tempfile::Builder::new()
-        .prefix("dev-apply-")
-        .tempdir_in(store_root.join("strata"))
+        .prefix(&strata_store::temp_prefix("dev-apply"))
+        .tempdir_in(store_root.join("strata/tmp"))
         .context("cannot make a temporary directory in the store")?;
     let mut input = std::io::BufReader::new(std::io::stdin().lock());
     let mut out = std::io::stdout().lock();
