@@ -33,6 +33,7 @@ mod meta;
 mod registry;
 mod storage;
 mod util;
+mod view;
 
 use std::future::Future;
 use std::path::Path;
@@ -45,6 +46,7 @@ pub use gc::GcReport;
 pub use meta::{Pin, TokenInfo, TokenScope};
 pub use storage::{Backend, ByteStream, FsBackend, ObjectInfo, S3Backend};
 pub use strata_oci::Digest;
+pub use view::{ImageRow, RegistryView, RepoRow};
 
 use error::IoContext;
 use meta::Meta;
@@ -79,6 +81,17 @@ pub async fn serve_with_shutdown(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    serve_with_routes(config, listener, shutdown, axum::Router::new()).await
+}
+
+/// [`serve_with_shutdown`], also answering `extra`'s routes (the dashboard's pages under
+/// `/ui`); the distribution API keeps `/v2` and `/token`.
+pub async fn serve_with_routes(
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    extra: axum::Router,
+) -> Result<()> {
     let parts = open_parts(&config).await?;
     let auth = match config.auth {
         AuthMode::Anonymous => None,
@@ -94,7 +107,7 @@ pub async fn serve_with_shutdown(
         limits: config.limits.clone(),
         public_url: config.public_url.clone(),
     });
-    let app = http::router(state);
+    let app = http::router(state).merge(extra);
 
     // The abandoned-upload cleaner: often enough that an upload is gone soon after its timeout.
     let cleaner = {

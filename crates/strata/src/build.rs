@@ -81,8 +81,13 @@ fn dockerfile_mode(args: &BuildArgs) -> bool {
 
 pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
     check_platform(args.platform.as_deref())?;
+    // Its events also go to a journal the dashboard's Builds page reads (docs/ui.md).
+    let progress = Output::new(args.progress).journaled(store.root(), "build");
+    progress.finish_journal(build_to(store, args, &progress))
+}
+
+fn build_to(store: &Store, args: &BuildArgs, progress: &Output) -> Result<()> {
     let secrets = parse_secrets(&args.secrets)?;
-    let progress = Output::new(args.progress);
     if dockerfile_mode(args) {
         let context = match args.args.as_slice() {
             [c] => PathBuf::from(c),
@@ -100,9 +105,9 @@ pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
         opts.deployment_tag = args.deployment_tag;
         opts.compression = args.compression.into();
         opts.shared_cache = shared_cache(args, None)?;
-        let outcome = strata_build::build(store, &opts, &progress)
+        let outcome = strata_build::build(store, &opts, progress)
             .with_context(|| format!("build of `{}` failed", context.display()))?;
-        export_cache(store, opts.shared_cache.as_deref(), &progress)?;
+        export_cache(store, opts.shared_cache.as_deref(), progress)?;
         // Every name the image got (`-t` names, its content tag, a deployment tag), once
         // each, then its digest.
         let mut names: Vec<&String> = outcome.tags.iter().collect();
@@ -133,8 +138,8 @@ pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
         shared_cache: shared_cache(args, project.cache.registry.as_deref())?,
         ..ProjectOptions::default()
     };
-    let built = project.build(store, &args.args, &opts, &progress)?;
-    export_cache(store, opts.shared_cache.as_deref(), &progress)?;
+    let built = project.build(store, &args.args, &opts, progress)?;
+    export_cache(store, opts.shared_cache.as_deref(), progress)?;
     for name in &built.order {
         let o = &built.images[name];
         println!(
@@ -258,6 +263,17 @@ pub fn build_for_deploy(
         })?;
         return Ok(image.to_string());
     }
+    let out = out.journaled(store.root(), "deploy");
+    out.finish_journal(build_project_image(store, &project, image, &out))
+}
+
+/// [`build_for_deploy`] of an image the project declares.
+fn build_project_image(
+    store: &Store,
+    project: &Project,
+    image: &str,
+    out: &Output,
+) -> Result<String> {
     // strata.toml's `[cache] registry`, read and written, as `strata build` does.
     let shared = match &project.cache.registry {
         Some(r) => {

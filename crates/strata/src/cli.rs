@@ -105,6 +105,9 @@ pub enum Command {
     Dev(DevArgs),
     /// An app's releases (`--image` for their images and digests).
     Releases(ReleasesArgs),
+    /// The web dashboard: apps, releases (roll back), machines (logs, stop/start/restart),
+    /// builds and the registry's images, live, at http://127.0.0.1:7700/ (until Ctrl-C).
+    Ui(UiArgs),
     /// The agent, apps, their current release and machines.
     Status {
         /// One app (default: all).
@@ -423,6 +426,31 @@ pub enum RegistryCommand {
         #[command(flatten)]
         root: RegistryRootArg,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UiArgs {
+    /// Address to listen on. Anything but a loopback address requires a registry token to
+    /// sign in (see --require-token).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub addr: String,
+    /// The project file (or its directory) whose apps a Roll back deploys.
+    #[arg(long, default_value = ".")]
+    pub project: std::path::PathBuf,
+    /// Require a registry token of an org to sign in, and show only that org's repositories
+    /// (always on when --addr is not a loopback address).
+    #[arg(long)]
+    pub require_token: bool,
+    /// The registry shown on the Registry page, and whose tokens sign in: its data directory
+    /// (default: <store>/registry, the one `strata registry serve` uses).
+    #[arg(long, value_name = "DIR")]
+    pub registry_root: Option<std::path::PathBuf>,
+    /// Or the same `--config FILE` as `strata registry serve` (S3, PostgreSQL).
+    #[arg(long, value_name = "FILE")]
+    pub registry_config: Option<std::path::PathBuf>,
+    /// The registry's address in the pull references the Registry page shows.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:5000")]
+    pub registry_host: String,
 }
 
 #[derive(Debug, Clone, clap::Args)]

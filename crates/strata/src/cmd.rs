@@ -63,6 +63,7 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::hosts::run_there(&args.on, &crate::hosts::argv_for_host())
         }
         Command::Releases(args) => crate::deploy::releases(store()?, &args),
+        Command::Ui(args) => crate::registry::ui(store()?, &args),
         Command::Status { on, .. } if on.host.is_some() => {
             crate::hosts::run_there(&on, &crate::hosts::argv_for_host())
         }

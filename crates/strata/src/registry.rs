@@ -284,7 +284,24 @@ pub fn registry(store: Option<PathBuf>, command: RegistryCommand) -> Result<()> 
                 let shutdown = async {
                     let _ = tokio::signal::ctrl_c().await;
                 };
-                strata_registry_server::serve_with_shutdown(config, listener, shutdown).await?;
+                // The dashboard's Registry page, at /ui/ (docs/ui.md), behind the registry's
+                // own tokens when it has orgs.
+                let pages = strata_ui::router(strata_ui::UiConfig {
+                    store_root: config.root.clone(),
+                    exe: std::env::current_exe()?,
+                    project: PathBuf::from("strata.toml"),
+                    registry: Some(config.clone()),
+                    registry_host: config
+                        .public_url
+                        .as_deref()
+                        .map(|u| u.split_once("://").map_or(u, |(_, h)| h).trim_end_matches('/'))
+                        .map_or_else(|| local.to_string(), String::from),
+                    require_token: matches!(config.auth, AuthMode::Orgs),
+                    pages: strata_ui::Pages::RegistryOnly,
+                })
+                .await?;
+                strata_registry_server::serve_with_routes(config, listener, shutdown, pages)
+                    .await?;
                 anyhow::Ok(())
             })
         }
@@ -502,4 +519,48 @@ fn embedded_registry(store: &Store) -> Option<PathBuf> {
 /// The holder of the embedded registry's pins that deploys of `app` set.
 fn deploy_pin(app: &str) -> String {
     format!("deploy:{app}")
+}
+
+/// `strata ui`: the dashboard of this store (and its registry), until Ctrl-C.
+pub fn ui(store: Store, args: &crate::cli::UiArgs) -> Result<()> {
+    let root_arg = RegistryRootArg {
+        root: args.registry_root.clone(),
+        config: args.registry_config.clone(),
+    };
+    let (registry, _) = registry_config(Some(store.root().to_path_buf()), &root_arg)?;
+    let addr: std::net::SocketAddr = args
+        .addr
+        .parse()
+        .with_context(|| format!("--addr `{}` is not an address:port", args.addr))?;
+    let config = strata_ui::UiConfig {
+        store_root: store.root().to_path_buf(),
+        exe: std::env::current_exe().context("cannot find the strata binary")?,
+        project: strata_deploy::deploy::project_file(&args.project),
+        registry: Some(registry),
+        registry_host: args.registry_host.clone(),
+        // Off this machine, every page needs an org's token.
+        require_token: args.require_token || !addr.ip().is_loopback(),
+        pages: strata_ui::Pages::All,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}\nhint: is `strata ui` running already? try --addr 127.0.0.1:0"))?;
+        let local = listener.local_addr()?;
+        eprintln!(
+            "strata ui on http://{local}/{}",
+            if config.require_token { " (sign in with a registry token)" } else { "" }
+        );
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        strata_ui::serve(config, listener, shutdown)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        anyhow::Ok(())
+    })
 }

@@ -22,6 +22,7 @@ use strata_build::Progress;
 use strata_oci::Digest;
 use strata_oci::sync::MutexExt;
 use strata_transfer::{BlobProgress, BlobState, ProgressFn};
+use strata_ui::journal::Journal;
 
 pub use build::plain_line;
 use build::{TtyProgress, WriterTerm, terminal_size};
@@ -106,6 +107,8 @@ pub enum Note {
 pub struct Output {
     inner: Arc<Inner>,
     host: Option<String>,
+    /// The build journal the dashboard reads (`strata_ui::journal`), if one is kept.
+    journal: Option<Arc<Journal>>,
 }
 
 struct Inner {
@@ -143,6 +146,7 @@ impl Output {
                 tty,
             }),
             host: None,
+            journal: None,
         }
     }
 
@@ -151,7 +155,37 @@ impl Output {
         Output {
             inner: self.inner.clone(),
             host: Some(host.to_string()),
+            journal: self.journal.clone(),
         }
+    }
+
+    /// The same output, also appending the build's events to a journal in `store_root` for
+    /// the dashboard's Builds page (`command` names what builds). Best effort: a journal that
+    /// cannot be made is skipped, and says so.
+    pub fn journaled(&self, store_root: &std::path::Path, command: &str) -> Output {
+        let journal = match Journal::start(store_root, command) {
+            Ok(j) => Some(Arc::new(j)),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot keep a build journal in {}: {e}",
+                    store_root.display()
+                );
+                None
+            }
+        };
+        Output {
+            inner: self.inner.clone(),
+            host: self.host.clone(),
+            journal,
+        }
+    }
+
+    /// Ends the journal with how the build ended, and hands `result` back.
+    pub fn finish_journal<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        if let Some(j) = &self.journal {
+            j.finish(result.as_ref().err().map(|e| format!("{e:#}")).as_deref());
+        }
+        result
     }
 
     /// Shows one event of the commands around builds.
@@ -340,6 +374,9 @@ fn short(digest: &str) -> &str {
 
 impl Progress for Output {
     fn event(&self, event: &strata_build::Event) {
+        if let Some(j) = &self.journal {
+            j.record(event);
+        }
         match self.inner.mode {
             Mode::Json => self.json_line(event),
             Mode::Tty => {
