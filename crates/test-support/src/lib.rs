@@ -1,10 +1,11 @@
 //! Helpers the workspace's test suites share: loud skips, root and tool checks, a busybox root
-//! filesystem, a private Docker engine, a private PostgreSQL cluster, peer tools under a time
+//! filesystem, a private Docker engine, a private PostgreSQL cluster, a headless Chromium, peer tools under a time
 //! limit. A dev-dependency only.
 
 // Helpers of tests fail the way tests do: by panicking.
 #![allow(clippy::unwrap_used)]
 
+mod browser;
 mod docker;
 mod postgres;
 
@@ -12,6 +13,7 @@ use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::process::{Command, Output};
 
+pub use browser::Chromedriver;
 pub use docker::Dockerd;
 pub use postgres::Postgres;
 

@@ -152,10 +152,15 @@ fn page(state: &AppState, s: &Session, on: &str, title: &str, body: Markup) -> M
 
 /// A live part of a page: replaced by what `/ui/live/KIND?name=…` sends.
 fn live_div(id: &str, kind: &str, name: Option<&str>, content: Markup) -> Markup {
+    let content = content.into_string();
+    // The stream is told what the page shows, so it sends only what differs from it (a
+    // replaced fragment would take the button under a user's pointer away).
+    let seen = fingerprint(&content);
     let src = match name {
-        Some(n) => format!("/ui/live/{kind}?name={}", url_encode(n)),
-        None => format!("/ui/live/{kind}"),
+        Some(n) => format!("/ui/live/{kind}?name={}&seen={seen}", url_encode(n)),
+        None => format!("/ui/live/{kind}?seen={seen}"),
     };
+    let content = PreEscaped(content);
     html! { div id=(id) data-live=(src) { (content) } }
 }
 
@@ -1052,6 +1057,16 @@ async fn registry_page(State(state): State<Shared>, headers: HeaderMap) -> Respo
 #[derive(Deserialize)]
 struct LiveQuery {
     name: Option<String>,
+    /// The fingerprint of the fragment the page shows.
+    seen: Option<String>,
+}
+
+/// A short fingerprint of a fragment (not a secret: only "has it changed").
+fn fingerprint(html: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    html.hash(&mut h);
+    format!("{:016x}", h.finish())
 }
 
 async fn fragment(
@@ -1104,7 +1119,7 @@ async fn live(
     let Some(s) = state.sessions.get(&headers) else {
         return StatusCode::UNAUTHORIZED.into_response();
     };
-    let stream = live_stream(state, s, kind, q.name);
+    let stream = live_stream(state, s, kind, q.name, q.seen.unwrap_or_default());
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
@@ -1117,9 +1132,10 @@ fn live_stream(
     s: Session,
     kind: String,
     name: Option<String>,
+    seen: String,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     futures_util::stream::unfold(
-        (state, s, kind, name, String::new(), true),
+        (state, s, kind, name, seen, true),
         |(state, s, kind, name, last, first)| async move {
             let mut first = first;
             loop {
@@ -1131,9 +1147,10 @@ fn live_stream(
                     Ok(m) => m.into_string(),
                     Err(e) => html! { p.error { (e.message) } }.into_string(),
                 };
-                if html != last {
+                let now = fingerprint(&html);
+                if now != last {
                     let ev = Event::default().data(&html);
-                    return Some((Ok(ev), (state, s, kind, name, html, false)));
+                    return Some((Ok(ev), (state, s, kind, name, now, false)));
                 }
             }
         },

@@ -76,7 +76,7 @@ fn machine_json(env: &Env, id: &str) -> serde_json::Value {
 }
 
 /// A project whose app serves `page.html` with busybox httpd on :8080.
-fn project(env: &Env, public_port: u16, health: &str) -> std::path::PathBuf {
+pub(crate) fn project(env: &Env, public_port: u16, health: &str) -> std::path::PathBuf {
     let dir = env.path("proj");
     std::fs::create_dir_all(dir.join("site")).unwrap();
     std::fs::write(dir.join("site/index.html"), "v1\n").unwrap();

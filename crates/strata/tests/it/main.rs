@@ -16,3 +16,4 @@ mod interop;
 mod readme;
 mod rebase;
 mod registry_cli;
+mod ui;
