@@ -149,24 +149,29 @@ fn the_dashboard_shows_apps_live_rolls_back_tails_logs_and_shows_each_org_its_re
     env.ok(&["registry", "org", "create", "other"]);
     let acme_token = env.ok(&["registry", "token", "create", "--org", "acme"]);
     let rport = free_port();
-    {
-        let _registry = spawn(
-            &env,
-            &["registry", "serve", "--addr", &format!("127.0.0.1:{rport}")],
-            rport,
-        );
-        for dest in ["acme/base:1", "other/secret:1"] {
-            env.ok(&[
-                "push",
-                "busybox:latest",
-                &format!("127.0.0.1:{rport}/{dest}"),
-            ]);
-        }
+    let _registry = spawn(
+        &env,
+        &["registry", "serve", "--addr", &format!("127.0.0.1:{rport}")],
+        rport,
+    );
+    for dest in ["acme/base:1", "other/secret:1"] {
+        env.ok(&[
+            "push",
+            "busybox:latest",
+            &format!("127.0.0.1:{rport}/{dest}"),
+        ]);
     }
 
-    // The app, deployed twice: v1 then v2.
+    // The app, published to acme's repository (its releases pinned there), deployed twice.
     let port = free_port();
     let proj = project(&env, port, "/");
+    let toml = proj.join("strata.toml");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    std::fs::write(
+        &toml,
+        format!("{text}registry = \"127.0.0.1:{rport}/acme\"\n"),
+    )
+    .unwrap();
     let p = proj.to_str().unwrap();
     env.ok(&["deploy", "web", "--project", p, "--progress", "plain"]);
     std::fs::write(proj.join("site/index.html"), "v2\n").unwrap();
@@ -303,6 +308,47 @@ fn the_dashboard_shows_apps_live_rolls_back_tails_logs_and_shows_each_org_its_re
         assert_eq!(ran.len(), 6, "two deploys ran 3 steps each:\n{builds}");
         screenshot(&c, "builds").await;
 
+        // A build running now shows live: its RUN step running, then ran, with its output.
+        let slow = env.path("slow");
+        std::fs::create_dir_all(&slow).unwrap();
+        std::fs::write(
+            slow.join("Dockerfile"),
+            "FROM busybox:latest\nRUN echo slow-step-output && sleep 3\n",
+        )
+        .unwrap();
+        let mut build = Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--store")
+            .arg(env.store())
+            .args(["build", "-t", "slow:1", "--progress", "plain"])
+            .arg(&slow)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_text(
+            &c,
+            "section.build:first-of-type td.step-running",
+            long,
+            |_| true,
+        )
+        .await;
+        wait_text(&c, "section.build:first-of-type .build-status", long, |t| {
+            t == "succeeded"
+        })
+        .await;
+        assert!(build.wait().unwrap().success());
+        let newest = c
+            .find(Locator::Css("section.build"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            newest.contains("slow-step-output") && newest.contains("ran"),
+            "{newest}"
+        );
+
         // Registry: every repository (no sign-in on loopback), tags, pull references.
         goto(&c, &format!("{base}/ui/registry")).await;
         wait_text(&c, "section[data-repo='acme/base'] .tag", long, |t| {
@@ -321,6 +367,12 @@ fn the_dashboard_shows_apps_live_rolls_back_tails_logs_and_shows_each_org_its_re
             Some(format!("127.0.0.1:{rport}/acme/base:1").as_str())
         );
         assert!(c.source().await.unwrap().contains("other/secret"));
+        // The app's releases, pushed there and pinned by its deploys.
+        let web = wait_text(&c, "section[data-repo='acme/web']", long, |_| true).await;
+        assert!(
+            web.contains("deployment-") && web.contains("deploy:web"),
+            "{web}"
+        );
         screenshot(&c, "registry").await;
         c.close().await.unwrap();
     });
@@ -377,6 +429,47 @@ fn the_dashboard_shows_apps_live_rolls_back_tails_logs_and_shows_each_org_its_re
         );
         c.close().await.unwrap();
     });
+    // `strata registry serve --auth orgs` serves the Registry page, behind its tokens.
+    let r2port = free_port();
+    let _registry2 = spawn(
+        &env,
+        &[
+            "registry",
+            "serve",
+            "--auth",
+            "orgs",
+            "--addr",
+            &format!("127.0.0.1:{r2port}"),
+        ],
+        r2port,
+    );
+    rt.block_on(async {
+        let c = browser(&driver).await;
+        let long = Duration::from_secs(30);
+        goto(&c, &format!("http://127.0.0.1:{r2port}/ui/")).await;
+        let url = c.current_url().await.unwrap();
+        assert!(url.path().ends_with("/ui/login"), "{url}");
+        let token = c.find(Locator::Css("#token")).await.unwrap();
+        token.send_keys(acme_token.trim()).await.unwrap();
+        click(&c, "#signin").await;
+        goto(&c, &format!("http://127.0.0.1:{r2port}/ui/")).await;
+        wait_text(&c, "section[data-repo='acme/base'] .tag", long, |t| {
+            t == "1"
+        })
+        .await;
+        let page = c.source().await.unwrap();
+        assert!(!page.contains("other/secret"), "{page}");
+        assert!(
+            page.contains(&format!("127.0.0.1:{r2port}/acme/base:1")),
+            "{page}"
+        );
+        assert!(
+            !page.contains("/ui/machines"),
+            "the registry serves its page only:\n{page}"
+        );
+        c.close().await.unwrap();
+    });
+
     // A POST without a session and its CSRF token (a form on another site) is refused.
     let answer = raw_post(ui_port, "/ui/apps/web/rollback", "csrf=x&version=1");
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
