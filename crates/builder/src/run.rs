@@ -318,10 +318,19 @@ fn mount_spec(
             uid,
             gid,
         } => {
-            let root = ctx.store.root().join("strata/cache-mounts");
+            let dir = cache_mount_dir(ctx.store.root(), id);
+            let root = dir.parent().map(Path::to_path_buf).unwrap_or_default();
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             std::fs::create_dir_all(&root).map_err(io_err("creating directory", &root))?;
-            let name = Digest::sha256(id.as_bytes()).hex()[..32].to_string();
-            let dir = root.join(&name);
+            // A mount this store has never had may come from the registry cache.
+            if !dir.exists()
+                && let Some(shared) = &ctx.opts.shared_cache
+            {
+                shared.import_mount(ctx.store, id, &dir)?;
+            }
             if !dir.exists() {
                 let tmp = tempfile::Builder::new()
                     .prefix("tmp-")
@@ -458,4 +467,11 @@ fn mount_spec(
             }
         }
     }))
+}
+
+/// Where the cache mount `id` of the store at `store_root` lives:
+/// `<store>/strata/cache-mounts/<first 32 hex of sha256(id)>`.
+pub fn cache_mount_dir(store_root: &Path, id: &str) -> std::path::PathBuf {
+    let name = Digest::sha256(id.as_bytes()).hex()[..32].to_string();
+    store_root.join("strata/cache-mounts").join(name)
 }

@@ -4,6 +4,7 @@
 //! inputs), so an entry made on one machine is valid on any other.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -18,20 +19,28 @@ use crate::error::{Error, Result};
 /// The export's schema, inside the cache manifest's config blob.
 const SCHEMA: &str = "strata-build-cache-export/1";
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// The media type of a cache mount's blob: its directory as a zstd-compressed tar.
+pub const MOUNT_MEDIA_TYPE: &str = "application/vnd.strata.build-cache.mount.v1.tar+zstd";
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Exported {
     schema: String,
     /// Step key → entry.
     entries: BTreeMap<String, CacheEntry>,
+    /// Cache mount id → its directory's blob (a field older exports lack: none then).
+    #[serde(default)]
+    mounts: BTreeMap<String, Descriptor>,
 }
 
-/// The registry caches a build reads from (`--cache-from`) and writes to (`--cache-to`): the
-/// same repository, two, or only one of them.
+/// The registry caches a build reads from (`--cache-from`, several in order of preference)
+/// and writes to (`--cache-to`): the same repository, others, or only one side.
 pub struct SharedCache {
-    from: Option<RegistryCache>,
+    from: Vec<RegistryCache>,
     to: Option<RegistryCache>,
-    /// The entries of `from`, read at the first lookup (`None` until then).
-    read: Mutex<Option<BTreeMap<String, CacheEntry>>>,
+    /// Cache mount ids shared through the cache (opt-in: `[cache] mounts`).
+    mounts: Vec<String>,
+    /// The exports of `from`, read at the first lookup (`None` until then).
+    read: Mutex<Option<Vec<Exported>>>,
     /// Every key this build looked up, in order (exported when they have an entry).
     keys: Mutex<Vec<String>>,
     stats: Mutex<SharedStats>,
@@ -46,14 +55,22 @@ pub struct SharedStats {
     pub bytes_fetched: u64,
     /// Entries found there whose layer the registry no longer has (each a miss).
     pub gone: usize,
+    /// Cache mounts fetched from there, and their bytes.
+    pub mounts_fetched: usize,
+    pub mount_bytes: u64,
 }
 
 impl std::fmt::Debug for SharedCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = |c: &Option<RegistryCache>| c.as_ref().map(|c| c.reference().to_string());
+        let from: Vec<String> = self
+            .from
+            .iter()
+            .map(|c| c.reference().to_string())
+            .collect();
         f.debug_struct("SharedCache")
-            .field("from", &name(&self.from))
-            .field("to", &name(&self.to))
+            .field("from", &from)
+            .field("to", &self.to.as_ref().map(|c| c.reference().to_string()))
+            .field("mounts", &self.mounts)
             .finish()
     }
 }
@@ -61,27 +78,49 @@ impl std::fmt::Debug for SharedCache {
 impl SharedCache {
     /// Steps looked up in `from` and exported to `to`.
     pub fn new(from: Option<RegistryCache>, to: Option<RegistryCache>) -> SharedCache {
+        SharedCache::with_sources(from.into_iter().collect(), to)
+    }
+
+    /// Steps looked up in each of `from`, the first that has a step's entry giving it, and
+    /// exported to `to`.
+    pub fn with_sources(from: Vec<RegistryCache>, to: Option<RegistryCache>) -> SharedCache {
         SharedCache {
             from,
             to,
+            mounts: Vec::new(),
             read: Mutex::new(None),
             keys: Mutex::new(Vec::new()),
             stats: Mutex::new(SharedStats::default()),
         }
     }
 
+    /// Also shares the cache mounts with these ids (`RUN --mount=type=cache,id=…`, or the
+    /// target path for a mount without an id).
+    pub fn sharing_mounts(mut self, ids: Vec<String>) -> SharedCache {
+        self.mounts = ids;
+        self
+    }
+
     /// Whether builds look steps up there.
     pub fn imports(&self) -> bool {
-        self.from.is_some()
+        !self.from.is_empty()
     }
 
     /// Where steps are looked up (else where they are exported), for messages.
     pub fn reference(&self) -> String {
-        self.from
-            .as_ref()
-            .or(self.to.as_ref())
+        if self.from.is_empty() {
+            return self
+                .to
+                .as_ref()
+                .map(|c| c.reference().to_string())
+                .unwrap_or_default();
+        }
+        let names: Vec<String> = self
+            .from
+            .iter()
             .map(|c| c.reference().to_string())
-            .unwrap_or_default()
+            .collect();
+        names.join(", ")
     }
 
     /// Where the build's entries are exported, if anywhere.
@@ -94,17 +133,19 @@ impl SharedCache {
         *self.stats.lock_ok()
     }
 
-    fn entries(&self) -> Result<BTreeMap<String, CacheEntry>> {
+    /// The exports of every `--cache-from`, in order, read once.
+    fn exports(&self) -> Result<Vec<Exported>> {
         let mut read = self.read.lock_ok();
         if let Some(e) = &*read {
             return Ok(e.clone());
         }
-        let Some(from) = &self.from else {
-            return Ok(BTreeMap::new());
-        };
-        let entries = read_entries(from)?;
-        *read = Some(entries.clone());
-        Ok(entries)
+        let exports = self
+            .from
+            .iter()
+            .map(read_export)
+            .collect::<Result<Vec<_>>>()?;
+        *read = Some(exports.clone());
+        Ok(exports)
     }
 
     /// Notes that the build went through step `key` (for the export).
@@ -118,26 +159,77 @@ impl SharedCache {
     /// and the entry recorded there, so the step is a hit from now on. `None` when the
     /// registry has no entry, or the entry's layer is gone from it.
     pub(crate) fn lookup(&self, store: &Store, key: &str) -> Result<Option<CacheEntry>> {
-        let Some(from) = &self.from else {
-            return Ok(None);
-        };
-        let Some(entry) = self.entries()?.get(key).cloned() else {
-            return Ok(None);
-        };
-        if let Some(layer) = &entry.layer {
-            let fetched = from.fetch(store, layer).map_err(|e| Error::SharedCache {
-                reference: self.reference(),
-                message: e.to_string(),
-            })?;
-            let Some(bytes) = fetched else {
-                self.stats.lock_ok().gone += 1;
-                return Ok(None);
+        // The first cache that has the entry and still its layer gives it.
+        for (from, export) in self.from.iter().zip(self.exports()?) {
+            let Some(entry) = export.entries.get(key).cloned() else {
+                continue;
             };
-            self.stats.lock_ok().bytes_fetched += bytes;
+            if let Some(layer) = &entry.layer {
+                let fetched = from.fetch(store, layer).map_err(|e| Error::SharedCache {
+                    reference: from.reference().to_string(),
+                    message: e.to_string(),
+                })?;
+                let Some(bytes) = fetched else {
+                    self.stats.lock_ok().gone += 1;
+                    continue;
+                };
+                self.stats.lock_ok().bytes_fetched += bytes;
+            }
+            cache::put(store, key, &entry)?;
+            self.stats.lock_ok().hits += 1;
+            return Ok(Some(entry));
         }
-        cache::put(store, key, &entry)?;
-        self.stats.lock_ok().hits += 1;
-        Ok(Some(entry))
+        Ok(None)
+    }
+
+    /// Fills cache mount `id`'s directory `dir` (which does not exist) from the first cache
+    /// that exported it, when the mount is shared; else leaves it missing. The blob is
+    /// verified as it arrives, unpacked (as safely as a layer) beside `dir` and renamed into
+    /// place, so a build running meanwhile sees the whole directory or none.
+    pub(crate) fn import_mount(&self, store: &Store, id: &str, dir: &Path) -> Result<()> {
+        if !self.mounts.iter().any(|m| m == id) {
+            return Ok(());
+        }
+        for (from, export) in self.from.iter().zip(self.exports()?) {
+            let Some(desc) = export.mounts.get(id) else {
+                continue;
+            };
+            let err = |message: String| Error::SharedCache {
+                reference: from.reference().to_string(),
+                message,
+            };
+            let Some(bytes) = from.fetch(store, desc).map_err(|e| err(e.to_string()))? else {
+                continue; // gone from the registry: an empty mount, as without the cache
+            };
+            let parent = dir.parent().unwrap_or(dir);
+            let tmp = tempfile::Builder::new()
+                .prefix("tmp-import-")
+                .tempdir_in(parent)
+                .map_err(|e| {
+                    err(format!(
+                        "cannot make a directory in {}: {e}",
+                        parent.display()
+                    ))
+                })?;
+            let reader = store.open_blob(&desc.digest)?;
+            strata_rootfs::apply_layer(reader, strata_oci::Compression::Zstd, tmp.path())
+                .map_err(|e| err(format!("cache mount `{id}` ({}): {e}", desc.digest)))?;
+            // As a new mount starts (`RUN --mount=type=cache`'s default mode).
+            let _ = std::fs::set_permissions(
+                tmp.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            );
+            let kept = tmp.keep();
+            // Another build may have made it meanwhile: theirs wins.
+            if std::fs::rename(&kept, dir).is_err() {
+                let _ = std::fs::remove_dir_all(&kept);
+            }
+            let mut stats = self.stats.lock_ok();
+            stats.mounts_fetched += 1;
+            stats.mount_bytes += bytes;
+            return Ok(());
+        }
+        Ok(())
     }
 
     /// Exports the entries of every step the build went through (with what the registry
@@ -154,7 +246,8 @@ impl SharedCache {
         };
         // What the cache holds now (others may have exported meanwhile), read again: the
         // newest wins the tag; entries of ours are added to it.
-        let mut entries = read_entries(to)?;
+        let previous = read_export(to)?;
+        let mut entries = previous.entries;
         let keys: Vec<String> = self.keys.lock_ok().clone();
         for key in keys {
             if let Some(e) = cache::get(store, &key)? {
@@ -170,10 +263,24 @@ impl SharedCache {
                 layers.push(l.clone());
             }
         }
+        // Shared cache mounts this store has, as they are now; others' stay as exported.
+        let mut mounts = previous.mounts;
+        for id in &self.mounts {
+            let dir = crate::run::cache_mount_dir(store.root(), id);
+            if dir.is_dir() {
+                mounts.insert(id.clone(), mount_blob(store, id, &dir)?);
+            }
+        }
+        for m in mounts.values() {
+            if seen.insert(m.digest.clone()) {
+                layers.push(m.clone());
+            }
+        }
         let count = entries.len();
         let body = serde_json::to_vec(&Exported {
             schema: SCHEMA.to_string(),
             entries,
+            mounts,
         })
         .map_err(|e| Error::SharedCache {
             reference: reference.clone(),
@@ -184,9 +291,9 @@ impl SharedCache {
     }
 }
 
-/// The entries of `cache`'s latest export (none when it has none, or when it is another
-/// version's: its entries are misses, not errors).
-fn read_entries(cache: &RegistryCache) -> Result<BTreeMap<String, CacheEntry>> {
+/// `cache`'s latest export (empty when it has none, or when it is another version's: its
+/// entries are misses, not errors).
+fn read_export(cache: &RegistryCache) -> Result<Exported> {
     let snapshot = cache.read().map_err(|e| Error::SharedCache {
         reference: cache.reference().to_string(),
         message: e.to_string(),
@@ -194,6 +301,28 @@ fn read_entries(cache: &RegistryCache) -> Result<BTreeMap<String, CacheEntry>> {
     Ok(snapshot
         .and_then(|snap| serde_json::from_slice::<Exported>(&snap.entries).ok())
         .filter(|e| e.schema == SCHEMA)
-        .map(|e| e.entries)
         .unwrap_or_default())
+}
+
+/// Cache mount `id`'s directory as a blob of `store`: a zstd tar with the files' own mtimes
+/// and owners (a compiler's cache keys on them), entries sorted, so an unchanged directory
+/// gives the same digest and its export uploads nothing.
+fn mount_blob(store: &Store, id: &str, dir: &Path) -> Result<Descriptor> {
+    let opts = strata_rootfs::LayerOptions {
+        compression: strata_oci::Compression::Zstd,
+        ..strata_rootfs::LayerOptions::default()
+    };
+    let mut writer = store.blob_writer()?;
+    let info = strata_rootfs::write_layer(strata_rootfs::LayerSource::Dir(dir), &opts, &mut writer)
+        .map_err(|e| Error::SharedCache {
+            reference: format!("cache mount `{id}`"),
+            message: format!("cannot pack {}: {e}", dir.display()),
+        })?;
+    writer.commit(Some((&info.digest, Some(info.size))))?;
+    let mut desc = Descriptor::new(MOUNT_MEDIA_TYPE, info.digest, info.size);
+    desc.annotations = Some(BTreeMap::from([(
+        "dev.strata.cache.mount.id".to_string(),
+        id.to_string(),
+    )]));
+    Ok(desc)
 }

@@ -121,6 +121,11 @@ fn yes() -> bool {
 pub struct CacheSection {
     /// Where builds of this project read and write their step cache.
     pub registry: Option<String>,
+    /// Ids of `RUN --mount=type=cache` mounts (the `id=`, else the target path) shared
+    /// through that cache too: exported with the entries, fetched when a step that mounts one
+    /// runs and this store has none of it yet.
+    #[serde(default)]
+    pub mounts: Vec<String>,
 }
 
 /// One app as written in strata.toml.

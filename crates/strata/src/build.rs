@@ -104,7 +104,7 @@ fn build_to(store: &Store, args: &BuildArgs, progress: &Output) -> Result<()> {
         opts.secrets = secrets;
         opts.deployment_tag = args.deployment_tag;
         opts.compression = args.compression.into();
-        opts.shared_cache = shared_cache(args, None)?;
+        opts.shared_cache = shared_cache(args, None, &[])?;
         let outcome = strata_build::build(store, &opts, progress)
             .with_context(|| format!("build of `{}` failed", context.display()))?;
         export_cache(store, opts.shared_cache.as_deref(), progress)?;
@@ -135,7 +135,11 @@ fn build_to(store: &Store, args: &BuildArgs, progress: &Output) -> Result<()> {
         deployment_tag: args.deployment_tag,
         secrets,
         compression: Some(args.compression.into()),
-        shared_cache: shared_cache(args, project.cache.registry.as_deref())?,
+        shared_cache: shared_cache(
+            args,
+            project.cache.registry.as_deref(),
+            &project.cache.mounts,
+        )?,
         ..ProjectOptions::default()
     };
     let built = project.build(store, &args.args, &opts, progress)?;
@@ -162,6 +166,7 @@ fn build_to(store: &Store, args: &BuildArgs, progress: &Output) -> Result<()> {
 fn shared_cache(
     args: &BuildArgs,
     project_registry: Option<&str>,
+    project_mounts: &[String],
 ) -> Result<Option<Arc<SharedCache>>> {
     let open = |reference: &str| -> Result<RegistryCache> {
         let parsed = strata_oci::Reference::parse(reference)
@@ -171,15 +176,20 @@ fn shared_cache(
             crate::registry::client_options(false)?,
         )?)
     };
-    let (from, to) = match (&args.cache_from, &args.cache_to, project_registry) {
-        (None, None, None) => return Ok(None),
-        (None, None, Some(r)) => (Some(r.to_string()), Some(r.to_string())),
-        (from, to, _) => (from.clone(), to.clone()),
+    let (from, to) = match (args.cache_from.as_slice(), &args.cache_to, project_registry) {
+        ([], None, None) => return Ok(None),
+        ([], None, Some(r)) => (vec![r.to_string()], Some(r.to_string())),
+        (from, to, _) => (from.to_vec(), to.clone()),
     };
-    Ok(Some(Arc::new(SharedCache::new(
-        from.as_deref().map(open).transpose()?,
-        to.as_deref().map(open).transpose()?,
-    ))))
+    let mut mounts = project_mounts.to_vec();
+    mounts.extend(args.cache_mounts.iter().cloned());
+    Ok(Some(Arc::new(
+        SharedCache::with_sources(
+            from.iter().map(|r| open(r)).collect::<Result<Vec<_>>>()?,
+            to.as_deref().map(open).transpose()?,
+        )
+        .sharing_mounts(mounts),
+    )))
 }
 
 /// Writes the build's cache entries to the registry cache, if it is written to, and says what
@@ -195,10 +205,19 @@ pub(crate) fn export_cache(store: &Store, cache: Option<&SharedCache>, out: &Out
     })?;
     out.note(&Note::Info {
         message: format!(
-            "build cache {}: {} step(s) found there ({} fetched){}{}",
+            "build cache {}: {} step(s) found there ({} fetched){}{}{}",
             cache.reference(),
             stats.hits,
             crate::cmd::human_size(stats.bytes_fetched),
+            if stats.mounts_fetched > 0 {
+                format!(
+                    ", {} cache mount(s) fetched ({})",
+                    stats.mounts_fetched,
+                    crate::cmd::human_size(stats.mount_bytes)
+                )
+            } else {
+                String::new()
+            },
             if stats.gone > 0 {
                 format!(", {} whose layer was gone", stats.gone)
             } else {
@@ -282,7 +301,9 @@ fn build_project_image(
             let client = crate::registry::client_options(false)?;
             let from = RegistryCache::open(&parsed, client.clone())?;
             let to = RegistryCache::open(&parsed, client)?;
-            Some(Arc::new(SharedCache::new(Some(from), Some(to))))
+            Some(Arc::new(
+                SharedCache::new(Some(from), Some(to)).sharing_mounts(project.cache.mounts.clone()),
+            ))
         }
         None => None,
     };

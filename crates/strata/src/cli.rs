@@ -298,13 +298,18 @@ pub struct BuildArgs {
     #[arg(long)]
     pub explain: bool,
     /// Look steps up in this build cache in a registry (`host[:port]/org/repo[:tag]`) when
-    /// this store lacks them (docs/cache.md). Default: strata.toml's `[cache] registry`.
+    /// this store lacks them (docs/cache.md); repeat it to look in several, in order.
+    /// Default: strata.toml's `[cache] registry`.
     #[arg(long, value_name = "REF")]
-    pub cache_from: Option<String>,
+    pub cache_from: Vec<String>,
     /// Export the cache entries of every step of the build there (docs/cache.md). Default:
     /// strata.toml's `[cache] registry`.
     #[arg(long, value_name = "REF")]
     pub cache_to: Option<String>,
+    /// Share this `RUN --mount=type=cache` mount (its `id`, else its target path) through
+    /// the build cache too (repeatable; adds to strata.toml's `[cache] mounts`).
+    #[arg(long = "cache-mount", value_name = "ID")]
+    pub cache_mounts: Vec<String>,
     /// Secret for `RUN --mount=type=secret`: `id=NAME,src=PATH`.
     #[arg(long = "secret", value_name = "id=ID,src=PATH")]
     pub secrets: Vec<String>,

@@ -224,3 +224,84 @@ fn remove_named(dir: &Path, name: &str) -> usize {
     }
     n
 }
+
+/// A Dockerfile whose RUN says whether its cache mount (`id=tools`) was warm, and warms it.
+fn mount_project(dir: &Path, input: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM bb\nCOPY input /input\n\
+         RUN --mount=type=cache,id=tools,target=/cache \
+         sh -c 'if [ -f /cache/warm ]; then cat /cache/warm > /out; else echo cold > /out; fi; \
+         cat /input > /cache/warm; mkdir -p /cache/d/e; echo deep > /cache/d/e/f'\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("input"), input).unwrap();
+}
+
+/// What the image's RUN wrote to /out.
+fn out_of(env: &Env, image: &str) -> String {
+    let dir = env.path(&format!("unpacked-{image}"));
+    env.ok(&["unpack", image, dir.to_str().unwrap()]);
+    std::fs::read_to_string(dir.join("out")).unwrap()
+}
+
+/// `[cache] mounts` / `--cache-mount`: a cache mount exported with the entries reaches a fresh
+/// store's RUN that misses (its input changed); without the opt-in, or from a cache that
+/// lacks it, the mount starts empty. Several `--cache-from` are looked up in order.
+#[test]
+fn cache_mounts_travel_through_the_registry_when_asked() {
+    if !strata_test_support::can_run_containers("cache_mounts_travel_through_the_registry") {
+        return;
+    }
+    let first = Env::new();
+    import_busybox(&first, "bb");
+    let registry = Registry::start(&first);
+    let cache = format!("127.0.0.1:{}/team/cache", registry.port);
+    let empty = format!("127.0.0.1:{}/team/empty", registry.port);
+    let dir = first.path("ctx");
+    mount_project(&dir, "from-the-first-builder\n");
+    let d = dir.to_str().unwrap();
+    let build = |env: &Env, extra: &[&str]| {
+        let mut args = vec!["build", "-t", "m:1", "--progress", "plain"];
+        args.extend(extra);
+        args.push(d);
+        let out = env.strata(&args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    build(&first, &["--cache-to", &cache, "--cache-mount", "tools"]);
+    assert_eq!(out_of(&first, "m:1"), "cold\n");
+
+    // A fresh store, another input (the RUN misses): the mount comes from the registry.
+    let (second, _) = fresh(&first, &dir);
+    mount_project(&dir, "second\n");
+    let err = build(
+        &second,
+        &[
+            "--cache-from",
+            &empty,
+            "--cache-from",
+            &cache,
+            "--cache-mount",
+            "tools",
+        ],
+    );
+    assert_eq!(out_of(&second, "m:1"), "from-the-first-builder\n", "{err}");
+    assert!(err.contains("1 cache mount(s) fetched"), "{err}");
+    let deep = strata_build_mount(&second, "tools").join("d/e/f");
+    assert_eq!(std::fs::read_to_string(&deep).unwrap(), "deep\n");
+
+    // Without the opt-in the mount is not fetched: it starts empty.
+    let (third, _) = fresh(&first, &dir);
+    mount_project(&dir, "third\n");
+    build(&third, &["--cache-from", &cache]);
+    assert_eq!(out_of(&third, "m:1"), "cold\n");
+}
+
+/// Where the store keeps cache mount `id` (as the build engine names it).
+fn strata_build_mount(env: &Env, id: &str) -> PathBuf {
+    let hex = strata_oci::Digest::sha256(id.as_bytes()).hex().to_string();
+    env.store().join("strata/cache-mounts").join(&hex[..32])
+}
