@@ -279,7 +279,7 @@ mod tests {
     #[test]
     fn every_table_parses_and_a_typo_anywhere_names_its_line() {
         let ok = StrataToml::parse(
-            "[cache]\nregistry = \"r:5000/t/c\"\n\n[[image]]\nname = \"web\"\n\n\
+            "[cache]\nregistry = \"r:5000/t/c\"\nmounts = [\"go-build\"]\n\n[[image]]\nname = \"web\"\n\n\
              [app.web]\nimage = \"web\"\nport = 8080\n\n[host.a]\nssh = \"root@10.0.0.1\"\n",
             Path::new("strata.toml"),
         )
@@ -288,6 +288,7 @@ mod tests {
         assert_eq!(ok.app["web"].port, Some(8080));
         assert_eq!(ok.host["a"].ssh, "root@10.0.0.1");
         assert_eq!(ok.cache.registry.as_deref(), Some("r:5000/t/c"));
+        assert_eq!(ok.cache.mounts, ["go-build"]);
 
         let e = err("[[image]]\nname = \"a\"\n\n[[imgae]]\nname = \"b\"\n");
         assert!(
