@@ -32,8 +32,25 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
     let file = project_file(&args.project);
     let apps = load_apps(&file)?;
     let app = strata_deploy::app::pick_app(&apps, args.app.as_deref(), &file)?;
+    // Where the machines are: `--host`, else the app's only host, else this one.
+    let host = match (&args.host, app.spec.hosts.as_slice()) {
+        (Some(h), _) => Some(h.clone()),
+        (None, []) => None,
+        (None, [one]) => Some(one.clone()),
+        (None, many) => bail!(
+            "app `{}` deploys to {} hosts ({}); strata dev keeps one current: name it with --host",
+            app.name,
+            many.len(),
+            many.join(", ")
+        ),
+    };
     if args.reset {
-        return reset(store_root, &app.name, &Output::new(args.progress));
+        let out = Output::new(args.progress);
+        let there = match &host {
+            Some(h) => Some(Remote::open(h, &args.project, &app.name, &out)?),
+            None => None,
+        };
+        return reset(store_root, &app.name, there, &out);
     }
     let project = strata_build::Project::load(&file)?;
     let Some(image) = project.image(&app.spec.image).cloned() else {
@@ -74,19 +91,6 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
         out: Output::new(args.progress),
         app: app.name.clone(),
     };
-    // Where the machines are: `--host`, else the app's only host, else this one.
-    let host = match (&args.host, app.spec.hosts.as_slice()) {
-        (Some(h), _) => Some(h.clone()),
-        (None, []) => None,
-        (None, [one]) => Some(one.clone()),
-        (None, many) => bail!(
-            "app `{}` deploys to {} hosts ({}); strata dev keeps one current: name it with --host",
-            app.name,
-            many.len(),
-            many.join(", ")
-        ),
-    };
-
     let deploy_args = DeployArgs {
         app: Some(app.name.clone()),
         project: args.project.clone(),
@@ -318,7 +322,21 @@ impl Target {
     ) -> Result<(usize, Vec<String>)> {
         match self {
             Target::Here => apply_ops(store_root, app, ops, changed),
-            Target::There(remote) => remote.apply(ops, changed),
+            Target::There(remote) => match remote.apply(ops, changed) {
+                Err(e) if remote.broken => {
+                    // A dropped connection (a network blip, the host's strata killed): open it
+                    // again and send the batch once more; a second failure falls back.
+                    let again = remote
+                        .reopen()
+                        .with_context(|| format!("{e:#}; and opening it again failed"))?;
+                    **remote = again;
+                    remote.out.note(&Note::Info {
+                        message: format!("reconnected to {} ({e:#})", remote.name),
+                    });
+                    remote.apply(ops, changed)
+                }
+                other => other,
+            },
         }
     }
 }
@@ -351,6 +369,8 @@ enum Frame {
     Commit {
         changed: Vec<String>,
     },
+    /// `strata dev --reset`: drop the app's dev layers and restart its machines.
+    Reset,
 }
 
 /// The host's answer to a batch.
@@ -364,6 +384,13 @@ struct Applied {
 /// `strata dev-apply` on a host over SSH, kept running for the loop.
 struct Remote {
     name: String,
+    /// What opened it (`--host`'s value, the project, the app, the output), to open it again.
+    spec: String,
+    project: std::path::PathBuf,
+    app: String,
+    out: Output,
+    /// The connection broke (a write failed, or the host ended it): open it again.
+    broken: bool,
     child: std::process::Child,
     input: std::io::BufWriter<std::process::ChildStdin>,
     output: std::io::BufReader<std::process::ChildStdout>,
@@ -392,6 +419,11 @@ impl Remote {
         };
         Ok(Remote {
             name: host.name.clone(),
+            spec: spec.to_string(),
+            project: project.to_path_buf(),
+            app: app.to_string(),
+            out: out.clone(),
+            broken: false,
             child,
             input: std::io::BufWriter::new(input),
             output: std::io::BufReader::new(output),
@@ -399,10 +431,44 @@ impl Remote {
         })
     }
 
+    /// The same connection, made again.
+    fn reopen(&self) -> Result<Remote> {
+        Remote::open(&self.spec, &self.project, &self.app, &self.out)
+    }
+
     fn apply(&mut self, ops: &[Op], changed: &[String]) -> Result<(usize, Vec<String>)> {
+        let result = self.send(ops, changed);
+        if result.is_err() && (self.broken || self.child.try_wait().ok().flatten().is_some()) {
+            self.broken = true;
+        }
+        result
+    }
+
+    /// `strata dev --reset` there: the app's dev layers dropped and its machines restarted.
+    fn reset(&mut self) -> Result<usize> {
+        use std::io::{BufRead, Write};
+        writeln!(self.input, "{}", serde_json::to_string(&Frame::Reset)?)?;
+        self.input.flush()?;
+        let mut line = String::new();
+        if self.output.read_line(&mut line)? == 0 {
+            bail!("strata on {} ended the dev connection", self.name);
+        }
+        let applied: Applied = serde_json::from_str(&line)
+            .with_context(|| format!("{} answered {line:?}", self.name))?;
+        match applied.error {
+            Some(e) => bail!("on {}: {e}", self.name),
+            None => Ok(applied.machines),
+        }
+    }
+
+    fn send(&mut self, ops: &[Op], changed: &[String]) -> Result<(usize, Vec<String>)> {
         use std::io::{BufRead, Write};
         let name = self.name.clone();
-        let lost = |e: std::io::Error| anyhow::anyhow!("the dev connection to {name} broke: {e}");
+        let broken = &mut self.broken;
+        let mut lost = |e: std::io::Error| {
+            *broken = true;
+            anyhow::anyhow!("the dev connection to {name} broke: {e}")
+        };
         for Op { dest, op, owner } in ops {
             let dest = dest.clone();
             let owner = owner.clone();
@@ -441,16 +507,17 @@ impl Remote {
                 ),
                 SyncOp::Remove => (Frame::Remove { dest }, Vec::new()),
             };
-            writeln!(self.input, "{}", serde_json::to_string(&frame)?).map_err(lost)?;
-            self.input.write_all(&bytes).map_err(lost)?;
+            writeln!(self.input, "{}", serde_json::to_string(&frame)?).map_err(&mut lost)?;
+            self.input.write_all(&bytes).map_err(&mut lost)?;
         }
         let commit = Frame::Commit {
             changed: changed.to_vec(),
         };
-        writeln!(self.input, "{}", serde_json::to_string(&commit)?).map_err(lost)?;
-        self.input.flush().map_err(lost)?;
+        writeln!(self.input, "{}", serde_json::to_string(&commit)?).map_err(&mut lost)?;
+        self.input.flush().map_err(&mut lost)?;
         let mut line = String::new();
-        if self.output.read_line(&mut line).map_err(lost)? == 0 {
+        if self.output.read_line(&mut line).map_err(&mut lost)? == 0 {
+            self.broken = true;
             let status = self.child.try_wait().ok().flatten();
             bail!("strata on {name} ended the dev connection ({status:?})");
         }
@@ -533,6 +600,20 @@ pub fn dev_apply(store_root: &Path, app: &str, spec: &str) -> Result<()> {
                 op: SyncOp::Remove,
                 owner: None,
             }),
+            Frame::Reset => {
+                let applied = match reset_here(store_root, &app.name) {
+                    Ok(machines) => Applied {
+                        machines,
+                        ..Applied::default()
+                    },
+                    Err(e) => Applied {
+                        error: Some(format!("{e:#}")),
+                        ..Applied::default()
+                    },
+                };
+                writeln!(out, "{}", serde_json::to_string(&applied)?)?;
+                out.flush()?;
+            }
             Frame::Commit { changed } => {
                 let applied = match apply_ops(store_root, &app, &ops, &changed) {
                     Ok((machines, ran)) => Applied {
@@ -611,10 +692,11 @@ fn apply_ops(
 
 /// `strata dev --reset APP`: the app's dev layers removed, its running machines restarted
 /// on their image as built.
-fn reset(store_root: &Path, app: &str, out: &Output) -> Result<()> {
-    let host = Host::open(Store::open(store_root)?)?;
-    let exe = std::env::current_exe().context("cannot find the strata binary")?;
-    let restarted = strata_deploy::live::reset(&host, app, &exe)?;
+fn reset(store_root: &Path, app: &str, there: Option<Remote>, out: &Output) -> Result<()> {
+    let restarted = match there {
+        Some(mut remote) => remote.reset()?,
+        None => reset_here(store_root, app)?,
+    };
     out.note(&Note::Dev {
         app: app.to_string(),
         action: "reset".into(),
@@ -623,6 +705,13 @@ fn reset(store_root: &Path, app: &str, out: &Output) -> Result<()> {
         ),
     });
     Ok(())
+}
+
+/// Drops the app's dev layers on this host and restarts its running machines; how many.
+fn reset_here(store_root: &Path, app: &str) -> Result<usize> {
+    let host = Host::open(Store::open(store_root)?)?;
+    let exe = std::env::current_exe().context("cannot find the strata binary")?;
+    Ok(strata_deploy::live::reset(&host, app, &exe)?)
 }
 
 /// Per sync rule of `lu`, the `--chown` of the COPY from the build context in the image's

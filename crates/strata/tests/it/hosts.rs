@@ -1053,6 +1053,45 @@ fn dev_against_a_host_syncs_edits_there_and_redeploys_there() {
     );
     assert_eq!(machines(), first, "synced, not redeployed");
 
+    // The host's end of the dev connection killed (a dropped link does the same): the next
+    // edit opens it again and is synced, not redeployed.
+    let dev_apply = || -> Vec<String> {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &h.ns])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|pid| {
+                fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("\0dev-apply\0"))
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    let killed = dev_apply();
+    assert_eq!(killed.len(), 1, "one dev-apply on the host: {killed:?}");
+    Command::new("kill")
+        .args(["-9", &killed[0]])
+        .status()
+        .unwrap();
+    fs::write(dir.join("site/index.html"), "v3\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get().ok().as_deref() != Some("v3\n") {
+        assert!(
+            Instant::now() < deadline,
+            "the edit after the broken connection did not land:\n{}",
+            said()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(said().contains("reconnected to h"), "{}", said());
+    assert_eq!(
+        machines(),
+        first,
+        "synced over the new connection, not redeployed"
+    );
+
     // A change the rules do not cover: rebuilt here, shipped and redeployed there.
     fs::write(
         dir.join("Dockerfile"),
@@ -1076,11 +1115,48 @@ fn dev_against_a_host_syncs_edits_there_and_redeploys_there() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(get().unwrap(), "v2\n");
+    assert_eq!(get().unwrap(), "v3\n");
+    // One more synced edit, then Ctrl-C: the edit stays (a dev layer) until `dev --reset`,
+    // which acts on the host the app is on.
+    fs::write(dir.join("site/index.html"), "v4\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get().ok().as_deref() != Some("v4\n") {
+        assert!(Instant::now() < deadline, "v4 did not land:\n{}", said());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}: {}", said());
+    let reset = lab
+        .command(&[
+            "dev",
+            "web",
+            "--reset",
+            "--host",
+            "h",
+            "--project",
+            dir.to_str().unwrap(),
+            "--progress",
+            "plain",
+        ])
+        .output()
+        .unwrap();
+    let reset_err = String::from_utf8_lossy(&reset.stderr);
+    assert!(reset.status.success(), "{reset_err}");
+    assert!(
+        reset_err.contains("dev changes dropped, 1 machine(s) restarted"),
+        "{reset_err}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get().ok().as_deref() != Some("v3\n") {
+        assert!(
+            Instant::now() < deadline,
+            "after --reset the host serves the deployed image's page: {:?}",
+            get()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     h.strata(&["apps", "destroy", "web"]);
 }
