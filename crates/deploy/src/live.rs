@@ -55,62 +55,62 @@ pub fn apply(
     restart: bool,
     exe: &Path,
 ) -> Result<Applied> {
-    let machines: Vec<Machine> = host
+    let all: Vec<Machine> = host
         .state
         .machines()?
         .into_iter()
-        .filter(|m| m.app.as_deref() == Some(app) && m.state == MachineState::Running)
+        .filter(|m| m.app.as_deref() == Some(app))
         .collect();
-    if machines.is_empty() {
-        return Err(Error::Config(format!("no machine of {app} is running")));
+    if all.is_empty() {
+        return Err(Error::Config(format!("no machine of {app} exists here")));
     }
+    let mut machines: Vec<Machine> = all
+        .iter()
+        .filter(|m| m.state == MachineState::Running)
+        .cloned()
+        .collect();
     // Each image's dev layer is written once, after the first of its machines got the ops.
     let mut recorded: BTreeSet<String> = BTreeSet::new();
+    let mut stopped_meanwhile = Vec::new();
     for m in &machines {
         let root = host.machine_dir(&m.id).join("rootfs");
-        let mut ids: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
-        for LiveOp { dest, op, owner } in ops {
-            let r = match sync_in_root(&root, dest, op) {
-                // The file went away while it was copied: it is gone here too (its removal
-                // is another event, acted on in the next batch).
-                Err(e)
-                    if e.kind() == io::ErrorKind::NotFound && matches!(op, SyncOp::File { .. }) =>
-                {
-                    sync_in_root(&root, dest, &SyncOp::Remove)
-                }
-                // A parent was a file when this batch looked at it and is a directory now:
-                // that change is the next batch's, which sends the directory whole.
-                Err(e) if e.kind() == io::ErrorKind::NotADirectory => Ok(()),
-                r => r,
-            };
-            r.map_err(io_err(format!("cannot write {dest} in machine {}", m.id)))?;
-            if let (Some(spec), false) = (owner.as_deref(), matches!(op, SyncOp::Remove)) {
-                let (uid, gid) = match ids.get(spec) {
-                    Some(v) => *v,
-                    None => {
-                        let v = strata_runtime::chown_ids(spec, |s| {
-                            strata_runtime::resolve_user(std::slice::from_ref(&root), s)
-                        })
-                        .map_err(|e| {
-                            Error::Config(format!(
-                                "--chown={spec} of the COPY to {dest} in machine {}: {e}",
-                                m.id
-                            ))
-                        })?;
-                        *ids.entry(spec).or_insert(v)
-                    }
-                };
-                match strata_runtime::chown_in_root(&root, dest, uid, gid) {
-                    Err(e) if gone(&e) => {}
-                    r => r.map_err(io_err(format!("cannot chown {dest} in machine {}", m.id)))?,
-                }
+        match write_ops(&root, ops, &m.id) {
+            Ok(()) => {}
+            // It stopped while the batch was written: its dev layer is written below, as for
+            // any stopped machine's.
+            Err(e) if !is_running(host, &m.id) => {
+                tracing::debug!("machine {} stopped during a sync: {e}", m.id);
+                stopped_meanwhile.push(m.id.clone());
+                continue;
             }
+            Err(e) => return Err(e),
         }
         if let Some(layer) = host.dev_layer(m)
             && recorded.insert(m.digest.to_string())
         {
             record(host, m, &layer, &root, ops)?;
         }
+    }
+    machines.retain(|m| !stopped_meanwhile.contains(&m.id));
+    // Images only stopped machines run: the ops go into a scratch root of the image (its
+    // layers and dev layer) and from there into the dev layer, which their next start mounts.
+    for m in &all {
+        if recorded.contains(&m.digest.to_string()) {
+            continue;
+        }
+        let Some(layer) = host.dev_layer(m) else {
+            continue;
+        };
+        let lowers = host.spec(m)?.lowers;
+        let dir = host.store.root().join("strata/tmp").join(format!(
+            "{}{}",
+            strata_store::temp_prefix("dev-scratch"),
+            m.id
+        ));
+        let scratch = strata_runtime::ScratchRoot::mount(&lowers, &dir)?;
+        write_ops(scratch.path(), ops, &m.id)?;
+        record(host, m, &layer, scratch.path(), ops)?;
+        recorded.insert(m.digest.to_string());
     }
     let mut ran = Vec::new();
     for cmd in commands {
@@ -141,6 +141,55 @@ pub fn apply(
         machines: machines.len(),
         ran,
     })
+}
+
+fn is_running(host: &Host, id: &str) -> bool {
+    matches!(host.state.machine(id), Ok(Some(m)) if m.state == MachineState::Running)
+}
+
+/// Writes `ops` into the root filesystem `root` (a machine's, or a scratch root of its
+/// image), owned as the rules say.
+fn write_ops(root: &Path, ops: &[LiveOp], id: &str) -> Result<()> {
+    {
+        let mut ids: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+        for LiveOp { dest, op, owner } in ops {
+            let r = match sync_in_root(root, dest, op) {
+                // The file went away while it was copied: it is gone here too (its removal
+                // is another event, acted on in the next batch).
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound && matches!(op, SyncOp::File { .. }) =>
+                {
+                    sync_in_root(root, dest, &SyncOp::Remove)
+                }
+                // A parent was a file when this batch looked at it and is a directory now:
+                // that change is the next batch's, which sends the directory whole.
+                Err(e) if e.kind() == io::ErrorKind::NotADirectory => Ok(()),
+                r => r,
+            };
+            r.map_err(io_err(format!("cannot write {dest} in machine {id}")))?;
+            if let (Some(spec), false) = (owner.as_deref(), matches!(op, SyncOp::Remove)) {
+                let (uid, gid) = match ids.get(spec) {
+                    Some(v) => *v,
+                    None => {
+                        let v = strata_runtime::chown_ids(spec, |s| {
+                            strata_runtime::resolve_user(&[root.to_path_buf()], s)
+                        })
+                        .map_err(|e| {
+                            Error::Config(format!(
+                                "--chown={spec} of the COPY to {dest} in machine {id}: {e}"
+                            ))
+                        })?;
+                        *ids.entry(spec).or_insert(v)
+                    }
+                };
+                match strata_runtime::chown_in_root(root, dest, uid, gid) {
+                    Err(e) if gone(&e) => {}
+                    r => r.map_err(io_err(format!("cannot chown {dest} in machine {id}")))?,
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Drops what was synced into `app`'s machines (its dev layers) and restarts its running

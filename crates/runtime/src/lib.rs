@@ -21,6 +21,7 @@ pub mod interrupt;
 mod machine;
 pub mod net;
 mod run;
+mod scratch;
 pub mod spec;
 mod user;
 
@@ -37,6 +38,7 @@ pub use machine::{
 };
 pub use net::{NetSpec, ensure_host_nat, prepare_network, teardown_network};
 pub use run::{cleanup_stale, cleanup_stale_in, kill, run};
+pub use scratch::ScratchRoot;
 pub use user::{chown_ids, resolve_user};
 
 /// Where runc is and where it keeps its state.

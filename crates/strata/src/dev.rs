@@ -27,6 +27,9 @@ use crate::output::{Note, Output};
 /// 200–500 ms other tools wait.
 const QUIET: Duration = Duration::from_millis(30);
 
+/// How long after a failed rebuild, with nothing else changed, it is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
+
 /// `strata dev [APP]`.
 pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
     let file = project_file(&args.project);
@@ -139,13 +142,27 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
             app.name
         ),
     );
+    // What a failed rebuild left undeployed: the next batch rebuilds again with it, or, when
+    // nothing else changes, a retry a moment later (a build that failed because the context
+    // changed under it succeeds then). Nothing edited is ever dropped.
+    let mut unsettled: Option<(Vec<String>, Instant)> = None;
     loop {
         if strata_runtime::interrupt::requested() {
             return Ok(());
         }
         let first = match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(ev) => ev,
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Some((what, since)) = &unsettled
+                    && since.elapsed() >= RETRY_AFTER
+                {
+                    let what = what.clone();
+                    unsettled = full(store_root, &deploy_args, &say, &what, Instant::now())
+                        .then_some(())
+                        .map_or(Some((what, Instant::now())), |()| None);
+                }
+                continue;
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the file watcher stopped"),
         };
         let started = Instant::now();
@@ -162,17 +179,28 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
                 (!rel.is_empty() && !ign.matches(&rel)).then(|| format!("{rel} (base {name})"))
             })
         });
-        if let Some(what) = base_change {
-            full(store_root, &deploy_args, &say, &[what], started);
-            continue;
-        }
         let changed: Vec<String> = raw
             .iter()
             .filter_map(|p| p.strip_prefix(&context).ok())
             .map(|rel| rel.to_string_lossy().into_owned())
             .filter(|rel| !rel.is_empty() && !ignore.matches(rel))
             .collect();
-        if changed.is_empty() {
+        if let Some(what) = base_change {
+            // A base changed: the next step rebuilds, with whatever was still unsettled.
+            let mut all = unsettled.take().map(|(w, _)| w).unwrap_or_default();
+            all.push(what);
+            unsettled = Some((all, Instant::now()));
+        }
+        if changed.is_empty() && unsettled.is_none() {
+            continue;
+        }
+        if let Some((mut what, _)) = unsettled.take() {
+            what.extend(changed);
+            what.sort();
+            what.dedup();
+            if !full(store_root, &deploy_args, &say, &what, started) {
+                unsettled = Some((what, Instant::now()));
+            }
             continue;
         }
         match plan(&app, &changed) {
@@ -197,10 +225,16 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
                         "fallback",
                         &format!("live update failed ({e:#}); rebuilding and redeploying"),
                     );
-                    full(store_root, &deploy_args, &say, &changed, started);
+                    if !full(store_root, &deploy_args, &say, &changed, started) {
+                        unsettled = Some((changed, Instant::now()));
+                    }
                 }
             },
-            None => full(store_root, &deploy_args, &say, &changed, started),
+            None => {
+                if !full(store_root, &deploy_args, &say, &changed, started) {
+                    unsettled = Some((changed, Instant::now()));
+                }
+            }
         }
     }
 }
@@ -226,7 +260,14 @@ fn redeploy(store_root: &Path, args: &DeployArgs, out: &Output) -> Result<()> {
     crate::deploy::deploy_with(store, args, out)
 }
 
-fn full(store_root: &Path, args: &DeployArgs, say: &Say, changed: &[String], started: Instant) {
+/// Rebuilds and redeploys; whether that worked.
+fn full(
+    store_root: &Path,
+    args: &DeployArgs,
+    say: &Say,
+    changed: &[String],
+    started: Instant,
+) -> bool {
     let what = changed
         .iter()
         .take(3)
@@ -234,18 +275,27 @@ fn full(store_root: &Path, args: &DeployArgs, say: &Say, changed: &[String], sta
         .collect::<Vec<_>>()
         .join(", ");
     match redeploy(store_root, args, &say.out) {
-        Ok(()) => say.line(
-            "redeployed",
-            &format!(
-                "rebuilt and redeployed in {:.1} s (changed: {what}{})",
-                started.elapsed().as_secs_f64(),
-                if changed.len() > 3 { ", …" } else { "" }
-            ),
-        ),
-        Err(e) => say.line(
-            "failed",
-            &format!("rebuild failed ({e:#}); still watching, the running release is kept"),
-        ),
+        Ok(()) => {
+            say.line(
+                "redeployed",
+                &format!(
+                    "rebuilt and redeployed in {:.1} s (changed: {what}{})",
+                    started.elapsed().as_secs_f64(),
+                    if changed.len() > 3 { ", …" } else { "" }
+                ),
+            );
+            true
+        }
+        Err(e) => {
+            say.line(
+                "failed",
+                &format!(
+                    "rebuild failed ({e:#}); still watching, the running release is kept; \
+                     the rebuild is tried again"
+                ),
+            );
+            false
+        }
     }
 }
 

@@ -330,6 +330,15 @@ fn after_a_thousand_random_edits_the_machine_holds_the_local_tree() {
             // Let some batches go through mid-way.
             std::thread::sleep(Duration::from_millis(60));
         }
+        // Some edits while the machine is stopped: they go into its dev layer, which its
+        // start mounts.
+        if i == 400 {
+            env.ok(&["machine", "stop", &id]);
+        }
+        if i == 700 {
+            std::thread::sleep(Duration::from_millis(100));
+            env.ok(&["machine", "start", &id]);
+        }
     }
     let local = tree(&site);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -363,6 +372,11 @@ fn after_a_thousand_random_edits_the_machine_holds_the_local_tree() {
         machine_ids(&env),
         vec![id.clone()],
         "synced, never redeployed"
+    );
+    assert!(
+        said().contains("to 0 machine(s)"),
+        "some batches came while the machine was stopped:\n{}",
+        said()
     );
     let _ = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
