@@ -665,8 +665,8 @@ pub struct DeployArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct DevArgs {
-    /// The app (`[app.NAME]` of strata.toml); optional when there is one.
-    pub app: Option<String>,
+    /// The apps (`[app.NAME]` of strata.toml), each kept current; optional when there is one.
+    pub apps: Vec<String>,
     /// The project file or its directory.
     #[arg(long, default_value = ".")]
     pub project: PathBuf,

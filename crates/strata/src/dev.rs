@@ -23,18 +23,63 @@ use crate::cli::{DeployArgs, DevArgs};
 use crate::output::{Note, Output};
 
 /// How long the context must stay quiet before a batch of changes is acted on: editors write a
-/// file in several steps (a temp file, a rename, a chmod); 30 ms covers them without the
-/// 200–500 ms other tools wait.
-const QUIET: Duration = Duration::from_millis(30);
+/// file in several steps (a temp file, a rename, a chmod), so each event seen while waiting
+/// lengthens the wait by a step, from 20 ms up to 50 ms, without the 200–500 ms other tools
+/// wait.
+const QUIET_MIN: Duration = Duration::from_millis(20);
+const QUIET_STEP: Duration = Duration::from_millis(10);
+const QUIET_MAX: Duration = Duration::from_millis(50);
 
 /// How long after a failed rebuild, with nothing else changed, it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(2);
 
-/// `strata dev [APP]`.
+/// `strata dev [APP...]`: each app in a loop of its own (its own watcher, context and
+/// machines), all reporting to one output; Ctrl-C ends them all, and so does an error in one.
 pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
+    let out = Output::new(args.progress);
+    if args.apps.len() <= 1 {
+        return dev_app(
+            store_root,
+            args,
+            args.apps.first().map(String::as_str),
+            &out,
+        );
+    }
+    std::thread::scope(|s| {
+        let loops: Vec<_> = args
+            .apps
+            .iter()
+            .map(|name| {
+                let out = out.clone();
+                s.spawn(move || {
+                    let r = dev_app(store_root, args, Some(name), &out)
+                        .with_context(|| format!("strata dev of `{name}`"));
+                    if r.is_err() {
+                        // One app's loop failed: end the others' too.
+                        strata_runtime::interrupt::request();
+                    }
+                    r
+                })
+            })
+            .collect();
+        let mut first_err = None;
+        for l in loops {
+            let r = l
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a dev loop panicked")));
+            if let (Err(e), None) = (r, &first_err) {
+                first_err = Some(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    })
+}
+
+/// `strata dev` of one app (`None`: the project's only app).
+fn dev_app(store_root: &Path, args: &DevArgs, name: Option<&str>, out: &Output) -> Result<()> {
     let file = project_file(&args.project);
     let apps = load_apps(&file)?;
-    let app = strata_deploy::app::pick_app(&apps, args.app.as_deref(), &file)?;
+    let app = strata_deploy::app::pick_app(&apps, name, &file)?;
     // Where the machines are: `--host`, else the app's only host, else this one.
     let host = match (&args.host, app.spec.hosts.as_slice()) {
         (Some(h), _) => Some(h.clone()),
@@ -48,12 +93,11 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
         ),
     };
     if args.reset {
-        let out = Output::new(args.progress);
         let there = match &host {
-            Some(h) => Some(Remote::open(h, &args.project, &app.name, &out)?),
+            Some(h) => Some(Remote::open(h, &args.project, &app.name, out)?),
             None => None,
         };
-        return reset(store_root, &app.name, there, &out);
+        return reset(store_root, &app.name, there, out);
     }
     let project = strata_build::Project::load(&file)?;
     let Some(image) = project.image(&app.spec.image).cloned() else {
@@ -91,7 +135,7 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
         }
     }
     let say = Say {
-        out: Output::new(args.progress),
+        out: out.clone(),
         app: app.name.clone(),
     };
     let deploy_args = DeployArgs {
@@ -168,9 +212,12 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
         let started = Instant::now();
         let mut raw = BTreeSet::new();
         collect(first, &mut raw);
-        // Until the contexts are quiet for QUIET.
-        while let Ok(ev) = rx.recv_timeout(QUIET) {
+        // Until the contexts are quiet: 20 ms after a lone save, up to 50 ms while events keep
+        // coming (an editor's temp file, rename and chmod; a `git checkout`).
+        let mut quiet = QUIET_MIN;
+        while let Ok(ev) = rx.recv_timeout(quiet) {
             collect(ev, &mut raw);
+            quiet = (quiet + QUIET_STEP).min(QUIET_MAX);
         }
         tracing::debug!(paths = ?raw, "context events");
         let base_change = raw.iter().find_map(|p| {

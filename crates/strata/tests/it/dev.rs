@@ -551,3 +551,77 @@ fn synced_files_outlive_restarts_and_reset_drops_them() {
     });
     assert_eq!(machine_ids(&env), first);
 }
+
+/// `strata dev web api`: two apps kept current by one command, each edit landing in its own
+/// app's machine, neither redeployed.
+#[test]
+fn dev_keeps_several_apps_current_at_once() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let dir = env.path("proj");
+    let ports = [crate::common::free_port(), crate::common::free_port()];
+    let mut toml = String::new();
+    for (name, port) in ["web", "api"].iter().zip(ports) {
+        let ctx = dir.join(name);
+        std::fs::create_dir_all(ctx.join("site")).unwrap();
+        std::fs::write(ctx.join("site/index.html"), format!("{name} v1\n")).unwrap();
+        std::fs::write(
+            ctx.join("Dockerfile"),
+            "FROM busybox\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+        )
+        .unwrap();
+        toml.push_str(&format!(
+            "[[image]]\nname = \"{name}\"\ncontext = \"{name}\"\n\n[app.{name}]\nimage = \"{name}\"\n\
+             port = 8080\npublic_port = {port}\nkill_timeout = \"2s\"\n\
+             live_update = {{ sync = [{{ src = \"site\", dest = \"/www\" }}] }}\n\n"
+        ));
+    }
+    std::fs::write(dir.join("strata.toml"), toml).unwrap();
+    let log = env.path("dev.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(env.store())
+        .current_dir(&dir)
+        .args(["dev", "web", "api", "--project", ".", "--progress", "plain"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("both apps watched", Duration::from_secs(90), || {
+        assert!(child.try_wait().unwrap().is_none(), "{}", said());
+        said().matches("watching").count() == 2
+    });
+    let ids = |app: &str| -> Vec<String> {
+        env.ok(&["machine", "list", "--app", app, "--json"])
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["id"].as_str().map(String::from))
+            .collect()
+    };
+    let before = (ids("web"), ids("api"));
+    for (name, port) in ["web", "api"].iter().zip(ports) {
+        assert_eq!(
+            http_get("127.0.0.1", port, "/").unwrap(),
+            format!("{name} v1\n")
+        );
+        std::fs::write(
+            dir.join(name).join("site/index.html"),
+            format!("{name} v2\n"),
+        )
+        .unwrap();
+    }
+    for (name, port) in ["web", "api"].iter().zip(ports) {
+        wait_for(&format!("{name}'s edit"), Duration::from_secs(20), || {
+            http_get("127.0.0.1", port, "/").is_ok_and(|b| b == format!("{name} v2\n"))
+        });
+    }
+    assert_eq!((ids("web"), ids("api")), before, "synced, not redeployed");
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {}", said());
+}
