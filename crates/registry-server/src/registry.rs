@@ -174,6 +174,10 @@ pub(crate) struct Registry {
     hashers: Mutex<HashMap<String, (u64, Hasher, std::time::Instant)>>,
     /// Manifest bytes by digest (immutable), with their total size; see `cache_manifest`.
     manifest_cache: Mutex<(usize, HashMap<Digest, Bytes>)>,
+    /// The media type each repository's manifest was pushed with, as last read here: with the
+    /// bytes above, a GET by tag reads only the tag from storage (see
+    /// [`Registry::get_manifest_by_tag`]).
+    media_types: Mutex<HashMap<(String, Digest), String>>,
 }
 
 /// The object holding part `part` of upload `id`.
@@ -215,6 +219,7 @@ impl Registry {
             spool,
             hashers: Mutex::new(HashMap::new()),
             manifest_cache: Mutex::new((0, HashMap::new())),
+            media_types: Mutex::new(HashMap::new()),
         })
     }
 
@@ -305,11 +310,52 @@ impl Registry {
                 bytes
             }
         };
+        let media_type = String::from_utf8_lossy(&mt).into_owned();
+        self.remember_media_type(repo, d, &media_type);
         Ok(Some(StoredManifest {
             digest: d.clone(),
-            media_type: String::from_utf8_lossy(&mt).into_owned(),
+            media_type,
             bytes,
         }))
+    }
+
+    /// The manifest tag `tag` of `repo` names. A tag is only ever written after its
+    /// manifest's entry and removed before it (`put_manifest`, `delete_manifest`), so a tag
+    /// that exists names a manifest of the repository: when this replica has read that
+    /// manifest before (its bytes, content-addressed, and its media type), the tag is the only
+    /// read from storage. Any replica's delete removes the tag first, so it is seen at once.
+    pub async fn get_manifest_by_tag(
+        &self,
+        repo: &str,
+        tag: &str,
+    ) -> Result<Option<StoredManifest>> {
+        let Some(d) = self.resolve_tag(repo, tag).await? else {
+            return Ok(None);
+        };
+        let known = self
+            .media_types
+            .lock_ok()
+            .get(&(repo.to_string(), d.clone()))
+            .cloned();
+        if let Some(media_type) = known
+            && let Some(bytes) = self.manifest_cache.lock_ok().1.get(&d).cloned()
+        {
+            return Ok(Some(StoredManifest {
+                digest: d,
+                media_type,
+                bytes,
+            }));
+        }
+        self.get_manifest(repo, &d).await
+    }
+
+    fn remember_media_type(&self, repo: &str, d: &Digest, media_type: &str) {
+        const MAX: usize = 100_000;
+        let mut known = self.media_types.lock_ok();
+        if known.len() >= MAX {
+            known.clear();
+        }
+        known.insert((repo.to_string(), d.clone()), media_type.to_string());
     }
 
     /// Keep a manifest's bytes in memory: content under its digest never changes, so only the
@@ -351,6 +397,7 @@ impl Registry {
                 Bytes::from(media_type.to_string()),
             )
             .await?;
+        self.remember_media_type(repo, digest, media_type);
         if let Some((subject, desc)) = referrer_descriptor(parsed, media_type, digest, size) {
             let json = serde_json::to_vec(&desc).unwrap_or_default();
             self.backend
@@ -386,6 +433,9 @@ impl Registry {
                 .delete(&referrer_key(repo, &subject.digest, d))
                 .await?;
         }
+        self.media_types
+            .lock_ok()
+            .remove(&(repo.to_string(), d.clone()));
         self.backend.delete(&manifest_key(repo, d)).await
     }
 

@@ -33,19 +33,16 @@ pub(super) async fn get_manifest(
 ) -> ApiResult {
     check_name(name)?;
     st.gate(headers, Some(name), Action::Pull).await?;
-    let digest = match parse_reference(r) {
-        Ok(Reference::Digest(d)) => d,
-        Ok(Reference::Tag(t)) => match st.registry.resolve_tag(name, &t).await? {
-            Some(d) => d,
-            None => return Err(manifest_unknown(r)),
-        },
+    let found = match parse_reference(r) {
+        Ok(Reference::Digest(d)) => st.registry.get_manifest(name, &d).await?,
+        Ok(Reference::Tag(t)) => st.registry.get_manifest_by_tag(name, &t).await?,
         // A malformed tag cannot name anything.
         Err(e) if e.status() == StatusCode::BAD_REQUEST && !r.contains(':') => {
             return Err(manifest_unknown(r));
         }
         Err(e) => return Err(e),
     };
-    let Some(m) = st.registry.get_manifest(name, &digest).await? else {
+    let Some(m) = found else {
         return Err(manifest_unknown(r));
     };
     let len = m.bytes.len();
