@@ -204,6 +204,14 @@ async fn script() -> impl IntoResponse {
     )
 }
 
+/// The page or redirect, or the error's page.
+fn respond<T: IntoResponse>(result: Result<T, UiError>) -> Response {
+    match result {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 // ---- sessions ----
 
 /// The viewer's session, or where to send them: to sign in when tokens are required; else a
@@ -635,10 +643,7 @@ async fn rollback(
         )))
     }
     .await;
-    match result {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
-    }
+    respond(result)
 }
 
 async fn job_events(
@@ -846,10 +851,7 @@ async fn machine_action(
         Ok::<_, UiError>(Redirect::to(&back))
     }
     .await;
-    match result {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
-    }
+    respond(result)
 }
 
 async fn machine_log(

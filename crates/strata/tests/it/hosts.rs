@@ -622,6 +622,12 @@ fn partial_bytes(store: &Path) -> u64 {
 
 /// The `strata serve` processes running in the host's namespace.
 fn remote_servers(host: &TestHost) -> Vec<String> {
+    remote_processes(host, "serve\0--stdio")
+}
+
+/// The pids of the processes in the host's namespace whose command line (NUL-separated)
+/// contains `needle`.
+fn remote_processes(host: &TestHost, needle: &str) -> Vec<String> {
     let out = Command::new("ip")
         .args(["netns", "pids", &host.ns])
         .output()
@@ -630,7 +636,7 @@ fn remote_servers(host: &TestHost) -> Vec<String> {
         .split_whitespace()
         .filter(|pid| {
             fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("serve\0--stdio"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
         })
         .map(str::to_string)
         .collect()
@@ -1055,21 +1061,7 @@ fn dev_against_a_host_syncs_edits_there_and_redeploys_there() {
 
     // The host's end of the dev connection killed (a dropped link does the same): the next
     // edit opens it again and is synced, not redeployed.
-    let dev_apply = || -> Vec<String> {
-        let out = Command::new("ip")
-            .args(["netns", "pids", &h.ns])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter(|pid| {
-                fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("\0dev-apply\0"))
-            })
-            .map(str::to_string)
-            .collect()
-    };
-    let killed = dev_apply();
+    let killed = remote_processes(&h, "\0dev-apply\0");
     assert_eq!(killed.len(), 1, "one dev-apply on the host: {killed:?}");
     Command::new("kill")
         .args(["-9", &killed[0]])
