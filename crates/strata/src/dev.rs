@@ -97,6 +97,11 @@ pub fn dev(store_root: &Path, args: &DevArgs) -> Result<()> {
         insecure: false,
         detach: true,
         hosts: host.iter().cloned().collect(),
+        // `strata dev` keeps machines it can write into: here or on a host, whatever the
+        // app's `target`.
+        target: Some("local".into()),
+        out: None,
+        kube_context: None,
         spec: None,
         progress: args.progress,
     };

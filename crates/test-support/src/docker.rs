@@ -97,6 +97,34 @@ impl Dockerd {
         check(self.cmd(secs).args(args))
     }
 
+    /// Makes the engine a one-node swarm manager (`docker swarm init`), advertised and
+    /// listening on loopback only; the swarm goes with the engine's data root.
+    ///
+    /// The engine runs without iptables and the kernel may lack IPVS, so the routing mesh
+    /// (ingress publishing, a service's virtual IP) may not carry traffic: services meant to
+    /// be reached here use DNS round robin on an attachable overlay network.
+    pub fn swarm_init(&self) {
+        let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listen.local_addr().unwrap().port();
+        drop(listen);
+        self.ok(
+            60,
+            &[
+                "swarm",
+                "init",
+                "--advertise-addr",
+                "127.0.0.1",
+                "--listen-addr",
+                &format!("127.0.0.1:{port}"),
+            ],
+        );
+    }
+
+    /// The engine's API address, as `DOCKER_HOST` takes it (`unix:///…`).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
     /// The engine's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -13,6 +13,8 @@ mod faults;
 mod hosts;
 mod images;
 mod interop;
+mod kubernetes;
 mod readme;
 mod rebase;
 mod registry_cli;
+mod swarm;
