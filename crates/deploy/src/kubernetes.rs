@@ -79,19 +79,13 @@ fn secs(d: Duration, min: i32) -> i32 {
 /// The objects of `app`, running `image` (a reference pinned by digest); `section` gives the
 /// namespace and the claims' size.
 pub fn objects(app: &App, image: &str, section: &KubernetesSection) -> Result<Objects> {
-    match app.restart()? {
-        RestartPolicy::Always => {}
-        other => {
-            return Err(Error::Config(format!(
-                "app `{}`: restart = {:?}: a Kubernetes Deployment's pods always restart \
-                 (restartPolicy: Always); remove `restart` to deploy it to Kubernetes",
-                app.name,
-                app.spec.restart.as_deref().unwrap_or(match other {
-                    RestartPolicy::No => "no",
-                    _ => "on-failure",
-                })
-            )));
-        }
+    if app.restart()? != RestartPolicy::Always {
+        return Err(Error::Config(format!(
+            "app `{}`: restart = {:?}: a Kubernetes Deployment's pods always restart \
+             (restartPolicy: Always); remove `restart` to deploy it to Kubernetes",
+            app.name,
+            app.spec.restart.as_deref().unwrap_or_default()
+        )));
     }
     if !image.contains("@sha256:") {
         return Err(Error::Config(format!(
