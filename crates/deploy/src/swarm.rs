@@ -14,10 +14,11 @@
 //!   not at all (`publish = "none"`: the service is found by name on `[swarm] network`, DNS
 //!   round robin over its healthy tasks; what works where the kernel lacks IPVS).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
+use bollard::models::Task;
 use bollard::models::{
     EndpointPortConfig, EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum,
     EndpointSpec, EndpointSpecModeEnum, HealthConfig, Mount, MountType, NetworkAttachmentConfig,
@@ -328,6 +329,18 @@ async fn release_async(
         .and_then(|c| c.image.clone())
         .unwrap_or_default();
     let name = app.name.clone();
+    let list_tasks = || {
+        docker.list_tasks(Some(ListTasksOptions {
+            filters: Some(HashMap::from([("service".into(), vec![name.clone()])])),
+        }))
+    };
+    // Tasks from before this deploy (a failed one of an earlier release is not this one's).
+    let before: HashSet<String> = match list_tasks().await {
+        Ok(tasks) => tasks.into_iter().filter_map(|t| t.id).collect(),
+        // No such service yet: no tasks.
+        Err(e) if not_found(&e) => HashSet::new(),
+        Err(e) => return Err(docker_error(format!("cannot list the tasks of {name}"))(e)),
+    };
     let submitted = Instant::now();
     let (service_id, created, previous_update) = match docker.inspect_service(&name, None).await {
         Ok(current) => {
@@ -408,41 +421,36 @@ async fn release_async(
                 });
             }
         }
-        let tasks = docker
-            .list_tasks(Some(ListTasksOptions {
-                filters: Some(HashMap::from([("service".into(), vec![name.clone()])])),
-            }))
+        let tasks = list_tasks()
             .await
             .map_err(docker_error(format!("cannot list the tasks of {name}")))?;
-        let running = |t: &&bollard::models::Task| {
-            t.status.as_ref().and_then(|s| s.state) == Some(TaskState::RUNNING)
+        let (new, old) = match progress(&tasks, &before, &image, replicas) {
+            Progress::Converged => {
+                say(&format!("swarm service {name} runs {image}"));
+                return Ok(report);
+            }
+            // A new service has no spec to roll back to: its tasks fail over and over.
+            Progress::Failing { failed, last } if created => {
+                return Err(Error::Orchestrator {
+                    app: name.clone(),
+                    reason: format!(
+                        "{failed} tasks of the new swarm service {name} failed (last: {last}); \
+                         the engine keeps trying (`docker service ps {name}`)"
+                    ),
+                });
+            }
+            Progress::Failing { .. } => (0, 0),
+            Progress::Waiting { new, old } => (new, old),
         };
-        let runs_ours = |t: &&bollard::models::Task| {
-            t.spec
-                .as_ref()
-                .and_then(|s| s.container_spec.as_ref())
-                .and_then(|c| c.image.as_deref())
-                == Some(image.as_str())
-        };
-        let new = tasks.iter().filter(running).filter(runs_ours).count();
-        let old = tasks
-            .iter()
-            .filter(running)
-            .filter(|t| !runs_ours(t))
-            .count();
         let state = format!("{new}/{replicas} task(s) of the new spec running, {old} old");
         if state != last_said {
             say(&format!("service {name}: {state}"));
             last_said = state.clone();
         }
-        if new >= replicas && old == 0 {
-            say(&format!("swarm service {name} runs {image}"));
-            return Ok(report);
-        }
         if submitted.elapsed() > deadline {
             let why = tasks
                 .iter()
-                .filter(|t| !running(t))
+                .filter(|t| state_of(t) != Some(TaskState::RUNNING))
                 .filter_map(|t| t.status.as_ref())
                 .filter_map(|s| s.err.clone().or_else(|| s.message.clone()))
                 .next_back()
@@ -461,6 +469,63 @@ async fn release_async(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Where a service's tasks stand against the spec running `image`.
+#[derive(Debug, PartialEq, Eq)]
+enum Progress {
+    /// `replicas` tasks of the new spec run (healthy, when it has a check), no other does.
+    Converged,
+    /// Running tasks of the new spec and of older ones.
+    Waiting { new: usize, old: usize },
+    /// Three or more tasks of the new spec made by this deploy failed or were rejected, and
+    /// not enough run: `last` is what the engine said of the latest.
+    Failing { failed: usize, last: String },
+}
+
+fn state_of(t: &Task) -> Option<TaskState> {
+    t.status.as_ref().and_then(|s| s.state)
+}
+
+/// `tasks` of a service (`before`: the ids that existed before this deploy) against the spec
+/// running `image` with `replicas` tasks.
+fn progress(tasks: &[Task], before: &HashSet<String>, image: &str, replicas: usize) -> Progress {
+    let runs_ours = |t: &&Task| {
+        t.spec
+            .as_ref()
+            .and_then(|s| s.container_spec.as_ref())
+            .and_then(|c| c.image.as_deref())
+            == Some(image)
+    };
+    let running = |t: &&Task| state_of(t) == Some(TaskState::RUNNING);
+    let new = tasks.iter().filter(running).filter(runs_ours).count();
+    let old = tasks
+        .iter()
+        .filter(running)
+        .filter(|t| !runs_ours(t))
+        .count();
+    if new >= replicas && old == 0 {
+        return Progress::Converged;
+    }
+    let mut failed: Vec<&Task> = tasks
+        .iter()
+        .filter(runs_ours)
+        .filter(|t| t.id.as_ref().is_none_or(|id| !before.contains(id)))
+        .filter(|t| matches!(state_of(t), Some(TaskState::FAILED | TaskState::REJECTED)))
+        .collect();
+    if failed.len() >= 3 && new < replicas {
+        failed.sort_by_key(|t| t.status.as_ref().and_then(|s| s.timestamp.clone()));
+        let last = failed
+            .last()
+            .and_then(|t| t.status.as_ref())
+            .and_then(|s| s.err.clone().or_else(|| s.message.clone()))
+            .unwrap_or_else(|| "no error given".into());
+        return Progress::Failing {
+            failed: failed.len(),
+            last,
+        };
+    }
+    Progress::Waiting { new, old }
 }
 
 /// Makes the overlay network `name` (attachable, so `docker run --network` can reach the
@@ -513,6 +578,75 @@ mod tests {
             network: Some("apps".into()),
             publish,
         }
+    }
+
+    fn task(id: &str, image: &str, state: TaskState, err: Option<&str>) -> Task {
+        Task {
+            id: Some(id.into()),
+            spec: Some(TaskSpec {
+                container_spec: Some(TaskSpecContainerSpec {
+                    image: Some(image.into()),
+                    ..TaskSpecContainerSpec::default()
+                }),
+                ..TaskSpec::default()
+            }),
+            status: Some(bollard::models::TaskStatus {
+                state: Some(state),
+                err: err.map(String::from),
+                timestamp: Some(format!("2026-01-01T00:00:0{}Z", id.len())),
+                ..bollard::models::TaskStatus::default()
+            }),
+            ..Task::default()
+        }
+    }
+
+    #[test]
+    fn progress_waits_for_the_new_tasks_and_the_old_to_go_and_names_repeated_failures() {
+        use TaskState::*;
+        let none = HashSet::new();
+        let old = "r/web@sha256:old";
+        let tasks = vec![
+            task("a", old, RUNNING, None),
+            task("b", IMAGE, STARTING, None),
+        ];
+        assert_eq!(
+            progress(&tasks, &none, IMAGE, 1),
+            Progress::Waiting { new: 0, old: 1 }
+        );
+        let tasks = vec![
+            task("a", old, RUNNING, None),
+            task("b", IMAGE, RUNNING, None),
+        ];
+        assert_eq!(
+            progress(&tasks, &none, IMAGE, 1),
+            Progress::Waiting { new: 1, old: 1 }
+        );
+        let tasks = vec![
+            task("a", old, SHUTDOWN, None),
+            task("b", IMAGE, RUNNING, None),
+        ];
+        assert_eq!(progress(&tasks, &none, IMAGE, 1), Progress::Converged);
+
+        // Three failures of this deploy's tasks, the latest named; failures from before it
+        // (an earlier deploy of the same image) do not count.
+        let tasks = vec![
+            task("f", IMAGE, FAILED, Some("first")),
+            task("ff", IMAGE, REJECTED, Some("no such image")),
+            task("fff", IMAGE, FAILED, Some("exit 1")),
+            task("p", IMAGE, PENDING, None),
+        ];
+        assert_eq!(
+            progress(&tasks, &none, IMAGE, 1),
+            Progress::Failing {
+                failed: 3,
+                last: "exit 1".into()
+            }
+        );
+        let before = HashSet::from(["f".to_string()]);
+        assert_eq!(
+            progress(&tasks, &before, IMAGE, 1),
+            Progress::Waiting { new: 0, old: 0 }
+        );
     }
 
     #[test]

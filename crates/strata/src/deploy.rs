@@ -272,8 +272,6 @@ pub fn deploy_with(store: Store, args: &DeployArgs, out: &Output) -> Result<()> 
         None => load_apps(&file)?,
     };
     let app = pick_app(&apps, args.app.as_deref(), &file)?;
-    // Every line of the deploy goes to stderr in the mode `--progress` asks for: with `json`,
-    // one event per line (docs/cli.md), the build's and the push's too.
     let target = match &args.target {
         Some(t) => Target::parse(t, "--target")?,
         // A host's own deploy (sent its app's table) is local to it.
@@ -315,6 +313,8 @@ pub fn deploy_with(store: Store, args: &DeployArgs, out: &Output) -> Result<()> 
     if orchestrator.is_none() && (args.out.is_some() || args.kube_context.is_some()) {
         bail!("--out and --kube-context go with --target kubernetes");
     }
+    // Every line of the deploy goes to stderr in the mode `--progress` asks for: with `json`,
+    // one event per line (docs/cli.md), the build's and the push's too.
     let mut say = |message: &str| out.deploy(&app.name, message);
     let parts = DeployParts {
         project: &args.project,
