@@ -392,6 +392,14 @@ async fn release_async(
     }
     let replicas = usize::try_from(app.count()).unwrap_or(usize::MAX);
     let mut last_said = String::new();
+    // Without a health check, a task that runs may exit a moment later: it must keep running
+    // as long as the engine would watch it in an update.
+    let settle = if app.health()?.is_some() {
+        Duration::ZERO
+    } else {
+        monitor(app)?
+    };
+    let mut converged_since: Option<Instant> = None;
     loop {
         let service = docker
             .inspect_service(&name, None)
@@ -424,10 +432,21 @@ async fn release_async(
         let tasks = list_tasks()
             .await
             .map_err(docker_error(format!("cannot list the tasks of {name}")))?;
-        let (new, old) = match progress(&tasks, &before, &image, replicas) {
-            Progress::Converged => {
+        let now = progress(&tasks, &before, &image, replicas);
+        if now != Progress::Converged {
+            converged_since = None;
+        }
+        let (new, old) = match now {
+            Progress::Converged
+                if settle.is_zero()
+                    || converged_since.is_some_and(|since| since.elapsed() >= settle) =>
+            {
                 say(&format!("swarm service {name} runs {image}"));
                 return Ok(report);
+            }
+            Progress::Converged => {
+                converged_since.get_or_insert_with(Instant::now);
+                (replicas, 0)
             }
             // A new service has no spec to roll back to: its tasks fail over and over.
             Progress::Failing { failed, last } if created => {

@@ -257,5 +257,31 @@ fn swarm_deploy_updates_start_first_without_a_failed_request_and_rolls_back() {
         v1_image.as_str()
     );
     assert_eq!(served(&docker, &v1_image), "v1\n");
+
+    // A new service whose process exits at once: no spec to roll back to; the deploy fails
+    // after three failed tasks with what the engine said, instead of waiting out its deadline.
+    std::fs::write(
+        proj.join("crash.Dockerfile"),
+        "FROM busybox\nCMD [\"sh\", \"-c\", \"exit 3\"]\n",
+    )
+    .unwrap();
+    let mut toml = std::fs::read_to_string(proj.join("strata.toml")).unwrap();
+    toml.push_str(&format!(
+        "\n[[image]]\nname = \"crash\"\ndockerfile = \"crash.Dockerfile\"\n\n\
+         [app.crash]\nimage = \"crash\"\ntarget = \"swarm\"\nregistry = \"{registry}\"\n"
+    ));
+    std::fs::write(proj.join("strata.toml"), toml).unwrap();
+    let failing = Instant::now();
+    let err = deploy_fails(&env, &["crash", "--project", p, "--progress", "plain"]);
+    assert!(
+        err.contains("3 tasks of the new swarm service crash failed")
+            && err.contains("non-zero exit (3)"),
+        "{err}"
+    );
+    assert!(
+        failing.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        failing.elapsed()
+    );
     eprintln!("swarm test: {:?}", started.elapsed());
 }
