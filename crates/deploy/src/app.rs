@@ -9,7 +9,34 @@ use crate::health::{Check, HealthConfig};
 use crate::state::RestartPolicy;
 
 use strata_project::StrataToml;
-pub use strata_project::{AppSpec, HealthSpec, HostEntry, LiveUpdate, RunRule, SyncRule};
+pub use strata_project::{
+    AppSpec, HealthSpec, HostEntry, KubernetesSection, LiveUpdate, RunRule, SwarmSection, SyncRule,
+};
+
+/// Where `strata deploy` puts an app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Machines on this host, or on the app's `hosts` over SSH.
+    Local,
+    /// Kubernetes objects, written or applied with kubectl.
+    Kubernetes,
+    /// A Docker Swarm service.
+    Swarm,
+}
+
+impl Target {
+    /// `local`, `kubernetes` or `swarm`; `what` names where the value was written.
+    pub fn parse(s: &str, what: &str) -> Result<Target> {
+        match s {
+            "local" => Ok(Target::Local),
+            "kubernetes" => Ok(Target::Kubernetes),
+            "swarm" => Ok(Target::Swarm),
+            other => Err(Error::Config(format!(
+                "{what} `{other}`: expected local, kubernetes or swarm"
+            ))),
+        }
+    }
+}
 
 /// How a deploy to several hosts proceeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +199,13 @@ impl App {
         )))
     }
 
+    /// Where `strata deploy` puts it unless told otherwise (`target`, default local).
+    pub fn target(&self) -> Result<Target> {
+        self.spec.target.as_deref().map_or(Ok(Target::Local), |t| {
+            Target::parse(t, &format!("app `{}`: target", self.name))
+        })
+    }
+
     /// Named volumes as (name, path).
     pub fn volumes(&self) -> Result<Vec<(String, String)>> {
         self.spec.volumes.iter().map(|v| parse_volume(v)).collect()
@@ -193,6 +227,12 @@ pub fn parse_volume(v: &str) -> Result<(String, String)> {
         return Err(bad());
     }
     Ok((name.to_string(), path.to_string()))
+}
+
+/// The `[kubernetes]` and `[swarm]` tables of a strata.toml.
+pub fn load_orchestrators(strata_toml: &Path) -> Result<(KubernetesSection, SwarmSection)> {
+    let file = read_file(strata_toml)?;
+    Ok((file.kubernetes, file.swarm))
 }
 
 /// The hosts of a strata.toml, by name.
@@ -282,6 +322,7 @@ fn apps_of(file: StrataToml, strata_toml: &Path) -> Result<BTreeMap<String, App>
         app.volumes()?;
         app.kill_timeout()?;
         app.strategy()?;
+        app.target()?;
         if let Some(lu) = &app.spec.live_update {
             match lu.restart.as_deref() {
                 None | Some("none" | "process") => {}

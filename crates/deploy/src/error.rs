@@ -84,6 +84,14 @@ pub enum Error {
         /// Why, and which release still serves.
         reason: String,
     },
+    /// An orchestrator (Kubernetes, Docker Swarm) refused or did not finish a deploy.
+    #[error("{app}: {reason}")]
+    Orchestrator {
+        /// The app.
+        app: String,
+        /// What happened, and what still serves.
+        reason: String,
+    },
     /// What the caller did for a deploy (a build, a pull, a push) failed.
     #[error("{what}")]
     External {

@@ -5,7 +5,8 @@
 //! supervisor that makes the DB true (starts, restarts, stops machines, owns host ports via
 //! [`proxy`]); [`deploy`] makes a release (new machines → [`health`] → switch → drain old);
 //! [`machines`] are the single-machine operations (start, stop, destroy, logs) the CLI
-//! asks for; [`app`] reads `[app.NAME]` from strata.toml.
+//! asks for; [`app`] reads `[app.NAME]` from strata.toml. [`kubernetes`] and [`swarm`] deploy
+//! an app into an orchestrator instead: Kubernetes objects, a Docker Swarm service.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -14,12 +15,14 @@ pub mod app;
 pub mod deploy;
 pub mod health;
 pub mod host;
+pub mod kubernetes;
 pub mod live;
 pub mod machines;
 pub mod pipeline;
 pub mod proxy;
 pub mod rollout;
 pub mod state;
+pub mod swarm;
 
 mod error;
 

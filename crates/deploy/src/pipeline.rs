@@ -127,6 +127,26 @@ pub fn prepare(
     })
 }
 
+impl Prepared {
+    /// The image as an orchestrator pulls it: from the app's registry, pinned by digest
+    /// (`<registry>/<app>@sha256:…`), never by a tag that can move.
+    pub fn pinned(&self, app: &App, target: &str) -> Result<String> {
+        let Some(registry) = &app.spec.registry else {
+            return Err(Error::Config(format!(
+                "--target {target} runs the image from the app's registry: set `registry = \
+                 \"host[:port]/org\"` in [app.{}]",
+                app.name
+            )));
+        };
+        Ok(format!(
+            "{}/{}@{}",
+            registry.trim_end_matches('/'),
+            app.name,
+            self.descriptor.digest
+        ))
+    }
+}
+
 /// Step 3 on this host: new machines, health, switch; the release records `prepared`'s
 /// reference. An unchanged app keeps its release and machines.
 pub fn release_here(

@@ -1,6 +1,6 @@
 //! strata.toml: its schema, parsed in one place. `[[image]]` (what `strata build` builds),
-//! `[app.NAME]` (what `strata deploy` runs), `[host.NAME]` (servers over SSH) and `[cache]` (the
-//! build cache in a registry). Every table and key is named, so a typo (`[[imgae]]`,
+//! `[app.NAME]` (what `strata deploy` runs), `[host.NAME]` (servers over SSH), `[cache]` (the
+//! build cache in a registry), `[kubernetes]` and `[swarm]` (the orchestrator targets). Every table and key is named, so a typo (`[[imgae]]`,
 //! `[ap.web]`, `prot = 8080`) is an error at its `strata.toml:line:col` instead of a silently
 //! dropped image or app. The crates that act on the tables (strata-build, strata-deploy) check
 //! the values.
@@ -40,6 +40,12 @@ pub struct StrataToml {
     /// `[cache]`.
     #[serde(default)]
     pub cache: CacheSection,
+    /// `[kubernetes]`.
+    #[serde(default)]
+    pub kubernetes: KubernetesSection,
+    /// `[swarm]`.
+    #[serde(default)]
+    pub swarm: SwarmSection,
 }
 
 impl StrataToml {
@@ -128,6 +134,38 @@ pub struct CacheSection {
     pub mounts: Vec<String>,
 }
 
+/// `[kubernetes]`: where `strata deploy --target kubernetes` puts an app's objects
+/// (docs/deploy.md, "Orchestrator targets").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSection {
+    /// A kubectl context: the objects are applied there with `kubectl apply -f -`.
+    pub context: Option<String>,
+    /// The namespace of the objects (default: the context's).
+    pub namespace: Option<String>,
+    /// A directory the objects are written to (one `<app>.json` each), relative to strata.toml.
+    pub out: Option<PathBuf>,
+    /// The size each volume's PersistentVolumeClaim asks for (default `1Gi`).
+    pub volume_size: Option<String>,
+    /// The kubectl program (default `kubectl` on `PATH`).
+    pub kubectl: Option<PathBuf>,
+}
+
+/// `[swarm]`: the Docker engine `strata deploy --target swarm` deploys services through.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwarmSection {
+    /// The engine's API, `unix:///path/docker.sock` (default: `$DOCKER_HOST`, else
+    /// `unix:///var/run/docker.sock`).
+    pub docker_host: Option<String>,
+    /// An overlay network the services join (made, attachable, when missing).
+    pub network: Option<String>,
+    /// How `public_port` is published: `ingress` (default; the routing mesh, on every node)
+    /// or `none` (no published port; the service is reached by name on `network`, DNS round
+    /// robin over its healthy tasks).
+    pub publish: Option<String>,
+}
+
 /// One app as written in strata.toml.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -183,6 +221,10 @@ pub struct AppSpec {
     /// What `strata dev` does with a change instead of rebuilding (docs/dev.md).
     #[serde(default)]
     pub live_update: Option<LiveUpdate>,
+    /// Where `strata deploy` puts it by default: `local` (machines here or on `hosts`),
+    /// `kubernetes` or `swarm`.
+    #[serde(default)]
+    pub target: Option<String>,
 }
 
 /// `live_update = { sync = [...], run = [...], restart = "none", fall_back_on = [...] }`.
@@ -280,7 +322,9 @@ mod tests {
     fn every_table_parses_and_a_typo_anywhere_names_its_line() {
         let ok = StrataToml::parse(
             "[cache]\nregistry = \"r:5000/t/c\"\nmounts = [\"go-build\"]\n\n[[image]]\nname = \"web\"\n\n\
-             [app.web]\nimage = \"web\"\nport = 8080\n\n[host.a]\nssh = \"root@10.0.0.1\"\n",
+             [app.web]\nimage = \"web\"\nport = 8080\ntarget = \"swarm\"\n\n\
+             [host.a]\nssh = \"root@10.0.0.1\"\n\n[kubernetes]\ncontext = \"kind\"\n\n\
+             [swarm]\nnetwork = \"apps\"\n",
             Path::new("strata.toml"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -289,6 +333,14 @@ mod tests {
         assert_eq!(ok.host["a"].ssh, "root@10.0.0.1");
         assert_eq!(ok.cache.registry.as_deref(), Some("r:5000/t/c"));
         assert_eq!(ok.cache.mounts, ["go-build"]);
+        assert_eq!(ok.app["web"].target.as_deref(), Some("swarm"));
+        assert_eq!(ok.kubernetes.context.as_deref(), Some("kind"));
+        assert_eq!(ok.swarm.network.as_deref(), Some("apps"));
+        let e = err("[swarm]\nnetwrok = \"x\"\n");
+        assert!(
+            e.starts_with("strata.toml:2:") && e.contains("netwrok"),
+            "{e}"
+        );
 
         let e = err("[[image]]\nname = \"a\"\n\n[[imgae]]\nname = \"b\"\n");
         assert!(

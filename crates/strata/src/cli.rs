@@ -654,6 +654,17 @@ pub struct DeployArgs {
     /// this machine): a `[host.NAME]` of strata.toml or `ssh://user@address[:port]`.
     #[arg(long = "host", value_name = "HOST")]
     pub hosts: Vec<String>,
+    /// Where the app goes: `local` (machines here or on `--host`), `kubernetes` (objects
+    /// written with `--out` or applied in a kubectl context) or `swarm` (a Docker Swarm
+    /// service); default: the app's `target`, else local.
+    #[arg(long, value_name = "TARGET")]
+    pub target: Option<String>,
+    /// With `--target kubernetes`: write the objects to DIR/<app>.json.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<std::path::PathBuf>,
+    /// With `--target kubernetes`: apply the objects in this kubectl context.
+    #[arg(long, value_name = "CONTEXT")]
+    pub kube_context: Option<String>,
     /// The app's definition as TOML (an `[app.NAME]` table) instead of strata.toml's: what a
     /// deploy over SSH sends the host.
     #[arg(long, hide = true)]

@@ -6,11 +6,13 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use strata_deploy::agent::{AgentOptions, agent_pid, poke, run_agent, stop_agent};
-use strata_deploy::app::{load_apps, parse_duration, parse_volume, pick_app};
+use strata_deploy::app::{
+    Target, load_apps, load_orchestrators, parse_duration, parse_volume, pick_app,
+};
 use strata_deploy::deploy::{DeployOptions, destroy_app, project_file};
 use strata_deploy::host::{Host, MachineOptions, parse_signal};
 use strata_deploy::state::{Desired, Machine, MachineState, ReleaseStatus, RestartPolicy};
-use strata_deploy::{machines, pipeline};
+use strata_deploy::{kubernetes, machines, pipeline, swarm};
 use strata_oci::Reference;
 use strata_store::Store;
 
@@ -270,6 +272,47 @@ pub fn deploy_with(store: Store, args: &DeployArgs, out: &Output) -> Result<()> 
         None => load_apps(&file)?,
     };
     let app = pick_app(&apps, args.app.as_deref(), &file)?;
+    let target = match &args.target {
+        Some(t) => Target::parse(t, "--target")?,
+        // A host's own deploy (sent its app's table) is local to it.
+        None if args.spec.is_some() => Target::Local,
+        None => app.target()?,
+    };
+    // An orchestrator target is checked before anything is built: it needs the app's
+    // registry (its nodes pull from there) and, for Kubernetes, where the objects go.
+    let orchestrator = match target {
+        Target::Local => None,
+        _ if !args.hosts.is_empty() => {
+            bail!(
+                "--host deploys machines over SSH; it cannot be combined with --target kubernetes or swarm"
+            )
+        }
+        _ if app.spec.registry.is_none() => bail!(
+            "app `{}`: an orchestrator target runs the image from the app's registry: set \
+             `registry = \"host[:port]/org\"` in [app.{}]",
+            app.name,
+            app.name
+        ),
+        Target::Kubernetes => {
+            let (section, _) = load_orchestrators(&file)?;
+            let dir = file.parent().unwrap_or(std::path::Path::new("."));
+            let dest = kubernetes::Destination::new(
+                &section,
+                dir,
+                args.out.clone(),
+                args.kube_context.clone(),
+            )?;
+            Some(Orchestrator::Kubernetes(section, dest))
+        }
+        Target::Swarm => {
+            let (_, section) = load_orchestrators(&file)?;
+            let settings = swarm::Settings::new(&section, std::env::var("DOCKER_HOST").ok())?;
+            Some(Orchestrator::Swarm(settings))
+        }
+    };
+    if orchestrator.is_none() && (args.out.is_some() || args.kube_context.is_some()) {
+        bail!("--out and --kube-context go with --target kubernetes");
+    }
     // Every line of the deploy goes to stderr in the mode `--progress` asks for: with `json`,
     // one event per line (docs/cli.md), the build's and the push's too.
     let mut say = |message: &str| out.deploy(&app.name, message);
@@ -288,6 +331,19 @@ pub fn deploy_with(store: Store, args: &DeployArgs, out: &Output) -> Result<()> 
     println!("{}", prepared.release_ref);
     if args.build_only {
         return Ok(());
+    }
+    match orchestrator {
+        Some(Orchestrator::Kubernetes(section, dest)) => {
+            let image = prepared.pinned(&app, "kubernetes")?;
+            kubernetes::release(&app, &image, &section, &dest, &mut say)?;
+            return Ok(());
+        }
+        Some(Orchestrator::Swarm(settings)) => {
+            let image = prepared.pinned(&app, "swarm")?;
+            swarm::release(&app, &image, &settings, args.detach, &mut say)?;
+            return Ok(());
+        }
+        None => {}
     }
     // On hosts over SSH: the command line's, else the app's (a host's own deploy has none).
     let hosts = if !args.hosts.is_empty() {
@@ -318,6 +374,12 @@ pub fn deploy_with(store: Store, args: &DeployArgs, out: &Output) -> Result<()> 
     };
     pipeline::release_here(&mut host, &app, &prepared, &opts, &parts, &mut say)?;
     Ok(())
+}
+
+/// Where an orchestrator target deploys, checked before the build.
+enum Orchestrator {
+    Kubernetes(kubernetes::KubernetesSection, kubernetes::Destination),
+    Swarm(swarm::Settings),
 }
 
 /// Where `strata deploy` gets and publishes images: the build engine, the registry client.

@@ -148,6 +148,11 @@ fn dev_app(store_root: &Path, args: &DevArgs, name: Option<&str>, out: &Output) 
         insecure: false,
         detach: true,
         hosts: host.iter().cloned().collect(),
+        // `strata dev` keeps machines it can write into: here or on a host, whatever the
+        // app's `target`.
+        target: Some("local".into()),
+        out: None,
+        kube_context: None,
         spec: None,
         progress: args.progress,
     };

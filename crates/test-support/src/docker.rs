@@ -18,6 +18,9 @@ pub struct Dockerd {
     cli: PathBuf,
     /// data/, exec/, the pid file, an empty daemon.json, the log and the CLI's config dir.
     dir: tempfile::TempDir,
+    /// The host interface of the swarm's `docker_gwbridge` network, once [`Dockerd::swarm_init`]
+    /// made it: it outlives the engine, so drop removes it.
+    gwbridge: std::sync::OnceLock<String>,
 }
 
 impl Dockerd {
@@ -61,6 +64,7 @@ impl Dockerd {
             sock,
             cli: cli.into(),
             dir,
+            gwbridge: std::sync::OnceLock::new(),
         };
         let start = Instant::now();
         loop {
@@ -95,6 +99,61 @@ impl Dockerd {
     /// `docker ARGS…`, asserting success; returns stdout.
     pub fn ok(&self, secs: u64, args: &[&str]) -> String {
         check(self.cmd(secs).args(args))
+    }
+
+    /// Makes the engine a one-node swarm manager (`docker swarm init`), advertised and
+    /// listening on loopback only; the swarm goes with the engine's data root.
+    ///
+    /// The engine runs without iptables and the kernel may lack IPVS, so the routing mesh
+    /// (ingress publishing, a service's virtual IP) may not carry traffic: services meant to
+    /// be reached here use DNS round robin on an attachable overlay network.
+    pub fn swarm_init(&self) {
+        // Containers on overlay networks reach out through the bridge network
+        // `docker_gwbridge`. Made here first, its host interface gets a name of this engine's
+        // own (not `docker_gwbridge`, which a host's own swarm may use), removed on drop.
+        let bridge = format!("sgw{}-{}", std::process::id(), self.sock_number());
+        self.ok(
+            30,
+            &[
+                "network",
+                "create",
+                "--driver",
+                "bridge",
+                "--opt",
+                &format!("com.docker.network.bridge.name={bridge}"),
+                "--opt",
+                "com.docker.network.bridge.enable_icc=false",
+                "--opt",
+                "com.docker.network.bridge.enable_ip_masquerade=false",
+                "docker_gwbridge",
+            ],
+        );
+        let _ = self.gwbridge.set(bridge);
+        let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listen.local_addr().unwrap().port();
+        drop(listen);
+        self.ok(
+            60,
+            &[
+                "swarm",
+                "init",
+                "--advertise-addr",
+                "127.0.0.1",
+                "--listen-addr",
+                &format!("127.0.0.1:{port}"),
+            ],
+        );
+    }
+
+    /// The engine's API address, as `DOCKER_HOST` takes it (`unix:///…`).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The number in this engine's socket name (`…-N.sock`), unique in the process.
+    fn sock_number(&self) -> String {
+        let name = self.sock.file_stem().unwrap_or_default().to_string_lossy();
+        name.rsplit('-').next().unwrap_or("0").to_string()
     }
 
     /// The engine's process id.
@@ -143,5 +202,8 @@ impl Drop for Dockerd {
             let _ = Command::new("umount").arg("-l").arg(&m).status();
         }
         let _ = fs::remove_file(&self.sock);
+        if let Some(bridge) = self.gwbridge.get() {
+            let _ = Command::new("ip").args(["link", "delete", bridge]).status();
+        }
     }
 }
