@@ -37,14 +37,12 @@ pub fn rebase(store: &Store, args: &One<'_>, progress: ProgressArg) -> Result<()
     } else {
         None
     };
-    let local = local_name(args.image)?;
-    let in_store = store.find_ref(&local)?.is_some();
     let Some(dest) = dest else {
         rebase_in_store(store, args)?;
         return Ok(());
     };
     let out = Output::new(progress);
-    if !in_store {
+    if store.find_ref(&local_name(args.image)?)?.is_none() {
         return rebase_in_registry(store, args, &dest, &out);
     }
     let target = rebase_in_store(store, args)?;

@@ -549,7 +549,8 @@ impl CountingProxy {
 /// store that has none of it: the app's manifest and config and its bases' are read, never a
 /// layer (bytes counted on the wire); only the new config and manifest are written, the new
 /// base's layer is mounted from its repository; and the result is the image a local
-/// `strata rebase` makes, which a fresh store pulls and validates.
+/// `strata rebase` makes, which a fresh store pulls and validates. A store that has the app
+/// rebases it locally and pushes the same image.
 #[test]
 fn an_image_only_a_registry_holds_is_rebased_there_reading_no_layer() {
     let env = Env::new();
@@ -657,6 +658,26 @@ fn an_image_only_a_registry_holds_is_rebased_there_reading_no_layer() {
     assert_eq!(
         layers(&v)[..2],
         layers(&inspect(&env, &remote("base:2")))[..]
+    );
+
+    // The store that has the app rebases it there, names it and pushes the same image.
+    let out = env.ok(&[
+        "rebase",
+        &remote("app:1"),
+        "--onto",
+        &remote("base:2"),
+        "-t",
+        &remote("app:2"),
+        "--push",
+    ]);
+    assert_eq!(out, local);
+    check.ok(&["pull", &remote("app:2")]);
+    assert_eq!(
+        format!(
+            "{}\n",
+            digest_of(&inspect(&check, &remote("app:2")), "manifest")
+        ),
+        local
     );
 
     // Clear refusals: a base nowhere to be found, a result with no registry to go to, an
