@@ -467,8 +467,13 @@ fn push_manifests(
                 Ok(strata_registry::Mount::Upload(session)) => {
                     rt.block_on(client.cancel_upload(&repo, &session));
                 }
-                // Not there or not ours to read: try the next.
-                Err(_) => {}
+                // Not there or not ours to read: try the next (as `Client::push_blob` does).
+                Err(
+                    strata_registry::Error::Denied { .. }
+                    | strata_registry::Error::NotFound { .. }
+                    | strata_registry::Error::Unauthorized { .. },
+                ) => {}
+                Err(e) => return Err(to_err(e)),
             }
         }
         match mounted {
