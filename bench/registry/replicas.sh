@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # strata's registry with S3 + PostgreSQL (the replica setup) next to docker-registry on the same
-# S3 server, and strata with S3 + SQLite for the blob baseline, all on loopback HTTP:
+# S3 server, strata with S3 + SQLite for the blob baseline, and both registries on the
+# filesystem, all on loopback HTTP:
 #
 # 1. Manifest GET and HEAD requests per second: curl in parallel mode (`-Z`, 32 at a time,
 #    connections reused) fetching one tag N times.
@@ -91,7 +92,23 @@ YML
 # Its AWS SDK refuses a custom CA bundle over plain HTTP: none is needed here.
 env -u AWS_CA_BUNDLE docker-registry serve "$B/docker.yml" >"$B/docker.log" 2>&1 &
 PIDS+=($!)
-for p in "$SPG" "$SSQ" "$DP"; do wait_port "$p" v2/; done
+# And both on the filesystem: strata's own storage and SQLite, docker-registry's filesystem
+# driver.
+SFS=$(free_port); DFS=$(free_port)
+STRATA_STORE=$B/store "$STRATA" registry serve --addr "127.0.0.1:$SFS" --root "$B/strata-fs" >"$B/sfs.log" 2>&1 &
+PIDS+=($!)
+cat >"$B/docker-fs.yml" <<YML
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage:
+  filesystem: {rootdirectory: "$B/docker-fs"}
+  delete: {enabled: true}
+  cache: {blobdescriptor: inmemory}
+http: {addr: "127.0.0.1:$DFS"}
+YML
+docker-registry serve "$B/docker-fs.yml" >"$B/docker-fs.log" 2>&1 &
+PIDS+=($!)
+for p in "$SPG" "$SSQ" "$DP" "$SFS" "$DFS"; do wait_port "$p" v2/; done
 
 now() { date +%s.%N; }
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
@@ -110,7 +127,7 @@ push_blob() { # port repo file -> digest
 }
 printf '%s' "$CONFIG" >"$B/config"
 MANIFEST_TYPE=application/vnd.oci.image.manifest.v1+json
-for p in "$SPG" "$SSQ" "$DP"; do
+for p in "$SPG" "$SSQ" "$DP" "$SFS" "$DFS"; do
   cd_=$(push_blob "$p" bench/app "$B/config"); ld=$(push_blob "$p" bench/app "$LAYER")
   printf '{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"%s","size":1024}]}' \
     "$MANIFEST_TYPE" "$cd_" "${#CONFIG}" "$ld" >"$B/manifest"
@@ -129,7 +146,7 @@ manifest_rps() { # port GET|HEAD -> req/s
 
 echo "== manifest requests/s (curl -Z, 32 in parallel, $REQS per run, median of $RUNS)"
 declare -A RPS
-for name in strata-pg:$SPG strata-sqlite:$SSQ docker:$DP; do
+for name in strata-pg:$SPG strata-sqlite:$SSQ docker:$DP strata-fs:$SFS docker-fs:$DFS; do
   for m in GET HEAD; do
     manifest_rps "${name#*:}" "$m" >/dev/null # warm-up
     RPS[${name%%:*}-$m]=$(for _ in $(seq "$RUNS"); do manifest_rps "${name#*:}" "$m"; done | median)
@@ -140,7 +157,7 @@ done
 echo "== one ${MIB} MiB blob (median of $RUNS; upload = POST + PUT, download = GET)"
 BLOB=$B/blob; head -c "$((MIB << 20))" /dev/urandom >"$BLOB"
 DIGEST=sha256:$(sha256sum "$BLOB" | cut -d' ' -f1)
-for name in strata-pg:$SPG strata-sqlite:$SSQ docker:$DP; do
+for name in strata-pg:$SPG strata-sqlite:$SSQ docker:$DP strata-fs:$SFS docker-fs:$DFS; do
   port=${name#*:}; up=(); down=()
   for i in $(seq "$RUNS"); do
     t0=$(now); push_blob "$port" "bench/big$i" "$BLOB" >/dev/null; t1=$(now)

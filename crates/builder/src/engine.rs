@@ -257,14 +257,14 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         None
     };
     // A no-op rebuild rewrites nothing: index.json and the record are only written when they
-    // change, and every name in one write.
-    let mut moved = Vec::new();
-    for t in &tags {
-        if store.get_ref(t)?.as_ref() != Some(&descriptor) {
-            moved.push((t.clone(), descriptor.clone()));
-        }
+    // change, and every name in one write (or in the caller's, with `defer_refs`).
+    if !opts.defer_refs {
+        store.set_refs(
+            tags.iter()
+                .map(|t| (t.clone(), descriptor.clone()))
+                .collect(),
+        )?;
     }
-    store.set_refs(moved)?;
     if previous.as_ref() != Some(&record) {
         cache::save_record(store, &name, &record)?;
     }

@@ -20,6 +20,10 @@ pub struct BuildOptions {
     pub target: Option<String>,
     /// `-t` names (`myapp`, `myapp:1`); stored as refs.
     pub tags: Vec<String>,
+    /// Leave the refs to the caller: [`BuildOutcome::tags`] are not set in the store, and the
+    /// caller must hold a [`strata_store::WriteSession`] from before the build until it sets
+    /// them. A project sets a whole wave's refs in one `index.json` write this way.
+    pub defer_refs: bool,
     /// Name used for the content tag's repository and for `explain`'s record (default: the
     /// first tag's repository, else `strata-build`).
     pub name: Option<String>,
@@ -71,6 +75,7 @@ impl BuildOptions {
             build_args: BTreeMap::new(),
             target: None,
             tags: Vec::new(),
+            defer_refs: false,
             name: None,
             no_cache: false,
             explain: false,

@@ -373,13 +373,17 @@ impl Project {
         let lock = self.lock()?;
         let mut built: BTreeMap<String, BuildOutcome> = BTreeMap::new();
         let mut order = Vec::new();
+        // The images' blobs stay safe from gc until their refs are set, after each wave.
+        let _session = store.write_session()?;
         for wave in waves {
             let mut jobs = Vec::new();
             for n in &wave {
                 let img = self
                     .image(n)
                     .ok_or_else(|| Error::Usage(format!("no image `{n}`")))?;
-                jobs.push((n.clone(), self.options_for(img, opts, &built, &lock)?));
+                let mut o = self.options_for(img, opts, &built, &lock)?;
+                o.defer_refs = true;
+                jobs.push((n.clone(), o));
             }
             let results: Vec<(String, Result<BuildOutcome>)> = if jobs.len() == 1 {
                 jobs.into_iter()
@@ -412,10 +416,26 @@ impl Project {
                         .collect()
                 })
             };
+            // The wave's names in one index.json write (a wave of 200 images would otherwise
+            // queue 200 read-modify-writes on the index lock); the built ones are named even
+            // when another failed.
+            let mut refs = Vec::new();
+            let mut failed = None;
             for (n, r) in results {
-                let out = r?;
-                order.push(n.clone());
-                built.insert(n, out);
+                match r {
+                    Ok(out) => {
+                        refs.extend(out.tags.iter().map(|t| (t.clone(), out.descriptor.clone())));
+                        order.push(n.clone());
+                        built.insert(n, out);
+                    }
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            store.set_refs(refs)?;
+            if let Some(e) = failed {
+                return Err(e);
             }
         }
         // Lock what was resolved by name for the first time.

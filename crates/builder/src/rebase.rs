@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use strata_oci::{ContainerConfig, Descriptor, Digest, History, ImageConfig};
-use strata_store::{Image, Store};
+use strata_store::{Image, ImageParts, Store};
 
 use crate::error::{Error, Result};
 
@@ -27,6 +27,8 @@ pub struct Rebased {
     /// Layers taken from the new base, and kept from the image.
     pub base_layers: usize,
     pub own_layers: usize,
+    /// The new config and manifest, as stored (or pushed).
+    pub parts: ImageParts,
 }
 
 fn refuse(image: &str, reason: String) -> Error {
@@ -37,6 +39,20 @@ fn refuse(image: &str, reason: String) -> Error {
 /// (`new_base_name` is recorded in the annotation) and stores the result; names nothing.
 pub fn rebase(
     store: &Store,
+    image_name: &str,
+    image: &Image,
+    old_base: &Image,
+    new_base_name: &str,
+    new_base: &Image,
+) -> Result<Rebased> {
+    let r = rebased(image_name, image, old_base, new_base_name, new_base)?;
+    store.put_image_parts(&r.parts)?;
+    Ok(r)
+}
+
+/// [`rebase`] without the store: the new config and manifest, made from the three images'
+/// manifests and configs alone (no layer is read), as a registry-only rebase pushes them.
+pub fn rebased(
     image_name: &str,
     image: &Image,
     old_base: &Image,
@@ -132,7 +148,7 @@ pub fn rebase(
         BASE_DIGEST.to_string(),
         new_base.descriptor.digest.to_string(),
     );
-    let (descriptor, _) = store.put_image(
+    let parts = ImageParts::new(
         &out,
         new_base
             .manifest
@@ -144,9 +160,10 @@ pub fn rebase(
         Some(annotations),
     )?;
     Ok(Rebased {
-        descriptor,
+        descriptor: parts.manifest.clone(),
         base_layers: new_base.manifest.layers.len(),
         own_layers: own_layers.len(),
+        parts,
     })
 }
 

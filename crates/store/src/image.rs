@@ -24,6 +24,55 @@ pub struct Image {
     pub index: Option<Descriptor>,
 }
 
+/// An image made here, serialized as [`Store::put_image`] stores it: its config as canonical
+/// JSON and an OCI manifest of that config and its layers. (A rebase of an image that only a
+/// registry holds pushes these without storing them: the store lacks its layers.)
+#[derive(Debug, Clone)]
+pub struct ImageParts {
+    /// The config's descriptor and bytes.
+    pub config: Descriptor,
+    pub config_bytes: Vec<u8>,
+    /// The manifest's descriptor and bytes.
+    pub manifest: Descriptor,
+    pub manifest_bytes: Vec<u8>,
+}
+
+impl ImageParts {
+    /// `config` and an OCI manifest of it, `layers` and `annotations`.
+    pub fn new(
+        config: &strata_oci::ImageConfig,
+        layers: Vec<Descriptor>,
+        annotations: Option<std::collections::BTreeMap<String, String>>,
+    ) -> Result<ImageParts> {
+        let config_bytes = config.to_canonical_json()?;
+        let config = Descriptor::new(
+            media_type::OCI_CONFIG,
+            Digest::sha256(&config_bytes),
+            config_bytes.len() as u64,
+        );
+        let manifest_bytes = to_json(&Manifest {
+            schema_version: 2,
+            media_type: Some(media_type::OCI_MANIFEST.to_string()),
+            artifact_type: None,
+            config: config.clone(),
+            layers,
+            subject: None,
+            annotations,
+        })?;
+        let manifest = Descriptor::new(
+            media_type::OCI_MANIFEST,
+            Digest::sha256(&manifest_bytes),
+            manifest_bytes.len() as u64,
+        );
+        Ok(ImageParts {
+            config,
+            config_bytes,
+            manifest,
+            manifest_bytes,
+        })
+    }
+}
+
 impl Store {
     /// Store a manifest (serialized by us) whose config and layers are already in the store;
     /// returns its descriptor. The media type is the manifest's own, or the OCI one.
@@ -35,28 +84,26 @@ impl Store {
         self.put_manifest_bytes(&to_json(manifest)?, &mt)
     }
 
-    /// Store an image made here: `config` as canonical JSON, then an OCI manifest of it and
-    /// `layers` (already in the store) with `annotations`; returns the manifest's descriptor
-    /// and the config's. What a build, a rebase and an import all end with.
+    /// Store an image made here ([`ImageParts::new`]: `config` as canonical JSON, an OCI
+    /// manifest of it and `layers`, already in the store, with `annotations`); returns the
+    /// manifest's descriptor and the config's. What a build, a rebase and an import all end
+    /// with.
     pub fn put_image(
         &self,
         config: &strata_oci::ImageConfig,
         layers: Vec<Descriptor>,
         annotations: Option<std::collections::BTreeMap<String, String>>,
     ) -> Result<(Descriptor, Descriptor)> {
-        let bytes = config.to_canonical_json()?;
-        let (digest, size) = self.put_blob_bytes(&bytes, None)?;
-        let config = Descriptor::new(media_type::OCI_CONFIG, digest, size);
-        let manifest = self.put_manifest(&Manifest {
-            schema_version: 2,
-            media_type: Some(media_type::OCI_MANIFEST.to_string()),
-            artifact_type: None,
-            config: config.clone(),
-            layers,
-            subject: None,
-            annotations,
-        })?;
-        Ok((manifest, config))
+        let parts = ImageParts::new(config, layers, annotations)?;
+        self.put_image_parts(&parts)?;
+        Ok((parts.manifest, parts.config))
+    }
+
+    /// Store `parts` (their layers already in the store), config first.
+    pub fn put_image_parts(&self, parts: &ImageParts) -> Result<()> {
+        self.put_blob_bytes(&parts.config_bytes, Some(&parts.config.digest))?;
+        self.put_manifest_bytes(&parts.manifest_bytes, &parts.manifest.media_type)?;
+        Ok(())
     }
 
     /// Store an index (serialized by us); returns its descriptor.

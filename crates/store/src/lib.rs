@@ -60,7 +60,7 @@ use std::time::{Duration, SystemTime};
 pub use blob::{BlobWriter, VerifyingReader};
 pub use error::{Error, Result};
 pub use gc::GcReport;
-pub use image::Image;
+pub use image::{Image, ImageParts};
 pub use meta::{Pin, Snapshot};
 pub use owner::temp_prefix;
 pub use partial::{PARTIAL_MAX_AGE, PartialBlob};

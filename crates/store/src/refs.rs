@@ -19,7 +19,8 @@ impl Store {
     }
 
     /// [`Store::set_ref`] for many names at once: one rewrite of `index.json` (a batch that
-    /// names hundreds of images costs one write, not hundreds). All or none are set.
+    /// names hundreds of images costs one write, not hundreds). All or none are set; when every
+    /// name already points at its descriptor, nothing is written.
     pub fn set_refs(&self, refs: Vec<(String, Descriptor)>) -> Result<()> {
         let mut entries = Vec::with_capacity(refs.len());
         for (name, desc) in refs {
@@ -46,6 +47,7 @@ impl Store {
             let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
             // Another tool may have left duplicates of a name; the first one wins, the rest go,
             // so the name is unambiguous for every reader.
+            let i_before = index.manifests.len();
             let mut i = 0;
             index.manifests.retain(|d| {
                 let keep = match d.ref_name() {
@@ -61,16 +63,22 @@ impl Store {
                 }
                 keep
             });
+            let mut changed = index.manifests.len() != i_before;
             for (name, entry) in entries {
                 match at.get(&name) {
-                    Some(&slot) => index.manifests[slot] = entry,
+                    Some(&slot) if index.manifests[slot] == entry => {}
+                    Some(&slot) => {
+                        index.manifests[slot] = entry;
+                        changed = true;
+                    }
                     None => {
                         at.insert(name, index.manifests.len());
                         index.manifests.push(entry);
+                        changed = true;
                     }
                 }
             }
-            Ok(true)
+            Ok(changed)
         })
     }
 
@@ -214,7 +222,43 @@ pub fn validate_ref_name(name: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::validate_ref_name;
+    use crate::Store;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn setting_refs_to_what_they_name_already_writes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path()).unwrap();
+        let (a, _) = store.put_blob_bytes(b"{}", None).unwrap();
+        let (b, _) = store.put_blob_bytes(b"[]", None).unwrap();
+        let desc =
+            |digest| strata_oci::Descriptor::new(strata_oci::media_type::OCI_MANIFEST, digest, 2);
+        store
+            .set_refs(vec![
+                ("a:1".into(), desc(a.clone())),
+                ("b:1".into(), desc(b.clone())),
+            ])
+            .unwrap();
+        let index = d.path().join("index.json");
+        let inode = std::fs::metadata(&index).unwrap().ino();
+        // The same names and descriptors again: index.json is not replaced.
+        store
+            .set_refs(vec![
+                ("b:1".into(), desc(b.clone())),
+                ("a:1".into(), desc(a.clone())),
+            ])
+            .unwrap();
+        assert_eq!(std::fs::metadata(&index).unwrap().ino(), inode);
+        // One name moves: it is replaced, and both names read back.
+        store
+            .set_refs(vec![("a:1".into(), desc(b.clone()))])
+            .unwrap();
+        assert_ne!(std::fs::metadata(&index).unwrap().ino(), inode);
+        assert_eq!(store.get_ref("a:1").unwrap(), Some(desc(b.clone())));
+        assert_eq!(store.get_ref("b:1").unwrap(), Some(desc(b)));
+    }
 
     #[test]
     fn ref_names_follow_the_layout_grammar() {

@@ -158,9 +158,11 @@ pub enum Command {
         /// Every image of the store built on an older image of the new base's repository.
         #[arg(long)]
         all: bool,
-        /// With --all: push each rebased image that names a registry back there (its layers are
-        /// there already: only its config and manifest move).
-        #[arg(long, requires = "all")]
+        /// Push the result to the registry its name (or -t) names: only its config and
+        /// manifest move (and the new base's layers, where the registry lacks them). An IMAGE
+        /// the store lacks is rebased in its registry, reading its manifest and config only.
+        /// With --all: push each rebased image that names a registry back there.
+        #[arg(long)]
         push: bool,
         /// Allow plain HTTP and unverified TLS for --push.
         #[arg(long, requires = "push")]

@@ -92,19 +92,27 @@ pub fn run(cli: Cli) -> Result<()> {
             insecure,
             progress,
             ..
-        } => rebase_all(&store()?, &onto, push, insecure, progress),
+        } => crate::rebase::rebase_all(&store()?, &onto, push, insecure, progress),
         Command::Rebase {
             image,
             onto,
             old_base,
             tag,
+            push,
+            insecure,
+            progress,
             ..
-        } => rebase(
+        } => crate::rebase::rebase(
             &store()?,
-            image.as_deref().unwrap_or_default(),
-            &onto,
-            old_base.as_deref(),
-            tag.as_deref(),
+            &crate::rebase::One {
+                image: image.as_deref().unwrap_or_default(),
+                onto: &onto,
+                old_base: old_base.as_deref(),
+                tag: tag.as_deref(),
+                push,
+                insecure,
+            },
+            progress,
         ),
         Command::Version => {
             println!("strata {}", version());
@@ -121,160 +129,6 @@ pub fn version() -> String {
         env!("CARGO_PKG_VERSION"),
         env!("STRATA_COMMIT")
     )
-}
-
-/// `strata rebase IMAGE --onto BASE`: see [`strata_build::rebase`].
-fn rebase(
-    store: &Store,
-    image: &str,
-    onto: &str,
-    old_base: Option<&str>,
-    tag: Option<&str>,
-) -> Result<()> {
-    let load = |what: &str, name: &str| -> Result<(String, strata_store::Image)> {
-        let local = local_name(name)?;
-        let img = store
-            .image(&local)
-            .with_context(|| format!("no {what} `{local}` in the store"))?;
-        Ok((local, img))
-    };
-    let (name, img) = load("image", image)?;
-    let (_, old) = match old_base {
-        Some(b) => load("old base", b)?,
-        None => {
-            let recorded = strata_build::rebase::recorded_base(&img).with_context(|| {
-                format!(
-                    "`{name}` records no base image
-hint: name the base it was built on with                      --old-base"
-                )
-            })?;
-            load("old base", &recorded.to_string())?
-        }
-    };
-    let (new_name, new) = load("new base", onto)?;
-    let rebased = strata_build::rebase::rebase(store, &name, &img, &old, &new_name, &new)?;
-    strata_oci::validate_image(store, &rebased.descriptor)
-        .context("the rebased image does not validate")?;
-    let target = match tag {
-        Some(t) => local_name(t)?,
-        None if image.parse::<Digest>().is_err() && !image.contains('@') => name.clone(),
-        None => bail!("a digest names no image to move: give the result a name with -t"),
-    };
-    store.set_ref(&target, rebased.descriptor.clone())?;
-    eprintln!(
-        "Rebased {name} onto {new_name} as {target}: {} base layer(s), {} own layer(s) kept, no \
-         layer written",
-        rebased.base_layers, rebased.own_layers
-    );
-    println!("{}", rebased.descriptor.digest);
-    Ok(())
-}
-
-/// `strata rebase --all --onto BASE [--push]`: every image of the store whose recorded base
-/// is another image of BASE's repository, moved onto BASE in one pass (one `index.json` write);
-/// with `--push`, each one that names a registry pushed back (config and manifest only).
-fn rebase_all(
-    store: &Store,
-    onto: &str,
-    push: bool,
-    insecure: bool,
-    progress: cli::ProgressArg,
-) -> Result<()> {
-    let new_name = local_name(onto)?;
-    let new = store
-        .image(&new_name)
-        .with_context(|| format!("no new base `{new_name}` in the store"))?;
-    let repository = |name: &str| {
-        strata_oci::Reference::parse_local(name)
-            .map(|r| (r.registry().map(str::to_string), r.repository().to_string()))
-            .ok()
-    };
-    let want = repository(&new_name);
-    let (mut moved, mut current, mut refused) = (Vec::new(), 0usize, Vec::new());
-    for (name, _) in store.list_refs()? {
-        // A content tag (`app:strata-<key>`) names what a build made from its inputs: it
-        // keeps naming that build.
-        let content_tag = strata_oci::Reference::parse_local(&name)
-            .is_ok_and(|r| r.tag().is_some_and(|t| t.starts_with("strata-")));
-        if content_tag {
-            continue;
-        }
-        let Ok(img) = store.image(&name) else {
-            continue;
-        };
-        let recorded_name = img
-            .manifest
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(strata_build::rebase::BASE_NAME));
-        let Some(old_digest) = strata_build::rebase::recorded_base(&img) else {
-            continue;
-        };
-        if recorded_name.and_then(|n| repository(n)) != want || name == new_name {
-            continue;
-        }
-        if old_digest == new.descriptor.digest {
-            current += 1;
-            continue;
-        }
-        let result = store
-            .image(&old_digest.to_string())
-            .with_context(|| format!("its old base {old_digest} is not in the store"))
-            .and_then(|old| {
-                Ok(strata_build::rebase::rebase(
-                    store, &name, &img, &old, &new_name, &new,
-                )?)
-            });
-        match result {
-            Ok(r) => moved.push((name, r)),
-            Err(e) => refused.push(format!("{name}: {e:#}")),
-        }
-    }
-    store.set_refs(
-        moved
-            .iter()
-            .map(|(n, r)| (n.clone(), r.descriptor.clone()))
-            .collect(),
-    )?;
-    for (name, r) in &moved {
-        println!("{name}\t{}", r.descriptor.digest);
-    }
-    eprintln!(
-        "Rebased {} image(s) onto {new_name}, no layer written; {current} already on it{}",
-        moved.len(),
-        if refused.is_empty() {
-            String::new()
-        } else {
-            format!("; {} refused", refused.len())
-        }
-    );
-    let mut failed = refused;
-    if push {
-        let out = crate::output::Output::new(progress);
-        for (name, _) in &moved {
-            // Only names with a registry host: a local name (`app:1`) stays local.
-            let names_registry =
-                strata_oci::Reference::parse_local(name).is_ok_and(|r| r.registry().is_some());
-            let Ok(dest) = strata_oci::Reference::parse(name) else {
-                continue;
-            };
-            if !names_registry {
-                continue;
-            }
-            match crate::registry::push_ref(store, name, &dest, insecure, &out) {
-                Ok(report) => out.note(&crate::registry::pushed_note(&report)),
-                Err(e) => failed.push(format!("{name}: cannot push to `{dest}`: {e:#}")),
-            }
-        }
-    }
-    if !failed.is_empty() {
-        bail!(
-            "{} image(s) not rebased or not pushed:\n{}",
-            failed.len(),
-            failed.join("\n")
-        );
-    }
-    Ok(())
 }
 
 /// `strata history IMAGE`: the config's history, newest first, with each step's layer size

@@ -8,6 +8,7 @@ mod deploy;
 mod dev;
 mod hosts;
 mod output;
+mod rebase;
 mod registry;
 
 use std::process::ExitCode;

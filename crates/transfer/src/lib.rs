@@ -18,5 +18,6 @@ pub use error::{Error, Result};
 pub use import::{ImportOptions, Imported, import_tarball, local_name};
 pub use registry::{
     BlobProgress, BlobState, DEFAULT_PARALLELISM, ProgressFn, PullOptions, PullReport, PushOptions,
-    PushReport, known_repositories, pull, pulled_name, push, push_descriptor,
+    PushReport, fetch_image, known_repositories, pull, pulled_name, push, push_descriptor,
+    push_parts,
 };

@@ -311,8 +311,7 @@ pub fn push_descriptor(
     opts: &PushOptions,
 ) -> Result<PushReport> {
     let name = name.to_string();
-    let registry = remote_registry(dest)?.to_string();
-    let repo = dest.repository().to_string();
+    remote_registry(dest)?;
     let top_bytes = store.read_descriptor(&desc)?;
 
     // What to push: one manifest, or every child of an index and then the index.
@@ -352,9 +351,64 @@ pub fn push_descriptor(
         let m = parse_manifest(&name, &top.bytes)?;
         top.blobs = blobs_of(&m);
     }
+    let mut report = push_manifests(store, &name, children, top, &[], dest, opts)?;
+    report.platform_only = platform_only;
+    Ok(report)
+}
 
-    let mut blobs: Vec<Descriptor> = Vec::new();
-    let mut elsewhere: Vec<Descriptor> = Vec::new();
+/// Push an image made here but not stored (`parts`: its config and manifest in memory), as a
+/// rebase of an image that only a registry holds makes it. Each layer is pushed from the store
+/// when it has it; a layer it lacks must be in `dest`'s repository already or be mounted there
+/// from one of `opts.mount_from` (the repositories the image and its new base came from).
+pub fn push_parts(
+    store: &Store,
+    parts: &strata_store::ImageParts,
+    dest: &Reference,
+    opts: &PushOptions,
+) -> Result<PushReport> {
+    let manifest = parse_manifest(&dest.to_string(), &parts.manifest_bytes)?;
+    let top = ManifestToPush {
+        bytes: parts.manifest_bytes.clone(),
+        descriptor: parts.manifest.clone(),
+        blobs: blobs_of(&manifest),
+    };
+    let config = (parts.config.clone(), parts.config_bytes.clone());
+    push_manifests(
+        store,
+        &parts.manifest.digest.to_string(),
+        Vec::new(),
+        top,
+        &[config],
+        dest,
+        opts,
+    )
+}
+
+/// Where a blob to push comes from.
+enum Source {
+    /// Its bytes are here (a config made but not stored).
+    Memory(bytes::Bytes),
+    /// The store has it.
+    Store,
+    /// Neither: it must be in the destination repository already, or be mounted there.
+    Registry,
+}
+
+/// Pushes `children` (an index's manifests), then `top`, with every blob they name: blobs of
+/// `memory` from there, the others from the store or already in the registry. `name` says
+/// what is pushed in errors.
+fn push_manifests(
+    store: &Store,
+    name: &str,
+    children: Vec<ManifestToPush>,
+    top: ManifestToPush,
+    memory: &[(Descriptor, Vec<u8>)],
+    dest: &Reference,
+    opts: &PushOptions,
+) -> Result<PushReport> {
+    let registry = remote_registry(dest)?.to_string();
+    let repo = dest.repository().to_string();
+    let mut blobs: Vec<(Descriptor, Source)> = Vec::new();
     let mut seen = BTreeSet::new();
     for d in children
         .iter()
@@ -362,11 +416,12 @@ pub fn push_descriptor(
         .flat_map(|m| &m.blobs)
     {
         if seen.insert(d.digest.clone()) {
-            if store.has_blob(&d.digest) {
-                blobs.push(d.clone());
-            } else {
-                elsewhere.push(d.clone());
-            }
+            let source = match memory.iter().find(|(m, _)| m.digest == d.digest) {
+                Some((_, bytes)) => Source::Memory(bytes::Bytes::from(bytes.clone())),
+                None if store.has_blob(&d.digest) => Source::Store,
+                None => Source::Registry,
+            };
+            blobs.push((d.clone(), source));
         }
     }
 
@@ -374,74 +429,141 @@ pub fn push_descriptor(
     let to_err = registry_error(dest);
     let client = Client::new(&registry, opts.client.clone()).map_err(&to_err)?;
     // A blob this store lacks may already be in the destination (a build cache's export names
-    // layers other builders pushed); anything else missing is an error before any upload.
-    for d in &elsewhere {
-        let there = rt
-            .block_on(client.head_blob(&repo, &d.digest))
-            .map_err(&to_err)?;
-        if there.is_none() {
-            return Err(strata_store::Error::BlobNotFound {
-                digest: d.digest.clone(),
-            }
-            .into());
+    // layers other builders pushed; a registry-only rebase keeps the image's layers), or be
+    // mounted from a repository named in `mount_from`; anything else missing is an error
+    // before any upload.
+    let mut outcomes = Vec::new();
+    let mut to_push = Vec::new();
+    for (d, source) in blobs {
+        if !matches!(source, Source::Registry) {
+            to_push.push((d, source));
+            continue;
         }
-    }
-    let bytes_uploaded = AtomicU64::new(0);
-    let outcomes = parallel(blobs, opts.parallelism, |d: Descriptor| {
-        let report = |done: u64, state: BlobState| {
+        let report = |state| {
             if let Some(p) = &opts.progress {
                 p(&BlobProgress {
                     digest: d.digest.clone(),
-                    done,
+                    done: d.size,
                     total: d.size,
                     state,
                 });
             }
         };
-        report(0, BlobState::Checking);
-        let mut candidates: Vec<String> = opts.mount_from.clone();
-        for r in known_repositories(store, &registry, &d.digest)? {
-            let same_ns = namespace(&repo).is_none() || namespace(&r) == namespace(&repo);
-            if same_ns && r != repo && !candidates.contains(&r) {
-                candidates.push(r);
-            }
-        }
-        candidates.truncate(4);
-        let progress: Option<Arc<strata_registry::Progress>> = opts.progress.as_ref().map(|p| {
-            let p = Arc::clone(p);
-            let digest = d.digest.clone();
-            let total = d.size;
-            Arc::new(move |done: u64| {
-                p(&BlobProgress {
-                    digest: digest.clone(),
-                    done,
-                    total,
-                    state: BlobState::Transferring,
-                })
-            }) as Arc<strata_registry::Progress>
-        });
-        let data = BlobData::File(store.blob_path(&d.digest));
-        let outcome = rt
-            .block_on(client.push_blob(
-                &repo,
-                &d.digest,
-                d.size,
-                &data,
-                &candidates,
-                progress.as_ref(),
-            ))
+        let there = rt
+            .block_on(client.head_blob(&repo, &d.digest))
             .map_err(&to_err)?;
-        match &outcome {
-            BlobPush::Exists => report(d.size, BlobState::Skipped),
-            BlobPush::Mounted { .. } => report(d.size, BlobState::Mounted),
-            BlobPush::Uploaded { bytes_sent, .. } => {
-                bytes_uploaded.fetch_add(*bytes_sent, Ordering::Relaxed);
-                report(d.size, BlobState::Done);
+        if there.is_some() {
+            report(BlobState::Skipped);
+            outcomes.push(BlobPush::Exists);
+            continue;
+        }
+        let mut mounted = None;
+        for from in opts.mount_from.iter().filter(|f| **f != repo) {
+            match rt.block_on(client.mount_blob(&repo, &d.digest, from)) {
+                Ok(strata_registry::Mount::Mounted) => {
+                    mounted = Some(from.clone());
+                    break;
+                }
+                Ok(strata_registry::Mount::Upload(session)) => {
+                    rt.block_on(client.cancel_upload(&repo, &session));
+                }
+                // Not there or not ours to read: try the next (as `Client::push_blob` does).
+                Err(
+                    strata_registry::Error::Denied { .. }
+                    | strata_registry::Error::NotFound { .. }
+                    | strata_registry::Error::Unauthorized { .. },
+                ) => {}
+                Err(e) => return Err(to_err(e)),
             }
         }
-        record_repository(store, &registry, &d.digest, &repo)?;
-        Ok(outcome)
-    })?;
+        match mounted {
+            Some(from) => {
+                report(BlobState::Mounted);
+                outcomes.push(BlobPush::Mounted { from });
+            }
+            None if opts.mount_from.is_empty() => {
+                return Err(strata_store::Error::BlobNotFound {
+                    digest: d.digest.clone(),
+                }
+                .into());
+            }
+            None => {
+                return Err(Error::Image {
+                    name: name.to_string(),
+                    reason: format!(
+                        "blob {} is neither in the store nor in {registry}/{repo} nor in {}",
+                        d.digest,
+                        opts.mount_from.join(", ")
+                    ),
+                });
+            }
+        }
+    }
+    let bytes_uploaded = AtomicU64::new(0);
+    let pushed = parallel(
+        to_push,
+        opts.parallelism,
+        |(d, source): (Descriptor, Source)| {
+            let report = |done: u64, state: BlobState| {
+                if let Some(p) = &opts.progress {
+                    p(&BlobProgress {
+                        digest: d.digest.clone(),
+                        done,
+                        total: d.size,
+                        state,
+                    });
+                }
+            };
+            report(0, BlobState::Checking);
+            let mut candidates: Vec<String> = opts.mount_from.clone();
+            for r in known_repositories(store, &registry, &d.digest)? {
+                let same_ns = namespace(&repo).is_none() || namespace(&r) == namespace(&repo);
+                if same_ns && r != repo && !candidates.contains(&r) {
+                    candidates.push(r);
+                }
+            }
+            candidates.truncate(4);
+            let progress: Option<Arc<strata_registry::Progress>> =
+                opts.progress.as_ref().map(|p| {
+                    let p = Arc::clone(p);
+                    let digest = d.digest.clone();
+                    let total = d.size;
+                    Arc::new(move |done: u64| {
+                        p(&BlobProgress {
+                            digest: digest.clone(),
+                            done,
+                            total,
+                            state: BlobState::Transferring,
+                        })
+                    }) as Arc<strata_registry::Progress>
+                });
+            let data = match source {
+                Source::Memory(bytes) => BlobData::Bytes(bytes),
+                _ => BlobData::File(store.blob_path(&d.digest)),
+            };
+            let outcome = rt
+                .block_on(client.push_blob(
+                    &repo,
+                    &d.digest,
+                    d.size,
+                    &data,
+                    &candidates,
+                    progress.as_ref(),
+                ))
+                .map_err(&to_err)?;
+            match &outcome {
+                BlobPush::Exists => report(d.size, BlobState::Skipped),
+                BlobPush::Mounted { .. } => report(d.size, BlobState::Mounted),
+                BlobPush::Uploaded { bytes_sent, .. } => {
+                    bytes_uploaded.fetch_add(*bytes_sent, Ordering::Relaxed);
+                    report(d.size, BlobState::Done);
+                }
+            }
+            record_repository(store, &registry, &d.digest, &repo)?;
+            Ok(outcome)
+        },
+    )?;
+    outcomes.extend(pushed);
 
     let mut manifests_pushed = 0;
     for m in &children {
@@ -491,7 +613,7 @@ pub fn push_descriptor(
             })
             .sum(),
         manifests_pushed,
-        platform_only,
+        platform_only: false,
     })
 }
 
@@ -604,5 +726,55 @@ pub fn pull(store: &Store, src: &Reference, opts: &PullOptions) -> Result<PullRe
         blobs_fetched,
         bytes_downloaded: fetched.iter().map(|f| f.bytes_received).sum(),
         resumed: fetched.iter().map(|f| f.resumed).sum(),
+    })
+}
+
+/// The largest image config [`fetch_image`] reads (configs are a few KB; this bounds what a
+/// manifest that claims a huge one can make us hold in memory).
+const MAX_CONFIG_SIZE: u64 = 8 << 20;
+
+/// The image `src` names, resolved to `opts.platform`, as its manifest and config only: no
+/// layer is fetched and nothing is stored. What a rebase of an image that only a registry
+/// holds reads of it, of its old base and of its new one.
+pub fn fetch_image(src: &Reference, opts: &PullOptions) -> Result<strata_store::Image> {
+    let src = src.to_remote();
+    let registry = remote_registry(&src)?.to_string();
+    let repo = src.repository().to_string();
+    let reference = match (src.digest(), src.tag()) {
+        (Some(d), _) => d.to_string(),
+        (None, Some(t)) => t.to_string(),
+        (None, None) => strata_oci::reference::DEFAULT_TAG.to_string(),
+    };
+    let rt = runtime(&src)?;
+    let to_err = registry_error(&src);
+    let client = Client::new(&registry, opts.client.clone()).map_err(&to_err)?;
+    let resolved = rt
+        .block_on(client.resolve_image(&repo, &reference, &opts.platform))
+        .map_err(&to_err)?;
+    let config = &resolved.parsed.config;
+    if config.size > MAX_CONFIG_SIZE {
+        return Err(Error::Image {
+            name: src.to_string(),
+            reason: format!(
+                "its config {} is {} bytes, more than the {MAX_CONFIG_SIZE} an image config may be",
+                config.digest, config.size
+            ),
+        });
+    }
+    let mut config_bytes = Vec::new();
+    rt.block_on(client.fetch_blob(
+        &repo,
+        &config.digest,
+        Some(config.size),
+        &mut config_bytes,
+        None,
+    ))
+    .map_err(&to_err)?;
+    Ok(strata_store::Image {
+        descriptor: resolved.manifest.descriptor(),
+        manifest_bytes: resolved.manifest.bytes,
+        manifest: resolved.parsed,
+        config_bytes,
+        index: resolved.index.map(|i| i.descriptor()),
     })
 }

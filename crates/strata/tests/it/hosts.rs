@@ -92,6 +92,12 @@ pub struct TestHost {
 
 impl TestHost {
     fn start(env: &Env, keys: &Keys) -> TestHost {
+        TestHost::start_with_path(env, keys, None)
+    }
+
+    /// A host whose sessions look up commands in `path_first` before the system's
+    /// directories (sshd's `SetEnv PATH=…`): a script there shadows a system command.
+    fn start_with_path(env: &Env, keys: &Keys, path_first: Option<&Path>) -> TestHost {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let id = std::process::id() % 100_000;
         let ns = format!("strata-h{id}-{n}");
@@ -117,7 +123,13 @@ impl TestHost {
                 "ListenAddress {addr}:22\nHostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {ak}\n\
                  PermitRootLogin prohibit-password\nPasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
-                 SetEnv HOME={home} STRATA_STORE={store}\n",
+                 SetEnv HOME={home} STRATA_STORE={store}{path}\n",
+                path = path_first
+                    .map(|p| format!(
+                        " PATH={}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                        p.display()
+                    ))
+                    .unwrap_or_default(),
                 home = env.path(&format!("host{n}-home")).display(),
                 store = env.path(&format!("host{n}-store")).display(),
                 hk = keys.dir.join("hostkey").display(),
@@ -607,6 +619,65 @@ fn unknown_hosts_refused_keys_and_missing_images_are_clear_errors() {
     assert!(err.contains("host `h`: has no image `ghost:1`"), "{err}");
     assert!(
         !lab.env.store().join("index.json").exists() || !lab.ok(&["images"]).0.contains("ghost")
+    );
+}
+
+/// A host whose `uname -m` names another architecture (a script ahead of the real `uname` on
+/// its PATH) gets no strata binary: the client compares the architectures, refuses, and says
+/// what to do; with the same architecture under its other name (`amd64`, `arm64`) it installs.
+#[test]
+fn a_host_of_another_architecture_gets_no_binary_and_a_clear_refusal() {
+    if !can_run() {
+        return;
+    }
+    let lab = Lab::new();
+    let bin = lab.env.path("remote-bin");
+    fs::create_dir_all(&bin).unwrap();
+    let answer = bin.join("answer");
+    let uname = bin.join("uname");
+    fs::write(
+        &uname,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = -m ] && exec cat {}\nexec /bin/uname \"$@\"\n",
+            answer.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&uname, fs::Permissions::from_mode(0o755)).unwrap();
+    let (other, alias) = match std::env::consts::ARCH {
+        "x86_64" => ("aarch64", "amd64"),
+        "aarch64" => ("x86_64", "arm64"),
+        a => panic!("no test architecture pair for {a}"),
+    };
+    fs::write(&answer, format!("{other}\n")).unwrap();
+    let host = TestHost::start_with_path(&lab.env, &lab.keys, Some(&bin));
+    import_busybox(&lab.env, "base:1");
+    // strata is not at the default path on the host, so the client would install itself.
+    let url = format!("ssh://root@{}/copy:1", host.addr);
+    let installed = host.home.join(".strata/bin/strata");
+    let err = lab.fails(&["push", "base:1", &url]);
+    assert!(
+        err.contains(&format!(
+            "it is {other} and this strata is {}: install strata for {other} there",
+            std::env::consts::ARCH
+        )),
+        "{err}"
+    );
+    assert!(err.contains("strata = \"PATH\""), "says what to do: {err}");
+    assert!(!err.contains("installing strata"), "{err}");
+    assert!(
+        !installed.exists(),
+        "a binary of another architecture was installed"
+    );
+
+    // The same architecture spelled as Debian and macOS do: installed, and the push goes on.
+    fs::write(&answer, format!("{alias}\n")).unwrap();
+    let (out, err) = lab.ok(&["push", "base:1", &url]);
+    assert!(err.contains("installing strata"), "{err}");
+    assert!(out.contains("copy:1@sha256:"), "{out}");
+    assert_eq!(
+        fs::read(&installed).unwrap(),
+        fs::read(env!("CARGO_BIN_EXE_strata")).unwrap()
     );
 }
 

@@ -4,7 +4,11 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::common::{Env, Registry, import_busybox};
 
@@ -480,4 +484,234 @@ fn rebase_all_moves_every_app_of_the_base_and_pushes_only_configs() {
     // A name and --all at once is a usage error.
     let out = env.strata(&["rebase", "app", "--all", "--onto", "base:2"]);
     assert!(!out.status.success());
+}
+
+/// A TCP proxy to the registry on 127.0.0.1:`port` that counts the bytes each way.
+struct CountingProxy {
+    port: u16,
+    /// Bytes from the client to the registry, and back.
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
+}
+
+impl CountingProxy {
+    fn start(port: u16) -> CountingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = CountingProxy {
+            port: listener.local_addr().unwrap().port(),
+            up: Arc::new(AtomicU64::new(0)),
+            down: Arc::new(AtomicU64::new(0)),
+        };
+        let (up, down) = (proxy.up.clone(), proxy.down.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", port)) else {
+                    return;
+                };
+                let relay = |mut from: TcpStream, mut to: TcpStream, count: Arc<AtomicU64>| {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            count.fetch_add(n as u64, Ordering::SeqCst);
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                };
+                relay(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    up.clone(),
+                );
+                relay(server, client, down.clone());
+            }
+        });
+        proxy
+    }
+
+    /// (bytes up, bytes down) so far.
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.up.load(Ordering::SeqCst),
+            self.down.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// An app that only a registry holds (built and pushed elsewhere) is rebased there from a
+/// store that has none of it: the app's manifest and config and its bases' are read, never a
+/// layer (bytes counted on the wire); only the new config and manifest are written, the new
+/// base's layer is mounted from its repository; and the result is the image a local
+/// `strata rebase` makes, which a fresh store pulls and validates. A store that has the app
+/// rebases it locally and pushes the same image.
+#[test]
+fn an_image_only_a_registry_holds_is_rebased_there_reading_no_layer() {
+    let env = Env::new();
+    import_busybox(&env, "bb");
+    let registry = Registry::start(&env);
+    let proxy = CountingProxy::start(registry.port);
+    let remote = |name: &str| format!("127.0.0.1:{}/team/{name}", proxy.port);
+    let dir = env.path("ctx");
+    write(&dir.join("v"), "1\n");
+    write(
+        &dir.join("base.Dockerfile"),
+        "FROM bb\nCOPY v /etc/base-version\nENV PATH=/base/bin:/bin\n",
+    );
+    // The app's own layer: 1 MiB that does not compress, so a download of it would show.
+    let noise: Vec<u8> = (0u32..1 << 18)
+        .flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes())
+        .collect();
+    fs::write(dir.join("blob.bin"), &noise).unwrap();
+    write(
+        &dir.join("app.Dockerfile"),
+        &format!(
+            "FROM {}\nCOPY blob.bin /app/\nENV APP=1\nCMD [\"/app/run\"]\n",
+            remote("base:1")
+        ),
+    );
+    let build = |file: &str, tag: &str| {
+        env.ok(&[
+            "build",
+            "-f",
+            dir.join(file).to_str().unwrap(),
+            "-t",
+            tag,
+            dir.to_str().unwrap(),
+        ]);
+        env.ok(&["push", tag]);
+    };
+    build("base.Dockerfile", &remote("base:1"));
+    build("app.Dockerfile", &remote("app:1"));
+    write(&dir.join("v"), "2\n");
+    build("base.Dockerfile", &remote("base:2"));
+    // What a rebase in a store that has everything makes.
+    let local = env.ok(&[
+        "rebase",
+        &remote("app:1"),
+        "--onto",
+        &remote("base:2"),
+        "-t",
+        "rebased:1",
+    ]);
+    let app_layer = layers(&inspect(&env, &remote("app:1")))[2].clone();
+
+    // A store with nothing in it (a CI job, say).
+    let ci = Env::new();
+    let (up0, down0) = proxy.counts();
+    let out = ci.strata(&[
+        "rebase",
+        &remote("app:1"),
+        "--onto",
+        &remote("base:2"),
+        "--push",
+        "--progress",
+        "json",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let (up, down) = proxy.counts();
+    let (up, down) = (up - up0, down - down0);
+    eprintln!("registry-only rebase: {up} bytes up, {down} bytes down");
+    assert_eq!(stdout, local, "not the image a local rebase makes");
+    assert!(
+        down < 64 * 1024,
+        "{down} bytes came down: a layer (1 MiB) was read"
+    );
+    assert!(up < 64 * 1024, "{up} bytes went up: more than a config");
+    assert!(
+        !blob_names(&ci).contains(&app_layer),
+        "the app's layer is in the store"
+    );
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let state_of = |state: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["event"] == "blob" && e["state"] == state)
+            .map(|e| e["digest"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let base2_layer = layers(&inspect(&env, &remote("base:2")))[1].clone();
+    let config = digest_of(&inspect(&env, "rebased:1"), "config");
+    assert_eq!(state_of("done"), [config], "only the config is uploaded");
+    assert_eq!(state_of("mounted"), [base2_layer], "{stderr}");
+    assert!(state_of("skipped").contains(&app_layer), "{stderr}");
+
+    // The registry serves it: a fresh store pulls and validates it, with the new base's PATH.
+    let check = Env::new();
+    check.ok(&["pull", &remote("app:1")]);
+    check.ok(&["validate", &remote("app:1")]);
+    let v = inspect(&check, &remote("app:1"));
+    assert_eq!(format!("{}\n", digest_of(&v, "manifest")), local);
+    assert_eq!(
+        layers(&v)[..2],
+        layers(&inspect(&env, &remote("base:2")))[..]
+    );
+
+    // The store that has the app rebases it there, names it and pushes the same image.
+    let out = env.ok(&[
+        "rebase",
+        &remote("app:1"),
+        "--onto",
+        &remote("base:2"),
+        "-t",
+        &remote("app:2"),
+        "--push",
+    ]);
+    assert_eq!(out, local);
+    check.ok(&["pull", &remote("app:2")]);
+    assert_eq!(
+        format!(
+            "{}\n",
+            digest_of(&inspect(&check, &remote("app:2")), "manifest")
+        ),
+        local
+    );
+
+    // Clear refusals: a base nowhere to be found, a result with no registry to go to, an
+    // image that is neither here nor there.
+    let err = ci.fails(&[
+        "rebase",
+        &remote("app:1"),
+        "--onto",
+        &remote("base:9"),
+        "--push",
+    ]);
+    assert!(
+        err.contains(&format!("no new base `{}`", remote("base:9"))),
+        "{err}"
+    );
+    let err = ci.fails(&[
+        "rebase",
+        &remote("app:1"),
+        "--onto",
+        &remote("base:2"),
+        "--push",
+        "-t",
+        "mine:1",
+    ]);
+    assert!(err.contains("`mine:1` names none"), "{err}");
+    let err = ci.fails(&[
+        "rebase",
+        &remote("ghost:1"),
+        "--onto",
+        &remote("base:2"),
+        "--push",
+    ]);
+    assert!(
+        err.contains(&format!("no image `{}` in the store", remote("ghost:1"))),
+        "{err}"
+    );
 }
