@@ -23,11 +23,9 @@ use crate::cli::{DeployArgs, DevArgs};
 use crate::output::{Note, Output};
 
 /// How long the context must stay quiet before a batch of changes is acted on: editors write a
-/// file in several steps (a temp file, a rename, a chmod), so each event seen while waiting
-/// lengthens the wait by a step, from 20 ms up to 50 ms, without the 200–500 ms other tools
-/// wait.
+/// file in several steps (a temp file, a rename, a chmod), so the wait adapts to how far apart
+/// a batch's events come, from 20 ms up to 50 ms, without the 200–500 ms other tools wait.
 const QUIET_MIN: Duration = Duration::from_millis(20);
-const QUIET_STEP: Duration = Duration::from_millis(10);
 const QUIET_MAX: Duration = Duration::from_millis(50);
 
 /// How long after a failed rebuild, with nothing else changed, it is tried again.
@@ -217,12 +215,16 @@ fn dev_app(store_root: &Path, args: &DevArgs, name: Option<&str>, out: &Output) 
         let started = Instant::now();
         let mut raw = BTreeSet::new();
         collect(first, &mut raw);
-        // Until the contexts are quiet: 20 ms after a lone save, up to 50 ms while events keep
-        // coming (an editor's temp file, rename and chmod; a `git checkout`).
+        // Until the contexts are quiet: 20 ms after a save whose events come together, longer
+        // (four times the widest gap seen between its events, up to 50 ms) when they come
+        // spread out (an editor that writes, then renames, then chmods, a few ms apart).
         let mut quiet = QUIET_MIN;
+        let mut last = Instant::now();
         while let Ok(ev) = rx.recv_timeout(quiet) {
             collect(ev, &mut raw);
-            quiet = (quiet + QUIET_STEP).min(QUIET_MAX);
+            let gap = last.elapsed();
+            last = Instant::now();
+            quiet = quiet.max((gap * 4).clamp(QUIET_MIN, QUIET_MAX));
         }
         tracing::debug!(paths = ?raw, "context events");
         let base_change = raw.iter().find_map(|p| {
