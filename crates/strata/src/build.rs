@@ -197,6 +197,7 @@ fn shared_cache(
 pub(crate) fn export_cache(store: &Store, cache: Option<&SharedCache>, out: &Output) -> Result<()> {
     let Some(cache) = cache else { return Ok(()) };
     let stats = cache.stats();
+    let started = std::time::Instant::now();
     let exported = cache.export(store).with_context(|| {
         format!(
             "cannot export the build cache to {}",
@@ -224,10 +225,14 @@ pub(crate) fn export_cache(store: &Store, cache: Option<&SharedCache>, out: &Out
                 String::new()
             },
             match (exported, cache.export_reference()) {
-                (Some(n), Some(to)) if to != cache.reference() => {
-                    format!("; {n} entries exported to {to}")
-                }
-                (Some(n), _) => format!("; {n} entries exported"),
+                (Some(n), Some(to)) if to != cache.reference() => format!(
+                    "; {n} entries exported to {to} in {:.2} s",
+                    started.elapsed().as_secs_f64()
+                ),
+                (Some(n), _) => format!(
+                    "; {n} entries exported in {:.2} s",
+                    started.elapsed().as_secs_f64()
+                ),
                 _ => String::new(),
             }
         ),

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! <store>/strata/builds/
-//! └── <unix ms>-<pid>.jsonl   {"event":"journal","command":"build","pid":…,"at":…}
+//! └── <unix ms>-<pid>-<n>.jsonl   {"event":"journal","command":"build","pid":…,"at":…}
 //!                             one line per build event (`--progress json`'s objects, plus "at")
 //!                             {"event":"finished","ok":true|false,"error":…,"at":…}
 //! ```
@@ -16,6 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -50,7 +51,15 @@ impl Journal {
         let dir = dir(store_root);
         std::fs::create_dir_all(&dir)?;
         prune(&dir, KEEP.saturating_sub(1));
-        let path = dir.join(format!("{}-{}.jsonl", now_ms(), std::process::id()));
+        // Named by time, process and a count: builds of one process may start in the same
+        // millisecond (`strata dev web api`).
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = dir.join(format!(
+            "{}-{}-{}.jsonl",
+            now_ms(),
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
         let file = OpenOptions::new()
             .create_new(true)
             .append(true)
@@ -111,19 +120,17 @@ fn prune(dir: &Path, keep: usize) {
 
 /// The journals of `dir`, oldest first (their names start with the time).
 pub fn list(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+    // Sorted by time, then by the process's count (`<ms>-<pid>-<n>`).
+    let mut files: Vec<((u64, u64), PathBuf)> = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let ms = name
-                .strip_suffix(".jsonl")?
-                .split('-')
-                .next()?
-                .parse()
-                .ok()?;
-            Some((ms, e.path()))
+            let mut parts = name.strip_suffix(".jsonl")?.split('-');
+            let ms = parts.next()?.parse().ok()?;
+            let n = parts.nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+            Some(((ms, n), e.path()))
         })
         .collect();
     files.sort();
@@ -157,6 +164,8 @@ mod tests {
         for i in 0..KEEP + 5 {
             std::fs::write(d.join(format!("{}-1.jsonl", 1000 + i)), "").unwrap();
         }
+        // Two in one millisecond of one process get names of their own.
+        let _twin = Journal::start(store.path(), "dev").unwrap();
         let newest = Journal::start(store.path(), "dev").unwrap();
         let left = list(&d);
         assert_eq!(left.len(), KEEP);
