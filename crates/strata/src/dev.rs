@@ -540,39 +540,8 @@ impl Remote {
         Remote::open(&self.spec, &self.project, &self.app, &self.out)
     }
 
+    /// Sends a batch of file operations and the commit that ends it; the host's answer.
     fn apply(&mut self, ops: &[Op], changed: &[String]) -> Result<(usize, Vec<String>)> {
-        let result = self.send(ops, changed);
-        if result.is_err() && (self.broken || self.child.try_wait().ok().flatten().is_some()) {
-            self.broken = true;
-        }
-        result
-    }
-
-    /// `strata dev --reset` there: the app's dev layers dropped and its machines restarted.
-    fn reset(&mut self) -> Result<usize> {
-        use std::io::{BufRead, Write};
-        writeln!(self.input, "{}", serde_json::to_string(&Frame::Reset)?)?;
-        self.input.flush()?;
-        let mut line = String::new();
-        if self.output.read_line(&mut line)? == 0 {
-            bail!("strata on {} ended the dev connection", self.name);
-        }
-        let applied: Applied = serde_json::from_str(&line)
-            .with_context(|| format!("{} answered {line:?}", self.name))?;
-        match applied.error {
-            Some(e) => bail!("on {}: {e}", self.name),
-            None => Ok(applied.machines),
-        }
-    }
-
-    fn send(&mut self, ops: &[Op], changed: &[String]) -> Result<(usize, Vec<String>)> {
-        use std::io::{BufRead, Write};
-        let name = self.name.clone();
-        let broken = &mut self.broken;
-        let mut lost = |e: std::io::Error| {
-            *broken = true;
-            anyhow::anyhow!("the dev connection to {name} broke: {e}")
-        };
         for Op { dest, op, owner } in ops {
             let dest = dest.clone();
             let owner = owner.clone();
@@ -611,26 +580,56 @@ impl Remote {
                 ),
                 SyncOp::Remove => (Frame::Remove { dest }, Vec::new()),
             };
-            writeln!(self.input, "{}", serde_json::to_string(&frame)?).map_err(&mut lost)?;
-            self.input.write_all(&bytes).map_err(&mut lost)?;
+            self.write_frame(&frame, &bytes)?;
         }
         let commit = Frame::Commit {
             changed: changed.to_vec(),
         };
-        writeln!(self.input, "{}", serde_json::to_string(&commit)?).map_err(&mut lost)?;
-        self.input.flush().map_err(&mut lost)?;
+        self.write_frame(&commit, &[])?;
+        let applied = self.answer()?;
+        Ok((applied.machines, applied.ran))
+    }
+
+    /// `strata dev --reset` there: the app's dev layers dropped and its machines restarted.
+    fn reset(&mut self) -> Result<usize> {
+        self.write_frame(&Frame::Reset, &[])?;
+        Ok(self.answer()?.machines)
+    }
+
+    /// Writes `frame`'s line and the `bytes` that follow it; a failed write marks the
+    /// connection broken.
+    fn write_frame(&mut self, frame: &Frame, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let line = serde_json::to_string(frame)?;
+        let written = writeln!(self.input, "{line}").and_then(|()| self.input.write_all(bytes));
+        written.map_err(|e| self.lost(e))
+    }
+
+    /// Flushes what was written and reads the host's answer to it: an error the host reports
+    /// is an error here; a connection that fails or ends is marked broken.
+    fn answer(&mut self) -> Result<Applied> {
+        use std::io::{BufRead, Write};
+        self.input.flush().map_err(|e| self.lost(e))?;
         let mut line = String::new();
-        if self.output.read_line(&mut line).map_err(&mut lost)? == 0 {
+        if self.output.read_line(&mut line).map_err(|e| self.lost(e))? == 0 {
             self.broken = true;
             let status = self.child.try_wait().ok().flatten();
-            bail!("strata on {name} ended the dev connection ({status:?})");
+            bail!(
+                "strata on {} ended the dev connection ({status:?})",
+                self.name
+            );
         }
-        let applied: Applied =
-            serde_json::from_str(&line).with_context(|| format!("{name} answered {line:?}"))?;
+        let applied: Applied = serde_json::from_str(&line)
+            .with_context(|| format!("{} answered {line:?}", self.name))?;
         match applied.error {
-            Some(e) => bail!("on {name}: {e}"),
-            None => Ok((applied.machines, applied.ran)),
+            Some(e) => bail!("on {}: {e}", self.name),
+            None => Ok(applied),
         }
+    }
+
+    fn lost(&mut self, e: std::io::Error) -> anyhow::Error {
+        self.broken = true;
+        anyhow::anyhow!("the dev connection to {} broke: {e}", self.name)
     }
 }
 
