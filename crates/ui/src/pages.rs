@@ -23,8 +23,15 @@ use crate::{AppState, Pages};
 
 type Shared = Arc<AppState>;
 
-/// How often a live fragment is rendered again (and sent when it changed).
-const LIVE_EVERY: Duration = Duration::from_millis(400);
+/// How often a live fragment is rendered again (and sent when it changed): the store's state
+/// is a few local reads; the registry's listing may be many object-storage requests (every
+/// repository, tag and manifest), and changes with pushes only.
+fn live_every(kind: &str) -> Duration {
+    match kind {
+        "registry" => Duration::from_secs(3),
+        _ => Duration::from_millis(400),
+    }
+}
 
 pub(crate) fn routes(state: Shared) -> axum::Router {
     let mut r = Router::new()
@@ -150,8 +157,9 @@ fn page(state: &AppState, s: &Session, on: &str, title: &str, body: Markup) -> M
     }
 }
 
-/// A live part of a page: replaced by what `/ui/live/KIND?name=…` sends.
-fn live_div(id: &str, kind: &str, name: Option<&str>, content: Markup) -> Markup {
+/// A live part of a page (its element id: `kind`): replaced by what `/ui/live/KIND?name=…`
+/// sends.
+fn live_div(kind: &str, name: Option<&str>, content: Markup) -> Markup {
     let content = content.into_string();
     // The stream is told what the page shows, so it sends only what differs from it (a
     // replaced fragment would take the button under a user's pointer away).
@@ -161,7 +169,17 @@ fn live_div(id: &str, kind: &str, name: Option<&str>, content: Markup) -> Markup
         None => format!("/ui/live/{kind}?seen={seen}"),
     };
     let content = PreEscaped(content);
-    html! { div id=(id) data-live=(src) { (content) } }
+    html! { div id=(kind) data-live=(src) { (content) } }
+}
+
+/// The live part `kind` (of `name`) of a page, rendered as its stream renders it.
+async fn live_part(
+    state: &Shared,
+    s: &Session,
+    kind: &str,
+    name: Option<&str>,
+) -> Result<Markup, UiError> {
+    Ok(live_div(kind, name, fragment(state, s, kind, name).await?))
 }
 
 fn url_encode(s: &str) -> String {
@@ -465,14 +483,8 @@ fn apps_fragment(st: &DeployState) -> Result<Markup, UiError> {
 
 async fn apps_page(State(state): State<Shared>, headers: HeaderMap) -> Response {
     with_session(state, headers, |state, s| async move {
-        let frag = with_deploy_state(&state, apps_fragment).await?;
-        Ok(page(
-            &state,
-            &s,
-            "apps",
-            "Apps",
-            live_div("apps", "apps", None, frag),
-        ))
+        let body = live_part(&state, &s, "apps", None).await?;
+        Ok(page(&state, &s, "apps", "Apps", body))
     })
     .await
 }
@@ -542,9 +554,7 @@ async fn app_page(
     headers: HeaderMap,
 ) -> Response {
     with_session(state, headers, move |state, s| async move {
-        let csrf = s.csrf.clone();
-        let name = app.clone();
-        let frag = with_deploy_state(&state, move |st| releases_fragment(st, &name, &csrf)).await?;
+        let releases = live_part(&state, &s, "app", Some(&app)).await?;
         let job = q
             .job
             .as_deref()
@@ -555,7 +565,7 @@ async fn app_page(
                 h2 { (job.title) " " span #job-status.muted { "running…" } }
                 pre.job #job data-tail={ "/ui/jobs/" (id) "/events" } {}
             }
-            (live_div("app", "app", Some(&app), frag))
+            (releases)
         };
         Ok(page(&state, &s, "apps", &format!("App {app}"), body))
     })
@@ -741,21 +751,8 @@ fn machine_buttons(m: &Machine, csrf: &str) -> Markup {
 
 async fn machines_page(State(state): State<Shared>, headers: HeaderMap) -> Response {
     with_session(state, headers, |state, s| async move {
-        let csrf = s.csrf.clone();
-        let frag = with_deploy_state(&state, move |st| {
-            Ok(machines_table(
-                &st.machines().map_err(UiError::internal)?,
-                &csrf,
-            ))
-        })
-        .await?;
-        Ok(page(
-            &state,
-            &s,
-            "machines",
-            "Machines",
-            live_div("machines", "machines", None, frag),
-        ))
+        let body = live_part(&state, &s, "machines", None).await?;
+        Ok(page(&state, &s, "machines", "Machines", body))
     })
     .await
 }
@@ -787,11 +784,9 @@ async fn machine_page(
     headers: HeaderMap,
 ) -> Response {
     with_session(state, headers, move |state, s| async move {
-        let csrf = s.csrf.clone();
-        let mid = id.clone();
-        let frag = with_deploy_state(&state, move |st| machine_fragment(st, &mid, &csrf)).await?;
+        let machine = live_part(&state, &s, "machine", Some(&id)).await?;
         let body = html! {
-            (live_div("machine", "machine", Some(&id), frag))
+            (machine)
             h2 { "Log" }
             pre.log #log data-tail={ "/ui/machines/" (id) "/log" } {}
         };
@@ -970,17 +965,8 @@ fn builds_fragment(builds: &[BuildView]) -> Markup {
 
 async fn builds_page(State(state): State<Shared>, headers: HeaderMap) -> Response {
     with_session(state, headers, |state, s| async move {
-        let root = state.config.store_root.clone();
-        let builds = tokio::task::spawn_blocking(move || crate::builds::recent(&root, 10))
-            .await
-            .map_err(UiError::internal)?;
-        Ok(page(
-            &state,
-            &s,
-            "builds",
-            "Builds",
-            live_div("builds", "builds", None, builds_fragment(&builds)),
-        ))
+        let body = live_part(&state, &s, "builds", None).await?;
+        Ok(page(&state, &s, "builds", "Builds", body))
     })
     .await
 }
@@ -1042,14 +1028,8 @@ fn human_size(n: u64) -> String {
 
 async fn registry_page(State(state): State<Shared>, headers: HeaderMap) -> Response {
     with_session(state, headers, |state, s| async move {
-        let frag = registry_fragment(&state, &s).await?;
-        Ok(page(
-            &state,
-            &s,
-            "registry",
-            "Registry",
-            live_div("registry", "registry", None, frag),
-        ))
+        let body = live_part(&state, &s, "registry", None).await?;
+        Ok(page(&state, &s, "registry", "Registry", body))
     })
     .await
 }
@@ -1127,7 +1107,7 @@ async fn live(
         .into_response()
 }
 
-/// Renders the fragment again every [`LIVE_EVERY`] and sends it when it changed; an error
+/// Renders the fragment again every [`live_every`] and sends it when it changed; an error
 /// (the machine destroyed, the app gone) is sent once, as the fragment.
 fn live_stream(
     state: Shared,
@@ -1142,7 +1122,7 @@ fn live_stream(
             let mut first = first;
             loop {
                 if !first {
-                    tokio::time::sleep(LIVE_EVERY).await;
+                    tokio::time::sleep(live_every(&kind)).await;
                 }
                 first = false;
                 let html = match fragment(&state, &s, &kind, name.as_deref()).await {
