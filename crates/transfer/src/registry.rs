@@ -523,20 +523,7 @@ fn push_manifests(
                 }
             }
             candidates.truncate(4);
-            let progress: Option<Arc<strata_registry::Progress>> =
-                opts.progress.as_ref().map(|p| {
-                    let p = Arc::clone(p);
-                    let digest = d.digest.clone();
-                    let total = d.size;
-                    Arc::new(move |done: u64| {
-                        p(&BlobProgress {
-                            digest: digest.clone(),
-                            done,
-                            total,
-                            state: BlobState::Transferring,
-                        })
-                    }) as Arc<strata_registry::Progress>
-                });
+            let progress = transferring(&opts.progress, &d);
             let data = match source {
                 Source::Memory(bytes) => BlobData::Bytes(bytes),
                 _ => BlobData::File(store.blob_path(&d.digest)),
@@ -673,19 +660,7 @@ pub fn pull(store: &Store, src: &Reference, opts: &PullOptions) -> Result<PullRe
     }
     let blobs_fetched = missing.len();
     let fetched = parallel(missing, opts.parallelism, |d: Descriptor| {
-        let progress: Option<Arc<strata_registry::Progress>> = opts.progress.as_ref().map(|p| {
-            let p = Arc::clone(p);
-            let digest = d.digest.clone();
-            let total = d.size;
-            Arc::new(move |done: u64| {
-                p(&BlobProgress {
-                    digest: digest.clone(),
-                    done,
-                    total,
-                    state: BlobState::Transferring,
-                })
-            }) as Arc<strata_registry::Progress>
-        });
+        let progress = transferring(&opts.progress, &d);
         let mut writer = store.blob_writer_with(d.digest.algorithm())?;
         let got = rt
             .block_on(client.fetch_blob(
@@ -776,5 +751,25 @@ pub fn fetch_image(src: &Reference, opts: &PullOptions) -> Result<strata_store::
         manifest: resolved.parsed,
         config_bytes,
         index: resolved.index.map(|i| i.descriptor()),
+    })
+}
+
+/// The registry client's byte counter for blob `d`, reported as `Transferring` progress.
+fn transferring(
+    progress: &Option<Arc<ProgressFn>>,
+    d: &Descriptor,
+) -> Option<Arc<strata_registry::Progress>> {
+    progress.as_ref().map(|p| {
+        let p = Arc::clone(p);
+        let digest = d.digest.clone();
+        let total = d.size;
+        Arc::new(move |done: u64| {
+            p(&BlobProgress {
+                digest: digest.clone(),
+                done,
+                total,
+                state: BlobState::Transferring,
+            })
+        }) as Arc<strata_registry::Progress>
     })
 }
