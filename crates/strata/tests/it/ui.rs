@@ -119,6 +119,13 @@ async fn click(c: &Client, css: &str) {
     panic!("`{css}` kept going stale");
 }
 
+/// Types `token` into the sign-in form and sends it.
+async fn sign_in(c: &Client, token: &str) {
+    let field = c.find(Locator::Css("#token")).await.unwrap();
+    field.send_keys(token).await.unwrap();
+    click(c, "#signin").await;
+}
+
 /// With `STRATA_UI_SCREENSHOTS=DIR`, saves the page as DIR/NAME.png (docs/ui.md's pictures).
 async fn screenshot(c: &Client, name: &str) {
     if let Some(dir) = std::env::var_os("STRATA_UI_SCREENSHOTS") {
@@ -398,24 +405,10 @@ fn the_dashboard_shows_apps_live_rolls_back_tails_logs_and_shows_each_org_its_re
         goto(&c, &format!("{base2}/ui/registry")).await;
         let url = c.current_url().await.unwrap();
         assert!(url.path().ends_with("/ui/login"), "{url}");
-        let token = c.find(Locator::Css("#token")).await.unwrap();
-        token.send_keys("strata_not-a-token").await.unwrap();
-        c.find(Locator::Css("#signin"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        sign_in(&c, "strata_not-a-token").await;
         let err = wait_text(&c, "#error", long, |_| true).await;
         assert!(err.contains("refused"), "{err}");
-        let token = c.find(Locator::Css("#token")).await.unwrap();
-        token.send_keys(acme_token.trim()).await.unwrap();
-        c.find(Locator::Css("#signin"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        sign_in(&c, acme_token.trim()).await;
         wait_text(&c, "#org", long, |t| t == "acme").await;
         goto(&c, &format!("{base2}/ui/registry")).await;
         wait_text(&c, "section[data-repo='acme/base'] .tag", long, |t| {
@@ -449,9 +442,7 @@ fn the_dashboard_shows_apps_live_rolls_back_tails_logs_and_shows_each_org_its_re
         goto(&c, &format!("http://127.0.0.1:{r2port}/ui/")).await;
         let url = c.current_url().await.unwrap();
         assert!(url.path().ends_with("/ui/login"), "{url}");
-        let token = c.find(Locator::Css("#token")).await.unwrap();
-        token.send_keys(acme_token.trim()).await.unwrap();
-        click(&c, "#signin").await;
+        sign_in(&c, acme_token.trim()).await;
         goto(&c, &format!("http://127.0.0.1:{r2port}/ui/")).await;
         wait_text(&c, "section[data-repo='acme/base'] .tag", long, |t| {
             t == "1"
