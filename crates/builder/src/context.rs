@@ -66,7 +66,16 @@ impl Ctx<'_> {
             .map_err(io_err("creating temporary directory in", &self.tmp_root))
     }
 
+    /// A layer's bytes: from the store, fetched there first when a step found it in the
+    /// registry cache and left it there until now.
     fn open_blob(&self, d: &Descriptor) -> std::io::Result<strata_store::VerifyingReader> {
+        if let Some(shared) = &self.opts.shared_cache
+            && !self.store.has_blob(&d.digest)
+        {
+            shared
+                .fetch_layers(self.store, std::slice::from_ref(d))
+                .map_err(std::io::Error::other)?;
+        }
         self.store.open_descriptor(d).map_err(std::io::Error::other)
     }
 

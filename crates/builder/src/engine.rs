@@ -237,19 +237,41 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         history: Some(state.history.clone()),
         ..ImageConfig::default()
     };
-    let (descriptor, config_desc) = store.put_image(
-        &config,
-        state.layers.iter().map(|l| l.descriptor.clone()).collect(),
-        base_annotations(&plan),
-    )?;
-    let config_digest = config_desc.digest;
-    let content_tag = format!("{name}:strata-{}", &state.key[..16]);
-    let mut tags = Vec::new();
-    for t in &opts.tags {
-        tags.push(local(t)?);
+    let layers: Vec<Descriptor> = state.layers.iter().map(|l| l.descriptor.clone()).collect();
+    // Layers of steps found in the registry cache that no step here read are still there:
+    // fetched now when the image is wanted in this store, else left there (`remote_layers`).
+    let mut remote = false;
+    if let Some(shared) = &opts.shared_cache {
+        if opts.remote_layers {
+            remote = layers.iter().any(|d| !store.has_blob(&d.digest));
+        } else {
+            shared.fetch_layers(store, &layers)?;
+        }
     }
-    tags.push(content_tag.clone());
-    let deployment_tag = if opts.deployment_tag {
+    let (descriptor, config_desc) = if remote {
+        // Not named: the store names only images whose every blob it has. Its manifest and
+        // config are kept by digest, for the push that takes the image to its registry.
+        let parts = strata_store::ImageParts::new(&config, layers, base_annotations(&plan))?;
+        store.put_blob_bytes(&parts.config_bytes, Some(&parts.config.digest))?;
+        store.put_blob_bytes(&parts.manifest_bytes, Some(&parts.manifest.digest))?;
+        (parts.manifest, parts.config)
+    } else {
+        store.put_image(&config, layers, base_annotations(&plan))?
+    };
+    let config_digest = config_desc.digest;
+    let content_tag = if remote {
+        format!("{name}@{}", descriptor.digest)
+    } else {
+        format!("{name}:strata-{}", &state.key[..16])
+    };
+    let mut tags = Vec::new();
+    if !remote {
+        for t in &opts.tags {
+            tags.push(local(t)?);
+        }
+        tags.push(content_tag.clone());
+    }
+    let deployment_tag = if opts.deployment_tag && !remote {
         let t = format!("{name}:deployment-{}", ulid::Ulid::generate().to_string());
         tags.push(t.clone());
         Some(t)

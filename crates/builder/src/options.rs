@@ -64,6 +64,10 @@ pub struct BuildOptions {
     pub shared_cache: Option<std::sync::Arc<crate::shared_cache::SharedCache>>,
     /// What runs RUN steps (default: runc, as [`crate::executor::Runc`]).
     pub executor: Option<Arc<dyn crate::executor::Executor>>,
+    /// Layers found in the registry cache stay there unless a step reads them: an image that
+    /// lacks some is kept by digest, unnamed (its content tag is `name@sha256:…`), for a push
+    /// to the same registry that mounts them (`strata deploy --build-only --push`).
+    pub remote_layers: bool,
 }
 
 impl BuildOptions {
@@ -93,6 +97,7 @@ impl BuildOptions {
             rebase: true,
             shared_cache: None,
             executor: None,
+            remote_layers: false,
         }
     }
 }

@@ -91,6 +91,8 @@ pub struct ProjectOptions {
     pub pull: PullOptions,
     /// A build cache in a registry for every image (docs/cache.md).
     pub shared_cache: Option<std::sync::Arc<crate::shared_cache::SharedCache>>,
+    /// [`BuildOptions::remote_layers`] for every image.
+    pub remote_layers: bool,
 }
 
 /// What [`Project::build`] did.
@@ -340,6 +342,7 @@ impl Project {
         o.runc = opts.runc.clone();
         o.pull = opts.pull.clone();
         o.shared_cache = opts.shared_cache.clone();
+        o.remote_layers = opts.remote_layers;
         for dep in self.deps.get(&img.name).into_iter().flatten() {
             if let (Some(out), Some(l)) = (built.get(dep), local(dep)) {
                 o.pinned.insert(l, out.descriptor.clone());

@@ -3,13 +3,13 @@
 //! a build went through. Keys are the local cache's own (content addresses of a step's
 //! inputs), so an entry made on one machine is valid on any other.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
-use strata_oci::Descriptor;
 use strata_oci::sync::MutexExt;
+use strata_oci::{Descriptor, Digest};
 use strata_store::Store;
 use strata_transfer::cache::RegistryCache;
 
@@ -43,6 +43,14 @@ pub struct SharedCache {
     read: Mutex<Option<Vec<Exported>>>,
     /// Every key this build looked up, in order (exported when they have an entry).
     keys: Mutex<Vec<String>>,
+    /// Layers of hits left in the registry until something reads them: digest → (the
+    /// index in `from` of the cache that has it, its descriptor).
+    remote: Mutex<HashMap<Digest, (usize, Descriptor)>>,
+    /// The entries of those hits (this store's cache does not answer a key whose layer it
+    /// lacks), for the export.
+    remote_entries: Mutex<HashMap<String, CacheEntry>>,
+    /// Held while a layer is fetched, so steps of parallel stages fetch each once.
+    fetching: Mutex<()>,
     stats: Mutex<SharedStats>,
 }
 
@@ -90,6 +98,9 @@ impl SharedCache {
             mounts: Vec::new(),
             read: Mutex::new(None),
             keys: Mutex::new(Vec::new()),
+            remote: Mutex::new(HashMap::new()),
+            remote_entries: Mutex::new(HashMap::new()),
+            fetching: Mutex::new(()),
             stats: Mutex::new(SharedStats::default()),
         }
     }
@@ -155,31 +166,74 @@ impl SharedCache {
         }
     }
 
-    /// Step `key` from the registry, on a miss in `store`: its layer fetched into the store
-    /// and the entry recorded there, so the step is a hit from now on. `None` when the
-    /// registry has no entry, or the entry's layer is gone from it.
+    /// Step `key` from the registry, on a miss in `store`. Its layer is not fetched: a step
+    /// built on it needs no bytes of it, and a step that reads it, or the image when it is
+    /// wanted in the store, fetches it then ([`fetch_layers`](Self::fetch_layers)). The
+    /// registry is asked (`HEAD`) that it still has the layer, and the store records that
+    /// the cache's repository has it, so a push to another repository of that registry mounts
+    /// it. `None` when the registry has no entry, or the entry's layer is gone from it.
     pub(crate) fn lookup(&self, store: &Store, key: &str) -> Result<Option<CacheEntry>> {
         // The first cache that has the entry and still its layer gives it.
-        for (from, export) in self.from.iter().zip(self.exports()?) {
+        for (i, (from, export)) in self.from.iter().zip(self.exports()?).enumerate() {
             let Some(entry) = export.entries.get(key).cloned() else {
                 continue;
             };
-            if let Some(layer) = &entry.layer {
-                let fetched = from.fetch(store, layer).map_err(|e| Error::SharedCache {
+            if let Some(layer) = &entry.layer
+                && !store.has_blob(&layer.digest)
+            {
+                let err = |e: strata_transfer::Error| Error::SharedCache {
                     reference: from.reference().to_string(),
                     message: e.to_string(),
-                })?;
-                let Some(bytes) = fetched else {
+                };
+                if !from.has(layer).map_err(err)? {
                     self.stats.lock_ok().gone += 1;
                     continue;
-                };
-                self.stats.lock_ok().bytes_fetched += bytes;
+                }
+                from.remember(store, &layer.digest).map_err(err)?;
+                self.remote
+                    .lock_ok()
+                    .entry(layer.digest.clone())
+                    .or_insert((i, layer.clone()));
+                self.remote_entries
+                    .lock_ok()
+                    .insert(key.to_string(), entry.clone());
             }
             cache::put(store, key, &entry)?;
             self.stats.lock_ok().hits += 1;
             return Ok(Some(entry));
         }
         Ok(None)
+    }
+
+    /// Fetches into `store` those of `layers` it lacks that a hit left in the registry
+    /// (verified as they stream); a layer it lacks for another reason is left for the reader
+    /// to report. A layer gone from the registry since the hit is an error naming it.
+    pub(crate) fn fetch_layers(&self, store: &Store, layers: &[Descriptor]) -> Result<()> {
+        for d in layers {
+            if store.has_blob(&d.digest) {
+                continue;
+            }
+            let _one_at_a_time = self.fetching.lock_ok();
+            let Some((i, desc)) = self.remote.lock_ok().get(&d.digest).cloned() else {
+                continue;
+            };
+            let from = &self.from[i];
+            let err = |message: String| Error::SharedCache {
+                reference: from.reference().to_string(),
+                message,
+            };
+            match from.fetch(store, &desc).map_err(|e| err(e.to_string()))? {
+                Some(bytes) => self.stats.lock_ok().bytes_fetched += bytes,
+                None => {
+                    return Err(err(format!(
+                        "layer {} is gone from the registry since this build found it there",
+                        d.digest
+                    )));
+                }
+            }
+            self.remote.lock_ok().remove(&d.digest);
+        }
+        Ok(())
     }
 
     /// Fills cache mount `id`'s directory `dir` (which does not exist) from the first cache
@@ -249,9 +303,13 @@ impl SharedCache {
         let previous = read_export(to)?;
         let mut entries = previous.entries;
         let keys: Vec<String> = self.keys.lock_ok().clone();
+        let remote = self.remote_entries.lock_ok().clone();
         for key in keys {
             if let Some(e) = cache::get(store, &key)? {
                 entries.insert(key, e);
+            } else if let Some(e) = remote.get(&key) {
+                // A hit whose layer stayed in the registry: the push mounts or finds it.
+                entries.insert(key, e.clone());
             }
         }
         // The manifest names every layer an entry uses, so the registry keeps them; those

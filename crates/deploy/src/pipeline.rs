@@ -90,9 +90,17 @@ pub fn prepare(
             .build(store, &app.spec.image)
             .map_err(external(format!("cannot build `{}`", app.spec.image)))?,
     };
-    let descriptor = find_image(store, &local)?.descriptor;
+    let image = find_image(store, &local)?;
+    let descriptor = image.descriptor;
+    // A build that left cached layers in the app's registry made an image this store keeps
+    // by digest only (it names only images it has whole): it is pushed, not named here.
+    let whole = image
+        .manifest
+        .layers
+        .iter()
+        .all(|l| store.has_blob(&l.digest));
     let mut tagged = None;
-    if req.image.is_none() {
+    if req.image.is_none() && whole {
         let name = format!("{}:{label}", app.name);
         let stored = strata_oci::Reference::parse_local(&name)?.to_string();
         // Recorded first: `apps destroy` removes the names deploys made.

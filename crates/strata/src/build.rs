@@ -278,6 +278,7 @@ pub fn build_for_deploy(
     store: &Store,
     project_path: &Path,
     image: &str,
+    used_from: Option<&str>,
     out: &Output,
 ) -> Result<String> {
     let project = Project::load(project_path)?;
@@ -288,7 +289,12 @@ pub fn build_for_deploy(
         return Ok(image.to_string());
     }
     let out = out.journaled(store.root(), "deploy");
-    out.finish_journal(build_project_image(store, &project, image, &out))
+    out.finish_journal(build_project_image(store, &project, image, used_from, &out))
+}
+
+/// The registry host of `host[:port]/org/…`.
+fn registry_host(reference: &str) -> &str {
+    reference.split('/').next().unwrap_or(reference)
 }
 
 /// [`build_for_deploy`] of an image the project declares.
@@ -296,6 +302,7 @@ fn build_project_image(
     store: &Store,
     project: &Project,
     image: &str,
+    used_from: Option<&str>,
     out: &Output,
 ) -> Result<String> {
     // strata.toml's `[cache] registry`, read and written, as `strata build` does.
@@ -312,8 +319,15 @@ fn build_project_image(
         }
         None => None,
     };
+    // An image used only from the registry the cache is in gets its cached layers mounted
+    // there by the push, not fetched here.
+    let remote_layers = match (used_from, &project.cache.registry) {
+        (Some(used), Some(cache)) => registry_host(used) == registry_host(cache),
+        _ => false,
+    };
     let opts = ProjectOptions {
         shared_cache: shared.clone(),
+        remote_layers,
         ..ProjectOptions::default()
     };
     let built = project.build(store, &[image.to_string()], &opts, out)?;

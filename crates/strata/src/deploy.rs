@@ -320,6 +320,13 @@ pub fn deploy_with(store: Store, args: &DeployArgs, out: &Output) -> Result<()> 
         project: &args.project,
         insecure: args.insecure,
         out,
+        // Used from the app's registry only (built and pushed, or run by an orchestrator):
+        // layers the build finds in a registry cache there need not come here.
+        used_from: app
+            .spec
+            .registry
+            .clone()
+            .filter(|_| args.build_only || orchestrator.is_some()),
     };
     let req = pipeline::Request {
         image: args.image.clone(),
@@ -387,6 +394,8 @@ struct DeployParts<'a> {
     project: &'a std::path::Path,
     insecure: bool,
     out: &'a Output,
+    /// The registry the image is used from when nothing here runs it.
+    used_from: Option<String>,
 }
 
 impl pipeline::ImageSource for DeployParts<'_> {
@@ -395,6 +404,7 @@ impl pipeline::ImageSource for DeployParts<'_> {
             store,
             self.project,
             image,
+            self.used_from.as_deref(),
             self.out,
         )?)
     }

@@ -147,6 +147,24 @@ impl RegistryCache {
         }
     }
 
+    /// Whether the cache repository still has blob `desc` (a `HEAD`, no bytes): a lazy hit's
+    /// check that its layer can still be fetched or mounted.
+    pub fn has(&self, desc: &Descriptor) -> Result<bool> {
+        let got = self
+            .rt
+            .block_on(self.client.head_blob(&self.repo, &desc.digest))
+            .map_err(|e| registry_err(&self.reference, e))?;
+        Ok(got.is_some())
+    }
+
+    /// Records in `store` that this repository has blob `digest`, so a push of an image that
+    /// uses it (a build that left its layers here) to another repository of the same registry
+    /// mounts it from here instead of needing its bytes.
+    pub fn remember(&self, store: &Store, digest: &Digest) -> Result<()> {
+        let registry = self.reference.registry().unwrap_or_default();
+        crate::registry::record_repository(store, registry, digest, &self.repo)
+    }
+
     /// Exports `entries` (the engine's JSON) and the `layers` they name (all in `store`): the
     /// layers the registry lacks are uploaded (or mounted), then the config and the manifest,
     /// and the tag is moved last. Two builders exporting at once each write a whole manifest;

@@ -240,7 +240,7 @@ pub fn known_repositories(store: &Store, registry: &str, digest: &Digest) -> Res
 }
 
 /// Remember that `repo` of `registry` has `digest` (most recent first, bounded).
-fn record_repository(store: &Store, registry: &str, digest: &Digest, repo: &str) -> Result<()> {
+pub fn record_repository(store: &Store, registry: &str, digest: &Digest, repo: &str) -> Result<()> {
     let mut repos = known_repositories(store, registry, digest)?;
     if repos.first().map(String::as_str) == Some(repo) {
         return Ok(());
@@ -457,8 +457,16 @@ fn push_manifests(
             outcomes.push(BlobPush::Exists);
             continue;
         }
+        // Where to mount it from: the caller's repositories, then those this store knows
+        // have it (a build that left a layer in its registry cache recorded that one).
+        let mut sources: Vec<String> = opts.mount_from.clone();
+        for r in known_repositories(store, &registry, &d.digest)? {
+            if !sources.contains(&r) {
+                sources.push(r);
+            }
+        }
         let mut mounted = None;
-        for from in opts.mount_from.iter().filter(|f| **f != repo) {
+        for from in sources.iter().filter(|f| **f != repo) {
             match rt.block_on(client.mount_blob(&repo, &d.digest, from)) {
                 Ok(strata_registry::Mount::Mounted) => {
                     mounted = Some(from.clone());
@@ -481,7 +489,7 @@ fn push_manifests(
                 report(BlobState::Mounted);
                 outcomes.push(BlobPush::Mounted { from });
             }
-            None if opts.mount_from.is_empty() => {
+            None if sources.is_empty() => {
                 return Err(strata_store::Error::BlobNotFound {
                     digest: d.digest.clone(),
                 }
@@ -493,7 +501,7 @@ fn push_manifests(
                     reason: format!(
                         "blob {} is neither in the store nor in {registry}/{repo} nor in {}",
                         d.digest,
-                        opts.mount_from.join(", ")
+                        sources.join(", ")
                     ),
                 });
             }

@@ -305,3 +305,94 @@ fn strata_build_mount(env: &Env, id: &str) -> PathBuf {
     let hex = strata_oci::Digest::sha256(id.as_bytes()).hex().to_string();
     env.store().join("strata/cache-mounts").join(&hex[..32])
 }
+
+/// A fresh builder that only pushes (`strata deploy APP --build-only` to the registry the
+/// cache is in) downloads no layer: every step is a hit, the layers stay in the registry and
+/// are mounted into the app's repository, and only manifests and configs cross the wire
+/// (counted through a proxy, against a 2 MB layer). The store names no image it lacks layers
+/// of; the image pulled back is the first builder's, whole. A plain `strata build` there
+/// then wants the images in the store and fetches their layers.
+#[test]
+fn a_builder_that_only_pushes_fetches_no_layer() {
+    if !strata_test_support::can_run_containers("a_builder_that_only_pushes_fetches_no_layer") {
+        return;
+    }
+    let first = Env::new();
+    import_busybox(&first, "bb");
+    let registry = Registry::start(&first);
+    let proxy = crate::common::CountingProxy::start(registry.port);
+    let cache = format!("127.0.0.1:{}/team/cache", proxy.port);
+    let dir = first.path("proj");
+    project(&dir, &cache);
+    // A base layer big enough to tell from manifests and configs.
+    std::fs::write(
+        dir.join("base/Dockerfile"),
+        "FROM bb\nRUN head -c 2000000 /dev/urandom > /blob && echo base > /base.txt\n",
+    )
+    .unwrap();
+    let toml = dir.join("strata.toml");
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    text.push_str(&format!(
+        "\n[app.app]\nimage = \"app\"\nregistry = \"127.0.0.1:{}/team\"\n",
+        proxy.port
+    ));
+    std::fs::write(&toml, text).unwrap();
+    let (run, _, err) = build(&first, &dir, &[]);
+    assert_eq!(run, 4, "{err}");
+
+    let (second, dir2) = fresh(&first, &dir);
+    let (_, down0) = proxy.counts();
+    let out = second.strata(&[
+        "deploy",
+        "app",
+        "--build-only",
+        "--project",
+        dir2.to_str().unwrap(),
+        "--progress",
+        "json",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    let (_, down1) = proxy.counts();
+    let pushed = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(pushed.contains("/team/app:deployment-"), "{pushed}");
+    let ran: u64 = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "image_done")
+        .map(|e| e["steps_run"].as_u64().unwrap())
+        .sum();
+    assert_eq!(ran, 0, "{err}");
+    let down = down1 - down0;
+    assert!(
+        down < 64 * 1024,
+        "{down} bytes came down for manifests and configs only\n{err}"
+    );
+    let big = second
+        .blob_files()
+        .into_iter()
+        .filter(|(_, bytes)| bytes.len() > 1_900_000)
+        .count();
+    assert_eq!(big, 0, "no layer of the cache is in the store");
+    assert!(
+        second.strata(&["inspect", "app"]).status.code() != Some(0),
+        "an image whose layers are elsewhere is not named in the store"
+    );
+
+    // What the registry got is the first builder's app, whole.
+    let third = Env::new();
+    third.ok(&["pull", &pushed]);
+    let v: serde_json::Value =
+        serde_json::from_str(&third.ok(&["inspect", &pushed, "--json"])).unwrap();
+    assert_eq!(
+        v["descriptor"]["digest"].as_str().unwrap(),
+        digest(&first, "app")
+    );
+    third.ok(&["validate", &pushed]);
+
+    // Wanted in the store: the same build fetches the layers and names the images.
+    let (run, cached, err) = build(&second, &dir2, &[]);
+    assert_eq!((run, cached), (0, 4), "{err}");
+    assert_eq!(digest(&second, "app"), digest(&first, "app"));
+    second.ok(&["validate", "app"]);
+}

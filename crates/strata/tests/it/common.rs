@@ -1,10 +1,13 @@
 //! Test helpers: a temp store, a busybox root filesystem, running the `strata` binary.
 
 use std::fs;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A temporary directory holding a store (`store/`) and whatever else a test makes.
@@ -285,4 +288,63 @@ pub fn http_get(addr: &str, port: u16, path: &str) -> Result<String, String> {
         return Err(out.lines().next().unwrap_or("empty answer").to_string());
     }
     Ok(out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+/// A TCP proxy to the registry on 127.0.0.1:`port` that counts the bytes each way.
+pub struct CountingProxy {
+    pub port: u16,
+    /// Bytes from the client to the registry, and back.
+    up: Arc<AtomicU64>,
+    down: Arc<AtomicU64>,
+}
+
+impl CountingProxy {
+    pub fn start(port: u16) -> CountingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = CountingProxy {
+            port: listener.local_addr().unwrap().port(),
+            up: Arc::new(AtomicU64::new(0)),
+            down: Arc::new(AtomicU64::new(0)),
+        };
+        let (up, down) = (proxy.up.clone(), proxy.down.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", port)) else {
+                    return;
+                };
+                let relay = |mut from: TcpStream, mut to: TcpStream, count: Arc<AtomicU64>| {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            count.fetch_add(n as u64, Ordering::SeqCst);
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                };
+                relay(
+                    client.try_clone().unwrap(),
+                    server.try_clone().unwrap(),
+                    up.clone(),
+                );
+                relay(server, client, down.clone());
+            }
+        });
+        proxy
+    }
+
+    /// (bytes up, bytes down) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.up.load(Ordering::SeqCst),
+            self.down.load(Ordering::SeqCst),
+        )
+    }
 }

@@ -4,13 +4,9 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::common::{Env, Registry, import_busybox};
+use crate::common::{CountingProxy, Env, Registry, import_busybox};
 
 fn write(path: &Path, text: &str) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -484,65 +480,6 @@ fn rebase_all_moves_every_app_of_the_base_and_pushes_only_configs() {
     // A name and --all at once is a usage error.
     let out = env.strata(&["rebase", "app", "--all", "--onto", "base:2"]);
     assert!(!out.status.success());
-}
-
-/// A TCP proxy to the registry on 127.0.0.1:`port` that counts the bytes each way.
-struct CountingProxy {
-    port: u16,
-    /// Bytes from the client to the registry, and back.
-    up: Arc<AtomicU64>,
-    down: Arc<AtomicU64>,
-}
-
-impl CountingProxy {
-    fn start(port: u16) -> CountingProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let proxy = CountingProxy {
-            port: listener.local_addr().unwrap().port(),
-            up: Arc::new(AtomicU64::new(0)),
-            down: Arc::new(AtomicU64::new(0)),
-        };
-        let (up, down) = (proxy.up.clone(), proxy.down.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = TcpStream::connect(("127.0.0.1", port)) else {
-                    return;
-                };
-                let relay = |mut from: TcpStream, mut to: TcpStream, count: Arc<AtomicU64>| {
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 64 * 1024];
-                        loop {
-                            let n = match from.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            };
-                            count.fetch_add(n as u64, Ordering::SeqCst);
-                            if to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(std::net::Shutdown::Write);
-                    });
-                };
-                relay(
-                    client.try_clone().unwrap(),
-                    server.try_clone().unwrap(),
-                    up.clone(),
-                );
-                relay(server, client, down.clone());
-            }
-        });
-        proxy
-    }
-
-    /// (bytes up, bytes down) so far.
-    fn counts(&self) -> (u64, u64) {
-        (
-            self.up.load(Ordering::SeqCst),
-            self.down.load(Ordering::SeqCst),
-        )
-    }
 }
 
 /// An app that only a registry holds (built and pushed elsewhere) is rebased there from a
