@@ -23,11 +23,12 @@ strata=${STRATA:-$target/release/strata}
 [ -x "$strata" ] || cargo build --release -q -p strata
 work=$(mktemp -d /tmp/strata-bench-cache.XXXXXX)
 sock=$work/docker.sock
-reg_pid= dockerd_pid=
+reg_pid= dockerd_pid= proxy_pid=
 cleanup() {
     set +e
     [ -n "$dockerd_pid" ] && kill "$dockerd_pid" && wait "$dockerd_pid" 2>/dev/null
     [ -n "$reg_pid" ] && kill "$reg_pid" && wait "$reg_pid" 2>/dev/null
+    [ -n "$proxy_pid" ] && kill "$proxy_pid" && wait "$proxy_pid" 2>/dev/null
     umount -R "$work/docker" 2>/dev/null
     rm -rf "$work"
 }
@@ -50,7 +51,13 @@ port=$((15000 + $$ % 1000))
     >"$work/registry.log" 2>&1 &
 reg_pid=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
-reg=127.0.0.1:$port
+# Every client reaches it through a relay that counts the bytes they receive.
+pport=$((port + 1)) sport=$((port + 2))
+python3 bench/cache/countproxy.py "$pport" "$port" "$sport" &
+proxy_pid=$!
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$pport/v2/" >/dev/null && break; sleep 0.1; done
+reg=127.0.0.1:$pport
+down() { python3 -c "import socket; s=socket.create_connection(('127.0.0.1', $sport)); print(s.recv(100).split()[1].decode())"; }
 
 # A private Docker engine; 127.0.0.1 registries are plain HTTP for it by default.
 mkdir -p "$work/docker"
@@ -65,6 +72,14 @@ $D load -i "$work/debian.tar" >/dev/null
 cp -a examples/fly-go "$work/proj"
 rm -f "$work/proj/strata.lock"
 printf 'strata.toml\nstrata.lock\n*.Dockerfile\n' >"$work/proj/.dockerignore"
+# The Fly flow, `deploy --build-only` to the registry the cache is in (the image is used from
+# there, not run here): a copy of the project with the cache and the app's registry set.
+cp -a "$work/proj" "$work/proj-push"
+sed -i "s|^\[\[image\]\]|[cache]\nregistry = \"$reg/team/cache\"\n\n&|;T;:a;n;ba" "$work/proj-push/strata.toml"
+sed -i "s|^port = 8080|&\nregistry = \"$reg/team\"|" "$work/proj-push/strata.toml"
+strata_push() { # $1: store
+    (cd "$work/proj-push" && "$strata" --store "$1" deploy go-fly-a-site --build-only --progress plain 2>&1 >/dev/null | grep 'build cache' || true)
+}
 
 strata_build() { # $1: store, rest: extra flags; prints the cache summary line
     (cd "$work/proj" && "$strata" --store "$1" build --progress plain "${@:2}" 2>&1 >/dev/null | grep 'build cache' || true)
@@ -94,12 +109,17 @@ uptime
 : >"$work/times"
 for r in $(seq "$rounds"); do
     fresh_store "$work/s2"
-    t=$(now); line=$(strata_build "$work/s2" --cache-from "$reg/team/cache"); ts=$(since "$t")
-    echo "round $r strata: $ts s ($line)"
+    d0=$(down); t=$(now); line=$(strata_build "$work/s2" --cache-from "$reg/team/cache"); ts=$(since "$t")
+    ds=$(($(down) - d0))
+    echo "round $r strata build: $ts s, $ds bytes down ($line)"
+    fresh_store "$work/s3"
+    d0=$(down); t=$(now); line=$(strata_push "$work/s3"); tp=$(since "$t"); dp=$(($(down) - d0))
+    echo "round $r strata deploy --build-only: $tp s, $dp bytes down ($line)"
     docker_reset
-    t=$(now); docker_build --cache-from "$reg/team/fly-base:1"; tb=$(since "$t")
-    echo "round $r buildkit: $tb s"
-    echo "$ts $tb" >>"$work/times"
+    d0=$(down); t=$(now); docker_build --cache-from "$reg/team/fly-base:1"; tb=$(since "$t")
+    db=$(($(down) - d0))
+    echo "round $r buildkit: $tb s, $db bytes down"
+    echo "$ts $tb $tp $ds $dp $db" >>"$work/times"
 done
 uptime
 python3 - "$work/times" <<'EOF'
@@ -109,4 +129,9 @@ s = statistics.median(r[0] for r in rows)
 b = statistics.median(r[1] for r in rows)
 print(f"no-change build on a fresh store: strata median {s:.2f} s, BuildKit median {b:.2f} s, "
       f"{s / b:.2f}x; per-round ratios {[round(r[0] / r[1], 2) for r in rows]}")
+p = statistics.median(r[2] for r in rows)
+print(f"strata deploy --build-only (layers stay in the registry): median {p:.2f} s, "
+      f"{p / b:.2f}x BuildKit; bytes down: strata build {statistics.median(r[3] for r in rows):.0f}, "
+      f"deploy --build-only {statistics.median(r[4] for r in rows):.0f}, "
+      f"BuildKit {statistics.median(r[5] for r in rows):.0f}")
 EOF
