@@ -7,6 +7,8 @@
 #
 #   bench/build/fly.sh [RUNS]    # RUNS for no-op and change (default 5); cold: COLD_RUNS (2)
 #   PAIRS=N bench/build/fly.sh   # only cold builds, N interleaved strata/buildah pairs
+#   PAIRS=N BUILDKIT=1 bench/build/fly.sh   # the same with BuildKit in each round (Debian's
+#                                # docker.io 20.10, DOCKER_BUILDKIT=1, a private dockerd)
 #
 # DEBIAN_TAR=FILE reuses a debootstrap tarball (see scripts/fly-example/make-debian-base.sh).
 set -euo pipefail
@@ -60,13 +62,35 @@ buildah_reset() { # buildah storage with only localhost/debian:12
 }
 strata_reset
 buildah_reset
-declare -f strata_reset buildah_reset >"$work/fns.sh"
-{ echo "S='$S'"; echo "B='$B'"; echo "work='$work'"; echo "repo='$repo'"; echo "tarball='$tarball'"; echo "strata='$strata'"; } >>"$work/fns.sh"
+builders="strata buildah"
+D="/usr/bin/docker"
+buildkit_reset() { # the engine keeps debian:12 only, and no build cache
+    $D rmi -f go-fly-a-site-base go-fly-a-site >/dev/null 2>&1 || true
+    $D builder prune -af >/dev/null 2>&1 || true
+}
+if [ -n "${BUILDKIT:-}" ]; then
+    builders="strata buildkit buildah"
+    cp -a "$repo/examples/fly-go" "$work/buildkit-proj"
+    printf 'strata.toml\nstrata.lock\n*.Dockerfile\n' >"$work/buildkit-proj/.dockerignore"
+    sock=$work/docker.sock
+    dockerd --iptables=false --bridge=none --host "unix://$sock" --data-root "$work/docker" \
+        --exec-root "$work/docker-exec" --pidfile "$work/docker.pid" >"$work/dockerd.log" 2>&1 &
+    dockerd_pid=$!
+    trap 'kill $dockerd_pid; wait $dockerd_pid 2>/dev/null; umount -R "$work/docker" 2>/dev/null; rm -rf "$work"' EXIT
+    export DOCKER_HOST=unix://$sock DOCKER_BUILDKIT=1
+    for _ in $(seq 100); do $D info >/dev/null 2>&1 && break; sleep 0.2; done
+    $strata --store "$work/ref" save debian:12 -o "$work/debian-save.tar"
+    $D load -i "$work/debian-save.tar" >/dev/null
+fi
+declare -f strata_reset buildah_reset buildkit_reset >"$work/fns.sh"
+{ echo "S='$S'"; echo "B='$B'"; echo "D='$D'"; echo "work='$work'"; echo "repo='$repo'"; echo "tarball='$tarball'"; echo "strata='$strata'"; } >>"$work/fns.sh"
 
 strata_build="cd $work/strata-proj && $S build --progress plain >/dev/null 2>&1"
 buildah_build="cd $work/buildah-proj && $BUD -t go-fly-a-site-base -f base.Dockerfile . >/dev/null && $BUD -t go-fly-a-site -f Dockerfile . >/dev/null"
 echo "strata:  $strata_build"
 echo "buildah: $buildah_build"
+buildkit_build="cd $work/buildkit-proj && $D build -q --network host -t go-fly-a-site-base -f base.Dockerfile . >/dev/null && $D build -q --network host -t go-fly-a-site -f Dockerfile . >/dev/null"
+[ -n "${BUILDKIT:-}" ] && echo "buildkit: DOCKER_BUILDKIT=1 $buildkit_build"
 uptime
 
 hf() { hyperfine --shell=bash --style basic "$@"; }
@@ -78,9 +102,10 @@ if [ -n "${PAIRS:-}" ]; then
     echo "==> cold build, $PAIRS interleaved pairs"
     : >"$out/fly-cold-pairs.txt"
     for i in $(seq "$PAIRS"); do
-        for b in strata buildah; do
+        for b in $builders; do
             (source "$work/fns.sh"; "${b}_reset")
-            cmd=$([ $b = strata ] && echo "$strata_build" || echo "$buildah_build")
+            cmd_var="${b}_build"
+            cmd=${!cmd_var}
             t0=$(date +%s.%N)
             bash -c "$cmd"
             t=$(python3 -c "import sys; print(round($(date +%s.%N) - $t0, 2))")
@@ -91,12 +116,17 @@ if [ -n "${PAIRS:-}" ]; then
     python3 - "$out/fly-cold-pairs.txt" <<'EOF'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1])]
-t = {b: [float(x) for _, bb, x in rows if bb == b] for b in ("strata", "buildah")}
-ratios = [s / b for s, b in zip(t["strata"], t["buildah"])]
-s, b = statistics.median(t["strata"]), statistics.median(t["buildah"])
-print(f"strata  median {s:.1f} s  {sorted(round(x, 1) for x in t['strata'])}")
-print(f"buildah median {b:.1f} s  {sorted(round(x, 1) for x in t['buildah'])}")
-print(f"ratio of medians {s / b:.2f}x; median of per-pair ratios {statistics.median(ratios):.2f}x")
+t = {b: [float(x) for _, bb, x in rows if bb == b] for b in ("strata", "buildkit", "buildah")}
+s = statistics.median(t["strata"])
+print(f"strata   median {s:.1f} s  {sorted(round(x, 1) for x in t['strata'])}")
+for peer in ("buildkit", "buildah"):
+    if not t[peer]:
+        continue
+    p = statistics.median(t[peer])
+    ratios = [a / b for a, b in zip(t["strata"], t[peer])]
+    print(f"{peer:8} median {p:.1f} s  {sorted(round(x, 1) for x in t[peer])}")
+    print(f"  strata / {peer}: ratio of medians {s / p:.2f}x; median of per-round ratios "
+          f"{statistics.median(ratios):.2f}x")
 EOF
     exit 0
 fi
