@@ -306,6 +306,13 @@ pub struct HostEntry {
     /// strata's path on the host (default `~/.strata/bin/strata`; installed there when
     /// missing or of another version).
     pub strata: Option<String>,
+    /// Take part in relays: receive an image's blobs from another host that has them, and
+    /// send them on (default false; `--relay` turns it on for every host of a command).
+    #[serde(default)]
+    pub relay: bool,
+    /// `address[:port]` other hosts reach this one at in a relay, when it is not the address
+    /// of `ssh` (a private network between the hosts).
+    pub relay_address: Option<String>,
 }
 
 #[cfg(test)]
