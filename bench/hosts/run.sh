@@ -148,11 +148,11 @@ StrictModes no
 SetEnv HOME=$work/h$i-home STRATA_STORE=$work/h$i-store DOCKER_HOST=unix://$work/h$i-docker.sock
 EOF
     nsenter --net=/run/netns/$ns /usr/sbin/sshd -f "$work/h$i-sshd.conf"
+    printf '[host.h%s]\nssh = "root@10.78.%s.2"\nstrata = "%s"\n' "$i" "$i" "$strata" >>"$toml"
     [ -n "${RELAY_ONLY:-}" ] && continue
     nsenter --net=/run/netns/$ns dockerd --host "unix://$work/h$i-docker.sock" \
         --data-root "$work/h$i-docker" --exec-root "$work/h$i-dexec" --pidfile "$work/h$i-docker.pid" \
         --iptables=false --bridge=none >"$work/h$i-docker.log" 2>&1 &
-    printf '[host.h%s]\nssh = "root@10.78.%s.2"\nstrata = "%s"\n' "$i" "$i" "$strata" >>"$toml"
 done
 # The hosts reach each other through this namespace (relays); nftables counts what this
 # namespace sends the hosts itself (output hook) apart from what it forwards between them.
@@ -174,6 +174,7 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 
+reg_port=$((20000 + $$ % 10000))
 if [ -z "${RELAY_ONLY:-}" ]; then
 dockerd --host "unix://$work/local-docker.sock" --data-root "$work/local-docker" \
     --exec-root "$work/local-dexec" --pidfile "$work/local-docker.pid" \
@@ -192,7 +193,6 @@ $S save app:1 | $LD load -q >/dev/null
 $S save app:2 | $LD load -q >/dev/null
 
 # A registry on the hosts' side of every link (for the round trip).
-reg_port=$((20000 + $$ % 10000))
 $strata registry serve --root "$work/registry" --addr "0.0.0.0:$reg_port" >"$work/registry.log" 2>&1 &
 reg_pid=$!
 sleep 1
@@ -203,7 +203,7 @@ for i in $(seq $nhosts); do
     $LD save app:1 | $SSH 10.78.$i.2 docker load -q >/dev/null
 done
 else
-for i in $(seq $nhosts); do $S push app:1 --host h$i --project "$toml" >/dev/null 2>&1; done
+for i in $(seq $nhosts); do $S push app:1 --host h$i --project "$toml" 2>&1 >/dev/null | tail -1; done
 fi
 
 tx() { cat /sys/class/net/sbh$1/statistics/tx_bytes; }
