@@ -1533,3 +1533,75 @@ fn hosts_relay_blobs_so_each_missing_byte_leaves_here_once() {
         "{sent} bytes from here for {layer} new bytes"
     );
 }
+
+/// `strata deploy --relay`: the image reaches the second host from the first (the
+/// developer's side sends it once), then the app is deployed on both and serves there.
+#[test]
+fn deploy_with_relays_ships_once_and_deploys_on_every_host() {
+    if !can_run() || !can_run_machines() || !have("nft") || !have("ssh-agent") {
+        return;
+    }
+    let lab = Lab::new();
+    let a = TestHost::start(&lab.env, &lab.keys);
+    let b = TestHost::start(&lab.env, &lab.keys);
+    let relaying = Relaying::new(&[&a, &b]);
+    let agent = Agent::new(&lab);
+    import_busybox(&lab.env, "busybox:latest");
+    let port = 18_800 + (std::process::id() % 500) as u16;
+    let dir = lab.env.path("project");
+    fs::create_dir_all(dir.join("site")).unwrap();
+    fs::write(dir.join("site/index.html"), "relayed\n").unwrap();
+    fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("strata.toml"),
+        format!(
+            "[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
+             public_port = {port}\nkill_timeout = \"2s\"\nhosts = [\"a\", \"b\"]\n\n{}{}",
+            a.toml("a"),
+            b.toml("b")
+        ),
+    )
+    .unwrap();
+    let p = dir.to_str().unwrap();
+    let (before, _) = relaying.counters();
+    let (_, err) = agent.strata(&lab, &["deploy", "web", "--relay", "--project", p]);
+    let (after, between) = relaying.counters();
+    assert!(err.contains("web is deployed on a, b"), "{err}");
+    assert!(
+        err.lines().any(|l| l.starts_with("Pushed ")
+            && l.contains("to b")
+            && l.contains("relayed from a")),
+        "{err}"
+    );
+    let image: u64 = {
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.ok(&["inspect", "--json", "web:latest"]).0).unwrap();
+        let m = &v["manifest"];
+        v["descriptor"]["size"].as_u64().unwrap()
+            + m["config"]["size"].as_u64().unwrap()
+            + m["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["size"].as_u64().unwrap())
+                .sum::<u64>()
+    };
+    eprintln!(
+        "deploy --relay: image {image} bytes, {} from here, {between} between hosts",
+        after - before
+    );
+    // The image once from here (plus handshakes and the deploys' sessions), once between hosts.
+    assert!(
+        (after - before) < image + image / 2,
+        "{} bytes from here for an image of {image}\n{err}",
+        after - before
+    );
+    assert!(between >= image, "{between} between hosts\n{err}");
+    for h in [&a, &b] {
+        assert_eq!(http_get(&h.addr, port, "/").unwrap(), "relayed\n");
+    }
+}
