@@ -768,6 +768,13 @@ fn relay_between(
                         from: Some(source.to_string()),
                     });
                 }
+                // Its notices name the target already; `out` does too.
+                Ok(Note::Info { message }) => out.note(&Note::Info {
+                    message: message
+                        .strip_prefix(&format!("{}: ", target.name))
+                        .unwrap_or(&message)
+                        .to_string(),
+                }),
                 Ok(note) => out.note(&note),
                 Err(_) if !line.trim().is_empty() => {
                     said.push(strata_oci::printable(&line).into_owned())
