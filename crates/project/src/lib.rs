@@ -306,6 +306,13 @@ pub struct HostEntry {
     /// strata's path on the host (default `~/.strata/bin/strata`; installed there when
     /// missing or of another version).
     pub strata: Option<String>,
+    /// Take part in relays: receive an image's blobs from another host that has them, and
+    /// send them on (default false; `--relay` turns it on for every host of a command).
+    #[serde(default)]
+    pub relay: bool,
+    /// `address[:port]` other hosts reach this one at in a relay, when it is not the address
+    /// of `ssh` (a private network between the hosts).
+    pub relay_address: Option<String>,
 }
 
 #[cfg(test)]
@@ -323,7 +330,7 @@ mod tests {
         let ok = StrataToml::parse(
             "[cache]\nregistry = \"r:5000/t/c\"\nmounts = [\"go-build\"]\n\n[[image]]\nname = \"web\"\n\n\
              [app.web]\nimage = \"web\"\nport = 8080\ntarget = \"swarm\"\n\n\
-             [host.a]\nssh = \"root@10.0.0.1\"\n\n[kubernetes]\ncontext = \"kind\"\n\n\
+             [host.a]\nssh = \"root@10.0.0.1\"\nrelay = true\nrelay_address = \"192.168.0.1\"\n\n[kubernetes]\ncontext = \"kind\"\n\n\
              [swarm]\nnetwork = \"apps\"\n",
             Path::new("strata.toml"),
         )
@@ -331,6 +338,8 @@ mod tests {
         assert_eq!(ok.image[0].name, "web");
         assert_eq!(ok.app["web"].port, Some(8080));
         assert_eq!(ok.host["a"].ssh, "root@10.0.0.1");
+        assert!(ok.host["a"].relay);
+        assert_eq!(ok.host["a"].relay_address.as_deref(), Some("192.168.0.1"));
         assert_eq!(ok.cache.registry.as_deref(), Some("r:5000/t/c"));
         assert_eq!(ok.cache.mounts, ["go-build"]);
         assert_eq!(ok.app["web"].target.as_deref(), Some("swarm"));

@@ -68,6 +68,10 @@ pub enum Command {
     /// Speak strata's host protocol on stdin/stdout: what `strata push|pull ssh://…` runs on
     /// the host through SSH (see docs/hosts.md).
     Serve(ServeArgs),
+    /// Sends an image of this store on to another host (run over SSH by `strata push|deploy`
+    /// with relays, see docs/hosts.md).
+    #[command(hide = true)]
+    Relay(RelayArgs),
     /// Applies `strata dev --host`'s stream of file operations here (run by it over SSH).
     #[command(hide = true)]
     DevApply {
@@ -356,6 +360,27 @@ pub struct ServeArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct RelayArgs {
+    /// The image here, and its name there.
+    pub image: String,
+    /// `user@address:port` of the host to send to.
+    #[arg(long)]
+    pub to: String,
+    /// The host's name (in messages).
+    #[arg(long)]
+    pub name: String,
+    /// A host key (`TYPE BASE64`) the host must present (repeat for several).
+    #[arg(long = "host-key", value_name = "KEY")]
+    pub host_keys: Vec<String>,
+    /// strata's path there.
+    #[arg(long)]
+    pub strata: String,
+    /// The store there.
+    #[arg(long)]
+    pub target_store: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct PullArgs {
     /// `host[:port]/path:tag` or `@digest`; `debian` means `docker.io/library/debian:latest`;
     /// `ssh://user@host/NAME:TAG` for an image of a host over SSH.
@@ -396,6 +421,10 @@ pub struct PushArgs {
     /// Other repositories of the same registry to mount shared blobs from.
     #[arg(long = "mount-from", value_name = "REPO")]
     pub mount_from: Vec<String>,
+    /// Hosts relay blobs to each other: each missing blob leaves this machine once, and hosts
+    /// that have the image send it on (see docs/hosts.md). Default: the hosts' `relay`.
+    #[arg(long)]
+    pub relay: bool,
     /// Progress output.
     #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
     pub progress: ProgressArg,
@@ -656,6 +685,10 @@ pub struct DeployArgs {
     /// this machine): a `[host.NAME]` of strata.toml or `ssh://user@address[:port]`.
     #[arg(long = "host", value_name = "HOST")]
     pub hosts: Vec<String>,
+    /// Hosts relay the image's blobs to each other: each missing blob leaves this machine
+    /// once (see docs/hosts.md). Default: the hosts' `relay`.
+    #[arg(long)]
+    pub relay: bool,
     /// Where the app goes: `local` (machines here or on `--host`), `kubernetes` (objects
     /// written with `--out` or applied in a kubectl context) or `swarm` (a Docker Swarm
     /// service); default: the app's `target`, else local.

@@ -35,6 +35,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Push(args) if args.is_to_hosts() => crate::hosts::push(&store()?, &args),
         Command::Push(args) => crate::registry::push(&store()?, &args),
         Command::Serve(_) => crate::hosts::serve(&store()?),
+        Command::Relay(args) => crate::hosts::relay(&store()?, &args),
         Command::Registry(command) => crate::registry::registry(cli.store.clone(), command),
         Command::Validate { image } => validate(&store()?, &image),
         Command::Unpack { image, dir } => unpack(&store()?, &image, &dir),

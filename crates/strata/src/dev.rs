@@ -146,6 +146,7 @@ fn dev_app(store_root: &Path, args: &DevArgs, name: Option<&str>, out: &Output) 
         insecure: false,
         detach: true,
         hosts: host.iter().cloned().collect(),
+        relay: false,
         // `strata dev` keeps machines it can write into: here or on a host, whatever the
         // app's `target`.
         target: Some("local".into()),

@@ -440,6 +440,7 @@ pub fn pushed_note(report: &strata_transfer::PushReport) -> Note {
         mounted: report.blobs_mounted,
         present: report.blobs_skipped,
         resumed: 0,
+        from: None,
     }
 }
 

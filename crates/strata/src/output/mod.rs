@@ -66,6 +66,9 @@ pub enum Note {
         done: u64,
         /// The blob's size.
         total: u64,
+        /// The host the blob came from in a relay (absent: from this machine).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
     },
     /// An image was pushed to a registry, or shipped to a host (then the event has `host`).
     Pushed {
@@ -80,6 +83,9 @@ pub enum Note {
         present: usize,
         /// Blobs a broken transfer had begun, finished from where it stopped.
         resumed: usize,
+        /// The host that sent them in a relay (absent: this machine).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
     },
     /// An image was pulled from a registry, or from a host (then the event has `host`).
     Pulled {
@@ -201,11 +207,14 @@ impl Output {
                 digest,
                 state,
                 total,
+                from,
                 ..
             } => self.line(&format!(
-                "{}: {state} ({})",
+                "{}: {state} ({}){}",
                 short(digest),
-                human_size(*total)
+                human_size(*total),
+                from.as_ref()
+                    .map_or(String::new(), |f| format!(" from {f}"))
             )),
             // The summaries of a push or pull name their host themselves:
             // `Pushed web:1: 2 uploaded (3 MB), 0 mounted, 1 already there` to a registry,
@@ -217,6 +226,7 @@ impl Output {
                 mounted,
                 present,
                 resumed,
+                from,
             } => self.raw_line(&match &self.host {
                 None => format!(
                     "Pushed {image}: {sent} uploaded ({}), {mounted} mounted, {present} already \
@@ -224,13 +234,15 @@ impl Output {
                     human_size(*bytes)
                 ),
                 Some(host) => format!(
-                    "Pushed {image} to {host}: {sent} sent ({}{}), {present} already there",
+                    "Pushed {image} to {host}: {sent} sent ({}{}{}), {present} already there",
                     human_size(*bytes),
                     if *resumed > 0 {
                         format!(", {resumed} resumed")
                     } else {
                         String::new()
-                    }
+                    },
+                    from.as_ref()
+                        .map_or(String::new(), |f| format!(", relayed from {f}"))
                 ),
             }),
             Note::Pulled {
@@ -331,6 +343,7 @@ impl Output {
                             state: state.to_string(),
                             done: p.done,
                             total: p.total,
+                            from: None,
                         });
                     }
                 }

@@ -1223,3 +1223,385 @@ fn dev_against_a_host_syncs_edits_there_and_redeploys_there() {
     }
     h.strata(&["apps", "destroy", "web"]);
 }
+
+/// Test hosts that reach each other through this namespace (each one's default route points
+/// at its end of the link, and this namespace forwards), with nftables counting the bytes
+/// this namespace sends to the hosts itself (its output hook) apart from the bytes it only
+/// forwards between them (its forward hook). Put back as it was when dropped.
+struct Relaying {
+    table: String,
+    ip_forward: String,
+}
+
+impl Relaying {
+    fn new(hosts: &[&TestHost]) -> Relaying {
+        let ip_forward = fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+        let table = format!("strata_relay_{}", std::process::id());
+        let veths: Vec<String> = hosts.iter().map(|h| format!("\"{}\"", h.veth)).collect();
+        let veths = veths.join(", ");
+        let relaying = Relaying { table, ip_forward };
+        fs::write("/proc/sys/net/ipv4/ip_forward", "1\n").unwrap();
+        for h in hosts {
+            let gateway = format!("{}.1", h.addr.rsplit_once('.').unwrap().0);
+            sh(&format!(
+                "ip netns exec {} ip route replace default via {gateway}",
+                h.ns
+            ));
+        }
+        let t = &relaying.table;
+        sh(&format!(
+            "nft add table inet {t}; \
+             nft add chain inet {t} from_here '{{ type filter hook output priority 0; policy accept; }}'; \
+             nft add chain inet {t} between '{{ type filter hook forward priority 0; policy accept; }}'; \
+             nft add rule inet {t} from_here oifname '{{ {veths} }}' counter; \
+             nft add rule inet {t} between oifname '{{ {veths} }}' counter accept"
+        ));
+        relaying
+    }
+
+    /// Bytes (IP packets) sent to the hosts: (by this namespace, forwarded between hosts).
+    fn counters(&self) -> (u64, u64) {
+        let out = sh(&format!("nft list table inet {}", self.table));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut chain = "";
+        let (mut sent, mut forwarded) = (0, 0);
+        for line in text.lines() {
+            let line = line.trim();
+            if let Some(name) = line.strip_prefix("chain ") {
+                chain = if name.starts_with("from_here") {
+                    "out"
+                } else {
+                    "fwd"
+                };
+            }
+            if let Some(rest) = line.split(" bytes ").nth(1) {
+                let n: u64 = rest.split_whitespace().next().unwrap().parse().unwrap();
+                match chain {
+                    "out" => sent += n,
+                    _ => forwarded += n,
+                }
+            }
+        }
+        (sent, forwarded)
+    }
+}
+
+impl Drop for Relaying {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .status();
+        let _ = fs::write("/proc/sys/net/ipv4/ip_forward", &self.ip_forward);
+    }
+}
+
+/// An ssh-agent holding the test key, and an ssh config that checks host keys against a
+/// known_hosts file (the test hosts share one host key), as a relay requires.
+struct Agent {
+    socket: PathBuf,
+    process: Child,
+    ssh_command: String,
+}
+
+impl Agent {
+    fn new(lab: &Lab) -> Agent {
+        let dir = &lab.keys.dir;
+        let socket = lab.env.path("agent.sock");
+        let process = Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("ssh-agent", Duration::from_secs(10), || socket.exists());
+        run(Command::new("ssh-add")
+            .arg("-q")
+            .arg(dir.join("id"))
+            .env("SSH_AUTH_SOCK", &socket));
+        let hostkey = fs::read_to_string(dir.join("hostkey.pub")).unwrap();
+        let key: Vec<&str> = hostkey.split_whitespace().take(2).collect();
+        fs::write(
+            dir.join("known_hosts"),
+            format!("10.77.*.* {}\n", key.join(" ")),
+        )
+        .unwrap();
+        fs::write(
+            dir.join("config-strict"),
+            format!(
+                "Host *\n  User root\n  IdentityFile {}\n  IdentitiesOnly yes\n  \
+                 StrictHostKeyChecking yes\n  UserKnownHostsFile {}\n  \
+                 GlobalKnownHostsFile /dev/null\n  LogLevel ERROR\n",
+                dir.join("id").display(),
+                dir.join("known_hosts").display()
+            ),
+        )
+        .unwrap();
+        Agent {
+            ssh_command: format!("ssh -F {}", dir.join("config-strict").display()),
+            socket,
+            process,
+        }
+    }
+
+    /// `strata ARGS` on the developer's side with the agent and host key checking.
+    fn strata(&self, lab: &Lab, args: &[&str]) -> (String, String) {
+        let out = lab
+            .command(args)
+            .env("SSH_AUTH_SOCK", &self.socket)
+            .env("STRATA_SSH_COMMAND", &self.ssh_command)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        );
+        assert!(out.status.success(), "strata {args:?} failed:\n{stderr}");
+        (stdout, stderr)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// Blob events and `pushed` events of a `--progress json` run, per host.
+fn json_events(err: &str) -> Vec<serde_json::Value> {
+    err.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+/// Three hosts with relays: each missing byte leaves the developer's side about once (the
+/// hosts forward the rest to each other), every host's store holds the image, valid; the
+/// events say which host each relayed blob came from. A host the others cannot reach gets
+/// the image from the developer's side instead, said in one line.
+#[test]
+fn hosts_relay_blobs_so_each_missing_byte_leaves_here_once() {
+    if !can_run() || !have("nft") || !have("ssh-agent") {
+        if !have("nft") || !have("ssh-agent") {
+            eprintln!(
+                "\n!!!!! SKIPPED: relay tests need nft (nftables) and ssh-agent (CI installs them) !!!!!\n"
+            );
+        }
+        return;
+    }
+    let lab = Lab::new();
+    let hosts: Vec<TestHost> = (0..3)
+        .map(|_| TestHost::start(&lab.env, &lab.keys))
+        .collect();
+    let relaying = Relaying::new(&hosts.iter().collect::<Vec<_>>());
+    let agent = Agent::new(&lab);
+    let names = ["h1", "h2", "h3"];
+    let dir = lab.env.path("project");
+    fs::create_dir_all(&dir).unwrap();
+    let toml: String = names
+        .iter()
+        .zip(&hosts)
+        .map(|(n, h)| format!("{}relay = true\n", h.toml(n)))
+        .collect();
+    fs::write(dir.join("strata.toml"), &toml).unwrap();
+    let p = dir.to_str().unwrap();
+    import_busybox(&lab.env, "base:1");
+    lab.build_app("base:1", "app:1", 4_000_000, 5);
+    let manifest = |image: &str| {
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.ok(&["inspect", "--json", image]).0).unwrap();
+        let m = &v["manifest"];
+        let mut sizes = vec![v["descriptor"]["size"].as_u64().unwrap()];
+        sizes.push(m["config"]["size"].as_u64().unwrap());
+        for l in m["layers"].as_array().unwrap() {
+            sizes.push(l["size"].as_u64().unwrap());
+        }
+        sizes
+    };
+    let missing: u64 = manifest("app:1").iter().sum();
+
+    // 1. Nothing on the hosts: the whole image is missing everywhere.
+    let (before_sent, before_fwd) = relaying.counters();
+    let (out, err) = agent.strata(
+        &lab,
+        &[
+            "push",
+            "app:1",
+            "--host",
+            "h1",
+            "--host",
+            "h2",
+            "--host",
+            "h3",
+            "--project",
+            p,
+            "--progress",
+            "json",
+        ],
+    );
+    let (sent, fwd) = relaying.counters();
+    let (sent, fwd) = (sent - before_sent, fwd - before_fwd);
+    eprintln!("3 hosts, {missing} missing bytes: {sent} sent from here, {fwd} between hosts");
+    for n in names {
+        assert!(out.contains(&format!("{n} app:1@sha256:")), "{out}");
+    }
+    for h in &hosts {
+        h.strata(&["validate", "app:1"]);
+    }
+    // Without relays this would be 3x the missing bytes from here.
+    assert!(
+        sent as f64 <= missing as f64 * 1.15 + 256.0 * 1024.0,
+        "{sent} bytes left here for {missing} missing bytes on each of 3 hosts\n{err}"
+    );
+    assert!(sent >= missing, "{sent} < {missing}: the count is wrong");
+    assert!(
+        fwd >= 2 * missing,
+        "{fwd} bytes between hosts: the other two got the image from a host\n{err}"
+    );
+    let events = json_events(&err);
+    let relayed: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["event"] == "pushed" && e["from"].is_string())
+        .collect();
+    assert_eq!(relayed.len(), 2, "{err}");
+    for e in &relayed {
+        assert_ne!(e["from"], e["host"], "{e}");
+        assert!(names.contains(&e["from"].as_str().unwrap()), "{e}");
+    }
+    assert!(
+        events.iter().any(|e| e["event"] == "blob"
+            && e["state"] == "done"
+            && e["from"].is_string()
+            && e["host"] != e["from"]),
+        "blob events name the host a blob came from\n{err}"
+    );
+
+    // 2. A host the others cannot reach (its relay address refuses connections): the relay
+    // to it fails, it gets the new layer from here, and that is said naming both hosts.
+    let toml = toml.replace(
+        &format!("[host.h3]\nssh = \"root@{}\"\n", hosts[2].addr),
+        &format!(
+            "[host.h3]\nssh = \"root@{}\"\nrelay_address = \"{}:2\"\n",
+            hosts[2].addr, hosts[2].addr
+        ),
+    );
+    fs::write(dir.join("strata.toml"), &toml).unwrap();
+    lab.build_app("base:1", "app:2", 2_000_000, 6);
+    let layer = lab.own_blob_bytes("app:2", "base:1");
+    let (before_sent, _) = relaying.counters();
+    let (out, err) = agent.strata(
+        &lab,
+        &[
+            "push",
+            "app:2",
+            "--relay",
+            "--host",
+            "h1",
+            "--host",
+            "h2",
+            "--host",
+            "h3",
+            "--project",
+            p,
+        ],
+    );
+    let (sent, _) = relaying.counters();
+    let sent = sent - before_sent;
+    eprintln!("fallback: {layer} new bytes, {sent} sent from here\n{err}");
+    for n in names {
+        assert!(out.contains(&format!("{n} app:2@sha256:")), "{out}");
+    }
+    for h in &hosts {
+        h.strata(&["validate", "app:2"]);
+    }
+    let line = err
+        .lines()
+        .find(|l| l.contains("failed") && l.contains("sending from here instead"))
+        .unwrap_or_else(|| panic!("no fallback line\n{err}"));
+    assert!(
+        line.contains("to h3") && (line.contains("from h1") || line.contains("from h2")),
+        "{line}"
+    );
+    assert!(
+        err.lines().filter(|l| l.contains("relayed from")).count() == 1,
+        "h2 still got the image from h1\n{err}"
+    );
+    // Twice the new bytes from here (h1, then h3 directly), not three times.
+    assert!(
+        sent >= 2 * layer && (sent as f64) < layer as f64 * 2.5,
+        "{sent} bytes from here for {layer} new bytes"
+    );
+}
+
+/// `strata deploy --relay`: the image reaches the second host from the first (the
+/// developer's side sends it once), then the app is deployed on both and serves there.
+#[test]
+fn deploy_with_relays_ships_once_and_deploys_on_every_host() {
+    if !can_run() || !can_run_machines() || !have("nft") || !have("ssh-agent") {
+        return;
+    }
+    let lab = Lab::new();
+    let a = TestHost::start(&lab.env, &lab.keys);
+    let b = TestHost::start(&lab.env, &lab.keys);
+    let relaying = Relaying::new(&[&a, &b]);
+    let agent = Agent::new(&lab);
+    import_busybox(&lab.env, "busybox:latest");
+    let port = 18_800 + (std::process::id() % 500) as u16;
+    let dir = lab.env.path("project");
+    fs::create_dir_all(dir.join("site")).unwrap();
+    fs::write(dir.join("site/index.html"), "relayed\n").unwrap();
+    fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("strata.toml"),
+        format!(
+            "[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
+             public_port = {port}\nkill_timeout = \"2s\"\nhosts = [\"a\", \"b\"]\n\n{}{}",
+            a.toml("a"),
+            b.toml("b")
+        ),
+    )
+    .unwrap();
+    let p = dir.to_str().unwrap();
+    let (before, _) = relaying.counters();
+    let (_, err) = agent.strata(&lab, &["deploy", "web", "--relay", "--project", p]);
+    let (after, between) = relaying.counters();
+    assert!(err.contains("web is deployed on a, b"), "{err}");
+    assert!(
+        err.lines().any(|l| l.starts_with("Pushed ")
+            && l.contains("to b")
+            && l.contains("relayed from a")),
+        "{err}"
+    );
+    let image: u64 = {
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.ok(&["inspect", "--json", "web:latest"]).0).unwrap();
+        let m = &v["manifest"];
+        v["descriptor"]["size"].as_u64().unwrap()
+            + m["config"]["size"].as_u64().unwrap()
+            + m["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["size"].as_u64().unwrap())
+                .sum::<u64>()
+    };
+    eprintln!(
+        "deploy --relay: image {image} bytes, {} from here, {between} between hosts",
+        after - before
+    );
+    // The image once from here (plus handshakes and the deploys' sessions), once between hosts.
+    assert!(
+        (after - before) < image + image / 2,
+        "{} bytes from here for an image of {image}\n{err}",
+        after - before
+    );
+    assert!(between >= image, "{between} between hosts\n{err}");
+    for h in [&a, &b] {
+        assert_eq!(http_get(&h.addr, port, "/").unwrap(), "relayed\n");
+    }
+}

@@ -43,6 +43,14 @@ pub struct SshHost {
     pub store: Option<String>,
     /// strata's path on the host (`~/` is the remote home).
     pub strata: String,
+    /// More `ssh` arguments, before strata's own (a relay's host key checking).
+    pub ssh_options: Vec<String>,
+    /// Whether this host takes part in relays: receives blobs from another host, and sends
+    /// them on to others (see docs/hosts.md).
+    pub relay: bool,
+    /// `address[:port]` other hosts reach this one at, when it is not the address this side
+    /// uses (a private network between the hosts).
+    pub relay_address: Option<String>,
 }
 
 impl SshHost {
@@ -103,6 +111,9 @@ impl SshHost {
             identity: None,
             store: None,
             strata: DEFAULT_REMOTE_STRATA.to_string(),
+            ssh_options: Vec::new(),
+            relay: false,
+            relay_address: None,
         })
     }
 
@@ -126,6 +137,94 @@ impl SshHost {
             host: self.name.clone(),
             reason: reason.into(),
         }
+    }
+}
+
+/// The name the relay's ssh checks the target's host key under (`HostKeyAlias`): its own
+/// known_hosts file holds only the keys the developer's side trusts, under this name.
+const RELAY_HOST_KEY_ALIAS: &str = "strata-relay-target";
+
+/// A host as another host reaches it in a relay (see [`HostSession::relay_target`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayTarget {
+    pub user: String,
+    /// Host name or address (IPv6 without brackets).
+    pub address: String,
+    pub port: u16,
+    /// `TYPE BASE64` of each host key the developer's known_hosts accepts for the host.
+    pub host_keys: Vec<String>,
+}
+
+impl RelayTarget {
+    /// `user@address:port`, as [`SshHost::from_target`] reads it.
+    pub fn target(&self) -> String {
+        if self.address.contains(':') {
+            format!("{}@[{}]:{}", self.user, self.address, self.port)
+        } else {
+            format!("{}@{}:{}", self.user, self.address, self.port)
+        }
+    }
+}
+
+/// The keys (`TYPE BASE64`) of `ssh-keygen -F` output; revoked keys and CA lines are left out
+/// (a relay trusts plain host keys only).
+fn known_host_keys(found: &str) -> Vec<String> {
+    found
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with('@'))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().skip(1);
+            Some(format!("{} {}", f.next()?, f.next()?))
+        })
+        .collect()
+}
+
+impl SshHost {
+    /// `target` (`user@address[:port]`) as a relay on another host reaches it: ssh there reads
+    /// no config file, trusts only `host_keys` (written to `known_hosts`, a file of the
+    /// caller's that must outlive the connection) and authenticates with the agent the
+    /// developer's side forwarded.
+    pub fn for_relay(
+        name: &str,
+        target: &str,
+        host_keys: &[String],
+        known_hosts: &Path,
+    ) -> Result<SshHost> {
+        let mut host = SshHost::from_target(name, target)?;
+        if host_keys.is_empty() {
+            return Err(host.err("no host key to check it by"));
+        }
+        let port = host.port.unwrap_or(22);
+        let mut lines = String::new();
+        for k in host_keys {
+            if k.split_whitespace().count() != 2 || k.contains('\n') {
+                return Err(host.err(format!("`{k}` is not a host key (TYPE BASE64)")));
+            }
+            lines.push_str(&format!("{RELAY_HOST_KEY_ALIAS} {k}\n"));
+            lines.push_str(&format!("[{RELAY_HOST_KEY_ALIAS}]:{port} {k}\n"));
+        }
+        std::fs::write(known_hosts, lines)
+            .map_err(|e| host.err(format!("cannot write {}: {e}", known_hosts.display())))?;
+        host.ssh_options = [
+            "-F",
+            "/dev/null",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            &format!("UserKnownHostsFile={}", known_hosts.display()),
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            &format!("HostKeyAlias={RELAY_HOST_KEY_ALIAS}"),
+            "-o",
+            "CheckHostIP=no",
+            "-o",
+            "UpdateHostKeys=no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Ok(host)
     }
 }
 
@@ -207,9 +306,17 @@ impl Mux {
 
     /// `ssh` with the options every invocation shares, before the destination.
     fn base(&self) -> Command {
-        let mut c = Command::new(&self.ssh[0]);
-        c.args(&self.ssh[1..]);
+        let mut c = self.unshared();
         c.arg("-S").arg(self.control_path());
+        c
+    }
+
+    /// `ssh` with the options of [`Mux::base`] but its own connection (not the master's).
+    fn unshared(&self) -> Command {
+        let mut c = Command::new(&self.ssh[0]);
+        // The first value of an option wins: the host's own options before the user's.
+        c.args(&self.host.ssh_options);
+        c.args(&self.ssh[1..]);
         // No prompt can be answered (strata is not interactive): fail instead of hanging; and
         // notice a dead link within a minute.
         c.args([
@@ -229,6 +336,18 @@ impl Mux {
         if let Some(i) = &self.host.identity {
             c.arg("-i").arg(i);
         }
+        c
+    }
+
+    /// A session on a connection of its own (no master) that forwards the user's agent,
+    /// running `remote`: the agent is reachable on the host only while this session runs.
+    /// (A session over the master could forward it only if the master did, for the whole
+    /// command.)
+    fn command_forwarding_agent(&self, remote: &str) -> Command {
+        let mut c = self.unshared();
+        c.args(["-o", "ControlPath=none", "-o", "ForwardAgent=yes"])
+            .arg(self.destination());
+        c.arg("--").arg(remote);
         c
     }
 
@@ -491,6 +610,10 @@ impl HostSession {
     /// (`NAME=value`) set: the caller picks stdio and runs it. The host's strata is this
     /// binary's version (checked when the session started).
     pub fn strata_command(&self, env: &[(&str, &str)], args: &[&str]) -> Command {
+        self.mux.command(&self.strata_script(env, args))
+    }
+
+    fn strata_script(&self, env: &[(&str, &str)], args: &[&str]) -> String {
         let mut script = String::from("exec env");
         for (k, v) in env {
             script.push_str(&format!(" {}", shell_quote(&format!("{k}={v}"))));
@@ -503,7 +626,94 @@ impl HostSession {
             script.push(' ');
             script.push_str(&shell_quote(a));
         }
-        self.mux.command(&script)
+        script
+    }
+
+    /// How another host reaches this one for a relay: the user, address and port this
+    /// side's ssh uses for it (`ssh -G`: aliases and `~/.ssh/config` resolved), or the
+    /// host's `relay_address`; and the host keys this side's known_hosts files accept for it,
+    /// so the other host trusts exactly what this side trusts.
+    pub fn relay_target(&self) -> Result<RelayTarget> {
+        let out = self
+            .mux
+            .unshared()
+            .arg("-G")
+            .arg(self.mux.destination())
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| self.host.err(format!("cannot run `ssh -G`: {e}")))?;
+        if !out.status.success() {
+            return Err(self.host.err(format!(
+                "`ssh -G` failed: {}",
+                tail(&String::from_utf8_lossy(&out.stderr))
+            )));
+        }
+        let config = String::from_utf8_lossy(&out.stdout);
+        let value = |key: &str| {
+            config.lines().find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == key).then(|| v.trim().to_string())
+            })
+        };
+        let user = value("user").ok_or_else(|| self.host.err("`ssh -G` names no user"))?;
+        let hostname = value("hostname").unwrap_or_else(|| self.host.address.clone());
+        let port = value("port")
+            .and_then(|p| p.parse::<u16>().ok())
+            .unwrap_or(22);
+        let alias = value("hostkeyalias").filter(|a| a != "none");
+        let lookup = {
+            let name = alias.as_deref().unwrap_or(&hostname);
+            if port == 22 {
+                name.to_string()
+            } else {
+                format!("[{name}]:{port}")
+            }
+        };
+        let home = std::env::var("HOME").unwrap_or_default();
+        let files: Vec<String> = ["userknownhostsfile", "globalknownhostsfile"]
+            .iter()
+            .filter_map(|k| value(k))
+            .flat_map(|v| {
+                v.split_whitespace()
+                    .map(|f| match f.strip_prefix("~/") {
+                        Some(rest) => format!("{home}/{rest}"),
+                        None => f.to_string(),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut host_keys = Vec::new();
+        for file in files.iter().filter(|f| Path::new(f).is_file()) {
+            let found = Command::new("ssh-keygen")
+                .args(["-F", &lookup, "-f", file])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output()
+                .map_err(|e| self.host.err(format!("cannot run `ssh-keygen -F`: {e}")))?;
+            host_keys.extend(known_host_keys(&String::from_utf8_lossy(&found.stdout)));
+        }
+        host_keys.dedup();
+        let (address, port) = match &self.host.relay_address {
+            Some(a) => {
+                let h = SshHost::from_target(&self.host.name, a)?;
+                (h.address, h.port.unwrap_or(22))
+            }
+            None => (hostname, port),
+        };
+        Ok(RelayTarget {
+            user,
+            address,
+            port,
+            host_keys,
+        })
+    }
+
+    /// `strata [--store S] ARGS…` on the host over a connection of its own that forwards
+    /// the user's agent, for a relay from this host to another (its ssh authenticates with
+    /// the agent). The agent is reachable there only while this command runs.
+    pub fn strata_command_with_agent(&self, args: &[&str]) -> Command {
+        self.mux
+            .command_forwarding_agent(&self.strata_script(&[], args))
     }
 
     /// An error for a broken stream: what failed, and what the host said on stderr.
@@ -1111,6 +1321,57 @@ mod tests {
             let e = SshHost::from_target("h", bad).unwrap_err().to_string();
             assert!(e.contains("host `h`"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn a_relay_trusts_exactly_the_keys_given_and_refuses_junk() {
+        let found = "# Host 10.0.0.2 found: line 3\n\
+                     |1|abc= ssh-ed25519 AAAAkey1\n\
+                     10.0.0.* ecdsa-sha2-nistp256 AAAAkey2 comment\n\
+                     @revoked 10.0.0.2 ssh-rsa AAAAbad\n\
+                     @cert-authority *.example ssh-ed25519 AAAAca\n";
+        assert_eq!(
+            known_host_keys(found),
+            ["ssh-ed25519 AAAAkey1", "ecdsa-sha2-nistp256 AAAAkey2"]
+        );
+        let t = RelayTarget {
+            user: "root".into(),
+            address: "fd00::2".into(),
+            port: 22,
+            host_keys: Vec::new(),
+        };
+        assert_eq!(t.target(), "root@[fd00::2]:22");
+        let parsed = SshHost::from_target("x", &t.target()).unwrap();
+        assert_eq!(
+            (parsed.address.as_str(), parsed.port),
+            ("fd00::2", Some(22))
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("known_hosts");
+        let keys = vec!["ssh-ed25519 AAAAkey1".to_string()];
+        let h = SshHost::for_relay("web2", "deploy@10.0.0.3:2222", &keys, &file).unwrap();
+        assert_eq!((h.address.as_str(), h.port), ("10.0.0.3", Some(2222)));
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(
+            text,
+            "strata-relay-target ssh-ed25519 AAAAkey1\n\
+             [strata-relay-target]:2222 ssh-ed25519 AAAAkey1\n"
+        );
+        let opts = h.ssh_options.join(" ");
+        for want in [
+            "-F /dev/null",
+            "StrictHostKeyChecking=yes",
+            "GlobalKnownHostsFile=/dev/null",
+            "HostKeyAlias=strata-relay-target",
+        ] {
+            assert!(opts.contains(want), "{opts}");
+        }
+        let e = SshHost::for_relay("web2", "10.0.0.3", &[], &file).unwrap_err();
+        assert!(e.to_string().contains("no host key"), "{e}");
+        let bad = vec!["ssh-ed25519 AAAA\n10.0.0.9 ssh-rsa X".to_string()];
+        let e = SshHost::for_relay("web2", "10.0.0.3", &bad, &file).unwrap_err();
+        assert!(e.to_string().contains("not a host key"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod serve;
 
 pub use client::{
     ConnectOptions, DEFAULT_REMOTE_STRATA, FetchReport, HostSession, ImageClosure, Notice,
-    SSH_COMMAND_ENV, ShipReport, SshHost, current_exe,
+    RelayTarget, SSH_COMMAND_ENV, ShipReport, SshHost, current_exe,
 };
 pub use proto::{BlobRef, MAX_FRAME, Missing, PROTOCOL, Reply, Request};
 pub use serve::{OnTag, ServeOptions, serve};
