@@ -117,6 +117,9 @@ impl Store {
         ] {
             fs::create_dir_all(&dir).ctx("create directory", &dir)?;
         }
+        // Through no symlink either: runc refuses a rootfs path that has one ("not an
+        // absolute path, or a symlink"), and a store is often a link to a bigger disk.
+        let root = fs::canonicalize(&root).ctx("resolve", &root)?;
         let store = Store {
             db: Mutex::new(meta::open_db(&root.join("strata/meta-v1.db"))?),
             root,

@@ -51,3 +51,16 @@ fn explicit_beats_env_beats_per_user_default() {
     };
     assert_eq!(default_root_with(&[("XDG_DATA_HOME", "/xdg")]), expected);
 }
+
+/// A store opened through a symlink (a store linked to a bigger disk) works from its real
+/// path: runc refuses a bundle's rootfs whose path has a symlink in it.
+#[test]
+fn a_store_reached_through_a_symlink_is_used_at_its_real_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("disk/store");
+    std::fs::create_dir_all(&real).unwrap();
+    let link = dir.path().join("store");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let store = strata_store::Store::open(&link).unwrap();
+    assert_eq!(store.root(), std::fs::canonicalize(&real).unwrap());
+}
