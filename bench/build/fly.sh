@@ -31,7 +31,7 @@ fi
 # Lowercase only: buildah names an image pulled from `oci:DIR:TAG` after DIR.
 work=/tmp/strata-bench-fly-$$-$(date +%s%N | sha256sum | head -c 8)
 mkdir -m 700 "$work"
-trap 'rm -rf "$work"' EXIT
+trap 'rm -rf "$work" || true' EXIT
 tarball=${DEBIAN_TAR:-$work/debian12.tar}
 # The reference store holds debian:12 only (debootstrap once; later runs import the tarball).
 STRATA_STORE=$work/ref DEBIAN_TAR=$tarball scripts/fly-example/make-debian-base.sh "$strata" >/dev/null
@@ -42,15 +42,24 @@ for b in strata buildah; do
 done
 printf 'strata.toml\nstrata.lock\n*.Dockerfile\n' >"$work/buildah-proj/.dockerignore"
 
-S="$strata --store $work/store"
+# The store is a path that changes every round (`$work/store-path` names it): a store deleted and
+# made again at the same path gets its new inodes where ext4 just freed ~30k, and allocating
+# each one then scans the recently deleted ones (`recently_deleted` in the kernel: 60 s), which
+# doubled dpkg's time in the timed RUN. A new directory does not meet them, as a user's store
+# does not.
+S="$strata --store \$(cat $work/store-path)"
 # buildah's default storage driver here (overlay on ext4), its chroot isolation (no runc
 # container per RUN), host network for apt-get like strata's default.
 B="buildah --root $work/broot --runroot $work/brunroot --storage-driver overlay"
 BUD="$B bud --pull-never --layers --isolation chroot --network host -q"
 
 strata_reset() { # a fresh store with only debian:12 (imported again, not timed)
-    rm -rf "$work/store" "$work/strata-proj/strata.lock"
-    STRATA_STORE=$work/store DEBIAN_TAR=$tarball "$repo/scripts/fly-example/make-debian-base.sh" "$strata" >/dev/null
+    local old new
+    old=$(cat "$work/store-path" 2>/dev/null || true)
+    new=$work/store-$(date +%s%N)
+    rm -rf "$work/strata-proj/strata.lock" ${old:+"$old"}
+    STRATA_STORE=$new DEBIAN_TAR=$tarball "$repo/scripts/fly-example/make-debian-base.sh" "$strata" >/dev/null
+    echo "$new" >"$work/store-path"
 }
 buildah_reset() { # buildah storage with only localhost/debian:12
     $B rm -a >/dev/null 2>&1 || true
@@ -76,7 +85,7 @@ if [ -n "${BUILDKIT:-}" ]; then
     dockerd --iptables=false --bridge=none --host "unix://$sock" --data-root "$work/docker" \
         --exec-root "$work/docker-exec" --pidfile "$work/docker.pid" >"$work/dockerd.log" 2>&1 &
     dockerd_pid=$!
-    trap 'kill $dockerd_pid; wait $dockerd_pid 2>/dev/null; umount -R "$work/docker" 2>/dev/null; rm -rf "$work"' EXIT
+    trap 'set +e; kill $dockerd_pid; wait $dockerd_pid 2>/dev/null; umount -R "$work/docker" 2>/dev/null; rm -rf "$work"' EXIT
     export DOCKER_HOST=unix://$sock DOCKER_BUILDKIT=1
     for _ in $(seq 100); do $D info >/dev/null 2>&1 && break; sleep 0.2; done
     $strata --store "$work/ref" save debian:12 -o "$work/debian-save.tar"
@@ -148,7 +157,7 @@ hf --runs "$runs" --warmup 1 --export-json "$out/fly-change.json" \
 
 echo "==> step timings of one strata change rebuild (--progress json)"
 eval "$(change strata)"
-(cd "$work/strata-proj" && $S build --progress json 2>&1 >/dev/null | grep -E '"step_done"|"image_done"')
+(cd "$work/strata-proj" && $strata --store "$(cat "$work/store-path")" build --progress json 2>&1 >/dev/null | grep -E '"step_done"|"image_done"')
 uptime
 
 python3 - "$out" <<'EOF'
