@@ -811,6 +811,25 @@ fn can_run_machines() -> bool {
     ok
 }
 
+/// A project of one busybox httpd app `web` serving `site/` (its `index.html` says `index`),
+/// with `app_toml` after the app's image and port in `[app.web]` (and any tables after it).
+fn web_project(lab: &Lab, index: &str, app_toml: &str) -> PathBuf {
+    let dir = lab.env.path("project");
+    fs::create_dir_all(dir.join("site")).unwrap();
+    fs::write(dir.join("site/index.html"), index).unwrap();
+    fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+    )
+    .unwrap();
+    fs::write(
+        dir.join("strata.toml"),
+        format!("[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n{app_toml}"),
+    )
+    .unwrap();
+    dir
+}
+
 #[test]
 fn rolling_deploy_to_two_hosts_drops_no_request_stops_at_a_failing_host_and_rolls_back() {
     if !can_run() || !can_run_machines() {
@@ -821,28 +840,19 @@ fn rolling_deploy_to_two_hosts_drops_no_request_stops_at_a_failing_host_and_roll
     let b = TestHost::start(&lab.env, &lab.keys);
     import_busybox(&lab.env, "busybox:latest");
     let port = 18_300 + (std::process::id() % 500) as u16;
-    let dir = lab.env.path("project");
-    fs::create_dir_all(dir.join("site")).unwrap();
-    fs::write(dir.join("site/index.html"), "v1\n").unwrap();
-    // The health check reads a file each host keeps in its volume: a host without it fails.
-    std::os::unix::fs::symlink("/data/ok.html", dir.join("site/ok.html")).unwrap();
-    fs::write(
-        dir.join("Dockerfile"),
-        "FROM busybox\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
-    )
-    .unwrap();
-    fs::write(
-        dir.join("strata.toml"),
-        format!(
-            "[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
-             public_port = {port}\nkill_timeout = \"2s\"\nvolumes = [\"webdata:/data\"]\n\
+    let dir = web_project(
+        &lab,
+        "v1\n",
+        &format!(
+            "public_port = {port}\nkill_timeout = \"2s\"\nvolumes = [\"webdata:/data\"]\n\
              hosts = [\"a\", \"b\"]\nstrategy = \"rolling\"\n\
              health = {{ path = \"/ok.html\", interval = \"100ms\", timeout = \"1s\", deadline = \"4s\" }}\n\n{}{}",
             a.toml("a"),
             b.toml("b")
         ),
-    )
-    .unwrap();
+    );
+    // The health check reads a file each host keeps in its volume: a host without it fails.
+    std::os::unix::fs::symlink("/data/ok.html", dir.join("site/ok.html")).unwrap();
     for h in [&a, &b] {
         let vol = h.store.join("strata/volumes/webdata");
         fs::create_dir_all(&vol).unwrap();
@@ -1054,24 +1064,15 @@ fn dev_against_a_host_syncs_edits_there_and_redeploys_there() {
     let h = TestHost::start(&lab.env, &lab.keys);
     import_busybox(&lab.env, "busybox:latest");
     let port = 18_400 + (std::process::id() % 500) as u16;
-    let dir = lab.env.path("project");
-    fs::create_dir_all(dir.join("site")).unwrap();
-    fs::write(dir.join("site/index.html"), "v1\n").unwrap();
-    fs::write(
-        dir.join("Dockerfile"),
-        "FROM busybox\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
-    )
-    .unwrap();
-    fs::write(
-        dir.join("strata.toml"),
-        format!(
-            "[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
-             public_port = {port}\nkill_timeout = \"2s\"\n\
+    let dir = web_project(
+        &lab,
+        "v1\n",
+        &format!(
+            "public_port = {port}\nkill_timeout = \"2s\"\n\
              live_update = {{ sync = [{{ src = \"site\", dest = \"/www\" }}] }}\n\n{}",
             h.toml("h")
         ),
-    )
-    .unwrap();
+    );
     let log = lab.env.path("dev.log");
     let mut child = lab
         .command(&[
@@ -1548,24 +1549,15 @@ fn deploy_with_relays_ships_once_and_deploys_on_every_host() {
     let agent = Agent::new(&lab);
     import_busybox(&lab.env, "busybox:latest");
     let port = 18_800 + (std::process::id() % 500) as u16;
-    let dir = lab.env.path("project");
-    fs::create_dir_all(dir.join("site")).unwrap();
-    fs::write(dir.join("site/index.html"), "relayed\n").unwrap();
-    fs::write(
-        dir.join("Dockerfile"),
-        "FROM busybox\nCOPY site/ /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
-    )
-    .unwrap();
-    fs::write(
-        dir.join("strata.toml"),
-        format!(
-            "[[image]]\nname = \"web\"\n\n[app.web]\nimage = \"web\"\nport = 8080\n\
-             public_port = {port}\nkill_timeout = \"2s\"\nhosts = [\"a\", \"b\"]\n\n{}{}",
+    let dir = web_project(
+        &lab,
+        "relayed\n",
+        &format!(
+            "public_port = {port}\nkill_timeout = \"2s\"\nhosts = [\"a\", \"b\"]\n\n{}{}",
             a.toml("a"),
             b.toml("b")
         ),
-    )
-    .unwrap();
+    );
     let p = dir.to_str().unwrap();
     let (before, _) = relaying.counters();
     let (_, err) = agent.strata(&lab, &["deploy", "web", "--relay", "--project", p]);
