@@ -114,6 +114,19 @@ $H --export-json "$B/blob.json" \
   -n "download strata-registry" "curl -fsS -o /dev/null http://127.0.0.1:$SP/v2/dl/blobs/$DIGEST" \
   -n "download docker-registry" "curl -fsS -o /dev/null http://127.0.0.1:$DP/v2/dl/blobs/$DIGEST"
 
+# Server CPU per download (user + system, from /proc/PID/stat), 3 downloads each: where the
+# time goes besides the client.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+for i in 0 1; do
+  pid=${PIDS[$i]}; port=$([ "$i" = 0 ] && echo "$SP" || echo "$DP")
+  a=$(cpu_ticks "$pid")
+  for _ in 1 2 3; do curl -fsS -o /dev/null "http://127.0.0.1:$port/v2/dl/blobs/$DIGEST"; done
+  b=$(cpu_ticks "$pid")
+  name=$([ "$i" = 0 ] && echo strata-registry || echo docker-registry)
+  echo "server CPU per download, $name: $(( (b - a) * 1000 / $(getconf CLK_TCK) / 3 )) ms" \
+    | tee -a "$B/server-cpu.txt" >&2
+done
+
 # Push commands; each picks a fresh repository name at run time.
 SPUSH="$STRATA push img:1 127.0.0.1:PORT/p\$(date +%s%N)/img:1"
 SKOPEO="unshare -m sh -c 'mount -t tmpfs bic /var/lib/containers/cache && exec skopeo copy -q --dest-tls-verify=false oci:$B/store:img:1 docker://127.0.0.1:PORT/s\$(date +%s%N)/img:1'"
@@ -164,4 +177,5 @@ for reg in ("strata-registry", "docker-registry"):
     print(f"\n{reg}: strata push is {push[f'skopeo copy -> {reg}'] / s:.2f}x skopeo copy's speed, "
           f"{push[f'skopeo copy --preserve-digests -> {reg}'] / s:.2f}x skopeo copy --preserve-digests'")
 PY
+cat "$B/server-cpu.txt"
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -10,6 +10,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 use strata_dockerfile::{IgnoreMatcher, clean_path};
+use strata_oci::sync::MutexExt;
 use strata_oci::{Digest, Hasher};
 
 use crate::error::{Error, Result, io_err};
@@ -248,6 +249,22 @@ pub(crate) fn select(
     Ok(out)
 }
 
+/// One directory's listing, as the walk keeps it: its entries in name order.
+type Listing = Vec<Child>;
+
+struct Child {
+    /// Path relative to the match.
+    sub_rel: String,
+    /// The entry, unless only its contents are copied (a directory matched by an ignore
+    /// pattern that a later `!` pattern may reopen inside it).
+    entry: Option<Entry>,
+    /// A directory to walk into.
+    descend: bool,
+}
+
+/// Appends everything under `dir` (the match `match_rel`, itself `rel` below it) to `out`,
+/// parents first and each directory's entries in name order. Directories are listed and their
+/// entries stat-ed on all cores, then put in that order.
 fn walk(
     origin: &Origin<'_>,
     match_rel: &str,
@@ -257,12 +274,130 @@ fn walk(
     stat_time: SystemTime,
     out: &mut Vec<Entry>,
 ) -> Result<()> {
+    let list = |dir: &Path, rel: &str| list_dir(origin, match_rel, dir, rel, exclude, stat_time);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let mut listings = if threads == 1 {
+        let mut all = std::collections::HashMap::new();
+        let mut todo = vec![(dir.to_path_buf(), rel.to_string())];
+        while let Some((d, r)) = todo.pop() {
+            let l = list(&d, &r)?;
+            todo.extend(subdirs(&l));
+            all.insert(r, l);
+        }
+        all
+    } else {
+        list_parallel(threads, (dir.to_path_buf(), rel.to_string()), &list)?
+    };
+    put_in_order(rel, &mut listings, out);
+    Ok(())
+}
+
+/// The directories `l` walks into, with their paths relative to the match.
+fn subdirs(l: &Listing) -> impl Iterator<Item = (PathBuf, String)> + '_ {
+    l.iter()
+        .filter(|c| c.descend)
+        .filter_map(|c| Some((c.entry.as_ref()?.path.clone(), c.sub_rel.clone())))
+}
+
+fn put_in_order(
+    rel: &str,
+    listings: &mut std::collections::HashMap<String, Listing>,
+    out: &mut Vec<Entry>,
+) {
+    let Some(children) = listings.remove(rel) else {
+        return;
+    };
+    for c in children {
+        if let Some(e) = c.entry {
+            out.push(e);
+        }
+        if c.descend {
+            put_in_order(&c.sub_rel, listings, out);
+        }
+    }
+}
+
+/// Lists the tree from `root` on `threads` threads: each takes a directory still to list,
+/// lists it, and queues its subdirectories.
+fn list_parallel(
+    threads: usize,
+    root: (PathBuf, String),
+    list: &(dyn Fn(&Path, &str) -> Result<Listing> + Sync),
+) -> Result<std::collections::HashMap<String, Listing>> {
+    use std::sync::{Condvar, Mutex};
+    struct Queue {
+        todo: Vec<(PathBuf, String)>,
+        /// Directories being listed (their subdirectories are not queued yet).
+        busy: usize,
+        failed: Option<Error>,
+    }
+    let queue = Mutex::new(Queue {
+        todo: vec![root],
+        busy: 0,
+        failed: None,
+    });
+    let wake = Condvar::new();
+    let done = Mutex::new(std::collections::HashMap::new());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let (dir, rel) = {
+                        let mut q = queue.lock_ok();
+                        loop {
+                            if q.failed.is_some() {
+                                return;
+                            }
+                            if let Some(job) = q.todo.pop() {
+                                q.busy += 1;
+                                break job;
+                            }
+                            if q.busy == 0 {
+                                return;
+                            }
+                            q = wake.wait(q).unwrap_or_else(|p| p.into_inner());
+                        }
+                    };
+                    let listed = list(&dir, &rel);
+                    let mut q = queue.lock_ok();
+                    q.busy -= 1;
+                    match listed {
+                        Ok(l) => {
+                            q.todo.extend(subdirs(&l));
+                            done.lock_ok().insert(rel, l);
+                        }
+                        Err(e) => {
+                            q.failed.get_or_insert(e);
+                        }
+                    }
+                    wake.notify_all();
+                }
+            });
+        }
+    });
+    let q = queue.into_inner().unwrap_or_else(|p| p.into_inner());
+    match q.failed {
+        Some(e) => Err(e),
+        None => Ok(done.into_inner().unwrap_or_else(|p| p.into_inner())),
+    }
+}
+
+/// The entries of one directory, in name order, with the ignore rules applied.
+fn list_dir(
+    origin: &Origin<'_>,
+    match_rel: &str,
+    dir: &Path,
+    rel: &str,
+    exclude: Option<&IgnoreMatcher>,
+    stat_time: SystemTime,
+) -> Result<Listing> {
     let mut names = Vec::new();
     for e in std::fs::read_dir(dir).map_err(io_err("reading directory", dir))? {
         let e = e.map_err(io_err("reading directory", dir))?;
         names.push((e.file_name(), e));
     }
     names.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::with_capacity(names.len());
     for (name, dirent) in names {
         let name = name.to_string_lossy().to_string();
         let sub_rel = join(rel, &name);
@@ -280,14 +415,18 @@ fn walk(
         }
         let keep = !origin.ignore.is_some_and(|m| m.matches(&origin_rel))
             && !exclude.is_some_and(|m| m.matches(&sub_rel));
-        if keep || is_dir {
-            out.push(entry(sub_rel.clone(), path.clone(), &md, stat_time));
-        }
-        if is_dir {
-            walk(origin, match_rel, &path, &sub_rel, exclude, stat_time, out)?;
-        }
+        let entry = if keep || is_dir {
+            Some(entry(sub_rel.clone(), path, &md, stat_time))
+        } else {
+            None
+        };
+        out.push(Child {
+            sub_rel,
+            entry,
+            descend: is_dir,
+        });
     }
-    Ok(())
+    Ok(out)
 }
 
 /// What the cache key and the explanation record about one copied entry.
@@ -320,72 +459,128 @@ pub(crate) fn hash_file(path: &Path) -> Result<Digest> {
     Ok(h.finish())
 }
 
+/// Below this many entries a key is computed on one thread (spawning costs more than it saves).
+const PARALLEL_MIN_ENTRIES: usize = 4096;
+
 /// The content hash of exactly these matches: path, type, mode, owner (when it ends up in
 /// the layer), size, content digest and link target of every entry. mtimes are not part of
 /// it: copied files get a fixed mtime in the layer. Returns the digest and, per source path,
 /// a short digest for explanations. With a `cache` (the context's), a file whose stat it has
-/// recorded is not read.
+/// recorded is not read. Big selections are split across the machine's cores; the bytes
+/// hashed, and so the key, are the same as on one.
 pub(crate) fn hash_matches<'m>(
     matches: impl IntoIterator<Item = &'m Matched>,
     keep_owner: bool,
     cache: Option<&StatCache>,
 ) -> Result<(Digest, BTreeMap<String, String>)> {
-    let mut records = Vec::new();
-    // Collected, then sorted once: cheaper than a tree insert per file.
-    let mut per_file = Vec::new();
-    for m in matches {
-        for e in &m.entries {
-            let path = &if e.rel.is_empty() {
-                m.rel.clone()
-            } else {
-                join(&m.rel, &e.rel)
-            };
-            let (kind, size, sha, link) = match &e.kind {
-                Kind::File { size } => {
-                    let digest = match (cache, &e.stat) {
-                        (Some(c), Some((stat, at))) => c.digest(&e.path, stat, *at, hash_file)?,
-                        _ => hash_file(&e.path)?,
-                    };
-                    ("file", *size, Some(digest.to_string()), None)
-                }
-                Kind::Dir => ("dir", 0, None, None),
-                Kind::Symlink { target } => (
-                    "symlink",
-                    0,
-                    None,
-                    Some(target.to_string_lossy().to_string()),
-                ),
-                Kind::Other { .. } => ("other", 0, None, None),
-            };
-            let rec = EntryRecord {
-                path,
-                kind,
-                mode: e.mode,
-                owner: keep_owner.then_some((e.uid, e.gid)),
-                size,
-                sha256: sha,
-                link,
-            };
-            let one = rec.canonical_json();
-            if kind != "dir" {
-                per_file.push((path.clone(), Digest::sha256(&one).hex()[..16].to_string()));
+    let entries: Vec<(&Matched, &Entry)> = matches
+        .into_iter()
+        .flat_map(|m| m.entries.iter().map(move |e| (m, e)))
+        .collect();
+    let threads = if entries.len() < PARALLEL_MIN_ENTRIES {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+    };
+    let parts: Vec<Result<Records>> = if threads == 1 {
+        vec![records_of(&entries, keep_owner, cache)]
+    } else {
+        let per = entries.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = entries
+                .chunks(per)
+                .map(|chunk| s.spawn(move || records_of(chunk, keep_owner, cache)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    };
+    // The canonical JSON of the records as an array of strings, hashed as it is written (the
+    // same bytes as `to_canonical_json(&Vec<String>)`, a test checks, without a `Value` tree
+    // of every record or one buffer of all of them).
+    let mut h = Hasher::sha256();
+    h.update(b"[");
+    let mut per_file = Vec::with_capacity(entries.len());
+    let mut first = true;
+    for part in parts {
+        let part = part?;
+        for r in part.escaped.split_inclusive(|b| *b == RECORD_END) {
+            if !first {
+                h.update(b",");
             }
-            records.push(one);
+            first = false;
+            h.update(&r[..r.len() - 1]);
         }
+        per_file.extend(part.per_file);
     }
-    // The canonical JSON of the records as an array of strings, written directly (the same
-    // bytes as `to_canonical_json(&Vec<String>)`, a test checks, without a `Value` tree of
-    // every record).
-    let mut all = Vec::with_capacity(records.iter().map(|r| r.len() + 8).sum::<usize>() + 2);
-    all.push(b'[');
-    for (i, r) in records.iter().enumerate() {
-        if i > 0 {
-            all.push(b',');
+    h.update(b"]");
+    // Sorted once at the end: cheaper than a tree insert per file.
+    Ok((h.finish(), per_file.into_iter().collect()))
+}
+
+/// Ends each escaped record in [`Records::escaped`]: a byte a JSON string never contains raw.
+const RECORD_END: u8 = b'\n';
+
+/// The records of a run of entries, in order.
+struct Records {
+    /// Each record as a JSON string (quoted and escaped), followed by [`RECORD_END`].
+    escaped: Vec<u8>,
+    /// Path and short digest of each entry that is not a directory.
+    per_file: Vec<(String, String)>,
+}
+
+fn records_of(
+    entries: &[(&Matched, &Entry)],
+    keep_owner: bool,
+    cache: Option<&StatCache>,
+) -> Result<Records> {
+    let mut out = Records {
+        escaped: Vec::with_capacity(entries.len() * 200),
+        per_file: Vec::with_capacity(entries.len()),
+    };
+    for (m, e) in entries {
+        let path = &if e.rel.is_empty() {
+            m.rel.clone()
+        } else {
+            join(&m.rel, &e.rel)
+        };
+        let (kind, size, sha, link) = match &e.kind {
+            Kind::File { size } => {
+                let digest = match (cache, &e.stat) {
+                    (Some(c), Some((stat, at))) => c.digest(&e.path, stat, *at, hash_file)?,
+                    _ => hash_file(&e.path)?,
+                };
+                ("file", *size, Some(digest.to_string()), None)
+            }
+            Kind::Dir => ("dir", 0, None, None),
+            Kind::Symlink { target } => (
+                "symlink",
+                0,
+                None,
+                Some(target.to_string_lossy().to_string()),
+            ),
+            Kind::Other { .. } => ("other", 0, None, None),
+        };
+        let rec = EntryRecord {
+            path,
+            kind,
+            mode: e.mode,
+            owner: keep_owner.then_some((e.uid, e.gid)),
+            size,
+            sha256: sha,
+            link,
+        };
+        let one = rec.canonical_json();
+        if kind != "dir" {
+            out.per_file
+                .push((path.clone(), Digest::sha256(&one).hex()[..16].to_string()));
         }
-        json_string(&mut all, &String::from_utf8_lossy(r));
+        json_string(&mut out.escaped, &String::from_utf8_lossy(&one));
+        out.escaped.push(RECORD_END);
     }
-    all.push(b']');
-    Ok((Digest::sha256(&all), per_file.into_iter().collect()))
+    Ok(out)
 }
 
 /// `s` as a JSON string, escaped as serde_json (and so canonical JSON) writes it.

@@ -25,12 +25,12 @@ use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use strata_oci::Digest;
-use strata_oci::sync::MutexExt;
+use strata_oci::sync::RwLockExt;
 use strata_store::Store;
 
 use crate::error::Result;
@@ -72,7 +72,9 @@ impl FileStat {
 pub(crate) struct StatCache {
     root: PathBuf,
     margin: Duration,
-    state: Mutex<State>,
+    /// Read-locked for lookups (the builds' common case, on several threads at once),
+    /// write-locked to record.
+    state: RwLock<State>,
     /// Files read to hash them this build (the rest came from the cache).
     read: AtomicUsize,
 }
@@ -88,7 +90,7 @@ struct Recorded {
     stat: FileStat,
     digest: Digest,
     /// Looked up this build.
-    seen: bool,
+    seen: AtomicBool,
 }
 
 impl StatCache {
@@ -97,7 +99,7 @@ impl StatCache {
         StatCache {
             root: root.to_path_buf(),
             margin,
-            state: Mutex::new(State::default()),
+            state: RwLock::new(State::default()),
             read: AtomicUsize::new(0),
         }
     }
@@ -113,7 +115,7 @@ impl StatCache {
         if let Some(bytes) = store.context_stats(root)?
             && let Some(entries) = parse(&bytes)
         {
-            cache.state.lock_ok().entries = entries;
+            cache.state.write_ok().entries = entries;
         }
         Ok(cache)
     }
@@ -122,17 +124,17 @@ impl StatCache {
     /// look at are kept while the path still exists (another Dockerfile on the same context
     /// may copy them).
     pub(crate) fn save(&self, store: &Store) -> Result<()> {
-        let mut st = self.state.lock_ok();
+        let mut st = self.state.write_ok();
         let State { entries, changed } = &mut *st;
         let before = entries.len();
         entries.retain(|rel, r| {
-            r.seen
+            *r.seen.get_mut()
                 || std::fs::symlink_metadata(self.root.join(std::ffi::OsStr::from_bytes(rel)))
                     .is_ok()
         });
         // The next build starts here (tests run several on one cache).
         for r in entries.values_mut() {
-            r.seen = false;
+            *r.seen.get_mut() = false;
         }
         if !*changed && entries.len() == before {
             return Ok(());
@@ -168,11 +170,11 @@ impl StatCache {
             return hash(path);
         };
         {
-            let mut st = self.state.lock_ok();
-            if let Some(r) = st.entries.get_mut(rel)
+            let st = self.state.read_ok();
+            if let Some(r) = st.entries.get(rel)
                 && r.stat == *md
             {
-                r.seen = true;
+                r.seen.store(true, Ordering::Relaxed);
                 return Ok(r.digest.clone());
             }
         }
@@ -183,12 +185,12 @@ impl StatCache {
             .map(|t| t.as_nanos() as i128)
             .unwrap_or(0);
         let trusted = md.mtime.max(md.ctime) + (self.margin.as_nanos() as i128) <= stat_ns;
-        let mut st = self.state.lock_ok();
+        let mut st = self.state.write_ok();
         if trusted {
             let r = Recorded {
                 stat: *md,
                 digest: d.clone(),
-                seen: true,
+                seen: AtomicBool::new(true),
             };
             st.entries.insert(rel.to_vec(), r);
             st.changed = true;
@@ -230,14 +232,69 @@ fn serialize(entries: &HashMap<Vec<u8>, Recorded>) -> Vec<u8> {
     out
 }
 
-/// The entries of a cache file; `None` unless all of it parses.
+/// The entries of a cache file; `None` unless all of it parses. A big file's lines are parsed
+/// on all cores (it is read before every build of its context).
 fn parse(bytes: &[u8]) -> Option<HashMap<Vec<u8>, Recorded>> {
-    let mut lines = bytes.split(|b| *b == b'\n');
-    let header = std::str::from_utf8(lines.next()?).ok()?;
+    let end = bytes.iter().position(|b| *b == b'\n')?;
+    let header = std::str::from_utf8(&bytes[..end]).ok()?;
     let count: usize = header.strip_prefix(HEADER)?.trim().parse().ok()?;
+    let body = &bytes[end + 1..];
+    // Every entry ends with a newline, the last one the file's last byte.
+    if !(body.is_empty() || body.ends_with(b"\n")) {
+        return None;
+    }
+    let threads = if count < 8192 {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+    };
+    // Pieces of about equal size, each ending after a newline.
+    let mut pieces = Vec::with_capacity(threads);
+    let mut rest = body;
+    for i in (1..=threads).rev() {
+        let cut = if i == 1 {
+            rest.len()
+        } else {
+            let at = rest.len() / i;
+            rest[at..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(rest.len(), |p| at + p + 1)
+        };
+        let (piece, r) = rest.split_at(cut);
+        pieces.push(piece);
+        rest = r;
+    }
+    let parsed: Vec<Option<Vec<(Vec<u8>, Recorded)>>> = if threads == 1 {
+        pieces.into_iter().map(parse_lines).collect()
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = pieces
+                .into_iter()
+                .map(|p| s.spawn(move || parse_lines(p)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    };
     let mut entries = HashMap::with_capacity(count);
-    for _ in 0..count {
-        let line = lines.next()?;
+    for part in parsed {
+        entries.extend(part?);
+    }
+    let lines = body.iter().filter(|b| **b == b'\n').count();
+    (lines == count && entries.len() == count).then_some(entries)
+}
+
+/// The entries of whole lines, each ending with a newline; `None` unless all parse.
+fn parse_lines(lines: &[u8]) -> Option<Vec<(Vec<u8>, Recorded)>> {
+    let mut out = Vec::with_capacity(lines.len() / 150);
+    for line in lines.split(|b| *b == b'\n') {
+        if line.is_empty() {
+            // Only after the last newline (an empty line has no fields and fails below).
+            continue;
+        }
         let mut f = line.splitn(8, |b| *b == b' ');
         let mut field = || std::str::from_utf8(f.next()?).ok();
         let digest: Digest = format!("sha256:{}", field()?).parse().ok()?;
@@ -263,11 +320,10 @@ fn parse(bytes: &[u8]) -> Option<HashMap<Vec<u8>, Recorded>> {
             ino,
             mode,
         };
-        let seen = false;
-        entries.insert(rel, Recorded { stat, digest, seen });
+        let seen = AtomicBool::new(false);
+        out.push((rel, Recorded { stat, digest, seen }));
     }
-    // The file ends right after the last entry's newline.
-    (lines.next() == Some(&b""[..]) && lines.next().is_none()).then_some(entries)
+    Some(out)
 }
 
 #[cfg(test)]
@@ -284,7 +340,7 @@ mod tests {
         let rec = |stat, digest| Recorded {
             stat,
             digest,
-            seen: false,
+            seen: AtomicBool::new(false),
         };
         let s = FileStat {
             size: 3,
@@ -306,6 +362,33 @@ mod tests {
         let prev = bytes[..cut].iter().rposition(|b| *b == b'\n').unwrap();
         assert!(parse(&bytes[..=prev]).is_none(), "an entry missing");
         assert!(parse(b"strata-context-stats v9 0\n").is_none());
+
+        // Big enough to be parsed in pieces: the same entries, and a damaged line anywhere
+        // still rejects the whole file.
+        let mut big = HashMap::new();
+        for i in 0..20_000u64 {
+            let s = FileStat { ino: i, ..s };
+            big.insert(
+                format!("d{}/f {i}", i % 97).into_bytes(),
+                rec(s, Digest::sha256(&i.to_le_bytes())),
+            );
+        }
+        let bytes = serialize(&big);
+        let back = parse(&bytes).unwrap();
+        assert_eq!(back.len(), big.len());
+        for (k, v) in &big {
+            assert_eq!((back[k].stat, &back[k].digest), (v.stat, &v.digest));
+        }
+        assert_eq!(serialize(&back), bytes);
+        for at in [bytes.len() / 3, bytes.len() / 2, bytes.len() - 10] {
+            let mut bad = bytes.clone();
+            let nl = at + bad[at..].iter().position(|b| *b == b'\n').unwrap();
+            bad.insert(nl, b'\n'); // an empty line
+            assert!(parse(&bad).is_none(), "empty line at {nl}");
+            let mut bad = bytes.clone();
+            bad[at - 40..at].fill(b'x');
+            assert!(parse(&bad).is_none(), "garbage at {at}");
+        }
     }
 
     #[test]

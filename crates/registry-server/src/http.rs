@@ -23,12 +23,14 @@ use crate::error::{ApiError, Code};
 use crate::registry::{AppendEnd, Registry, Session, subject_of};
 
 mod blobs;
+mod direct;
 mod listings;
 mod manifests;
 mod token;
 mod uploads;
 
 use blobs::*;
+pub(crate) use direct::{Next, Timeouts, serve_blobs};
 use listings::*;
 use manifests::*;
 use token::*;

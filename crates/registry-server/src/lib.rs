@@ -107,7 +107,7 @@ pub async fn serve_with_routes(
         limits: config.limits.clone(),
         public_url: config.public_url.clone(),
     });
-    let app = http::router(state).merge(extra);
+    let app = http::router(state.clone()).merge(extra);
 
     // The abandoned-upload cleaner: often enough that an upload is gone soon after its timeout.
     let cleaner = {
@@ -160,8 +160,19 @@ pub async fn serve_with_routes(
         };
         let _ = stream.set_nodelay(true);
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let state = state.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            // Blob downloads first (sendfile), then hyper for whatever else comes.
+            let timeouts = http::Timeouts {
+                header_read: header_timeout,
+                send_idle,
+            };
+            let http::Next::Hyper(stream, read) =
+                http::serve_blobs(&state, stream, &timeouts).await
+            else {
+                return;
+            };
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -169,7 +180,10 @@ pub async fn serve_with_routes(
                 // What a connection queues to send (and reads ahead) before it waits: with one
                 // blob chunk being produced, a client that stops reading pins about 256 KiB.
                 .max_buf_size(128 << 10);
-            let io = hyper_util::rt::TokioIo::new(util::SendIdle::new(stream, send_idle));
+            let io = hyper_util::rt::TokioIo::new(util::SendIdle::new(
+                util::Rewind::new(read, stream),
+                send_idle,
+            ));
             if let Err(e) = builder.serve_connection(io, svc).await {
                 tracing::debug!("connection: {e}");
             }

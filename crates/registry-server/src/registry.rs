@@ -239,6 +239,11 @@ impl Registry {
         self.backend.get_range(&blob_key(d), range).await
     }
 
+    /// The file holding blob `d` when the backend keeps blobs as local files.
+    pub fn blob_file(&self, d: &Digest) -> Option<std::path::PathBuf> {
+        self.backend.local_file(&blob_key(d))
+    }
+
     pub async fn link_blob(&self, repo: &str, d: &Digest) -> Result<()> {
         self.backend.put(&link_key(repo, d), Bytes::new()).await?;
         self.mark_repo(repo).await

@@ -52,6 +52,12 @@ pub trait Backend: Send + Sync + 'static {
     async fn delete(&self, key: &str) -> Result<bool>;
     /// Every object whose key starts with `prefix` (which ends with `/`), at any depth.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>>;
+    /// The local file holding the object at `key`, when this backend keeps objects as files
+    /// (the HTTP layer then sends it with `sendfile`); `None` by default.
+    fn local_file(&self, key: &str) -> Option<PathBuf> {
+        let _ = key;
+        None
+    }
 }
 
 fn check_key(key: &str) -> Result<()> {
@@ -156,6 +162,10 @@ fn info_of(key: String, meta: &std::fs::Metadata) -> ObjectInfo {
 
 #[async_trait]
 impl Backend for FsBackend {
+    fn local_file(&self, key: &str) -> Option<PathBuf> {
+        self.path(key).ok()
+    }
+
     async fn put(&self, key: &str, value: Bytes) -> Result<()> {
         let dest = self.path(key)?;
         let tmp = self.tmp_path();

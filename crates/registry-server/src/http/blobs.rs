@@ -39,13 +39,45 @@ pub(super) fn parse_range(h: Option<&str>, size: u64) -> Result<Option<Range<u64
     Ok(Some(range))
 }
 
-pub(super) async fn get_blob(
+/// A blob `GET`/`HEAD` that may be answered: what to send, before any byte of the blob is read.
+pub(super) struct BlobAnswer {
+    pub status: StatusCode,
+    pub digest: Digest,
+    /// The blob's size.
+    pub size: u64,
+    /// The bytes to send (all of them for `200`).
+    pub range: Range<u64>,
+}
+
+impl BlobAnswer {
+    /// The response headers, the same whichever way the body is sent.
+    pub fn headers(&self) -> Vec<(HeaderName, String)> {
+        let (r, size) = (&self.range, self.size);
+        let mut h = vec![
+            (CONTENT_LENGTH, (r.end - r.start).to_string()),
+            (CONTENT_TYPE, "application/octet-stream".to_string()),
+            (DOCKER_CONTENT_DIGEST, self.digest.to_string()),
+            (ETAG, format!("\"{}\"", self.digest)),
+            (ACCEPT_RANGES, "bytes".to_string()),
+            (CACHE_CONTROL, "max-age=31536000".to_string()),
+        ];
+        if self.status == StatusCode::PARTIAL_CONTENT {
+            h.push((
+                CONTENT_RANGE,
+                format!("bytes {}-{}/{size}", r.start, r.end - 1),
+            ));
+        }
+        h
+    }
+}
+
+/// Checks access, existence and `Range` for a blob `GET`/`HEAD` of `d` in `name`.
+pub(super) async fn blob_answer(
     st: &AppState,
     headers: &HeaderMap,
     name: &str,
     d: &str,
-    head: bool,
-) -> ApiResult {
+) -> Result<BlobAnswer, ApiError> {
     check_name(name)?;
     st.gate(headers, Some(name), Action::Pull).await?;
     let digest = parse_digest(d)?;
@@ -63,31 +95,39 @@ pub(super) async fn get_blob(
             .header(CONTENT_RANGE, &format!("bytes */{size}")));
         }
     };
-    let (status, r) = match range {
+    let (status, range) = match range {
         Some(r) => (StatusCode::PARTIAL_CONTENT, r),
         None => (StatusCode::OK, 0..size),
     };
-    let len = r.end - r.start;
+    Ok(BlobAnswer {
+        status,
+        digest,
+        size,
+        range,
+    })
+}
+
+pub(super) async fn get_blob(
+    st: &AppState,
+    headers: &HeaderMap,
+    name: &str,
+    d: &str,
+    head: bool,
+) -> ApiResult {
+    let answer = blob_answer(st, headers, name, d).await?;
     let mut resp = if head {
-        empty(status)
+        empty(answer.status)
     } else {
-        let stream = st.registry.blob_stream(&digest, r.clone()).await?;
+        let stream = st
+            .registry
+            .blob_stream(&answer.digest, answer.range.clone())
+            .await?;
         let mut resp = Response::new(Body::from_stream(stream));
-        *resp.status_mut() = status;
+        *resp.status_mut() = answer.status;
         resp
     };
-    set(&mut resp, CONTENT_LENGTH, &len.to_string());
-    set(&mut resp, CONTENT_TYPE, "application/octet-stream");
-    set(&mut resp, DOCKER_CONTENT_DIGEST, &digest.to_string());
-    set(&mut resp, ETAG, &format!("\"{digest}\""));
-    set(&mut resp, ACCEPT_RANGES, "bytes");
-    set(&mut resp, CACHE_CONTROL, "max-age=31536000");
-    if status == StatusCode::PARTIAL_CONTENT {
-        set(
-            &mut resp,
-            CONTENT_RANGE,
-            &format!("bytes {}-{}/{size}", r.start, r.end - 1),
-        );
+    for (name, value) in answer.headers() {
+        set(&mut resp, name, &value);
     }
     Ok(resp)
 }

@@ -1176,3 +1176,115 @@ async fn a_stalled_reader_is_dropped_and_frees_its_connection_slot() {
     );
     drop(sock);
 }
+
+/// The response head without its `date` line (the one header that differs between two answers).
+fn without_date(head: &str) -> String {
+    head.lines()
+        .filter(|l| !l.starts_with("date:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_blob_gets_and_ranges_return_exactly_the_stored_bytes() {
+    let s = start(|_| {}).await;
+    // Over 8 MiB (one `sendfile` call), an odd size, and bytes that differ at every offset.
+    let blob: Vec<u8> = (0..(20u32 << 20) + 12_345)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let d = s.push_blob("big/blob", &blob, &NONE).await;
+    let path = format!("/v2/big/blob/blobs/{d}");
+    let get = |extra: &str| format!("GET {path} HTTP/1.1\r\nHost: {}\r\n{extra}\r\n", s.addr);
+
+    // One connection: a whole GET, two ranges (one across the 8 MiB mark, one suffix) sent
+    // pipelined, then a request of another route, answered by the router.
+    let mut sock = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut buf = Vec::new();
+    sock.write_all(get("").as_bytes()).await.unwrap();
+    let (status, head, body) = read_response(&mut sock, &mut buf).await.unwrap();
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(body.len(), blob.len());
+    assert!(body == blob, "the whole blob differs from what was pushed");
+    assert!(
+        head.contains(&format!("\r\ndocker-content-digest: {d}\r\n")),
+        "{head}"
+    );
+    assert!(head.contains("\r\ndocker-distribution-api-version: registry/2.0\r\n"));
+
+    let (a, b) = ((8 << 20) - 1000, (9 << 20) + 77);
+    let pipelined = get(&format!("Range: bytes={a}-{b}\r\n")) + &get("Range: bytes=-5000\r\n");
+    sock.write_all(pipelined.as_bytes()).await.unwrap();
+    let (status, head, body) = read_response(&mut sock, &mut buf).await.unwrap();
+    assert_eq!(status, 206, "{head}");
+    assert!(
+        head.contains(&format!(
+            "\r\ncontent-range: bytes {a}-{b}/{}\r\n",
+            blob.len()
+        )),
+        "{head}"
+    );
+    assert!(body == blob[a..=b], "range {a}-{b} differs");
+    let (status, _, body) = read_response(&mut sock, &mut buf).await.unwrap();
+    assert_eq!(status, 206);
+    assert!(
+        body == blob[blob.len() - 5000..],
+        "the suffix range differs"
+    );
+
+    let ping = format!("GET /v2/ HTTP/1.1\r\nHost: {}\r\n\r\n", s.addr);
+    sock.write_all(ping.as_bytes()).await.unwrap();
+    let (status, head, _) = read_response(&mut sock, &mut buf).await.unwrap();
+    assert_eq!(status, 200, "{head}");
+    // The router has the connection now and still serves blobs on it.
+    sock.write_all(get("Range: bytes=3-9\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (status, routed, body) = read_response(&mut sock, &mut buf).await.unwrap();
+    assert_eq!(status, 206, "{routed}");
+    assert_eq!(body, blob[3..=9]);
+
+    // The same range on a fresh connection, answered directly: the same headers.
+    let mut direct = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut dbuf = Vec::new();
+    direct
+        .write_all(get("Range: bytes=3-9\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (_, direct_head, body) = read_response(&mut direct, &mut dbuf).await.unwrap();
+    assert_eq!(body, blob[3..=9]);
+    let mut h1: Vec<_> = without_date(&routed).lines().map(str::to_string).collect();
+    let mut h2: Vec<_> = without_date(&direct_head)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    h1.sort();
+    h2.sort();
+    assert_eq!(
+        h1, h2,
+        "the direct answer's headers differ from the router's"
+    );
+
+    // `Connection: close` is honoured: the answer, then the end of the stream.
+    direct
+        .write_all(get("Connection: close\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (status, head, body) = read_response(&mut direct, &mut dbuf).await.unwrap();
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+    assert!(body == blob);
+    assert!(read_response(&mut direct, &mut dbuf).await.is_none());
+
+    // Errors still come from the router, in its format, on a connection that starts with one.
+    let mut other = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut obuf = Vec::new();
+    let req = format!(
+        "GET /v2/big/other/blobs/{d} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        s.addr
+    );
+    other.write_all(req.as_bytes()).await.unwrap();
+    let (status, _, body) = read_response(&mut other, &mut obuf).await.unwrap();
+    assert_eq!(status, 404);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["errors"][0]["code"], "BLOB_UNKNOWN");
+}
