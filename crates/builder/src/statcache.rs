@@ -265,7 +265,7 @@ fn parse(bytes: &[u8]) -> Option<HashMap<Vec<u8>, Recorded>> {
         pieces.push(piece);
         rest = r;
     }
-    let parsed: Vec<Option<Vec<(Vec<u8>, Recorded)>>> = if threads == 1 {
+    let parsed: Vec<Option<Vec<Entry>>> = if threads == 1 {
         pieces.into_iter().map(parse_lines).collect()
     } else {
         std::thread::scope(|s| {
@@ -287,8 +287,11 @@ fn parse(bytes: &[u8]) -> Option<HashMap<Vec<u8>, Recorded>> {
     (lines == count && entries.len() == count).then_some(entries)
 }
 
+/// One parsed line: the path relative to the context and what was recorded for it.
+type Entry = (Vec<u8>, Recorded);
+
 /// The entries of whole lines, each ending with a newline; `None` unless all parse.
-fn parse_lines(lines: &[u8]) -> Option<Vec<(Vec<u8>, Recorded)>> {
+fn parse_lines(lines: &[u8]) -> Option<Vec<Entry>> {
     let mut out = Vec::with_capacity(lines.len() / 150);
     for line in lines.split(|b| *b == b'\n') {
         if line.is_empty() {
