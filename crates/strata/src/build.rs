@@ -292,11 +292,6 @@ pub fn build_for_deploy(
     out.finish_journal(build_project_image(store, &project, image, used_from, &out))
 }
 
-/// The registry host of `host[:port]/org/…`.
-fn registry_host(reference: &str) -> &str {
-    reference.split('/').next().unwrap_or(reference)
-}
-
 /// [`build_for_deploy`] of an image the project declares.
 fn build_project_image(
     store: &Store,
@@ -322,7 +317,14 @@ fn build_project_image(
     // An image used only from the registry the cache is in gets its cached layers mounted
     // there by the push, not fetched here.
     let remote_layers = match (used_from, &project.cache.registry) {
-        (Some(used), Some(cache)) => registry_host(used) == registry_host(cache),
+        (Some(used), Some(cache)) => {
+            let host = |r: &str| {
+                strata_oci::Reference::parse(r)
+                    .ok()
+                    .and_then(|r| r.registry().map(str::to_string))
+            };
+            host(used).is_some() && host(used) == host(cache)
+        }
         _ => false,
     };
     let opts = ProjectOptions {

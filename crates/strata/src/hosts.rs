@@ -426,8 +426,9 @@ fn ship(
     out: &Output,
     blob_events: bool,
 ) -> Vec<(String, Result<ShipReport>)> {
-    let (relayed, direct): (Vec<usize>, Vec<usize>) = (0..hosts.len())
-        .partition(|&i| hosts[i].relay && hosts.iter().filter(|h| h.relay).count() > 1);
+    let relaying = hosts.iter().filter(|h| h.relay).count() > 1;
+    let (relayed, direct): (Vec<usize>, Vec<usize>) =
+        (0..hosts.len()).partition(|&i| relaying && hosts[i].relay);
     let mut results: Vec<Option<Result<ShipReport>>> = (0..hosts.len()).map(|_| None).collect();
     let several = hosts.len() > 1;
     let direct_hosts: Vec<SshHost> = direct.iter().map(|&i| hosts[i].clone()).collect();
