@@ -6,6 +6,7 @@
 //!   strata-build/1/step/<key hex>   → {"layer": Descriptor|null, "diff_id": Digest|null,
 //!                                      "made_with"?: {"paths": [..], "files": [..], "epoch": N}}
 //!   strata-build/1/explain/<image>  → {"stages": {"<stage>": [StepInputs, ...]}}
+//!   strata-build/1/explain-files/<image> → {"steps": {"<step key>": {"<path>": "<short hash>"}}}
 //! key = sha256(canonical JSON {schema: "strata-build-cache/1", parent: <parent key>,
 //!              step: <typed expanded step>, files: <content hash>|null, origin: <key>|null})
 //! first parent = sha256(canonical JSON {schema, base: {...}, from_cache_version, platform})
@@ -25,6 +26,7 @@ pub const CACHE_SCHEMA: &str = "strata-build-cache/1";
 
 const STEP_PREFIX: &str = "strata-build/1/step/";
 const EXPLAIN_PREFIX: &str = "strata-build/1/explain/";
+const FILES_PREFIX: &str = "strata-build/1/explain-files/";
 
 /// What a stage's first key is derived from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -157,9 +159,15 @@ pub struct StepInputs {
     /// Build args in scope.
     #[serde(default)]
     pub args: BTreeMap<String, String>,
-    /// Per copied file: a short hash of its content and metadata.
-    #[serde(default)]
+    /// Per copied file: a short hash of its content and metadata. Filled only to explain a
+    /// step that ran, and kept out of the saved record ([`FilesRecord`] holds them); records
+    /// of earlier strata versions carry them here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub files: BTreeMap<String, String>,
+    /// Short hash of all the context files the step reads (COPY, RUN bind mounts): names a
+    /// change of files when the per-file hashes of the last build are gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_hash: Option<String>,
     /// The base (first step only): image digest, `scratch` or `stage <name> <key>`.
     #[serde(default)]
     pub base: Option<String>,
@@ -179,6 +187,59 @@ pub struct StepInputs {
 pub struct BuildRecord {
     /// Stage display name → its steps.
     pub stages: BTreeMap<String, Vec<StepInputs>>,
+}
+
+/// The per-file short hashes of the last build's steps, by step key. Kept apart from the
+/// [`BuildRecord`]: a no-op build compares records and must neither read nor write tens of
+/// thousands of file entries; these are read only when a step misses, and written only when
+/// the record changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilesRecord {
+    /// Step key → path → short hash.
+    pub steps: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// The per-file hashes of the last build of `image`.
+pub fn load_files(store: &Store, image: &str) -> Result<Option<FilesRecord>> {
+    Ok(store
+        .cache_get(&format!("{FILES_PREFIX}{image}"))?
+        .and_then(|j| serde_json::from_str(&j).ok()))
+}
+
+/// Saves the per-file hashes of this build of `image`.
+pub fn save_files(store: &Store, image: &str, files: &FilesRecord) -> Result<()> {
+    let json = serde_json::to_string(files).map_err(|e| Error::Cache {
+        key: image.to_string(),
+        message: e.to_string(),
+    })?;
+    store.cache_put(&format!("{FILES_PREFIX}{image}"), &json)?;
+    Ok(())
+}
+
+/// The last build's [`FilesRecord`], read on first use (a build where every step hits never
+/// reads it).
+pub struct PrevFiles<'a> {
+    store: &'a Store,
+    image: &'a str,
+    loaded: std::sync::OnceLock<Option<FilesRecord>>,
+}
+
+impl<'a> PrevFiles<'a> {
+    pub fn new(store: &'a Store, image: &'a str) -> Self {
+        PrevFiles {
+            store,
+            image,
+            loaded: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The per-file hashes the last build recorded for the step with `key`.
+    pub fn of(&self, key: &str) -> Option<&BTreeMap<String, String>> {
+        self.loaded
+            .get_or_init(|| load_files(self.store, self.image).ok().flatten())
+            .as_ref()
+            .and_then(|r| r.steps.get(key))
+    }
 }
 
 /// The record of the last build of `image`.
@@ -240,8 +301,17 @@ pub fn explain(prev: Option<&StepInputs>, now: &StepInputs) -> String {
         }
     }
     let mut file_reasons = Vec::new();
-    let files: std::collections::BTreeSet<&String> =
-        prev.files.keys().chain(now.files.keys()).collect();
+    // Without the last build's per-file hashes (gone, or the step came from a shared cache),
+    // only their hash over all files says whether they changed.
+    let per_file_known = !prev.files.is_empty() || prev.files_hash.is_none();
+    if !per_file_known && prev.files_hash != now.files_hash {
+        file_reasons.push("the files it reads changed".to_string());
+    }
+    let files: std::collections::BTreeSet<&String> = if per_file_known {
+        prev.files.keys().chain(now.files.keys()).collect()
+    } else {
+        Default::default()
+    };
     for f in files {
         match (prev.files.get(f), now.files.get(f)) {
             (Some(a), Some(b)) if a != b => file_reasons.push(format!("file `{f}` changed")),
@@ -292,5 +362,17 @@ mod tests {
         c.key = "k3".into();
         assert_eq!(explain(Some(&a), &c), "an earlier step changed");
         assert_eq!(explain(None, &c), "no previous build of this step");
+        // The last build's per-file hashes are gone: only their overall hash is compared.
+        let mut d = a.clone();
+        d.files.clear();
+        d.files_hash = Some("h1".into());
+        let mut e = b.clone();
+        e.files_hash = Some("h2".into());
+        let r = explain(Some(&d), &e);
+        assert!(r.contains("the files it reads changed"), "{r}");
+        assert!(!r.contains("added"), "{r}");
+        e.files_hash = Some("h1".into());
+        e.args = d.args.clone();
+        assert_eq!(explain(Some(&d), &e), "an earlier step changed");
     }
 }

@@ -32,7 +32,7 @@ pub(crate) struct Prepared {
     /// Hash of everything read, for the key.
     pub files_hash: Option<Digest>,
     /// Per-file short hashes, for explanations.
-    pub files: BTreeMap<String, String>,
+    pub files: source::PerFile,
 }
 
 pub(crate) fn exclude_matcher(step: &CopyStep) -> Result<Option<IgnoreMatcher>> {
@@ -64,7 +64,7 @@ pub(crate) fn prepare(ctx: &Ctx<'_>, step: &CopyStep) -> Result<Prepared> {
             CopySource::Url { url } if step.checksum.is_none() => {
                 let f = download(ctx, url, None)?;
                 let d = source::hash_file(f.path())?;
-                p.files.insert(url.clone(), d.hex()[..16].to_string());
+                p.files.push((url.clone(), d.hex()[..16].to_string()));
                 url_hashes.push(d.to_string());
                 p.downloads.insert(i, f);
             }

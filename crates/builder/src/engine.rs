@@ -147,6 +147,8 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
     // Blobs written from here on are unreferenced until the ref is set.
     let _session = store.write_session()?;
     let previous = cache::load_record(store, &name)?;
+    let prev_files = cache::PrevFiles::new(store, &name);
+    let mut fresh_files: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     let mut record = BuildRecord::default();
     let mut counts = (0usize, 0usize);
     let mut explanations = Vec::new();
@@ -167,7 +169,13 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
             return Err(Error::Usage("stage dependencies form a cycle".into()));
         }
         let results: Vec<Result<StageRun>> = if ready.len() == 1 {
-            vec![run_stage(&ctx, &plan, ready[0], previous.as_ref())]
+            vec![run_stage(
+                &ctx,
+                &plan,
+                ready[0],
+                previous.as_ref(),
+                &prev_files,
+            )]
         } else {
             std::thread::scope(|s| {
                 let handles: Vec<_> = ready
@@ -176,7 +184,8 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
                         let ctx = &ctx;
                         let plan = &plan;
                         let previous = previous.as_ref();
-                        s.spawn(move || run_stage(ctx, plan, i, previous))
+                        let prev_files = &prev_files;
+                        s.spawn(move || run_stage(ctx, plan, i, previous, prev_files))
                     })
                     .collect();
                 handles
@@ -193,6 +202,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
             counts.0 += r.run;
             counts.1 += r.cached;
             explanations.extend(r.explanations);
+            fresh_files.extend(r.fresh_files);
             if *i == plan.target {
                 rebased_onto = r.rebased_onto.clone();
             }
@@ -287,6 +297,9 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
                 .collect(),
         )?;
     }
+    if previous.as_ref() != Some(&record) || !fresh_files.is_empty() {
+        save_files(&record, previous.as_ref(), &prev_files, fresh_files, store, &name)?;
+    }
     if previous.as_ref() != Some(&record) {
         cache::save_record(store, &name, &record)?;
     }
@@ -361,8 +374,45 @@ struct StageRun {
     run: usize,
     cached: usize,
     explanations: Vec<(String, String)>,
+    /// Per-file hashes of the steps that ran, by step key.
+    fresh_files: Vec<(String, BTreeMap<String, String>)>,
     /// `base@sha256:…` when the stage followed its moved base to the end.
     rebased_onto: Option<String>,
+}
+
+/// Saves the per-file hashes of this build's steps that read context files: those of the steps
+/// that ran, and the last build's for the steps that hit (from its files record, or inline in
+/// a record of an earlier strata version).
+fn save_files(
+    record: &BuildRecord,
+    previous: Option<&BuildRecord>,
+    prev_files: &cache::PrevFiles<'_>,
+    mut fresh: BTreeMap<String, BTreeMap<String, String>>,
+    store: &Store,
+    name: &str,
+) -> Result<()> {
+    let inline: HashMap<&str, &BTreeMap<String, String>> = previous
+        .iter()
+        .flat_map(|p| p.stages.values().flatten())
+        .filter(|s| !s.files.is_empty())
+        .map(|s| (s.key.as_str(), &s.files))
+        .collect();
+    let mut files = cache::FilesRecord::default();
+    for step in record.stages.values().flatten() {
+        if step.files_hash.is_none() {
+            continue;
+        }
+        let found = fresh.remove(&step.key).or_else(|| {
+            prev_files
+                .of(&step.key)
+                .or_else(|| inline.get(step.key.as_str()).copied())
+                .cloned()
+        });
+        if let Some(f) = found {
+            files.steps.insert(step.key.clone(), f);
+        }
+    }
+    cache::save_files(store, name, &files)
 }
 
 fn short(d: &str) -> String {
@@ -374,6 +424,7 @@ fn run_stage(
     plan: &Plan,
     idx: usize,
     previous: Option<&BuildRecord>,
+    prev_files: &cache::PrevFiles<'_>,
 ) -> Result<StageRun> {
     let sp = &plan.stages[idx];
     let host = Platform::host();
@@ -446,6 +497,7 @@ fn run_stage(
         run: 0,
         cached: 0,
         explanations: Vec::new(),
+        fresh_files: Vec::new(),
         rebased_onto: None,
     };
     // A moved base: follow the last build where that gives what a rebuild would.
@@ -522,6 +574,9 @@ fn run_stage(
             ..StepInputs::default()
         };
         let started = Instant::now();
+        // What the step reads from the context, per file: made into the record's map only
+        // when the step runs.
+        let mut step_files = source::PerFile::new();
         let (key, hit) = match &step.kind {
             StepKind::Config(change) => {
                 // WORKDIR also creates its directory (BuildKit's mkdir): a layer, keyed
@@ -599,7 +654,8 @@ fn run_stage(
             }
             StepKind::Copy(c) => {
                 let mut prepared = copy::prepare(ctx, c).map_err(wrap)?;
-                inputs.files = std::mem::take(&mut prepared.files);
+                step_files = std::mem::take(&mut prepared.files);
+                inputs.files_hash = prepared.files_hash.as_ref().map(|d| d.hex()[..16].into());
                 let origin_key = stage_key_of(ctx, &c.from);
                 let key = cache::step_key(
                     &state.key,
@@ -637,6 +693,7 @@ fn run_stage(
                 inputs.args = r.args.clone();
                 // Bind mounts read files: their content is an input like COPY's.
                 let mut extra = Vec::new();
+                let mut context_hashes = Vec::new();
                 for m in &r.mounts {
                     if let RunMount::Bind { from, source, .. } = m {
                         match from {
@@ -651,8 +708,9 @@ fn run_stage(
                                 let (h, files) =
                                     source::hash_matches(&matches, false, Some(&ctx.stat_cache))
                                         .map_err(wrap)?;
-                                inputs.files.extend(files);
+                                step_files.extend(files);
                                 extra.push(h.to_string());
+                                context_hashes.push(h.to_string());
                             }
                             other => {
                                 if let Some(k) = stage_key_of(ctx, other) {
@@ -664,6 +722,9 @@ fn run_stage(
                 }
                 let files_hash =
                     (!extra.is_empty()).then(|| Digest::sha256(extra.join("\n").as_bytes()));
+                inputs.files_hash = (!context_hashes.is_empty()).then(|| {
+                    Digest::sha256(context_hashes.join("\n").as_bytes()).hex()[..16].into()
+                });
                 let key = cache::step_key(&state.key, &step.kind, files_hash.as_ref(), None);
                 if let Some(f) = follow.take() {
                     why_not = Some(f.run_step(step));
@@ -687,8 +748,22 @@ fn run_stage(
             ctx.progress.event(&Event::StepCached { step: step_ref });
         } else {
             out.run += 1;
+            inputs.files = step_files.into_iter().collect();
             let prev = prev_steps.and_then(|p| p.get(i));
-            let mut reason = cache::explain(prev, &inputs);
+            // The last build's per-file hashes are kept apart from its record.
+            let prev_with_files = prev
+                .filter(|p| p.files.is_empty() && p.files_hash.is_some())
+                .and_then(|p| {
+                    prev_files.of(&p.key).map(|f| StepInputs {
+                        files: f.clone(),
+                        ..p.clone()
+                    })
+                });
+            let mut reason = cache::explain(prev_with_files.as_ref().or(prev), &inputs);
+            if !inputs.files.is_empty() {
+                out.fresh_files
+                    .push((inputs.key.clone(), std::mem::take(&mut inputs.files)));
+            }
             if let Some(why) = why_not.take() {
                 // Past the first step, "an earlier step changed" hides the cause: the base.
                 if i > 0

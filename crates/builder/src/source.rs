@@ -1,7 +1,6 @@
 //! Selecting the files a `COPY`/`ADD` reads (globs, `.dockerignore`, `--exclude`) and hashing
 //! exactly them, with the metadata that ends up in the layer.
 
-use std::collections::BTreeMap;
 use std::fs::Metadata;
 use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -468,11 +467,15 @@ const PARALLEL_MIN_ENTRIES: usize = 4096;
 /// a short digest for explanations. With a `cache` (the context's), a file whose stat it has
 /// recorded is not read. Big selections are split across the machine's cores; the bytes
 /// hashed, and so the key, are the same as on one.
+/// Per file: its path and a short hash of its record, in match order; made into a map only
+/// for a step that runs (explanations), not for every cache hit.
+pub(crate) type PerFile = Vec<(String, String)>;
+
 pub(crate) fn hash_matches<'m>(
     matches: impl IntoIterator<Item = &'m Matched>,
     keep_owner: bool,
     cache: Option<&StatCache>,
-) -> Result<(Digest, BTreeMap<String, String>)> {
+) -> Result<(Digest, PerFile)> {
     let entries: Vec<(&Matched, &Entry)> = matches
         .into_iter()
         .flat_map(|m| m.entries.iter().map(move |e| (m, e)))
@@ -516,8 +519,7 @@ pub(crate) fn hash_matches<'m>(
         per_file.extend(part.per_file);
     }
     h.update(b"]");
-    // Sorted once at the end: cheaper than a tree insert per file.
-    Ok((h.finish(), per_file.into_iter().collect()))
+    Ok((h.finish(), per_file))
 }
 
 /// Ends each escaped record in [`Records::escaped`]: a byte a JSON string never contains raw.
@@ -693,8 +695,8 @@ mod tests {
         assert_eq!(m[0].entries[0].kind, Kind::File { size: 1 });
 
         let (h1, files) = hash_matches(&select(&origin, ".", None).unwrap(), false, None).unwrap();
-        assert!(files.contains_key("src/x.go"), "{files:?}");
-        assert!(!files.contains_key("src/secret.key"));
+        assert!(files.iter().any(|(p, _)| p == "src/x.go"), "{files:?}");
+        assert!(!files.iter().any(|(p, _)| p == "src/secret.key"));
         std::fs::write(r.join("src/secret.key"), "changed").unwrap();
         let (h2, _) = hash_matches(&select(&origin, ".", None).unwrap(), false, None).unwrap();
         assert_eq!(h1, h2, "ignored files are not part of the hash");

@@ -736,3 +736,58 @@ fn explain_names_a_changed_from_cache_version() {
         out.explanations
     );
 }
+
+/// The per-file hashes `--explain` compares are kept out of the build record (a no-op build
+/// compares records and so would read them all), and survive builds where the COPY hit.
+#[test]
+fn explain_names_a_changed_file_after_builds_where_the_copy_hit() {
+    let (_d, store) = store_with_busybox();
+    let ctx = tempfile::tempdir().unwrap();
+    write_files(
+        ctx.path(),
+        &[
+            ("a.txt", "a"),
+            ("b.txt", "b"),
+            ("Dockerfile", "FROM busybox\nARG V=1\nCOPY . /app/\nLABEL v=$V\n"),
+        ],
+    );
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["perfile".into()];
+    build_ok(&store, &opts);
+    // Only the LABEL after the COPY changes: the record changes, the COPY hits.
+    opts.build_args.insert("V".into(), "2".into());
+    let (out, events) = build_ok(&store, &opts);
+    assert_eq!(ran(&events), ["LABEL v=$V"], "{out:?}");
+    let name = strata_oci::Reference::parse_local("perfile").unwrap().name();
+    let record = store
+        .cache_get(&format!("strata-build/1/explain/{name}"))
+        .unwrap()
+        .expect("a build record");
+    assert!(
+        !record.contains("a.txt"),
+        "per-file hashes are not in the record: {record}"
+    );
+    let files = store
+        .cache_get(&format!("strata-build/1/explain-files/{name}"))
+        .unwrap()
+        .expect("a per-file record");
+    assert!(files.contains("a.txt") && files.contains("b.txt"), "{files}");
+
+    std::fs::write(ctx.path().join("b.txt"), "changed").unwrap();
+    opts.explain = true;
+    let (out, _) = build_ok(&store, &opts);
+    assert_eq!(out.steps_run, 2);
+    let reason = &out.explanations[0].1;
+    assert!(reason.contains("file `b.txt` changed"), "{reason}");
+    assert!(!reason.contains("a.txt"), "{reason}");
+
+    // The per-file record gone (as after a build of an earlier strata version's store with
+    // the step from a shared cache): the COPY's overall hash still says files changed.
+    store
+        .cache_remove(&format!("strata-build/1/explain-files/{name}"))
+        .unwrap();
+    std::fs::write(ctx.path().join("a.txt"), "changed too").unwrap();
+    let (out, _) = build_ok(&store, &opts);
+    let reason = &out.explanations[0].1;
+    assert!(reason.contains("the files it reads changed"), "{reason}");
+}
