@@ -159,10 +159,10 @@ impl StatCache {
         stat_time: SystemTime,
         hash: impl FnOnce(&Path) -> Result<Digest>,
     ) -> Result<Digest> {
-        let rel = path
-            .strip_prefix(&self.root)
-            .ok()
-            .map(|r| r.as_os_str().as_bytes())
+        // The walker's paths are `root` joined with the relative path: a byte prefix (per
+        // file, cheaper than comparing components), else the component-wise strip.
+        let rel = rel_bytes(&self.root, path)
+            .or_else(|| path.strip_prefix(&self.root).ok().map(|r| r.as_os_str().as_bytes()))
             // A newline would end the entry's line in the file.
             .filter(|r| !r.contains(&b'\n'));
         let Some(rel) = rel else {
@@ -199,6 +199,28 @@ impl StatCache {
         }
         Ok(d)
     }
+}
+
+/// `path` relative to `root` when `path` is `root`, a `/` and more, byte for byte.
+fn rel_bytes<'p>(root: &Path, path: &'p Path) -> Option<&'p [u8]> {
+    let root = root.as_os_str().as_bytes();
+    let rest = path.as_os_str().as_bytes().strip_prefix(root)?;
+    let rest = if root.ends_with(b"/") {
+        rest
+    } else {
+        rest.strip_prefix(b"/")?
+    };
+    // `COPY . /app/` walks `root/./…`: the component-wise strip drops `.`, so must this.
+    let mut rest = rest;
+    while let Some(r) = rest.strip_prefix(b"./") {
+        rest = r;
+    }
+    // Anything else unusual is left to the component-wise strip.
+    let clean = !rest.is_empty()
+        && rest
+            .split(|b| *b == b'/')
+            .all(|c| !matches!(c, b"" | b"." | b".."));
+    clean.then_some(rest)
 }
 
 fn serialize(entries: &HashMap<Vec<u8>, Recorded>) -> Vec<u8> {
@@ -335,6 +357,28 @@ mod tests {
 
     fn stat(p: &Path) -> FileStat {
         FileStat::of(&std::fs::symlink_metadata(p).unwrap())
+    }
+
+    #[test]
+    fn relative_paths_are_byte_prefixes_of_the_root() {
+        let r = |root: &str, p: &str| rel_bytes(Path::new(root), Path::new(p)).map(<[u8]>::to_vec);
+        assert_eq!(r("/ctx", "/ctx/a/b"), Some(b"a/b".to_vec()));
+        assert_eq!(r("/", "/a"), Some(b"a".to_vec()));
+        assert_eq!(r("/ctx", "/ctxa/b"), None);
+        assert_eq!(r("/ctx", "/ctx"), None);
+        assert_eq!(r("/ctx", "/ctx//a"), None);
+        assert_eq!(r("/ctx", "/ctx/./a/b"), Some(b"a/b".to_vec()));
+        assert_eq!(r("/ctx", "/ctx/a/./b"), None);
+        // What the component-wise strip gives, for the paths the walker makes.
+        for p in ["/ctx/a/b", "/ctx/./a/b", "/ctx/././a"] {
+            let by_components = Path::new(p).strip_prefix("/ctx").unwrap();
+            assert_eq!(
+                r("/ctx", p).as_deref(),
+                Some(by_components.as_os_str().as_bytes()),
+                "{p}"
+            );
+        }
+        assert_eq!(r("/ctx", "/other/a"), None);
     }
 
     #[test]

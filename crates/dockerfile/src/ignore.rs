@@ -31,6 +31,13 @@ pub fn clean_path(p: &str) -> String {
     }
 }
 
+/// Whether `clean_path` would return `p` unchanged (relative, no empty, `.` or `..` element).
+fn is_clean(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && p.split('/').all(|c| !matches!(c, "" | "." | ".."))
+}
+
 #[derive(Debug, Clone, PartialEq)]
 enum Tok {
     Lit(char),
@@ -344,14 +351,25 @@ impl IgnoreMatcher {
     /// matching the path or one of its parents excludes it, a later `!` pattern takes it
     /// back; the last match wins. The context root itself is never excluded.
     pub fn matches(&self, rel_path: &str) -> bool {
-        let path = clean_path(rel_path.trim_start_matches('/'));
+        // Called for every file of every walk of the context: no work without patterns, and
+        // no allocation for a path that is already clean (the walker's always are).
+        if self.patterns.is_empty() {
+            return false;
+        }
+        let rel_path = rel_path.trim_start_matches('/');
+        let path: std::borrow::Cow<'_, str> = if is_clean(rel_path) {
+            rel_path.into()
+        } else {
+            clean_path(rel_path).into()
+        };
         if path == "." || path.is_empty() {
             return false;
         }
-        let parents: Vec<&str> = match path.rfind('/') {
-            Some(i) => path[..i].split('/').collect(),
-            None => Vec::new(),
-        };
+        // The parents, as prefixes of the clean path: `a`, `a/b` for `a/b/c`.
+        let parents: Vec<&str> = path
+            .match_indices('/')
+            .map(|(i, _)| &path[..i])
+            .collect();
         let mut matched = false;
         for pat in &self.patterns {
             // An include only matters while unmatched, an exception only once matched.
@@ -360,12 +378,7 @@ impl IgnoreMatcher {
             }
             let mut hit = pat.matches(&path);
             if !hit {
-                for i in 1..=parents.len() {
-                    if pat.matches(&parents[..i].join("/")) {
-                        hit = true;
-                        break;
-                    }
-                }
+                hit = parents.iter().any(|p| pat.matches(p));
             }
             if hit {
                 matched = !pat.exception;
@@ -570,6 +583,11 @@ mod tests {
             ("/a/./b/../c", "/a/c"),
         ] {
             assert_eq!(clean_path(i), o, "{i:?}");
+            // The fast path agrees: a path it takes as clean is what clean_path returns.
+            assert_eq!(is_clean(i), clean_path(i) == i, "{i:?}");
+        }
+        for p in ["a", "a/b", "a.b/..c/d.", "...", "a/.b"] {
+            assert!(is_clean(p) && clean_path(p) == p, "{p:?}");
         }
     }
 
