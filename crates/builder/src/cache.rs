@@ -201,18 +201,32 @@ pub struct FilesRecord {
 
 /// The per-file hashes of the last build of `image`.
 pub fn load_files(store: &Store, image: &str) -> Result<Option<FilesRecord>> {
-    Ok(store
-        .cache_get(&format!("{FILES_PREFIX}{image}"))?
-        .and_then(|j| serde_json::from_str(&j).ok()))
+    load_json(store, FILES_PREFIX, image)
 }
 
 /// Saves the per-file hashes of this build of `image`.
 pub fn save_files(store: &Store, image: &str, files: &FilesRecord) -> Result<()> {
-    let json = serde_json::to_string(files).map_err(|e| Error::Cache {
+    save_json(store, FILES_PREFIX, image, files)
+}
+
+/// The JSON value under `prefix` + `image`; `None` when absent or unreadable (a record only
+/// explains, it never decides what runs).
+fn load_json<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    prefix: &str,
+    image: &str,
+) -> Result<Option<T>> {
+    Ok(store
+        .cache_get(&format!("{prefix}{image}"))?
+        .and_then(|j| serde_json::from_str(&j).ok()))
+}
+
+fn save_json<T: Serialize>(store: &Store, prefix: &str, image: &str, value: &T) -> Result<()> {
+    let json = serde_json::to_string(value).map_err(|e| Error::Cache {
         key: image.to_string(),
         message: e.to_string(),
     })?;
-    store.cache_put(&format!("{FILES_PREFIX}{image}"), &json)?;
+    store.cache_put(&format!("{prefix}{image}"), &json)?;
     Ok(())
 }
 
@@ -244,19 +258,12 @@ impl<'a> PrevFiles<'a> {
 
 /// The record of the last build of `image`.
 pub fn load_record(store: &Store, image: &str) -> Result<Option<BuildRecord>> {
-    Ok(store
-        .cache_get(&format!("{EXPLAIN_PREFIX}{image}"))?
-        .and_then(|j| serde_json::from_str(&j).ok()))
+    load_json(store, EXPLAIN_PREFIX, image)
 }
 
 /// Saves the record of this build of `image`.
 pub fn save_record(store: &Store, image: &str, record: &BuildRecord) -> Result<()> {
-    let json = serde_json::to_string(record).map_err(|e| Error::Cache {
-        key: image.to_string(),
-        message: e.to_string(),
-    })?;
-    store.cache_put(&format!("{EXPLAIN_PREFIX}{image}"), &json)?;
-    Ok(())
+    save_json(store, EXPLAIN_PREFIX, image, record)
 }
 
 /// The explanation of a step whose own inputs are the last build's.

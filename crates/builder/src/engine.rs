@@ -298,7 +298,14 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         )?;
     }
     if previous.as_ref() != Some(&record) || !fresh_files.is_empty() {
-        save_files(&record, previous.as_ref(), &prev_files, fresh_files, store, &name)?;
+        save_files(
+            &record,
+            previous.as_ref(),
+            &prev_files,
+            fresh_files,
+            store,
+            &name,
+        )?;
     }
     if previous.as_ref() != Some(&record) {
         cache::save_record(store, &name, &record)?;

@@ -162,7 +162,11 @@ impl StatCache {
         // The walker's paths are `root` joined with the relative path: a byte prefix (per
         // file, cheaper than comparing components), else the component-wise strip.
         let rel = rel_bytes(&self.root, path)
-            .or_else(|| path.strip_prefix(&self.root).ok().map(|r| r.as_os_str().as_bytes()))
+            .or_else(|| {
+                path.strip_prefix(&self.root)
+                    .ok()
+                    .map(|r| r.as_os_str().as_bytes())
+            })
             // A newline would end the entry's line in the file.
             .filter(|r| !r.contains(&b'\n'));
         let Some(rel) = rel else {

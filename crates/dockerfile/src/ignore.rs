@@ -33,9 +33,7 @@ pub fn clean_path(p: &str) -> String {
 
 /// Whether `clean_path` would return `p` unchanged (relative, no empty, `.` or `..` element).
 fn is_clean(p: &str) -> bool {
-    !p.is_empty()
-        && !p.starts_with('/')
-        && p.split('/').all(|c| !matches!(c, "" | "." | ".."))
+    !p.is_empty() && !p.starts_with('/') && p.split('/').all(|c| !matches!(c, "" | "." | ".."))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -366,10 +364,7 @@ impl IgnoreMatcher {
             return false;
         }
         // The parents, as prefixes of the clean path: `a`, `a/b` for `a/b/c`.
-        let parents: Vec<&str> = path
-            .match_indices('/')
-            .map(|(i, _)| &path[..i])
-            .collect();
+        let parents: Vec<&str> = path.match_indices('/').map(|(i, _)| &path[..i]).collect();
         let mut matched = false;
         for pat in &self.patterns {
             // An include only matters while unmatched, an exception only once matched.

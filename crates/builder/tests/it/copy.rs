@@ -748,7 +748,10 @@ fn explain_names_a_changed_file_after_builds_where_the_copy_hit() {
         &[
             ("a.txt", "a"),
             ("b.txt", "b"),
-            ("Dockerfile", "FROM busybox\nARG V=1\nCOPY . /app/\nLABEL v=$V\n"),
+            (
+                "Dockerfile",
+                "FROM busybox\nARG V=1\nCOPY . /app/\nLABEL v=$V\n",
+            ),
         ],
     );
     let mut opts = BuildOptions::new(ctx.path());
@@ -758,7 +761,9 @@ fn explain_names_a_changed_file_after_builds_where_the_copy_hit() {
     opts.build_args.insert("V".into(), "2".into());
     let (out, events) = build_ok(&store, &opts);
     assert_eq!(ran(&events), ["LABEL v=$V"], "{out:?}");
-    let name = strata_oci::Reference::parse_local("perfile").unwrap().name();
+    let name = strata_oci::Reference::parse_local("perfile")
+        .unwrap()
+        .name();
     let record = store
         .cache_get(&format!("strata-build/1/explain/{name}"))
         .unwrap()
@@ -771,7 +776,10 @@ fn explain_names_a_changed_file_after_builds_where_the_copy_hit() {
         .cache_get(&format!("strata-build/1/explain-files/{name}"))
         .unwrap()
         .expect("a per-file record");
-    assert!(files.contains("a.txt") && files.contains("b.txt"), "{files}");
+    assert!(
+        files.contains("a.txt") && files.contains("b.txt"),
+        "{files}"
+    );
 
     std::fs::write(ctx.path().join("b.txt"), "changed").unwrap();
     opts.explain = true;
