@@ -579,7 +579,7 @@ mod tests {
         ] {
             assert_eq!(clean_path(i), o, "{i:?}");
             // The fast path agrees: a path it takes as clean is what clean_path returns.
-            assert_eq!(is_clean(i), clean_path(i) == i, "{i:?}");
+            assert!(!is_clean(i) || clean_path(i) == i, "{i:?}");
         }
         for p in ["a", "a/b", "a.b/..c/d.", "...", "a/.b"] {
             assert!(is_clean(p) && clean_path(p) == p, "{p:?}");
