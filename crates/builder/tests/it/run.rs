@@ -108,6 +108,45 @@ fn build_arg_used_by_run_misses_only_that_run() {
     assert_eq!(std::fs::read_to_string(root.join("v")).unwrap(), "2\n");
 }
 
+/// A RUN's bind mount of context files is an input like a COPY's: a change of a mounted file
+/// reruns the step, and `--explain` names that file, also after a build where the RUN hit.
+#[test]
+fn explain_names_a_changed_file_a_run_mounts() {
+    let Some((_d, store, ctx)) = run_lab("explain_names_a_changed_file_a_run_mounts") else {
+        return;
+    };
+    write_files(
+        ctx.path(),
+        &[
+            ("a.txt", "a1"),
+            ("b.txt", "b1"),
+            (
+                "Dockerfile",
+                "FROM busybox\nRUN --mount=type=bind,target=/ctx cat /ctx/a.txt /ctx/b.txt > /both\n\
+                 ARG V=1\nLABEL v=$V\n",
+            ),
+        ],
+    );
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["bindexplain".into()];
+    build_ok(&store, &opts);
+    opts.build_args.insert("V".into(), "2".into());
+    let (_, events) = build_ok(&store, &opts);
+    assert_eq!(ran(&events), ["LABEL v=$V"]);
+    std::fs::write(ctx.path().join("b.txt"), "b2").unwrap();
+    opts.explain = true;
+    let (out, events) = build_ok(&store, &opts);
+    assert_eq!(
+        ran(&events).first().map(String::as_str),
+        Some("RUN --mount=type=bind,target=/ctx cat /ctx/a.txt /ctx/b.txt > /both")
+    );
+    let reason = &out.explanations[0].1;
+    assert!(reason.contains("file `b.txt` changed"), "{reason}");
+    assert!(!reason.contains("a.txt"), "{reason}");
+    let (_g, root) = umoci_unpack(&store, "bindexplain");
+    assert_eq!(std::fs::read_to_string(root.join("both")).unwrap(), "a1b2");
+}
+
 #[test]
 fn multi_stage_builds_only_what_the_target_needs() {
     let Some((_d, store, ctx)) = run_lab("multi_stage_builds_only_what_the_target_needs") else {
