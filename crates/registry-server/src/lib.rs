@@ -180,8 +180,11 @@ pub async fn serve_with_routes(
                 // What a connection queues to send (and reads ahead) before it waits: with one
                 // blob chunk being produced, a client that stops reading pins about 256 KiB.
                 .max_buf_size(128 << 10);
+            // The bytes read for the blob path come first, then the rest of the connection.
+            let (rx, tx) = stream.into_split();
+            let rewound = tokio::io::AsyncReadExt::chain(std::io::Cursor::new(read), rx);
             let io = hyper_util::rt::TokioIo::new(util::SendIdle::new(
-                util::Rewind::new(read, stream),
+                tokio::io::join(rewound, tx),
                 send_idle,
             ));
             if let Err(e) = builder.serve_connection(io, svc).await {
