@@ -297,7 +297,8 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
                 .collect(),
         )?;
     }
-    if previous.as_ref() != Some(&record) || !fresh_files.is_empty() {
+    let record_changed = previous.as_ref() != Some(&record);
+    if record_changed || !fresh_files.is_empty() {
         save_files(
             &record,
             previous.as_ref(),
@@ -307,7 +308,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
             &name,
         )?;
     }
-    if previous.as_ref() != Some(&record) {
+    if record_changed {
         cache::save_record(store, &name, &record)?;
     }
     // A cache: failing to keep it costs the next build a read of the files, nothing more.

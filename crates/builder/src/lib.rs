@@ -30,6 +30,7 @@ mod error;
 pub mod executor;
 mod glob;
 mod options;
+mod par;
 pub mod plan;
 mod progress;
 mod project;

@@ -14,6 +14,7 @@ use strata_oci::{Digest, Hasher};
 
 use crate::error::{Error, Result, io_err};
 use crate::glob;
+use crate::par;
 use crate::statcache::{FileStat, StatCache};
 
 /// A directory files are read from: the context (with its ignore rules) or a stage's rootfs.
@@ -274,19 +275,8 @@ fn walk(
     out: &mut Vec<Entry>,
 ) -> Result<()> {
     let list = |dir: &Path, rel: &str| list_dir(origin, match_rel, dir, rel, exclude, stat_time);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    let mut listings = if threads == 1 {
-        let mut all = std::collections::HashMap::new();
-        let mut todo = vec![(dir.to_path_buf(), rel.to_string())];
-        while let Some((d, r)) = todo.pop() {
-            let l = list(&d, &r)?;
-            todo.extend(subdirs(&l));
-            all.insert(r, l);
-        }
-        all
-    } else {
-        list_parallel(threads, (dir.to_path_buf(), rel.to_string()), &list)?
-    };
+    let root = (dir.to_path_buf(), rel.to_string());
+    let mut listings = list_parallel(par::cores(), root, &list)?;
     put_in_order(rel, &mut listings, out);
     Ok(())
 }
@@ -461,16 +451,16 @@ pub(crate) fn hash_file(path: &Path) -> Result<Digest> {
 /// Below this many entries a key is computed on one thread (spawning costs more than it saves).
 const PARALLEL_MIN_ENTRIES: usize = 4096;
 
+/// Per file: its path and a short hash of its record, in match order; made into a map only
+/// for a step that runs (explanations), not for every cache hit.
+pub(crate) type PerFile = Vec<(String, String)>;
+
 /// The content hash of exactly these matches: path, type, mode, owner (when it ends up in
 /// the layer), size, content digest and link target of every entry. mtimes are not part of
 /// it: copied files get a fixed mtime in the layer. Returns the digest and, per source path,
 /// a short digest for explanations. With a `cache` (the context's), a file whose stat it has
 /// recorded is not read. Big selections are split across the machine's cores; the bytes
 /// hashed, and so the key, are the same as on one.
-/// Per file: its path and a short hash of its record, in match order; made into a map only
-/// for a step that runs (explanations), not for every cache hit.
-pub(crate) type PerFile = Vec<(String, String)>;
-
 pub(crate) fn hash_matches<'m>(
     matches: impl IntoIterator<Item = &'m Matched>,
     keep_owner: bool,
@@ -480,26 +470,11 @@ pub(crate) fn hash_matches<'m>(
         .into_iter()
         .flat_map(|m| m.entries.iter().map(move |e| (m, e)))
         .collect();
-    let threads = if entries.len() < PARALLEL_MIN_ENTRIES {
-        1
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
-    };
-    let parts: Vec<Result<Records>> = if threads == 1 {
-        vec![records_of(&entries, keep_owner, cache)]
-    } else {
-        let per = entries.len().div_ceil(threads);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = entries
-                .chunks(per)
-                .map(|chunk| s.spawn(move || records_of(chunk, keep_owner, cache)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        })
-    };
+    let threads = par::threads_for(entries.len(), PARALLEL_MIN_ENTRIES);
+    let per = entries.len().div_ceil(threads).max(1);
+    let parts = par::map_pieces(entries.chunks(per).collect(), |chunk| {
+        records_of(chunk, keep_owner, cache)
+    });
     // The canonical JSON of the records as an array of strings, hashed as it is written (the
     // same bytes as `to_canonical_json(&Vec<String>)`, a test checks, without a `Value` tree
     // of every record or one buffer of all of them).
@@ -530,7 +505,7 @@ struct Records {
     /// Each record as a JSON string (quoted and escaped), followed by [`RECORD_END`].
     escaped: Vec<u8>,
     /// Path and short digest of each entry that is not a directory.
-    per_file: Vec<(String, String)>,
+    per_file: PerFile,
 }
 
 fn records_of(

@@ -219,12 +219,10 @@ fn rel_bytes<'p>(root: &Path, path: &'p Path) -> Option<&'p [u8]> {
     while let Some(r) = rest.strip_prefix(b"./") {
         rest = r;
     }
-    // Anything else unusual is left to the component-wise strip.
-    let clean = !rest.is_empty()
-        && rest
-            .split(|b| *b == b'/')
-            .all(|c| !matches!(c, b"" | b"." | b".."));
-    clean.then_some(rest)
+    // Anything else unusual (or not UTF-8) is left to the component-wise strip.
+    std::str::from_utf8(rest)
+        .is_ok_and(strata_dockerfile::is_clean)
+        .then_some(rest)
 }
 
 fn serialize(entries: &HashMap<Vec<u8>, Recorded>) -> Vec<u8> {
@@ -269,11 +267,7 @@ fn parse(bytes: &[u8]) -> Option<HashMap<Vec<u8>, Recorded>> {
     if !(body.is_empty() || body.ends_with(b"\n")) {
         return None;
     }
-    let threads = if count < 8192 {
-        1
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
-    };
+    let threads = crate::par::threads_for(count, 8192);
     // Pieces of about equal size, each ending after a newline.
     let mut pieces = Vec::with_capacity(threads);
     let mut rest = body;
@@ -291,20 +285,7 @@ fn parse(bytes: &[u8]) -> Option<HashMap<Vec<u8>, Recorded>> {
         pieces.push(piece);
         rest = r;
     }
-    let parsed: Vec<Option<Vec<Entry>>> = if threads == 1 {
-        pieces.into_iter().map(parse_lines).collect()
-    } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = pieces
-                .into_iter()
-                .map(|p| s.spawn(move || parse_lines(p)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        })
-    };
+    let parsed = crate::par::map_pieces(pieces, parse_lines);
     let mut entries = HashMap::with_capacity(count);
     for part in parsed {
         entries.extend(part?);

@@ -32,7 +32,7 @@ pub fn clean_path(p: &str) -> String {
 }
 
 /// Whether `clean_path` would return `p` unchanged (relative, no empty, `.` or `..` element).
-fn is_clean(p: &str) -> bool {
+pub fn is_clean(p: &str) -> bool {
     !p.is_empty() && !p.starts_with('/') && p.split('/').all(|c| !matches!(c, "" | "." | ".."))
 }
 

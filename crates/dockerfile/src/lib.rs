@@ -34,7 +34,7 @@ mod parser;
 mod scope;
 
 pub use error::{Diagnostic, Error, Result};
-pub use ignore::{IgnoreMatcher, clean_path, find_ignore_file};
+pub use ignore::{IgnoreMatcher, clean_path, find_ignore_file, is_clean};
 pub use instruction::*;
 pub use lex::{EmptyEnv, Env, Lexer};
 pub use parser::{CheckDirective, Directives, Dockerfile, Stage, Warning};

@@ -323,7 +323,8 @@ fn build_project_image(
                     .ok()
                     .and_then(|r| r.registry().map(str::to_string))
             };
-            host(used).is_some() && host(used) == host(cache)
+            let used = host(used);
+            used.is_some() && used == host(cache)
         }
         _ => false,
     };

@@ -13,12 +13,12 @@ mod registry;
 
 use std::process::ExitCode;
 
+use clap::Parser;
+
 /// mimalloc instead of glibc's malloc: a no-op build of a 50k-file context made ~3,600
 /// `mprotect` calls (arena growth) and ~2,000 futex waits in glibc's allocator.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
