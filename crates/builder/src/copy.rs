@@ -64,7 +64,7 @@ pub(crate) fn prepare(ctx: &Ctx<'_>, step: &CopyStep) -> Result<Prepared> {
             CopySource::Url { url } if step.checksum.is_none() => {
                 let f = download(ctx, url, None)?;
                 let d = source::hash_file(f.path())?;
-                p.files.push((url.clone(), d.hex()[..16].to_string()));
+                p.files.push(url.clone(), d.hex()[..16].to_string());
                 url_hashes.push(d.to_string());
                 p.downloads.insert(i, f);
             }

@@ -113,7 +113,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
     };
     let epoch = build_epoch();
     let tmp_root = store.root().join("strata/tmp");
-    let ctx = Ctx {
+    let mut ctx = Ctx {
         store,
         opts,
         progress,
@@ -756,7 +756,7 @@ fn run_stage(
             ctx.progress.event(&Event::StepCached { step: step_ref });
         } else {
             out.run += 1;
-            inputs.files = step_files.into_iter().collect();
+            inputs.files = step_files.into_pairs().into_iter().collect();
             let prev = prev_steps.and_then(|p| p.get(i));
             // The last build's per-file hashes are kept apart from its record.
             let prev_with_files = prev

@@ -428,7 +428,7 @@ struct EntryRecord<'a> {
     owner: Option<(u32, u32)>,
     size: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    sha256: Option<String>,
+    sha256: Option<&'a Digest>,
     #[serde(skip_serializing_if = "Option::is_none")]
     link: Option<String>,
 }
@@ -448,12 +448,66 @@ pub(crate) fn hash_file(path: &Path) -> Result<Digest> {
     Ok(h.finish())
 }
 
+/// Per file: its path and a short hash of its record, in match order, for explanations. Only
+/// a step that runs needs them: until then they stay the records the key was hashed from.
+#[derive(Default)]
+pub(crate) struct PerFile {
+    parts: Vec<PerFilePart>,
+}
+
+enum PerFilePart {
+    One(String, String),
+    Records(Records),
+}
+
+impl PerFile {
+    pub(crate) fn new() -> PerFile {
+        PerFile::default()
+    }
+
+    /// One more file (or URL) and its short hash.
+    pub(crate) fn push(&mut self, path: String, short: String) {
+        self.parts.push(PerFilePart::One(path, short));
+    }
+
+    pub(crate) fn extend(&mut self, other: PerFile) {
+        self.parts.extend(other.parts);
+    }
+
+    /// Path and short hash of each file, in order.
+    pub(crate) fn into_pairs(self) -> Vec<(String, String)> {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            kind: String,
+            path: String,
+        }
+        let mut out = Vec::new();
+        for part in self.parts {
+            match part {
+                PerFilePart::One(path, short) => out.push((path, short)),
+                PerFilePart::Records(r) => {
+                    for rec in r.escaped.split(|b| *b == RECORD_END) {
+                        // Written by `records_of` just before: they parse.
+                        let Ok(one) = serde_json::from_slice::<String>(rec) else {
+                            continue;
+                        };
+                        let Ok(head) = serde_json::from_str::<Head>(&one) else {
+                            continue;
+                        };
+                        if head.kind != "dir" {
+                            let short = Digest::sha256(one.as_bytes()).hex()[..16].to_string();
+                            out.push((head.path, short));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Below this many entries a key is computed on one thread (spawning costs more than it saves).
 const PARALLEL_MIN_ENTRIES: usize = 4096;
-
-/// Per file: its path and a short hash of its record, in match order; made into a map only
-/// for a step that runs (explanations), not for every cache hit.
-pub(crate) type PerFile = Vec<(String, String)>;
 
 /// The content hash of exactly these matches: path, type, mode, owner (when it ends up in
 /// the layer), size, content digest and link target of every entry. mtimes are not part of
@@ -480,7 +534,7 @@ pub(crate) fn hash_matches<'m>(
     // of every record or one buffer of all of them).
     let mut h = Hasher::sha256();
     h.update(b"[");
-    let mut per_file = Vec::with_capacity(entries.len());
+    let mut per_file = PerFile::new();
     let mut first = true;
     for part in parts {
         let part = part?;
@@ -491,7 +545,7 @@ pub(crate) fn hash_matches<'m>(
             first = false;
             h.update(&r[..r.len() - 1]);
         }
-        per_file.extend(part.per_file);
+        per_file.parts.push(PerFilePart::Records(part));
     }
     h.update(b"]");
     Ok((h.finish(), per_file))
@@ -504,8 +558,6 @@ const RECORD_END: u8 = b'\n';
 struct Records {
     /// Each record as a JSON string (quoted and escaped), followed by [`RECORD_END`].
     escaped: Vec<u8>,
-    /// Path and short digest of each entry that is not a directory.
-    per_file: PerFile,
 }
 
 fn records_of(
@@ -515,21 +567,29 @@ fn records_of(
 ) -> Result<Records> {
     let mut out = Records {
         escaped: Vec::with_capacity(entries.len() * 200),
-        per_file: Vec::with_capacity(entries.len()),
     };
+    // Reused for every entry: this runs for every file of every COPY.
+    let mut path = String::new();
+    let mut one = Vec::with_capacity(256);
     for (m, e) in entries {
-        let path = &if e.rel.is_empty() {
-            m.rel.clone()
+        path.clear();
+        if e.rel.is_empty() {
+            path.push_str(&m.rel);
         } else {
-            join(&m.rel, &e.rel)
-        };
-        let (kind, size, sha, link) = match &e.kind {
+            if !(m.rel.is_empty() || m.rel == ".") {
+                path.push_str(&m.rel);
+                path.push('/');
+            }
+            path.push_str(&e.rel);
+        }
+        let digest;
+        let (kind, size, sha256, link) = match &e.kind {
             Kind::File { size } => {
-                let digest = match (cache, &e.stat) {
+                digest = match (cache, &e.stat) {
                     (Some(c), Some((stat, at))) => c.digest(&e.path, stat, *at, hash_file)?,
                     _ => hash_file(&e.path)?,
                 };
-                ("file", *size, Some(digest.to_string()), None)
+                ("file", *size, Some(&digest), None)
             }
             Kind::Dir => ("dir", 0, None, None),
             Kind::Symlink { target } => (
@@ -541,20 +601,17 @@ fn records_of(
             Kind::Other { .. } => ("other", 0, None, None),
         };
         let rec = EntryRecord {
-            path,
+            path: &path,
             kind,
             mode: e.mode,
             owner: keep_owner.then_some((e.uid, e.gid)),
             size,
-            sha256: sha,
+            sha256,
             link,
         };
-        let one = rec.canonical_json();
-        if kind != "dir" {
-            out.per_file
-                .push((path.clone(), Digest::sha256(&one).hex()[..16].to_string()));
-        }
-        json_string(&mut out.escaped, &String::from_utf8_lossy(&one));
+        one.clear();
+        rec.write_canonical_json(&mut one);
+        escape_json_text(&mut out.escaped, &one);
         out.escaped.push(RECORD_END);
     }
     Ok(out)
@@ -566,30 +623,61 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
+/// `json`, the text of a record (valid UTF-8, itself JSON), as a JSON string: the bytes
+/// `json_string` writes, a test checks. Written by hand because a record's text needs no
+/// UTF-8 check and has only quotes and backslashes to escape, and this runs once per file.
+fn escape_json_text(out: &mut Vec<u8>, json: &[u8]) {
+    out.push(b'"');
+    let mut start = 0;
+    for (i, &b) in json.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0..=0x1f => {
+                // Not in a record's text (its strings are escaped already); as serde_json.
+                let mut one = Vec::with_capacity(8);
+                json_string(&mut one, std::str::from_utf8(&[b]).unwrap_or_default());
+                out.extend_from_slice(&json[start..i]);
+                out.extend_from_slice(&one[1..one.len() - 1]);
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&json[start..i]);
+        out.extend_from_slice(escaped);
+        start = i + 1;
+    }
+    out.extend_from_slice(&json[start..]);
+    out.push(b'"');
+}
+
 impl EntryRecord<'_> {
     /// The canonical JSON of the record (keys sorted, no spaces), written directly: it is
     /// computed for every file of every COPY, and a test pins it to `to_canonical_json`.
-    fn canonical_json(&self) -> Vec<u8> {
+    fn write_canonical_json(&self, out: &mut Vec<u8>) {
         use std::io::Write;
-        let mut out = Vec::with_capacity(160 + self.path.len());
         out.extend_from_slice(b"{\"kind\":");
-        json_string(&mut out, self.kind);
+        json_string(out, self.kind);
         if let Some(link) = &self.link {
             out.extend_from_slice(b",\"link\":");
-            json_string(&mut out, link);
+            json_string(out, link);
         }
         let _ = write!(out, ",\"mode\":{}", self.mode);
         if let Some((uid, gid)) = self.owner {
             let _ = write!(out, ",\"owner\":[{uid},{gid}]");
         }
         out.extend_from_slice(b",\"path\":");
-        json_string(&mut out, self.path);
-        if let Some(sha) = &self.sha256 {
-            out.extend_from_slice(b",\"sha256\":");
-            json_string(&mut out, sha);
+        json_string(out, self.path);
+        if let Some(d) = self.sha256 {
+            // A digest is ASCII letters, digits and a colon: nothing to escape.
+            out.extend_from_slice(b",\"sha256\":\"");
+            out.extend_from_slice(d.algorithm().as_str().as_bytes());
+            out.push(b':');
+            out.extend_from_slice(d.hex().as_bytes());
+            out.push(b'"');
         }
         let _ = write!(out, ",\"size\":{}}}", self.size);
-        out
     }
 }
 
@@ -599,9 +687,10 @@ mod tests {
 
     #[test]
     fn records_are_written_as_canonical_json() {
+        let sha = Digest::sha256(b"a");
         for (owner, sha, link) in [
             (None, None, None),
-            (Some((0, 0)), Some("sha256:ab".to_string()), None),
+            (Some((0, 0)), Some(&sha), None),
             (
                 Some((1000, 50)),
                 None,
@@ -618,18 +707,72 @@ mod tests {
                 link,
             };
             let want = strata_oci::to_canonical_json(&rec);
+            let mut got = Vec::new();
+            rec.write_canonical_json(&mut got);
             assert_eq!(
-                String::from_utf8_lossy(&rec.canonical_json()),
+                String::from_utf8_lossy(&got),
                 String::from_utf8_lossy(&want)
             );
             let records = vec![String::from_utf8_lossy(&want).to_string(), "x".into()];
             let mut all = vec![b'['];
-            json_string(&mut all, &records[0]);
+            escape_json_text(&mut all, &want);
             all.push(b',');
             json_string(&mut all, &records[1]);
             all.push(b']');
             assert_eq!(all, strata_oci::to_canonical_json(&records));
         }
+    }
+
+    #[test]
+    fn record_text_is_escaped_as_serde_json_escapes_it() {
+        let mut text = String::from("{\"a\":\"b\\\\c\"} é \u{7f} ");
+        text.extend((0u8..0x20).map(char::from));
+        let mut got = Vec::new();
+        escape_json_text(&mut got, text.as_bytes());
+        let mut want = Vec::new();
+        json_string(&mut want, &text);
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&want)
+        );
+    }
+
+    #[test]
+    fn per_file_hashes_name_each_file_by_its_record() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        std::fs::create_dir_all(r.join("sub")).unwrap();
+        std::fs::write(r.join("sub/a \"q\".txt"), "a").unwrap();
+        std::fs::write(r.join("b.txt"), "b").unwrap();
+        let origin = Origin {
+            root: r,
+            ignore: None,
+            describe: "the build context".into(),
+        };
+        let matches = select(&origin, ".", None).unwrap();
+        let (_, per_file) = hash_matches(&matches, false, None).unwrap();
+        let mut urls = PerFile::new();
+        urls.push("https://x/y".into(), "0123".into());
+        let mut all = per_file;
+        all.extend(urls);
+        let pairs = all.into_pairs();
+        // Files only, no directories, in match order, then what was pushed.
+        let names: Vec<&str> = pairs.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(names, ["b.txt", "sub/a \"q\".txt", "https://x/y"]);
+        // Each short hash is of the file's record: its content changes it.
+        let sha = Digest::sha256(b"a");
+        let rec = EntryRecord {
+            path: "sub/a \"q\".txt",
+            kind: "file",
+            mode: std::fs::metadata(r.join("sub/a \"q\".txt")).unwrap().mode() & 0o7777,
+            owner: None,
+            size: 1,
+            sha256: Some(&sha),
+            link: None,
+        };
+        let want = Digest::sha256(&strata_oci::to_canonical_json(&rec));
+        assert_eq!(pairs[1].1, want.hex()[..16]);
+        assert_eq!(pairs[2].1, "0123");
     }
 
     #[test]
@@ -670,6 +813,7 @@ mod tests {
         assert_eq!(m[0].entries[0].kind, Kind::File { size: 1 });
 
         let (h1, files) = hash_matches(&select(&origin, ".", None).unwrap(), false, None).unwrap();
+        let files = files.into_pairs();
         assert!(files.iter().any(|(p, _)| p == "src/x.go"), "{files:?}");
         assert!(!files.iter().any(|(p, _)| p == "src/secret.key"));
         std::fs::write(r.join("src/secret.key"), "changed").unwrap();

@@ -25,12 +25,12 @@ use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use strata_oci::Digest;
-use strata_oci::sync::RwLockExt;
+use strata_oci::sync::MutexExt;
+use strata_oci::{Algorithm, Digest};
 use strata_store::Store;
 
 use crate::error::Result;
@@ -68,21 +68,21 @@ impl FileStat {
     }
 }
 
+/// Entries by path relative to the context.
+type Entries = HashMap<Vec<u8>, Recorded, foldhash::fast::RandomState>;
+
 /// One context's cache, shared by the steps of a build.
 pub(crate) struct StatCache {
     root: PathBuf,
     margin: Duration,
-    /// Read-locked for lookups (the builds' common case, on several threads at once),
-    /// write-locked to record.
-    state: RwLock<State>,
+    /// What earlier builds recorded: looked up without a lock (the builds' common case, on
+    /// several threads at once). An entry whose stat still matches is right, whatever this
+    /// build recorded since: a file cannot get its old ctime back.
+    entries: Entries,
+    /// What this build recorded (`Some`) or found no longer trustworthy (`None`), by path.
+    changes: Mutex<HashMap<Vec<u8>, Option<Recorded>>>,
     /// Files read to hash them this build (the rest came from the cache).
     read: AtomicUsize,
-}
-
-#[derive(Default)]
-struct State {
-    entries: HashMap<Vec<u8>, Recorded>,
-    changed: bool,
 }
 
 #[derive(Debug)]
@@ -99,7 +99,8 @@ impl StatCache {
         StatCache {
             root: root.to_path_buf(),
             margin,
-            state: RwLock::new(State::default()),
+            entries: Entries::default(),
+            changes: Mutex::new(HashMap::new()),
             read: AtomicUsize::new(0),
         }
     }
@@ -111,11 +112,11 @@ impl StatCache {
     }
 
     fn load_with(store: &Store, root: &Path, margin: Duration) -> Result<StatCache> {
-        let cache = StatCache::new(root, margin);
+        let mut cache = StatCache::new(root, margin);
         if let Some(bytes) = store.context_stats(root)?
             && let Some(entries) = parse(&bytes)
         {
-            cache.state.write_ok().entries = entries;
+            cache.entries = entries;
         }
         Ok(cache)
     }
@@ -123,9 +124,21 @@ impl StatCache {
     /// Writes the cache back when this build changed it. Entries of paths this build did not
     /// look at are kept while the path still exists (another Dockerfile on the same context
     /// may copy them).
-    pub(crate) fn save(&self, store: &Store) -> Result<()> {
-        let mut st = self.state.write_ok();
-        let State { entries, changed } = &mut *st;
+    pub(crate) fn save(&mut self, store: &Store) -> Result<()> {
+        let changes = std::mem::take(
+            self.changes
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        // Each one is a change: an entry recorded, or one dropped that was there.
+        let changed = !changes.is_empty();
+        let entries = &mut self.entries;
+        for (rel, r) in changes {
+            match r {
+                Some(r) => entries.insert(rel, r),
+                None => entries.remove(&rel),
+            };
+        }
         let before = entries.len();
         entries.retain(|rel, r| {
             *r.seen.get_mut()
@@ -136,11 +149,10 @@ impl StatCache {
         for r in entries.values_mut() {
             *r.seen.get_mut() = false;
         }
-        if !*changed && entries.len() == before {
+        if !changed && entries.len() == before {
             return Ok(());
         }
         store.put_context_stats(&self.root, &serialize(entries))?;
-        *changed = false;
         Ok(())
     }
 
@@ -173,14 +185,16 @@ impl StatCache {
             self.read.fetch_add(1, Ordering::Relaxed);
             return hash(path);
         };
+        if let Some(r) = self.entries.get(rel)
+            && r.stat == *md
         {
-            let st = self.state.read_ok();
-            if let Some(r) = st.entries.get(rel)
-                && r.stat == *md
-            {
-                r.seen.store(true, Ordering::Relaxed);
-                return Ok(r.digest.clone());
-            }
+            r.seen.store(true, Ordering::Relaxed);
+            return Ok(r.digest.clone());
+        }
+        if let Some(Some(r)) = self.changes.lock_ok().get(rel)
+            && r.stat == *md
+        {
+            return Ok(r.digest.clone());
         }
         self.read.fetch_add(1, Ordering::Relaxed);
         let d = hash(path)?;
@@ -189,17 +203,17 @@ impl StatCache {
             .map(|t| t.as_nanos() as i128)
             .unwrap_or(0);
         let trusted = md.mtime.max(md.ctime) + (self.margin.as_nanos() as i128) <= stat_ns;
-        let mut st = self.state.write_ok();
+        let mut changes = self.changes.lock_ok();
         if trusted {
             let r = Recorded {
                 stat: *md,
                 digest: d.clone(),
                 seen: AtomicBool::new(true),
             };
-            st.entries.insert(rel.to_vec(), r);
-            st.changed = true;
-        } else if st.entries.remove(rel).is_some() {
-            st.changed = true;
+            changes.insert(rel.to_vec(), Some(r));
+        } else if self.entries.contains_key(rel) || matches!(changes.get(rel), Some(Some(_))) {
+            // Recorded before, no longer to be trusted: dropped when saved.
+            changes.insert(rel.to_vec(), None);
         }
         Ok(d)
     }
@@ -225,7 +239,7 @@ fn rel_bytes<'p>(root: &Path, path: &'p Path) -> Option<&'p [u8]> {
         .then_some(rest)
 }
 
-fn serialize(entries: &HashMap<Vec<u8>, Recorded>) -> Vec<u8> {
+fn serialize<S>(entries: &HashMap<Vec<u8>, Recorded, S>) -> Vec<u8> {
     let mut sorted: Vec<_> = entries.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let mut out = format!("{HEADER} {}\n", sorted.len()).into_bytes();
@@ -258,7 +272,7 @@ fn serialize(entries: &HashMap<Vec<u8>, Recorded>) -> Vec<u8> {
 
 /// The entries of a cache file; `None` unless all of it parses. A big file's lines are parsed
 /// on all cores (it is read before every build of its context).
-fn parse(bytes: &[u8]) -> Option<HashMap<Vec<u8>, Recorded>> {
+fn parse(bytes: &[u8]) -> Option<Entries> {
     let end = bytes.iter().position(|b| *b == b'\n')?;
     let header = std::str::from_utf8(&bytes[..end]).ok()?;
     let count: usize = header.strip_prefix(HEADER)?.trim().parse().ok()?;
@@ -286,7 +300,7 @@ fn parse(bytes: &[u8]) -> Option<HashMap<Vec<u8>, Recorded>> {
         rest = r;
     }
     let parsed = crate::par::map_pieces(pieces, parse_lines);
-    let mut entries = HashMap::with_capacity(count);
+    let mut entries = Entries::with_capacity_and_hasher(count, Default::default());
     for part in parsed {
         entries.extend(part?);
     }
@@ -307,7 +321,7 @@ fn parse_lines(lines: &[u8]) -> Option<Vec<Entry>> {
         }
         let mut f = line.splitn(8, |b| *b == b' ');
         let mut field = || std::str::from_utf8(f.next()?).ok();
-        let digest: Digest = format!("sha256:{}", field()?).parse().ok()?;
+        let digest = Digest::from_hex(Algorithm::Sha256, field()?).ok()?;
         let size = field()?.parse().ok()?;
         let time = |t: &str| -> Option<i128> {
             let (s, n) = t.split_once('.')?;
@@ -481,7 +495,7 @@ mod key_tests {
         std::fs::write(r.join("b.txt"), "world").unwrap();
         std::fs::write(r.join("sub/c.txt"), "c").unwrap();
         settle();
-        let cache = StatCache::new(r, TEST_MARGIN);
+        let mut cache = StatCache::new(r, TEST_MARGIN);
         let k0 = key(r, &cache);
         assert_eq!(cache.files_read(), 3);
         assert_eq!(key(r, &cache), k0);
@@ -508,7 +522,7 @@ mod key_tests {
         let sd = tempfile::tempdir().unwrap();
         let store = Store::open(sd.path()).unwrap();
         cache.save(&store).unwrap();
-        let cache = StatCache::load_with(&store, r, TEST_MARGIN).unwrap();
+        let mut cache = StatCache::load_with(&store, r, TEST_MARGIN).unwrap();
         assert_eq!(key(r, &cache), k0);
         assert_eq!(cache.files_read(), 0);
 

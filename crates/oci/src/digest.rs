@@ -100,15 +100,30 @@ impl FromStr for Digest {
             "sha512" => Algorithm::Sha512,
             other => return Err(bad(&format!("unsupported algorithm `{other}`"))),
         };
+        Digest::from_hex(algorithm, hex).map_err(|e| match e {
+            Error::InvalidDigest { reason, .. } => bad(&reason),
+            other => other,
+        })
+    }
+}
+
+impl Digest {
+    /// The digest with `algorithm` whose encoded part is `hex`, checked as `parse` checks it.
+    pub fn from_hex(algorithm: Algorithm, hex: &str) -> Result<Digest, Error> {
+        let bad = |why: String| Error::InvalidDigest {
+            digest: format!("{}:{hex}", algorithm.as_str()),
+            reason: why,
+        };
         if hex.len() != algorithm.hex_len() {
-            return Err(bad(&format!(
-                "{alg} needs {} hex characters, got {}",
+            return Err(bad(format!(
+                "{} needs {} hex characters, got {}",
+                algorithm.as_str(),
                 algorithm.hex_len(),
                 hex.len()
             )));
         }
         if !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(bad("the encoded part must be lowercase hex"));
+            return Err(bad("the encoded part must be lowercase hex".into()));
         }
         Ok(Digest {
             algorithm,
