@@ -387,11 +387,20 @@ fn list_dir(
     }
     names.sort_by(|a, b| a.0.cmp(&b.0));
     let mut out = Vec::with_capacity(names.len());
-    for (name, dirent) in names {
-        let name = name.to_string_lossy().to_string();
-        let sub_rel = join(rel, &name);
-        let origin_rel = join(match_rel, &sub_rel);
+    // Patterns see the path relative to the origin: made only when there are patterns and
+    // it differs from the path relative to the match.
+    let patterns = origin.ignore.is_some_and(|m| !m.is_empty());
+    for (os_name, dirent) in names {
+        let name = os_name
+            .into_string()
+            .unwrap_or_else(|n| n.to_string_lossy().into_owned());
         let path = dir.join(&name);
+        let sub_rel = join(rel, &name);
+        let origin_rel = if patterns && !(match_rel.is_empty() || match_rel == ".") {
+            std::borrow::Cow::Owned(join(match_rel, &sub_rel))
+        } else {
+            std::borrow::Cow::Borrowed(sub_rel.as_str())
+        };
         // Relative to the open directory (fstatat), not a walk of the whole path per file.
         let md = dirent.metadata().map_err(io_err("stat", &path))?;
         let is_dir = md.is_dir();
@@ -409,6 +418,7 @@ fn list_dir(
         } else {
             None
         };
+        drop(origin_rel);
         out.push(Child {
             sub_rel,
             entry,
@@ -566,7 +576,8 @@ fn records_of(
     cache: Option<&StatCache>,
 ) -> Result<Records> {
     let mut out = Records {
-        escaped: Vec::with_capacity(entries.len() * 200),
+        // About a record's escaped size: growing it copies all the records made so far.
+        escaped: Vec::with_capacity(entries.len() * 320),
     };
     // Reused for every entry: this runs for every file of every COPY.
     let mut path = String::new();

@@ -320,18 +320,23 @@ fn parse_lines(lines: &[u8]) -> Option<Vec<Entry>> {
             continue;
         }
         let mut f = line.splitn(8, |b| *b == b' ');
-        let mut field = || std::str::from_utf8(f.next()?).ok();
-        let digest = Digest::from_hex(Algorithm::Sha256, field()?).ok()?;
-        let size = field()?.parse().ok()?;
-        let time = |t: &str| -> Option<i128> {
-            let (s, n) = t.split_once('.')?;
-            Some(s.parse::<i128>().ok()? * 1_000_000_000 + n.parse::<i128>().ok()?)
+        let digest =
+            Digest::from_hex(Algorithm::Sha256, std::str::from_utf8(f.next()?).ok()?).ok()?;
+        let size = uint(f.next()?)?;
+        let time = |t: &[u8]| -> Option<i128> {
+            let dot = t.iter().position(|b| *b == b'.')?;
+            let (s, n) = (&t[..dot], &t[dot + 1..]);
+            let secs = match s.strip_prefix(b"-") {
+                Some(s) => -i128::from(uint(s)?),
+                None => i128::from(uint(s)?),
+            };
+            Some(secs * 1_000_000_000 + i128::from(uint(n)?))
         };
-        let mtime = time(field()?)?;
-        let ctime = time(field()?)?;
-        let dev = field()?.parse().ok()?;
-        let ino = field()?.parse().ok()?;
-        let mode = field()?.parse().ok()?;
+        let mtime = time(f.next()?)?;
+        let ctime = time(f.next()?)?;
+        let dev = uint(f.next()?)?;
+        let ino = uint(f.next()?)?;
+        let mode = u32::try_from(uint(f.next()?)?).ok()?;
         let rel = f.next()?.to_vec();
         if rel.is_empty() {
             return None;
@@ -348,6 +353,18 @@ fn parse_lines(lines: &[u8]) -> Option<Vec<Entry>> {
         out.push((rel, Recorded { stat, digest, seen }));
     }
     Some(out)
+}
+
+/// A decimal number of ASCII digits only (what `serialize` writes), without going through
+/// `str`: the cache's lines are parsed before every build of the context.
+fn uint(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        let d = d.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 #[cfg(test)]
@@ -378,6 +395,23 @@ mod tests {
             );
         }
         assert_eq!(r("/ctx", "/other/a"), None);
+    }
+
+    #[test]
+    fn numbers_are_plain_decimal_digits() {
+        assert_eq!(uint(b"0"), Some(0));
+        assert_eq!(uint(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"18446744073709551616",
+            b"+1",
+            b"-1",
+            b"1 ",
+            b"0x1",
+            b"1.5",
+        ] {
+            assert_eq!(uint(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]
