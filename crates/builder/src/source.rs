@@ -253,13 +253,23 @@ pub(crate) fn select(
 type Listing = Vec<Child>;
 
 struct Child {
-    /// Path relative to the match.
-    sub_rel: String,
     /// The entry, unless only its contents are copied (a directory matched by an ignore
     /// pattern that a later `!` pattern may reopen inside it).
     entry: Option<Entry>,
+    /// Path relative to the match when there is no entry (the entry's `rel` otherwise: one
+    /// string per file, not two).
+    rel_without_entry: String,
     /// A directory to walk into.
     descend: bool,
+}
+
+impl Child {
+    /// Path relative to the match.
+    fn sub_rel(&self) -> &str {
+        self.entry
+            .as_ref()
+            .map_or(&self.rel_without_entry, |e| &e.rel)
+    }
 }
 
 /// Appends everything under `dir` (the match `match_rel`, itself `rel` below it) to `out`,
@@ -277,6 +287,8 @@ fn walk(
     let list = |dir: &Path, rel: &str| list_dir(origin, match_rel, dir, rel, exclude, stat_time);
     let root = (dir.to_path_buf(), rel.to_string());
     let mut listings = list_parallel(par::cores(), root, &list)?;
+    // Made to size once: growing it copies every entry so far (tens of MB for a big context).
+    out.reserve(listings.values().map(Vec::len).sum());
     put_in_order(rel, &mut listings, out);
     Ok(())
 }
@@ -285,7 +297,7 @@ fn walk(
 fn subdirs(l: &Listing) -> impl Iterator<Item = (PathBuf, String)> + '_ {
     l.iter()
         .filter(|c| c.descend)
-        .filter_map(|c| Some((c.entry.as_ref()?.path.clone(), c.sub_rel.clone())))
+        .filter_map(|c| Some((c.entry.as_ref()?.path.clone(), c.sub_rel().to_string())))
 }
 
 fn put_in_order(
@@ -297,11 +309,12 @@ fn put_in_order(
         return;
     };
     for c in children {
+        let dir = c.descend.then(|| c.sub_rel().to_string());
         if let Some(e) = c.entry {
             out.push(e);
         }
-        if c.descend {
-            put_in_order(&c.sub_rel, listings, out);
+        if let Some(dir) = dir {
+            put_in_order(&dir, listings, out);
         }
     }
 }
@@ -413,15 +426,15 @@ fn list_dir(
         }
         let keep = !origin.ignore.is_some_and(|m| m.matches(&origin_rel))
             && !exclude.is_some_and(|m| m.matches(&sub_rel));
-        let entry = if keep || is_dir {
-            Some(entry(sub_rel.clone(), path, &md, stat_time))
-        } else {
-            None
-        };
         drop(origin_rel);
+        let (entry, rel_without_entry) = if keep || is_dir {
+            (Some(entry(sub_rel, path, &md, stat_time)), String::new())
+        } else {
+            (None, sub_rel)
+        };
         out.push(Child {
-            sub_rel,
             entry,
+            rel_without_entry,
             descend: is_dir,
         });
     }
