@@ -26,3 +26,35 @@ pub(crate) fn map_pieces<P: Send, R: Send>(pieces: Vec<P>, f: impl Fn(P) -> R + 
             .collect()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_come_back_in_order_each_from_a_thread_of_its_own() {
+        let me = std::thread::current().id();
+        let out = map_pieces(vec![1, 2, 3, 4], |p| (p * 10, std::thread::current().id()));
+        let values: Vec<i32> = out.iter().map(|(v, _)| *v).collect();
+        assert_eq!(values, [10, 20, 30, 40]);
+        let mut threads: Vec<_> = out.iter().map(|(_, t)| *t).collect();
+        assert!(!threads.contains(&me));
+        threads.sort_by_key(|t| format!("{t:?}"));
+        threads.dedup();
+        assert_eq!(threads.len(), 4);
+        // One piece: no thread.
+        assert_eq!(map_pieces(vec![1], |_| std::thread::current().id()), [me]);
+        assert!(map_pieces(Vec::<i32>::new(), |p| p).is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "piece 3")]
+    fn a_panic_in_a_piece_is_raised_again() {
+        map_pieces(vec![1, 2, 3], |p| {
+            if p == 3 {
+                panic!("piece {p}");
+            }
+            p
+        });
+    }
+}
