@@ -350,6 +350,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         pulled: resolver.pulled(),
         rebased_onto,
         context_files_read: ctx.stat_cache.files_read(),
+        context_known_keys: ctx.stat_cache.known_hits(),
     })
 }
 
@@ -756,6 +757,7 @@ fn run_stage(
             ctx.progress.event(&Event::StepCached { step: step_ref });
         } else {
             out.run += 1;
+            let whole = step_files.is_whole();
             inputs.files = step_files.into_pairs().into_iter().collect();
             let prev = prev_steps.and_then(|p| p.get(i));
             // The last build's per-file hashes are kept apart from its record.
@@ -767,7 +769,25 @@ fn run_stage(
                         ..p.clone()
                     })
                 });
-            let mut reason = cache::explain(prev_with_files.as_ref().or(prev), &inputs);
+            let mut prev = prev_with_files.as_ref().or(prev);
+            // Files keyed from a known key (unchanged stats) have no per-file hashes here:
+            // the last build's are theirs when its hash over all of them is the same;
+            // otherwise the step is explained from that hash alone.
+            let without_files;
+            if !whole {
+                match prev.filter(|p| !p.files.is_empty() && p.files_hash == inputs.files_hash) {
+                    Some(p) => inputs.files = p.files.clone(),
+                    None => {
+                        inputs.files.clear();
+                        without_files = prev.map(|p| StepInputs {
+                            files: Default::default(),
+                            ..p.clone()
+                        });
+                        prev = without_files.as_ref();
+                    }
+                }
+            }
+            let mut reason = cache::explain(prev, &inputs);
             if !inputs.files.is_empty() {
                 out.fresh_files
                     .push((inputs.key.clone(), std::mem::take(&mut inputs.files)));

@@ -134,4 +134,7 @@ pub struct BuildOutcome {
     pub rebased_onto: Option<String>,
     /// Context files read to hash them (the others' digests came from the stat cache).
     pub context_files_read: usize,
+    /// Selections of context files (a `COPY`'s, a bind mount's) whose key was a known one:
+    /// every stat unchanged, so neither the files nor their stat cache entries were read.
+    pub context_known_keys: usize,
 }

@@ -476,6 +476,9 @@ pub(crate) fn hash_file(path: &Path) -> Result<Digest> {
 #[derive(Default)]
 pub(crate) struct PerFile {
     parts: Vec<PerFilePart>,
+    /// Some selection's key was a known one (see `statcache`): its files are unchanged, and
+    /// not in `parts`.
+    unchanged_left_out: bool,
 }
 
 enum PerFilePart {
@@ -495,6 +498,12 @@ impl PerFile {
 
     pub(crate) fn extend(&mut self, other: PerFile) {
         self.parts.extend(other.parts);
+        self.unchanged_left_out |= other.unchanged_left_out;
+    }
+
+    /// Whether every file read is here: not when some selection's key was a known one.
+    pub(crate) fn is_whole(&self) -> bool {
+        !self.unchanged_left_out
     }
 
     /// Path and short hash of each file, in order.
@@ -549,6 +558,16 @@ pub(crate) fn hash_matches<'m>(
         .collect();
     let threads = par::threads_for(entries.len(), PARALLEL_MIN_ENTRIES);
     let per = entries.len().div_ceil(threads).max(1);
+    let known = cache.and_then(|c| fingerprint(&entries, per, keep_owner, c).map(|f| (c, f)));
+    if let Some((c, (fp, _))) = &known
+        && let Some(key) = c.known_key(fp)
+    {
+        let per_file = PerFile {
+            parts: Vec::new(),
+            unchanged_left_out: true,
+        };
+        return Ok((key, per_file));
+    }
     let parts = par::map_pieces(entries.chunks(per).collect(), |chunk| {
         records_of(chunk, keep_owner, cache)
     });
@@ -571,7 +590,80 @@ pub(crate) fn hash_matches<'m>(
         per_file.parts.push(PerFilePart::Records(part));
     }
     h.update(b"]");
-    Ok((h.finish(), per_file))
+    let key = h.finish();
+    if let Some((c, (fp, true))) = known {
+        c.remember_key(fp, key.clone());
+    }
+    Ok((key, per_file))
+}
+
+/// The fingerprint of a selection (its entries in order, `per` to a thread), and whether the
+/// stat of every file in it is trusted (see `statcache`). It covers all a record is made of
+/// (path, type, mode, owner when kept, size, link target) but the content digest, and every
+/// file's stat instead: with the same fingerprint, trusted stats, and so the same key. `None`
+/// when a file has no stat.
+fn fingerprint(
+    entries: &[(&Matched, &Entry)],
+    per: usize,
+    keep_owner: bool,
+    cache: &StatCache,
+) -> Option<(Digest, bool)> {
+    let pieces = par::map_pieces(entries.chunks(per).collect(), |chunk| {
+        let mut h = Hasher::sha256();
+        let mut trusted = true;
+        let mut buf = Vec::with_capacity(256);
+        for (m, e) in chunk {
+            buf.clear();
+            for s in [m.rel.as_bytes(), e.rel.as_bytes()] {
+                buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
+                buf.extend_from_slice(s);
+            }
+            buf.extend_from_slice(&e.mode.to_le_bytes());
+            if keep_owner {
+                buf.extend_from_slice(&e.uid.to_le_bytes());
+                buf.extend_from_slice(&e.gid.to_le_bytes());
+            }
+            match &e.kind {
+                Kind::File { size } => {
+                    let (stat, at) = e.stat.as_ref()?;
+                    trusted &= cache.trusted(stat, *at);
+                    buf.push(b'f');
+                    buf.extend_from_slice(&size.to_le_bytes());
+                    buf.extend_from_slice(&stat.size.to_le_bytes());
+                    buf.extend_from_slice(&stat.mtime.to_le_bytes());
+                    buf.extend_from_slice(&stat.ctime.to_le_bytes());
+                    buf.extend_from_slice(&stat.dev.to_le_bytes());
+                    buf.extend_from_slice(&stat.ino.to_le_bytes());
+                    buf.extend_from_slice(&stat.mode.to_le_bytes());
+                }
+                Kind::Dir => buf.push(b'd'),
+                Kind::Symlink { target } => {
+                    let t = target.as_os_str().as_encoded_bytes();
+                    buf.push(b'l');
+                    buf.extend_from_slice(&(t.len() as u64).to_le_bytes());
+                    buf.extend_from_slice(t);
+                }
+                Kind::Other { what } => {
+                    buf.push(b'o');
+                    buf.extend_from_slice(what.as_bytes());
+                    buf.push(0);
+                }
+            }
+            h.update(&buf);
+        }
+        Some((h.finish(), trusted))
+    });
+    let mut h = Hasher::sha256();
+    h.update(b"strata selection fingerprint v1\0");
+    h.update(&[u8::from(keep_owner)]);
+    h.update(&(entries.len() as u64).to_le_bytes());
+    let mut trusted = true;
+    for piece in pieces {
+        let (d, t) = piece?;
+        h.update(d.hex().as_bytes());
+        trusted &= t;
+    }
+    Some((h.finish(), trusted))
 }
 
 /// Ends each escaped record in [`Records::escaped`]: a byte a JSON string never contains raw.

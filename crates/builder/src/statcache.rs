@@ -19,14 +19,26 @@
 //!
 //! A file that does not parse whole (another version, a torn write) is ignored: the cost is
 //! reading the files once more.
+//!
+//! Known keys: beside it, the key of each whole selection (a `COPY`'s or a bind mount's files)
+//! made when all of its files were trusted, by a fingerprint of everything its records are
+//! made of but the files' content, stats included (see `source::hash_matches`). When a later
+//! build's fingerprint is the same, every stat is unchanged, and so every digest and the key:
+//! it is taken as it is, and the entries above are not even read. File format:
+//!
+//! ```text
+//! strata-context-keys v1
+//! <fingerprint sha256 hex> <key>
+//! ...
+//! ```
 
 use std::collections::HashMap;
 use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use strata_oci::sync::MutexExt;
@@ -40,6 +52,12 @@ use crate::error::Result;
 pub(crate) const MARGIN: Duration = Duration::from_secs(2);
 
 const HEADER: &str = "strata-context-stats v1";
+
+const KEYS_HEADER: &str = "strata-context-keys v1";
+
+/// Known keys kept per context: a few per Dockerfile (each `COPY` of the context), for a few
+/// Dockerfiles or targets on the same context.
+const KEYS_KEPT: usize = 64;
 
 /// What the cache compares: a file is taken as unchanged when all of it is equal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,14 +93,23 @@ type Entries = HashMap<Vec<u8>, Recorded, foldhash::fast::RandomState>;
 pub(crate) struct StatCache {
     root: PathBuf,
     margin: Duration,
+    /// The file `entries` is read from, on the first lookup: a build whose selections all
+    /// have known keys does not read it.
+    file: Option<PathBuf>,
     /// What earlier builds recorded: looked up without a lock (the builds' common case, on
     /// several threads at once). An entry whose stat still matches is right, whatever this
     /// build recorded since: a file cannot get its old ctime back.
-    entries: Entries,
+    entries: OnceLock<Entries>,
     /// What this build recorded (`Some`) or found no longer trustworthy (`None`), by path.
     changes: Mutex<HashMap<Vec<u8>, Option<Recorded>>>,
     /// Files read to hash them this build (the rest came from the cache).
     read: AtomicUsize,
+    /// Keys of whole selections by fingerprint, the latest first; whether this build added any.
+    keys: Mutex<(Vec<(Digest, Digest)>, bool)>,
+    /// Selections whose key was a known one since this cache was made.
+    known_hits: AtomicUsize,
+    /// Whether one was since the last save (the build's, or tests' builds on one cache).
+    known_since_save: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -99,9 +126,13 @@ impl StatCache {
         StatCache {
             root: root.to_path_buf(),
             margin,
-            entries: Entries::default(),
+            file: None,
+            entries: OnceLock::new(),
             changes: Mutex::new(HashMap::new()),
             read: AtomicUsize::new(0),
+            keys: Mutex::new((Vec::new(), false)),
+            known_hits: AtomicUsize::new(0),
+            known_since_save: AtomicBool::new(false),
         }
     }
 
@@ -113,18 +144,74 @@ impl StatCache {
 
     fn load_with(store: &Store, root: &Path, margin: Duration) -> Result<StatCache> {
         let mut cache = StatCache::new(root, margin);
-        if let Some(bytes) = store.context_stats(root)?
-            && let Some(entries) = parse(&bytes)
-        {
-            cache.entries = entries;
+        cache.file = Some(store.context_stats_path(root));
+        if let Some(bytes) = store.context_keys(root)? {
+            cache.keys.get_mut().unwrap_or_else(|p| p.into_inner()).0 = parse_keys(&bytes);
         }
         Ok(cache)
+    }
+
+    /// The entries earlier builds recorded, read on first use. A cache that cannot be read is
+    /// an empty one: the cost is reading the files.
+    fn entries(&self) -> &Entries {
+        self.entries.get_or_init(|| {
+            let Some(file) = &self.file else {
+                return Entries::default();
+            };
+            match std::fs::read(file) {
+                Ok(bytes) => parse(&bytes).unwrap_or_default(),
+                Err(e) => {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!("reading the stat cache {}: {e}", file.display());
+                    }
+                    Entries::default()
+                }
+            }
+        })
+    }
+
+    /// Whether a file's stat, taken at `stat_time`, is old enough for its digest to be
+    /// trusted later (see the module docs).
+    pub(crate) fn trusted(&self, md: &FileStat, stat_time: SystemTime) -> bool {
+        let stat_ns = stat_time
+            .duration_since(UNIX_EPOCH)
+            .map(|t| t.as_nanos() as i128)
+            .unwrap_or(0);
+        md.mtime.max(md.ctime) + (self.margin.as_nanos() as i128) <= stat_ns
+    }
+
+    /// The key recorded for a selection with this fingerprint, if any.
+    pub(crate) fn known_key(&self, fingerprint: &Digest) -> Option<Digest> {
+        let keys = self.keys.lock_ok();
+        let key = keys.0.iter().find(|(f, _)| f == fingerprint)?.1.clone();
+        self.known_hits.fetch_add(1, Ordering::Relaxed);
+        self.known_since_save.store(true, Ordering::Relaxed);
+        Some(key)
+    }
+
+    /// Records the key of a selection whose files were all trusted.
+    pub(crate) fn remember_key(&self, fingerprint: Digest, key: Digest) {
+        let mut keys = self.keys.lock_ok();
+        keys.0.retain(|(f, _)| *f != fingerprint);
+        keys.0.insert(0, (fingerprint, key));
+        keys.0.truncate(KEYS_KEPT);
+        keys.1 = true;
+    }
+
+    /// How many selections had a known key since this cache was made.
+    pub(crate) fn known_hits(&self) -> usize {
+        self.known_hits.load(Ordering::Relaxed)
     }
 
     /// Writes the cache back when this build changed it. Entries of paths this build did not
     /// look at are kept while the path still exists (another Dockerfile on the same context
     /// may copy them).
     pub(crate) fn save(&mut self, store: &Store) -> Result<()> {
+        let keys = self.keys.get_mut().unwrap_or_else(|p| p.into_inner());
+        if keys.1 {
+            store.put_context_keys(&self.root, &serialize_keys(&keys.0))?;
+            keys.1 = false;
+        }
         let changes = std::mem::take(
             self.changes
                 .get_mut()
@@ -132,7 +219,13 @@ impl StatCache {
         );
         // Each one is a change: an entry recorded, or one dropped that was there.
         let changed = !changes.is_empty();
-        let entries = &mut self.entries;
+        // Selections with known keys did not look their files up: entries not seen are
+        // kept as they are (one that is gone is dropped by a later build).
+        let check_unseen = !std::mem::take(self.known_since_save.get_mut());
+        // Never read: nothing looked up, nothing recorded.
+        let Some(entries) = self.entries.get_mut() else {
+            return Ok(());
+        };
         for (rel, r) in changes {
             match r {
                 Some(r) => entries.insert(rel, r),
@@ -142,6 +235,7 @@ impl StatCache {
         let before = entries.len();
         entries.retain(|rel, r| {
             *r.seen.get_mut()
+                || !check_unseen
                 || std::fs::symlink_metadata(self.root.join(std::ffi::OsStr::from_bytes(rel)))
                     .is_ok()
         });
@@ -185,7 +279,7 @@ impl StatCache {
             self.read.fetch_add(1, Ordering::Relaxed);
             return hash(path);
         };
-        if let Some(r) = self.entries.get(rel)
+        if let Some(r) = self.entries().get(rel)
             && r.stat == *md
         {
             r.seen.store(true, Ordering::Relaxed);
@@ -198,11 +292,7 @@ impl StatCache {
         }
         self.read.fetch_add(1, Ordering::Relaxed);
         let d = hash(path)?;
-        let stat_ns = stat_time
-            .duration_since(UNIX_EPOCH)
-            .map(|t| t.as_nanos() as i128)
-            .unwrap_or(0);
-        let trusted = md.mtime.max(md.ctime) + (self.margin.as_nanos() as i128) <= stat_ns;
+        let trusted = self.trusted(md, stat_time);
         let mut changes = self.changes.lock_ok();
         if trusted {
             let r = Recorded {
@@ -211,7 +301,7 @@ impl StatCache {
                 seen: AtomicBool::new(true),
             };
             changes.insert(rel.to_vec(), Some(r));
-        } else if self.entries.contains_key(rel) || matches!(changes.get(rel), Some(Some(_))) {
+        } else if self.entries().contains_key(rel) || matches!(changes.get(rel), Some(Some(_))) {
             // Recorded before, no longer to be trusted: dropped when saved.
             changes.insert(rel.to_vec(), None);
         }
@@ -353,6 +443,35 @@ fn parse_lines(lines: &[u8]) -> Option<Vec<Entry>> {
         out.push((rel, Recorded { stat, digest, seen }));
     }
     Some(out)
+}
+
+fn serialize_keys(keys: &[(Digest, Digest)]) -> Vec<u8> {
+    let mut out = format!("{KEYS_HEADER}\n");
+    for (fingerprint, key) in keys {
+        out.push_str(&format!("{} {key}\n", fingerprint.hex()));
+    }
+    out.into_bytes()
+}
+
+/// The known keys of a file; none unless all of it parses.
+fn parse_keys(bytes: &[u8]) -> Vec<(Digest, Digest)> {
+    let parse = || -> Option<Vec<(Digest, Digest)>> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let body = text.strip_prefix(KEYS_HEADER)?.strip_prefix('\n')?;
+        if !(body.is_empty() || body.ends_with('\n')) {
+            return None;
+        }
+        body.lines()
+            .map(|line| {
+                let (fingerprint, key) = line.split_once(' ')?;
+                Some((
+                    Digest::from_hex(Algorithm::Sha256, fingerprint).ok()?,
+                    key.parse().ok()?,
+                ))
+            })
+            .collect()
+    };
+    parse().unwrap_or_default()
 }
 
 /// A decimal number of ASCII digits only (what `serialize` writes), without going through
@@ -559,6 +678,11 @@ mod key_tests {
         let mut cache = StatCache::load_with(&store, r, TEST_MARGIN).unwrap();
         assert_eq!(key(r, &cache), k0);
         assert_eq!(cache.files_read(), 0);
+        assert_eq!(cache.known_hits(), 1, "every stat unchanged: the known key");
+        assert!(
+            cache.entries.get().is_none(),
+            "the entries were not even read"
+        );
 
         // A same-size edit within the same second, the mtime put back as it was: only ctime
         // tells, and the key changes.
@@ -575,6 +699,7 @@ mod key_tests {
         let k1 = key(r, &cache);
         assert_ne!(k1, k0);
         assert_eq!(cache.files_read(), 1);
+        assert_eq!(cache.known_hits(), 1, "a ctime changed: not the known key");
         // Edited back right away (not yet trusted): read again, the first key again.
         std::fs::write(&a, "hello").unwrap();
         assert_eq!(key(r, &cache), k0);

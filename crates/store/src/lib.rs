@@ -20,6 +20,7 @@
 //!     ├── partial/<alg>-<hex>  resumable blob writes (hosts over SSH); gc removes day-old ones
 //!     ├── context-stats/<hex>  per build context (sha256 of its absolute path): the builder's
 //!     │                        stat cache (path → size, times, inode, mode → content digest)
+//!     │   └── <hex>.keys       and its known keys (fingerprint of a selection's stats → key)
 //!     └── locks/
 //!         ├── index.lock    exclusive while index.json is read-modified-written
 //!         └── gc.lock       shared by write sessions, exclusive while gc runs

@@ -60,9 +60,15 @@ fn a_one_file_change_reuses_members_and_the_layer_reads_everywhere() {
         first.context_files_read, 601,
         "600 files and the Dockerfile"
     );
+    assert_eq!(first.context_known_keys, 0);
     let noop = build_tagged(&store, ctx.path());
     assert_eq!(noop.steps_run, 0);
     assert_eq!(noop.context_files_read, 0, "a no-op build reads no file");
+    assert_eq!(
+        noop.context_known_keys, 1,
+        "every stat unchanged: the COPY's key is the known one"
+    );
+    assert_eq!(noop.descriptor, first.descriptor);
     let old_layer = layer_of(&store, &first.descriptor.digest);
 
     let changed = ctx.path().join("d06/f0300.txt");
@@ -75,6 +81,7 @@ fn a_one_file_change_reuses_members_and_the_layer_reads_everywhere() {
         second.context_files_read, 1,
         "only the changed file is read for the key"
     );
+    assert_eq!(second.context_known_keys, 0, "a stat changed");
     let layer = layer_of(&store, &second.descriptor.digest);
     assert_ne!(layer, old_layer);
 
@@ -137,4 +144,41 @@ fn a_one_file_change_reuses_members_and_the_layer_reads_everywhere() {
     );
     let diff_id = config_of(&store, &second).diff_ids()[0].to_string();
     assert!(ids.contains(&diff_id), "{ids} lacks {diff_id}");
+}
+
+/// A COPY whose files are unchanged but whose key is not (an earlier step changed) takes its
+/// key from the known keys, without the files' records: the next build still names the file
+/// that changed.
+#[test]
+fn a_copy_keyed_from_a_known_key_still_explains_file_by_file() {
+    let ctx = tempfile::tempdir().unwrap();
+    big_context(ctx.path(), 100);
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nARG V=1\nENV V=$V\nCOPY . /app/\n",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // Older than the stat cache's margin: the first build knows the COPY's key.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["known:latest".into()];
+    let (first, _) = build_ok(&store, &opts);
+    assert_eq!((first.steps_run, first.context_known_keys), (2, 0));
+
+    opts.build_args.insert("V".into(), "2".into());
+    let (second, _) = build_ok(&store, &opts);
+    assert_eq!(second.steps_run, 2, "the ENV and so the COPY after it");
+    assert_eq!(second.context_known_keys, 1);
+    assert_eq!(second.context_files_read, 0);
+
+    std::fs::write(ctx.path().join("d01/f0070.txt"), "changed").unwrap();
+    opts.explain = true;
+    let (third, _) = build_ok(&store, &opts);
+    assert_eq!(third.steps_run, 1);
+    assert_eq!(third.context_known_keys, 0);
+    let reason = &third.explanations[0].1;
+    assert!(reason.contains("file `d01/f0070.txt` changed"), "{reason}");
+    assert!(!reason.contains("f0071"), "{reason}");
 }
