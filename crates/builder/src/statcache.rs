@@ -136,8 +136,8 @@ impl StatCache {
         }
     }
 
-    /// The cache `store` holds for the context at `root`; an empty one when there is none or
-    /// it does not parse.
+    /// The cache `store` holds for the context at `root`: its known keys now, its entries on
+    /// the first lookup; empty when there are none or they do not parse.
     pub(crate) fn load(store: &Store, root: &Path) -> Result<StatCache> {
         StatCache::load_with(store, root, MARGIN)
     }
