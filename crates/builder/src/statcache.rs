@@ -145,8 +145,13 @@ impl StatCache {
     fn load_with(store: &Store, root: &Path, margin: Duration) -> Result<StatCache> {
         let mut cache = StatCache::new(root, margin);
         cache.file = Some(store.context_stats_path(root));
-        if let Some(bytes) = store.context_keys(root)? {
-            cache.keys.get_mut().unwrap_or_else(|p| p.into_inner()).0 = parse_keys(&bytes);
+        // A cache: one that cannot be read costs reading the files, not the build.
+        match store.context_keys(root) {
+            Ok(Some(bytes)) => {
+                cache.keys.get_mut().unwrap_or_else(|p| p.into_inner()).0 = parse_keys(&bytes);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("reading the build context's known keys: {e}"),
         }
         Ok(cache)
     }
@@ -517,6 +522,26 @@ mod tests {
     }
 
     #[test]
+    fn known_keys_round_trip_and_a_damaged_file_is_ignored() {
+        let keys: Vec<(Digest, Digest)> = (0u8..3)
+            .map(|i| (Digest::sha256(&[i]), Digest::sha256(&[i, i])))
+            .collect();
+        let bytes = serialize_keys(&keys);
+        assert_eq!(parse_keys(&bytes), keys);
+        assert_eq!(parse_keys(&serialize_keys(&[])), []);
+        assert_eq!(
+            parse_keys(&bytes[..bytes.len() - 1]),
+            [],
+            "no final newline"
+        );
+        let mut bad = bytes.clone();
+        bad[KEYS_HEADER.len() + 5] = b'x';
+        assert_eq!(parse_keys(&bad), [], "not hex");
+        assert_eq!(parse_keys(b"strata-context-keys v9\n"), []);
+        assert_eq!(parse_keys(&[0xff, 0xfe]), []);
+    }
+
+    #[test]
     fn numbers_are_plain_decimal_digits() {
         assert_eq!(uint(b"0"), Some(0));
         assert_eq!(uint(b"18446744073709551615"), Some(u64::MAX));
@@ -675,6 +700,17 @@ mod key_tests {
         let sd = tempfile::tempdir().unwrap();
         let store = Store::open(sd.path()).unwrap();
         cache.save(&store).unwrap();
+        // Known keys that cannot be read (here a directory where the file goes): a cache
+        // without them, not a failed build.
+        let keys_file = format!("{}.keys", store.context_stats_path(r).display());
+        let keys = std::fs::read(&keys_file).unwrap();
+        std::fs::remove_file(&keys_file).unwrap();
+        std::fs::create_dir(&keys_file).unwrap();
+        let unreadable = StatCache::load_with(&store, r, TEST_MARGIN).unwrap();
+        assert_eq!(key(r, &unreadable), k0);
+        assert_eq!(unreadable.known_hits(), 0);
+        std::fs::remove_dir(&keys_file).unwrap();
+        std::fs::write(&keys_file, keys).unwrap();
         let mut cache = StatCache::load_with(&store, r, TEST_MARGIN).unwrap();
         assert_eq!(key(r, &cache), k0);
         assert_eq!(cache.files_read(), 0);
