@@ -300,12 +300,22 @@ fn level_number(level: CompressionLvl) -> u32 {
 /// Where the next cut in `buf` is, given the gear hash `gear` over the `len` bytes of the
 /// block before it: `Ok(index just past the cut)`, or `Err(gear)` when `buf` holds none.
 fn find_cut(buf: &[u8], mut gear: u64, len: usize) -> Result<usize, u64> {
-    for (i, b) in buf.iter().enumerate() {
-        let at = len + i + 1;
+    // The bounds are worked out once, not tested per byte (this loop sees every byte of a
+    // layer on the caller's thread): bytes past the forced cut at BLOCK are not looked at,
+    // and the ones before MIN_BLOCK only feed the hash.
+    let limit = BLOCK.saturating_sub(len).min(buf.len());
+    let warm = MIN_BLOCK.saturating_sub(len + 1).min(limit);
+    for b in &buf[..warm] {
         gear = (gear << 1).wrapping_add(GEAR[*b as usize]);
-        if at >= BLOCK || (at >= MIN_BLOCK && gear & CUT_MASK == 0) {
-            return Ok(i + 1);
+    }
+    for (i, b) in buf[warm..limit].iter().enumerate() {
+        gear = (gear << 1).wrapping_add(GEAR[*b as usize]);
+        if gear & CUT_MASK == 0 {
+            return Ok(warm + i + 1);
         }
+    }
+    if len + limit >= BLOCK {
+        return Ok(limit);
     }
     Err(gear)
 }
@@ -533,6 +543,94 @@ mod tests {
             single.len()
         );
         assert_eq!(gunzip(&blob), data);
+    }
+
+    /// The cutting rule as first written, one test per byte.
+    fn cut_by_the_rule(buf: &[u8], mut gear: u64, len: usize) -> Result<usize, u64> {
+        for (i, b) in buf.iter().enumerate() {
+            let at = len + i + 1;
+            gear = (gear << 1).wrapping_add(GEAR[*b as usize]);
+            if at >= BLOCK || (at >= MIN_BLOCK && gear & CUT_MASK == 0) {
+                return Ok(i + 1);
+            }
+        }
+        Err(gear)
+    }
+
+    #[test]
+    fn cuts_are_where_the_rule_puts_them() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let noise: Vec<u8> = (0..3 * BLOCK)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let text = sample(3 * BLOCK);
+        let zeros = vec![0u8; 3 * BLOCK];
+        let mut cuts = 0;
+        for data in [&noise, &text, &zeros] {
+            for len in [
+                0,
+                1,
+                MIN_BLOCK - 65,
+                MIN_BLOCK - 2,
+                MIN_BLOCK - 1,
+                MIN_BLOCK,
+                MIN_BLOCK + 1,
+                BLOCK / 2,
+                BLOCK - 2,
+                BLOCK - 1,
+            ] {
+                for (start, n) in [(0, 0), (0, 1), (7, 4096), (100, 300_000), (5, 2 * BLOCK)] {
+                    let buf = &data[start..start + n];
+                    for gear in [0, 0xdead_beef_u64 << 20] {
+                        let want = cut_by_the_rule(buf, gear, len);
+                        cuts += usize::from(want.is_ok());
+                        assert_eq!(find_cut(buf, gear, len), want, "len {len}, {n} bytes");
+                    }
+                }
+            }
+        }
+        assert!(
+            cuts > 100,
+            "only {cuts} cuts: the cases miss the cutting paths"
+        );
+
+        // Where the hash itself allows a cut, put that byte just before, at and after the
+        // edges MIN_BLOCK and BLOCK of the block.
+        let fold = |bytes: &[u8]| {
+            bytes
+                .iter()
+                .fold(0u64, |g, b| (g << 1).wrapping_add(GEAR[*b as usize]))
+        };
+        let candidates: Vec<usize> = (128..noise.len())
+            .filter(|c| fold(&noise[c - 63..=*c]) & CUT_MASK == 0)
+            .take(4)
+            .collect();
+        assert!(!candidates.is_empty(), "no cut candidate in the noise");
+        for c in candidates {
+            let start = c - 40;
+            let gear = fold(&noise[start - 64..start]);
+            let buf = &noise[start..start + 100];
+            // The candidate is buf[40]: `at` is len + 41 there.
+            for at in [MIN_BLOCK - 1, MIN_BLOCK, MIN_BLOCK + 1, BLOCK - 1, BLOCK] {
+                let len = at - 41;
+                assert_eq!(
+                    find_cut(buf, gear, len),
+                    cut_by_the_rule(buf, gear, len),
+                    "a candidate at {at}"
+                );
+            }
+            assert_eq!(find_cut(buf, gear, MIN_BLOCK - 41), Ok(41));
+            assert_ne!(
+                find_cut(buf, gear, MIN_BLOCK - 42),
+                Ok(41),
+                "a cut before MIN_BLOCK"
+            );
+        }
     }
 
     #[test]
