@@ -545,6 +545,18 @@ mod tests {
         assert_eq!(gunzip(&blob), data);
     }
 
+    /// `len` incompressible bytes (xorshift from `seed`).
+    fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect()
+    }
+
     /// The cutting rule as first written, one test per byte.
     fn cut_by_the_rule(buf: &[u8], mut gear: u64, len: usize) -> Result<usize, u64> {
         for (i, b) in buf.iter().enumerate() {
@@ -559,15 +571,7 @@ mod tests {
 
     #[test]
     fn cuts_are_where_the_rule_puts_them() {
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let noise: Vec<u8> = (0..3 * BLOCK)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = noise(3 * BLOCK, 0x2545_f491_4f6c_dd1d);
         let text = sample(3 * BLOCK);
         let zeros = vec![0u8; 3 * BLOCK];
         let mut cuts = 0;
@@ -635,15 +639,7 @@ mod tests {
 
     #[test]
     fn incompressible_blocks_round_trip() {
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let data: Vec<u8> = (0..2 * BLOCK + 5)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let data = noise(2 * BLOCK + 5, 0x9e37_79b9_7f4a_7c15);
         assert_eq!(gunzip(&gz(&data, 2, 4096)), data);
     }
 }
