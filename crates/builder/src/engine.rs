@@ -119,7 +119,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
         progress,
         snapshots: SnapshotCache::new(store.snapshots_dir())?,
         tmp_root,
-        stat_cache: StatCache::load(store, &context)?,
+        stat_cache: StatCache::load(store, &context),
         context,
         ignore,
         image_name: name.clone(),

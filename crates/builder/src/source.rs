@@ -193,11 +193,23 @@ fn expand_glob(origin: &Origin<'_>, pattern: &str) -> Result<Vec<String>> {
 }
 
 fn join(base: &str, name: &str) -> String {
-    if base.is_empty() || base == "." {
-        name.to_string()
-    } else {
-        format!("{base}/{name}")
+    let mut out = String::with_capacity(base.len() + 1 + name.len());
+    join_into(&mut out, base, name);
+    out
+}
+
+/// Appends `base/name` to `out` (`name` alone below the top).
+fn join_into(out: &mut String, base: &str, name: &str) {
+    if !is_top(base) {
+        out.push_str(base);
+        out.push('/');
     }
+    out.push_str(name);
+}
+
+/// Whether `rel` is the top of its tree: nothing to put before a name below it.
+fn is_top(rel: &str) -> bool {
+    rel.is_empty() || rel == "."
 }
 
 /// The matches of one `COPY` source path. An explicit path that is missing or ignored is an
@@ -409,7 +421,7 @@ fn list_dir(
             .unwrap_or_else(|n| n.to_string_lossy().into_owned());
         let path = dir.join(&name);
         let sub_rel = join(rel, &name);
-        let origin_rel = if patterns && !(match_rel.is_empty() || match_rel == ".") {
+        let origin_rel = if patterns && !is_top(match_rel) {
             std::borrow::Cow::Owned(join(match_rel, &sub_rel))
         } else {
             std::borrow::Cow::Borrowed(sub_rel.as_str())
@@ -692,11 +704,7 @@ fn records_of(
         if e.rel.is_empty() {
             path.push_str(&m.rel);
         } else {
-            if !(m.rel.is_empty() || m.rel == ".") {
-                path.push_str(&m.rel);
-                path.push('/');
-            }
-            path.push_str(&e.rel);
+            join_into(&mut path, &m.rel, &e.rel);
         }
         let digest;
         let (kind, size, sha256, link) = match &e.kind {

@@ -138,11 +138,11 @@ impl StatCache {
 
     /// The cache `store` holds for the context at `root`: its known keys now, its entries on
     /// the first lookup; empty when there are none or they do not parse.
-    pub(crate) fn load(store: &Store, root: &Path) -> Result<StatCache> {
+    pub(crate) fn load(store: &Store, root: &Path) -> StatCache {
         StatCache::load_with(store, root, MARGIN)
     }
 
-    fn load_with(store: &Store, root: &Path, margin: Duration) -> Result<StatCache> {
+    fn load_with(store: &Store, root: &Path, margin: Duration) -> StatCache {
         let mut cache = StatCache::new(root, margin);
         cache.file = Some(store.context_stats_path(root));
         // A cache: one that cannot be read costs reading the files, not the build.
@@ -153,7 +153,7 @@ impl StatCache {
             Ok(None) => {}
             Err(e) => tracing::warn!("reading the build context's known keys: {e}"),
         }
-        Ok(cache)
+        cache
     }
 
     /// The entries earlier builds recorded, read on first use. A cache that cannot be read is
@@ -706,12 +706,12 @@ mod key_tests {
         let keys = std::fs::read(&keys_file).unwrap();
         std::fs::remove_file(&keys_file).unwrap();
         std::fs::create_dir(&keys_file).unwrap();
-        let unreadable = StatCache::load_with(&store, r, TEST_MARGIN).unwrap();
+        let unreadable = StatCache::load_with(&store, r, TEST_MARGIN);
         assert_eq!(key(r, &unreadable), k0);
         assert_eq!(unreadable.known_hits(), 0);
         std::fs::remove_dir(&keys_file).unwrap();
         std::fs::write(&keys_file, keys).unwrap();
-        let mut cache = StatCache::load_with(&store, r, TEST_MARGIN).unwrap();
+        let mut cache = StatCache::load_with(&store, r, TEST_MARGIN);
         assert_eq!(key(r, &cache), k0);
         assert_eq!(cache.files_read(), 0);
         assert_eq!(cache.known_hits(), 1, "every stat unchanged: the known key");
