@@ -320,10 +320,12 @@ pub fn explain(prev: Option<&StepInputs>, now: &StepInputs) -> String {
         Default::default()
     };
     for f in files {
+        // A name that is not UTF-8 shows its odd bytes as `\xNN`.
+        let shown = crate::names::display(f);
         match (prev.files.get(f), now.files.get(f)) {
-            (Some(a), Some(b)) if a != b => file_reasons.push(format!("file `{f}` changed")),
-            (None, Some(_)) => file_reasons.push(format!("file `{f}` added")),
-            (Some(_), None) => file_reasons.push(format!("file `{f}` removed")),
+            (Some(a), Some(b)) if a != b => file_reasons.push(format!("file `{shown}` changed")),
+            (None, Some(_)) => file_reasons.push(format!("file `{shown}` added")),
+            (Some(_), None) => file_reasons.push(format!("file `{shown}` removed")),
             _ => {}
         }
     }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,7 @@ use strata_store::{BlobRange, BlobRanges};
 
 use crate::context::{Ctx, StageState};
 use crate::error::{Error, Result, io_err};
+use crate::names;
 use crate::plan::{CopySource, CopyStep, FileSource};
 use crate::source::{self, Kind, Matched, Origin};
 use crate::view::{ImageView, Reads};
@@ -139,6 +141,12 @@ fn base_name(p: &str) -> &str {
     p.rsplit('/').find(|s| !s.is_empty()).unwrap_or(p)
 }
 
+/// The path `abs` names in the layer (no leading `/`), as bytes: names that are not UTF-8
+/// are carried in `abs` in their string form (see `names`).
+fn layer_key(abs: &str) -> std::borrow::Cow<'_, std::ffi::OsStr> {
+    names::decode(abs.trim_start_matches('/'))
+}
+
 /// Staging area: what was placed and with which metadata.
 struct Stage<'a> {
     root: PathBuf,
@@ -233,10 +241,11 @@ impl<'a> Stage<'a> {
 
     /// Forgets files to be read in place at `abs` or under it (something else goes there).
     fn forget_in_place(&mut self, abs: &str) {
-        let key = abs.trim_start_matches('/').as_bytes();
         if self.in_place.is_empty() {
             return;
         }
+        let key = layer_key(abs);
+        let key = key.as_bytes();
         self.in_place.remove(key);
         let mut under = key.to_vec();
         under.push(b'/');
@@ -252,7 +261,7 @@ impl<'a> Stage<'a> {
     }
 
     fn host(&self, abs: &str) -> PathBuf {
-        self.root.join(abs.trim_start_matches('/'))
+        self.root.join(layer_key(abs))
     }
 
     /// Creates the parents of `abs` that are missing in the staging dir.
@@ -266,8 +275,7 @@ impl<'a> Stage<'a> {
                 continue;
             }
             if !self.in_place.is_empty() {
-                self.in_place
-                    .remove(prefix.trim_start_matches('/').as_bytes());
+                self.in_place.remove(layer_key(&prefix).as_bytes());
             }
             let p = self.host(&prefix);
             let known_absent =
@@ -295,7 +303,7 @@ impl<'a> Stage<'a> {
     fn dir(&mut self, abs: &str, mode: u32, owner: (u32, u32)) -> Result<()> {
         self.parents(abs)?;
         if !self.in_place.is_empty() {
-            self.in_place.remove(abs.trim_start_matches('/').as_bytes());
+            self.in_place.remove(layer_key(abs).as_bytes());
         }
         let p = self.host(abs);
         match std::fs::symlink_metadata(&p) {
@@ -348,7 +356,7 @@ impl<'a> Stage<'a> {
         // What a staged copy would be owned by: chown works only for root.
         let (uid, gid) = self.euid.unwrap_or(owner);
         self.in_place.insert(
-            abs.trim_start_matches('/').as_bytes().to_vec(),
+            layer_key(abs).as_bytes().to_vec(),
             HostFile {
                 path: src.to_path_buf(),
                 mode,

@@ -29,6 +29,7 @@ mod engine;
 mod error;
 pub mod executor;
 mod glob;
+mod names;
 mod options;
 mod par;
 pub mod plan;

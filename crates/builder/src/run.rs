@@ -290,7 +290,9 @@ fn drop_mountpoints(
             if !is_parent_of_dropped {
                 return true;
             }
-            let in_image = view.lookup(&p.to_string_lossy()).is_some();
+            let in_image = view
+                .lookup(&crate::names::encode_os(p.as_os_str()))
+                .is_some();
             let has_children = paths.iter().any(|q| q.starts_with(p) && q != p);
             in_image || has_children
         });

@@ -14,6 +14,7 @@ use strata_oci::{Digest, Hasher};
 
 use crate::error::{Error, Result, io_err};
 use crate::glob;
+use crate::names;
 use crate::par;
 use crate::statcache::{FileStat, StatCache};
 
@@ -120,7 +121,9 @@ fn resolve_in_root(root: &Path, rel: &str) -> Result<Option<String>> {
             parts.pop();
             continue;
         }
-        let candidate = root.join(parts.join("/")).join(&p);
+        let candidate = root
+            .join(names::decode(&parts.join("/")))
+            .join(names::decode(&p));
         match std::fs::symlink_metadata(&candidate) {
             Ok(md) if md.file_type().is_symlink() => {
                 hops += 1;
@@ -129,7 +132,7 @@ fn resolve_in_root(root: &Path, rel: &str) -> Result<Option<String>> {
                 }
                 let target = std::fs::read_link(&candidate)
                     .map_err(io_err("reading symlink", &candidate))?;
-                let t = target.to_string_lossy().to_string();
+                let t = names::encode(target.into_os_string());
                 if t.starts_with('/') {
                     parts.clear();
                 }
@@ -159,10 +162,10 @@ fn expand_glob(origin: &Origin<'_>, pattern: &str) -> Result<Vec<String>> {
     for comp in pattern.split('/').filter(|c| !c.is_empty() && *c != ".") {
         let mut next = Vec::new();
         for base in &current {
-            let dir = origin.root.join(base);
+            let dir = origin.root.join(names::decode(base));
             if !glob::has_meta(comp) {
                 let rel = join(base, comp);
-                if std::fs::symlink_metadata(origin.root.join(&rel)).is_ok() {
+                if std::fs::symlink_metadata(origin.root.join(names::decode(&rel))).is_ok() {
                     next.push(rel);
                 }
                 continue;
@@ -170,13 +173,14 @@ fn expand_glob(origin: &Origin<'_>, pattern: &str) -> Result<Vec<String>> {
             let Ok(rd) = std::fs::read_dir(&dir) else {
                 continue;
             };
-            let mut names: Vec<String> = Vec::new();
+            let mut found: Vec<String> = Vec::new();
             for e in rd {
                 let e = e.map_err(io_err("reading directory", &dir))?;
-                names.push(e.file_name().to_string_lossy().to_string());
+                found.push(names::encode(e.file_name()));
             }
-            names.sort();
-            for n in names {
+            // In the order of the names' bytes, as the walk lists a directory.
+            found.sort_by(|a, b| names::decode(a).cmp(&names::decode(b)));
+            for n in found {
                 let hit = glob::matches(comp, &n)
                     .map_err(|m| Error::Usage(format!("invalid pattern `{pattern}`: {m}")))?;
                 if hit {
@@ -234,7 +238,7 @@ pub(crate) fn select(
         let Some(resolved) = resolve_in_root(origin.root, &cand)? else {
             continue;
         };
-        let path = origin.root.join(&resolved);
+        let path = origin.root.join(names::decode(&resolved));
         let md = std::fs::metadata(&path).map_err(io_err("stat", &path))?;
         if ignored(origin, &cand, md.is_dir()) {
             continue;
@@ -405,21 +409,19 @@ fn list_dir(
     exclude: Option<&IgnoreMatcher>,
     stat_time: SystemTime,
 ) -> Result<Listing> {
-    let mut names = Vec::new();
+    let mut listed = Vec::new();
     for e in std::fs::read_dir(dir).map_err(io_err("reading directory", dir))? {
         let e = e.map_err(io_err("reading directory", dir))?;
-        names.push((e.file_name(), e));
+        listed.push((e.file_name(), e));
     }
-    names.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut out = Vec::with_capacity(names.len());
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::with_capacity(listed.len());
     // Patterns see the path relative to the origin: made only when there are patterns and
     // it differs from the path relative to the match.
     let patterns = origin.ignore.is_some_and(|m| !m.is_empty());
-    for (os_name, dirent) in names {
-        let name = os_name
-            .into_string()
-            .unwrap_or_else(|n| n.to_string_lossy().into_owned());
-        let path = dir.join(&name);
+    for (os_name, dirent) in listed {
+        let path = dir.join(&os_name);
+        let name = names::encode(os_name);
         let sub_rel = join(rel, &name);
         let origin_rel = if patterns && !is_top(match_rel) {
             std::borrow::Cow::Owned(join(match_rel, &sub_rel))
@@ -720,7 +722,7 @@ fn records_of(
                 "symlink",
                 0,
                 None,
-                Some(target.to_string_lossy().to_string()),
+                Some(names::encode_os(target.as_os_str()).into_owned()),
             ),
             Kind::Other { .. } => ("other", 0, None, None),
         };

@@ -86,7 +86,8 @@ impl ImageView {
         if let Some(r) = &self.reads {
             r.borrow_mut().paths.insert(clean(rel));
         }
-        strata_rootfs::lookup_in_layers(&self.top_first, Path::new(rel))
+        // A name that is not UTF-8 is in its string form here (see `names`).
+        strata_rootfs::lookup_in_layers(&self.top_first, Path::new(&crate::names::decode(rel)))
     }
 
     /// `path` with every symlink on it, the last component included, resolved in the image
@@ -121,7 +122,7 @@ impl ImageView {
                 ));
             }
             let target = std::fs::read_link(&host).map_err(|e| e.to_string())?;
-            let target = target.to_string_lossy();
+            let target = crate::names::encode(target.into_os_string());
             done.pop();
             if target.starts_with('/') {
                 done.clear();

@@ -242,6 +242,20 @@ struct Entry {
 
 type Tree = BTreeMap<String, Entry>;
 
+/// A path as the trees compare it: one string per byte string (not lossy), bytes that are not
+/// UTF-8 written `\xNN` and a backslash `\\`.
+fn show_name(name: &std::ffi::OsStr) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for chunk in name.as_bytes().utf8_chunks() {
+        out.push_str(&chunk.valid().replace('\\', "\\\\"));
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
 fn walk(root: &Path) -> Tree {
     fn go(root: &Path, dir: &Path, out: &mut Tree, inodes: &mut BTreeMap<(u64, u64), Vec<String>>) {
         let mut names: Vec<_> = fs::read_dir(dir)
@@ -255,7 +269,7 @@ fn walk(root: &Path) -> Tree {
             let (kind, what) = if ft.is_dir() {
                 ("dir", String::new())
             } else if ft.is_symlink() {
-                ("symlink", fs::read_link(&p).unwrap().display().to_string())
+                ("symlink", show_name(fs::read_link(&p).unwrap().as_os_str()))
             } else if ft.is_file() {
                 let data = fs::read(&p).unwrap();
                 // Short text is shown as it is: a difference then says what each side wrote.
@@ -272,7 +286,7 @@ fn walk(root: &Path) -> Tree {
             } else {
                 ("socket", String::new())
             };
-            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let rel = show_name(p.strip_prefix(root).unwrap().as_os_str());
             if ft.is_file() && md.nlink() > 1 {
                 inodes
                     .entry((md.dev(), md.ino()))

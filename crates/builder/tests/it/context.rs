@@ -182,3 +182,78 @@ fn a_copy_keyed_from_a_known_key_still_explains_file_by_file() {
     assert!(reason.contains("file `d01/f0070.txt` changed"), "{reason}");
     assert!(!reason.contains("f0071"), "{reason}");
 }
+
+/// Every entry of the one layer of `manifest`: path bytes and content.
+fn layer_files(store: &Store, manifest: &Digest) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let blob = store.read_blob(&layer_of(store, manifest)).unwrap();
+    let plain = strata_rootfs::decompress(blob.as_slice(), strata_rootfs::sniff_compression(&blob))
+        .unwrap();
+    let mut t = tar::Archive::new(plain);
+    let mut out = Vec::new();
+    for e in t.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path_bytes().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        out.push((path, data));
+    }
+    out
+}
+
+#[test]
+fn names_that_are_not_utf8_are_copied_and_keyed_by_their_bytes() {
+    use std::os::unix::ffi::OsStrExt;
+    let name = |b: &[u8]| std::ffi::OsStr::from_bytes(b).to_os_string();
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nCOPY . /app/\n",
+    )
+    .unwrap();
+    std::fs::create_dir(ctx.path().join(name(b"dir\xfe"))).unwrap();
+    std::fs::write(ctx.path().join(name(b"dir\xfe/a\xff")), "one").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut opts = BuildOptions::new(ctx.path());
+    opts.tags = vec!["names:latest".into()];
+    opts.explain = true;
+    let (first, _) = build_ok(&store, &opts);
+    assert_eq!(first.steps_run, 1);
+    let files = layer_files(&store, &first.descriptor.digest);
+    assert!(
+        files.contains(&(b"app/dir\xfe/a\xff".to_vec(), b"one".to_vec())),
+        "the layer holds the name's bytes: {files:?}"
+    );
+
+    // Another name that no UTF-8 form tells apart from the first (both are `a\u{FFFD}`
+    // lossily): the key must change, and the layer must have the new name.
+    std::fs::rename(
+        ctx.path().join(name(b"dir\xfe/a\xff")),
+        ctx.path().join(name(b"dir\xfe/a\xfd")),
+    )
+    .unwrap();
+    let (second, _) = build_ok(&store, &opts);
+    assert_eq!(second.steps_run, 1, "a renamed file is a new COPY");
+    let reason = &second.explanations[0].1;
+    assert!(
+        reason.contains("file `dir\\xfe/a\\xfd` added")
+            && reason.contains("file `dir\\xfe/a\\xff` removed"),
+        "{reason}"
+    );
+    let files = layer_files(&store, &second.descriptor.digest);
+    assert!(
+        files.contains(&(b"app/dir\xfe/a\xfd".to_vec(), b"one".to_vec())),
+        "{files:?}"
+    );
+    assert!(
+        !files.iter().any(|(p, _)| p.ends_with(b"a\xff")),
+        "{files:?}"
+    );
+
+    let (third, _) = build_ok(&store, &opts);
+    assert_eq!(
+        (third.steps_run, third.steps_cached),
+        (0, 1),
+        "nothing changed"
+    );
+}
