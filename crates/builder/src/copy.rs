@@ -410,19 +410,56 @@ impl<'a> Stage<'a> {
     }
 }
 
+/// The compressions `ADD` sees through when it decides whether a local file is a tar archive,
+/// told by their magic numbers as Docker's `DetectCompression` does. Docker documents gzip,
+/// bzip2 and xz, and its builder copies a zstd-compressed tar as it is: so does strata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ArchiveCompression {
+    None,
+    Gzip,
+    Bzip2,
+    Xz,
+}
+
+fn sniff_archive(head: &[u8]) -> ArchiveCompression {
+    if head.starts_with(&[0x1f, 0x8b, 0x08]) {
+        ArchiveCompression::Gzip
+    } else if head.starts_with(b"BZh") {
+        ArchiveCompression::Bzip2
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0x00]) {
+        ArchiveCompression::Xz
+    } else {
+        ArchiveCompression::None
+    }
+}
+
+/// `path`'s content, decompressed when its first bytes say how.
+fn open_archive(path: &Path) -> std::io::Result<Box<dyn Read>> {
+    let mut f = std::fs::File::open(path)?;
+    let mut head = [0u8; 6];
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    let f = std::io::BufReader::with_capacity(
+        128 * 1024,
+        std::io::Read::chain(std::io::Cursor::new(head[..n].to_vec()), f),
+    );
+    Ok(match sniff_archive(&head[..n]) {
+        ArchiveCompression::None => Box::new(f),
+        // Multi-member and multi-stream, like the tools that make these files.
+        ArchiveCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(f)),
+        ArchiveCompression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(f)),
+        ArchiveCompression::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(f)),
+    })
+}
+
+/// Whether `ADD` unpacks the local file `path`: a tar archive, plain or compressed.
 fn is_archive(path: &Path) -> bool {
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return false;
-    };
-    let mut head = [0u8; 8];
-    let Ok(n) = f.read(&mut head) else {
-        return false;
-    };
-    let compression = strata_rootfs::sniff_compression(&head[..n]);
-    let Ok(f) = std::fs::File::open(path) else {
-        return false;
-    };
-    let Ok(mut r) = strata_rootfs::decompress(f, compression) else {
+    let Ok(mut r) = open_archive(path) else {
         return false;
     };
     let mut block = vec![0u8; 512];
@@ -433,12 +470,8 @@ fn is_archive(path: &Path) -> bool {
 }
 
 fn extract(path: &Path, dest: &Path) -> Result<()> {
-    let mut head = [0u8; 8];
-    let mut f = std::fs::File::open(path).map_err(io_err("opening", path))?;
-    let n = f.read(&mut head).map_err(io_err("reading", path))?;
-    let compression = strata_rootfs::sniff_compression(&head[..n]);
-    let f = std::fs::File::open(path).map_err(io_err("opening", path))?;
-    strata_rootfs::apply_layer(f, compression, dest)?;
+    let r = open_archive(path).map_err(io_err("opening", path))?;
+    strata_rootfs::apply_layer(r, strata_oci::Compression::None, dest)?;
     Ok(())
 }
 
