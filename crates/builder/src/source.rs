@@ -217,7 +217,8 @@ fn is_top(rel: &str) -> bool {
 }
 
 /// The matches of one `COPY` source path. An explicit path that is missing or ignored is an
-/// error; a glob that matches nothing is an error too (as in Docker).
+/// error; a glob that matches nothing copies nothing (BuildKit's `AllowEmptyWildcard`: Docker's
+/// legacy builder refused it, BuildKit builds it).
 pub(crate) fn select(
     origin: &Origin<'_>,
     source: &str,
@@ -226,7 +227,8 @@ pub(crate) fn select(
     let cleaned = clean_path(&format!("/{source}"));
     let rel = cleaned.trim_start_matches('/');
     let rel = if rel.is_empty() { "." } else { rel };
-    let candidates = if glob::has_meta(rel) {
+    let is_glob = glob::has_meta(rel);
+    let candidates = if is_glob {
         expand_glob(origin, rel)?
     } else {
         vec![rel.to_string()]
@@ -256,7 +258,7 @@ pub(crate) fn select(
             entries,
         });
     }
-    if out.is_empty() {
+    if out.is_empty() && !is_glob {
         return Err(Error::SourceNotFound {
             source_path: source.to_string(),
             origin: origin.describe.clone(),
@@ -933,7 +935,7 @@ mod tests {
             select(&origin, "src/secret.key", None),
             Err(Error::SourceNotFound { .. })
         ));
-        assert!(select(&origin, "*.rs", None).is_err());
+        assert!(select(&origin, "*.rs", None).unwrap().is_empty());
         // A top-level symlink is followed, inside the root.
         let m = select(&origin, "src/link", None).unwrap();
         assert_eq!(m[0].entries[0].kind, Kind::File { size: 1 });

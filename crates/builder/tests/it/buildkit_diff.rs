@@ -50,6 +50,13 @@ const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
          (moby/buildkit#3920); strata keeps them",
     ),
     (
+        "dockerignore_exception_wildcard",
+        "deliberate: BuildKit 0.8 (Docker 20.10) skips an ignored directory unless an exception \
+         pattern spells a path under it literally, so `!**/sub/keep.txt` reopens nothing under \
+         an ignored `dir`; BuildKit since fsutil's 2022 walker walks into it when an exception \
+         has wildcards and takes the file back, as strata does",
+    ),
+    (
         "parser_shebang_directive",
         "deliberate: BuildKit 0.8 (Docker 20.10) stops looking for directives after a `#!` \
          first line; newer BuildKit's DirectiveParser skips the `#!` line and reads them, as \
