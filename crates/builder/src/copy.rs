@@ -383,6 +383,28 @@ impl<'a> Stage<'a> {
         Ok(())
     }
 
+    /// A named pipe or device node at `abs` (made, never opened).
+    fn node(
+        &mut self,
+        abs: &str,
+        kind: rustix::fs::FileType,
+        rdev: u64,
+        mode: u32,
+        owner: (u32, u32),
+    ) -> Result<()> {
+        let p = self.clear(abs)?;
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &p,
+            kind,
+            rustix::fs::Mode::from_raw_mode(mode & 0o777),
+            rdev,
+        )
+        .map_err(|e| io_err("making the node", &p)(e.into()))?;
+        self.placed.insert(abs.to_string());
+        set_meta(&p, mode, owner.0, owner.1, false)
+    }
+
     fn symlink(&mut self, abs: &str, target: &Path, owner: (u32, u32)) -> Result<()> {
         let p = self.clear(abs)?;
         std::os::unix::fs::symlink(target, &p).map_err(io_err("creating symlink", &p))?;
@@ -763,13 +785,17 @@ fn place(
                 }
             },
             Kind::Symlink { target } => st.symlink(&abs, target, owner)?,
-            Kind::Other { what } => {
-                return Err(Error::Usage(format!(
-                    "cannot copy `{}`: it is {what}; COPY and ADD take files, directories \
-                     and symlinks",
-                    e.path.display()
-                )));
+            Kind::Fifo => st.node(&abs, rustix::fs::FileType::Fifo, 0, mode, owner)?,
+            Kind::Device { block, rdev } => {
+                let t = if *block {
+                    rustix::fs::FileType::BlockDevice
+                } else {
+                    rustix::fs::FileType::CharacterDevice
+                };
+                st.node(&abs, t, *rdev, mode, owner)?
             }
+            // BuildKit's context transfer leaves sockets out.
+            Kind::Socket => {}
         }
     }
     Ok(())

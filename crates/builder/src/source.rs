@@ -37,10 +37,15 @@ pub(crate) enum Kind {
     Symlink {
         target: PathBuf,
     },
-    /// Devices, fifos, sockets: COPY refuses them, naming the type (`what`).
-    Other {
-        what: &'static str,
+    /// A named pipe: copied as one (BuildKit does), never opened.
+    Fifo,
+    /// A character or block device: copied as a device node with its number (BuildKit does).
+    Device {
+        block: bool,
+        rdev: u64,
     },
+    /// A socket: left out of the copy, as BuildKit leaves it out.
+    Socket,
 }
 
 /// One file or directory to copy.
@@ -83,13 +88,14 @@ fn entry(rel: String, path: PathBuf, md: &Metadata, stat_time: SystemTime) -> En
             target: std::fs::read_link(&path).unwrap_or_default(),
         }
     } else if ft.is_fifo() {
-        Kind::Other {
-            what: "a named pipe (FIFO)",
-        }
+        Kind::Fifo
     } else if ft.is_socket() {
-        Kind::Other { what: "a socket" }
+        Kind::Socket
     } else {
-        Kind::Other { what: "a device" }
+        Kind::Device {
+            block: ft.is_block_device(),
+            rdev: md.rdev(),
+        }
     };
     // A file with other names: the layer keeps the names linked (Docker does).
     let link_id = (ft.is_file() && md.nlink() > 1).then(|| (md.dev(), md.ino()));
@@ -470,6 +476,9 @@ struct EntryRecord<'a> {
     sha256: Option<&'a Digest>,
     #[serde(skip_serializing_if = "Option::is_none")]
     link: Option<String>,
+    /// A device's number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rdev: Option<u64>,
 }
 
 /// sha256 of a file's content.
@@ -659,10 +668,11 @@ fn fingerprint(
                     buf.extend_from_slice(&(t.len() as u64).to_le_bytes());
                     buf.extend_from_slice(t);
                 }
-                Kind::Other { what } => {
-                    buf.push(b'o');
-                    buf.extend_from_slice(what.as_bytes());
-                    buf.push(0);
+                Kind::Fifo => buf.push(b'p'),
+                Kind::Socket => buf.push(b's'),
+                Kind::Device { block, rdev } => {
+                    buf.push(if *block { b'b' } else { b'c' });
+                    buf.extend_from_slice(&rdev.to_le_bytes());
                 }
             }
             h.update(&buf);
@@ -711,6 +721,7 @@ fn records_of(
             join_into(&mut path, &m.rel, &e.rel);
         }
         let digest;
+        let mut rdev = None;
         let (kind, size, sha256, link) = match &e.kind {
             Kind::File { size } => {
                 digest = match (cache, &e.stat) {
@@ -726,7 +737,12 @@ fn records_of(
                 None,
                 Some(names::encode_os(target.as_os_str()).into_owned()),
             ),
-            Kind::Other { .. } => ("other", 0, None, None),
+            Kind::Fifo => ("fifo", 0, None, None),
+            Kind::Socket => ("socket", 0, None, None),
+            Kind::Device { block, rdev: r } => {
+                rdev = Some(*r);
+                (if *block { "block" } else { "char" }, 0, None, None)
+            }
         };
         let rec = EntryRecord {
             path: &path,
@@ -736,6 +752,7 @@ fn records_of(
             size,
             sha256,
             link,
+            rdev,
         };
         one.clear();
         rec.write_canonical_json(&mut one);
@@ -797,6 +814,9 @@ impl EntryRecord<'_> {
         }
         out.extend_from_slice(b",\"path\":");
         json_string(out, self.path);
+        if let Some(rdev) = self.rdev {
+            let _ = write!(out, ",\"rdev\":{rdev}");
+        }
         if let Some(d) = self.sha256 {
             // A digest is ASCII letters, digits and a colon: nothing to escape.
             out.extend_from_slice(b",\"sha256\":\"");
@@ -816,14 +836,16 @@ mod tests {
     #[test]
     fn records_are_written_as_canonical_json() {
         let sha = Digest::sha256(b"a");
-        for (owner, sha, link) in [
-            (None, None, None),
-            (Some((0, 0)), Some(&sha), None),
+        for (owner, sha, link, rdev) in [
+            (None, None, None, None),
+            (Some((0, 0)), Some(&sha), None, None),
             (
                 Some((1000, 50)),
                 None,
                 Some("../a \"b\"\\\n\u{7f}é".to_string()),
+                None,
             ),
+            (None, None, None, Some(u64::MAX)),
         ] {
             let rec = EntryRecord {
                 path: "dir/\"q\"\\ \t\u{1}ü",
@@ -833,6 +855,7 @@ mod tests {
                 size: u64::MAX,
                 sha256: sha,
                 link,
+                rdev,
             };
             let want = strata_oci::to_canonical_json(&rec);
             let mut got = Vec::new();
@@ -897,6 +920,7 @@ mod tests {
             size: 1,
             sha256: Some(&sha),
             link: None,
+            rdev: None,
         };
         let want = Digest::sha256(&strata_oci::to_canonical_json(&rec));
         assert_eq!(pairs[1].1, want.hex()[..16]);
