@@ -46,9 +46,10 @@ const UMOCI: &str = "/usr/bin/umoci";
 const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
     (
         "context_special_files",
-        "deliberate: strata copies a named pipe and a device node of the context as what they \
-         are and leaves a socket out, as Docker's builder did with its tar of the context; \
-         BuildKit 0.8 drops the pipe and makes the device and the socket empty regular files",
+        "deliberate: strata copies a named pipe and a device node (of the context or of a \
+         stage) as what they are and leaves a socket out, as Docker's builder did with its tar \
+         of the context; BuildKit 0.8 drops the pipe and makes the device and the socket empty \
+         regular files",
     ),
     (
         "copy_chmod_special_bits",
