@@ -192,7 +192,9 @@ pub fn config_json(spec: &RunSpec, files: BundleSetup<'_>) -> Value {
                 "permitted": caps,
             },
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": files.nofile_limit, "soft": files.nofile_limit}],
-            "noNewPrivileges": true,
+            // As Docker runs a RUN step and a container: a setuid binary (sudo, su) still
+            // works for a non-root user. With the flag set, `USER app` + `RUN sudo …` fails.
+            "noNewPrivileges": false,
         },
         "root": {"path": files.rootfs, "readonly": spec.readonly_rootfs},
         "hostname": spec.hostname,
@@ -278,7 +280,7 @@ mod tests {
             p["user"],
             json!({"uid": 5, "gid": 6, "additionalGids": [7]})
         );
-        assert_eq!(p["noNewPrivileges"], true);
+        assert_eq!(p["noNewPrivileges"], false);
         assert_eq!(p["env"], json!(["A=1", DEFAULT_PATH]));
         assert_eq!(p["terminal"], false);
         assert_eq!(p["capabilities"]["bounding"].as_array().unwrap().len(), 14);
