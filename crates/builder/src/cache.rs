@@ -321,7 +321,7 @@ pub fn explain(prev: Option<&StepInputs>, now: &StepInputs) -> String {
     };
     for f in files {
         // A name that is not UTF-8 shows its odd bytes as `\xNN`.
-        let shown = crate::names::display(f);
+        let shown = strata_oci::names::display(f);
         match (prev.files.get(f), now.files.get(f)) {
             (Some(a), Some(b)) if a != b => file_reasons.push(format!("file `{shown}` changed")),
             (None, Some(_)) => file_reasons.push(format!("file `{shown}` added")),

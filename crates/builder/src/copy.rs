@@ -19,10 +19,10 @@ use strata_store::{BlobRange, BlobRanges};
 
 use crate::context::{Ctx, StageState};
 use crate::error::{Error, Result, io_err};
-use crate::names;
 use crate::plan::{CopySource, CopyStep, FileSource};
 use crate::source::{self, Kind, Matched, Origin};
 use crate::view::{ImageView, Reads};
+use strata_oci::names;
 
 /// What a COPY/ADD reads, found before its cache key is computed.
 #[derive(Default)]
@@ -533,7 +533,7 @@ pub(crate) fn copy_step(
     // is resolved in the parent image, never leaving its root. `--link` copies onto an
     // empty root, so there is nothing to resolve.
     let dest = if step.link {
-        step.dest.clone()
+        names::encode_os(std::ffi::OsStr::new(&step.dest)).into_owned()
     } else {
         view.resolve(&step.dest).map_err(Error::Usage)?
     };

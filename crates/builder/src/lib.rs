@@ -29,7 +29,6 @@ mod engine;
 mod error;
 pub mod executor;
 mod glob;
-mod names;
 mod options;
 mod par;
 pub mod plan;

@@ -232,7 +232,7 @@ fn make_dirs_like_image(view: &ImageView, upper: &Path, rel_path: &str) -> Resul
             prefix.push('/');
         }
         prefix.push_str(part);
-        let dst = upper.join(&prefix);
+        let dst = upper.join(strata_oci::names::decode(&prefix));
         if dst.exists() {
             continue;
         }
@@ -291,7 +291,7 @@ fn drop_mountpoints(
                 return true;
             }
             let in_image = view
-                .lookup(&crate::names::encode_os(p.as_os_str()))
+                .lookup(&strata_oci::names::encode_os(p.as_os_str()))
                 .is_some();
             let has_children = paths.iter().any(|q| q.starts_with(p) && q != p);
             in_image || has_children

@@ -14,9 +14,9 @@ use strata_oci::{Digest, Hasher};
 
 use crate::error::{Error, Result, io_err};
 use crate::glob;
-use crate::names;
 use crate::par;
 use crate::statcache::{FileStat, StatCache};
+use strata_oci::names;
 
 /// A directory files are read from: the context (with its ignore rules) or a stage's rootfs.
 pub(crate) struct Origin<'a> {

@@ -87,7 +87,7 @@ impl ImageView {
             r.borrow_mut().paths.insert(clean(rel));
         }
         // A name that is not UTF-8 is in its string form here (see `names`).
-        strata_rootfs::lookup_in_layers(&self.top_first, Path::new(&crate::names::decode(rel)))
+        strata_rootfs::lookup_in_layers(&self.top_first, Path::new(&strata_oci::names::decode(rel)))
     }
 
     /// `path` with every symlink on it, the last component included, resolved in the image
@@ -97,7 +97,11 @@ impl ImageView {
     /// WORKDIR: `/lib/x` on a merged-/usr image (`/lib -> usr/lib`) is `/usr/lib/x`.
     /// Components that do not exist are kept as they are. Errors after
     /// [`MAX_SYMLINKS`] links, as the kernel does (`ELOOP`).
+    ///
+    /// `path` is as the Dockerfile wrote it; the result is in the string form of
+    /// [`strata_oci::names`] (an image symlink's target may not be UTF-8).
     pub fn resolve(&self, path: &str) -> Result<String, String> {
+        let path = &*strata_oci::names::encode_os(std::ffi::OsStr::new(path));
         // Components still to walk, the next one last.
         let mut todo: Vec<String> = components(path).rev().map(str::to_string).collect();
         let mut done: Vec<String> = Vec::new();
@@ -122,7 +126,7 @@ impl ImageView {
                 ));
             }
             let target = std::fs::read_link(&host).map_err(|e| e.to_string())?;
-            let target = crate::names::encode(target.into_os_string());
+            let target = strata_oci::names::encode(target.into_os_string());
             done.pop();
             if target.starts_with('/') {
                 done.clear();

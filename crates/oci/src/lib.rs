@@ -12,6 +12,7 @@ mod descriptor;
 mod digest;
 mod error;
 pub mod media_type;
+pub mod names;
 mod printable;
 pub mod reference;
 pub mod sync;

@@ -21,9 +21,9 @@ pub(crate) struct Resolved {
 
 /// `path` with `.` dropped and `..` applied lexically, as a list of names (Go's `filepath.Clean`
 /// on an absolute path, which is what Docker does to `WORKDIR` and mount targets).
-fn clean(path: &str) -> VecDeque<OsString> {
+fn clean(path: &Path) -> VecDeque<OsString> {
     let mut out: VecDeque<OsString> = VecDeque::new();
-    for c in Path::new(path).components() {
+    for c in path.components() {
         match c {
             Component::Normal(n) => out.push_back(n.to_os_string()),
             Component::ParentDir => {
@@ -35,10 +35,22 @@ fn clean(path: &str) -> VecDeque<OsString> {
     out
 }
 
+/// The parent (absolute) and last name of `container_path`, a path in the string form of
+/// [`strata_oci::names`] (a live update's paths may name files that are not UTF-8); `None` for
+/// the root itself.
+fn parent_and_name(container_path: &str) -> Option<(PathBuf, OsString)> {
+    let mut names = clean(Path::new(&strata_oci::names::decode(container_path)));
+    let name = names.pop_back()?;
+    let mut parent = PathBuf::from("/");
+    parent.extend(names);
+    Some((parent, name))
+}
+
 /// Resolves container path `path` inside `root`. With `create`, missing directories are made
 /// (mode 0755, owned by the caller: root, like Docker's `WORKDIR`) and `missing` comes back
 /// empty.
-pub(crate) fn resolve(root: &Path, path: &str, create: bool) -> io::Result<Resolved> {
+pub(crate) fn resolve(root: &Path, path: impl AsRef<Path>, create: bool) -> io::Result<Resolved> {
+    let path = path.as_ref();
     let mut todo = clean(path);
     let mut resolved = PathBuf::new();
     let mut links = 0;
@@ -56,7 +68,8 @@ pub(crate) fn resolve(root: &Path, path: &str, create: bool) -> io::Result<Resol
                 links += 1;
                 if links > MAX_SYMLINKS {
                     return Err(io::Error::other(format!(
-                        "too many levels of symbolic links resolving `{path}`"
+                        "too many levels of symbolic links resolving `{}`",
+                        path.display()
                     )));
                 }
                 let target = std::fs::read_link(&host)?;
@@ -214,12 +227,8 @@ pub enum SyncOp {
 /// the container would, never out of `root`), missing parents are made (0755, root), and the
 /// last component itself is never followed. Owned by root, as a `COPY` without `--chown`.
 pub fn sync_in_root(root: &Path, container_path: &str, op: &SyncOp) -> io::Result<()> {
-    let mut names = clean(container_path);
-    let Some(name) = names.pop_back() else {
-        return Err(io::Error::other("cannot replace the root directory"));
-    };
-    let parent: PathBuf = names.iter().collect();
-    let parent = format!("/{}", parent.display());
+    let (parent, name) = parent_and_name(container_path)
+        .ok_or_else(|| io::Error::other("cannot replace the root directory"))?;
     let dir = match op {
         SyncOp::Remove => {
             let r = match resolve(root, &parent, false) {
@@ -350,12 +359,9 @@ pub fn record_in_layer(
     op: &SyncOp,
 ) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let mut names = clean(container_path);
-    let Some(name) = names.pop_back() else {
-        return Err(io::Error::other("cannot replace the root directory"));
-    };
-    let parent: PathBuf = names.iter().collect();
-    let r = match resolve(merged, &format!("/{}", parent.display()), false) {
+    let (parent, name) = parent_and_name(container_path)
+        .ok_or_else(|| io::Error::other("cannot replace the root directory"))?;
+    let r = match resolve(merged, &parent, false) {
         Ok(r) => r,
         Err(e) if e.kind() == io::ErrorKind::NotADirectory => return Ok(()),
         Err(e) => return Err(e),
@@ -442,12 +448,9 @@ fn same_owner(from: &Path, to: &Path) -> io::Result<()> {
 /// Gives `container_path` inside `root` (its directories resolved there, the last component not
 /// followed) the owner `uid:gid`, as a `COPY --chown` would have.
 pub fn chown_in_root(root: &Path, container_path: &str, uid: u32, gid: u32) -> io::Result<()> {
-    let mut names = clean(container_path);
-    let Some(name) = names.pop_back() else {
-        return Err(io::Error::other("cannot change the root directory's owner"));
-    };
-    let parent: PathBuf = names.iter().collect();
-    let r = resolve(root, &format!("/{}", parent.display()), false)?;
+    let (parent, name) = parent_and_name(container_path)
+        .ok_or_else(|| io::Error::other("cannot change the root directory's owner"))?;
+    let r = resolve(root, &parent, false)?;
     if !r.missing.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,

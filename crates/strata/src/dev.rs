@@ -13,6 +13,7 @@ use strata_deploy::app::{App, LiveUpdate, load_apps};
 use strata_deploy::deploy::project_file;
 use strata_deploy::host::Host;
 use strata_dockerfile::ignore::IgnoreMatcher;
+use strata_oci::names;
 use strata_runtime::SyncOp;
 use strata_store::Store;
 
@@ -230,14 +231,15 @@ fn dev_app(store_root: &Path, args: &DevArgs, name: Option<&str>, out: &Output) 
         tracing::debug!(paths = ?raw, "context events");
         let base_change = raw.iter().find_map(|p| {
             bases.iter().find_map(|(name, ctx, ign)| {
-                let rel = p.strip_prefix(ctx).ok()?.to_string_lossy().into_owned();
+                let rel = names::encode_os(p.strip_prefix(ctx).ok()?.as_os_str()).into_owned();
                 (!rel.is_empty() && !ign.matches(&rel)).then(|| format!("{rel} (base {name})"))
             })
         });
         let changed: Vec<String> = raw
             .iter()
             .filter_map(|p| p.strip_prefix(&context).ok())
-            .map(|rel| rel.to_string_lossy().into_owned())
+            // A name that is not UTF-8 in its string form (strata_oci::names), not lossily.
+            .map(|rel| names::encode_os(rel.as_os_str()).into_owned())
             .filter(|rel| !rel.is_empty() && !ignore.matches(rel))
             .collect();
         if let Some(what) = base_change {
@@ -751,7 +753,7 @@ fn collect_ops(
     let mut ops: Vec<Op> = Vec::new();
     for (rel, dest, rule) in syncs {
         let owner = chowns.get(*rule).cloned().flatten();
-        let op = op_for(&context.join(rel))?;
+        let op = op_for(&context.join(names::decode(rel)))?;
         let is_dir = matches!(op, SyncOp::Dir { .. });
         ops.push(Op {
             dest: dest.clone(),
@@ -761,7 +763,7 @@ fn collect_ops(
         if is_dir {
             // A new directory's contents may have been written before the watcher saw the
             // directory (inotify watches a new directory only once it exists): send them all.
-            subtree(&context.join(rel), dest, &owner, &mut ops)?;
+            subtree(&context.join(names::decode(rel)), dest, &owner, &mut ops)?;
         }
     }
     Ok(ops)
@@ -886,7 +888,7 @@ fn subtree(dir: &Path, dest: &str, owner: &Option<String>, ops: &mut Vec<Op>) ->
         let d = format!(
             "{}/{}",
             dest.trim_end_matches('/'),
-            e.file_name().to_string_lossy()
+            names::encode_os(&e.file_name())
         );
         let op = op_for(&path)?;
         let is_dir = matches!(op, SyncOp::Dir { .. });
@@ -937,7 +939,7 @@ fn describe(syncs: &[(String, String, usize)]) -> String {
     let mut s: Vec<String> = syncs
         .iter()
         .take(3)
-        .map(|(rel, dest, _)| format!("{rel} → {dest}"))
+        .map(|(rel, dest, _)| format!("{} → {}", names::display(rel), names::display(dest)))
         .collect();
     if syncs.len() > 3 {
         s.push(format!("and {} more", syncs.len() - 3));

@@ -128,6 +128,18 @@ fn dev_syncs_edits_into_the_running_machine_and_rebuilds_what_it_cannot_sync() {
         || get("/new/deep.html").is_ok_and(|b| b == "deep\n") && get("/old.html").is_err(),
     );
 
+    // A file whose name is not UTF-8: synced with its bytes, not a lossy name (busybox httpd
+    // decodes `%FF`). Still no new machine (asserted below).
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::write(
+        dir.join(std::ffi::OsStr::from_bytes(b"site/bad\xffname.html")),
+        "odd\n",
+    )
+    .unwrap();
+    wait_for("a name that is not UTF-8", Duration::from_secs(10), || {
+        get("/bad%FFname.html").is_ok_and(|b| b == "odd\n")
+    });
+
     // A `run` rule fires on its trigger.
     std::fs::write(dir.join("site/trigger.txt"), "go\n").unwrap();
     wait_for("the run rule", Duration::from_secs(10), || {

@@ -1,9 +1,9 @@
-//! File names that are not UTF-8, carried through the build's `String` paths.
+//! File names that are not UTF-8, carried through strata's `String` paths.
 //!
-//! A Linux file name is bytes, and Docker copies any of them. The build keeps paths relative to
-//! the context (and to the image) as `String`s: the walk, `.dockerignore` matching, the stat
-//! cache, cache keys and the staging of a layer all work on them. A name that is not UTF-8 is
-//! carried in such a string with each byte that is not part of valid UTF-8 written as one
+//! A Linux file name is bytes, and Docker copies any of them. strata keeps paths as `String`s
+//! in many places: the build's walk of a context, `.dockerignore` matching, cache keys, the
+//! staging of a layer, and the paths `strata dev` syncs into machines. A name that is not
+//! UTF-8 is carried in such a string with each byte that is not part of valid UTF-8 written as one
 //! character of a reserved range: U+10FF80 + (byte − 0x80), the last 128 code points of plane
 //! 16's private use area. A name that holds one of those characters itself has its UTF-8
 //! bytes written the same way, so every byte string has exactly one form and comes back
@@ -32,7 +32,7 @@ fn push_byte(out: &mut String, b: u8) {
 }
 
 /// The string form of a file name (or a path: `/` is ASCII and stays as it is).
-pub(crate) fn encode(name: OsString) -> String {
+pub fn encode(name: OsString) -> String {
     match name.into_string() {
         Ok(s) if !s.as_bytes().contains(&LEAD) || !s.chars().any(reserved) => s,
         Ok(s) => encode_bytes(s.as_bytes()),
@@ -41,7 +41,7 @@ pub(crate) fn encode(name: OsString) -> String {
 }
 
 /// [`encode`] of a borrowed name.
-pub(crate) fn encode_os(name: &OsStr) -> Cow<'_, str> {
+pub fn encode_os(name: &OsStr) -> Cow<'_, str> {
     match name.to_str() {
         Some(s) if !s.as_bytes().contains(&LEAD) || !s.chars().any(reserved) => Cow::Borrowed(s),
         _ => Cow::Owned(encode_bytes(name.as_bytes())),
@@ -86,7 +86,7 @@ fn encode_bytes(mut bytes: &[u8]) -> String {
 }
 
 /// The name (or path) a string form stands for.
-pub(crate) fn decode(s: &str) -> Cow<'_, OsStr> {
+pub fn decode(s: &str) -> Cow<'_, OsStr> {
     if !s.as_bytes().contains(&LEAD) || !s.chars().any(reserved) {
         return Cow::Borrowed(OsStr::new(s));
     }
@@ -103,7 +103,7 @@ pub(crate) fn decode(s: &str) -> Cow<'_, OsStr> {
 }
 
 /// A string form as a person reads it: bytes that are not UTF-8 shown as `\xNN`.
-pub(crate) fn display(s: &str) -> Cow<'_, str> {
+pub fn display(s: &str) -> Cow<'_, str> {
     match decode(s) {
         Cow::Borrowed(_) => Cow::Borrowed(s),
         Cow::Owned(raw) => Cow::Owned(
