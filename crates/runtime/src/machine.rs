@@ -257,6 +257,18 @@ fn init_args(args: &[String]) -> Vec<String> {
 }
 
 /// `/etc/hosts` of a machine: localhost and its own name at its address.
+/// `env` with `HOSTNAME` first, as Docker sets it for every container, unless the image or
+/// the user set it.
+fn with_hostname(env: &[String], hostname: &str) -> Vec<String> {
+    if env.iter().any(|e| e.starts_with("HOSTNAME=")) {
+        return env.to_vec();
+    }
+    let mut out = Vec::with_capacity(env.len() + 1);
+    out.push(format!("HOSTNAME={hostname}"));
+    out.extend_from_slice(env);
+    out
+}
+
 fn hosts_file(hostname: &str, addr: Ipv4Addr) -> String {
     format!("{}{addr}\t{hostname}\n", spec::ISOLATED_HOSTS)
 }
@@ -436,7 +448,7 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
         id: cid.to_string(),
         rootfs: Rootfs::Dir(rootfs.clone()),
         args: init_args(&spec.args),
-        env: spec.env.clone(),
+        env: with_hostname(&spec.env, &spec.hostname),
         cwd: spec.cwd.clone(),
         user: spec.user.clone(),
         hostname: spec.hostname.clone(),
@@ -840,6 +852,14 @@ mod tests {
             assert!(!valid_machine_id(bad), "{bad}");
         }
         assert_eq!(container_id("web"), "strata-m-web");
+    }
+
+    #[test]
+    fn hostname_is_in_the_environment_unless_set() {
+        let env = vec!["PATH=/bin".to_string()];
+        assert_eq!(with_hostname(&env, "m1"), ["HOSTNAME=m1", "PATH=/bin"]);
+        let own = vec!["HOSTNAME=mine".to_string(), "A=1".to_string()];
+        assert_eq!(with_hostname(&own, "m1"), own);
     }
 
     #[test]

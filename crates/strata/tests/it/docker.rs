@@ -114,6 +114,29 @@ fn docker_loads_a_strata_save_archive_and_runs_it() {
         lines.next().unwrap_or("").starts_with("-rwsr-xr-x"),
         "the setuid bit survives: {out}"
     );
+    // What the process sees under `strata run`, against `docker run` of the same image: the
+    // names in its environment (HOSTNAME among them), whether setuid can raise privileges,
+    // its ids, directory and umask. (Not the values: the hostnames differ.)
+    let probe = "env | cut -d= -f1 | sort | tr '\\n' ' '; echo; \
+                 grep NoNewPrivs /proc/self/status; id -u; id -g; pwd; umask";
+    let theirs = docker.ok(
+        120,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "host",
+            "busybox:latest",
+            "sh",
+            "-c",
+            probe,
+        ],
+    );
+    let ours = strata(&env.store(), 120, &["run", "busybox", "sh", "-c", probe]);
+    assert_eq!(
+        ours, theirs,
+        "strata run and docker run see different things"
+    );
     eprintln!("docker load + run test: {:?}", started.elapsed());
 }
 
