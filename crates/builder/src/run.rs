@@ -69,17 +69,12 @@ pub(crate) fn run_step(
         UserSpec {
             uid: 0,
             gid: 0,
-            additional_gids: vec![0],
+            additional_gids: Vec::new(),
         }
     } else {
-        let mut user = strata_runtime::resolve_user(&view.top_first, &run.user)?;
-        // BuildKit's RUN lists the primary group among the supplementary ones (`id`
-        // shows it in `groups=`).
-        if !user.additional_gids.contains(&user.gid) {
-            user.additional_gids.insert(0, user.gid);
-        }
-        user
-    };
+        strata_runtime::resolve_user(&view.top_first, &run.user)?
+    }
+    .with_primary_group();
 
     let mut held = Held::default();
     let mut mounts = Vec::new();

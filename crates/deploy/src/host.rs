@@ -226,7 +226,7 @@ impl Host {
             lowers.push(dev);
         }
         let top_first: Vec<PathBuf> = lowers.iter().rev().cloned().collect();
-        let user = strata_runtime::resolve_user(&top_first, &m.config.user)?;
+        let user = strata_runtime::resolve_user(&top_first, &m.config.user)?.with_primary_group();
         let volumes = m
             .config
             .volumes

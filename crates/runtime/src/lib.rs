@@ -165,6 +165,17 @@ pub struct UserSpec {
     pub additional_gids: Vec<u32>,
 }
 
+impl UserSpec {
+    /// With the primary group first among the supplementary ones (unless there already), as
+    /// Docker starts a container's process and BuildKit a RUN's: `id` lists it in `groups=`.
+    pub fn with_primary_group(mut self) -> UserSpec {
+        if !self.additional_gids.contains(&self.gid) {
+            self.additional_gids.insert(0, self.gid);
+        }
+        self
+    }
+}
+
 /// Everything needed to run one process in a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunSpec {

@@ -283,4 +283,22 @@ mod tests {
         assert!(resolve_user_in(None, None, "app").is_err());
         assert_eq!(resolve_user_in(None, None, "7:8").unwrap().uid, 7);
     }
+
+    #[test]
+    fn the_primary_group_goes_first_among_the_supplementary_ones_once() {
+        let u = |gid, extra: &[u32]| UserSpec {
+            uid: 5,
+            gid,
+            additional_gids: extra.to_vec(),
+        };
+        assert_eq!(u(8, &[]).with_primary_group().additional_gids, [8]);
+        assert_eq!(
+            u(8, &[10, 29]).with_primary_group().additional_gids,
+            [8, 10, 29]
+        );
+        assert_eq!(
+            u(10, &[10, 29]).with_primary_group().additional_gids,
+            [10, 29]
+        );
+    }
 }

@@ -116,9 +116,9 @@ fn docker_loads_a_strata_save_archive_and_runs_it() {
     );
     // What the process sees under `strata run`, against `docker run` of the same image: the
     // names in its environment (HOSTNAME among them), whether setuid can raise privileges,
-    // its ids, directory and umask. (Not the values: the hostnames differ.)
+    // its ids and groups, directory and umask. (Not the values: the hostnames differ.)
     let probe = "env | cut -d= -f1 | sort | tr '\\n' ' '; echo; \
-                 grep NoNewPrivs /proc/self/status; id -u; id -g; pwd; umask";
+                 grep NoNewPrivs /proc/self/status; id -u; id -g; id; pwd; umask";
     let theirs = docker.ok(
         120,
         &[
