@@ -167,7 +167,7 @@ pub struct UserSpec {
 
 impl UserSpec {
     /// With the primary group first among the supplementary ones (unless there already), as
-    /// Docker starts a container's process and BuildKit a RUN's: `id` lists it in `groups=`.
+    /// `docker run` starts a process: `id` lists it in `groups=`. RUN steps get the same.
     pub fn with_primary_group(mut self) -> UserSpec {
         if !self.additional_gids.contains(&self.gid) {
             self.additional_gids.insert(0, self.gid);
