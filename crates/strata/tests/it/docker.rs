@@ -94,19 +94,22 @@ fn docker_loads_a_strata_save_archive_and_runs_it() {
     assert_eq!(v["Architecture"], ours["config"]["architecture"]);
 
     // The engine unpacked the layer and runs it (host network: the engine has no bridge).
-    let out = docker.ok(
-        120,
-        &[
-            "run",
-            "--rm",
-            "--network",
-            "host",
-            "busybox:latest",
-            "sh",
-            "-c",
-            "echo hi && cat /etc/motd && ls -l /bin/setuid-me",
-        ],
-    );
+    let docker_sh = |script: &str| {
+        docker.ok(
+            120,
+            &[
+                "run",
+                "--rm",
+                "--network",
+                "host",
+                "busybox:latest",
+                "sh",
+                "-c",
+                script,
+            ],
+        )
+    };
+    let out = docker_sh("echo hi && cat /etc/motd && ls -l /bin/setuid-me");
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("hi"), "{out}");
     assert_eq!(lines.next(), Some("hello from strata"), "{out}");
@@ -119,19 +122,7 @@ fn docker_loads_a_strata_save_archive_and_runs_it() {
     // its ids and groups, directory and umask. (Not the values: the hostnames differ.)
     let probe = "env | cut -d= -f1 | sort | tr '\\n' ' '; echo; \
                  grep NoNewPrivs /proc/self/status; id -u; id -g; id; pwd; umask";
-    let theirs = docker.ok(
-        120,
-        &[
-            "run",
-            "--rm",
-            "--network",
-            "host",
-            "busybox:latest",
-            "sh",
-            "-c",
-            probe,
-        ],
-    );
+    let theirs = docker_sh(probe);
     let ours = strata(&env.store(), 120, &["run", "busybox", "sh", "-c", probe]);
     assert_eq!(
         ours, theirs,
