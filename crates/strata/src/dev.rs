@@ -467,7 +467,8 @@ enum Frame {
     },
     Symlink {
         dest: String,
-        target: std::path::PathBuf,
+        /// In the string form of `strata_oci::names`: JSON holds no bytes that are not UTF-8.
+        target: String,
         owner: Option<String>,
     },
     Remove {
@@ -576,7 +577,7 @@ impl Remote {
                 SyncOp::Symlink { target } => (
                     Frame::Symlink {
                         dest,
-                        target: target.clone(),
+                        target: names::encode_os(target.as_os_str()).into_owned(),
                         owner,
                     },
                     Vec::new(),
@@ -698,7 +699,9 @@ pub fn dev_apply(store_root: &Path, app: &str, spec: &str) -> Result<()> {
                 owner,
             } => ops.push(Op {
                 dest,
-                op: SyncOp::Symlink { target },
+                op: SyncOp::Symlink {
+                    target: names::decode(&target).into_owned().into(),
+                },
                 owner,
             }),
             Frame::Remove { dest } => ops.push(Op {
@@ -945,4 +948,31 @@ fn describe(syncs: &[(String, String, usize)]) -> String {
         s.push(format!("and {} more", syncs.len() - 3));
     }
     s.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    /// A symlink whose target is not UTF-8 crosses the JSON frames to a host and back intact
+    /// (a `PathBuf` field could not be serialized at all).
+    #[test]
+    fn a_symlink_target_that_is_not_utf8_survives_the_frames() {
+        let target = std::ffi::OsStr::from_bytes(b"../bad\xffname");
+        let frame = Frame::Symlink {
+            dest: names::encode_os(std::ffi::OsStr::from_bytes(b"/www/l\xfe")).into_owned(),
+            target: names::encode_os(target).into_owned(),
+            owner: None,
+        };
+        let line = serde_json::to_string(&frame).unwrap();
+        let Frame::Symlink {
+            dest, target: t, ..
+        } = serde_json::from_str(&line).unwrap()
+        else {
+            panic!("{line}");
+        };
+        assert_eq!(names::decode(&t).as_bytes(), target.as_bytes());
+        assert_eq!(names::decode(&dest).as_bytes(), b"/www/l\xfe");
+    }
 }
