@@ -794,7 +794,7 @@ fn place(
                 };
                 st.node(&abs, t, *rdev, mode, owner)?
             }
-            // BuildKit's context transfer leaves sockets out.
+            // Docker's builder left sockets out of its tar of the context.
             Kind::Socket => {}
         }
     }

@@ -37,14 +37,16 @@ pub(crate) enum Kind {
     Symlink {
         target: PathBuf,
     },
-    /// A named pipe: copied as one (BuildKit does), never opened.
+    /// A named pipe: copied as one, never opened (as Docker's builder copied its tar of the
+    /// context; BuildKit 0.8 drops it).
     Fifo,
-    /// A character or block device: copied as a device node with its number (BuildKit does).
+    /// A character or block device: copied as a device node with its number (likewise;
+    /// BuildKit 0.8 writes an empty file).
     Device {
         block: bool,
         rdev: u64,
     },
-    /// A socket: left out of the copy, as BuildKit leaves it out.
+    /// A socket: left out of the copy, as Docker's builder left it out of its tar.
     Socket,
 }
 
@@ -179,14 +181,14 @@ fn expand_glob(origin: &Origin<'_>, pattern: &str) -> Result<Vec<String>> {
             let Ok(rd) = std::fs::read_dir(&dir) else {
                 continue;
             };
-            let mut found: Vec<String> = Vec::new();
+            let mut found = Vec::new();
             for e in rd {
                 let e = e.map_err(io_err("reading directory", &dir))?;
-                found.push(names::encode(e.file_name()));
+                found.push(e.file_name());
             }
             // In the order of the names' bytes, as the walk lists a directory.
-            found.sort_by(|a, b| names::decode(a).cmp(&names::decode(b)));
-            for n in found {
+            found.sort();
+            for n in found.into_iter().map(names::encode) {
                 let hit = glob::matches(comp, &n)
                     .map_err(|m| Error::Usage(format!("invalid pattern `{pattern}`: {m}")))?;
                 if hit {

@@ -256,7 +256,6 @@ fn init_args(args: &[String]) -> Vec<String> {
     out
 }
 
-/// `/etc/hosts` of a machine: localhost and its own name at its address.
 /// `env` with `HOSTNAME` first, as Docker sets it for every container, unless the image or
 /// the user set it.
 fn with_hostname(env: &[String], hostname: &str) -> Vec<String> {
@@ -269,6 +268,7 @@ fn with_hostname(env: &[String], hostname: &str) -> Vec<String> {
     out
 }
 
+/// `/etc/hosts` of a machine: localhost and its own name at its address.
 fn hosts_file(hostname: &str, addr: Ipv4Addr) -> String {
     format!("{}{addr}\t{hostname}\n", spec::ISOLATED_HOSTS)
 }

@@ -232,6 +232,7 @@ fn dev_app(store_root: &Path, args: &DevArgs, name: Option<&str>, out: &Output) 
         let base_change = raw.iter().find_map(|p| {
             bases.iter().find_map(|(name, ctx, ign)| {
                 let rel = names::encode_os(p.strip_prefix(ctx).ok()?.as_os_str()).into_owned();
+                // Kept in the string form: shown through `names::display` when printed.
                 (!rel.is_empty() && !ign.matches(&rel)).then(|| format!("{rel} (base {name})"))
             })
         });
@@ -328,7 +329,7 @@ fn full(
     let what = changed
         .iter()
         .take(3)
-        .cloned()
+        .map(|c| names::display(c))
         .collect::<Vec<_>>()
         .join(", ");
     match redeploy(store_root, args, &say.out) {
