@@ -38,6 +38,10 @@ pub struct MachineOptions {
     pub id: Option<String>,
     /// Replaces the image's StopSignal.
     pub stop_signal: Option<i32>,
+    /// `-w PATH`: replaces the image's WorkingDir (absolute; made if missing).
+    pub workdir: Option<String>,
+    /// `-u USER[:GROUP]`: replaces the image's User.
+    pub user: Option<String>,
 }
 
 /// The store, the state DB and the machine runtime, together.
@@ -148,15 +152,28 @@ impl Host {
                 Error::Config(format!("image `{image}`: unknown StopSignal `{s}`"))
             })?,
         };
+        if let Some(w) = opts.workdir.as_deref().filter(|w| !w.starts_with('/')) {
+            // Docker refuses a relative `-w` too ("it needs to be an absolute path").
+            return Err(Error::Config(format!(
+                "--workdir `{w}`: the working directory must be an absolute path"
+            )));
+        }
         let mconfig = MachineConfig {
             args,
             env,
-            cwd: c
-                .working_dir
+            cwd: opts
+                .workdir
                 .clone()
+                .or_else(|| c.working_dir.clone())
                 .filter(|w| !w.is_empty())
                 .unwrap_or_else(|| "/".into()),
-            user: c.user.clone().unwrap_or_default(),
+            // `-u ""` is no override, as in Docker.
+            user: opts
+                .user
+                .clone()
+                .filter(|u| !u.is_empty())
+                .or_else(|| c.user.clone())
+                .unwrap_or_default(),
             volumes: opts.volumes.clone(),
             ports: opts.ports.clone(),
             service_port: opts.service_port,

@@ -44,6 +44,38 @@ pub fn run_machine(
     opts: &MachineOptions,
     exe: &Path,
 ) -> Result<Machine> {
+    let m = run_machine_created(host, image, opts, exe)?;
+    wait_running(host, &m.id, START_TIMEOUT)
+}
+
+/// [`run_machine`] for a machine that lives only as long as its command (`strata run`, like
+/// `docker run --rm`): one that fails to start (an unknown user, a missing executable) is
+/// removed before the error is returned, not left behind as a failed machine.
+pub fn run_machine_removed_on_failure(
+    host: &mut Host,
+    image: &str,
+    opts: &MachineOptions,
+    exe: &Path,
+) -> Result<Machine> {
+    let m = run_machine_created(host, image, opts, exe)?;
+    match wait_running(host, &m.id, START_TIMEOUT) {
+        Ok(m) => Ok(m),
+        Err(e) => {
+            host.state.set_desired(&m.id, Desired::Destroyed)?;
+            wake_agent(host, exe)?;
+            wait_gone(host, &m)?;
+            Err(e)
+        }
+    }
+}
+
+/// Creates the machine, its `-p` routes, and wakes the agent to start it.
+fn run_machine_created(
+    host: &mut Host,
+    image: &str,
+    opts: &MachineOptions,
+    exe: &Path,
+) -> Result<Machine> {
     check_ports(host, opts)?;
     let m = host.create_machine(image, opts)?;
     for (h, c) in &opts.ports {
@@ -57,7 +89,7 @@ pub fn run_machine(
         }
     }
     wake_agent(host, exe)?;
-    wait_running(host, &m.id, START_TIMEOUT)
+    Ok(m)
 }
 
 /// Fails when a host port of `opts` is taken (by an app, a machine or another program).

@@ -133,7 +133,7 @@ pub enum Command {
     },
     /// Run a command in a new machine, attached, and remove the machine when it exits (like
     /// `docker run --rm`); exits with the command's code.
-    Run(MachineRunArgs),
+    Run(RunArgs),
     /// An app's output: every machine of the app, each line prefixed with its machine id.
     Logs {
         app: String,
@@ -605,6 +605,26 @@ pub enum MachineCommand {
     },
 }
 
+/// `strata run`: a machine's flags, and the `docker run` habits it takes or explains.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Remove the machine when it exits: what `strata run` always does (accepted, as
+    /// `docker run --rm` users type it).
+    #[arg(long)]
+    pub rm: bool,
+    /// Not supported: `strata run` attaches the output only (refused with a hint).
+    #[arg(short = 'i', long, hide = true)]
+    pub interactive: bool,
+    /// Not supported: `strata run` attaches no terminal (refused with a hint).
+    #[arg(short = 't', long, hide = true)]
+    pub tty: bool,
+    /// Not supported: a machine that keeps running is `strata machine run` (refused with a hint).
+    #[arg(short = 'd', long, hide = true)]
+    pub detach: bool,
+    #[command(flatten)]
+    pub machine: MachineRunArgs,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct MachineRunArgs {
     /// The image (a name in the store).
@@ -618,6 +638,13 @@ pub struct MachineRunArgs {
     /// Environment, `K=V` (after the image's).
     #[arg(short, long = "env", value_name = "K=V")]
     pub env: Vec<String>,
+    /// Working directory, an absolute path (replaces the image's WORKDIR; made if missing).
+    #[arg(short, long, value_name = "PATH")]
+    pub workdir: Option<String>,
+    /// Who the command runs as, `NAME|UID[:GROUP|GID]` (replaces the image's USER; names are
+    /// looked up in the image's /etc/passwd and /etc/group).
+    #[arg(short, long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
     /// Named volume, `NAME:/path`: kept under the store across machines.
     #[arg(short, long = "volume", value_name = "NAME:PATH")]
     pub volumes: Vec<String>,

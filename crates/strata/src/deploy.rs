@@ -92,9 +92,12 @@ fn machine_row(m: &Machine) -> String {
 
 /// `machine run` and `run`: a new machine from `a` (pulling the image when the store lacks
 /// it, as `docker run` does), its ports routed, the agent up, and the machine running.
+/// Starts the machine `a` describes; `once` (`strata run`) removes it again when it fails to
+/// start.
 fn start_machine(
     host: &mut Host,
     a: &crate::cli::MachineRunArgs,
+    once: bool,
 ) -> Result<(Machine, Vec<(u16, u16)>)> {
     let mut opts = MachineOptions {
         cmd: (!a.command.is_empty()).then(|| a.command.clone()),
@@ -102,6 +105,8 @@ fn start_machine(
         env: a.env.clone(),
         restart: RestartPolicy::parse(&a.restart)?,
         id: a.name.clone(),
+        workdir: a.workdir.clone(),
+        user: a.user.clone(),
         ..MachineOptions::default()
     };
     for v in &a.volumes {
@@ -129,7 +134,11 @@ fn start_machine(
         crate::registry::pull_image(&host.store, &pull)
             .with_context(|| format!("`{}` is not in the store and cannot be pulled", a.image))?;
     }
-    let m = machines::run_machine(host, &a.image, &opts, &exe()?)?;
+    let m = if once {
+        machines::run_machine_removed_on_failure(host, &a.image, &opts, &exe()?)?
+    } else {
+        machines::run_machine(host, &a.image, &opts, &exe()?)?
+    };
     Ok((m, opts.ports))
 }
 
@@ -137,7 +146,7 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
     let mut host = host(store)?;
     match command {
         MachineCommand::Run(a) => {
-            let (m, ports) = start_machine(&mut host, &a)?;
+            let (m, ports) = start_machine(&mut host, &a, false)?;
             eprintln!(
                 "machine {} running at {}{}",
                 m.id,
@@ -223,9 +232,23 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
 
 /// `strata run`: a machine attached to the terminal's output and removed when its command
 /// exits (`docker run --rm`); strata exits with the command's code. Ctrl-C removes it too.
-pub fn run(store: Store, a: &crate::cli::MachineRunArgs) -> Result<()> {
+pub fn run(store: Store, args: &crate::cli::RunArgs) -> Result<()> {
+    if args.interactive || args.tty {
+        bail!(
+            "`strata run` attaches the command's output, not a terminal or stdin (-i/-t); for a \
+             shell, start a machine with `strata machine run IMAGE sleep inf` and open one with \
+             `strata machine exec -t ID sh`"
+        );
+    }
+    if args.detach {
+        bail!(
+            "`strata run` waits for the command (-d is not taken); a machine that keeps running \
+             is `strata machine run IMAGE`, which prints its id and returns"
+        );
+    }
+    let a = &args.machine;
     let mut host = host(store)?;
-    let (m, _) = start_machine(&mut host, a)?;
+    let (m, _) = start_machine(&mut host, a, true)?;
     let followed = machines::copy_log(&host, &m.id, true, &mut std::io::stdout().lock());
     let code = host.state.machine(&m.id)?.and_then(|now| now.exit_code);
     host.state.set_desired(&m.id, Desired::Destroyed)?;

@@ -801,6 +801,59 @@ fn run_is_attached_exits_with_the_code_and_leaves_nothing() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "pulled\n");
 }
 
+/// The `docker run` flags: `--rm` taken, `-w`/`-u` replace the image's WORKDIR and USER
+/// (names from the image's passwd), and what strata does not take is refused with what to use.
+#[test]
+fn run_takes_docker_run_flags_and_explains_the_rest() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let out = env.ok(&[
+        "run",
+        "--rm",
+        "-w",
+        "/srv/app",
+        "-u",
+        "root:0",
+        "-e",
+        "X=1",
+        "busybox",
+        "sh",
+        "-c",
+        "pwd; id -u; id -g; echo $X",
+    ]);
+    assert_eq!(out, "/srv/app\n0\n0\n1\n");
+    let out = env.ok(&[
+        "run",
+        "-u",
+        "4242:77",
+        "busybox",
+        "sh",
+        "-c",
+        "id -u; id -g; pwd",
+    ]);
+    assert_eq!(out, "4242\n77\n/\n");
+
+    let e = env.fails(&["run", "-w", "srv", "busybox", "true"]);
+    assert!(
+        e.contains("--workdir `srv`") && e.contains("absolute"),
+        "{e}"
+    );
+    let e = env.fails(&["run", "-u", "nosuch", "busybox", "true"]);
+    assert!(
+        e.contains("user `nosuch`") && e.contains("/etc/passwd"),
+        "{e}"
+    );
+    for flag in ["-it", "-i", "-t"] {
+        let e = env.fails(&["run", flag, "busybox", "sh"]);
+        assert!(e.contains("machine exec -t"), "{flag}: {e}");
+    }
+    let e = env.fails(&["run", "-d", "busybox", "sleep", "9"]);
+    assert!(e.contains("strata machine run"), "{e}");
+    assert_eq!(env.ok(&["machine", "list", "--json"]), "");
+}
+
 /// `machine logs -f` ends when the machine's process does, like `docker logs -f` (it waited
 /// until the machine was destroyed).
 #[test]

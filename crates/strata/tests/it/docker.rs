@@ -94,21 +94,13 @@ fn docker_loads_a_strata_save_archive_and_runs_it() {
     assert_eq!(v["Architecture"], ours["config"]["architecture"]);
 
     // The engine unpacked the layer and runs it (host network: the engine has no bridge).
-    let docker_sh = |script: &str| {
-        docker.ok(
-            120,
-            &[
-                "run",
-                "--rm",
-                "--network",
-                "host",
-                "busybox:latest",
-                "sh",
-                "-c",
-                script,
-            ],
-        )
+    let docker_run = |flags: &[&str], script: &str| {
+        let mut args = vec!["run", "--rm", "--network", "host"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["busybox:latest", "sh", "-c", script]);
+        docker.ok(120, &args)
     };
+    let docker_sh = |script: &str| docker_run(&[], script);
     let out = docker_sh("echo hi && cat /etc/motd && ls -l /bin/setuid-me");
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("hi"), "{out}");
@@ -127,6 +119,20 @@ fn docker_loads_a_strata_save_archive_and_runs_it() {
     assert_eq!(
         ours, theirs,
         "strata run and docker run see different things"
+    );
+    // The `docker run` flags Docker users type, taken by `strata run` the same way: `--rm`,
+    // a working directory the image lacks (made, owned by root), ids the image does not name.
+    let flags = ["-w", "/made/here", "-u", "1000:1000"];
+    let probe =
+        "id; pwd; ls -ld /made/here | cut -c1-10; ls -ln /made | tr -s ' ' | cut -d' ' -f3,4";
+    let theirs = docker_run(&flags, probe);
+    let mut args = vec!["run", "--rm"];
+    args.extend_from_slice(&flags);
+    args.extend_from_slice(&["busybox", "sh", "-c", probe]);
+    let ours = strata(&env.store(), 120, &args);
+    assert_eq!(
+        ours, theirs,
+        "strata run and docker run take -w and -u differently"
     );
     eprintln!("docker load + run test: {:?}", started.elapsed());
 }
