@@ -561,7 +561,7 @@ pub enum TokenCommand {
 #[derive(Debug, Subcommand)]
 pub enum MachineCommand {
     /// Create and start a machine from an image: `strata machine run IMAGE [CMD...]`.
-    Run(MachineRunArgs),
+    Run(Box<MachineRunArgs>),
     /// List machines.
     #[command(alias = "ls")]
     List {
