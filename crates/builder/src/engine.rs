@@ -93,6 +93,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
             target: opts.target.as_deref(),
             from_override: opts.from_override.as_deref(),
             images: &resolver,
+            network: opts.network,
         },
     )?;
 

@@ -47,7 +47,7 @@ pub use engine::{
     BuildOptions, BuildOutcome, StoreResolver, build, build_epoch, descriptor_for_digest,
 };
 pub use error::{Error, Result};
-pub use plan::{Plan, PlanOptions, Step, StepKind, plan};
+pub use plan::{NetworkMode, Plan, PlanOptions, Step, StepKind, plan};
 pub use progress::{CollectProgress, Event, NoProgress, Progress, StepRef};
 pub use project::{
     CacheSection, ImageSpec, LockFile, LockUpdate, Project, ProjectBuild, ProjectOptions,

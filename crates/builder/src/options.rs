@@ -68,6 +68,8 @@ pub struct BuildOptions {
     /// lacks some is kept by digest, unnamed (its content tag is `name@sha256:…`), for a push
     /// to the same registry that mounts them (`strata deploy --build-only --push`).
     pub remote_layers: bool,
+    /// `--network`: RUN steps' network unless a step says (default: the host's).
+    pub network: crate::plan::NetworkMode,
 }
 
 impl BuildOptions {
@@ -98,6 +100,7 @@ impl BuildOptions {
             shared_cache: None,
             executor: None,
             remote_layers: false,
+            network: crate::plan::NetworkMode::Host,
         }
     }
 }

@@ -83,8 +83,10 @@ pub enum FileSource {
 /// `RUN --network`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[derive(Default)]
 pub enum NetworkMode {
     /// The host's network (the default).
+    #[default]
     Host,
     /// A private network namespace with loopback only.
     None,
@@ -290,6 +292,9 @@ pub struct PlanOptions<'a> {
     pub from_override: Option<&'a str>,
     /// Looks base images up.
     pub images: &'a dyn ImageResolver,
+    /// The network of RUN steps that do not say (`docker build --network`; `RUN
+    /// --network=default` takes it too).
+    pub network: NetworkMode,
 }
 
 /// The build args with BuildKit's platform args for the host added when absent.
@@ -593,7 +598,8 @@ fn plan_stage(
                     workdir,
                     network: match run.network {
                         Some(Network::None) => NetworkMode::None,
-                        _ => NetworkMode::Host,
+                        Some(Network::Host) => NetworkMode::Host,
+                        Some(Network::Default) | None => opts.network,
                     },
                     mounts,
                 })

@@ -7,12 +7,12 @@ use anyhow::{Context, Result, bail};
 use std::sync::Arc;
 
 use strata_build::shared_cache::SharedCache;
-use strata_build::{BuildOptions, BuildOutcome, Project, ProjectOptions};
+use strata_build::{BuildOptions, BuildOutcome, NetworkMode, Project, ProjectOptions};
 use strata_oci::Compression;
 use strata_store::Store;
 use strata_transfer::cache::RegistryCache;
 
-use crate::cli::{BuildArgs, CompressionArg};
+use crate::cli::{BuildArgs, CompressionArg, NetworkArg};
 use crate::output::{Note, Output};
 
 impl From<CompressionArg> for Compression {
@@ -38,6 +38,31 @@ fn parse_build_args(raw: &[String]) -> Result<BTreeMap<String, String>> {
         };
     }
     Ok(out)
+}
+
+/// `--label KEY=VALUE`; a bare `KEY` is an empty label, as in Docker.
+fn parse_labels(raw: &[String]) -> BTreeMap<String, String> {
+    raw.iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (l.clone(), String::new()),
+        })
+        .collect()
+}
+
+/// `--iidfile`: the digest, written whole or not at all (a temporary file renamed over it).
+fn write_iidfile(path: &Path, digest: &str) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let what = || format!("--iidfile `{}`", path.display());
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(what)?;
+    std::io::Write::write_all(&mut tmp, digest.as_bytes())
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(what)?;
+    tmp.persist(path).with_context(what)?;
+    Ok(())
 }
 
 fn parse_secrets(raw: &[String]) -> Result<BTreeMap<String, PathBuf>> {
@@ -82,7 +107,13 @@ fn dockerfile_mode(args: &BuildArgs) -> bool {
 pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
     check_platform(args.platform.as_deref())?;
     // Its events also go to a journal the dashboard's Builds page reads (docs/ui.md).
-    let progress = Output::new(args.progress).journaled(store.root(), "build");
+    let shown = if args.quiet {
+        // `docker build -q`: the result only; an error still goes to stderr.
+        Output::to(crate::output::Mode::Plain, std::io::sink())
+    } else {
+        Output::new(args.progress)
+    };
+    let progress = shown.journaled(store.root(), "build");
     progress.finish_journal(build_to(store, args, &progress))
 }
 
@@ -105,9 +136,22 @@ fn build_to(store: &Store, args: &BuildArgs, progress: &Output) -> Result<()> {
         opts.deployment_tag = args.deployment_tag;
         opts.compression = args.compression.into();
         opts.shared_cache = shared_cache(args, None, &[])?;
+        opts.labels = parse_labels(&args.labels);
+        opts.network = match args.network {
+            NetworkArg::Default | NetworkArg::Host => NetworkMode::Host,
+            NetworkArg::None => NetworkMode::None,
+        };
         let outcome = strata_build::build(store, &opts, progress)
             .with_context(|| format!("build of `{}` failed", context.display()))?;
         export_cache(store, opts.shared_cache.as_deref(), progress)?;
+        let digest = outcome.descriptor.digest.to_string();
+        if let Some(path) = &args.iidfile {
+            write_iidfile(path, &digest)?;
+        }
+        if args.quiet {
+            println!("{digest}");
+            return Ok(());
+        }
         // Every name the image got (`-t` names, its content tag, a deployment tag), once
         // each, then its digest.
         let mut names: Vec<&String> = outcome.tags.iter().collect();
@@ -126,6 +170,18 @@ fn build_to(store: &Store, args: &BuildArgs, progress: &Output) -> Result<()> {
         bail!(
             "--build-arg and --target apply to one Dockerfile\n\
              hint: set `build_args` and `target` per image in strata.toml, or use `strata build -f FILE -t NAME DIR`"
+        );
+    }
+    if args.quiet || args.iidfile.is_some() || !args.labels.is_empty() {
+        bail!(
+            "-q, --iidfile and --label apply to one Dockerfile (a project builds several images)\n\
+             hint: set `labels` per image in strata.toml (each built image's digest is printed), or use `strata build -f FILE -t NAME DIR`"
+        );
+    }
+    if args.network != NetworkArg::Default {
+        bail!(
+            "--network applies to one Dockerfile\n\
+             hint: write `RUN --network=none` in the Dockerfile, or use `strata build -f FILE -t NAME DIR`"
         );
     }
     let project = Project::load(&args.project)?;

@@ -328,6 +328,28 @@ pub struct BuildArgs {
     /// Layer compression.
     #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
     pub compression: CompressionArg,
+    /// Print only the image's digest (`sha256:…`, which every strata command takes as the
+    /// image), no progress (Dockerfile mode).
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Write the image's digest to this file (Dockerfile mode).
+    #[arg(long, value_name = "FILE")]
+    pub iidfile: Option<std::path::PathBuf>,
+    /// Set a label on the image, `KEY=VALUE` (repeatable; after the Dockerfile's LABELs;
+    /// Dockerfile mode).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// The network of RUN steps that do not set `RUN --network`: `host` (the default, as
+    /// `default`) or `none` (Dockerfile mode).
+    #[arg(long, value_enum, default_value_t = NetworkArg::Default)]
+    pub network: NetworkArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NetworkArg {
+    Default,
+    Host,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

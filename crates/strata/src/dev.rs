@@ -845,6 +845,7 @@ fn sync_chowns(
             target: image.target.as_deref(),
             from_override: image.from.as_deref(),
             images: &resolver,
+            network: strata_build::NetworkMode::default(),
         },
     )?;
     let Some(stage) = plan.stages.iter().find(|s| s.index == plan.target) else {

@@ -391,6 +391,10 @@ struct CaseArgs {
     /// `--secret`s: id → file, relative to the context.
     secrets: BTreeMap<String, String>,
     both_refuse: bool,
+    /// `--label`s, as `KEY=VALUE` or a bare `KEY`.
+    labels: Vec<String>,
+    /// `--network=none` (default: the host's, which both builders get).
+    network_none: bool,
 }
 
 struct Case {
@@ -445,6 +449,10 @@ fn prepare_case(name: &str) -> Case {
                 .and_then(|s| s.split_once('='))
             {
                 args.secrets.insert(id.to_string(), file.to_string());
+            } else if let Some(l) = line.strip_prefix("--label=") {
+                args.labels.push(l.to_string());
+            } else if line == "--network=none" {
+                args.network_none = true;
             } else if let Some(t) = line.strip_prefix("--target=") {
                 args.target = Some(t.to_string());
             } else if let Some((k, v)) = line.split_once('=') {
@@ -496,6 +504,13 @@ fn build_strata(store: &Store, case: &Case) -> Built {
     opts.tags = vec![tag_of(&case.name)];
     opts.build_args = case.args.build_args.clone();
     opts.target = case.args.target.clone();
+    for l in &case.args.labels {
+        let (k, v) = l.split_once('=').unwrap_or((l, ""));
+        opts.labels.insert(k.to_string(), v.to_string());
+    }
+    if case.args.network_none {
+        opts.network = strata_build::NetworkMode::None;
+    }
     opts.secrets = case
         .args
         .secrets
@@ -537,7 +552,15 @@ fn build_strata(store: &Store, case: &Case) -> Built {
 fn docker_build(d: &Dockerd, case: &Case, dockerfile: Option<&Path>) -> Result<String, String> {
     let mut cmd = d.cmd(180);
     cmd.env("DOCKER_BUILDKIT", "1");
-    cmd.args(["build", "--network", "host", "-t", &tag_of(&case.name)]);
+    let network = if case.args.network_none {
+        "none"
+    } else {
+        "host"
+    };
+    cmd.args(["build", "--network", network, "-t", &tag_of(&case.name)]);
+    for l in &case.args.labels {
+        cmd.arg("--label").arg(l);
+    }
     if let Some(f) = dockerfile {
         cmd.arg("-f").arg(f);
     }

@@ -854,6 +854,86 @@ fn run_takes_docker_run_flags_and_explains_the_rest() {
     assert_eq!(env.ok(&["machine", "list", "--json"]), "");
 }
 
+/// `docker build` habits: `-q` prints the digest alone, `--iidfile` writes it, `--label` labels
+/// the image, `--network none` is what RUN steps get unless they say (`RUN
+/// --network=default` follows the flag, `--network=host` does not); the digest names the
+/// image for `strata run`. In project mode these flags are refused with a hint.
+#[test]
+fn build_takes_docker_build_flags() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let ctx = env.path("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\n\
+         RUN ip link | grep -c ': ' > /unset\n\
+         RUN --network=default ip link | grep -c ': ' > /default\n\
+         RUN --network=host ip link | grep -c ': ' > /host\n",
+    )
+    .unwrap();
+    let iid = env.path("out/iid");
+    std::fs::create_dir_all(iid.parent().unwrap()).unwrap();
+    let out = env.ok(&[
+        "build",
+        "-q",
+        "--iidfile",
+        iid.to_str().unwrap(),
+        "--network",
+        "none",
+        "--label",
+        "team=payments",
+        "-t",
+        "quiet:1",
+        ctx.to_str().unwrap(),
+    ]);
+    let digest = out.trim();
+    assert!(
+        digest.starts_with("sha256:") && out.lines().count() == 1,
+        "-q prints the digest alone: {out:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&iid).unwrap(), digest);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&env.ok(&["inspect", "quiet:1", "--json"])).unwrap();
+    assert_eq!(inspect["config"]["config"]["Labels"]["team"], "payments");
+    let seen = env.ok(&["run", digest, "cat", "/unset", "/default", "/host"]);
+    let counts: Vec<u32> = seen.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(&counts[..2], &[1, 1], "loopback only: {seen}");
+    assert!(
+        counts[2] > 1,
+        "RUN --network=host has the host's links: {seen}"
+    );
+
+    // Without the flags: the host's network, and the progress and names printed as before.
+    let out = env.ok(&[
+        "build",
+        "--progress",
+        "plain",
+        "-t",
+        "loud:1",
+        ctx.to_str().unwrap(),
+    ]);
+    assert!(out.lines().count() > 1, "{out}");
+    let seen = env.ok(&["run", "loud:1", "cat", "/unset"]);
+    assert!(seen.trim().parse::<u32>().unwrap() > 1, "{seen}");
+
+    std::fs::write(
+        env.path("strata.toml"),
+        "[[image]]\nname = \"x\"\ncontext = \"ctx\"\n",
+    )
+    .unwrap();
+    let project = env.path("strata.toml");
+    let project = project.to_str().unwrap();
+    for flags in [&["-q"][..], &["--label", "a=b"], &["--network", "none"]] {
+        let mut args = vec!["build", "--project", project];
+        args.extend_from_slice(flags);
+        let e = env.fails(&args);
+        assert!(e.contains("to one Dockerfile"), "{flags:?}: {e}");
+    }
+}
+
 /// `machine logs -f` ends when the machine's process does, like `docker logs -f` (it waited
 /// until the machine was destroyed).
 #[test]
