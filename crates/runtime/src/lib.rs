@@ -22,6 +22,7 @@ mod machine;
 pub mod net;
 mod run;
 mod scratch;
+mod seccomp;
 pub mod spec;
 mod user;
 

@@ -1,5 +1,5 @@
 //! The OCI runtime `config.json` (spec 1.0.2) for a [`RunSpec`]: Docker's defaults for
-//! capabilities, mounts, masked and read-only paths.
+//! capabilities, mounts, masked and read-only paths, and a seccomp filter ([`crate::seccomp`]).
 
 use std::path::Path;
 
@@ -166,6 +166,8 @@ pub fn config_json(spec: &RunSpec, files: BundleSetup<'_>) -> Value {
         "readonlyPaths": READONLY_PATHS,
         // Deny every device; runc adds its default allow list (null, zero, tty, pts...).
         "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+        // The system calls Docker keeps from a container (crate::seccomp).
+        "seccomp": crate::seccomp::profile(),
     });
     if let Some(cg) = files.cgroups_path {
         linux["cgroupsPath"] = json!(cg);

@@ -111,9 +111,12 @@ fn docker_loads_a_strata_save_archive_and_runs_it() {
     );
     // What the process sees under `strata run`, against `docker run` of the same image: the
     // names in its environment (HOSTNAME among them), whether setuid can raise privileges,
-    // its ids and groups, directory and umask. (Not the values: the hostnames differ.)
+    // its ids and groups, directory and umask, and what the seccomp filter refuses (a user
+    // namespace, a mount namespace). (Not the values: the hostnames differ.)
     let probe = "env | cut -d= -f1 | sort | tr '\\n' ' '; echo; \
-                 grep NoNewPrivs /proc/self/status; id -u; id -g; id; pwd; umask";
+                 grep NoNewPrivs /proc/self/status; id -u; id -g; id; pwd; umask; \
+                 unshare -U -r true 2>&1; echo $?; unshare -m true 2>&1; echo $?; \
+                 grep Seccomp: /proc/self/status";
     let theirs = docker_sh(probe);
     let ours = strata(&env.store(), 120, &["run", "busybox", "sh", "-c", probe]);
     assert_eq!(
