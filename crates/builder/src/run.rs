@@ -98,7 +98,8 @@ pub(crate) fn run_step(
         env,
         cwd: run.workdir.clone(),
         user,
-        hostname: "strata".to_string(),
+        // BuildKit's, so a step that records the hostname writes what it writes under BuildKit.
+        hostname: "buildkitsandbox".to_string(),
         network: match run.network {
             NetworkMode::Host => strata_runtime::NetworkMode::Host,
             NetworkMode::None => strata_runtime::NetworkMode::None,

@@ -195,7 +195,8 @@ fn swarm_deploy_updates_start_first_without_a_failed_request_and_rolls_back() {
     wait_for("answers after the update", Duration::from_secs(60), || {
         logs().lines().count() >= answered + 20
     });
-    docker.ok(30, &["exec", "client", "touch", "/tmp/stop"]);
+    // 90 s: an engine loaded by the whole suite's other tests once took over 30 s to exec.
+    docker.ok(90, &["exec", "client", "touch", "/tmp/stop"]);
     docker.ok(60, &["wait", "client"]);
     let log = logs();
     let lines: Vec<&str> = log.lines().collect();
