@@ -113,10 +113,20 @@ pub fn agent_pid(root: &Path) -> Result<Option<u32>> {
 }
 
 /// Starts the store's agent in the background (`<exe> --store ROOT agent`) unless one runs, and
-/// waits until it holds its lock.
+/// waits until it holds its lock. An agent that runs another strata binary than `exe` (the
+/// one installed before an upgrade) is stopped and started again from `exe`, so what the new
+/// binary does for machines takes effect; its machines keep running and the new agent adopts
+/// them.
 pub fn ensure_agent(root: &Path, exe: &Path) -> Result<u32> {
     if let Some(pid) = agent_pid(root)? {
-        return Ok(pid);
+        if !runs_another_binary(pid, exe) {
+            return Ok(pid);
+        }
+        info!(
+            "the agent (pid {pid}) runs another strata binary than {}: restarting it",
+            exe.display()
+        );
+        stop_agent(root)?;
     }
     let log_path = agent_log_path(root);
     let log = std::fs::OpenOptions::new()
@@ -158,6 +168,17 @@ pub fn ensure_agent(root: &Path, exe: &Path) -> Result<u32> {
         "the agent did not start within 10 s; see {}",
         log_path.display()
     )))
+}
+
+/// Whether process `pid` runs an executable file other than `exe` (compared by device and
+/// inode: an upgrade installs a new file). When either cannot be read, it is taken as the same.
+fn runs_another_binary(pid: u32, exe: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let running = std::fs::metadata(format!("/proc/{pid}/exe"));
+    match (running, std::fs::metadata(exe)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) != (b.dev(), b.ino()),
+        _ => false,
+    }
 }
 
 /// Tells the store's agent that the DB changed (it looks at once instead of at its next tick).

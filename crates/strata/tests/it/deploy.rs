@@ -303,6 +303,66 @@ fn deploy_redeploys_without_dropping_requests_rolls_back_and_a_failed_release_le
     assert!(env.store().join("strata/volumes/webdata/v").exists());
 }
 
+/// The agent's pid, from `agent status`.
+fn agent_pid(env: &Env) -> String {
+    let status = env.ok(&["agent", "status"]);
+    status.chars().filter(|c| c.is_ascii_digit()).collect()
+}
+
+/// An agent another strata binary started (the one installed before an upgrade) is replaced
+/// by the next command's binary, so what the new binary does for machines takes effect; its
+/// machines keep running, adopted. The same binary keeps the agent it has.
+#[test]
+fn an_agent_of_another_binary_is_replaced_and_its_machines_keep_running() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let old = env.path("old-strata");
+    std::fs::copy(env!("CARGO_BIN_EXE_strata"), &old).unwrap();
+    let started = std::process::Command::new(&old)
+        .arg("--store")
+        .arg(env.store())
+        .args([
+            "machine", "run", "busybox", "--name", "keep", "--", "sleep", "1000",
+        ])
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "{started:?}");
+    let exe_of = |pid: &str| std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let first = agent_pid(&env);
+    assert_eq!(exe_of(&first), old);
+    let machine = machine_json(&env, "keep")["pid"].as_u64().unwrap();
+
+    env.ok(&["machine", "start", "keep"]);
+    let second = agent_pid(&env);
+    assert_ne!(second, first, "the old binary's agent was kept");
+    assert_eq!(
+        exe_of(&second),
+        std::fs::canonicalize(env!("CARGO_BIN_EXE_strata")).unwrap()
+    );
+    // Exited (a zombie until whoever adopted it reaps it).
+    let state = std::fs::read_to_string(format!("/proc/{first}/stat")).unwrap_or_default();
+    assert!(
+        state.is_empty() || state.contains(") Z "),
+        "the old agent still runs: {state}"
+    );
+    let m = machine_json(&env, "keep");
+    assert_eq!(
+        m["pid"].as_u64().unwrap(),
+        machine,
+        "adopted, not restarted: {m}"
+    );
+    assert_eq!(m["state"], "running", "{m}");
+
+    env.ok(&["machine", "start", "keep"]);
+    assert_eq!(
+        agent_pid(&env),
+        second,
+        "the same binary restarted its own agent"
+    );
+}
+
 #[test]
 fn machines_restart_by_policy_keep_logs_exec_and_survive_an_agent_restart() {
     let Some(env) = machine_env() else {
