@@ -84,8 +84,9 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
             message: format!("cannot clean up what an earlier build left: {e}"),
         });
     }
-    let resolver =
-        StoreResolver::new(store, &opts.pinned).with_pulls(&opts.locked, &opts.pull, progress);
+    let resolver = StoreResolver::new(store, &opts.pinned)
+        .with_pulls(&opts.locked, &opts.pull, progress)
+        .refreshing(opts.pull_always);
     let plan = plan(
         &df,
         &PlanOptions {

@@ -70,6 +70,8 @@ pub struct BuildOptions {
     pub remote_layers: bool,
     /// `--network`: RUN steps' network unless a step says (default: the host's).
     pub network: crate::plan::NetworkMode,
+    /// `--pull`: pull every base named by tag again, even when the store has it.
+    pub pull_always: bool,
 }
 
 impl BuildOptions {
@@ -101,6 +103,7 @@ impl BuildOptions {
             executor: None,
             remote_layers: false,
             network: crate::plan::NetworkMode::Host,
+            pull_always: false,
         }
     }
 }

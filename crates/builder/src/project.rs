@@ -503,7 +503,7 @@ impl Project {
                     .descriptor
                     .digest
                     .to_string(),
-                None => pull_image(store, &reference, pull, progress)?
+                None => pull_image(store, &reference, pull, progress, "not in the store")?
                     .manifest
                     .digest
                     .to_string(),

@@ -22,6 +22,8 @@ pub struct StoreResolver<'a> {
     pinned: &'a BTreeMap<String, Descriptor>,
     locked: &'a BTreeMap<String, Digest>,
     pull: Option<(&'a PullOptions, &'a dyn Progress)>,
+    /// `--pull`: a name (not a digest, pin or lock) is pulled even when the store has it.
+    refresh: bool,
     used: Mutex<BTreeMap<String, Digest>>,
     pulled: Mutex<Vec<PullReport>>,
 }
@@ -34,6 +36,7 @@ impl<'a> StoreResolver<'a> {
             pinned,
             locked: &NOTHING_LOCKED,
             pull: None,
+            refresh: false,
             used: Mutex::new(BTreeMap::new()),
             pulled: Mutex::new(Vec::new()),
         }
@@ -53,6 +56,14 @@ impl<'a> StoreResolver<'a> {
         self
     }
 
+    /// Pull every name from its registry even when the store has it (`docker build --pull`):
+    /// a tag that moved there is followed. Digests, pins and locks are exact and not pulled
+    /// again. Needs [`StoreResolver::with_pulls`].
+    pub fn refreshing(mut self, refresh: bool) -> Self {
+        self.refresh = refresh;
+        self
+    }
+
     /// The images resolved so far.
     pub fn used(&self) -> BTreeMap<String, Digest> {
         self.used.lock_ok().clone()
@@ -68,7 +79,12 @@ impl<'a> StoreResolver<'a> {
         let Some((opts, progress)) = self.pull else {
             return Ok(None);
         };
-        let report = pull_image(self.store, reference, opts, progress)?;
+        let why = if self.refresh && self.store.get_ref(&reference.to_string())?.is_some() {
+            "--pull"
+        } else {
+            "not in the store"
+        };
+        let report = pull_image(self.store, reference, opts, progress, why)?;
         let descriptor = report.descriptor.clone();
         self.pulled.lock_ok().push(report);
         Ok(Some(descriptor))
@@ -94,11 +110,12 @@ pub(crate) fn pull_image(
     reference: &Reference,
     opts: &PullOptions,
     progress: &dyn Progress,
+    why: &str,
 ) -> Result<PullReport> {
     let remote = reference.to_remote();
     let registry = remote.registry().unwrap_or_default().to_string();
     progress.event(&Event::Warning {
-        message: format!("pulling {remote} (not in the store)"),
+        message: format!("pulling {remote} ({why})"),
     });
     let report = strata_transfer::pull(store, &remote, opts).map_err(|e| Error::Pull {
         image: remote.to_string(),
@@ -157,6 +174,7 @@ impl ImageResolver for StoreResolver<'_> {
             self.by_digest(&reference, d)?
         } else {
             match self.store.get_ref(&local)? {
+                Some(_) if self.refresh => self.pull(&reference)?,
                 Some(d) => Some(d),
                 None => self.pull(&reference)?,
             }

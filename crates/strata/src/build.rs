@@ -137,6 +137,7 @@ fn build_to(store: &Store, args: &BuildArgs, progress: &Output) -> Result<()> {
         opts.compression = args.compression.into();
         opts.shared_cache = shared_cache(args, None, &[])?;
         opts.labels = parse_labels(&args.labels);
+        opts.pull_always = args.pull;
         opts.network = match args.network {
             NetworkArg::Default | NetworkArg::Host => NetworkMode::Host,
             NetworkArg::None => NetworkMode::None,
@@ -172,10 +173,10 @@ fn build_to(store: &Store, args: &BuildArgs, progress: &Output) -> Result<()> {
              hint: set `build_args` and `target` per image in strata.toml, or use `strata build -f FILE -t NAME DIR`"
         );
     }
-    if args.quiet || args.iidfile.is_some() || !args.labels.is_empty() {
+    if args.quiet || args.iidfile.is_some() || !args.labels.is_empty() || args.pull {
         bail!(
-            "-q, --iidfile and --label apply to one Dockerfile (a project builds several images)\n\
-             hint: set `labels` per image in strata.toml (each built image's digest is printed), or use `strata build -f FILE -t NAME DIR`"
+            "-q, --iidfile, --label and --pull apply to one Dockerfile (a project builds several images)\n\
+             hint: set `labels` per image in strata.toml; each built image's digest is printed; `strata update` moves the bases strata.lock holds; or use `strata build -f FILE -t NAME DIR`"
         );
     }
     if args.network != NetworkArg::Default {

@@ -328,6 +328,10 @@ pub struct BuildArgs {
     /// Layer compression.
     #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
     pub compression: CompressionArg,
+    /// Pull every base named by a tag from its registry again, even when the store has it
+    /// (a tag that moved there is followed; Dockerfile mode).
+    #[arg(long)]
+    pub pull: bool,
     /// Print only the image's digest (`sha256:…`, which every strata command takes as the
     /// image), no progress (Dockerfile mode).
     #[arg(short, long)]

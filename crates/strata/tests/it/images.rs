@@ -320,6 +320,60 @@ fn build_with_a_dockerfile_prints_each_name_once_then_the_digest() {
     assert!(digest.contains(lines[2]), "{out}\n{digest}");
 }
 
+/// `docker build --pull`: a base named by a tag is pulled again even when the store has it, so
+/// a tag moved in its registry is followed; without the flag the stored base is used.
+#[test]
+fn build_pull_follows_a_tag_moved_in_the_registry() {
+    let env = Env::new();
+    import_busybox(&env, "busybox:latest");
+    let registry = Registry::start(&env);
+    let base = format!("127.0.0.1:{}/team/base:1", registry.port);
+    env.ok(&["push", "busybox", &base]);
+    let ctx = env.path("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), format!("FROM {base}\nENV A=1\n")).unwrap();
+    let ctx = ctx.to_str().unwrap();
+    let first = env.ok(&["build", "-q", "-t", "app:1", ctx]);
+
+    // The tag moves to another image in the registry.
+    let moved = env.path("moved");
+    std::fs::create_dir_all(&moved).unwrap();
+    std::fs::write(moved.join("Dockerfile"), "FROM busybox\nENV MOVED=1\n").unwrap();
+    env.ok(&["build", "-q", "-t", "moved:1", moved.to_str().unwrap()]);
+    env.ok(&["push", "moved:1", &base]);
+
+    assert_eq!(env.ok(&["build", "-q", "-t", "app:2", ctx]), first);
+    let out = env.strata(&["build", "--pull", "--progress", "plain", "-t", "app:3", ctx]);
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("pulling {base} (--pull)")), "{err}");
+    let inspect: serde_json::Value =
+        serde_json::from_str(&env.ok(&["inspect", "app:3", "--json"])).unwrap();
+    let env_vars = inspect["config"]["config"]["Env"].to_string();
+    assert!(
+        env_vars.contains("MOVED=1") && env_vars.contains("A=1"),
+        "{env_vars}"
+    );
+    // A digest names one image: --pull takes it from the store as it is.
+    let pinned = env.path("pinned");
+    std::fs::create_dir_all(&pinned).unwrap();
+    let digest = env.ok(&["build", "-q", "-t", "moved:1", moved.to_str().unwrap()]);
+    std::fs::write(
+        pinned.join("Dockerfile"),
+        format!("FROM {}@{}\n", base.trim_end_matches(":1"), digest.trim()),
+    )
+    .unwrap();
+    drop(registry);
+    env.ok(&[
+        "build",
+        "--pull",
+        "-q",
+        "-t",
+        "pinned:1",
+        pinned.to_str().unwrap(),
+    ]);
+}
+
 /// `name@sha256:…` (and a bare manifest digest) names an image for every command that takes
 /// one, as the documented rollback `deploy --image app@sha256:…` needs.
 #[test]
