@@ -50,19 +50,14 @@ fn parse_labels(raw: &[String]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// `--iidfile`: the digest, written whole or not at all (a temporary file renamed over it).
+/// `--iidfile`: the digest, written whole or not at all, through a FIFO or device, never
+/// replacing one (as `save -o` writes).
 fn write_iidfile(path: &Path, digest: &str) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let what = || format!("--iidfile `{}`", path.display());
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(what)?;
-    std::io::Write::write_all(&mut tmp, digest.as_bytes())
-        .and_then(|()| tmp.as_file().sync_all())
-        .with_context(what)?;
-    tmp.persist(path).with_context(what)?;
-    Ok(())
+    strata_transfer::write_output(path, ".strata-iid-", |f| -> Result<()> {
+        std::io::Write::write_all(f, digest.as_bytes())?;
+        Ok(())
+    })
+    .with_context(|| format!("--iidfile `{}`", path.display()))
 }
 
 fn parse_secrets(raw: &[String]) -> Result<BTreeMap<String, PathBuf>> {

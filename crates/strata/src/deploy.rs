@@ -91,9 +91,8 @@ fn machine_row(m: &Machine) -> String {
 }
 
 /// `machine run` and `run`: a new machine from `a` (pulling the image when the store lacks
-/// it, as `docker run` does), its ports routed, the agent up, and the machine running.
-/// Starts the machine `a` describes; `once` (`strata run`) removes it again when it fails to
-/// start.
+/// it, as `docker run` does), its ports routed, the agent up, and the machine running. With
+/// `once` (`strata run`), a machine that fails to start is removed again.
 fn start_machine(
     host: &mut Host,
     a: &crate::cli::MachineRunArgs,

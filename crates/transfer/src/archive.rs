@@ -53,12 +53,7 @@ struct DockerArchiveEntry {
     layers: Vec<String>,
 }
 
-/// Write the images `names` to `output` in `format`.
-///
-/// A regular file (or a path that does not exist yet) appears only when complete: the
-/// archive is written beside it and renamed over it, and a symlink to a regular file is
-/// followed, so the link stays a link. Anything else that exists (a FIFO, a character device
-/// such as `/dev/stdout`, a socket) is opened and written through, never replaced.
+/// Writes the archive of `names` in `format` to `output` (see [`write_output`]).
 pub fn save_archive(
     store: &Store,
     names: &[String],
@@ -66,18 +61,34 @@ pub fn save_archive(
     output: &Path,
 ) -> Result<()> {
     let images = images_named(store, names)?;
+    write_output(output, ".strata-save-", |f| {
+        write_images(store, &images, format, BufWriter::with_capacity(1 << 20, f))?
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .ctx("write", output)?;
+        Ok(())
+    })
+}
+
+/// Writes a file the user named (`save -o`, `build --iidfile`) as `write` makes it, the way a
+/// plain write would reach it but never half-written: what is not a regular file (a FIFO, a
+/// device such as `/dev/stdout`, through a symlink) is written through; a regular file, new
+/// or not (also at the end of a symlink, which stays), is replaced by a temporary file renamed
+/// over it, with the mode a plain create would give (0644 under the usual umask) or the
+/// replaced file's own. `write`'s errors are the caller's; this function's own convert.
+pub fn write_output<E: From<Error>>(
+    output: &Path,
+    prefix: &str,
+    write: impl FnOnce(&mut std::fs::File) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
     // `metadata` follows symlinks: what a write to `output` would reach.
     match std::fs::metadata(output) {
         Ok(md) if !md.is_file() && !md.is_dir() => {
-            let f = std::fs::OpenOptions::new()
+            let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(output)
                 .ctx("open for writing", output)?;
-            let w = write_images(store, &images, format, BufWriter::with_capacity(1 << 20, f))?;
-            w.into_inner()
-                .map_err(|e| e.into_error())
-                .ctx("write", output)?;
-            return Ok(());
+            return write(&mut f);
         }
         _ => {}
     }
@@ -91,12 +102,10 @@ pub fn save_archive(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".strata-save-")
+    let mut tmp = tempfile::Builder::new()
+        .prefix(prefix)
         .tempfile_in(dir)
         .ctx("create a temporary file in", dir)?;
-    // The mode a plain create would give (0644 under the usual umask), or the replaced
-    // file's own; never the temp file's 0600.
     let mode = std::fs::metadata(&target)
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
         .unwrap_or(0o644);
@@ -105,15 +114,7 @@ pub fn save_archive(
         std::os::unix::fs::PermissionsExt::from_mode(mode),
     )
     .ctx("chmod", tmp.path())?;
-    let tmp = write_images(
-        store,
-        &images,
-        format,
-        BufWriter::with_capacity(1 << 20, tmp),
-    )?
-    .into_inner()
-    .map_err(|e| e.into_error())
-    .ctx("write", output)?;
+    write(tmp.as_file_mut())?;
     tmp.as_file().sync_all().ctx("fsync", output)?;
     tmp.persist(&target)
         .map_err(|e| e.error)

@@ -13,7 +13,9 @@ mod import;
 mod registry;
 pub mod ssh;
 
-pub use archive::{ArchiveFormat, LoadedImage, load_archive, save_archive, write_archive};
+pub use archive::{
+    ArchiveFormat, LoadedImage, load_archive, save_archive, write_archive, write_output,
+};
 pub use error::{Error, Result};
 pub use import::{ImportOptions, Imported, import_tarball, local_name};
 pub use registry::{

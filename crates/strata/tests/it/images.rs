@@ -342,7 +342,25 @@ fn build_pull_follows_a_tag_moved_in_the_registry() {
     env.ok(&["build", "-q", "-t", "moved:1", moved.to_str().unwrap()]);
     env.ok(&["push", "moved:1", &base]);
 
-    assert_eq!(env.ok(&["build", "-q", "-t", "app:2", ctx]), first);
+    // --iidfile through a symlink: the file it points to gets the digest, the link stays, and
+    // the mode is a plain create's, not a temporary file's 0600.
+    let link = env.path("iid-link");
+    std::os::unix::fs::symlink("iid-real", &link).unwrap();
+    let again = env.ok(&[
+        "build",
+        "-q",
+        "--iidfile",
+        link.to_str().unwrap(),
+        "-t",
+        "app:2",
+        ctx,
+    ]);
+    assert_eq!(again, first);
+    assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+    let real = env.path("iid-real");
+    assert_eq!(std::fs::read_to_string(&real).unwrap(), first.trim());
+    let mode = std::os::unix::fs::PermissionsExt::mode(&real.metadata().unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o644, "{mode:o}");
     let out = env.strata(&["build", "--pull", "--progress", "plain", "-t", "app:3", ctx]);
     assert!(out.status.success(), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
