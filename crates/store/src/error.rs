@@ -80,6 +80,10 @@ pub enum Error {
     #[error("no image named `{name}` in the store")]
     RefNotFound { name: String },
 
+    /// A short digest that more than one image's digest starts with.
+    #[error("`{prefix}` is the start of {count} images' digests: give more of it")]
+    AmbiguousDigest { prefix: String, count: usize },
+
     /// A ref name that the OCI layout's `ref.name` grammar does not allow.
     #[error("invalid image name `{name}`: {reason}")]
     InvalidRefName { name: String, reason: String },

@@ -159,15 +159,18 @@ impl Store {
     }
 
     /// What `name` names: a ref of the store (`app:1`), or the manifest or index that
-    /// `app@sha256:…` or a bare `sha256:…` pins, when the store has that blob. Every command
-    /// that takes an image resolves it so, so a digest works wherever a name does.
+    /// `app@sha256:…` or a bare `sha256:…` pins, when the store has that blob, or the one
+    /// named image whose digest starts with `name` (at least 4 hex digits, with or without
+    /// `sha256:`: the short digest `strata images` shows, as `docker run` takes an image ID
+    /// prefix; a name is looked up first). Every command that takes an image resolves it so,
+    /// so a digest works wherever a name does.
     pub fn find_ref(&self, name: &str) -> Result<Option<Descriptor>> {
         if let Some(d) = self.get_ref(name)? {
             return Ok(Some(d));
         }
         let digest_part = name.rsplit_once('@').map_or(name, |(_, d)| d);
         let Ok(digest) = digest_part.parse::<Digest>() else {
-            return Ok(None);
+            return self.find_by_digest_prefix(name);
         };
         if !self.has_blob(&digest) {
             return Ok(None);
@@ -188,6 +191,17 @@ impl Store {
             digest,
             bytes.len() as u64,
         )))
+    }
+
+    /// The named image whose manifest digest starts with the hex digits `prefix` (optionally
+    /// after `sha256:`); an error when several images match.
+    fn find_by_digest_prefix(&self, prefix: &str) -> Result<Option<Descriptor>> {
+        // Commands spell a name without a tag as `NAME:latest` before looking it up.
+        let prefix = prefix.strip_suffix(":latest").unwrap_or(prefix);
+        if !is_digest_prefix(prefix) {
+            return Ok(None);
+        }
+        unique_by_digest_prefix(prefix, self.list_refs()?.into_iter().map(|(_, d)| d))
     }
 
     /// Resolve a manifest or index descriptor (not necessarily named) to an image for
@@ -310,5 +324,76 @@ fn check_inner_media_type(inner: Option<&str>, outer: &str, digest: &Digest) -> 
             reason: format!("its mediaType is `{inner}` but it was stored as `{outer}`"),
         }),
         _ => Ok(()),
+    }
+}
+
+/// Whether `s` can be a short digest: 4 to 63 lowercase hex digits, maybe after `sha256:`.
+fn is_digest_prefix(s: &str) -> bool {
+    let hex = s.strip_prefix("sha256:").unwrap_or(s);
+    (4..64).contains(&hex.len())
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The one descriptor of `candidates` whose digest starts with `prefix` (several refs to one
+/// image are one match); an error when different images do.
+fn unique_by_digest_prefix(
+    prefix: &str,
+    candidates: impl IntoIterator<Item = Descriptor>,
+) -> Result<Option<Descriptor>> {
+    let hex = prefix.strip_prefix("sha256:").unwrap_or(prefix);
+    let mut found: Vec<Descriptor> = Vec::new();
+    for d in candidates {
+        if d.digest.hex().starts_with(hex) && !found.iter().any(|f| f.digest == d.digest) {
+            found.push(d);
+        }
+    }
+    match found.len() {
+        0 | 1 => Ok(found.pop()),
+        n => Err(Error::AmbiguousDigest {
+            prefix: prefix.to_string(),
+            count: n,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_short_digest_names_the_one_image_it_starts() {
+        let desc = |hex: &str| {
+            Descriptor::new(
+                media_type::OCI_MANIFEST,
+                format!("sha256:{hex:0<64}").parse().unwrap(),
+                1,
+            )
+        };
+        let images = [desc("abcd1"), desc("abcd2"), desc("abcd2"), desc("ffff")];
+        let one = unique_by_digest_prefix("abcd2", images.clone())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            one.digest, images[1].digest,
+            "two refs to one image are one match"
+        );
+        let sha = unique_by_digest_prefix("sha256:ffff", images.clone()).unwrap();
+        assert_eq!(sha.unwrap().digest, images[3].digest);
+        assert!(
+            unique_by_digest_prefix("0123", images.clone())
+                .unwrap()
+                .is_none()
+        );
+        let e = unique_by_digest_prefix("abcd", images)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`abcd`") && e.contains("2 images"), "{e}");
+        for not in ["abc", "ABCD", "abcg", "app", "sha256:ab", &"a".repeat(64)] {
+            assert!(!is_digest_prefix(not), "{not}");
+        }
+        assert!(is_digest_prefix("a38ad865294c") && is_digest_prefix("sha256:a38a"));
     }
 }

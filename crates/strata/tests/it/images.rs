@@ -418,6 +418,24 @@ fn a_digest_reference_works_wherever_a_name_does() {
     let config = inspect["manifest"]["config"]["digest"].as_str().unwrap();
     let err = env.fails(&["inspect", &format!("bb@{config}")]);
     assert!(err.contains("no image named"), "{err}");
+
+    // The short digest `strata images` shows names the image too, as `docker run` takes an
+    // image ID prefix; a config's digest prefix does not.
+    let listed = env.ok(&["images"]);
+    let short = &digest["sha256:".len()..][..12];
+    assert!(listed.contains(short), "{listed}");
+    env.ok(&["tag", short, "short:1"]);
+    let tagged: serde_json::Value =
+        serde_json::from_str(&env.ok(&["inspect", "short:1", "--json"])).unwrap();
+    assert_eq!(tagged["manifest"], inspect["manifest"]);
+    env.ok(&[
+        "save",
+        &format!("sha256:{}", &short[..6]),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let err = env.fails(&["inspect", &config["sha256:".len()..][..12]]);
+    assert!(err.contains("no image named"), "{err}");
 }
 
 /// `save -o` replaces a regular file atomically (mode 0644, a symlink stays a link) and
