@@ -623,7 +623,7 @@ pub enum MachineCommand {
         /// Allocate a terminal.
         #[arg(short, long)]
         tty: bool,
-        /// Extra environment, `K=V`.
+        /// Extra environment, `K=V`, or `K` to pass this shell's `K`.
         #[arg(short, long = "env", value_name = "K=V")]
         env: Vec<String>,
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
@@ -661,9 +661,12 @@ pub struct MachineRunArgs {
     /// The machine's id (default: generated).
     #[arg(long)]
     pub name: Option<String>,
-    /// Environment, `K=V` (after the image's).
+    /// Environment, `K=V` (after the image's), or `K` to pass this shell's `K`.
     #[arg(short, long = "env", value_name = "K=V")]
     pub env: Vec<String>,
+    /// Environment from a file: `K=V` or `K` per line, `#` comments (before `-e`).
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub env_files: Vec<std::path::PathBuf>,
     /// Working directory, an absolute path (replaces the image's WORKDIR; made if missing).
     #[arg(short, long, value_name = "PATH")]
     pub workdir: Option<String>,

@@ -90,6 +90,41 @@ fn machine_row(m: &Machine) -> String {
     )
 }
 
+/// The environment of `--env-file`s then `-e`s, as `docker run` reads them: `K=V`, or a bare
+/// `K` that takes the value of `K` here (left out when it is unset); in a file, one entry per
+/// line, blank lines and `#` comments skipped, values as written (no quotes removed).
+fn docker_env(entries: &[String], files: &[PathBuf]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut take = |entry: &str, at: &dyn Fn() -> String| -> Result<()> {
+        let (name, value) = match entry.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_string())),
+            None => (entry, std::env::var(entry).ok()),
+        };
+        if name.is_empty() || name.chars().any(char::is_whitespace) {
+            bail!("{}: invalid environment variable `{entry}`", at());
+        }
+        if let Some(v) = value {
+            out.push(format!("{name}={v}"));
+        }
+        Ok(())
+    };
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("--env-file `{}`", file.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim_start();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            take(line, &|| format!("{}:{}", file.display(), i + 1))?;
+        }
+    }
+    for e in entries {
+        take(e, &|| "-e".to_string())?;
+    }
+    Ok(out)
+}
+
 /// `machine run` and `run`: a new machine from `a` (pulling the image when the store lacks
 /// it, as `docker run` does), its ports routed, the agent up, and the machine running. With
 /// `once` (`strata run`), a machine that fails to start is removed again.
@@ -101,7 +136,7 @@ fn start_machine(
     let mut opts = MachineOptions {
         cmd: (!a.command.is_empty()).then(|| a.command.clone()),
         entrypoint: a.entrypoint.as_ref().map(|e| vec![e.clone()]),
-        env: a.env.clone(),
+        env: docker_env(&a.env, &a.env_files)?,
         restart: RestartPolicy::parse(&a.restart)?,
         id: a.name.clone(),
         workdir: a.workdir.clone(),
@@ -219,7 +254,7 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
                 bail!("machine {} is {}, not running", m.id, m.state);
             }
             let mut full_env = m.config.env.clone();
-            full_env.extend(env);
+            full_env.extend(docker_env(&env, &[])?);
             let code = host.driver.exec(&m.id, &command, &full_env, tty)?;
             if code != 0 {
                 std::process::exit(code);

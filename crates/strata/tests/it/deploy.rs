@@ -895,6 +895,45 @@ fn run_takes_docker_run_flags_and_explains_the_rest() {
     ]);
     assert_eq!(out, "4242\n77\n/\n");
 
+    // `--env-file` then `-e`, as Docker reads them: a bare name passes this shell's value, or
+    // nothing when it is unset; a later entry wins.
+    let file = env.path("app.env");
+    std::fs::write(
+        &file,
+        "# comment\n\n  FROM_FILE=1\nBOTH=file\nPASSED\nUNSET_HERE\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(env.store())
+        .args([
+            "run",
+            "--env-file",
+            file.to_str().unwrap(),
+            "-e",
+            "BOTH=flag",
+        ])
+        .args(["-e", "SHELL_VAR", "busybox", "sh", "-c"])
+        .arg("echo $FROM_FILE $BOTH $PASSED $SHELL_VAR; env | grep -c UNSET_HERE || true")
+        .env("PASSED", "p")
+        .env("SHELL_VAR", "s")
+        .env_remove("UNSET_HERE")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1 flag p s\n0\n");
+    let e = env.fails(&["run", "-e", "=x", "busybox", "true"]);
+    assert!(e.contains("invalid environment variable `=x`"), "{e}");
+    std::fs::write(&file, "OK=1\nBAD NAME=2\n").unwrap();
+    let e = env.fails(&[
+        "run",
+        "--env-file",
+        file.to_str().unwrap(),
+        "busybox",
+        "true",
+    ]);
+    assert!(e.contains("app.env:2") && e.contains("`BAD NAME=2`"), "{e}");
+
     let e = env.fails(&["run", "-w", "srv", "busybox", "true"]);
     assert!(
         e.contains("--workdir `srv`") && e.contains("absolute"),
