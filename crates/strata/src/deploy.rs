@@ -281,6 +281,14 @@ pub fn run(store: Store, args: &crate::cli::RunArgs) -> Result<()> {
         );
     }
     let a = &args.machine;
+    if a.restart != "no" {
+        // Docker: "Conflicting options: --restart and --rm".
+        bail!(
+            "`strata run` removes its machine when the command exits, so it takes no --restart; \
+             a machine restarted by a policy is `strata machine run --restart {} IMAGE`",
+            a.restart
+        );
+    }
     let mut host = host(store)?;
     let (m, _) = start_machine(&mut host, a, true)?;
     let followed = machines::copy_log(&host, &m.id, true, &mut std::io::stdout().lock());

@@ -950,6 +950,8 @@ fn run_takes_docker_run_flags_and_explains_the_rest() {
     }
     let e = env.fails(&["run", "-d", "busybox", "sleep", "9"]);
     assert!(e.contains("strata machine run"), "{e}");
+    let e = env.fails(&["run", "--restart", "always", "busybox", "true"]);
+    assert!(e.contains("machine run --restart always"), "{e}");
     assert_eq!(env.ok(&["machine", "list", "--json"]), "");
 }
 
