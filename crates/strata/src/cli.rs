@@ -32,8 +32,12 @@ pub enum Command {
     Tag { source: String, target: String },
     /// Remove image names (blobs go at the next `strata gc`).
     Rmi {
+        /// Names, or an image's digest or its start (then its names are removed).
         #[arg(required = true)]
         images: Vec<String>,
+        /// With a digest: remove every name of the image, even when it has several.
+        #[arg(short, long)]
+        force: bool,
     },
     /// Delete blobs no image, index or pin references.
     Gc {

@@ -22,7 +22,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Images(args) => images(&store()?, &args),
         Command::Inspect(args) => inspect(&store()?, &args),
         Command::Tag { source, target } => tag(&store()?, &source, &target),
-        Command::Rmi { images } => rmi(&store()?, &images),
+        Command::Rmi { images, force } => rmi(&store()?, &images, force),
         Command::Gc { dry_run } => gc(&store()?, dry_run),
         Command::Import(args) => import(&store()?, &args),
         Command::Save(args) => save(&store()?, &args),
@@ -350,16 +350,46 @@ fn tag(store: &Store, source: &str, target: &str) -> Result<()> {
     Ok(())
 }
 
-fn rmi(store: &Store, images: &[String]) -> Result<()> {
+fn rmi(store: &Store, images: &[String], force: bool) -> Result<()> {
     let mut failed = 0;
     for image in images {
         let name = local_name(image)?;
-        match store.remove_ref(&name)? {
-            Some(desc) => println!("Untagged: {name} ({})", desc.digest),
-            None => {
+        if let Some(desc) = store.remove_ref(&name)? {
+            println!("Untagged: {name} ({})", desc.digest);
+            continue;
+        }
+        // An image named by its digest or the start of it (`docker rmi ID`): its names go.
+        let desc = match store.find_ref(image) {
+            Ok(Some(desc)) => desc,
+            Ok(None) => {
                 eprintln!("error: no image named `{name}`");
                 failed += 1;
+                continue;
             }
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        let names: Vec<String> = store
+            .list_refs()?
+            .into_iter()
+            .filter(|(_, d)| d.digest == desc.digest)
+            .map(|(n, _)| n)
+            .collect();
+        if names.len() > 1 && !force {
+            eprintln!(
+                "error: `{image}` is the image named {}: remove names one by one, or give -f \
+                 to remove them all",
+                names.join(", ")
+            );
+            failed += 1;
+            continue;
+        }
+        for n in names {
+            store.remove_ref(&n)?;
+            println!("Untagged: {n} ({})", desc.digest);
         }
     }
     if failed > 0 {

@@ -436,6 +436,20 @@ fn a_digest_reference_works_wherever_a_name_does() {
     ]);
     let err = env.fails(&["inspect", &config["sha256:".len()..][..12]]);
     assert!(err.contains("no image named"), "{err}");
+
+    // `rmi` by short digest, as `docker rmi ID`: an image with two names keeps them unless -f.
+    let err = env.fails(&["rmi", short]);
+    assert!(
+        err.contains("copy:2") && err.contains("short:1") && err.contains("-f"),
+        "{err}"
+    );
+    let out = env.ok(&["rmi", "-f", short]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let left = env.ok(&["images", "-q"]);
+    assert!(
+        !left.contains("copy:2") && !left.contains("short:1"),
+        "{left}"
+    );
 }
 
 /// `save -o` replaces a regular file atomically (mode 0644, a symlink stays a link) and
