@@ -317,6 +317,18 @@ pub fn run(store: Store, args: &crate::cli::RunArgs) -> Result<()> {
 /// with its machine id; `-f` follows until every one of them has ended.
 pub fn app_logs(store: Store, app: &str, follow: bool) -> Result<()> {
     let host = host(store)?;
+    // `docker logs ID`: a name no app has but a machine's id (or its unique start) does gives
+    // that machine's output, as `machine logs` would.
+    if host.state.app_machines(app)?.is_empty()
+        && let Ok(m) = machines::find(&host, app)
+    {
+        return Ok(machines::copy_log(
+            &host,
+            &m.id,
+            follow,
+            &mut std::io::stdout().lock(),
+        )?);
+    }
     Ok(machines::copy_app_logs(
         &host,
         app,

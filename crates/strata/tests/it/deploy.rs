@@ -1071,6 +1071,11 @@ fn logs_follow_returns_when_the_machine_exits() {
         "{:?}",
         started.elapsed()
     );
+    // `strata logs ID`, as `docker logs ID`: a machine's id (or its start) where an app's name
+    // goes gives that machine's output; a name neither has still says so.
+    assert_eq!(env.ok(&["logs", &id[..6]]), "hello\nbye\n");
+    let e = env.fails(&["logs", "nosuchapp"]);
+    assert!(e.contains("app `nosuchapp` has no machines"), "{e}");
 }
 
 /// A new release whose process keeps exiting fails as soon as it is seen crash-looping, saying
