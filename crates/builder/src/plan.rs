@@ -81,9 +81,8 @@ pub enum FileSource {
 }
 
 /// `RUN --network`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[derive(Default)]
 pub enum NetworkMode {
     /// The host's network (the default).
     #[default]

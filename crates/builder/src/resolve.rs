@@ -74,15 +74,11 @@ impl<'a> StoreResolver<'a> {
         self.pulled.lock_ok().clone()
     }
 
-    /// `reference` from its registry, when pulling is on; `None` when it is off.
-    fn pull(&self, reference: &Reference) -> Result<Option<Descriptor>> {
+    /// `reference` from its registry, when pulling is on; `None` when it is off. `why` is
+    /// said with it (`not in the store`, `--pull`).
+    fn pull(&self, reference: &Reference, why: &str) -> Result<Option<Descriptor>> {
         let Some((opts, progress)) = self.pull else {
             return Ok(None);
-        };
-        let why = if self.refresh && self.store.get_ref(&reference.to_string())?.is_some() {
-            "--pull"
-        } else {
-            "not in the store"
         };
         let report = pull_image(self.store, reference, opts, progress, why)?;
         let descriptor = report.descriptor.clone();
@@ -95,7 +91,10 @@ impl<'a> StoreResolver<'a> {
         if let Some(d) = descriptor_for_digest(self.store, digest)? {
             return Ok(Some(d));
         }
-        if self.pull(&reference.with_digest(digest.clone()))?.is_none() {
+        if self
+            .pull(&reference.with_digest(digest.clone()), "not in the store")?
+            .is_none()
+        {
             return Ok(None);
         }
         descriptor_for_digest(self.store, digest)
@@ -174,9 +173,9 @@ impl ImageResolver for StoreResolver<'_> {
             self.by_digest(&reference, d)?
         } else {
             match self.store.get_ref(&local)? {
-                Some(_) if self.refresh => self.pull(&reference)?,
+                Some(_) if self.refresh => self.pull(&reference, "--pull")?,
                 Some(d) => Some(d),
-                None => self.pull(&reference)?,
+                None => self.pull(&reference, "not in the store")?,
             }
         };
         let Some(desc) = desc else {
