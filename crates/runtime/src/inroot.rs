@@ -207,6 +207,43 @@ mod tests {
         assert!(!remove_if_empty_stub(root, Path::new("a/full")));
         assert!(!remove_if_empty_stub(root, Path::new("a")));
     }
+
+    /// A batch that turned a directory into a file (`n/child` gone, then `n` a file) leaves
+    /// the file in the dev layer, whatever order its ops come in.
+    #[test]
+    fn a_directory_turned_file_stays_a_file_in_the_layer() {
+        let t = tempfile::tempdir().unwrap();
+        let (merged, layer, src) = (t.path().join("m"), t.path().join("l"), t.path().join("s"));
+        std::fs::create_dir_all(merged.join("www")).unwrap();
+        std::fs::create_dir_all(&layer).unwrap();
+        std::fs::write(&src, b"now a file\n").unwrap();
+        let file = SyncOp::File {
+            from: src.clone(),
+            mode: 0o600,
+        };
+        // What the machine went through, then the layer, op by op.
+        let ops = [
+            ("/www/n/child", SyncOp::Dir { mode: 0o755 }),
+            ("/www/n", file.clone()),
+            ("/www/n/child", SyncOp::Remove),
+            ("/www/n/child", file.clone()),
+        ];
+        for (path, op) in &ops {
+            match sync_in_root(&merged, path, op) {
+                Err(e) if e.kind() == io::ErrorKind::NotADirectory => {}
+                r => r.unwrap(),
+            }
+        }
+        for (path, op) in &ops {
+            record_in_layer(&layer, &merged, &[], path, op).unwrap();
+        }
+        for root in [&merged, &layer] {
+            let m = std::fs::symlink_metadata(root.join("www/n")).unwrap();
+            assert!(m.is_file(), "{} holds a file", root.display());
+            assert_eq!(m.permissions().mode() & 0o7777, 0o600);
+            assert_eq!(std::fs::read(root.join("www/n")).unwrap(), b"now a file\n");
+        }
+    }
 }
 
 /// What [`sync_in_root`] does at one container path.
@@ -368,6 +405,11 @@ pub fn record_in_layer(
     };
     if !r.missing.is_empty() {
         // The parent is gone in the machine: its removal was recorded with it.
+        return Ok(());
+    }
+    if !std::fs::symlink_metadata(merged.join(&r.existing)).is_ok_and(|m| m.is_dir()) {
+        // The parent is a file in the machine (a batch that removed a directory and made a
+        // file of its name): the op did nothing there, so the layer keeps that file too.
         return Ok(());
     }
     // The parent's directories in the layer, as the machine has them.
