@@ -876,8 +876,7 @@ mod tests {
             &self,
             _: &str,
             _: &[String],
-            _: &[String],
-            _: bool,
+            _: &strata_runtime::ExecOptions,
         ) -> strata_runtime::Result<i32> {
             Ok(0)
         }

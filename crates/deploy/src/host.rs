@@ -7,11 +7,13 @@ use std::sync::Arc;
 use strata_oci::{Digest, ImageConfig};
 use strata_rootfs::{LayerRef, SnapshotCache};
 
-use strata_runtime::{MachineDriver, MachineSpec, NetSpec, Runc, RuntimeConfig, VolumeMount};
+use strata_runtime::{
+    Attach, MachineDriver, MachineSpec, NetSpec, Runc, RuntimeConfig, VolumeMount,
+};
 use strata_store::Store;
 
 use crate::error::{Error, Result};
-use crate::state::{Machine, MachineConfig, RestartPolicy, State};
+use crate::state::{Attached, Machine, MachineConfig, RestartPolicy, State};
 
 /// What `strata machine run` (or a deploy) asks of a new machine beyond its image.
 #[derive(Debug, Clone, Default)]
@@ -42,6 +44,8 @@ pub struct MachineOptions {
     pub workdir: Option<String>,
     /// `-u USER[:GROUP]`: replaces the image's User.
     pub user: Option<String>,
+    /// `strata run -i`/`-t`: the client waiting for the machine's stdin or terminal.
+    pub attach: Option<Attached>,
 }
 
 /// The store, the state DB and the machine runtime, together.
@@ -180,6 +184,7 @@ impl Host {
             restart: opts.restart,
             stop_signal,
             kill_timeout_ms: opts.kill_timeout_ms.unwrap_or(10_000),
+            attach: opts.attach.clone(),
         };
         Ok((img, mconfig))
     }
@@ -266,6 +271,13 @@ impl Host {
             net: NetSpec { index: m.net_index },
             init: strata_runtime::find_init()?,
             log: self.log_path(&m.id),
+            // Only while the client waits there: a later start (a restart) has nobody
+            // attached, and starts as any machine does.
+            attach: match &m.config.attach {
+                Some(Attached::Stdin { fifo }) if fifo.exists() => Attach::Stdin(fifo.clone()),
+                Some(Attached::Tty { socket }) if socket.exists() => Attach::Tty(socket.clone()),
+                _ => Attach::None,
+            },
         })
     }
 

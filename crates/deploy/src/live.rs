@@ -118,8 +118,10 @@ pub fn apply(
             let code = host.driver.exec(
                 &m.id,
                 &["sh".to_string(), "-c".to_string(), cmd.clone()],
-                &m.config.env,
-                false,
+                &strata_runtime::ExecOptions {
+                    env: m.config.env.clone(),
+                    ..Default::default()
+                },
             )?;
             if code != 0 {
                 return Err(Error::Machine {

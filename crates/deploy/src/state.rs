@@ -98,6 +98,25 @@ pub struct MachineConfig {
     pub stop_signal: i32,
     /// Time between the stop signal and SIGKILL, in milliseconds.
     pub kill_timeout_ms: u64,
+    /// A client attached to the process's stdin or terminal (`strata run -i`, `-t`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach: Option<Attached>,
+}
+
+/// Where an attached client (`strata run -i`, `-t`) waits for a machine's first start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Attached {
+    /// The process's stdin is this FIFO (the client holds its write end).
+    Stdin {
+        /// The FIFO's path.
+        fifo: PathBuf,
+    },
+    /// The process has a terminal whose master runc sends to this unix socket.
+    Tty {
+        /// The socket's path.
+        socket: PathBuf,
+    },
 }
 
 /// When the agent starts a machine again after its process exits.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::machine::{self, MachineSpec, MachineStatus, StopOutcome};
+use crate::machine::{self, ExecOptions, MachineSpec, MachineStatus, StopOutcome};
 use crate::{Result, RuntimeConfig};
 
 /// Starts, watches, stops and removes machines. Calls may come from several threads.
@@ -15,9 +15,9 @@ pub trait MachineDriver: Send + Sync + std::fmt::Debug {
     fn status(&self, id: &str) -> Result<MachineStatus>;
     /// Sends `signal`, then SIGKILL after `grace` if it still runs.
     fn stop(&self, spec: &MachineSpec, signal: i32, grace: Duration) -> Result<StopOutcome>;
-    /// Runs `args` inside the running machine `id` (its root, user and namespaces) with `env`
-    /// added; returns the exit code.
-    fn exec(&self, id: &str, args: &[String], env: &[String], tty: bool) -> Result<i32>;
+    /// Runs `args` inside the running machine `id` (its root and namespaces) as `opts` say;
+    /// returns the exit code.
+    fn exec(&self, id: &str, args: &[String], opts: &ExecOptions) -> Result<i32>;
     /// Removes what a stopped machine's run left (the runtime's container, its root's mount),
     /// keeping its directory for the next start.
     fn cleanup(&self, spec: &MachineSpec) -> Result<()>;
@@ -46,8 +46,8 @@ impl MachineDriver for Runc {
         machine::machine_stop(&self.config, spec, signal, grace)
     }
 
-    fn exec(&self, id: &str, args: &[String], env: &[String], tty: bool) -> Result<i32> {
-        machine::machine_exec(&self.config, id, args, env, tty)
+    fn exec(&self, id: &str, args: &[String], opts: &ExecOptions) -> Result<i32> {
+        machine::machine_exec(&self.config, id, args, opts)
     }
 
     fn cleanup(&self, spec: &MachineSpec) -> Result<()> {

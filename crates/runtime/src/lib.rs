@@ -33,9 +33,10 @@ pub use driver::{MachineDriver, Runc};
 pub use error::{Error, Result};
 pub use inroot::{SyncOp, chown_in_root, record_in_layer, sync_in_root};
 pub use machine::{
-    DEFAULT_INIT, INIT_PATH, MachineSpec, MachineStatus, StopOutcome, VolumeMount, container_id,
-    find_init, machine_cleanup, machine_destroy, machine_exec, machine_start, machine_status,
-    machine_stop, process_alive, process_start_time, set_child_subreaper, valid_machine_id,
+    Attach, DEFAULT_INIT, ExecOptions, INIT_PATH, MachineSpec, MachineStatus, StopOutcome,
+    VolumeMount, container_id, find_init, machine_cleanup, machine_destroy, machine_exec,
+    machine_start, machine_status, machine_stop, process_alive, process_start_time,
+    receive_console, set_child_subreaper, valid_machine_id,
 };
 pub use net::{NetSpec, ensure_host_nat, prepare_network, teardown_network};
 pub use run::{cleanup_stale, cleanup_stale_in, kill, run};

@@ -85,8 +85,27 @@ pub struct MachineSpec {
     /// Host path of a static init (see [`find_init`]), bind-mounted read-only at
     /// [`INIT_PATH`].
     pub init: PathBuf,
-    /// The machine's stdout and stderr are appended to this file (created if missing).
+    /// The machine's stdout and stderr are appended to this file (created if missing),
+    /// unless a terminal is attached.
     pub log: PathBuf,
+    /// What the process's stdin (and terminal) are.
+    pub attach: Attach,
+}
+
+/// What a machine's stdin is, and whether it has a terminal (`strata run -i`, `-t`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Attach {
+    /// stdin is empty; stdout and stderr go to the log.
+    #[default]
+    None,
+    /// stdin is read from the FIFO at this path, which the attached client holds open for
+    /// writing before the machine starts (so the process never reads a premature end of
+    /// file); stdout and stderr go to the log.
+    Stdin(PathBuf),
+    /// A pseudo-terminal is the process's stdin, stdout and stderr: runc sends its master to
+    /// the unix socket at this path (the attached client listens there), so the output goes
+    /// through it, not to the log.
+    Tty(PathBuf),
 }
 
 /// What runc says about a machine.
@@ -458,7 +477,7 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
     };
     let cgroups_path = format!("strata/{cid}");
     let hosts = l.etc("hosts");
-    let config = machine_config(
+    let mut config = machine_config(
         &run,
         BundleSetup {
             rootfs: &rootfs,
@@ -468,6 +487,17 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
         },
         &spec.net.netns_path(),
     );
+    if matches!(spec.attach, Attach::Tty(_)) {
+        config["process"]["terminal"] = json!(true);
+    }
+    let stdin = match &spec.attach {
+        Attach::Stdin(fifo) => Stdio::from(open_fifo_reader(fifo).map_err(io_err(
+            cid,
+            "opening the stdin FIFO",
+            fifo,
+        ))?),
+        _ => Stdio::null(),
+    };
     let config_path = l.dir.join("config.json");
     let bytes = serde_json::to_vec_pretty(&config)
         .map_err(|e| io_err(cid, "encoding", &config_path)(e.into()))?;
@@ -496,11 +526,14 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
     cmd.arg("--log")
         .arg(&runc_log)
         .args(["--log-format", "json", "run", "-d", "--pid-file"])
-        .arg(&pid_file)
-        .arg("--bundle")
+        .arg(&pid_file);
+    if let Attach::Tty(socket) = &spec.attach {
+        cmd.arg("--console-socket").arg(socket);
+    }
+    cmd.arg("--bundle")
         .arg(&l.dir)
         .arg(cid)
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))
         // runc puts the machine in a session of its own; this keeps a Ctrl-C at the starting
@@ -533,6 +566,71 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
             text.trim()
         )))
     })
+}
+
+/// The pseudo-terminal master runc sends to the console socket `listener` when it starts a
+/// machine with [`Attach::Tty`] (the socket is bound before the machine starts, so runc's
+/// message waits in it). Fails after `limit` without one.
+pub fn receive_console(
+    listener: &std::os::unix::net::UnixListener,
+    limit: Duration,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + limit;
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "runc sent no terminal",
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(limit))?;
+    // runc sends the terminal's name as the data and the master as the one descriptor.
+    let mut name = [0u8; 4096];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    rustix::net::recvmsg(
+        &stream,
+        &mut [std::io::IoSliceMut::new(&mut name)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = message
+            && let Some(fd) = fds.next()
+        {
+            return Ok(fd);
+        }
+    }
+    Err(std::io::Error::other(
+        "runc's console message carried no descriptor",
+    ))
+}
+
+/// The read end of the FIFO at `path`, opened without waiting for a writer (the attached
+/// client holds the write end already) and then made blocking, so the process's reads wait for
+/// input. Anything but a FIFO is refused.
+fn open_fifo_reader(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::FileTypeExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOFOLLOW).bits() as i32)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_fifo() {
+        return Err(std::io::Error::other("not a FIFO"));
+    }
+    rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::empty())?;
+    Ok(file)
 }
 
 /// `runc state` of machine `id`, parsed; `None` when runc knows no such container.
@@ -750,20 +848,49 @@ pub fn machine_destroy(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<()> {
     remove_dir_if_exists(&cid, &spec.dir)
 }
 
-/// Runs `args` inside running machine `id` (`runc exec`) with the machine's user, working
-/// directory and environment plus `env`; stdin, stdout and stderr are the caller's. With
-/// `tty`, runc gives the process a pseudo-terminal. Returns its exit code (`128 + n` when
-/// killed by signal n); an `Err` means the machine is not running or runc failed.
+/// How [`machine_exec`] runs its command (`docker exec`'s flags); the default is the machine's
+/// own user, working directory and environment, no terminal.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    /// `K=V` entries added to the machine's environment.
+    pub env: Vec<String>,
+    /// Give the process a pseudo-terminal (stdin must be one, and is attached).
+    pub tty: bool,
+    /// Attach the caller's stdin (`docker exec -i`); otherwise the process reads end of
+    /// file at once.
+    pub stdin: bool,
+    /// Working directory, an absolute path (default: the machine's).
+    pub workdir: Option<String>,
+    /// Who the process runs as (default: the machine's user).
+    pub user: Option<UserSpec>,
+}
+
+/// Runs `args` inside running machine `id` (`runc exec`) as `opts` say; stdin, stdout and
+/// stderr are the caller's. Returns its exit code (`128 + n` when killed by signal n); an
+/// `Err` means the machine is not running or runc failed.
 pub fn machine_exec(
     cfg: &RuntimeConfig,
     id: &str,
     args: &[String],
-    env: &[String],
-    tty: bool,
+    opts: &ExecOptions,
 ) -> Result<i32> {
+    let ExecOptions {
+        env,
+        tty,
+        stdin,
+        workdir,
+        user,
+    } = opts;
+    let tty = *tty;
     check_id(id)?;
     if args.is_empty() {
         return Err(machine_err(id, "exec: no command"));
+    }
+    if let Some(w) = workdir.as_deref().filter(|w| !w.starts_with('/')) {
+        return Err(machine_err(
+            id,
+            format!("exec: the working directory `{w}` must be an absolute path"),
+        ));
     }
     if let Some(e) = env.iter().find(|e| !e.contains('=')) {
         return Err(machine_err(
@@ -803,9 +930,20 @@ pub fn machine_exec(
         .args(["--log-format", "json", "exec"]);
     if tty {
         cmd.arg("-t");
+    } else if !stdin {
+        cmd.stdin(std::process::Stdio::null());
     }
     for e in env {
         cmd.arg("--env").arg(e);
+    }
+    if let Some(w) = workdir {
+        cmd.arg("--cwd").arg(w);
+    }
+    if let Some(u) = user {
+        cmd.arg("--user").arg(format!("{}:{}", u.uid, u.gid));
+        for g in &u.clone().with_primary_group().additional_gids {
+            cmd.arg("--additional-gids").arg(g.to_string());
+        }
     }
     cmd.arg(&cid).args(args);
     let command = command_line(&cmd);

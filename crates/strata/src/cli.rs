@@ -179,14 +179,46 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
         progress: ProgressArg,
     },
-    /// Machines on this host, like `docker ps` (`strata machine list`).
+    /// Machines on this host, running or not, like `docker ps -a` (`strata machine list`).
     Ps {
         /// Only this app's machines.
         #[arg(long)]
         app: Option<String>,
         /// One JSON object per line.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "quiet")]
         json: bool,
+        /// Only the machines' ids, one per line (`strata rm -f $(strata ps -q)`).
+        #[arg(short, long)]
+        quiet: bool,
+        /// Every machine: what `ps` always lists (accepted, as `docker ps -a` users type it).
+        #[arg(short, long)]
+        all: bool,
+    },
+    /// Run a command in a running machine, like `docker exec` (`strata machine exec`).
+    Exec(ExecArgs),
+    /// Start stopped machines, like `docker start` (`strata machine start`).
+    Start {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Stop machines, like `docker stop` (`strata machine stop`).
+    Stop {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Stop and start machines, like `docker restart` (`strata machine restart`).
+    Restart {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Remove stopped machines, like `docker rm`; `-f` stops running ones first (`strata
+    /// machine destroy`). Named volumes stay.
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Stop a running machine, then remove it.
+        #[arg(short, long)]
+        force: bool,
     },
     /// An image's history: one line per step, newest first, like `docker history`.
     History {
@@ -602,12 +634,21 @@ pub enum MachineCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Start a stopped machine (its root filesystem starts fresh; volumes stay).
-    Start { id: String },
-    /// Stop a machine: its StopSignal, then SIGKILL after the kill timeout.
-    Stop { id: String },
-    /// Stop and start a machine.
-    Restart { id: String },
+    /// Start stopped machines (their root filesystems start fresh; volumes stay).
+    Start {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Stop machines: their StopSignal, then SIGKILL after the kill timeout.
+    Stop {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Stop and start machines.
+    Restart {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
     /// Stop and remove machines (their named volumes stay).
     #[command(alias = "rm")]
     Destroy {
@@ -622,17 +663,35 @@ pub enum MachineCommand {
         follow: bool,
     },
     /// Run a command inside a running machine.
-    Exec {
-        id: String,
-        /// Allocate a terminal.
-        #[arg(short, long)]
-        tty: bool,
-        /// Extra environment, `K=V`, or `K` to pass this shell's `K`.
-        #[arg(short, long = "env", value_name = "K=V")]
-        env: Vec<String>,
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
-        command: Vec<String>,
-    },
+    Exec(ExecArgs),
+}
+
+/// `exec` (`strata exec`, `strata machine exec`): `docker exec`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    /// Attach stdin (without it, the command reads end of file at once).
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Allocate a terminal (stdin must be one; `-it` for a shell).
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Extra environment, `K=V`, or `K` to pass this shell's `K`.
+    #[arg(short, long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Extra environment from a file: `K=V` or `K` per line, `#` comments (before `-e`).
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub env_files: Vec<PathBuf>,
+    /// Working directory, an absolute path (default: the machine's).
+    #[arg(short, long, value_name = "PATH")]
+    pub workdir: Option<String>,
+    /// Who the command runs as, `NAME|UID[:GROUP|GID]` (default: the machine's user; names
+    /// are looked up in the machine's /etc/passwd and /etc/group).
+    #[arg(short, long, value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
+    /// The machine (its id or the start of it).
+    pub id: String,
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
 }
 
 /// `strata run`: a machine's flags, and the `docker run` habits it takes or explains.
@@ -642,11 +701,13 @@ pub struct RunArgs {
     /// `docker run --rm` users type it).
     #[arg(long)]
     pub rm: bool,
-    /// Not supported: `strata run` attaches the output only (refused with a hint).
-    #[arg(short = 'i', long, hide = true)]
+    /// Attach stdin: what this process reads goes to the command (without it, the command
+    /// reads end of file at once).
+    #[arg(short = 'i', long)]
     pub interactive: bool,
-    /// Not supported: `strata run` attaches no terminal (refused with a hint).
-    #[arg(short = 't', long, hide = true)]
+    /// Give the command a terminal: its output comes through it, and with `-i` this terminal's
+    /// keys go to it (`strata run -it IMAGE sh`).
+    #[arg(short = 't', long)]
     pub tty: bool,
     /// Not supported: a machine that keeps running is `strata machine run` (refused with a hint).
     #[arg(short = 'd', long, hide = true)]

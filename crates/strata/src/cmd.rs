@@ -82,9 +82,23 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::hosts::run_there(&on, &crate::hosts::argv_for_host())
         }
         Command::Logs { app, follow, .. } => crate::deploy::app_logs(store()?, &app, follow),
-        Command::Ps { app, json } => {
-            crate::deploy::machine(store()?, crate::cli::MachineCommand::List { app, json })
+        Command::Ps {
+            app, quiet: true, ..
+        } => crate::deploy::machine_ids(store()?, app.as_deref()),
+        Command::Ps { app, json, .. } => {
+            crate::deploy::machine(store()?, cli::MachineCommand::List { app, json })
         }
+        Command::Exec(args) => crate::deploy::machine(store()?, cli::MachineCommand::Exec(args)),
+        Command::Start { ids } => {
+            crate::deploy::machine(store()?, cli::MachineCommand::Start { ids })
+        }
+        Command::Stop { ids } => {
+            crate::deploy::machine(store()?, cli::MachineCommand::Stop { ids })
+        }
+        Command::Restart { ids } => {
+            crate::deploy::machine(store()?, cli::MachineCommand::Restart { ids })
+        }
+        Command::Rm { ids, force } => crate::deploy::rm(store()?, &ids, force),
         Command::History { image, json } => history(&store()?, &image, json),
         Command::Rebase {
             all: true,

@@ -125,13 +125,21 @@ fn docker_env(entries: &[String], files: &[PathBuf]) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// Which command a machine of [`start_machine`] is for.
+enum Started {
+    /// `machine run`: detached, kept until destroyed.
+    Detached,
+    /// `strata run`: removed when its command exits, and when it fails to start; its stdin or
+    /// terminal attached to this process, if asked.
+    Once(Option<strata_deploy::state::Attached>),
+}
+
 /// `machine run` and `run`: a new machine from `a` (pulling the image when the store lacks
-/// it, as `docker run` does), its ports routed, the agent up, and the machine running. With
-/// `once` (`strata run`), a machine that fails to start is removed again.
+/// it, as `docker run` does), its ports routed, the agent up, and the machine running.
 fn start_machine(
     host: &mut Host,
     a: &crate::cli::MachineRunArgs,
-    once: bool,
+    started: Started,
 ) -> Result<(Machine, Vec<(u16, u16)>)> {
     let mut opts = MachineOptions {
         cmd: (!a.command.is_empty()).then(|| a.command.clone()),
@@ -141,6 +149,10 @@ fn start_machine(
         id: a.name.clone(),
         workdir: a.workdir.clone(),
         user: a.user.clone(),
+        attach: match &started {
+            Started::Once(attach) => attach.clone(),
+            Started::Detached => None,
+        },
         ..MachineOptions::default()
     };
     for v in &a.volumes {
@@ -168,7 +180,7 @@ fn start_machine(
         crate::registry::pull_image(&host.store, &pull)
             .with_context(|| format!("`{}` is not in the store and cannot be pulled", a.image))?;
     }
-    let m = if once {
+    let m = if matches!(started, Started::Once(_)) {
         machines::run_machine_removed_on_failure(host, &a.image, &opts, &exe()?)?
     } else {
         machines::run_machine(host, &a.image, &opts, &exe()?)?
@@ -180,7 +192,7 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
     let mut host = host(store)?;
     match command {
         MachineCommand::Run(a) => {
-            let (m, ports) = start_machine(&mut host, &a, false)?;
+            let (m, ports) = start_machine(&mut host, &a, Started::Detached)?;
             eprintln!(
                 "machine {} running at {}{}",
                 m.id,
@@ -216,23 +228,17 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
             }
             Ok(())
         }
-        MachineCommand::Start { id } => {
-            println!("{}", machines::start(&host, &id, &exe()?)?.id);
-            Ok(())
+        MachineCommand::Start { ids } => {
+            each_machine(&ids, |id| Ok(machines::start(&host, id, &exe()?)?))
         }
-        MachineCommand::Stop { id } => {
-            println!("{}", machines::stop(&host, &id, &exe()?)?.id);
-            Ok(())
+        MachineCommand::Stop { ids } => {
+            each_machine(&ids, |id| Ok(machines::stop(&host, id, &exe()?)?))
         }
-        MachineCommand::Restart { id } => {
-            println!("{}", machines::restart(&host, &id, &exe()?)?.id);
-            Ok(())
+        MachineCommand::Restart { ids } => {
+            each_machine(&ids, |id| Ok(machines::restart(&host, id, &exe()?)?))
         }
         MachineCommand::Destroy { ids } => {
-            for id in ids {
-                println!("{}", machines::destroy(&host, &id, &exe()?)?.id);
-            }
-            Ok(())
+            each_machine(&ids, |id| Ok(machines::destroy(&host, id, &exe()?)?))
         }
         MachineCommand::Logs { id, follow } => {
             let m = machines::find(&host, &id)?;
@@ -243,19 +249,29 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
                 &mut std::io::stdout().lock(),
             )?)
         }
-        MachineCommand::Exec {
-            id,
-            tty,
-            env,
-            command,
-        } => {
-            let m = machines::find(&host, &id)?;
+        MachineCommand::Exec(a) => {
+            let m = machines::find(&host, &a.id)?;
             if m.state != MachineState::Running {
                 bail!("machine {} is {}, not running", m.id, m.state);
             }
-            let mut full_env = m.config.env.clone();
-            full_env.extend(docker_env(&env, &[])?);
-            let code = host.driver.exec(&m.id, &command, &full_env, tty)?;
+            let mut env = m.config.env.clone();
+            env.extend(docker_env(&a.env, &a.env_files)?);
+            let user = match &a.user {
+                // Looked up in the machine's own root, as `docker exec -u NAME` does.
+                Some(u) => Some(
+                    strata_runtime::resolve_user(&[host.machine_dir(&m.id).join("rootfs")], u)
+                        .with_context(|| format!("--user `{u}` in machine {}", m.id))?,
+                ),
+                None => None,
+            };
+            let opts = strata_runtime::ExecOptions {
+                env,
+                tty: a.tty,
+                stdin: a.interactive,
+                workdir: a.workdir.clone(),
+                user,
+            };
+            let code = host.driver.exec(&m.id, &a.command, &opts)?;
             if code != 0 {
                 std::process::exit(code);
             }
@@ -264,16 +280,51 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
     }
 }
 
+/// `strata ps -q`: the machines' ids, one per line.
+pub fn machine_ids(store: Store, app: Option<&str>) -> Result<()> {
+    let host = host(store)?;
+    let machines = match app {
+        Some(a) => host.state.app_machines(a)?,
+        None => host.state.machines()?,
+    };
+    for m in machines {
+        println!("{}", m.id);
+    }
+    Ok(())
+}
+
+/// Runs `what` on each machine of `ids` in turn, printing each one's id as it is done (as
+/// `docker stop A B` does); stops at the first error.
+fn each_machine(ids: &[String], mut what: impl FnMut(&str) -> Result<Machine>) -> Result<()> {
+    for id in ids {
+        println!("{}", what(id)?.id);
+    }
+    Ok(())
+}
+
+/// `strata rm`: `docker rm`'s rule, a running machine is removed only with `-f`.
+pub fn rm(store: Store, ids: &[String], force: bool) -> Result<()> {
+    let host = host(store)?;
+    if !force {
+        for id in ids {
+            let m = machines::find(&host, id)?;
+            if m.state == MachineState::Running {
+                bail!(
+                    "machine {} is running: stop it first (`strata stop {}`) or remove it with \
+                     `strata rm -f {}`",
+                    m.id,
+                    m.id,
+                    m.id
+                );
+            }
+        }
+    }
+    each_machine(ids, |id| Ok(machines::destroy(&host, id, &exe()?)?))
+}
+
 /// `strata run`: a machine attached to the terminal's output and removed when its command
 /// exits (`docker run --rm`); strata exits with the command's code. Ctrl-C removes it too.
 pub fn run(store: Store, args: &crate::cli::RunArgs) -> Result<()> {
-    if args.interactive || args.tty {
-        bail!(
-            "`strata run` attaches the command's output, not a terminal or stdin (-i/-t); for a \
-             shell, start a machine with `strata machine run IMAGE sleep inf` and open one with \
-             `strata machine exec -t ID sh`"
-        );
-    }
     if args.detach {
         bail!(
             "`strata run` waits for the command (-d is not taken); a machine that keeps running \
@@ -290,8 +341,14 @@ pub fn run(store: Store, args: &crate::cli::RunArgs) -> Result<()> {
         );
     }
     let mut host = host(store)?;
-    let (m, _) = start_machine(&mut host, a, true)?;
-    let followed = machines::copy_log(&host, &m.id, true, &mut std::io::stdout().lock());
+    let attachment = crate::attach::Attachment::prepare(&host.store, args.interactive, args.tty)?;
+    let attach = attachment.as_ref().map(crate::attach::Attachment::config);
+    let (m, _) = start_machine(&mut host, a, Started::Once(attach))?;
+    let followed = match attachment {
+        Some(attachment) => attachment.serve(&host, &m.id),
+        None => machines::copy_log(&host, &m.id, true, &mut std::io::stdout().lock())
+            .map_err(Into::into),
+    };
     let code = host.state.machine(&m.id)?.and_then(|now| now.exit_code);
     host.state.set_desired(&m.id, Desired::Destroyed)?;
     poke(host.store.root());

@@ -1,6 +1,7 @@
 //! The `strata` command: parses flags, runs one command, prints the error chain on failure.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod attach;
 mod build;
 mod cli;
 mod cmd;

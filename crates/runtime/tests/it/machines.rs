@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use strata_runtime::ensure_host_nat;
 use strata_runtime::{
-    MachineSpec, MachineStatus, NetSpec, RuntimeConfig, StopOutcome, UserSpec, VolumeMount,
-    container_id, find_init, machine_cleanup, machine_destroy, machine_exec, machine_start,
-    machine_status, machine_stop, prepare_network, set_child_subreaper, teardown_network,
+    Attach, ExecOptions, MachineSpec, MachineStatus, NetSpec, RuntimeConfig, StopOutcome, UserSpec,
+    VolumeMount, container_id, find_init, machine_cleanup, machine_destroy, machine_exec,
+    machine_start, machine_status, machine_stop, prepare_network, receive_console,
+    set_child_subreaper, teardown_network,
 };
 
 fn skip(why: &str) -> Option<Lab> {
@@ -109,6 +110,7 @@ impl Lab {
             volumes: Vec::new(),
             net: NetSpec { index },
             init: self.init.clone(),
+            attach: Attach::None,
         }
     }
 
@@ -136,8 +138,7 @@ impl Lab {
             &self.cfg,
             &spec.id,
             &["/bin/sh".into(), "-c".into(), script.into()],
-            &[],
-            false,
+            &ExecOptions::default(),
         )
         .unwrap()
     }
@@ -446,16 +447,67 @@ fn exec_runs_in_the_running_machine() {
         &lab.cfg,
         &spec.id,
         &["/bin/sh".into(), "-c".into(), "exit $CODE".into()],
-        &["CODE=42".into()],
-        false,
+        &ExecOptions {
+            env: vec!["CODE=42".into()],
+            ..ExecOptions::default()
+        },
     )
     .unwrap();
     assert_eq!(code, 42);
+    // Another user and working directory (`docker exec -u -w`), the primary group among the
+    // supplementary ones as at a machine's start.
+    let as_other = ExecOptions {
+        workdir: Some("/tmp".into()),
+        user: Some(UserSpec {
+            uid: 1000,
+            gid: 1001,
+            additional_gids: vec![5],
+        }),
+        ..ExecOptions::default()
+    };
+    let script = "test \"$(id -u):$(id -g)\" = 1000:1001 && id -G | grep -qw 5 \
+                  && test \"$PWD\" = /tmp && test \"$(pwd)\" = /tmp";
+    let run = |opts: &ExecOptions, script: &str| {
+        machine_exec(
+            &lab.cfg,
+            &spec.id,
+            &["/bin/sh".into(), "-c".into(), script.into()],
+            opts,
+        )
+    };
+    assert_eq!(run(&as_other, script).unwrap(), 0, "{script}");
+    // By default, the machine's own: root in /.
+    assert_eq!(
+        run(
+            &ExecOptions::default(),
+            "test \"$(id -u)\" = 0 && test \"$(pwd)\" = /"
+        )
+        .unwrap(),
+        0
+    );
+    let relative = ExecOptions {
+        workdir: Some("tmp".into()),
+        ..ExecOptions::default()
+    };
+    let e = run(&relative, "true").unwrap_err().to_string();
+    assert!(e.contains("`tmp` must be an absolute path"), "{e}");
     // A command that is not there: runc's failure, reported as an error naming the machine.
-    let e = machine_exec(&lab.cfg, &spec.id, &["/no/such".into()], &[], false).unwrap_err();
+    let e = machine_exec(
+        &lab.cfg,
+        &spec.id,
+        &["/no/such".into()],
+        &ExecOptions::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains(&container_id(&spec.id)), "{e}");
     machine_stop(&lab.cfg, &spec, 15, Duration::from_secs(5)).unwrap();
-    let e = machine_exec(&lab.cfg, &spec.id, &["true".into()], &[], false).unwrap_err();
+    let e = machine_exec(
+        &lab.cfg,
+        &spec.id,
+        &["true".into()],
+        &ExecOptions::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("not running"), "{e}");
 }
 
@@ -598,6 +650,7 @@ fn starter_helper() {
         },
         init: f[7].into(),
         log: f[8].into(),
+        attach: Attach::None,
     };
     let pid = machine_start(&cfg, &spec).unwrap();
     println!("started pid {pid}");
@@ -876,8 +929,10 @@ fn tty_helper() {
         &cfg,
         f[2],
         &["/bin/sh".into(), "-c".into(), script],
-        &[],
-        true,
+        &ExecOptions {
+            tty: true,
+            ..ExecOptions::default()
+        },
     );
     println!("\nresult={r:?}");
 }
@@ -895,7 +950,11 @@ fn exec_with_a_tty_gets_a_terminal() {
     lab.start(&spec);
     wait_for_log(&spec, "ready\n");
     // Without a terminal on stdin, a clear error instead of runc's.
-    let e = machine_exec(&lab.cfg, &spec.id, &["true".into()], &[], true).unwrap_err();
+    let tty = ExecOptions {
+        tty: true,
+        ..ExecOptions::default()
+    };
+    let e = machine_exec(&lab.cfg, &spec.id, &["true".into()], &tty).unwrap_err();
     assert!(e.to_string().contains("terminal"), "{e}");
     let fields = [
         lab.cfg.runc.to_str().unwrap(),
@@ -915,4 +974,73 @@ fn exec_with_a_tty_gets_a_terminal() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("/dev/pts/"), "{text}");
     assert!(text.contains("result=Ok(4)"), "{text}");
+
+    // A machine whose stdin is a FIFO the client held open before the start: the process
+    // reads what the client writes, then end of file when it closes its end.
+    let dir = lab.root().join("attach");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("stdin");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut writer = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    let mut spec = lab.spec(1, "cat; echo end");
+    spec.attach = Attach::Stdin(fifo.clone());
+    lab.start(&spec);
+    std::thread::sleep(Duration::from_millis(200));
+    writer.write_all(b"fed in\n").unwrap();
+    drop(writer);
+    wait_for_log(&spec, "fed in\nend\n");
+    wait_exited(&lab, &spec);
+    machine_destroy(&lab.cfg, &spec).unwrap();
+
+    // A machine with a terminal: its master comes to the console socket, what is typed there
+    // is the process's input, and its output comes back through it (not to the log).
+    let socket = dir.join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let mut spec = lab.spec(1, "tty; read x; echo got:$x; echo to-stderr >&2");
+    spec.attach = Attach::Tty(socket.clone());
+    lab.start(&spec);
+    let master = receive_console(&listener, Duration::from_secs(10)).unwrap();
+    let mut master = std::fs::File::from(master);
+    master.write_all(b"typed\n").unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    // The master reads EIO once every process holding the terminal has ended.
+    while let Ok(n) = master.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.contains("/dev/pts/0\r\n"), "{seen}");
+    assert!(seen.contains("got:typed\r\n"), "{seen}");
+    assert!(seen.contains("to-stderr\r\n"), "{seen}");
+    wait_exited(&lab, &spec);
+    // (The log is the first machine's of this id: it keeps its output, and gets nothing.)
+    assert_eq!(
+        read_log(&spec),
+        "fed in\nend\n",
+        "a terminal's output is not logged"
+    );
+}
+
+fn wait_exited(lab: &Lab, spec: &MachineSpec) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while matches!(
+        machine_status(&lab.cfg, &spec.id).unwrap(),
+        MachineStatus::Running { .. }
+    ) {
+        assert!(Instant::now() < deadline, "{} never exited", spec.id);
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -944,15 +944,227 @@ fn run_takes_docker_run_flags_and_explains_the_rest() {
         e.contains("user `nosuch`") && e.contains("/etc/passwd"),
         "{e}"
     );
-    for flag in ["-it", "-i", "-t"] {
-        let e = env.fails(&["run", flag, "busybox", "sh"]);
-        assert!(e.contains("machine exec -t"), "{flag}: {e}");
-    }
+    let e = env.fails(&["run", "-it", "busybox", "sh"]);
+    assert!(e.contains("not a TTY"), "{e}");
     let e = env.fails(&["run", "-d", "busybox", "sleep", "9"]);
     assert!(e.contains("strata machine run"), "{e}");
     let e = env.fails(&["run", "--restart", "always", "busybox", "true"]);
     assert!(e.contains("machine run --restart always"), "{e}");
     assert_eq!(env.ok(&["machine", "list", "--json"]), "");
+}
+
+/// `strata run -i` passes piped input to the command (without it, the command reads end of
+/// file), `-t` gives it a terminal its output comes through, and `-it` under a terminal is an
+/// interactive session that exits with the command's code.
+#[test]
+fn run_attaches_stdin_and_a_terminal() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    let strata = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_strata"));
+        c.arg("--store").arg(env.store());
+        c
+    };
+    // Feeds `input` (then closes stdin, or keeps it open with `hold`) to `strata args`.
+    let feed = |args: &[&str], input: &[u8], hold: bool| {
+        let mut child = strata()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input).unwrap();
+        let held = hold.then_some(stdin);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("strata {args:?} never returned");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(held);
+        child.wait_with_output().unwrap()
+    };
+    let cat = ["busybox", "sh", "-c", "cat; echo end"];
+    let out = feed(&[&["run", "-i"][..], &cat].concat(), b"piped in\n", false);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "piped in\nend\n");
+    let out = feed(&[&["run"][..], &cat].concat(), b"not read\n", true);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "end\n");
+
+    // -t: a terminal (its line discipline turns \n into \r\n, as under `docker run -t`),
+    // stderr through it too, and the command's exit code.
+    let out = feed(
+        &[
+            "run",
+            "-t",
+            "busybox",
+            "sh",
+            "-c",
+            "tty; echo out; echo err >&2; exit 3",
+        ],
+        b"",
+        true,
+    );
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "/dev/pts/0\r\nout\r\nerr\r\n"
+    );
+    assert_eq!(env.ok(&["machine", "list", "--json"]), "");
+
+    // -it in a terminal (`script` makes one): what is typed reaches the shell.
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        strata_test_support::skip("`strata run -it` needs `script` (util-linux) to test");
+        return;
+    }
+    let line = format!(
+        "{} --store {} run -it busybox sh -c 'read x; echo got:$x; exit 4'",
+        env!("CARGO_BIN_EXE_strata"),
+        env.store().display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut typed = false;
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "strata run -it never returned");
+        // Typed once the machine runs (before that, the terminal is not raw yet).
+        if !typed && env.ok(&["machine", "list", "--json"]).contains("running") {
+            std::thread::sleep(Duration::from_millis(300));
+            stdin.write_all(b"typed\r").unwrap();
+            typed = true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("got:typed"), "{text}");
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    assert_eq!(env.ok(&["machine", "list", "--json"]), "");
+}
+
+/// The `docker` verbs for containers work on machines: `exec` (stdin attached, `-u`, `-w`,
+/// `-e`, `--env-file`), `stop`/`start`/`restart` of several at once, `rm` (a running one only
+/// with `-f`) and `ps -q`.
+#[test]
+fn docker_exec_stop_start_restart_rm_and_ps_q_work_on_machines() {
+    use std::io::Write;
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    for name in ["a", "b"] {
+        env.ok(&[
+            "machine", "run", "busybox", "--name", name, "--", "sleep", "1000",
+        ]);
+    }
+    let file = env.path("exec.env");
+    std::fs::write(&file, "FROM_FILE=f\n").unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(env.store())
+        .args(["exec", "-i", "-u", "4242:77", "-w", "/tmp", "-e", "X=1"])
+        .args(["--env-file", file.to_str().unwrap(), "a", "sh", "-c"])
+        .arg("cat; id -u; id -g; pwd; echo $X $FROM_FILE")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"piped in\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "piped in\n4242\n77\n/tmp\n1 f\n"
+    );
+    // Without -i, stdin is not attached: the command reads end of file at once.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(env.store())
+        .args(["exec", "a", "sh", "-c", "cat; echo done"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let held_open = child.stdin.take();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("exec without -i waited for stdin");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(held_open);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
+    // Names are looked up in the machine's own /etc/passwd and /etc/group.
+    assert_eq!(
+        env.ok(&["exec", "-u", "root:root", "a", "sh", "-c", "id -u; id -g"]),
+        "0\n0\n"
+    );
+    let e = env.fails(&["exec", "-u", "nosuch", "a", "true"]);
+    assert!(e.contains("`nosuch`") && e.contains("machine a"), "{e}");
+    let e = env.fails(&["exec", "-w", "tmp", "a", "true"]);
+    assert!(e.contains("`tmp` must be an absolute path"), "{e}");
+    assert_eq!(
+        env.strata(&["exec", "a", "sh", "-c", "exit 5"])
+            .status
+            .code(),
+        Some(5)
+    );
+    // -t needs a terminal on stdin, as `docker exec -t` says.
+    let e = env.fails(&["exec", "-it", "a", "sh"]);
+    assert!(e.contains("terminal"), "{e}");
+
+    let mut ids: Vec<String> = env.ok(&["ps", "-q"]).lines().map(String::from).collect();
+    ids.sort();
+    assert_eq!(ids, ["a", "b"]);
+    assert_eq!(env.ok(&["ps", "-a", "-q"]).lines().count(), 2);
+
+    let e = env.fails(&["rm", "a"]);
+    assert!(
+        e.contains("machine a is running") && e.contains("strata rm -f a"),
+        "{e}"
+    );
+    assert_eq!(env.ok(&["stop", "a", "b"]), "a\nb\n");
+    for id in ["a", "b"] {
+        assert_eq!(machine_json(&env, id)["state"], "stopped");
+    }
+    assert_eq!(env.ok(&["start", "a"]), "a\n");
+    assert_eq!(machine_json(&env, "a")["state"], "running");
+    let pid = machine_json(&env, "a")["pid"].clone();
+    assert_eq!(env.ok(&["restart", "a"]), "a\n");
+    let m = machine_json(&env, "a");
+    assert!(m["state"] == "running" && m["pid"] != pid, "{m}");
+    assert_eq!(env.ok(&["rm", "b"]), "b\n");
+    assert_eq!(env.ok(&["rm", "-f", "a"]), "a\n");
+    assert_eq!(env.ok(&["ps", "-q"]), "");
+    let e = env.fails(&["stop", "nosuch"]);
+    assert!(e.contains("nosuch"), "{e}");
 }
 
 /// `docker build` habits: `-q` prints the digest alone, `--iidfile` writes it, `--label` labels
