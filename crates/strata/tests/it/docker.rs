@@ -137,6 +137,39 @@ fn docker_loads_a_strata_save_archive_and_runs_it() {
         ours, theirs,
         "strata run and docker run take -w and -u differently"
     );
+    // -i and -t attach as Docker's do: piped input reaches the command with -i (without it,
+    // the command reads end of file); -t gives it a terminal that stderr shares, its lines
+    // ending in \r\n.
+    let input = env.path("input.txt");
+    fs::write(&input, "piped in\n").unwrap();
+    for (flags, probe) in [
+        (&[][..], "cat; echo end"),
+        (&["-i"][..], "cat; echo end"),
+        (&["-t"][..], "tty; echo out; echo err >&2"),
+    ] {
+        let stdin = || fs::File::open(&input).unwrap();
+        let theirs = check(
+            docker
+                .cmd(120)
+                .args(["run", "--rm", "--network", "host"])
+                .args(flags)
+                .args(["busybox:latest", "sh", "-c", probe])
+                .stdin(stdin()),
+        );
+        let ours = check(
+            bounded(120, env!("CARGO_BIN_EXE_strata"))
+                .arg("--store")
+                .arg(env.store())
+                .arg("run")
+                .args(flags)
+                .args(["busybox", "sh", "-c", probe])
+                .stdin(stdin()),
+        );
+        assert_eq!(
+            ours, theirs,
+            "strata run and docker run attach {flags:?} differently"
+        );
+    }
     eprintln!("docker load + run test: {:?}", started.elapsed());
 }
 
