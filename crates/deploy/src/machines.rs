@@ -212,10 +212,61 @@ fn write_err(source: std::io::Error) -> Error {
     }
 }
 
-/// Copies machine `id`'s output to `out`; with `follow`, keeps copying until its process
-/// ends (or Ctrl-C).
-pub fn copy_log(host: &Host, id: &str, follow: bool, out: &mut dyn Write) -> Result<()> {
-    let mut pos = 0u64;
+/// Where the last `lines` lines of the file at `path` start (`docker logs --tail N`): 0 when
+/// it has no more than that, or is missing. A last line without its newline counts as one.
+/// Reads the file backwards, a block at a time, so a long log costs what is shown.
+pub fn tail_offset(path: &Path, lines: usize) -> Result<u64> {
+    let io = |source| Error::Io {
+        op: "cannot read",
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io(e)),
+    };
+    let len = f.metadata().map_err(io)?.len();
+    if lines == 0 {
+        return Ok(len);
+    }
+    let mut end = len;
+    let mut newlines = 0usize;
+    let mut block = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(block.len() as u64);
+        let chunk = &mut block[..(end - start) as usize];
+        f.seek(SeekFrom::Start(start)).map_err(io)?;
+        f.read_exact(chunk).map_err(io)?;
+        for (i, b) in chunk.iter().enumerate().rev() {
+            let at = start + i as u64;
+            // The file's own last newline ends the last line; it starts none.
+            if *b != b'\n' || at + 1 == len {
+                continue;
+            }
+            newlines += 1;
+            if newlines == lines {
+                return Ok(at + 1);
+            }
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+/// Copies machine `id`'s output to `out`, from its last `tail` lines when given; with
+/// `follow`, keeps copying until its process ends (or Ctrl-C).
+pub fn copy_log(
+    host: &Host,
+    id: &str,
+    follow: bool,
+    tail: Option<usize>,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let mut pos = match tail {
+        Some(n) => tail_offset(&host.log_path(id), n)?,
+        None => 0,
+    };
     let mut seen_running = false;
     loop {
         let ended = ended(host, id, &mut seen_running)?;
@@ -230,8 +281,15 @@ pub fn copy_log(host: &Host, id: &str, follow: bool, out: &mut dyn Write) -> Res
 }
 
 /// Copies the output of every machine of `app` to `out`, line by line, each line prefixed
-/// with its machine's short id; with `follow`, until every one of them has ended.
-pub fn copy_app_logs(host: &Host, app: &str, follow: bool, out: &mut dyn Write) -> Result<()> {
+/// with its machine's short id, from each one's last `tail` lines when given; with `follow`,
+/// until every one of them has ended.
+pub fn copy_app_logs(
+    host: &Host,
+    app: &str,
+    follow: bool,
+    tail: Option<usize>,
+    out: &mut dyn Write,
+) -> Result<()> {
     struct Followed {
         id: String,
         pos: u64,
@@ -256,6 +314,11 @@ pub fn copy_app_logs(host: &Host, app: &str, follow: bool, out: &mut dyn Write) 
         return Err(Error::Config(format!(
             "app `{app}` has no machines on this host (see `strata apps list`)"
         )));
+    }
+    if let Some(n) = tail {
+        for f in &mut all {
+            f.pos = tail_offset(&host.log_path(&f.id), n)?;
+        }
     }
     loop {
         for f in all.iter_mut().filter(|f| !f.ended) {
@@ -286,5 +349,39 @@ pub fn copy_app_logs(host: &Host, app: &str, follow: bool, out: &mut dyn Write) 
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_offset_finds_where_the_last_lines_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let tail = |text: &[u8], n: usize| {
+            std::fs::write(&path, text).unwrap();
+            let at = tail_offset(&path, n).unwrap() as usize;
+            String::from_utf8_lossy(&text[at..]).into_owned()
+        };
+        assert_eq!(tail(b"a\nb\nc\n", 2), "b\nc\n");
+        assert_eq!(tail(b"a\nb\nc\n", 1), "c\n");
+        assert_eq!(tail(b"a\nb\nc\n", 3), "a\nb\nc\n");
+        assert_eq!(tail(b"a\nb\nc\n", 9), "a\nb\nc\n");
+        assert_eq!(tail(b"a\nb\nc\n", 0), "");
+        // A last line still being written counts as a line.
+        assert_eq!(tail(b"a\nb\npart", 1), "part");
+        assert_eq!(tail(b"a\nb\npart", 2), "b\npart");
+        assert_eq!(tail(b"\n\n", 1), "\n");
+        assert_eq!(tail(b"", 3), "");
+        // Across the blocks it reads backwards.
+        let long: Vec<u8> = (0..50_000)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
+        assert_eq!(tail(&long, 2), "line 49998\nline 49999\n");
+        assert_eq!(tail(&long, 50_000).len(), long.len());
+        assert!(tail(&long, 20_000).starts_with("line 30000\n"));
+        assert_eq!(tail_offset(&dir.path().join("missing"), 3).unwrap(), 0);
     }
 }

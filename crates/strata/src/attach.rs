@@ -137,6 +137,7 @@ impl Attachment {
                     host,
                     id,
                     true,
+                    None,
                     &mut std::io::stdout().lock(),
                 )?)
             }
@@ -152,7 +153,13 @@ impl Attachment {
                 relay(&master, *input)?;
                 drop(self);
                 // The terminal closed when the process ended; the agent records its exit.
-                Ok(machines::copy_log(host, id, true, &mut std::io::sink())?)
+                Ok(machines::copy_log(
+                    host,
+                    id,
+                    true,
+                    None,
+                    &mut std::io::sink(),
+                )?)
             }
         }
     }

@@ -144,6 +144,9 @@ pub enum Command {
         /// Keep printing until every machine of the app has exited or is gone.
         #[arg(short, long)]
         follow: bool,
+        /// Only the last N lines (of each machine), or `all`.
+        #[arg(short = 'n', long, value_name = "N|all", value_parser = parse_tail)]
+        tail: Option<Tail>,
         #[command(flatten)]
         on: HostArg,
     },
@@ -661,9 +664,25 @@ pub enum MachineCommand {
         /// Keep printing new output until the machine is destroyed.
         #[arg(short, long)]
         follow: bool,
+        /// Only the last N lines, or `all`.
+        #[arg(short = 'n', long, value_name = "N|all", value_parser = parse_tail)]
+        tail: Option<Tail>,
     },
     /// Run a command inside a running machine.
     Exec(ExecArgs),
+}
+
+/// `logs --tail`: how many lines from the end (`None`: all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tail(pub Option<usize>);
+
+fn parse_tail(s: &str) -> Result<Tail, String> {
+    if s == "all" {
+        return Ok(Tail(None));
+    }
+    s.parse()
+        .map(|n| Tail(Some(n)))
+        .map_err(|_| format!("`{s}` is not a number of lines or `all`"))
 }
 
 /// `exec` (`strata exec`, `strata machine exec`): `docker exec`'s flags.

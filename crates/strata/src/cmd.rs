@@ -81,7 +81,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Logs { on, .. } if on.host.is_some() => {
             crate::hosts::run_there(&on, &crate::hosts::argv_for_host())
         }
-        Command::Logs { app, follow, .. } => crate::deploy::app_logs(store()?, &app, follow),
+        Command::Logs {
+            app, follow, tail, ..
+        } => crate::deploy::app_logs(store()?, &app, follow, tail),
         Command::Ps {
             app, quiet: true, ..
         } => crate::deploy::machine_ids(store()?, app.as_deref()),

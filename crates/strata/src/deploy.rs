@@ -240,12 +240,13 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
         MachineCommand::Destroy { ids } => {
             each_machine(&ids, |id| Ok(machines::destroy(&host, id, &exe()?)?))
         }
-        MachineCommand::Logs { id, follow } => {
+        MachineCommand::Logs { id, follow, tail } => {
             let m = machines::find(&host, &id)?;
             Ok(machines::copy_log(
                 &host,
                 &m.id,
                 follow,
+                tail.and_then(|t| t.0),
                 &mut std::io::stdout().lock(),
             )?)
         }
@@ -346,7 +347,7 @@ pub fn run(store: Store, args: &crate::cli::RunArgs) -> Result<()> {
     let (m, _) = start_machine(&mut host, a, Started::Once(attach))?;
     let followed = match attachment {
         Some(attachment) => attachment.serve(&host, &m.id),
-        None => machines::copy_log(&host, &m.id, true, &mut std::io::stdout().lock())
+        None => machines::copy_log(&host, &m.id, true, None, &mut std::io::stdout().lock())
             .map_err(Into::into),
     };
     let code = host.state.machine(&m.id)?.and_then(|now| now.exit_code);
@@ -372,8 +373,14 @@ pub fn run(store: Store, args: &crate::cli::RunArgs) -> Result<()> {
 
 /// `strata logs APP`: the output of every machine of the app, line by line, each prefixed
 /// with its machine id; `-f` follows until every one of them has ended.
-pub fn app_logs(store: Store, app: &str, follow: bool) -> Result<()> {
+pub fn app_logs(
+    store: Store,
+    app: &str,
+    follow: bool,
+    tail: Option<crate::cli::Tail>,
+) -> Result<()> {
     let host = host(store)?;
+    let tail = tail.and_then(|t| t.0);
     // `docker logs ID`: a name no app has but a machine's id (or its unique start) does gives
     // that machine's output, as `machine logs` would.
     if host.state.app_machines(app)?.is_empty()
@@ -383,6 +390,7 @@ pub fn app_logs(store: Store, app: &str, follow: bool) -> Result<()> {
             &host,
             &m.id,
             follow,
+            tail,
             &mut std::io::stdout().lock(),
         )?);
     }
@@ -390,6 +398,7 @@ pub fn app_logs(store: Store, app: &str, follow: bool) -> Result<()> {
         &host,
         app,
         follow,
+        tail,
         &mut std::io::stdout().lock(),
     )?)
 }

@@ -524,6 +524,16 @@ fn machines_restart_by_policy_keep_logs_exec_and_survive_an_agent_restart() {
     }
     let logs = env.ok(&["machine", "logs", "flaky"]);
     assert_eq!(logs.matches("run").count(), 3, "{logs}");
+    // `--tail N` as `docker logs --tail N`: the last N lines, or `all`.
+    assert_eq!(
+        env.ok(&["machine", "logs", "--tail", "1", "flaky"]),
+        "run\n"
+    );
+    assert_eq!(env.ok(&["logs", "-n", "2", "flaky"]), "run\nrun\n");
+    assert_eq!(env.ok(&["logs", "--tail", "0", "flaky"]), "");
+    assert_eq!(env.ok(&["logs", "--tail", "all", "flaky"]), logs);
+    let e = env.fails(&["logs", "--tail", "some", "flaky"]);
+    assert!(e.contains("`some` is not a number of lines"), "{e}");
 
     // Destroy frees the machine; the named volume stays.
     env.ok(&["machine", "destroy", "srv", "flaky"]);
@@ -779,6 +789,12 @@ fn an_app_without_a_port_deploys_and_redeploys() {
     wait_for("the worker's output", Duration::from_secs(10), || {
         env.ok(&["logs", "worker"]) == format!("{} | working\n", &first[..first.len().min(12)])
     });
+    // An app's `--tail N` is per machine.
+    assert_eq!(env.ok(&["logs", "--tail", "0", "worker"]), "");
+    assert_eq!(
+        env.ok(&["logs", "--tail", "1", "worker"]),
+        env.ok(&["logs", "worker"])
+    );
     // Deploying again with nothing changed keeps the running release and its machine; with
     // `--progress json` every line of stderr is a JSON event (the deploy's were plain text).
     let out = env.strata(&["deploy", "--project", p, "--progress", "json"]);
