@@ -55,18 +55,21 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &dyn Progress) -> Res
     let started = Instant::now();
     let context = std::fs::canonicalize(&opts.context)
         .map_err(io_err("opening build context", &opts.context))?;
-    let dockerfile_path = match &opts.dockerfile {
-        Some(p) => p.clone(),
-        None => context.join("Dockerfile"),
+    let (df, dockerfile_path) = match (&opts.dockerfile_text, &opts.dockerfile) {
+        (Some(text), _) => (Dockerfile::parse("<stdin>", text)?, None),
+        (None, Some(p)) => (Dockerfile::from_file(p)?, Some(p.clone())),
+        (None, None) => {
+            let p = context.join("Dockerfile");
+            (Dockerfile::from_file(&p)?, Some(p))
+        }
     };
-    let df = Dockerfile::from_file(&dockerfile_path)?;
     for w in &df.warnings {
         progress.event(&Event::Warning {
             message: format!("{}:{}: {}", df.file, w.line, w.message),
         });
     }
     let mut ignore_text =
-        match strata_dockerfile::find_ignore_file(&context, Some(&dockerfile_path)) {
+        match strata_dockerfile::find_ignore_file(&context, dockerfile_path.as_deref()) {
             Some(p) => std::fs::read_to_string(&p).map_err(io_err("reading", &p))?,
             None => String::new(),
         };

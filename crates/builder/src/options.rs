@@ -14,6 +14,9 @@ pub struct BuildOptions {
     pub context: PathBuf,
     /// The Dockerfile (default: `<context>/Dockerfile`).
     pub dockerfile: Option<PathBuf>,
+    /// The Dockerfile's text, read elsewhere (`-f -`: from stdin); used instead of a file,
+    /// and its errors name it `<stdin>`.
+    pub dockerfile_text: Option<String>,
     /// `--build-arg K=V`.
     pub build_args: BTreeMap<String, String>,
     /// `--target`.
@@ -80,6 +83,7 @@ impl BuildOptions {
         BuildOptions {
             context: context.into(),
             dockerfile: None,
+            dockerfile_text: None,
             build_args: BTreeMap::new(),
             target: None,
             tags: Vec::new(),

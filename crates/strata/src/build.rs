@@ -96,7 +96,41 @@ fn check_platform(platform: Option<&str>) -> Result<()> {
 fn dockerfile_mode(args: &BuildArgs) -> bool {
     args.file.is_some()
         || !args.tags.is_empty()
+        || args.args == ["-"]
         || (args.args.len() == 1 && Path::new(&args.args[0]).is_dir())
+}
+
+/// A Dockerfile read from stdin (`-f -`, or `-` as the context), as `docker build` takes it.
+/// A tar archive there (Docker's other `-`) is refused with what to do instead.
+fn dockerfile_from_stdin() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut bytes)
+        .context("cannot read the Dockerfile from stdin")?;
+    let compressed = [
+        &[0x1f, 0x8b][..],
+        b"BZh",
+        &[0xfd, b'7', b'z', b'X', b'Z', 0],
+        &[0x28, 0xb5, 0x2f, 0xfd],
+    ]
+    .iter()
+    .any(|magic| bytes.starts_with(magic));
+    if compressed || bytes.get(257..262) == Some(b"ustar") {
+        bail!(
+            "stdin holds an archive: strata takes a Dockerfile there, not a build context; \
+             unpack it (`mkdir ctx && tar -xf FILE -C ctx`) and build the directory"
+        );
+    }
+    String::from_utf8(bytes).context("the Dockerfile on stdin is not UTF-8 text")
+}
+
+/// The context of `strata build -`: none, as `docker build - < Dockerfile` has (an empty
+/// directory of the store's, made once; COPY then finds nothing to copy).
+fn empty_context(store: &Store) -> Result<PathBuf> {
+    let dir = store.root().join("strata/empty-context");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot make `{}`", dir.display()))?;
+    Ok(dir)
 }
 
 pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
@@ -115,13 +149,22 @@ pub fn build(store: &Store, args: &BuildArgs) -> Result<()> {
 fn build_to(store: &Store, args: &BuildArgs, progress: &Output) -> Result<()> {
     let secrets = parse_secrets(&args.secrets)?;
     if dockerfile_mode(args) {
-        let context = match args.args.as_slice() {
-            [c] => PathBuf::from(c),
+        let from_stdin = args.file.as_deref() == Some(Path::new("-"));
+        let (context, dockerfile_text) = match args.args.as_slice() {
+            [c] if c == "-" && args.file.is_some() => bail!(
+                "with `-` as the context, the Dockerfile is what stdin holds: -f is not taken"
+            ),
+            [c] if c == "-" => (empty_context(store)?, Some(dockerfile_from_stdin()?)),
+            [c] => (
+                PathBuf::from(c),
+                from_stdin.then(dockerfile_from_stdin).transpose()?,
+            ),
             [] => bail!("which build context? e.g. `strata build -t NAME .`"),
             more => bail!("one build context expected, got {}: {more:?}", more.len()),
         };
         let mut opts = BuildOptions::new(&context);
-        opts.dockerfile = args.file.clone();
+        opts.dockerfile = args.file.clone().filter(|_| !from_stdin);
+        opts.dockerfile_text = dockerfile_text;
         opts.build_args = parse_build_args(&args.build_args)?;
         opts.target = args.target.clone();
         opts.tags = args.tags.clone();
@@ -138,7 +181,7 @@ fn build_to(store: &Store, args: &BuildArgs, progress: &Output) -> Result<()> {
             NetworkArg::None => NetworkMode::None,
         };
         let outcome = strata_build::build(store, &opts, progress)
-            .with_context(|| format!("build of `{}` failed", context.display()))?;
+            .with_context(|| format!("build of `{}` failed", args.args[0]))?;
         export_cache(store, opts.shared_cache.as_deref(), progress)?;
         let digest = outcome.descriptor.digest.to_string();
         if let Some(path) = &args.iidfile {

@@ -316,9 +316,11 @@ pub struct LoadArgs {
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
     /// Project mode: names of strata.toml images to build (default: all).
-    /// Dockerfile mode (with -f or -t, or when the one argument is a directory): the context.
+    /// Dockerfile mode (with -f or -t, or when the one argument is a directory): the context;
+    /// `-`: no context, the Dockerfile is read from stdin.
     pub args: Vec<String>,
-    /// The Dockerfile (default: CONTEXT/Dockerfile). Selects Dockerfile mode.
+    /// The Dockerfile (default: CONTEXT/Dockerfile; `-`: read from stdin). Selects Dockerfile
+    /// mode.
     #[arg(short = 'f', long = "file", value_name = "PATH")]
     pub file: Option<std::path::PathBuf>,
     /// Name the image `NAME[:TAG]` (repeatable). Selects Dockerfile mode.

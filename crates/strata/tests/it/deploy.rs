@@ -1261,6 +1261,78 @@ fn build_takes_docker_build_flags() {
         let e = env.fails(&args);
         assert!(e.contains("to one Dockerfile"), "{flags:?}: {e}");
     }
+
+    // The Dockerfile from stdin: `-f -` with a context, or `-` for no context at all.
+    std::fs::write(ctx.join("f.txt"), "from the context\n").unwrap();
+    let with_stdin = |args: &[&str], input: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+            .arg("--store")
+            .arg(env.store())
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let ctx_arg = ctx.to_str().unwrap();
+    let out = with_stdin(
+        &["build", "-q", "-f", "-", "-t", "piped:1", ctx_arg],
+        "FROM busybox\nCOPY f.txt /\n",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        env.ok(&["run", "piped:1", "cat", "/f.txt"]),
+        "from the context\n"
+    );
+    let out = with_stdin(
+        &["build", "-q", "-t", "bare:1", "-"],
+        "FROM busybox\nRUN echo made > /made\n",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(env.ok(&["run", "bare:1", "cat", "/made"]), "made\n");
+    // No context: nothing to COPY; errors name the Dockerfile `<stdin>`.
+    let out = with_stdin(
+        &["build", "-t", "bare:2", "-"],
+        "FROM busybox\nCOPY f.txt /\n",
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("<stdin>:2") && e.contains("`f.txt` not found"),
+        "{e}"
+    );
+    // A tar on stdin (Docker's other `-`) is refused with what to do.
+    let tar = std::process::Command::new("tar")
+        .args(["-C", ctx_arg, "-cf", "-", "."])
+        .output()
+        .unwrap()
+        .stdout;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--store")
+        .arg(env.store())
+        .args(["build", "-t", "bare:3", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&tar).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("stdin holds an archive"),
+        "{e}"
+    );
 }
 
 /// `machine logs -f` ends when the machine's process does, like `docker logs -f` (it waited
