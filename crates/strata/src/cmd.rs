@@ -252,23 +252,53 @@ fn images(store: &Store, args: &cli::ImagesArgs) -> Result<()> {
         }
         return Ok(());
     }
-    writeln!(
-        out,
-        "{:<40} {:<16} {:<14} {:<22} {:>10}",
-        "REPOSITORY", "TAG", "DIGEST", "CREATED", "SIZE"
-    )?;
+    let mut table = vec![["REPOSITORY", "TAG", "DIGEST", "CREATED", "SIZE"].map(String::from)];
     // Names, tags and dates came with images (a pull, a load): shown with control
     // characters escaped.
     for (_, repo, tag, desc, created, size) in &rows {
-        writeln!(
-            out,
-            "{:<40} {:<16} {:<14} {:<22} {:>10}",
-            printable(repo),
-            printable(tag),
-            desc.digest.short(),
-            printable(created),
-            human_size(*size)
-        )?;
+        table.push([
+            printable(repo).into_owned(),
+            printable(tag).into_owned(),
+            desc.digest.short().to_string(),
+            printable(created).into_owned(),
+            human_size(*size),
+        ]);
+    }
+    write_table(&mut out, &table, &[4])?;
+    Ok(())
+}
+
+/// `rows` as aligned columns, as Docker prints its tables: each column as wide as its widest
+/// cell, three spaces apart; the columns in `right` aligned right (sizes).
+fn write_table<const N: usize>(
+    out: &mut dyn Write,
+    rows: &[[String; N]],
+    right: &[usize],
+) -> io::Result<()> {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            let pad = " ".repeat(widths[i] - cell.chars().count());
+            if i > 0 {
+                line.push_str("   ");
+            }
+            if right.contains(&i) {
+                line.push_str(&pad);
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                if i + 1 < N {
+                    line.push_str(&pad);
+                }
+            }
+        }
+        writeln!(out, "{line}")?;
     }
     Ok(())
 }
@@ -626,4 +656,26 @@ fn unpack(store: &Store, image: &str, dir: &Path) -> Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_are_as_wide_as_their_widest_cells() {
+        let rows = [
+            ["REPOSITORY", "TAG", "SIZE"].map(String::from),
+            ["app", "strata-0123456789abcdef", "1.2MB"].map(String::from),
+            ["a-much-longer-name", "latest", "12kB"].map(String::from),
+        ];
+        let mut out = Vec::new();
+        write_table(&mut out, &rows, &[2]).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "REPOSITORY           TAG                        SIZE\n\
+             app                  strata-0123456789abcdef   1.2MB\n\
+             a-much-longer-name   latest                     12kB\n"
+        );
+    }
 }
