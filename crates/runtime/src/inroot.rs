@@ -208,6 +208,40 @@ mod tests {
         assert!(!remove_if_empty_stub(root, Path::new("a")));
     }
 
+    #[test]
+    fn host_paths_resolve_inside_the_root() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        std::fs::create_dir_all(root.join("usr/lib/app")).unwrap();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("usr/lib/app/f"), b"x").unwrap();
+        symlink("usr/lib", root.join("lib")).unwrap();
+        symlink("/etc/passwd", root.join("usr/lib/app/out")).unwrap();
+        symlink("app", root.join("usr/lib/dir-link")).unwrap();
+        let at = |p: &str, follow: bool| host_path_in_root(root, p, follow);
+        assert_eq!(at("/lib/app/f", false).unwrap(), root.join("usr/lib/app/f"));
+        assert_eq!(at("/", false).unwrap(), root);
+        // The last component is the link itself unless followed, and followed in the root.
+        assert_eq!(
+            at("/lib/app/out", false).unwrap(),
+            root.join("usr/lib/app/out")
+        );
+        assert_eq!(at("/lib/app/out", true).unwrap(), root.join("etc/passwd"));
+        assert_eq!(at("/lib/dir-link", true).unwrap(), root.join("usr/lib/app"));
+        assert_eq!(
+            at("/lib/app/new", false).unwrap(),
+            root.join("usr/lib/app/new")
+        );
+        assert_eq!(
+            at("/nope/x", false).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        assert_eq!(
+            at("/lib/app/f/x", false).unwrap_err().kind(),
+            io::ErrorKind::NotADirectory
+        );
+    }
+
     /// A batch that turned a directory into a file (`n/child` gone, then `n` a file) leaves
     /// the file in the dev layer, whatever order its ops come in.
     #[test]
@@ -243,6 +277,47 @@ mod tests {
             assert_eq!(m.permissions().mode() & 0o7777, 0o600);
             assert_eq!(std::fs::read(root.join("www/n")).unwrap(), b"now a file\n");
         }
+    }
+}
+
+/// The host path of `container_path` inside the root filesystem `root`, resolved as the
+/// container would see it without leaving `root`: its directories through symlinks inside
+/// `root`, and the last component too with `follow` (else a symlink there is the path
+/// itself). The path need not exist when only its last component is missing; a missing
+/// directory above it is `NotFound`, a file there `NotADirectory`.
+pub fn host_path_in_root(root: &Path, container_path: &str, follow: bool) -> io::Result<PathBuf> {
+    let Some((parent, name)) = parent_and_name(container_path) else {
+        return Ok(root.to_path_buf());
+    };
+    let missing = || {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no such file or directory: `{container_path}`"),
+        )
+    };
+    let r = resolve(root, &parent, false)?;
+    if !r.missing.is_empty() {
+        return Err(missing());
+    }
+    let dir = root.join(&r.existing);
+    if !std::fs::metadata(&dir)?.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            format!("`{}` is not a directory", parent.display()),
+        ));
+    }
+    let here = dir.join(&name);
+    if !follow || !std::fs::symlink_metadata(&here).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Ok(here);
+    }
+    let mut whole = parent;
+    whole.push(&name);
+    let r = resolve(root, &whole, false)?;
+    match r.missing.len() {
+        0 => Ok(root.join(r.existing)),
+        // A link to a name that is not there (yet): the name it gives.
+        1 => Ok(root.join(r.existing).join(&r.missing[0])),
+        _ => Err(missing()),
     }
 }
 

@@ -31,7 +31,7 @@ use std::path::PathBuf;
 
 pub use driver::{MachineDriver, Runc};
 pub use error::{Error, Result};
-pub use inroot::{SyncOp, chown_in_root, record_in_layer, sync_in_root};
+pub use inroot::{SyncOp, chown_in_root, host_path_in_root, record_in_layer, sync_in_root};
 pub use machine::{
     Attach, DEFAULT_INIT, ExecOptions, INIT_PATH, MachineSpec, MachineStatus, StopOutcome,
     VolumeMount, container_id, find_init, machine_cleanup, machine_destroy, machine_exec,

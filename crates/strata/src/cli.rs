@@ -199,6 +199,19 @@ pub enum Command {
     },
     /// Run a command in a running machine, like `docker exec` (`strata machine exec`).
     Exec(ExecArgs),
+    /// Copy files between a running machine and this host, like `docker cp`:
+    /// `strata cp ID:/path DEST` or `strata cp SRC ID:/path`.
+    Cp {
+        src: String,
+        dest: String,
+        /// Follow a symlink named as the source.
+        #[arg(short = 'L', long)]
+        follow_link: bool,
+        /// Accepted, as `docker cp -a` users type it: owners go as without it (see
+        /// docs/deploy.md).
+        #[arg(short, long)]
+        archive: bool,
+    },
     /// Start stopped machines, like `docker start` (`strata machine start`).
     Start {
         #[arg(required = true)]

@@ -101,6 +101,17 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::deploy::machine(store()?, cli::MachineCommand::Restart { ids })
         }
         Command::Rm { ids, force } => crate::deploy::rm(store()?, &ids, force),
+        Command::Cp {
+            src,
+            dest,
+            follow_link,
+            ..
+        } => crate::cp::cp(
+            &crate::deploy::host(store()?)?,
+            &src,
+            &dest,
+            &crate::cp::Options { follow_link },
+        ),
         Command::History { image, json } => history(&store()?, &image, json),
         Command::Rebase {
             all: true,

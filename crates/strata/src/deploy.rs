@@ -51,7 +51,7 @@ pub fn agent(store: Store, args: &AgentArgs) -> Result<()> {
     }
 }
 
-fn host(store: Store) -> Result<Host> {
+pub(crate) fn host(store: Store) -> Result<Host> {
     Host::open(store).context("cannot open the machine state")
 }
 

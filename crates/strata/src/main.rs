@@ -5,6 +5,7 @@ mod attach;
 mod build;
 mod cli;
 mod cmd;
+mod cp;
 mod deploy;
 mod dev;
 mod hosts;

@@ -284,3 +284,124 @@ fn docker_pulls_from_and_pushes_to_the_strata_registry() {
     );
     eprintln!("docker pull + push test: {:?}", started.elapsed());
 }
+
+/// `strata cp` follows `docker cp`'s rules: the same copies, into and out of a running
+/// container and a running machine of the same image, give the same trees on both sides
+/// (types, modes, owners, link targets, contents) and fail in the same cases.
+#[test]
+fn strata_cp_and_docker_cp_copy_alike() {
+    if !can_run_docker() {
+        return;
+    }
+    let Some(env) = crate::deploy::machine_env() else {
+        return;
+    };
+    let _cleanup = crate::deploy::Cleanup(&env);
+    let tar = env.path("busybox.tar");
+    strata(
+        &env.store(),
+        60,
+        &[
+            "save",
+            "busybox",
+            "--format",
+            "docker",
+            "-o",
+            tar.to_str().unwrap(),
+        ],
+    );
+    let docker = Dockerd::start("docker");
+    docker.ok(120, &["load", "-i", tar.to_str().unwrap()]);
+    docker.ok(
+        60,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "box",
+            "--network",
+            "host",
+            "busybox:latest",
+            "sleep",
+            "1000",
+        ],
+    );
+    strata(
+        &env.store(),
+        60,
+        &[
+            "machine", "run", "busybox", "--name", "box", "--", "sleep", "1000",
+        ],
+    );
+
+    // A local tree: a file, a link to it, a directory of another mode with a file of
+    // another owner.
+    let src = env.path("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("a.txt"), "one\n").unwrap();
+    fs::write(src.join("sub/b.txt"), "two\n").unwrap();
+    std::os::unix::fs::symlink("a.txt", src.join("link")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(src.join("sub"), fs::Permissions::from_mode(0o750)).unwrap();
+    std::os::unix::fs::chown(src.join("sub/b.txt"), Some(1234), Some(99)).unwrap();
+    let s = |p: &str| src.join(p).to_str().unwrap().to_string();
+
+    // Each copy, then what each side holds; `OUT` is a local directory of each tool's own.
+    let copies: Vec<Vec<String>> = [
+        vec![s(""), "box:/app".into()],
+        vec![s(""), "box:/app".into()],
+        vec![format!("{}/.", s("")), "box:/app".into()],
+        vec![s("a.txt"), "box:/app/renamed.txt".into()],
+        vec!["-a".into(), s("sub"), "box:/kept".into()],
+        vec![s("a.txt"), "box:/missing/".into()],
+        vec![s(""), "box:/app/renamed.txt".into()],
+        vec!["box:/app".into(), "OUT/new".into()],
+        vec!["box:/app".into(), "OUT".into()],
+        vec!["box:/app/.".into(), "OUT/contents".into()],
+        vec!["box:/app/link".into(), "OUT/l".into()],
+        vec!["-L".into(), "box:/app/link".into(), "OUT/followed".into()],
+        vec!["box:/app/renamed.txt".into(), "OUT/".into()],
+        vec!["box:/nope".into(), "OUT/x".into()],
+        vec!["box:/app".into(), "OUT/new/a.txt".into()],
+        vec!["-a".into(), "box:/app".into(), "OUT/archived".into()],
+    ]
+    .into_iter()
+    .collect();
+    let listing = "cd / && find app kept -exec stat -c '%n %F %a %u:%g %s' {} + 2>&1 | sort; \
+                   find app kept -type l -exec readlink {} + | sort; \
+                   find app kept -type f -exec md5sum {} + | sort";
+    let mut seen = Vec::new();
+    for tool in ["docker", "strata"] {
+        let out = env.path(&format!("out-{tool}"));
+        fs::create_dir_all(&out).unwrap();
+        let mut results = Vec::new();
+        for copy in &copies {
+            let args: Vec<String> = copy
+                .iter()
+                .map(|a| a.replace("OUT", out.to_str().unwrap()))
+                .collect();
+            let mut cmd = if tool == "docker" {
+                docker.cmd(60)
+            } else {
+                let mut c = bounded(60, env!("CARGO_BIN_EXE_strata"));
+                c.arg("--store").arg(env.store());
+                c
+            };
+            let status = cmd.arg("cp").args(&args).output().unwrap().status;
+            results.push(format!("{copy:?}: {}", status.success()));
+        }
+        let inside = if tool == "docker" {
+            docker.ok(60, &["exec", "box", "sh", "-c", listing])
+        } else {
+            strata(&env.store(), 60, &["exec", "box", "sh", "-c", listing])
+        };
+        seen.push((results, inside, tree_listing(&out)));
+    }
+    let (theirs, ours) = (&seen[0], &seen[1]);
+    assert_eq!(ours.0, theirs.0, "the same copies succeed and fail");
+    assert_eq!(
+        ours.1, theirs.1,
+        "the same tree in the machine as in the container"
+    );
+    assert_eq!(ours.2, theirs.2, "the same tree copied out");
+}
