@@ -1183,6 +1183,68 @@ fn docker_exec_stop_start_restart_rm_and_ps_q_work_on_machines() {
     assert!(e.contains("nosuch"), "{e}");
 }
 
+/// `strata cp` reaches a machine's volumes and its own /etc files, refuses what it cannot do
+/// with a reason, and drops set-id bits from what it copies out (the rules themselves are
+/// compared with `docker cp` in the interop tests).
+#[test]
+fn cp_reaches_volumes_and_says_what_it_cannot_do() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    env.ok(&[
+        "machine",
+        "run",
+        "busybox",
+        "--name",
+        "vm",
+        "-v",
+        "vol:/data",
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    let local = env.path("local");
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::write(local.join("f"), "in the volume\n").unwrap();
+    env.ok(&["cp", local.join("f").to_str().unwrap(), "vm:/data/f"]);
+    assert_eq!(
+        std::fs::read_to_string(env.store().join("strata/volumes/vol/f")).unwrap(),
+        "in the volume\n"
+    );
+    assert_eq!(env.ok(&["exec", "vm", "cat", "/data/f"]), "in the volume\n");
+    // The machine's own /etc/hostname, not the empty mount point under it.
+    let out = local.join("hostname");
+    env.ok(&["cp", "vm:/etc/hostname", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "vm\n");
+    let e = env.fails(&["cp", local.join("f").to_str().unwrap(), "vm:/etc/hosts"]);
+    assert!(
+        e.contains("/etc/hosts of machine vm is made by strata"),
+        "{e}"
+    );
+    // A setuid program of the machine does not come out setuid.
+    let out = local.join("setuid-me");
+    env.ok(&["cp", "vm:/bin/setuid-me", out.to_str().unwrap()]);
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o755);
+    let e = env.fails(&["cp", "vm:/nope", out.to_str().unwrap()]);
+    assert!(
+        e.contains("no such file or directory in machine vm: `/nope`"),
+        "{e}"
+    );
+    let e = env.fails(&["cp", "a", "b"]);
+    assert!(
+        e.contains("one side of `strata cp` is a machine's path"),
+        "{e}"
+    );
+    let e = env.fails(&["cp", "vm:/x", "-"]);
+    assert!(e.contains("tar streams"), "{e}");
+    env.ok(&["stop", "vm"]);
+    let e = env.fails(&["cp", "vm:/data/f", out.to_str().unwrap()]);
+    assert!(e.contains("machine vm is stopped"), "{e}");
+}
+
 /// `docker build` habits: `-q` prints the digest alone, `--iidfile` writes it, `--label` labels
 /// the image, `--network none` is what RUN steps get unless they say (`RUN
 /// --network=default` follows the flag, `--network=host` does not); the digest names the
