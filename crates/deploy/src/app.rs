@@ -84,7 +84,61 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parses a memory size as `docker run -m` does: a number of bytes, or with `b`, `k`, `m`,
+/// `g` or `t` (binary: 1k is 1024 bytes; `kb`, `KiB` alike), at least 6 MiB as Docker asks.
+pub fn parse_memory(s: &str) -> Result<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let bad = || {
+        Error::Config(format!(
+            "memory `{s}`: expected a size such as 512m, 1.5g or 268435456"
+        ))
+    };
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let unit = unit.trim_start();
+    let unit = unit.strip_suffix('b').unwrap_or(unit);
+    let unit = unit.strip_suffix('i').unwrap_or(unit);
+    let scale: u64 = match unit {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let bytes = (n * scale as f64) as u64;
+    if bytes < 6 << 20 {
+        return Err(Error::Config(format!(
+            "memory `{s}`: the least a machine may have is 6MB, as in Docker"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Parses a CPU count as `docker run --cpus` does (`0.5`, `2`), into thousandths of a CPU.
+pub fn parse_cpus(cpus: f64) -> Result<u64> {
+    if !(cpus.is_finite() && cpus >= 0.01) {
+        return Err(Error::Config(format!(
+            "cpus `{cpus}`: expected a number of CPUs of at least 0.01, e.g. 0.5 or 2"
+        )));
+    }
+    Ok((cpus * 1000.0).round() as u64)
+}
+
 impl App {
+    /// Its machines' memory limit in bytes (`memory`), if any.
+    pub fn memory(&self) -> Result<Option<u64>> {
+        self.spec.memory.as_deref().map(parse_memory).transpose()
+    }
+
+    /// Its machines' CPU limit in thousandths of a CPU (`cpus`), if any.
+    pub fn millicpus(&self) -> Result<Option<u64>> {
+        self.spec.cpus.map(|c| parse_cpus(c.0)).transpose()
+    }
+
     /// The host port the proxy serves; none for an app without a `port`.
     pub fn public_port(&self) -> Option<u16> {
         self.spec.port.map(|p| self.spec.public_port.unwrap_or(p))
@@ -350,6 +404,23 @@ fn apps_of(file: StrataToml, strata_toml: &Path) -> Result<BTreeMap<String, App>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_and_cpus_read_as_docker_reads_them() {
+        assert_eq!(parse_memory("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_memory("1.5g").unwrap(), 3 << 29);
+        assert_eq!(parse_memory("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_memory("8192kb").unwrap(), 8 << 20);
+        assert_eq!(parse_memory("268435456").unwrap(), 256 << 20);
+        for bad in ["", "m", "12x", "1.2.3m", "-5m"] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
+        let e = parse_memory("4m").unwrap_err().to_string();
+        assert!(e.contains("6MB"), "{e}");
+        assert_eq!(parse_cpus(0.5).unwrap(), 500);
+        assert_eq!(parse_cpus(2.0).unwrap(), 2000);
+        assert!(parse_cpus(0.0).is_err() && parse_cpus(f64::NAN).is_err());
+    }
 
     #[test]
     fn durations_and_volumes_parse_and_bad_ones_say_why() {

@@ -174,6 +174,8 @@ pub fn deploy_image(
             restart: app.restart()?,
             kill_timeout_ms: Some(app.kill_timeout()?.as_millis() as u64),
             app: Some((app.name.clone(), v)),
+            memory: app.memory()?,
+            millicpus: app.millicpus()?,
             ..MachineOptions::default()
         })
     };

@@ -8,7 +8,7 @@ use strata_oci::{Digest, ImageConfig};
 use strata_rootfs::{LayerRef, SnapshotCache};
 
 use strata_runtime::{
-    Attach, MachineDriver, MachineSpec, NetSpec, Runc, RuntimeConfig, VolumeMount,
+    Attach, Limits, MachineDriver, MachineSpec, NetSpec, Runc, RuntimeConfig, VolumeMount,
 };
 use strata_store::Store;
 
@@ -46,6 +46,10 @@ pub struct MachineOptions {
     pub user: Option<String>,
     /// `strata run -i`/`-t`: the client waiting for the machine's stdin or terminal.
     pub attach: Option<Attached>,
+    /// `-m`: memory limit in bytes.
+    pub memory: Option<u64>,
+    /// `--cpus`, in thousandths of a CPU.
+    pub millicpus: Option<u64>,
 }
 
 /// The store, the state DB and the machine runtime, together.
@@ -185,6 +189,8 @@ impl Host {
             stop_signal,
             kill_timeout_ms: opts.kill_timeout_ms.unwrap_or(10_000),
             attach: opts.attach.clone(),
+            memory: opts.memory,
+            millicpus: opts.millicpus,
         };
         Ok((img, mconfig))
     }
@@ -277,6 +283,10 @@ impl Host {
                 Some(Attached::Stdin { fifo }) if fifo.exists() => Attach::Stdin(fifo.clone()),
                 Some(Attached::Tty { socket }) if socket.exists() => Attach::Tty(socket.clone()),
                 _ => Attach::None,
+            },
+            limits: Limits {
+                memory: m.config.memory,
+                millicpus: m.config.millicpus,
             },
         })
     }

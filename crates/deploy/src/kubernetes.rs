@@ -13,7 +13,8 @@
 //! - `port` / `public_port` → the container port and a ClusterIP Service port;
 //! - `env` → the container's env; `volumes` → a claim each, mounted at its path;
 //! - `kill_timeout` → `terminationGracePeriodSeconds`; `restart` must be `always` (the only
-//!   policy a Deployment's pods may have).
+//!   policy a Deployment's pods may have);
+//! - `memory` and `cpus` → the container's resource limits.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -27,7 +28,7 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EnvVar, HTTPGetAction, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe,
-    Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
+    ResourceRequirements, Service, ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
     VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -215,6 +216,7 @@ pub fn objects(app: &App, image: &str, section: &KubernetesSection) -> Result<Ob
                 .collect()
         }),
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
+        resources: limits(app)?,
         startup_probe: startup,
         readiness_probe: readiness,
         liveness_probe: liveness,
@@ -543,6 +545,21 @@ pub fn release(
     Ok(objects)
 }
 
+/// `memory` and `cpus` as the container's resource limits (bytes, and millicores).
+fn limits(app: &App) -> Result<Option<ResourceRequirements>> {
+    let mut limits = BTreeMap::new();
+    if let Some(bytes) = app.memory()? {
+        limits.insert("memory".to_string(), Quantity(bytes.to_string()));
+    }
+    if let Some(m) = app.millicpus()? {
+        limits.insert("cpu".to_string(), Quantity(format!("{m}m")));
+    }
+    Ok((!limits.is_empty()).then(|| ResourceRequirements {
+        limits: Some(limits),
+        ..ResourceRequirements::default()
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,6 +589,8 @@ public_port = 80
 count = 2
 kill_timeout = "30s"
 keep_releases = 5
+memory = "512m"
+cpus = 0.5
 registry = "registry.example.com/team"
 env = { RUST_LOG = "info", DATABASE_URL = "postgres://db/api" }
 volumes = ["api_data:/var/lib/api", "Uploads.v2:/srv/uploads"]
@@ -618,6 +637,17 @@ health = { path = "/healthz", interval = "2s", timeout = "500ms", grace = "3s", 
         let d = back.deployment.spec.as_ref().unwrap();
         let pod = d.template.spec.as_ref().unwrap();
         assert_eq!(pod.containers[0].image.as_deref(), Some(image(&a).as_str()));
+        let limits = pod.containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref();
+        assert_eq!(
+            limits.unwrap()["memory"],
+            Quantity((512u64 << 20).to_string())
+        );
+        assert_eq!(limits.unwrap()["cpu"], Quantity("500m".into()));
         assert_eq!(
             d.template
                 .metadata

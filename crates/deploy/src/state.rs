@@ -101,6 +101,12 @@ pub struct MachineConfig {
     /// A client attached to the process's stdin or terminal (`strata run -i`, `-t`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attach: Option<Attached>,
+    /// Memory limit in bytes (`-m`, an app's `memory`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    /// CPU limit in thousandths of a CPU (`--cpus`, an app's `cpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub millicpus: Option<u64>,
 }
 
 /// Where an attached client (`strata run -i`, `-t`) waits for a machine's first start.

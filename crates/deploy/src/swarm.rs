@@ -5,7 +5,8 @@
 //! How the app's keys map (docs/deploy.md, "Orchestrator targets"):
 //! - the service is named after the app and runs its image pinned by digest;
 //! - `count` → replicas; `env`, `volumes` (named volumes) and `kill_timeout` (stop grace) as
-//!   they are; `restart` → the task restart policy;
+//!   they are; `restart` → the task restart policy; `memory` and `cpus` → the task's
+//!   resource limits;
 //! - `health` → the container's health check, run inside the image (`wget`, else `curl`, for
 //!   HTTP; `nc -z` for TCP): a task counts as running, and gets traffic, only once healthy;
 //! - updates start the new task first (`order: start-first`), one at a time, and roll back on
@@ -21,12 +22,13 @@ use bollard::Docker;
 use bollard::models::Task;
 use bollard::models::{
     EndpointPortConfig, EndpointPortConfigProtocolEnum, EndpointPortConfigPublishModeEnum,
-    EndpointSpec, EndpointSpecModeEnum, HealthConfig, Mount, MountType, NetworkAttachmentConfig,
-    NetworkCreateRequest, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated,
-    ServiceSpecRollbackConfig, ServiceSpecRollbackConfigFailureActionEnum,
-    ServiceSpecRollbackConfigOrderEnum, ServiceSpecUpdateConfig,
-    ServiceSpecUpdateConfigFailureActionEnum, ServiceSpecUpdateConfigOrderEnum,
-    ServiceUpdateStatusStateEnum, TaskSpec, TaskSpecContainerSpec, TaskSpecRestartPolicy,
+    EndpointSpec, EndpointSpecModeEnum, HealthConfig, Limit, Mount, MountType,
+    NetworkAttachmentConfig, NetworkCreateRequest, ServiceSpec, ServiceSpecMode,
+    ServiceSpecModeReplicated, ServiceSpecRollbackConfig,
+    ServiceSpecRollbackConfigFailureActionEnum, ServiceSpecRollbackConfigOrderEnum,
+    ServiceSpecUpdateConfig, ServiceSpecUpdateConfigFailureActionEnum,
+    ServiceSpecUpdateConfigOrderEnum, ServiceUpdateStatusStateEnum, TaskSpec,
+    TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy,
     TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use bollard::query_parameters::{ListTasksOptions, UpdateServiceOptions};
@@ -87,6 +89,23 @@ impl Settings {
             publish: Publish::parse(section.publish.as_deref())?,
         })
     }
+}
+
+/// `memory` and `cpus` as the task's resource limits (`docker service create --limit-memory
+/// --limit-cpu`).
+fn limits(app: &App) -> Result<Option<TaskSpecResources>> {
+    let (memory, millicpus) = (app.memory()?, app.millicpus()?);
+    if memory.is_none() && millicpus.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(TaskSpecResources {
+        limits: Some(Limit {
+            nano_cpus: millicpus.map(|m| (m * 1_000_000) as i64),
+            memory_bytes: memory.map(|b| b as i64),
+            pids: None,
+        }),
+        ..TaskSpecResources::default()
+    }))
 }
 
 fn nanos(d: Duration) -> i64 {
@@ -208,6 +227,7 @@ pub fn service_spec(app: &App, image: &str, settings: &Settings) -> Result<Servi
                 ..TaskSpecContainerSpec::default()
             }),
             restart_policy: Some(restart),
+            resources: limits(app)?,
             networks: settings.network.as_ref().map(|n| {
                 vec![NetworkAttachmentConfig {
                     target: Some(n.clone()),
@@ -738,5 +758,20 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("[swarm] publish = \"host\""), "{e}");
+
+        // `memory` and `cpus`: the task's limits; none without them.
+        let limited = app("[app.web]\nimage = \"web\"\nport = 8080\nmemory = \"256m\"\ncpus = 2\n");
+        let spec = service_spec(&limited, IMAGE, &settings(Publish::None)).unwrap();
+        let limits = spec
+            .task_template
+            .unwrap()
+            .resources
+            .unwrap()
+            .limits
+            .unwrap();
+        assert_eq!(limits.memory_bytes, Some(256 << 20));
+        assert_eq!(limits.nano_cpus, Some(2_000_000_000));
+        let spec = service_spec(&a, IMAGE, &settings(Publish::None)).unwrap();
+        assert!(spec.task_template.unwrap().resources.is_none());
     }
 }

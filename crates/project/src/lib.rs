@@ -225,6 +225,33 @@ pub struct AppSpec {
     /// `kubernetes` or `swarm`.
     #[serde(default)]
     pub target: Option<String>,
+    /// Memory limit of each machine, as `docker run -m` takes it (`512m`, `1g`).
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// CPU limit of each machine, as `docker run --cpus` takes it (`0.5`, `2`).
+    #[serde(default)]
+    pub cpus: Option<Cpus>,
+}
+
+/// A number of CPUs, written as an integer (`cpus = 2`) or not (`cpus = 0.5`).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(from = "CpusWritten")]
+pub struct Cpus(pub f64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CpusWritten {
+    Int(i64),
+    Float(f64),
+}
+
+impl From<CpusWritten> for Cpus {
+    fn from(w: CpusWritten) -> Cpus {
+        match w {
+            CpusWritten::Int(n) => Cpus(n as f64),
+            CpusWritten::Float(f) => Cpus(f),
+        }
+    }
 }
 
 /// `live_update = { sync = [...], run = [...], restart = "none", fall_back_on = [...] }`.

@@ -90,6 +90,38 @@ pub struct MachineSpec {
     pub log: PathBuf,
     /// What the process's stdin (and terminal) are.
     pub attach: Attach,
+    /// Memory and CPU limits.
+    pub limits: Limits,
+}
+
+/// A machine's resource limits (`strata run -m/--cpus`, an app's `memory` and `cpus`), set
+/// on its cgroup as Docker sets a container's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory, in bytes; as much swap again where the kernel accounts swap, as Docker's `-m`
+    /// alone allows. Past it the kernel's OOM killer ends a process of the machine.
+    pub memory: Option<u64>,
+    /// CPU time, in thousandths of a CPU (`--cpus 1.5` is 1500): a CFS quota per 100 ms.
+    pub millicpus: Option<u64>,
+}
+
+impl Limits {
+    /// `linux.resources` entries for these limits, added to `resources`.
+    fn apply(&self, resources: &mut Value) {
+        if let Some(bytes) = self.memory {
+            let mut memory = json!({ "limit": bytes });
+            // cgroup v1 needs swap accounting for a memory+swap limit (cgroup v2 has it).
+            if Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
+                || Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+            {
+                memory["swap"] = json!(bytes.saturating_mul(2));
+            }
+            resources["memory"] = memory;
+        }
+        if let Some(m) = self.millicpus {
+            resources["cpu"] = json!({ "quota": m * 100, "period": 100_000 });
+        }
+    }
 }
 
 /// What a machine's stdin is, and whether it has a terminal (`strata run -i`, `-t`).
@@ -490,6 +522,7 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
     if matches!(spec.attach, Attach::Tty(_)) {
         config["process"]["terminal"] = json!(true);
     }
+    spec.limits.apply(&mut config["linux"]["resources"]);
     let stdin = match &spec.attach {
         Attach::Stdin(fifo) => Stdio::from(open_fifo_reader(fifo).map_err(io_err(
             cid,

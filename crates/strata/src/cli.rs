@@ -743,14 +743,15 @@ pub struct RunArgs {
     /// keys go to it (`strata run -it IMAGE sh`).
     #[arg(short = 't', long)]
     pub tty: bool,
-    /// Not supported: a machine that keeps running is `strata machine run` (refused with a hint).
-    #[arg(short = 'd', long, hide = true)]
+    /// Detached: start the machine, print its id and return; it is kept (with its
+    /// `--restart` policy) until `strata rm`, as `strata machine run` does.
+    #[arg(short = 'd', long)]
     pub detach: bool,
     #[command(flatten)]
     pub machine: MachineRunArgs,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct MachineRunArgs {
     /// The image (a name in the store).
     pub image: String,
@@ -791,6 +792,12 @@ pub struct MachineRunArgs {
     /// Time between the stop signal and SIGKILL (default 10s).
     #[arg(long)]
     pub kill_timeout: Option<String>,
+    /// Memory limit, as `docker run -m` takes it (`512m`, `1g`).
+    #[arg(short, long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// CPU limit, as `docker run --cpus` takes it (`0.5`, `2`).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<f64>,
 }
 
 #[derive(Debug, clap::Args)]

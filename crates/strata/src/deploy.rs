@@ -164,6 +164,12 @@ fn start_machine(
     if let Some(t) = &a.kill_timeout {
         opts.kill_timeout_ms = Some(parse_duration(t)?.as_millis() as u64);
     }
+    opts.memory = a
+        .memory
+        .as_deref()
+        .map(strata_deploy::app::parse_memory)
+        .transpose()?;
+    opts.millicpus = a.cpus.map(strata_deploy::app::parse_cpus).transpose()?;
     if let Some(s) = &a.stop_signal {
         opts.stop_signal = Some(parse_signal(s).with_context(|| format!("unknown signal `{s}`"))?);
     }
@@ -327,10 +333,20 @@ pub fn rm(store: Store, ids: &[String], force: bool) -> Result<()> {
 /// exits (`docker run --rm`); strata exits with the command's code. Ctrl-C removes it too.
 pub fn run(store: Store, args: &crate::cli::RunArgs) -> Result<()> {
     if args.detach {
-        bail!(
-            "`strata run` waits for the command (-d is not taken); a machine that keeps running \
-             is `strata machine run IMAGE`, which prints its id and returns"
-        );
+        // `docker run -d`: `machine run`.
+        if args.rm {
+            bail!(
+                "`strata run -d` keeps its machine until `strata rm` (--rm with -d is not \
+                 taken); without -d, `strata run` waits and removes it"
+            );
+        }
+        if args.interactive || args.tty {
+            bail!(
+                "a detached machine has no stdin or terminal to attach (-i/-t with -d are not \
+                 taken); open a shell in it with `strata exec -it ID sh`"
+            );
+        }
+        return machine(store, MachineCommand::Run(Box::new(args.machine.clone())));
     }
     let a = &args.machine;
     if a.restart != "no" {

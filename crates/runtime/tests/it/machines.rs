@@ -111,6 +111,7 @@ impl Lab {
             net: NetSpec { index },
             init: self.init.clone(),
             attach: Attach::None,
+            limits: Default::default(),
         }
     }
 
@@ -651,6 +652,7 @@ fn starter_helper() {
         init: f[7].into(),
         log: f[8].into(),
         attach: Attach::None,
+        limits: Default::default(),
     };
     let pid = machine_start(&cfg, &spec).unwrap();
     println!("started pid {pid}");

@@ -962,8 +962,15 @@ fn run_takes_docker_run_flags_and_explains_the_rest() {
     );
     let e = env.fails(&["run", "-it", "busybox", "sh"]);
     assert!(e.contains("not a TTY"), "{e}");
-    let e = env.fails(&["run", "-d", "busybox", "sleep", "9"]);
-    assert!(e.contains("strata machine run"), "{e}");
+    // -d: `docker run -d`, the machine kept and its id printed.
+    let id = env.ok(&["run", "-d", "--name", "bg", "busybox", "sleep", "1000"]);
+    assert_eq!(id, "bg\n");
+    assert_eq!(machine_json(&env, "bg")["state"], "running");
+    env.ok(&["rm", "-f", "bg"]);
+    let e = env.fails(&["run", "-d", "--rm", "busybox", "sleep", "9"]);
+    assert!(e.contains("--rm with -d is not taken"), "{e}");
+    let e = env.fails(&["run", "-dit", "busybox", "sh"]);
+    assert!(e.contains("strata exec -it ID sh"), "{e}");
     let e = env.fails(&["run", "--restart", "always", "busybox", "true"]);
     assert!(e.contains("machine run --restart always"), "{e}");
     assert_eq!(env.ok(&["machine", "list", "--json"]), "");
@@ -1075,6 +1082,49 @@ fn run_attaches_stdin_and_a_terminal() {
     assert!(text.contains("got:typed"), "{text}");
     assert_eq!(out.status.code(), Some(4), "{text}");
     assert_eq!(env.ok(&["machine", "list", "--json"]), "");
+}
+
+/// `-m` and `--cpus` limit a machine as `docker run`'s do: its cgroup's limits, and a process
+/// past the memory limit is killed (137, as in Docker).
+#[test]
+fn run_limits_memory_and_cpus() {
+    let Some(env) = machine_env() else {
+        return;
+    };
+    let _cleanup = Cleanup(&env);
+    if !Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
+        strata_test_support::skip("the limits test reads cgroup v1 files, which this host lacks");
+        return;
+    }
+    let out = env.ok(&[
+        "run",
+        "-m",
+        "64m",
+        "--cpus",
+        "0.5",
+        "busybox",
+        "cat",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+        "/sys/fs/cgroup/cpu/cpu.cfs_period_us",
+    ]);
+    assert_eq!(out, "67108864\n50000\n100000\n");
+    let out = env.strata(&[
+        "run",
+        "-m",
+        "16m",
+        "busybox",
+        "dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=64M",
+        "count=1",
+    ]);
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    let e = env.fails(&["run", "-m", "4m", "busybox", "true"]);
+    assert!(e.contains("6MB"), "{e}");
+    let e = env.fails(&["run", "--cpus", "0", "busybox", "true"]);
+    assert!(e.contains("at least 0.01"), "{e}");
 }
 
 /// The `docker` verbs for containers work on machines: `exec` (stdin attached, `-u`, `-w`,

@@ -137,6 +137,18 @@ fn docker_loads_a_strata_save_archive_and_runs_it() {
         ours, theirs,
         "strata run and docker run take -w and -u differently"
     );
+    // -m and --cpus: the same cgroup limits (memory, memory+swap, the CFS quota).
+    let flags = ["-m", "64m", "--cpus", "0.5"];
+    let probe = "cd /sys/fs/cgroup && cat memory/memory.limit_in_bytes \
+                 memory/memory.memsw.limit_in_bytes cpu/cpu.cfs_quota_us cpu/cpu.cfs_period_us";
+    if Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists() {
+        let theirs = docker_run(&flags, probe);
+        let mut args = vec!["run"];
+        args.extend_from_slice(&flags);
+        args.extend_from_slice(&["busybox", "sh", "-c", probe]);
+        let ours = strata(&env.store(), 120, &args);
+        assert_eq!(ours, theirs, "strata run and docker run limit differently");
+    }
     // -i and -t attach as Docker's do: piped input reaches the command with -i (without it,
     // the command reads end of file); -t gives it a terminal that stderr shares, its lines
     // ending in \r\n.
