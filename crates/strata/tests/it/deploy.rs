@@ -815,10 +815,28 @@ fn an_app_without_a_port_deploys_and_redeploys() {
     assert_eq!(env.ok(&["releases", "worker", "--json"]).lines().count(), 1);
     std::fs::write(
         dir.join("strata.toml"),
-        "[[image]]\nname = \"worker\"\n\n[app.worker]\nimage = \"worker\"\nkill_timeout = \"1s\"\nenv = { V = \"2\" }\n",
+        "[[image]]\nname = \"worker\"\n\n[app.worker]\nimage = \"worker\"\nkill_timeout = \"1s\"\nenv = { V = \"2\" }\n\
+         memory = \"64m\"\ncpus = 0.5\n",
     )
     .unwrap();
     env.ok(&["deploy", "--project", p, "--progress", "plain"]);
+    // The app's `memory` and `cpus` are its machines' cgroup limits.
+    if Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
+        let id = env
+            .ok(&["ps", "-q", "--app", "worker"])
+            .lines()
+            .find(|id| *id != first)
+            .unwrap()
+            .to_string();
+        let limits = env.ok(&[
+            "exec",
+            &id,
+            "cat",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/cpu/cpu.cfs_quota_us",
+        ]);
+        assert_eq!(limits, "67108864\n50000\n");
+    }
     let releases = env.ok(&["releases", "worker"]);
     assert!(
         releases.contains("v2\tactive") && releases.contains("v1\tsuperseded"),
