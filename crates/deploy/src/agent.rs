@@ -880,6 +880,9 @@ mod tests {
         ) -> strata_runtime::Result<i32> {
             Ok(0)
         }
+        fn signal(&self, _: &str, _: i32) -> strata_runtime::Result<()> {
+            Ok(())
+        }
         fn cleanup(&self, _: &MachineSpec) -> strata_runtime::Result<()> {
             Ok(())
         }

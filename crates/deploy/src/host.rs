@@ -74,11 +74,18 @@ pub fn parse_signal(s: &str) -> Option<i32> {
         "HUP" => 1,
         "INT" => 2,
         "QUIT" => 3,
+        "ABRT" => 6,
         "KILL" => 9,
         "USR1" => 10,
         "USR2" => 12,
+        "PIPE" => 13,
+        "ALRM" => 14,
         "TERM" => 15,
+        "CONT" => 18,
+        "STOP" => 19,
+        "TSTP" => 20,
         "WINCH" => 28,
+        "PWR" => 30,
         _ => return None,
     })
 }

@@ -111,6 +111,29 @@ pub fn start(host: &Host, id: &str, exe: &Path) -> Result<Machine> {
 }
 
 /// Stops a machine (its stop signal, then SIGKILL after its kill timeout) and waits.
+/// `docker kill`: sends `signal` to machine `id`. SIGKILL stops it for good (its restart
+/// policy does not start it again, as a stop); another signal is only delivered (a process
+/// that exits of it is restarted as its policy says).
+pub fn kill(host: &Host, id: &str, signal: i32, exe: &Path) -> Result<Machine> {
+    let m = find(host, id)?;
+    if m.state != MachineState::Running {
+        return Err(Error::Config(format!(
+            "cannot kill machine {}: it is {}, not running",
+            m.id, m.state
+        )));
+    }
+    if signal != 9 {
+        host.driver.signal(&m.id, signal)?;
+        return Ok(m);
+    }
+    host.state.set_desired(&m.id, Desired::Stopped)?;
+    // Killed here at once; the agent then records the stop (and finds it already dead).
+    host.driver.signal(&m.id, 9)?;
+    wake_agent(host, exe)?;
+    wait_stopped(host, &m)?;
+    Ok(m)
+}
+
 pub fn stop(host: &Host, id: &str, exe: &Path) -> Result<Machine> {
     let m = find(host, id)?;
     host.state.set_desired(&m.id, Desired::Stopped)?;

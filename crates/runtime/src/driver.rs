@@ -18,6 +18,8 @@ pub trait MachineDriver: Send + Sync + std::fmt::Debug {
     /// Runs `args` inside the running machine `id` (its root and namespaces) as `opts` say;
     /// returns the exit code.
     fn exec(&self, id: &str, args: &[String], opts: &ExecOptions) -> Result<i32>;
+    /// Sends `signal` to the running machine `id`'s first process.
+    fn signal(&self, id: &str, signal: i32) -> Result<()>;
     /// Removes what a stopped machine's run left (the runtime's container, its root's mount),
     /// keeping its directory for the next start.
     fn cleanup(&self, spec: &MachineSpec) -> Result<()>;
@@ -48,6 +50,10 @@ impl MachineDriver for Runc {
 
     fn exec(&self, id: &str, args: &[String], opts: &ExecOptions) -> Result<i32> {
         machine::machine_exec(&self.config, id, args, opts)
+    }
+
+    fn signal(&self, id: &str, signal: i32) -> Result<()> {
+        machine::machine_signal(&self.config, id, signal)
     }
 
     fn cleanup(&self, spec: &MachineSpec) -> Result<()> {

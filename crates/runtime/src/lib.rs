@@ -35,7 +35,7 @@ pub use inroot::{SyncOp, chown_in_root, host_path_in_root, record_in_layer, sync
 pub use machine::{
     Attach, DEFAULT_INIT, ExecOptions, INIT_PATH, Limits, MachineSpec, MachineStatus, StopOutcome,
     VolumeMount, container_id, find_init, machine_cleanup, machine_destroy, machine_exec,
-    machine_start, machine_status, machine_stop, process_alive, process_start_time,
+    machine_signal, machine_start, machine_status, machine_stop, process_alive, process_start_time,
     receive_console, set_child_subreaper, valid_machine_id,
 };
 pub use net::{NetSpec, ensure_host_nat, prepare_network, teardown_network};

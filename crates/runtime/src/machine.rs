@@ -771,6 +771,16 @@ pub fn machine_stop(
     Ok(outcome)
 }
 
+/// Sends `signal` to running machine `id`'s PID 1 (the init, which passes it on to the
+/// command), as `docker kill -s` does; an error when it is not running.
+pub fn machine_signal(cfg: &RuntimeConfig, id: &str, signal: i32) -> Result<()> {
+    check_id(id)?;
+    match machine_status(cfg, id)? {
+        MachineStatus::Running { .. } => crate::run::kill(cfg, &container_id(id), signal),
+        _ => Err(machine_err(id, "not running")),
+    }
+}
+
 fn stop_running(
     cfg: &RuntimeConfig,
     id: &str,

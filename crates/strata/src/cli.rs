@@ -227,6 +227,15 @@ pub enum Command {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Send a signal to machines, like `docker kill`: SIGKILL (the default) stops them for
+    /// good; another signal (`-s HUP`) is only delivered.
+    Kill {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// The signal, by name (`HUP`, `SIGUSR1`) or number.
+        #[arg(short, long, default_value = "KILL")]
+        signal: String,
+    },
     /// Remove stopped machines, like `docker rm`; `-f` stops running ones first (`strata
     /// machine destroy`). Named volumes stay.
     Rm {

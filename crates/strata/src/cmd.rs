@@ -101,6 +101,7 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::deploy::machine(store()?, cli::MachineCommand::Restart { ids })
         }
         Command::Rm { ids, force } => crate::deploy::rm(store()?, &ids, force),
+        Command::Kill { ids, signal } => crate::deploy::kill(store()?, &ids, &signal),
         Command::Cp {
             src,
             dest,

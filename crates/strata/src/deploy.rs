@@ -309,6 +309,15 @@ fn each_machine(ids: &[String], mut what: impl FnMut(&str) -> Result<Machine>) -
     Ok(())
 }
 
+/// `strata kill`: `docker kill [-s SIGNAL]` for machines.
+pub fn kill(store: Store, ids: &[String], signal: &str) -> Result<()> {
+    let host = host(store)?;
+    let Some(n) = parse_signal(signal) else {
+        bail!("unknown signal `{signal}` (a name such as HUP, USR1, TERM, KILL, or a number)");
+    };
+    each_machine(ids, |id| Ok(machines::kill(&host, id, n, &exe()?)?))
+}
+
 /// `strata rm`: `docker rm`'s rule, a running machine is removed only with `-f`.
 pub fn rm(store: Store, ids: &[String], force: bool) -> Result<()> {
     let host = host(store)?;

@@ -1249,6 +1249,47 @@ fn docker_exec_stop_start_restart_rm_and_ps_q_work_on_machines() {
     assert_eq!(env.ok(&["ps", "-q"]), "");
     let e = env.fails(&["stop", "nosuch"]);
     assert!(e.contains("nosuch"), "{e}");
+
+    // `kill -s SIG` delivers the signal (through the init, to the command); `kill` alone is
+    // SIGKILL, which stops the machine for good, whatever its restart policy.
+    env.ok(&[
+        "machine",
+        "run",
+        "busybox",
+        "--name",
+        "k",
+        "--restart",
+        "always",
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo got-hup' HUP; echo ready; while :; do sleep 0.1; done",
+    ]);
+    wait_for("the trap", Duration::from_secs(10), || {
+        env.ok(&["logs", "k"]).contains("ready")
+    });
+    assert_eq!(env.ok(&["kill", "-s", "HUP", "k"]), "k\n");
+    wait_for("the HUP", Duration::from_secs(10), || {
+        env.ok(&["logs", "k"]).contains("got-hup")
+    });
+    assert_eq!(machine_json(&env, "k")["state"], "running");
+    let e = env.fails(&["kill", "-s", "NOPE", "k"]);
+    assert!(e.contains("unknown signal `NOPE`"), "{e}");
+    assert_eq!(env.ok(&["kill", "k"]), "k\n");
+    // Ended (the agent records it exited of the signal, 137, or stopped, when its own stop
+    // was under way), and kept so.
+    let ended = |m: &serde_json::Value| {
+        (m["state"] == "exited" && m["exit_code"] == 137 || m["state"] == "stopped")
+            && m["desired"] == "stopped"
+            && m["restarts"] == 0
+    };
+    let m = machine_json(&env, "k");
+    assert!(ended(&m), "{m}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = machine_json(&env, "k");
+    assert!(ended(&m), "not restarted: {m}");
+    let e = env.fails(&["kill", "k"]);
+    assert!(e.contains("not running"), "{e}");
 }
 
 /// `strata cp` reaches a machine's volumes and its own /etc files, refuses what it cannot do
