@@ -13,7 +13,7 @@ use strata_runtime::{
 use strata_store::Store;
 
 use crate::error::{Error, Result};
-use crate::state::{Attached, Machine, MachineConfig, RestartPolicy, State};
+use crate::state::{Attached, Bind, Machine, MachineConfig, RestartPolicy, State};
 
 /// What `strata machine run` (or a deploy) asks of a new machine beyond its image.
 #[derive(Debug, Clone, Default)]
@@ -26,6 +26,8 @@ pub struct MachineOptions {
     pub env: Vec<String>,
     /// `-v NAME:/path`.
     pub volumes: Vec<(String, String)>,
+    /// `-v /host/path:/path[:ro]`.
+    pub binds: Vec<Bind>,
     /// `-p HOST:PORT`.
     pub ports: Vec<(u16, u16)>,
     /// The app's port inside the machine.
@@ -190,6 +192,7 @@ impl Host {
                 .or_else(|| c.user.clone())
                 .unwrap_or_default(),
             volumes: opts.volumes.clone(),
+            binds: opts.binds.clone(),
             ports: opts.ports.clone(),
             service_port: opts.service_port,
             restart: opts.restart,
@@ -269,7 +272,13 @@ impl Host {
             .map(|(name, target)| VolumeMount {
                 source: self.volume_dir(name),
                 target: target.clone(),
+                readonly: false,
             })
+            .chain(m.config.binds.iter().map(|b| VolumeMount {
+                source: b.source.clone(),
+                target: b.target.clone(),
+                readonly: b.readonly,
+            }))
             .collect();
         Ok(MachineSpec {
             id: m.id.clone(),

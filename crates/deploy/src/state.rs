@@ -85,6 +85,9 @@ pub struct MachineConfig {
     /// Named volumes: (name, path inside).
     #[serde(default)]
     pub volumes: Vec<(String, String)>,
+    /// Host paths mounted in (`-v /host/path:/path[:ro]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binds: Vec<Bind>,
     /// Host port → machine port, served by the agent's proxy.
     #[serde(default)]
     pub ports: Vec<(u16, u16)>,
@@ -107,6 +110,18 @@ pub struct MachineConfig {
     /// CPU limit in thousandths of a CPU (`--cpus`, an app's `cpus`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub millicpus: Option<u64>,
+}
+
+/// A host path mounted into a machine (`docker run -v /host/path:/path[:ro]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bind {
+    /// The absolute host path (a directory, made when missing, or a file).
+    pub source: PathBuf,
+    /// Where it is in the machine.
+    pub target: String,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 /// Where an attached client (`strata run -i`, `-t`) waits for a machine's first start.

@@ -53,10 +53,13 @@ const POLL: Duration = Duration::from_millis(10);
 /// A named volume: a host directory bind-mounted read-write into the machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeMount {
-    /// Absolute host directory; created (mode 0755) when missing. It outlives the machine.
+    /// Absolute host directory (or file); a directory is created (mode 0755) when missing.
+    /// It outlives the machine.
     pub source: PathBuf,
     /// Absolute path inside the machine, without `..`.
     pub target: String,
+    /// Mounted read-only (`-v SRC:DST:ro`).
+    pub readonly: bool,
 }
 
 /// Everything needed to boot one machine.
@@ -487,11 +490,18 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
         readonly: true,
     });
     for v in &spec.volumes {
-        std::fs::create_dir_all(&v.source).map_err(io_err(cid, "creating volume", &v.source))?;
+        // A missing source is made a directory, as `docker run -v` makes it; a file stays one.
+        if std::fs::symlink_metadata(&v.source).is_err() {
+            std::fs::create_dir_all(&v.source).map_err(io_err(
+                cid,
+                "creating volume",
+                &v.source,
+            ))?;
+        }
         mounts.push(MountSpec::Bind {
             source: v.source.clone(),
             target: v.target.clone(),
-            readonly: false,
+            readonly: v.readonly,
         });
     }
 

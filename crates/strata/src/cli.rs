@@ -783,8 +783,9 @@ pub struct MachineRunArgs {
     /// looked up in the image's /etc/passwd and /etc/group).
     #[arg(short, long, value_name = "USER[:GROUP]")]
     pub user: Option<String>,
-    /// Named volume, `NAME:/path`: kept under the store across machines.
-    #[arg(short, long = "volume", value_name = "NAME:PATH")]
+    /// `NAME:/path`: a named volume, kept under the store across machines; or
+    /// `/host/path:/path[:ro]`: a host directory or file, as `docker run -v` mounts it.
+    #[arg(short, long = "volume", value_name = "SRC:PATH[:ro]")]
     pub volumes: Vec<String>,
     /// Serve machine PORT on 127.0.0.1:HOSTPORT through the agent's proxy.
     #[arg(short, long = "publish", value_name = "HOSTPORT:PORT")]

@@ -115,6 +115,22 @@ impl Place {
                 place.path = format!("/{}", clean[t.len()..].join("/"));
             }
         }
+        // Host paths mounted with `-v` (directories; a file mounted alone is not followed).
+        for b in &place.machine.config.binds {
+            let t: Vec<&str> = b.target.split('/').filter(|c| !c.is_empty()).collect();
+            if !t.is_empty() && t.len() > best && clean.starts_with(&t) && b.source.is_dir() {
+                if writing && b.readonly {
+                    bail!(
+                        "`{}` of machine {} is mounted read-only",
+                        b.target,
+                        place.machine.id
+                    );
+                }
+                best = t.len();
+                place.root = b.source.clone();
+                place.path = format!("/{}", clean[t.len()..].join("/"));
+            }
+        }
         // The files the machine's runtime mounts over its root's.
         if let ["etc", name @ ("hosts" | "hostname" | "resolv.conf")] = clean.as_slice() {
             if writing {

@@ -125,6 +125,58 @@ fn docker_env(entries: &[String], files: &[PathBuf]) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// What a `-v` of `strata run`/`machine run` mounts.
+#[derive(Debug, PartialEq, Eq)]
+enum RunVolume {
+    /// `NAME:/path`: a named volume of the store.
+    Named(String, String),
+    /// `/host/path:/path[:ro]` (or `./relative`): a host path.
+    Bind(strata_deploy::state::Bind),
+}
+
+/// Reads `-v` as `docker run` does: `NAME:/path` or `/host/path:/path`, then `:ro`/`:rw` (and
+/// SELinux's `z`/`Z`, which change nothing here); a host path may be relative (`./site`), as
+/// newer Docker takes it.
+fn parse_run_volume(v: &str) -> Result<RunVolume> {
+    let parts: Vec<&str> = v.split(':').collect();
+    let (source, target, flags) = match parts.as_slice() {
+        [s, t] => (*s, *t, ""),
+        [s, t, f] => (*s, *t, *f),
+        [_] => bail!(
+            "volume `{v}`: name it (`-v NAME:{v}`) or give a host path (`-v /host/path:{v}`); \
+             anonymous volumes are not made"
+        ),
+        _ => bail!("volume `{v}`: expected NAME:/path or /host/path:/path[:ro]"),
+    };
+    let mut readonly = false;
+    for flag in flags.split(',').filter(|f| !f.is_empty()) {
+        match flag {
+            "ro" => readonly = true,
+            "rw" | "z" | "Z" => {}
+            _ => bail!("volume `{v}`: unknown option `{flag}` (ro, rw)"),
+        }
+    }
+    if !(source.starts_with('/') || source.starts_with('.')) {
+        if readonly {
+            bail!("volume `{v}`: a named volume is mounted read-write (`:ro` is a host path's)");
+        }
+        let (name, target) = parse_volume(&format!("{source}:{target}"))?;
+        return Ok(RunVolume::Named(name, target));
+    }
+    if !target.starts_with('/') || target.split('/').any(|c| c == "..") || target == "/" {
+        bail!(
+            "volume `{v}`: the path in the machine must be absolute, other than `/`, without `..`"
+        );
+    }
+    let source = std::path::absolute(source)
+        .with_context(|| format!("volume `{v}`: cannot make `{source}` absolute"))?;
+    Ok(RunVolume::Bind(strata_deploy::state::Bind {
+        source,
+        target: target.to_string(),
+        readonly,
+    }))
+}
+
 /// Which command a machine of [`start_machine`] is for.
 enum Started {
     /// `machine run`: detached, kept until destroyed.
@@ -156,7 +208,10 @@ fn start_machine(
         ..MachineOptions::default()
     };
     for v in &a.volumes {
-        opts.volumes.push(parse_volume(v)?);
+        match parse_run_volume(v)? {
+            RunVolume::Named(name, target) => opts.volumes.push((name, target)),
+            RunVolume::Bind(b) => opts.binds.push(b),
+        }
     }
     for p in &a.ports {
         opts.ports.push(parse_port(p)?);
@@ -793,4 +848,53 @@ pub fn apps_destroy(store: Store, app: &str, volumes: bool) -> Result<()> {
         if volumes { ", volumes removed" } else { "" }
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_volumes_read_as_docker_reads_them() {
+        let bind = |source: &str, target: &str, readonly| {
+            RunVolume::Bind(strata_deploy::state::Bind {
+                source: source.into(),
+                target: target.into(),
+                readonly,
+            })
+        };
+        assert_eq!(
+            parse_run_volume("data:/data").unwrap(),
+            RunVolume::Named("data".into(), "/data".into())
+        );
+        assert_eq!(
+            parse_run_volume("/srv/site:/www").unwrap(),
+            bind("/srv/site", "/www", false)
+        );
+        assert_eq!(
+            parse_run_volume("/etc/app.conf:/etc/app.conf:ro").unwrap(),
+            bind("/etc/app.conf", "/etc/app.conf", true)
+        );
+        assert_eq!(
+            parse_run_volume("/a:/b:rw,z").unwrap(),
+            bind("/a", "/b", false)
+        );
+        let here = std::env::current_dir().unwrap().join("site");
+        assert_eq!(
+            parse_run_volume("./site:/www").unwrap(),
+            bind(here.to_str().unwrap(), "/www", false)
+        );
+        for (bad, says) in [
+            ("/data", "anonymous volumes"),
+            ("/a:/b:rx", "unknown option `rx`"),
+            ("/a:b", "must be absolute"),
+            ("/a:/b/../c", "without `..`"),
+            ("/a:/", "other than `/`"),
+            ("data:/d:ro", "read-write"),
+            ("a:b:c:d", "expected NAME:/path"),
+        ] {
+            let e = parse_run_volume(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }

@@ -352,6 +352,7 @@ fn root_is_ephemeral_and_volumes_persist() {
     spec.volumes.push(VolumeMount {
         source: volume.clone(),
         target: "/data".into(),
+        readonly: false,
     });
     lab.start(&spec);
     wait_for_log(&spec, "ready\n");
@@ -586,6 +587,7 @@ fn starting_a_running_machine_and_bad_specs_are_errors() {
     bad.volumes.push(VolumeMount {
         source: lab.root().join("v"),
         target: "/../etc".into(),
+        readonly: false,
     });
     let e = machine_start(&lab.cfg, &bad).unwrap_err().to_string();
     assert!(e.contains(&bad.id) && e.contains("volume target"), "{e}");
@@ -606,6 +608,7 @@ fn a_failed_start_names_runc_and_leaves_nothing_mounted() {
     spec.volumes.push(VolumeMount {
         source: lab.root().join("v"),
         target: "/etc/passwd".into(),
+        readonly: false,
     });
     lab.specs.push(spec.clone());
     let e = machine_start(&lab.cfg, &spec).unwrap_err().to_string();

@@ -980,6 +980,41 @@ fn run_takes_docker_run_flags_and_explains_the_rest() {
     );
     let e = env.fails(&["run", "-it", "busybox", "sh"]);
     assert!(e.contains("not a TTY"), "{e}");
+    // -v with a host path, as `docker run -v`: read-write, read-only, a single file, and a
+    // missing directory made.
+    let site = env.path("site");
+    std::fs::create_dir_all(&site).unwrap();
+    std::fs::write(site.join("index.html"), "from the host\n").unwrap();
+    let conf = env.path("app.conf");
+    std::fs::write(&conf, "k=v\n").unwrap();
+    let made = env.path("made/here");
+    let (site_s, conf_s, made_s) = (
+        site.to_str().unwrap(),
+        conf.to_str().unwrap(),
+        made.to_str().unwrap(),
+    );
+    let out = env.ok(&[
+        "run",
+        "-v",
+        &format!("{site_s}:/www"),
+        "-v",
+        &format!("{conf_s}:/etc/app.conf:ro"),
+        "-v",
+        &format!("{made_s}:/made"),
+        "busybox",
+        "sh",
+        "-c",
+        "cat /www/index.html /etc/app.conf; echo out > /www/written; \
+         (echo no > /etc/app.conf) 2>/dev/null || echo read-only; ls -A /made",
+    ]);
+    assert_eq!(out, "from the host\nk=v\nread-only\n");
+    assert_eq!(
+        std::fs::read_to_string(site.join("written")).unwrap(),
+        "out\n"
+    );
+    assert!(made.is_dir());
+    let e = env.fails(&["run", "-v", "/data", "busybox", "true"]);
+    assert!(e.contains("anonymous volumes"), "{e}");
     // -d: `docker run -d`, the machine kept and its id printed.
     let id = env.ok(&["run", "-d", "--name", "bg", "busybox", "sleep", "1000"]);
     assert_eq!(id, "bg\n");

@@ -137,6 +137,29 @@ fn docker_loads_a_strata_save_archive_and_runs_it() {
         ours, theirs,
         "strata run and docker run take -w and -u differently"
     );
+    // -v with host paths: a directory read-write, a file read-only.
+    let shared = env.path("shared");
+    fs::create_dir_all(&shared).unwrap();
+    fs::write(shared.join("f"), "host file\n").unwrap();
+    let file = env.path("one.conf");
+    fs::write(&file, "k=v\n").unwrap();
+    let (dir_v, file_v) = (
+        format!("{}:/mnt", shared.display()),
+        format!("{}:/etc/one.conf:ro", file.display()),
+    );
+    let flags = ["-v", dir_v.as_str(), "-v", file_v.as_str()];
+    let probe = "cat /mnt/f /etc/one.conf; (echo x > /etc/one.conf) 2>/dev/null; echo $?; \
+                 grep -E ' /mnt | /etc/one.conf ' /proc/self/mounts | cut -d' ' -f2,4 \
+                 | cut -d, -f1";
+    let theirs = docker_run(&flags, probe);
+    let mut args = vec!["run"];
+    args.extend_from_slice(&flags);
+    args.extend_from_slice(&["busybox", "sh", "-c", probe]);
+    let ours = strata(&env.store(), 120, &args);
+    assert_eq!(
+        ours, theirs,
+        "strata run and docker run mount -v differently"
+    );
     // -m and --cpus: the same cgroup limits (memory, memory+swap, the CFS quota).
     let flags = ["-m", "64m", "--cpus", "0.5"];
     let probe = "cd /sys/fs/cgroup && cat memory/memory.limit_in_bytes \
