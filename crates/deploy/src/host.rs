@@ -296,7 +296,15 @@ impl Host {
             // Only while the client waits there: a later start (a restart) has nobody
             // attached, and starts as any machine does.
             attach: match &m.config.attach {
-                Some(Attached::Stdin { fifo }) if fifo.exists() => Attach::Stdin(fifo.clone()),
+                Some(Attached::Pipes {
+                    stdin,
+                    stdout,
+                    stderr,
+                }) if stdout.exists() => Attach::Pipes {
+                    stdin: stdin.clone(),
+                    stdout: stdout.clone(),
+                    stderr: stderr.clone(),
+                },
                 Some(Attached::Tty { socket }) if socket.exists() => Attach::Tty(socket.clone()),
                 _ => Attach::None,
             },

@@ -128,10 +128,16 @@ pub struct Bind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Attached {
-    /// The process's stdin is this FIFO (the client holds its write end).
-    Stdin {
-        /// The FIFO's path.
-        fifo: PathBuf,
+    /// The process's stdio are the client's FIFOs: stdin (when given; the client holds its
+    /// write end), stdout and stderr (the client holds their read ends).
+    Pipes {
+        /// The FIFO the process reads, if any (`-i`).
+        #[serde(default)]
+        stdin: Option<PathBuf>,
+        /// Its stdout's FIFO.
+        stdout: PathBuf,
+        /// Its stderr's FIFO.
+        stderr: PathBuf,
     },
     /// The process has a terminal whose master runc sends to this unix socket.
     Tty {

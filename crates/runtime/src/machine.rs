@@ -133,10 +133,19 @@ pub enum Attach {
     /// stdin is empty; stdout and stderr go to the log.
     #[default]
     None,
-    /// stdin is read from the FIFO at this path, which the attached client holds open for
-    /// writing before the machine starts (so the process never reads a premature end of
-    /// file); stdout and stderr go to the log.
-    Stdin(PathBuf),
+    /// The process's stdio are FIFOs of an attached client (`strata run`): stdin, when given,
+    /// is read from the FIFO at that path, which the client holds open for writing before the
+    /// machine starts (so the process never reads a premature end of file), else empty;
+    /// stdout and stderr are written to theirs, which the client holds open for reading, so
+    /// the two stay apart (and the log gets neither).
+    Pipes {
+        /// The FIFO the process reads, if any.
+        stdin: Option<PathBuf>,
+        /// The FIFO its stdout goes to.
+        stdout: PathBuf,
+        /// The FIFO its stderr goes to.
+        stderr: PathBuf,
+    },
     /// A pseudo-terminal is the process's stdin, stdout and stderr: runc sends its master to
     /// the unix socket at this path (the attached client listens there), so the output goes
     /// through it, not to the log.
@@ -534,7 +543,9 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
     }
     spec.limits.apply(&mut config["linux"]["resources"]);
     let stdin = match &spec.attach {
-        Attach::Stdin(fifo) => Stdio::from(open_fifo_reader(fifo).map_err(io_err(
+        Attach::Pipes {
+            stdin: Some(fifo), ..
+        } => Stdio::from(open_fifo(fifo, false).map_err(io_err(
             cid,
             "opening the stdin FIFO",
             fifo,
@@ -573,12 +584,27 @@ fn boot(cfg: &RuntimeConfig, spec: &MachineSpec) -> Result<u32> {
     if let Attach::Tty(socket) = &spec.attach {
         cmd.arg("--console-socket").arg(socket);
     }
-    cmd.arg("--bundle")
-        .arg(&l.dir)
-        .arg(cid)
-        .stdin(stdin)
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log2))
+    cmd.arg("--bundle").arg(&l.dir).arg(cid).stdin(stdin);
+    match &spec.attach {
+        Attach::Pipes { stdout, stderr, .. } => {
+            // ENXIO here: the attached client is gone.
+            let out = open_fifo(stdout, true).map_err(io_err(
+                cid,
+                "opening the attached stdout FIFO",
+                stdout,
+            ))?;
+            let err = open_fifo(stderr, true).map_err(io_err(
+                cid,
+                "opening the attached stderr FIFO",
+                stderr,
+            ))?;
+            cmd.stdout(out).stderr(err);
+        }
+        _ => {
+            cmd.stdout(Stdio::from(log)).stderr(Stdio::from(log2));
+        }
+    }
+    cmd
         // runc puts the machine in a session of its own; this keeps a Ctrl-C at the starting
         // terminal from reaching runc itself while it is half way through starting it.
         .process_group(0);
@@ -660,13 +686,14 @@ pub fn receive_console(
     ))
 }
 
-/// The read end of the FIFO at `path`, opened without waiting for a writer (the attached
-/// client holds the write end already) and then made blocking, so the process's reads wait for
-/// input. Anything but a FIFO is refused.
-fn open_fifo_reader(path: &Path) -> std::io::Result<std::fs::File> {
+/// The read (or, with `write`, the write) end of the FIFO at `path`, opened without waiting
+/// for the other end (the attached client holds it already: else a write end fails at once)
+/// and then made blocking. Anything but a FIFO is refused.
+fn open_fifo(path: &Path, write: bool) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::FileTypeExt;
     let file = OpenOptions::new()
-        .read(true)
+        .read(!write)
+        .write(write)
         .custom_flags((rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOFOLLOW).bits() as i32)
         .open(path)?;
     if !file.metadata()?.file_type().is_fifo() {

@@ -1,10 +1,11 @@
-//! `strata run -i` and `-t`: this process's end of a machine's stdin or terminal.
+//! `strata run`: this process's end of a machine's stdio or terminal.
 //!
-//! The machine is started by the agent, so what it reads and where its terminal goes are
-//! handed over through the file system, made here before the machine is created: a FIFO
-//! this process holds open for writing (`-i`), or a unix socket runc sends the terminal's
-//! master to when it starts the machine (`-t`). Both live in a directory of the store's
-//! temp area, named after this process, so a killed client leaves nothing for long.
+//! The machine is started by the agent, so what it reads and writes are handed over through
+//! the file system, made here before the machine is created: FIFOs for its stdout and stderr
+//! (kept apart, as `docker run` keeps them) and with `-i` its stdin, or with `-t` a unix
+//! socket runc sends the terminal's master to when it starts the machine. They live in a
+//! directory of the store's temp area, named after this process, so a killed client leaves
+//! nothing for long.
 
 use std::fs::File;
 use std::io::{IsTerminal, Read, Write};
@@ -20,15 +21,20 @@ use strata_deploy::machines;
 use strata_deploy::state::Attached;
 use strata_store::Store;
 
-/// A machine's stdin or terminal, waiting for the machine's first start.
+/// A machine's stdio or terminal, waiting for the machine's first start.
 pub struct Attachment {
     dir: PathBuf,
     end: End,
 }
 
 enum End {
-    /// `-i`: the FIFO that is the process's stdin, and its write end.
-    Stdin { fifo: PathBuf, writer: File },
+    /// Without `-t`: FIFOs for the process's stdout and stderr (their read ends), and with
+    /// `-i` for its stdin (its write end).
+    Pipes {
+        stdin: Option<(PathBuf, File)>,
+        stdout: (PathBuf, File),
+        stderr: (PathBuf, File),
+    },
     /// `-t`: where runc sends the master; with `input` (`-it`), this terminal's keys go to it.
     Tty {
         socket: PathBuf,
@@ -37,8 +43,34 @@ enum End {
     },
 }
 
+/// A FIFO at `path`, opened: for reading (without waiting for a writer), or with `write`
+/// read-write (so the machine, its reader, never sees an end of file before this process
+/// closes it).
+fn fifo(path: PathBuf, write: bool) -> Result<(PathBuf, File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .with_context(|| format!("cannot make the FIFO `{}`", path.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(if write {
+            0
+        } else {
+            rustix::fs::OFlags::NONBLOCK.bits() as i32
+        })
+        .open(&path)
+        .with_context(|| format!("cannot open `{}`", path.display()))?;
+    Ok((path, file))
+}
+
 impl End {
-    /// The socket (`tty`) or the FIFO and its write end in `dir`.
+    /// The socket (`tty`) or the FIFOs in `dir`.
     fn make(dir: &std::path::Path, interactive: bool, tty: bool) -> Result<End> {
         if tty {
             let socket = dir.join("console.sock");
@@ -50,23 +82,13 @@ impl End {
                 input: interactive,
             });
         }
-        let fifo = dir.join("stdin");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &fifo,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        )
-        .with_context(|| format!("cannot make the FIFO `{}`", fifo.display()))?;
-        // Read-write: opening does not wait for the machine's end, and the machine never sees
-        // an end of file before this process closes it.
-        let writer = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&fifo)
-            .with_context(|| format!("cannot open `{}`", fifo.display()))?;
-        Ok(End::Stdin { fifo, writer })
+        Ok(End::Pipes {
+            stdin: interactive
+                .then(|| fifo(dir.join("stdin"), true))
+                .transpose()?,
+            stdout: fifo(dir.join("stdout"), false)?,
+            stderr: fifo(dir.join("stderr"), false)?,
+        })
     }
 }
 
@@ -77,12 +99,9 @@ impl Drop for Attachment {
 }
 
 impl Attachment {
-    /// What `-i` (`interactive`) and `-t` (`tty`) ask for, or `None` for neither. `-it` needs
-    /// a terminal on stdin, as Docker says.
-    pub fn prepare(store: &Store, interactive: bool, tty: bool) -> Result<Option<Attachment>> {
-        if !interactive && !tty {
-            return Ok(None);
-        }
+    /// The hand-over for `strata run`: FIFOs (stdin with `-i`), or a terminal with `-t`. `-it`
+    /// needs a terminal on stdin, as Docker says.
+    pub fn prepare(store: &Store, interactive: bool, tty: bool) -> Result<Attachment> {
         if interactive && tty && !std::io::stdin().is_terminal() {
             bail!(
                 "the input device is not a TTY: `-it` needs a terminal on stdin (`-i` alone \
@@ -100,7 +119,7 @@ impl Attachment {
             .and_then(|()| std::fs::DirBuilder::new().mode(0o700).create(&dir))
             .with_context(|| format!("cannot make `{}`", dir.display()))?;
         match End::make(&dir, interactive, tty) {
-            Ok(end) => Ok(Some(Attachment { dir, end })),
+            Ok(end) => Ok(Attachment { dir, end }),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(e)
@@ -111,58 +130,113 @@ impl Attachment {
     /// How the machine's config names this attachment.
     pub fn config(&self) -> Attached {
         match &self.end {
-            End::Stdin { fifo, .. } => Attached::Stdin { fifo: fifo.clone() },
+            End::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => Attached::Pipes {
+                stdin: stdin.as_ref().map(|(p, _)| p.clone()),
+                stdout: stdout.0.clone(),
+                stderr: stderr.0.clone(),
+            },
             End::Tty { socket, .. } => Attached::Tty {
                 socket: socket.clone(),
             },
         }
     }
 
-    /// Once machine `id` started: `-i` copies this process's stdin to it (in a thread) and
-    /// prints its output from the log; `-t` relays its terminal (the output, and with `-it`
-    /// this terminal's keys, in raw mode). Returns when the machine's process has ended (or
-    /// on Ctrl-C, without `-i`).
-    pub fn serve(self, host: &Host, id: &str) -> Result<()> {
-        match &self.end {
-            End::Stdin { fifo, writer } => {
-                // A later start of the machine (a restart) gets no stdin from here.
-                let _ = std::fs::remove_file(fifo);
-                let mut writer = writer.try_clone()?;
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut std::io::stdin().lock(), &mut writer);
-                    // Dropped: the machine reads end of file.
-                });
-                drop(self);
-                Ok(machines::copy_log(
-                    host,
-                    id,
-                    true,
-                    None,
-                    &mut std::io::stdout().lock(),
-                )?)
+    /// Once machine `id` started: copies its stdout and stderr to this process's (and with
+    /// `-i` this process's stdin to it, in a thread), or with `-t` relays its terminal (the
+    /// output, and with `-it` this terminal's keys, in raw mode). Returns when the machine's
+    /// process has ended (or on Ctrl-C, but for `-it`, whose Ctrl-C is the command's).
+    pub fn serve(mut self, host: &Host, id: &str) -> Result<()> {
+        // A later start of the machine (a restart) finds nothing to attach to.
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        match &mut self.end {
+            End::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => {
+                // The only write end: when the thread is done with it, the machine reads end
+                // of file.
+                if let Some((_, mut writer)) = stdin.take() {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut writer);
+                    });
+                }
+                copy_streams(&stdout.1, &stderr.1)?;
             }
             End::Tty {
-                socket,
-                listener,
-                input,
+                listener, input, ..
             } => {
                 let master = strata_runtime::receive_console(listener, Duration::from_secs(10))
                     .with_context(|| format!("machine {id}'s terminal"))?;
-                let _ = std::fs::remove_file(socket);
-                let master = File::from(master);
-                relay(&master, *input)?;
-                drop(self);
-                // The terminal closed when the process ended; the agent records its exit.
-                Ok(machines::copy_log(
-                    host,
-                    id,
-                    true,
-                    None,
-                    &mut std::io::sink(),
-                )?)
+                relay(&File::from(master), *input)?;
+            }
+        }
+        drop(self);
+        // The output ended when the process did; the agent records its exit.
+        Ok(machines::copy_log(
+            host,
+            id,
+            true,
+            None,
+            &mut std::io::sink(),
+        )?)
+    }
+}
+
+/// Copies the machine's `stdout` and `stderr` FIFOs to this process's until both end (every
+/// process of the machine that held them has ended), or Ctrl-C.
+fn copy_streams(stdout: &File, stderr: &File) -> Result<()> {
+    let mut open = [true, true];
+    let mut buf = [0u8; 8192];
+    let tick = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 200_000_000,
+    };
+    while open.iter().any(|o| *o) && !strata_runtime::interrupt::requested() {
+        let mut fds: Vec<rustix::event::PollFd<'_>> = [stdout, stderr]
+            .iter()
+            .map(|f| rustix::event::PollFd::new(*f, rustix::event::PollFlags::IN))
+            .collect();
+        match rustix::event::poll(&mut fds, Some(&tick)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(std::io::Error::from(e)).context("waiting for the machine"),
+        }
+        // (A FIFO shows readiness only once a writer has opened it: before the machine
+        // starts, nothing is read, and an end of file is a real one.)
+        let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+        for (i, (mut from, ready)) in [stdout, stderr].into_iter().zip(ready).enumerate() {
+            if !ready || !open[i] {
+                continue;
+            }
+            match from.read(&mut buf) {
+                Ok(0) => open[i] = false,
+                Ok(n) => {
+                    let written = if i == 0 {
+                        let mut out = std::io::stdout().lock();
+                        out.write_all(&buf[..n]).and_then(|()| out.flush())
+                    } else {
+                        let mut err = std::io::stderr().lock();
+                        err.write_all(&buf[..n]).and_then(|()| err.flush())
+                    };
+                    written.context("writing the machine's output")?;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e).context("reading the machine's output"),
             }
         }
     }
+    Ok(())
 }
 
 /// This terminal in raw mode until dropped: every key goes to the machine's terminal as typed

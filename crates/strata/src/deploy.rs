@@ -181,9 +181,9 @@ fn parse_run_volume(v: &str) -> Result<RunVolume> {
 enum Started {
     /// `machine run`: detached, kept until destroyed.
     Detached,
-    /// `strata run`: removed when its command exits, and when it fails to start; its stdin or
-    /// terminal attached to this process, if asked.
-    Once(Option<strata_deploy::state::Attached>),
+    /// `strata run`: removed when its command exits, and when it fails to start; its stdio or
+    /// terminal attached to this process.
+    Once(strata_deploy::state::Attached),
 }
 
 /// `machine run` and `run`: a new machine from `a` (pulling the image when the store lacks
@@ -202,7 +202,7 @@ fn start_machine(
         workdir: a.workdir.clone(),
         user: a.user.clone(),
         attach: match &started {
-            Started::Once(attach) => attach.clone(),
+            Started::Once(attach) => Some(attach.clone()),
             Started::Detached => None,
         },
         ..MachineOptions::default()
@@ -423,13 +423,9 @@ pub fn run(store: Store, args: &crate::cli::RunArgs) -> Result<()> {
     }
     let mut host = host(store)?;
     let attachment = crate::attach::Attachment::prepare(&host.store, args.interactive, args.tty)?;
-    let attach = attachment.as_ref().map(crate::attach::Attachment::config);
+    let attach = attachment.config();
     let (m, _) = start_machine(&mut host, a, Started::Once(attach))?;
-    let followed = match attachment {
-        Some(attachment) => attachment.serve(&host, &m.id),
-        None => machines::copy_log(&host, &m.id, true, None, &mut std::io::stdout().lock())
-            .map_err(Into::into),
-    };
+    let followed = attachment.serve(&host, &m.id);
     let code = host.state.machine(&m.id)?.and_then(|now| now.exit_code);
     host.state.set_desired(&m.id, Desired::Destroyed)?;
     poke(host.store.root());

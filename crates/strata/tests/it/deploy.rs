@@ -876,6 +876,20 @@ fn run_is_attached_exits_with_the_code_and_leaves_nothing() {
     let _cleanup = Cleanup(&env);
     let out = env.strata(&["run", "busybox", "--", "sh", "-c", "echo hi; exit 7"]);
     assert_eq!(out.status.code(), Some(7), "{out:?}");
+    // stdout and stderr stay apart, as under `docker run`.
+    let apart = env.strata(&[
+        "run",
+        "busybox",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; echo more",
+    ]);
+    assert!(apart.status.success(), "{apart:?}");
+    assert_eq!(String::from_utf8_lossy(&apart.stdout), "out\nmore\n");
+    assert!(
+        String::from_utf8_lossy(&apart.stderr).ends_with("err\n"),
+        "{apart:?}"
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
     assert_eq!(env.ok(&["machine", "list", "--json"]), "");
 
