@@ -213,20 +213,11 @@ pub enum Command {
         archive: bool,
     },
     /// Start stopped machines, like `docker start` (`strata machine start`).
-    Start {
-        #[arg(required = true)]
-        ids: Vec<String>,
-    },
+    Start(MachineIds),
     /// Stop machines, like `docker stop` (`strata machine stop`).
-    Stop {
-        #[arg(required = true)]
-        ids: Vec<String>,
-    },
+    Stop(MachineIds),
     /// Stop and start machines, like `docker restart` (`strata machine restart`).
-    Restart {
-        #[arg(required = true)]
-        ids: Vec<String>,
-    },
+    Restart(MachineIds),
     /// Send a signal to machines, like `docker kill`: SIGKILL (the default) stops them for
     /// good; another signal (`-s HUP`) is only delivered.
     Kill {
@@ -662,20 +653,11 @@ pub enum MachineCommand {
         json: bool,
     },
     /// Start stopped machines (their root filesystems start fresh; volumes stay).
-    Start {
-        #[arg(required = true)]
-        ids: Vec<String>,
-    },
+    Start(MachineIds),
     /// Stop machines: their StopSignal, then SIGKILL after the kill timeout.
-    Stop {
-        #[arg(required = true)]
-        ids: Vec<String>,
-    },
+    Stop(MachineIds),
     /// Stop and start machines.
-    Restart {
-        #[arg(required = true)]
-        ids: Vec<String>,
-    },
+    Restart(MachineIds),
     /// Stop and remove machines (their named volumes stay).
     #[command(alias = "rm")]
     Destroy {
@@ -694,6 +676,13 @@ pub enum MachineCommand {
     },
     /// Run a command inside a running machine.
     Exec(ExecArgs),
+}
+
+/// One or more machines, by id or its start.
+#[derive(Debug, clap::Args)]
+pub struct MachineIds {
+    #[arg(required = true)]
+    pub ids: Vec<String>,
 }
 
 /// `logs --tail`: how many lines from the end (`None`: all).

@@ -91,14 +91,10 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::deploy::machine(store()?, cli::MachineCommand::List { app, json })
         }
         Command::Exec(args) => crate::deploy::machine(store()?, cli::MachineCommand::Exec(args)),
-        Command::Start { ids } => {
-            crate::deploy::machine(store()?, cli::MachineCommand::Start { ids })
-        }
-        Command::Stop { ids } => {
-            crate::deploy::machine(store()?, cli::MachineCommand::Stop { ids })
-        }
-        Command::Restart { ids } => {
-            crate::deploy::machine(store()?, cli::MachineCommand::Restart { ids })
+        Command::Start(ids) => crate::deploy::machine(store()?, cli::MachineCommand::Start(ids)),
+        Command::Stop(ids) => crate::deploy::machine(store()?, cli::MachineCommand::Stop(ids)),
+        Command::Restart(ids) => {
+            crate::deploy::machine(store()?, cli::MachineCommand::Restart(ids))
         }
         Command::Rm { ids, force } => crate::deploy::rm(store()?, &ids, force),
         Command::Kill { ids, signal } => crate::deploy::kill(store()?, &ids, &signal),

@@ -197,9 +197,10 @@ fn copy_out(place: &Place, raw: &str, dest: &Path, opts: &Options) -> Result<()>
         Some(_) if contents_only(raw) || place.path == "/" => dest.to_path_buf(),
         Some(_) => dest.join(base_name(&place.path).unwrap_or(".")),
     };
+    // Not through a link the machine put there since it was looked at.
     let dir = rustix::fs::open(
         &from,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
     make_dir_like(&target, &meta)?;

@@ -16,7 +16,7 @@ use strata_deploy::{kubernetes, machines, pipeline, swarm};
 use strata_oci::Reference;
 use strata_store::Store;
 
-use crate::cli::{AgentArgs, AgentCommand, DeployArgs, MachineCommand, ReleasesArgs};
+use crate::cli::{AgentArgs, AgentCommand, DeployArgs, MachineCommand, MachineIds, ReleasesArgs};
 use crate::output::Output;
 
 fn exe() -> Result<PathBuf> {
@@ -289,13 +289,13 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
             }
             Ok(())
         }
-        MachineCommand::Start { ids } => {
+        MachineCommand::Start(MachineIds { ids }) => {
             each_machine(&ids, |id| Ok(machines::start(&host, id, &exe()?)?))
         }
-        MachineCommand::Stop { ids } => {
+        MachineCommand::Stop(MachineIds { ids }) => {
             each_machine(&ids, |id| Ok(machines::stop(&host, id, &exe()?)?))
         }
-        MachineCommand::Restart { ids } => {
+        MachineCommand::Restart(MachineIds { ids }) => {
             each_machine(&ids, |id| Ok(machines::restart(&host, id, &exe()?)?))
         }
         MachineCommand::Destroy { ids } => {

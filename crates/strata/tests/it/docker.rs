@@ -36,6 +36,19 @@ fn strata(store: &Path, secs: u64, args: &[&str]) -> String {
     )
 }
 
+/// `busybox` of `env`'s store, saved by strata and loaded into `docker`; what `docker load`
+/// said.
+fn load_busybox(env: &Env, docker: &Dockerd) -> String {
+    let tar = env.path("busybox.tar");
+    let path = tar.to_str().unwrap();
+    strata(
+        &env.store(),
+        60,
+        &["save", "busybox", "--format", "docker", "-o", path],
+    );
+    docker.ok(120, &["load", "-i", path])
+}
+
 /// `docker image inspect IMAGE`, the one image's object.
 fn inspect(docker: &Dockerd, image: &str) -> serde_json::Value {
     let out = docker.ok(30, &["image", "inspect", image]);
@@ -66,22 +79,8 @@ fn docker_loads_a_strata_save_archive_and_runs_it() {
     import_busybox(&env, "busybox");
     let ours = strata_inspect(&env.store(), "busybox");
     let config_digest = ours["manifest"]["config"]["digest"].as_str().unwrap();
-    let tar = env.path("busybox.tar");
-    strata(
-        &env.store(),
-        60,
-        &[
-            "save",
-            "busybox",
-            "--format",
-            "docker",
-            "-o",
-            tar.to_str().unwrap(),
-        ],
-    );
-
     let docker = Dockerd::start("docker");
-    let out = docker.ok(120, &["load", "-i", tar.to_str().unwrap()]);
+    let out = load_busybox(&env, &docker);
     assert!(
         out.contains("Loaded image: busybox:latest"),
         "docker load said: {out}"
@@ -332,21 +331,8 @@ fn strata_cp_and_docker_cp_copy_alike() {
         return;
     };
     let _cleanup = crate::deploy::Cleanup(&env);
-    let tar = env.path("busybox.tar");
-    strata(
-        &env.store(),
-        60,
-        &[
-            "save",
-            "busybox",
-            "--format",
-            "docker",
-            "-o",
-            tar.to_str().unwrap(),
-        ],
-    );
     let docker = Dockerd::start("docker");
-    docker.ok(120, &["load", "-i", tar.to_str().unwrap()]);
+    load_busybox(&env, &docker);
     docker.ok(
         60,
         &[
