@@ -70,14 +70,31 @@ pub(crate) fn open_db(path: &Path) -> Result<Connection> {
     };
     let mut conn = Connection::open(path).map_err(db_err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(db_err)?;
-    // WAL + NORMAL is durable across application crashes; only an OS crash can lose the last
-    // commits, and everything here can be rebuilt (cache, snapshots) or is re-pinned on deploy.
-    conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(db_err)?;
-    migrate(&mut conn, path)?;
-    Ok(conn)
+    // SQLite answers "busy" at once, without its busy handler, where waiting could deadlock:
+    // several processes opening a new store together, each switching it to WAL. Those steps
+    // are tried again until one of them has done it.
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        let done = conn
+            .pragma_update(None, "journal_mode", "WAL")
+            // WAL + NORMAL is durable across application crashes; only an OS crash can lose
+            // the last commits, and everything here can be rebuilt (cache, snapshots) or is
+            // re-pinned on deploy.
+            .and_then(|()| conn.pragma_update(None, "synchronous", "NORMAL"))
+            .map_err(db_err)
+            .and_then(|()| migrate(&mut conn, path));
+        match done {
+            Err(Error::Db {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            }) if e.code == rusqlite::ErrorCode::DatabaseBusy
+                && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            done => return done.map(|()| conn),
+        }
+    }
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
