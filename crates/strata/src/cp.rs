@@ -105,31 +105,39 @@ impl Place {
             path: format!("/{}", clean.join("/")),
             machine,
         };
-        // The deepest volume mounted at or above the path holds it.
-        let mut best = 0;
-        for (name, target) in &place.machine.config.volumes {
+        // The deepest mount at or above the path holds it: a named volume, or a host
+        // directory mounted with `-v` (a file mounted alone is not followed).
+        let config = &place.machine.config;
+        let mounts = config
+            .volumes
+            .iter()
+            .map(|(name, target)| (target, host.volume_dir(name), false))
+            .chain(
+                config
+                    .binds
+                    .iter()
+                    .filter(|b| b.source.is_dir())
+                    .map(|b| (&b.target, b.source.clone(), b.readonly)),
+            );
+        let mut best: Option<(usize, PathBuf, bool, &String)> = None;
+        for (target, root, readonly) in mounts {
             let t: Vec<&str> = target.split('/').filter(|c| !c.is_empty()).collect();
-            if !t.is_empty() && t.len() > best && clean.starts_with(&t) {
-                best = t.len();
-                place.root = host.volume_dir(name);
-                place.path = format!("/{}", clean[t.len()..].join("/"));
+            if !t.is_empty()
+                && clean.starts_with(&t)
+                && best.as_ref().is_none_or(|(depth, ..)| t.len() > *depth)
+            {
+                best = Some((t.len(), root, readonly, target));
             }
         }
-        // Host paths mounted with `-v` (directories; a file mounted alone is not followed).
-        for b in &place.machine.config.binds {
-            let t: Vec<&str> = b.target.split('/').filter(|c| !c.is_empty()).collect();
-            if !t.is_empty() && t.len() > best && clean.starts_with(&t) && b.source.is_dir() {
-                if writing && b.readonly {
-                    bail!(
-                        "`{}` of machine {} is mounted read-only",
-                        b.target,
-                        place.machine.id
-                    );
-                }
-                best = t.len();
-                place.root = b.source.clone();
-                place.path = format!("/{}", clean[t.len()..].join("/"));
+        if let Some((depth, root, readonly, target)) = best {
+            if writing && readonly {
+                bail!(
+                    "`{target}` of machine {} is mounted read-only",
+                    place.machine.id
+                );
             }
+            place.path = format!("/{}", clean[depth..].join("/"));
+            place.root = root;
         }
         // The files the machine's runtime mounts over its root's.
         if let ["etc", name @ ("hosts" | "hostname" | "resolv.conf")] = clean.as_slice() {
@@ -203,7 +211,7 @@ fn copy_out(place: &Place, raw: &str, dest: &Path, opts: &Options) -> Result<()>
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    make_dir_like(&target, &meta)?;
+    make_dir(&target, meta.mode() & 0o1777)?;
     copy_dir_out(dir.as_fd(), &target)
 }
 
@@ -217,18 +225,15 @@ fn open_dir_of(path: &Path) -> Result<OwnedFd> {
     )?)
 }
 
-/// Makes directory `target` with the source's mode (without set-id bits when copying out: a
-/// setuid-root program of a machine does not become one on this host).
-fn make_dir_like(target: &Path, meta: &std::fs::Metadata) -> Result<()> {
+/// Makes directory `target` (or keeps the one there) with `mode`, whose set-id bits the
+/// callers have dropped: a setuid-root program of a machine does not become one on this host.
+fn make_dir(target: &Path, mode: u32) -> Result<()> {
     match std::fs::create_dir(target) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && target.is_dir() => {}
         Err(e) => return Err(e).with_context(|| format!("cannot make `{}`", target.display())),
     }
-    std::fs::set_permissions(
-        target,
-        std::fs::Permissions::from_mode(meta.mode() & 0o1777),
-    )?;
+    std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode))?;
     Ok(())
 }
 
@@ -260,14 +265,7 @@ fn copy_entry_out(dir: std::os::fd::BorrowedFd<'_>, name: &OsStr, target: &Path)
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )?;
-            match std::fs::create_dir(target) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && target.is_dir() => {}
-                Err(e) => {
-                    return Err(e).with_context(|| format!("cannot make `{}`", target.display()));
-                }
-            }
-            std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode))?;
+            make_dir(target, mode)?;
             copy_dir_out(sub.as_fd(), target)?;
         }
         FileType::RegularFile => {

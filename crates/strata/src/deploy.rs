@@ -267,10 +267,7 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
             Ok(())
         }
         MachineCommand::List { app, json } => {
-            let machines = match &app {
-                Some(a) => host.state.app_machines(a)?,
-                None => host.state.machines()?,
-            };
+            let machines = listed(&host, app.as_deref())?;
             if json {
                 for m in &machines {
                     let v = serde_json::json!({
@@ -344,15 +341,18 @@ pub fn machine(store: Store, command: MachineCommand) -> Result<()> {
 
 /// `strata ps -q`: the machines' ids, one per line.
 pub fn machine_ids(store: Store, app: Option<&str>) -> Result<()> {
-    let host = host(store)?;
-    let machines = match app {
-        Some(a) => host.state.app_machines(a)?,
-        None => host.state.machines()?,
-    };
-    for m in machines {
+    for m in listed(&host(store)?, app)? {
         println!("{}", m.id);
     }
     Ok(())
+}
+
+/// The machines `ps` and `machine list` show: `app`'s, or all.
+fn listed(host: &Host, app: Option<&str>) -> Result<Vec<Machine>> {
+    Ok(match app {
+        Some(a) => host.state.app_machines(a)?,
+        None => host.state.machines()?,
+    })
 }
 
 /// Runs `what` on each machine of `ids` in turn, printing each one's id as it is done (as
